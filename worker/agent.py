@@ -1,0 +1,351 @@
+"""The worker agent: runs as root, obeys the controller over HTTP (token required).
+
+    sudo python3 worker/agent.py [--port 3333] [--token T | env EDGE_TB_TOKEN]
+
+It builds the nodes the controller asks for (netns emulated nodes, or the host itself as a
+physical node), shapes their links before their apps start, and removes all of it on
+reset, leaving the host as it was. What it made is kept in a state file, so an agent
+that restarts after a crash still cleans up.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flask import Flask, jsonify, request  # noqa: E402
+
+from dml_app import net  # noqa: E402
+from worker import nodes as nb  # noqa: E402
+from worker import tc  # noqa: E402
+from worker.cgroups import Cgroup  # noqa: E402
+
+STATE_BASE = Path("/run/edgetb")
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Agent:
+    """All node state of one worker; every public method is safe to call twice."""
+
+    def __init__(self, *, name: str, port: int, token: str, state_dir: Path | None = None):
+        self.name, self.port, self.token = name, port, token
+        self.state_dir = state_dir or STATE_BASE / f"agent-{port}"
+        self.state_file = self.state_dir / "state.json"
+        self.nodes: dict[str, nb.Node] = {}
+        self.bridges: dict[str, str] = {}          # emulator -> bridge name
+        self.tables: dict[str, tc.LinkTable] = {}
+        self.runner = nb.Runner()
+        self.lock = threading.RLock()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # -------------------------------------------------------------- persistence
+    def _save(self) -> None:
+        data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.state_file)
+
+    def _recover(self) -> None:
+        """A state file left by an agent that died: remove what it had made."""
+        if not self.state_file.exists():
+            return
+        try:
+            data = json.loads(self.state_file.read_text())
+            self.nodes = {n["spec"]["name"]: nb.Node.from_json(n) for n in data.get("nodes", [])}
+            self.bridges = dict(data.get("bridges", {}))
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"agent: ignoring unreadable state file {self.state_file}: {e}", file=sys.stderr)
+            return
+        if self.nodes or self.bridges:
+            print(f"agent: removing {len(self.nodes)} node(s) left by a previous agent", file=sys.stderr)
+            self.reset("all")
+
+    # -------------------------------------------------------------- deploy
+    def deploy_emulated(self, body: dict) -> dict:
+        emulator = nb.check_name(str(body.get("emulator", "")), "emulator name")
+        backend = body.get("backend", "netns")
+        if backend != "netns":
+            raise BadRequest(f"backend {backend!r} is not available on this agent (netns only)")
+        br = body.get("bridge") or {}
+        try:
+            iface = ipaddress.IPv4Interface(f"{br['gateway']}/{ipaddress.IPv4Network(br['cidr']).prefixlen}")
+        except (KeyError, ValueError, TypeError) as e:
+            raise BadRequest(f"bad bridge {br!r}: {e}") from None
+        specs = self._specs(body.get("nodes"), iface.network)
+        links = self._links(body.get("links", {}), specs)
+        bridge = nb.bridge_name(emulator)
+        with self.lock:
+            for s in specs:
+                if s.name in self.nodes:
+                    raise BadRequest(f"node {s.name} is already deployed on this worker (reset first)")
+            new_bridge = emulator not in self.bridges
+            nb.ensure_bridge(bridge, str(iface))
+            self.bridges[emulator] = bridge
+            self._save()
+            made: list[nb.Node] = []
+            try:
+                made = nb.create_netns_nodes(specs, bridge, iface.network.prefixlen, str(iface.ip),
+                                             self.state_dir / "nodes")
+                for n in made:
+                    self.nodes[n.spec.name] = n
+                self._save()
+                counts = nb.install_links(made, links, self.tables)
+                self._start_apps(made, body)
+            except Exception:
+                self._remove(made)
+                if new_bridge:
+                    nb.remove_bridge(bridge)
+                    self.bridges.pop(emulator, None)
+                self._save()
+                raise
+            self._save()
+        return {"nodes": {name: {"links": c} for name, c in counts.items()}}
+
+    def deploy_physical(self, body: dict) -> dict:
+        specs = self._specs(body.get("nodes"), None)
+        links = self._links(body.get("links", {}), specs)
+        with self.lock:
+            made = []
+            try:
+                for s in specs:
+                    if s.name in self.nodes:
+                        raise BadRequest(f"node {s.name} is already deployed on this worker")
+                    if not s.nic or not Path(f"/sys/class/net/{s.nic}").exists():
+                        raise BadRequest(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
+                    n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
+                                rundir=str(self.state_dir / "nodes" / s.name))
+                    os.makedirs(n.rundir, exist_ok=True)
+                    made.append(n)
+                    self.nodes[s.name] = n
+                self._save()
+                counts = nb.install_links(made, links, self.tables)
+                self._start_apps(made, body)
+            except Exception:
+                self._remove(made)
+                self._save()
+                raise
+            self._save()
+        return {"nodes": {name: {"links": c} for name, c in counts.items()}}
+
+    def _specs(self, raw, network) -> list[nb.NodeSpec]:
+        if not isinstance(raw, list) or not raw:
+            raise BadRequest("'nodes' must be a non-empty list")
+        try:
+            specs = [nb.NodeSpec.from_dict(d if isinstance(d, dict) else {}) for d in raw]
+        except nb.NodeError as e:
+            raise BadRequest(str(e)) from None
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise BadRequest(f"duplicate node names in {names}")
+        for s in specs:
+            if network is not None and ipaddress.IPv4Address(s.ip) not in network:
+                raise BadRequest(f"node {s.name}: ip {s.ip} is not in {network}")
+        return specs
+
+    def _links(self, raw, specs) -> dict[str, list[tc.Link]]:
+        if not isinstance(raw, dict):
+            raise BadRequest("'links' must be an object {node: [link, ...]}")
+        names = {s.name for s in specs} | set(self.nodes)
+        out = {}
+        for src, lst in raw.items():
+            if src not in names:
+                raise BadRequest(f"links given for unknown node {src!r}")
+            if not isinstance(lst, list):
+                raise BadRequest(f"links of {src} must be a list")
+            try:
+                out[src] = [tc.Link.from_dict(l if isinstance(l, dict) else {}) for l in lst]
+            except tc.TcError as e:
+                raise BadRequest(f"links of {src}: {e}") from None
+        return out
+
+    def _start_apps(self, made: list[nb.Node], body: dict) -> None:
+        for n in made:
+            self.runner.start(n, {"EDGE_TB_TOKEN": self.token})
+
+    # -------------------------------------------------------------- links at run time
+    def update_tc(self, body: dict) -> dict:
+        with self.lock:
+            links = self._links(body.get("links", {}), [])
+            out = {}
+            for name, lst in links.items():
+                table = self.tables.get(name)
+                if table is None:
+                    raise BadRequest(f"node {name} has no link table on this worker")
+                tc.change(table, lst)
+                out[name] = {"links": tc.verify(table)}
+            return {"nodes": out}
+
+    # -------------------------------------------------------------- stop / clear / reset
+    def stop(self, kind: str) -> dict:
+        with self.lock:
+            done = []
+            for n in self._of(kind):
+                self.runner.stop(n)
+                done.append(n.spec.name)
+            self._save()
+            return {"stopped": done}
+
+    def clear_tc(self, kind: str) -> dict:
+        with self.lock:
+            done = []
+            for n in self._of(kind):
+                if n.netns is None or Path(f"/run/netns/{n.netns}").exists():
+                    tc.clear(n.netns, n.dev)
+                self.tables.pop(n.spec.name, None)
+                done.append(n.spec.name)
+            return {"cleared": done}
+
+    def reset(self, kind: str) -> dict:
+        with self.lock:
+            victims = list(self._of(kind))
+            self._remove(victims)
+            if kind in ("emulated", "all"):
+                for emu, br in list(self.bridges.items()):
+                    nb.remove_bridge(br)
+                    self.bridges.pop(emu)
+            self._save()
+            return {"removed": [n.spec.name for n in victims]}
+
+    def _remove(self, victims: list[nb.Node]) -> None:
+        for n in victims:
+            self.runner.stop(n)
+            if n.kind == "netns":
+                nb.remove_netns_node(n)
+            else:
+                try:
+                    tc.clear(None, n.dev)
+                except Exception as e:  # the NIC may be gone; say so, keep cleaning
+                    print(f"agent: clearing tc on {n.dev}: {e}", file=sys.stderr)
+                import shutil
+                shutil.rmtree(n.rundir, ignore_errors=True)
+            Cgroup(n.spec.name).remove()
+            self.tables.pop(n.spec.name, None)
+            self.nodes.pop(n.spec.name, None)
+
+    def _of(self, kind: str):
+        want = {"emulated": ("netns",), "physical": ("physical",), "all": ("netns", "physical")}[kind]
+        return [n for n in list(self.nodes.values()) if n.kind in want]
+
+    def status(self) -> dict:
+        with self.lock:
+            return {"agent": self.name, "nodes": {
+                n.spec.name: {"kind": n.kind, "ip": n.spec.ip, "state": self._state(n),
+                              "links": len(self.tables[n.spec.name].links) if n.spec.name in self.tables else 0}
+                for n in self.nodes.values()}}
+
+    def _state(self, n: nb.Node) -> str:
+        alive = self.runner.alive(n.spec.name)
+        if alive is False:
+            return "exited"
+        return n.state
+
+
+def make_app(agent: Agent) -> Flask:
+    app = Flask("edgetb-agent")
+    net.require_token(app, agent.token)
+
+    def body() -> dict:
+        b = request.get_json(silent=True)
+        if not isinstance(b, dict):
+            raise BadRequest("expected a JSON object body")
+        return b
+
+    @app.errorhandler(BadRequest)
+    def _bad(e):
+        return jsonify(error=str(e)), 400
+
+    @app.errorhandler(nb.NodeError)
+    @app.errorhandler(tc.TcError)
+    def _failed(e):
+        return jsonify(error=str(e)), 422
+
+    @app.get("/hi")
+    def hi():
+        return jsonify(agent=agent.name, backends=["netns", "physical"])
+
+    @app.post("/emulated/deploy")
+    def emulated_deploy():
+        return jsonify(agent.deploy_emulated(body()))
+
+    @app.post("/physical/deploy")
+    def physical_deploy():
+        return jsonify(agent.deploy_physical(body()))
+
+    @app.post("/update/tc")
+    def update_tc():
+        return jsonify(agent.update_tc(body()))
+
+    @app.post("/emulated/stop")
+    def emulated_stop():
+        return jsonify(agent.stop("emulated"))
+
+    @app.post("/emulated/clear")
+    def emulated_clear():
+        agent.stop("emulated")
+        return jsonify(agent.clear_tc("emulated"))
+
+    @app.post("/emulated/reset")
+    def emulated_reset():
+        return jsonify(agent.reset("emulated"))
+
+    @app.post("/physical/stop")
+    def physical_stop():
+        return jsonify(agent.stop("physical"))
+
+    @app.post("/physical/clear/tc")
+    def physical_clear_tc():
+        return jsonify(agent.clear_tc("physical"))
+
+    @app.post("/physical/reset")
+    def physical_reset():
+        return jsonify(agent.reset("physical"))
+
+    @app.get("/status")
+    def status():
+        return jsonify(agent.status())
+
+    return app
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="EdgeTB-style worker agent (run as root).")
+    ap.add_argument("--port", type=int, default=3333, help="HTTP port (default 3333)")
+    ap.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    ap.add_argument("--token", default=os.environ.get(net.TOKEN_ENV),
+                    help=f"testbed token (default: ${net.TOKEN_ENV}; generated and printed if unset)")
+    ap.add_argument("--name", default=socket.gethostname(), help="agent name shown in /hi")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("agent: must run as root (it creates namespaces, qdiscs and cgroups)", file=sys.stderr)
+        return 2
+    token = a.token or secrets.token_hex(16)
+    if not a.token:
+        print(f"agent: token {token} (pass it to the controller)")
+    agent = Agent(name=a.name, port=a.port, token=token)
+    srv = net.Server(make_app(agent), a.host, a.port, threads=16)
+    print(f"agent {a.name} serving on {a.host}:{a.port}", flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.reset("all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
