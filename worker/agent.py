@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -151,6 +152,17 @@ class Agent:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise BadRequest(f"duplicate node names in {names}")
+        ids = [s.id for s in specs]
+        if len(set(ids)) != len(ids):
+            raise BadRequest(f"duplicate node ids in {ids} (an id names the node's host veth)")
+        ips = [s.ip for s in specs]
+        if network is not None and len(set(ips)) != len(ips):
+            raise BadRequest(f"duplicate node ips in {ips}")
+        with self.lock:
+            taken = {n.spec.id: n.spec.name for n in self.nodes.values() if n.kind == "netns"}
+        for s in specs:
+            if network is not None and s.id in taken and taken[s.id] != s.name:
+                raise BadRequest(f"node {s.name}: id {s.id} is already used by node {taken[s.id]}")
         for s in specs:
             if network is not None and ipaddress.IPv4Address(s.ip) not in network:
                 raise BadRequest(f"node {s.name}: ip {s.ip} is not in {network}")
@@ -337,6 +349,8 @@ def main(argv=None) -> int:
         print(f"agent: token {token} (pass it to the controller)")
     agent = Agent(name=a.name, port=a.port, token=token)
     srv = net.Server(make_app(agent), a.host, a.port, threads=16)
+    # SIGTERM (kill, systemctl stop) ends the agent like Ctrl-C: through the reset below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"agent {a.name} serving on {a.host}:{a.port}", flush=True)
     try:
         srv.serve_forever()

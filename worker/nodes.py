@@ -95,8 +95,8 @@ class NodeSpec:
                 raise NodeError(f"bad volume for {spec.name}: {v!r} (host and node paths must be absolute)")
             if not os.path.isdir(v["host"]):
                 raise NodeError(f"volume for {spec.name}: {v['host']} is not a directory on this worker")
-        if spec.working_dir and not os.path.isabs(spec.working_dir):
-            raise NodeError(f"bad node {spec.name}: working_dir {spec.working_dir!r} must be absolute")
+        if spec.working_dir and (not os.path.isabs(spec.working_dir) or ".." in Path(spec.working_dir).parts):
+            raise NodeError(f"bad node {spec.name}: working_dir {spec.working_dir!r} must be absolute, without '..'")
         if spec.nic is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", str(spec.nic)):
             raise NodeError(f"bad node {spec.name}: nic {spec.nic!r}")
         return spec
@@ -153,6 +153,8 @@ class Runner:
         env.update(spec.env)
         env.update(extra_env)
         env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("DML_LOG_DIR", str(Path(node.rundir) / "log"))
+        env.setdefault("DML_CPU", f"{spec.cpu:g}")
         launch = {"cgroup_procs": cg.procs_files, "netns": node.netns, "binds": binds, "cwd": cwd,
                   "argv": argv, "env": env}
         os.makedirs(cwd, exist_ok=True)
@@ -246,6 +248,9 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
         ns, veth = NS_PREFIX + s.name, f"{VETH_PREFIX}{s.id}"
         if Path(f"/run/netns/{ns}").exists():
             raise NodeError(f"node {s.name}: namespace {ns} already exists (reset first)")
+        if Path(f"/sys/class/net/{veth}").exists():
+            # The rollback below removes every veth of this batch: never one we did not make.
+            raise NodeError(f"node {s.name}: id {s.id} is taken (host link {veth} already exists)")
         rundir = rundir_base / s.name
         nodes.append(Node(spec=s, kind="netns", netns=ns, dev=NODE_DEV, rundir=str(rundir),
                           veth=veth, bridge=bridge))

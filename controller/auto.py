@@ -1,0 +1,105 @@
+"""`--auto`: every step of the EdgeTB workflow done by the run script itself.
+
+split the dataset if there is none -> deploy (nodes, links, `tc finish`) -> write the
+dataset and structure confs -> push them -> start -> follow the root's rounds -> collect
+logs and plots at /finish -> print the summary table -> reset. Exit status 0 only when
+the run finished and produced its summary.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from controller import results
+from controller.testbed import ROOT, DefinitionError, DeployError, Testbed
+from dml_app import net
+
+DML_TOOL = ROOT / "dml_tool"
+
+
+def tool(name: str):
+    """Import a dml_tool script as a module (they import their siblings by plain name)."""
+    if str(DML_TOOL) not in sys.path:
+        sys.path.insert(0, str(DML_TOOL))
+    return importlib.import_module(name)
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--auto", action="store_true",
+                    help="do the whole workflow (confs, start, finish, summary, reset) and exit")
+    ap.add_argument("--port", type=int, default=3333, help="controller port (default 3333); "
+                    "the embedded agent takes the next one")
+    ap.add_argument("--links", default="links.json", help="links file, relative to the repo (default links.json)")
+    ap.add_argument("--timeout", type=float, default=1200, help="--auto: give up after this many seconds")
+    return ap
+
+
+def ensure_dataset(say) -> None:
+    if (ROOT / "dataset" / "meta.json").exists():
+        return
+    say("dataset: none in dataset/, splitting the shipped MNIST subset (IID, seed 0)")
+    tool("splitter").split(source="mnist-subset", out=str(ROOT / "dataset"), train_parts=40,
+                           test_parts=10, partition="iid", seed=0)
+
+
+def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float) -> int:
+    """The --auto workflow; `write_structure()` writes the structure confs, returns paths."""
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    t0 = time.time()
+    try:
+        ensure_dataset(say)
+        manager = testbed.start(serve_forever=False, say=say)
+    except (DefinitionError, DeployError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        say(f"deployed {len(testbed.all_nodes())} nodes in {time.time() - t0:.1f} s")
+        tool("dataset_conf").write_confs(str(dataset_json), str(ROOT / "dml_file" / "conf"))
+        write_structure()
+        for kind in ("dataset", "structure"):
+            res = manager.push_conf(kind)
+            bad = {n: r for n, r in res.items() if r != "ok"}
+            if bad:
+                raise RuntimeError(f"pushing {kind} confs: {bad}")
+            say(f"{kind} confs pushed to {len(res)} nodes")
+        say(manager.start_training(root))
+        _follow(manager, testbed, root, timeout_s)
+        summary = manager.summary
+        say("")
+        say(results.table(summary))
+        say(f"logs, plots and summary.json in {summary['run_dir']}")
+        return 0
+    except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        manager.close()
+        testbed.close()
+        say("reset: every node and link removed")
+
+
+def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float) -> None:
+    """Print each new aggregate of the root until /finish has run; fail on a dead node."""
+    deadline = time.time() + timeout_s
+    seen = 0
+    node = testbed.all_nodes().get(root) if root else None
+    while not manager.finished.wait(1.0):
+        if time.time() > deadline:
+            raise TimeoutError(f"no /finish after {timeout_s:.0f} s")
+        if node is not None:
+            try:
+                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.token, timeout_s=10).text
+            except net.HttpError:
+                text = ""
+            recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate"]
+            for r in recs[seen:]:
+                print(f"round {r['round']}: accuracy {r['accuracy']:.4f}", flush=True)
+            seen = max(seen, len(recs))
+        dead = [n for n, s in manager.status()["nodes"].items() if s.get("app") == "exited"]
+        if dead:
+            raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
+                               f"(see their stdout.log under /run/edgetb)")

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Federated learning on the embedded single-machine testbed.
+
+    sudo python3 controller/fl_run.py           # deploy, print "tc finish", serve :3333
+    sudo python3 controller/fl_run.py --auto    # the whole experiment, then exit
+
+One emulator on this machine (network-namespace nodes, no Docker needed): the
+aggregator n1 and the trainers n2..n5, links from links.json. Edit build() to change
+the testbed, as in EdgeTB.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller import auto  # noqa: E402
+from controller.manager import Manager  # noqa: E402
+from controller.testbed import default_testbed  # noqa: E402
+
+
+class FlManager(Manager):
+    algorithm = "fl"
+    needs_root = True
+
+
+def build(port: int = 3333, links: str = "links.json"):
+    testbed = default_testbed(ip="127.0.0.1", dir_name=str(ROOT), manager_class=FlManager, host_port=port)
+    nfs_app = testbed.add_nfs(tag="dml_app", path=str(ROOT / "dml_app"))
+    nfs_dataset = testbed.add_nfs(tag="dataset", path=str(ROOT / "dataset"))
+    emu = testbed.add_emulator("emulator-1", "127.0.0.1", cpu=2, ram=6, unit="G")
+    roles = [("n1", "fl_aggregator.py")] + [(f"n{i}", "fl_trainer.py") for i in range(2, 6)]
+    for name, role in roles:
+        node = testbed.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], "dml:v1.0",
+                                         cpu=0.4, ram=1, unit="G", emulator=emu)
+        node.mount_nfs(nfs_app, "/home/worker/dml_app")
+        node.mount_nfs(nfs_dataset, "/home/worker/dataset")
+    testbed.load_link(links)
+    return testbed
+
+
+def main() -> int:
+    args = auto.common_args(__doc__.strip().splitlines()[0]).parse_args()
+    testbed = build(args.port, args.links)
+    if not args.auto:
+        try:
+            testbed.start()
+        except (auto.DefinitionError, auto.DeployError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    fl_conf = auto.tool("fl_structure_conf")
+    return auto.run(
+        testbed, root="n1", dataset_json=ROOT / "dml_tool" / "fl_dataset.json", timeout_s=args.timeout,
+        write_structure=lambda: fl_conf.write_confs(
+            str(ROOT / "dml_tool" / "fl_structure.json"), str(testbed.links_file),
+            str(ROOT / "node_info.json"), str(ROOT / "dml_file" / "conf")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The controller's HTTP API (EdgeTB's routes) over a deployed Testbed.
+
+Routes answer GET (EdgeTB users type `curl localhost:3333/start?root=n1`) and POST.
+Requests from this machine's loopback need no token; everything else (nodes calling
+/heartbeat and /finish, remote scripts) must carry the testbed token.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+
+from controller import results
+from controller.testbed import ROOT, DefinitionError, Testbed
+from dml_app import net
+
+CONF_DIR = ROOT / "dml_file" / "conf"
+RUNS_DIR = ROOT / "runs"
+
+
+class Manager:
+    """Base manager: conf pushing, start, finish (logs, plots, summary), links, reset."""
+
+    algorithm = "dml"
+    needs_root = True
+    conf_dir = CONF_DIR      # where the dml_tool scripts write the node confs
+    runs_dir = RUNS_DIR      # where /finish makes each run's folder
+
+    def __init__(self, testbed: Testbed):
+        self.tb = testbed
+        self.app = Flask(f"edgetb-{self.algorithm}")
+        self.server: net.Server | None = None
+        self.heartbeats: dict[str, dict] = {}
+        self.started_at: float | None = None
+        self.root: str | None = None
+        self.run_dir: Path | None = None
+        self.summary: dict | None = None
+        self.finished = threading.Event()
+        self._finish_lock = threading.Lock()
+        self._stop = threading.Event()
+        net.require_token(self.app, testbed.token, trust_loopback=True)
+        self._routes()
+
+    # ------------------------------------------------------------------ serving
+    def serve(self) -> None:
+        self.server = net.serve(self.app, "0.0.0.0", self.tb.host_port, threads=16)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def wait_forever(self) -> None:
+        """Serve until Ctrl-C or SIGTERM, then remove everything deployed."""
+        prev = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, prev)
+            print("controller: stopping, removing every node and link", file=sys.stderr)
+            self.close()
+            self.tb.close()
+
+    # ------------------------------------------------------------------ node calls
+    def _nodes(self):
+        return self.tb.all_nodes()
+
+    def _each(self, fn, names=None) -> dict:
+        """fn(node) for every node in parallel -> {name: result or 'error: ...'}."""
+        nodes = self._nodes()
+        names = list(names) if names is not None else list(nodes)
+
+        def one(name):
+            try:
+                return name, fn(nodes[name])
+            except net.HttpError as e:
+                return name, f"error: {e}"
+        with ThreadPoolExecutor(min(16, max(1, len(names)))) as ex:
+            return dict(ex.map(one, names))
+
+    def push_conf(self, kind: str) -> dict:
+        """Send every node its dml_file/conf/<node>_<kind>.conf (written by the conf tools)."""
+        missing = [n for n in self._nodes() if not (self.conf_dir / f"{n}_{kind}.conf").exists()]
+        have = [n for n in self._nodes() if n not in missing]
+        if not have:
+            raise FileNotFoundError(f"no {kind} confs in {self.conf_dir}: run dml_tool/"
+                                    f"{'dataset_conf.py -d' if kind == 'dataset' else '<alg>_structure_conf.py -s'} first")
+
+        def send(node):
+            body = json.loads((self.conf_dir / f"{node.name}_{kind}.conf").read_text())
+            net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.token,
+                     timeout_s=120, retries=20)
+            return "ok"
+        out = self._each(send, have)
+        out.update({n: "skipped: no conf file" for n in missing})
+        return out
+
+    def start_training(self, root: str | None) -> str:
+        nodes = self._nodes()
+        if root is None and self.needs_root:
+            raise ValueError("say which node starts: /start?root=NAME")
+        if root is not None and root not in nodes:
+            raise ValueError(f"unknown root node {root!r}")
+        self.root = root
+        self.summary = None
+        self.finished.clear()
+        self.started_at = time.time()
+        targets = [root] if root else list(nodes)
+        res = self._each(lambda n: net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.token,
+                                            timeout_s=30).text, targets)
+        bad = {k: v for k, v in res.items() if str(v).startswith("error")}
+        if bad:
+            raise RuntimeError(f"start failed: {bad}")
+        return f"started {', '.join(targets)}"
+
+    def finish(self) -> dict:
+        """Collect every node's log and metrics, draw the plots, write summary.json."""
+        with self._finish_lock:
+            if self.summary is not None:
+                return self.summary
+            wall = time.time() - (self.started_at or time.time())
+            self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            tok = self.tb.token
+
+            def collect(node):
+                base = f"{node.ip}:{node.port}"
+                log = net.call("GET", f"{base}/log", token=tok, timeout_s=60).text
+                met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60).text
+                stats = net.get_json(f"{base}/stats", token=tok, timeout_s=30)
+                results.safe_log_path(self.run_dir, node.name).write_text(log)
+                results.safe_log_path(self.run_dir, node.name, ".metrics.jsonl").write_text(met)
+                return {"metrics": results.parse_metrics(met), "bytes_sent": int(stats.get("bytes_sent", 0))}
+
+            got = self._each(collect)
+            metrics = {n: g["metrics"] for n, g in got.items() if isinstance(g, dict)}
+            sent = {n: g["bytes_sent"] for n, g in got.items() if isinstance(g, dict)}
+            missing = {n: g for n, g in got.items() if not isinstance(g, dict)}
+            summary = self.summarize(metrics, wall, sent)
+            if missing:
+                summary["logs_missing"] = missing
+            results.draw(self.run_dir, metrics, self.root)
+            summary["run_dir"] = str(self.run_dir)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.summary = summary
+            self.finished.set()
+            print(f"controller: finished, logs and plots in {self.run_dir}", flush=True)
+            return summary
+
+    def summarize(self, metrics: dict, wall: float, sent: dict) -> dict:
+        """Algorithm managers may override; the base uses the root's aggregate lines."""
+        return results.summarize(self.algorithm, metrics, self.root, wall, sent)
+
+    def update_links(self, path: str) -> dict:
+        p = Path(path)
+        if not p.is_absolute():
+            p = Path(self.tb.dir_name) / p
+        try:
+            links = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: {e}") from None
+        problems = self.tb.link_problems(links if isinstance(links, dict) else {}, str(p))
+        if not isinstance(links, dict):
+            problems.append(f"{p}: expected an object {{node: [links]}}")
+        if problems:
+            raise DefinitionError(problems)
+        out = {}
+        for label, info in list(self.tb.deployed.items()):
+            names = list(info["answer"]["nodes"])
+            body = {"links": self.tb.agent_links(links, names)}
+            out[label] = net.post_json(f"{info['addr']}/update/tc", body, token=self.tb.token, timeout_s=120)
+        self.tb.links = links
+        return out
+
+    def status(self) -> dict:
+        now = time.time()
+        nodes = {}
+        agents = {}
+        for label, info in self.tb.deployed.items():
+            try:
+                agents[label] = net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10)["nodes"]
+            except net.HttpError as e:
+                agents[label] = {"error": str(e)}
+        for name, n in self._nodes().items():
+            worker = next((l for l, a in agents.items() if name in a), None)
+            a = agents.get(worker, {}).get(name, {}) if worker else {}
+            hb = self.heartbeats.get(name)
+            nodes[name] = {"worker": worker, "ip": n.ip, "port": n.port,
+                           "state": (hb or {}).get("state") or a.get("state", "not deployed"),
+                           "app": a.get("state"), "links": a.get("links", 0),
+                           "round": (hb or {}).get("round"),
+                           "last_heartbeat_s": round(now - hb["t"], 1) if hb else None}
+        return {"algorithm": self.algorithm, "nodes": nodes,
+                "finished": self.finished.is_set(), "run_dir": str(self.run_dir) if self.run_dir else None}
+
+    # ------------------------------------------------------------------ routes
+    def _routes(self) -> None:
+        app = self.app
+        any_ = ["GET", "POST"]
+
+        @app.errorhandler(ValueError)
+        def _bad(e):
+            return jsonify(error=str(e)), 400
+
+        @app.errorhandler(FileNotFoundError)
+        def _missing(e):
+            return jsonify(error=str(e)), 404
+
+        @app.errorhandler(net.HttpError)
+        def _upstream(e):
+            return jsonify(error=str(e)), 502
+
+        @app.route("/print", methods=any_)
+        def print_():
+            msg = request.args.get("msg", "") or request.get_data(as_text=True)
+            print(f"[{request.args.get('name', request.remote_addr)}] {msg}", flush=True)
+            return "ok\n"
+
+        @app.route("/heartbeat", methods=["POST"])
+        def heartbeat():
+            b = request.get_json(silent=True) or {}
+            name = b.get("node")
+            if name in self._nodes():
+                self.heartbeats[name] = {"t": time.time(), "state": b.get("state"), "round": b.get("round")}
+            return "ok\n"
+
+        @app.route("/conf/dataset", methods=any_)
+        def conf_dataset():
+            return jsonify(self.push_conf("dataset"))
+
+        @app.route("/conf/structure", methods=any_)
+        def conf_structure():
+            return jsonify(self.push_conf("structure"))
+
+        @app.route("/start", methods=any_)
+        def start():
+            return self.start_training(request.args.get("root")) + "\n"
+
+        @app.route("/finish", methods=any_)
+        def finish():
+            return jsonify(self.finish())
+
+        @app.route("/log", methods=["POST"])
+        def log():
+            if self.run_dir is None:
+                self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            path = results.safe_log_path(self.run_dir, request.args.get("name", ""))
+            path.write_bytes(request.get_data())
+            return "ok\n"
+
+        @app.route("/update/tc", methods=any_)
+        def update_tc():
+            f = request.args.get("file")
+            if not f:
+                raise ValueError("say which links file: /update/tc?file=links.json")
+            return jsonify(self.update_links(f))
+
+        def agents_call(kind: str, action: str) -> dict:
+            out = {}
+            for label, addr in self.tb.workers():
+                if (kind == "emulated") != label.startswith("emulator"):
+                    continue
+                out[label] = net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120)
+            return out
+
+        @app.route("/emulated/stop", methods=any_)
+        def emulated_stop():
+            return jsonify(agents_call("emulated", "stop"))
+
+        @app.route("/emulated/clear", methods=any_)
+        def emulated_clear():
+            return jsonify(agents_call("emulated", "clear"))
+
+        @app.route("/emulated/reset", methods=any_)
+        def emulated_reset():
+            out = agents_call("emulated", "reset")
+            for label in [l for l in self.tb.deployed if l.startswith("emulator")]:
+                self.tb.deployed.pop(label)
+            return jsonify(out)
+
+        @app.route("/physical/stop", methods=any_)
+        def physical_stop():
+            return jsonify(agents_call("physical", "stop"))
+
+        @app.route("/physical/clear/tc", methods=any_)
+        def physical_clear_tc():
+            return jsonify(agents_call("physical", "clear/tc"))
+
+        @app.route("/physical/clear/nfs", methods=any_)
+        def physical_clear_nfs():
+            # Shares are bind mounts private to each node's mount namespace: they went
+            # away with the node's app, so there is nothing to unmount.
+            return jsonify({"cleared": "nothing mounted on the workers' hosts"})
+
+        @app.route("/physical/reset", methods=any_)
+        def physical_reset():
+            out = agents_call("physical", "reset")
+            for label in [l for l in self.tb.deployed if l.startswith("physical")]:
+                self.tb.deployed.pop(label)
+            return jsonify(out)
+
+        @app.route("/status", methods=["GET"])
+        def status():
+            return jsonify(self.status())

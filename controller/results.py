@@ -1,0 +1,127 @@
+"""A run's results folder: every node's log and metrics, plots, summary.json."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+def new_run_dir(base: Path, algorithm: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    d = base / f"{stamp}-{algorithm}"
+    n = 1
+    while d.exists():
+        n += 1
+        d = base / f"{stamp}-{algorithm}-{n}"
+    d.mkdir(parents=True)
+    return d
+
+
+def safe_log_path(run_dir: Path, name: str, suffix: str = ".log") -> Path:
+    """The file for node `name`'s log; ValueError for names that could leave run_dir."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ValueError(f"bad node name {name!r} for a log file")
+    p = (run_dir / f"{name}{suffix}").resolve()
+    if p.parent != run_dir.resolve():
+        raise ValueError(f"bad node name {name!r} for a log file")
+    return p
+
+
+def parse_metrics(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None) -> list[str]:
+    """accuracy.png (aggregating nodes), loss.png (training nodes), summary.png (both)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = {n: [(r["round"], r["accuracy"]) for r in recs if r.get("event") == "aggregate"
+               and "accuracy" in r and "round" in r] for n, recs in metrics.items()}
+    acc = {n: v for n, v in acc.items() if v}
+    loss = {n: [(r["round"], r["loss"]) for r in recs if r.get("event") == "train"
+                and "loss" in r and "round" in r] for n, recs in metrics.items()}
+    loss = {n: v for n, v in loss.items() if v}
+
+    def plot_acc(ax):
+        for n, pts in sorted(acc.items()):
+            ax.plot(*zip(*pts), marker="o", label=n + (" (root)" if n == root else ""))
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("Aggregate accuracy per round")
+        ax.grid(alpha=.3)
+        if acc:
+            ax.legend(fontsize=8)
+
+    def plot_loss(ax):
+        for n, pts in sorted(loss.items()):
+            ax.plot(*zip(*pts), marker=".", label=n)
+        ax.set_xlabel("round")
+        ax.set_ylabel("training loss")
+        ax.set_title("Training loss per round")
+        ax.grid(alpha=.3)
+        if loss:
+            ax.legend(fontsize=8, ncol=2)
+
+    files = []
+    for fname, fns in (("accuracy.png", [plot_acc]), ("loss.png", [plot_loss]),
+                       ("summary.png", [plot_acc, plot_loss])):
+        fig, axes = plt.subplots(1, len(fns), figsize=(6 * len(fns), 4.2), squeeze=False)
+        for fn, ax in zip(fns, axes[0]):
+            fn(ax)
+        fig.tight_layout()
+        fig.savefig(run_dir / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
+              wall_seconds: float, bytes_sent: dict[str, int]) -> dict:
+    """summary.json: the root's accuracy per round (or every aggregating node's last)."""
+    aggs = {n: [r for r in recs if r.get("event") == "aggregate" and "accuracy" in r]
+            for n, recs in metrics.items()}
+    aggs = {n: v for n, v in aggs.items() if v}
+    src = root if root in aggs else (max(aggs, key=lambda n: len(aggs[n])) if aggs else None)
+    per_round = [{"round": r["round"], "accuracy": r["accuracy"]} for r in aggs.get(src, [])]
+    final = per_round[-1]["accuracy"] if per_round else None
+    if src is None:  # no aggregator (gossip): mean of every node's last accuracy
+        finals = [recs[-1]["accuracy"] for recs in aggs.values()]
+        final = sum(finals) / len(finals) if finals else None
+    return {"algorithm": algorithm,
+            "rounds": max((p["round"] for p in per_round), default=0),
+            "final_accuracy": final,
+            "wall_seconds": round(wall_seconds, 2),
+            "accuracy_per_round": per_round,
+            "bytes_sent": bytes_sent,
+            "nodes": sorted(metrics)}
+
+
+def table(summary: dict) -> str:
+    """The summary as a plain-text table for the terminal."""
+    lines = [f"{'round':>5}  {'accuracy':>8}"]
+    lines += [f"{p['round']:>5}  {p['accuracy']:>8.4f}" for p in summary["accuracy_per_round"]]
+    lines.append("")
+    lines.append(f"{'node':<8} {'bytes sent':>12}")
+    lines += [f"{n:<8} {b:>12,}" for n, b in sorted(summary["bytes_sent"].items())]
+    lines.append("")
+    fa = summary["final_accuracy"]
+    lines.append(f"algorithm {summary['algorithm']}: {summary['rounds']} rounds, final accuracy "
+                 f"{fa:.4f}, wall time {summary['wall_seconds']:.1f} s" if fa is not None else
+                 f"algorithm {summary['algorithm']}: no accuracy reported, wall time {summary['wall_seconds']:.1f} s")
+    return "\n".join(lines)

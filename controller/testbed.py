@@ -1,0 +1,475 @@
+"""The testbed definition (EdgeTB's API names) and its deployment.
+
+A Testbed is plain data until `start()`: emulators, emulated and physical nodes, shared
+folders and links. `validate()` checks all of it at once and raises DefinitionError
+naming the file and key of every problem; nothing is deployed unless it passes. `start()`
+then asks every worker's agent to build its part, in parallel, and prints `tc finish`
+only when every agent has read its links back from the kernel. If any worker fails,
+what was already deployed elsewhere is removed and the error names that worker.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dml_app import net  # noqa: E402
+from worker import units  # noqa: E402
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+DEFAULT_NODE_PORT = 4444
+DEFAULT_SUBNET = "10.233.0.0/16"
+_UNITS_MB = {"M": 1, "MB": 1, "G": 1024, "GB": 1024}
+
+
+class DefinitionError(ValueError):
+    """Everything wrong with a testbed definition, one problem per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("testbed definition refused, nothing deployed:\n  " + "\n  ".join(problems))
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+def _ram_mb(ram: float, unit: str, where: str) -> int:
+    if unit not in _UNITS_MB:
+        raise DefinitionError([f"{where}: unit {unit!r} is not one of M, G"])
+    return int(float(ram) * _UNITS_MB[unit])
+
+
+@dataclass
+class Nfs:
+    """A folder of the controller shared with nodes (EdgeTB's add_nfs).
+
+    On a worker that is this machine the share is a bind mount of the folder itself.
+    """
+    tag: str
+    path: str
+
+
+@dataclass
+class Volume:
+    host: str
+    node: str
+    ro: bool = False
+
+
+@dataclass
+class _Node:
+    name: str
+    working_dir: str = ""
+    cmd: list[str] = field(default_factory=list)
+    volumes: list[Volume] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    ip: str = ""
+    port: int = DEFAULT_NODE_PORT
+    id: int = 0
+
+    def mount_local_path(self, local_path: str, node_path: str, ro: bool = False) -> None:
+        self.volumes.append(Volume(str(local_path), str(node_path), ro))
+
+    def mount_nfs(self, nfs: Nfs, node_path: str) -> None:
+        self.volumes.append(Volume(nfs.path, str(node_path)))
+
+    def set_cmd(self, working_dir: str, cmd) -> None:
+        self.working_dir = working_dir
+        self.cmd = list(cmd) if not isinstance(cmd, str) else cmd.split()
+
+
+@dataclass
+class EmulatedNode(_Node):
+    image: str = ""
+    cpu: float = 1.0
+    ram_mb: int = 1024
+    emulator: "Emulator | None" = None
+
+
+@dataclass
+class PhysicalNode(_Node):
+    nic: str = ""
+    agent_port: int = 3333
+
+
+@dataclass
+class Emulator:
+    name: str
+    ip: str
+    cpu: float
+    ram_mb: int
+    backend: str = "netns"
+    agent_port: int | None = None      # None: the controller runs this worker's agent itself
+    subnet: str = DEFAULT_SUBNET
+    nodes: list[EmulatedNode] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.IPv4Network(self.subnet).hosts()))
+
+
+class Testbed:
+    """EdgeTB's testbed object: add_* the parts, load_link, then start()."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, ip: str, dir_name: str, manager_class=None, host_port: int = 3333,
+                 node_port: int = DEFAULT_NODE_PORT, token: str | None = None):
+        self.ip = ip
+        self.dir_name = str(dir_name)
+        self.host_port = host_port
+        self.node_port = node_port
+        self.token = token or secrets.token_hex(16)
+        self.manager_class = manager_class
+        self.nfs: dict[str, Nfs] = {}
+        self.emulators: dict[str, Emulator] = {}
+        self.emulated: dict[str, EmulatedNode] = {}
+        self.physical: dict[str, PhysicalNode] = {}
+        self.links: dict[str, list[dict]] = {}
+        self.links_file = "links.json"
+        self._problems: list[str] = []
+        self.embedded = None          # (Agent, Server) when the controller runs the agent
+        self.deployed: dict[str, dict] = {}   # worker key -> agent answer
+        self.manager = None
+        self.node_info_path = ROOT / "node_info.json"
+
+    # ------------------------------------------------------------------ definition
+    def _name(self, name: str, what: str) -> str:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            self._problems.append(f"{what} name {name!r}: use a letter then letters, digits, '-' or '_'")
+        elif name in self.emulated or name in self.physical or name in self.emulators:
+            self._problems.append(f"duplicate name {name!r}: every node and emulator needs its own")
+        return name
+
+    def add_nfs(self, tag: str, path: str) -> Nfs:
+        p = os.path.join(self.dir_name, path) if not os.path.isabs(path) else path
+        n = Nfs(tag, os.path.abspath(p))
+        if tag in self.nfs:
+            self._problems.append(f"add_nfs: duplicate tag {tag!r}")
+        self.nfs[tag] = n
+        return n
+
+    def add_emulator(self, name: str, ip: str, cpu: float, ram: float, unit: str = "G",
+                     backend: str = "netns", agent_port: int | None = None,
+                     subnet: str | None = None) -> Emulator:
+        self._name(name, "emulator")
+        if subnet is None:
+            subnet = f"10.{233 + len(self.emulators)}.0.0/16"
+        emu = Emulator(name, ip, float(cpu), _ram_mb(ram, unit, f"emulator {name}"), backend,
+                       agent_port, subnet)
+        self.emulators[name] = emu
+        return emu
+
+    def add_emulated_node(self, name: str, working_dir: str, cmd, image: str = "", cpu: float = 1,
+                          ram: float = 1, unit: str = "G", emulator: Emulator | None = None) -> EmulatedNode:
+        self._name(name, "node")
+        node = EmulatedNode(name=name, working_dir=working_dir,
+                            cmd=list(cmd) if not isinstance(cmd, str) else cmd.split(),
+                            image=image, cpu=float(cpu), ram_mb=_ram_mb(ram, unit, f"node {name}"),
+                            emulator=emulator, port=self.node_port)
+        self.emulated[name] = node
+        if emulator is not None:
+            emulator.nodes.append(node)
+        return node
+
+    def add_physical_node(self, name: str, nic: str, ip: str, agent_port: int = 3333) -> PhysicalNode:
+        self._name(name, "node")
+        node = PhysicalNode(name=name, nic=nic, ip=ip, agent_port=agent_port, port=self.node_port)
+        self.physical[name] = node
+        return node
+
+    def load_link(self, path: str) -> None:
+        p = Path(path if os.path.isabs(path) else os.path.join(self.dir_name, path))
+        self.links_file = str(p)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            self._problems.append(f"{p}: no such file")
+            return
+        except ValueError as e:
+            self._problems.append(f"{p}: not valid JSON ({e})")
+            return
+        self.links = data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            self._problems.append(f"{p}: expected an object {{node: [links]}}")
+
+    # ------------------------------------------------------------------ validation
+    def all_nodes(self) -> dict[str, _Node]:
+        return {**self.emulated, **self.physical}
+
+    def link_problems(self, links: dict, where: str) -> list[str]:
+        """Every problem of a links.json document, naming file and key."""
+        out = []
+        nodes = self.all_nodes()
+        for src, lst in links.items():
+            if src not in nodes:
+                out.append(f"{where}: \"{src}\": unknown node (defined: {', '.join(sorted(nodes))})")
+                continue
+            if not isinstance(lst, list):
+                out.append(f"{where}: \"{src}\": expected a list of links")
+                continue
+            seen = set()
+            for i, link in enumerate(lst):
+                key = f"{where}: \"{src}\"[{i}]"
+                if not isinstance(link, dict):
+                    out.append(f"{key}: expected an object like {{\"dest\": \"n2\", \"bw\": \"10mbit\"}}")
+                    continue
+                dest = link.get("dest")
+                if dest not in nodes:
+                    out.append(f"{key}.dest: unknown node {dest!r}")
+                elif dest == src:
+                    out.append(f"{key}.dest: a link from {src} to itself")
+                elif dest in seen:
+                    out.append(f"{key}.dest: second link from {src} to {dest}")
+                seen.add(dest)
+                try:
+                    units.parse_rate(link.get("bw"))
+                except units.UnitError as e:
+                    out.append(f"{key}.bw: {e}")
+                for k, parse in (("delay", units.parse_time_us), ("jitter", units.parse_time_us),
+                                 ("loss", units.parse_loss_pct)):
+                    if k in link:
+                        try:
+                            parse(link[k])
+                        except units.UnitError as e:
+                            out.append(f"{key}.{k}: {e}")
+                extra = set(link) - {"dest", "bw", "delay", "jitter", "loss"}
+                if extra:
+                    out.append(f"{key}: unknown key(s) {', '.join(sorted(extra))}")
+        return out
+
+    def validate(self) -> None:
+        problems = list(self._problems)
+        for emu in self.emulators.values():
+            try:
+                ipaddress.IPv4Address(emu.ip)
+                net_ = ipaddress.IPv4Network(emu.subnet)
+            except ValueError as e:
+                problems.append(f"emulator {emu.name}: {e}")
+                continue
+            if emu.backend not in ("netns",):
+                problems.append(f"emulator {emu.name}: backend {emu.backend!r} is not available (netns)")
+            if len(emu.nodes) > net_.num_addresses - 3:
+                problems.append(f"emulator {emu.name}: {len(emu.nodes)} nodes do not fit in {emu.subnet}")
+            cpu = sum(n.cpu for n in emu.nodes)
+            ram = sum(n.ram_mb for n in emu.nodes)
+            if cpu > emu.cpu + 1e-9:
+                problems.append(f"emulator {emu.name}: its nodes ask {cpu:g} cpu, it has {emu.cpu:g}")
+            if ram > emu.ram_mb:
+                problems.append(f"emulator {emu.name}: its nodes ask {ram} MB ram, it has {emu.ram_mb} MB")
+        for n in self.emulated.values():
+            if n.emulator is None or n.emulator.name not in self.emulators:
+                problems.append(f"node {n.name}: no emulator given (add_emulated_node(..., emulator=emu))")
+            if n.cpu <= 0 or n.ram_mb < 64:
+                problems.append(f"node {n.name}: cpu must be > 0 and ram at least 64 MB")
+        for n in self.all_nodes().values():
+            if not n.cmd:
+                problems.append(f"node {n.name}: no command")
+            if n.working_dir and not os.path.isabs(n.working_dir):
+                problems.append(f"node {n.name}: working_dir {n.working_dir!r} must be an absolute node path")
+            for v in n.volumes:
+                if not os.path.isabs(v.node):
+                    problems.append(f"node {n.name}: node path {v.node!r} must be absolute")
+                elif ".." in Path(v.node).parts:
+                    problems.append(f"node {n.name}: node path {v.node!r} must not contain '..'")
+                if not os.path.isdir(v.host):
+                    problems.append(f"node {n.name}: {v.host} is not a folder on the controller")
+        for n in self.physical.values():
+            try:
+                ipaddress.IPv4Address(n.ip)
+            except ValueError:
+                problems.append(f"physical node {n.name}: bad ip {n.ip!r}")
+        problems += self.link_problems(self.links, self.links_file)
+        if problems:
+            raise DefinitionError(problems)
+
+    # ------------------------------------------------------------------ addressing
+    def assign_addresses(self) -> None:
+        nid = 1
+        for emu in self.emulators.values():
+            hosts = ipaddress.IPv4Network(emu.subnet).hosts()
+            next(hosts)  # the gateway
+            for n in emu.nodes:
+                n.ip, n.id = str(next(hosts)), nid
+                nid += 1
+        for n in self.physical.values():
+            n.id = nid
+            nid += 1
+
+    def node_info(self) -> dict:
+        return {
+            "emulator": {e.name: {"ip": e.ip, "port": e.agent_port, "backend": e.backend,
+                                  "subnet": e.subnet} for e in self.emulators.values()},
+            "emulated_node": {n.name: {"ip": n.ip, "port": n.port, "emulator": n.emulator.name}
+                              for n in self.emulated.values()},
+            "physical_node": {n.name: {"ip": n.ip, "port": n.port} for n in self.physical.values()},
+        }
+
+    def agent_links(self, links: dict, names) -> dict[str, list[dict]]:
+        """links.json entries of the nodes `names`, as the agent takes them."""
+        nodes = self.all_nodes()
+        out: dict[str, list[dict]] = {}
+        for src in names:
+            out[src] = []
+            for link in links.get(src, []):
+                d = nodes[link["dest"]]
+                entry = {"dest": d.name, "ip": d.ip, "port": d.port, "rate_bps": units.parse_rate(link["bw"])}
+                if "delay" in link:
+                    entry["delay_us"] = units.parse_time_us(link["delay"])
+                if "jitter" in link:
+                    entry["jitter_us"] = units.parse_time_us(link["jitter"])
+                if "loss" in link:
+                    entry["loss_pct"] = units.parse_loss_pct(link["loss"])
+                out[src].append(entry)
+        return out
+
+    # ------------------------------------------------------------------ workers
+    def agent_address(self, emu: Emulator) -> str:
+        if emu.agent_port is None:
+            return f"127.0.0.1:{self.embedded[1].port}"
+        return f"{emu.ip}:{emu.agent_port}"
+
+    def workers(self) -> list[tuple[str, str]]:
+        """(label, agent address) of every worker, emulators first."""
+        out = [(f"emulator {e.name}", self.agent_address(e)) for e in self.emulators.values()]
+        seen = set()
+        for n in self.physical.values():
+            addr = f"{n.ip}:{n.agent_port}"
+            if addr not in seen:
+                seen.add(addr)
+                out.append((f"physical {addr}", addr))
+        return out
+
+    def _ensure_embedded_agent(self) -> None:
+        if self.embedded is not None or all(e.agent_port is not None for e in self.emulators.values()):
+            return
+        if os.geteuid() != 0:
+            raise DeployError("the embedded agent must run as root (sudo python3 ...): it creates "
+                              "network namespaces, qdiscs and cgroups")
+        from worker.agent import Agent, make_app
+
+        agent = Agent(name="embedded", port=self.host_port + 1, token=self.token)
+        srv = net.serve(make_app(agent), "0.0.0.0", self.host_port + 1, threads=16)
+        self.embedded = (agent, srv)
+
+    def _node_body(self, n: _Node, ctl: str, agent: str) -> dict:
+        return {"name": n.name, "id": n.id, "ip": n.ip, "port": n.port,
+                "cpu": getattr(n, "cpu", 1.0), "ram_mb": getattr(n, "ram_mb", 1024),
+                "cmd": n.cmd, "working_dir": n.working_dir,
+                "volumes": [{"host": v.host, "node": v.node, "ro": v.ro} for v in n.volumes],
+                "nic": getattr(n, "nic", None),
+                "env": {**n.env, "EDGE_TB_ID": str(n.id), "NET_NODE_NAME": n.name,
+                        "DML_PORT": str(n.port), "NET_CTL_ADDRESS": ctl, "NET_AGENT_ADDRESS": agent}}
+
+    def deploy(self, say=print) -> None:
+        """Validate, then build every worker's part in parallel; all or nothing."""
+        self.validate()
+        self.assign_addresses()
+        self.write_node_info()
+        self._ensure_embedded_agent()
+        jobs = []
+        for emu in self.emulators.values():
+            gw = emu.gateway
+            ctl = f"{gw}:{self.host_port}" if emu.agent_port is None else f"{self.ip}:{self.host_port}"
+            agent_addr = f"{gw}:{self.embedded[1].port}" if emu.agent_port is None else f"{emu.ip}:{emu.agent_port}"
+            body = {"emulator": emu.name, "backend": emu.backend,
+                    "bridge": {"cidr": emu.subnet, "gateway": gw},
+                    "nodes": [self._node_body(n, ctl, agent_addr) for n in emu.nodes],
+                    "links": self.agent_links(self.links, [n.name for n in emu.nodes])}
+            jobs.append((f"emulator {emu.name}", self.agent_address(emu), "/emulated/deploy", body))
+        by_agent: dict[str, list[PhysicalNode]] = {}
+        for n in self.physical.values():
+            by_agent.setdefault(f"{n.ip}:{n.agent_port}", []).append(n)
+        for addr, ns in by_agent.items():
+            body = {"nodes": [self._node_body(n, f"{self.ip}:{self.host_port}", addr) for n in ns],
+                    "links": self.agent_links(self.links, [n.name for n in ns])}
+            jobs.append((f"physical {addr}", addr, "/physical/deploy", body))
+
+        errors = []
+        lock = threading.Lock()
+
+        def run(job):
+            label, addr, path, body = job
+            try:
+                ans = net.post_json(f"{addr}{path}", body, token=self.token, timeout_s=600, retries=2)
+            except net.HttpError as e:
+                with lock:
+                    errors.append(f"{label} ({addr}): {e.message}")
+                return
+            with lock:
+                self.deployed[label] = {"addr": addr, "kind": path.split("/")[1], "answer": ans}
+            nl = sum(v["links"] for v in ans["nodes"].values())
+            say(f"{label}: {len(ans['nodes'])} node(s) up, {nl} link(s) in place")
+
+        with ThreadPoolExecutor(max(1, len(jobs))) as ex:
+            list(ex.map(run, jobs))
+        if errors:
+            self.reset(say=say)
+            raise DeployError("deployment failed, everything deployed was removed:\n  " + "\n  ".join(errors))
+
+    def write_node_info(self) -> Path:
+        path = Path(self.node_info_path)
+        path.write_text(json.dumps(self.node_info(), indent=2) + "\n")
+        return path
+
+    def reset(self, say=print, kinds=("emulated", "physical")) -> list[str]:
+        """Ask every worker to remove what it made; returns problems (workers unreachable)."""
+        problems = []
+        for label, addr in self.workers():
+            for kind in kinds:
+                if (kind == "emulated") != label.startswith("emulator"):
+                    continue
+                try:
+                    net.call("POST", f"{addr}/{kind}/reset", token=self.token, timeout_s=120)
+                except net.HttpError as e:
+                    problems.append(f"{label}: {e}")
+        self.deployed.clear()
+        for p in problems:
+            say(f"reset: {p}")
+        return problems
+
+    def close(self) -> None:
+        """Reset everything and stop the embedded agent."""
+        self.reset(say=lambda m: print(m, file=sys.stderr))
+        if self.embedded is not None:
+            agent, srv = self.embedded
+            agent.reset("all")
+            srv.close()
+            self.embedded = None
+
+    # ------------------------------------------------------------------ start
+    def start(self, *, serve_forever: bool = True, say=print):
+        """Deploy, serve the manager on host_port, print `tc finish`; EdgeTB's start()."""
+        if self.manager_class is None:
+            raise DeployError("no manager_class given to the testbed")
+        self.validate()
+        self.manager = self.manager_class(self)
+        self.manager.serve()
+        try:
+            self.deploy(say=say)
+        except BaseException:
+            self.manager.close()
+            self.close()
+            raise
+        say("tc finish", flush=True) if say is print else say("tc finish")
+        if serve_forever:
+            self.manager.wait_forever()
+        return self.manager
+
+
+def default_testbed(ip: str, dir_name: str, manager_class, host_port: int = 3333, **kw) -> Testbed:
+    """A testbed whose controller is `ip` (EdgeTB's default_testbed)."""
+    return Testbed(ip, dir_name, manager_class, host_port=host_port, **kw)
+

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up this machine for the testbed (controller, embedded agent, node apps) and its
+# tests: Debian packages for namespaces, traffic control and link measurement, then the
+# pinned Python requirements into the python3 that runs the testbed. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ "$(id -u)" != 0 ]; then echo "install.sh: run as root (sudo ./install.sh)" >&2; exit 2; fi
+need=()
+for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+py=python3
+extra=()
+# Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.
+if "$py" -c 'import sys,sysconfig,os; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"],"EXTERNALLY-MANAGED")) else 1)'; then
+  extra+=(--break-system-packages)
+fi
+if ! "$py" -m pip --version >/dev/null 2>&1; then
+  apt-get install -y -qq python3-pip >/dev/null
+fi
+"$py" -m pip install -q "${extra[@]}" -r requirements.txt
+"$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib; print("install.sh: ready (torch", torch.__version__ + ")")'
