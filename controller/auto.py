@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,9 +50,9 @@ def ensure_dataset(say) -> None:
 def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float) -> int:
     """The --auto workflow; `write_structure()` writes the structure confs, returns paths."""
     say = lambda m: print(m, flush=True)  # noqa: E731
-    t0 = time.time()
     try:
         ensure_dataset(say)
+        t0 = time.time()
         manager = testbed.start(serve_forever=False, say=say)
     except (DefinitionError, DeployError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -67,7 +68,11 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
                 raise RuntimeError(f"pushing {kind} confs: {bad}")
             say(f"{kind} confs pushed to {len(res)} nodes")
         say(manager.start_training(root))
-        _follow(manager, testbed, root, timeout_s)
+        rounds = None
+        if root is not None:
+            conf = manager.conf_dir / f"{root}_structure.conf"
+            rounds = json.loads(conf.read_text()).get("sync") if conf.exists() else None
+        _follow(manager, testbed, root, timeout_s, rounds)
         summary = manager.summary
         say("")
         say(results.table(summary))
@@ -77,12 +82,12 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        testbed.close()     # nodes first, so no heartbeat arrives at a closing server
         manager.close()
-        testbed.close()
         say("reset: every node and link removed")
 
 
-def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float) -> None:
+def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds) -> None:
     """Print each new aggregate of the root until /finish has run; fail on a dead node."""
     deadline = time.time() + timeout_s
     seen = 0
@@ -97,7 +102,8 @@ def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float) -> No
                 text = ""
             recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate"]
             for r in recs[seen:]:
-                print(f"round {r['round']}: accuracy {r['accuracy']:.4f}", flush=True)
+                of = f"/{rounds}" if rounds else ""
+                print(f"round {r['round']}{of}: accuracy {r['accuracy']:.4f}", flush=True)
             seen = max(seen, len(recs))
         dead = [n for n, s in manager.status()["nodes"].items() if s.get("app") == "exited"]
         if dead:

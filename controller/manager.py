@@ -98,7 +98,7 @@ class Manager:
         def send(node):
             body = json.loads((self.conf_dir / f"{node.name}_{kind}.conf").read_text())
             net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.token,
-                     timeout_s=120, retries=20)
+                     timeout_s=120, retries=90)
             return "ok"
         out = self._each(send, have)
         out.update({n: "skipped: no conf file" for n in missing})

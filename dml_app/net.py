@@ -11,6 +11,7 @@ import ipaddress
 import json as jsonlib
 import os
 import threading
+import time
 from typing import Any, Iterable, Mapping
 
 import requests
@@ -46,7 +47,7 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
     """One HTTP call; raises HttpError on a connection failure or a non-2xx answer.
 
     `retries` repeats only connection failures (the peer not listening yet), never an
-    answered request, so a POST is not applied twice.
+    answered request, so a POST is not applied twice; waits grow from 0.1 s to 1 s.
     """
     if not url.startswith("http://") and not url.startswith("https://"):
         url = "http://" + url
@@ -54,7 +55,9 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
     if token:
         hdrs[TOKEN_HEADER] = token
     last: Exception | None = None
-    for _ in range(retries + 1):
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.1 * 2 ** (attempt - 1), 1.0))
         try:
             r = _session().request(method, url, json=json, data=data, params=params,
                                    headers=hdrs, timeout=timeout_s)
@@ -141,6 +144,9 @@ class Server:
         self._run()
 
     def close(self) -> None:
+        # Let handler threads finish before the socket and trigger go, or waitress
+        # raises EBADF in threads still answering.
+        self._srv.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         self._srv.close()
 
 

@@ -1,0 +1,128 @@
+"""The node side of the dataset layout written by dml_tool/splitter.py.
+
+`dataset/meta.json` describes the data; `dataset/{train,test}/<i>_x.npy` and
+`<i>_y.npy` are the numbered parts (from 1). A node's dataset conf picks a contiguous
+range of parts with EdgeTB's keys. Parts are loaded with `allow_pickle=False`: a part
+file is data, never code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+DATASET_KEYS = ("train_len", "train_start_index", "test_len", "test_start_index", "batch_size")
+
+
+class DatasetError(ValueError):
+    """A dataset conf or dataset folder that cannot be used; the message says why."""
+
+
+@dataclass
+class NodeData:
+    """What a node trains and tests on, plus the conf it came from."""
+
+    meta: dict[str, Any]
+    conf: dict[str, int]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    train_parts: list[int] = field(default_factory=list)
+    test_parts: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.conf["batch_size"]
+
+    @property
+    def train_samples(self) -> int:
+        return int(len(self.train_y))
+
+    @property
+    def test_samples(self) -> int:
+        return int(len(self.test_y))
+
+
+def read_meta(dataset_dir: str) -> dict[str, Any]:
+    path = os.path.join(dataset_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: split a dataset first "
+                           "(python3 dml_tool/splitter.py)") from None
+    except ValueError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "input_shape" not in meta or "name" not in meta:
+        raise DatasetError(f"{path}: expected an object with 'name' and 'input_shape'")
+    return meta
+
+
+def normalize_conf(conf: Mapping[str, Any]) -> dict[str, int]:
+    """EdgeTB dataset conf -> ints with defaults (absent lengths are 0, starts 1)."""
+    if not isinstance(conf, Mapping):
+        raise DatasetError("dataset conf must be a JSON object")
+    defaults = {"train_len": 0, "train_start_index": 1, "test_len": 0,
+                "test_start_index": 1, "batch_size": 32}
+    out: dict[str, int] = {}
+    for key, default in defaults.items():
+        v = conf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DatasetError(f"dataset conf key {key!r} must be an integer, got {v!r}")
+        low = 1 if key != "train_len" and key != "test_len" else 0
+        if v < low:
+            raise DatasetError(f"dataset conf key {key!r} must be >= {low}, got {v}")
+        out[key] = v
+    return out
+
+
+def load_part(dataset_dir: str, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """One numbered part; shapes and dtypes are checked, pickles refused."""
+    base = os.path.join(dataset_dir, split, str(index))
+    try:
+        x = np.load(base + "_x.npy", allow_pickle=False)
+        y = np.load(base + "_y.npy", allow_pickle=False)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{split} part {index} not found ({e.filename})") from None
+    except ValueError as e:  # an object array (pickle) or a corrupt file
+        raise DatasetError(f"{split} part {index} unreadable: {e}") from None
+    if len(x) != len(y):
+        raise DatasetError(f"{split} part {index}: {len(x)} inputs but {len(y)} labels")
+    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+
+
+def _load_range(dataset_dir: str, split: str, start: int, length: int,
+                input_shape: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    parts = list(range(start, start + length))
+    xs, ys = [], []
+    for i in parts:
+        x, y = load_part(dataset_dir, split, i)
+        if list(x.shape[1:]) != list(input_shape):
+            raise DatasetError(f"{split} part {i}: inputs shaped {list(x.shape[1:])}, "
+                               f"meta.json says {list(input_shape)}")
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        return (np.zeros((0, *input_shape), np.float32), np.zeros((0,), np.int64), parts)
+    return np.concatenate(xs), np.concatenate(ys), parts
+
+
+def load_node_data(dataset_dir: str, conf: Mapping[str, Any]) -> NodeData:
+    """Load the parts an EdgeTB dataset conf names (1-based, contiguous ranges)."""
+    meta = read_meta(dataset_dir)
+    c = normalize_conf(conf)
+    shape = list(meta["input_shape"])
+    for split in ("train", "test"):
+        n_parts = meta.get(f"{split}_parts")
+        last = c[f"{split}_start_index"] + c[f"{split}_len"] - 1
+        if c[f"{split}_len"] and isinstance(n_parts, int) and last > n_parts:
+            raise DatasetError(f"{split} parts {c[f'{split}_start_index']}..{last} asked, "
+                               f"the dataset has {n_parts} {split} parts")
+    tx, ty, tparts = _load_range(dataset_dir, "train", c["train_start_index"], c["train_len"], shape)
+    vx, vy, vparts = _load_range(dataset_dir, "test", c["test_start_index"], c["test_len"], shape)
+    return NodeData(meta=meta, conf=c, train_x=tx, train_y=ty, test_x=vx, test_y=vy,
+                    train_parts=tparts, test_parts=vparts)

@@ -1,0 +1,453 @@
+"""The node runtime every DML role runs on.
+
+The runtime owns what all roles share: the environment, the token-checked HTTP server,
+the conf routes, heartbeats to the controller, EdgeTB log lines and metrics, weight
+transfer (safetensors, with byte counters) and a clean exit on SIGTERM. A role only
+decides and computes (as a Flower strategy does); it is a small object that registers
+its routes and hooks:
+
+    rt = Runtime("fl_trainer")
+
+    @rt.route("/train", methods=["POST"])
+    def train():
+        tensors, meta = rt.receive_weights()      # 400 for anything not safetensors
+        rt.spawn(work, tensors, meta)             # answer at once, train in the background
+        return "ok"
+
+    rt.on_structure(check_conf)                   # validate /conf/structure (ValueError -> 400)
+    rt.on_start(start)                            # root roles: GET /start runs it in a thread
+    rt.run()                                      # serve until SIGTERM
+
+Inside the role: `rt.structure` (dict), `rt.data` (data.NodeData), `rt.set_state()`,
+`rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
+
+import net
+from data import DatasetError, NodeData, load_node_data
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+HEARTBEAT_PERIOD_S = 2.0
+WEIGHTS_MIME = "application/octet-stream"
+
+
+class ConfigError(RuntimeError):
+    """The node's environment is unusable (missing token, bad port, ...)."""
+
+
+def _env_float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key, "")
+    if raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{key}={raw!r} must be a positive number")
+    return v
+
+
+class Runtime:
+    """One node: environment, HTTP server, logging, heartbeats and weight transfer."""
+
+    def __init__(self, role: str, *, env: Mapping[str, str] | None = None):
+        env = os.environ if env is None else env
+        self.role = role
+        self.name = env.get("NET_NODE_NAME", "")
+        if not NAME_RE.match(self.name):
+            raise ConfigError(f"NET_NODE_NAME={self.name!r}: expected a node name such as n1 "
+                              "(letters, digits, '_', '-', '.')")
+        self.testbed_id = env.get("EDGE_TB_ID", "")
+        self.token = env.get(net.TOKEN_ENV, "")
+        if not self.token:
+            raise ConfigError(f"{net.TOKEN_ENV} is not set: the testbed token is required")
+        port_raw = env.get("DML_PORT", "4444")
+        if not port_raw.isdigit() or not 0 <= int(port_raw) <= 65535:
+            raise ConfigError(f"DML_PORT={port_raw!r} is not a port number")
+        self.port = int(port_raw)  # 0 picks a free port (tests); see `self.port` after start
+        self.ctl_address = env.get("NET_CTL_ADDRESS", "")
+        self.agent_address = env.get("NET_AGENT_ADDRESS", "")
+        self.log_dir = os.path.abspath(env.get("DML_LOG_DIR", "") or "./log")
+        self.dataset_dir = os.path.abspath(env.get("DML_DATASET_DIR", "") or "../dataset")
+        self.cpu = _env_float(env, "DML_CPU", 1.0)
+        self.torch_threads = max(1, math.floor(self.cpu))
+
+        self.structure: dict[str, Any] | None = None
+        self.data: NodeData | None = None
+        self.state = "idle"
+        self.round = 0
+        self.stopping = threading.Event()  # roles may wait on it to give up early
+        self._lock = threading.Lock()
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._start_fn: Callable[[], Any] | None = None
+        self._start_needs: tuple[str, ...] = ()
+        self._started = False
+        self._structure_fn: Callable[[dict], dict | None] | None = None
+        self._dataset_fn: Callable[[NodeData], None] | None = None
+        self._server: net.Server | None = None
+        self._hb_failing = False
+
+        self._setup_torch()
+        self._setup_logging()
+        self.app = Flask(f"edgetb-{self.name}")
+        net.require_token(self.app, self.token)
+        self._add_builtin_routes()
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_torch(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
+        try:
+            torch.set_num_interop_threads(1)  # nodes share cores; only allowed once, early
+        except RuntimeError:
+            pass
+
+    def _setup_logging(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.log_path = os.path.join(self.log_dir, f"{self.name}.log")
+        self.metrics_path = os.path.join(self.log_dir, f"{self.name}.metrics.jsonl")
+        # Fresh files per start: lines of an earlier experiment would mix into this one's plots.
+        open(self.metrics_path, "w").close()
+        self.log = logging.getLogger(f"edgetb.{self.name}")
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False
+        for h in list(self.log.handlers):
+            self.log.removeHandler(h)
+            h.close()
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        fh = logging.FileHandler(self.log_path, mode="w", encoding="utf-8")
+        sh = logging.StreamHandler(sys.stderr)
+        for h in (fh, sh):
+            h.setFormatter(fmt)
+            self.log.addHandler(h)
+        self._metrics_lock = threading.Lock()
+
+    def _add_builtin_routes(self) -> None:
+        app = self.app
+
+        @app.errorhandler(HTTPException)
+        def _plain_error(e: HTTPException):
+            # Plain text so `curl` and net.HttpError show the message itself.
+            return Response(f"{e.description}\n", status=e.code, mimetype="text/plain")
+
+        @app.get("/hi")
+        def _hi():
+            return jsonify(node=self.name, role=self.role, state=self.state, round=self.round)
+
+        @app.post("/conf/dataset")
+        def _conf_dataset():
+            conf = self._json_body()
+            try:
+                data = load_node_data(self.dataset_dir, conf)
+            except DatasetError as e:
+                raise BadRequest(f"{self.name}: dataset conf refused: {e}") from None
+            if self._dataset_fn is not None:
+                try:
+                    self._dataset_fn(data)
+                except ValueError as e:
+                    raise BadRequest(f"{self.name}: dataset conf refused: {e}") from None
+            self.data = data
+            self.log.info("dataset: %d train samples (parts %s), %d test samples (parts %s), "
+                          "batch_size %d", data.train_samples, _span(data.train_parts),
+                          data.test_samples, _span(data.test_parts), data.batch_size)
+            return jsonify(train_samples=data.train_samples, test_samples=data.test_samples)
+
+        @app.post("/conf/structure")
+        def _conf_structure():
+            conf = self._json_body()
+            if self._structure_fn is not None:
+                try:
+                    checked = self._structure_fn(dict(conf))
+                except (ValueError, TypeError, KeyError) as e:
+                    raise BadRequest(f"{self.name}: structure conf refused: {e}") from None
+                if checked is not None:
+                    conf = checked
+            self.structure = dict(conf)
+            self.log.info("structure: %s", json.dumps(self.structure, sort_keys=True))
+            return jsonify(ok=True)
+
+        @app.get("/start")
+        def _start():
+            if self._start_fn is None:
+                raise NotFound(f"{self.name}: role {self.role} has no start (it is not a root role)")
+            missing = [n for n in self._start_needs if getattr(self, n) is None]
+            if missing:
+                raise Conflict(f"{self.name}: cannot start before /conf/{' and /conf/'.join(missing)}")
+            with self._lock:
+                if self._started:
+                    raise Conflict(f"{self.name}: already started")
+                self._started = True
+            self.log.info("start")
+            self.spawn(self._start_fn, name="start")
+            return "start\n"
+
+        @app.get("/log")
+        def _log():
+            return Response(_read_text(self.log_path), mimetype="text/plain")
+
+        @app.get("/metrics")
+        def _metrics():
+            return Response(_read_text(self.metrics_path), mimetype="application/x-ndjson")
+
+        @app.get("/stats")
+        def _stats():
+            return jsonify(node=self.name, bytes_sent=self.bytes_sent,
+                           bytes_received=self.bytes_received, state=self.state, round=self.round)
+
+    @staticmethod
+    def _json_body() -> dict[str, Any]:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("expected a JSON object body (Content-Type: application/json)")
+        return body
+
+    # ------------------------------------------------------------------ role API
+
+    def route(self, rule: str, **options: Any) -> Callable:
+        """Flask's `app.route`: the handler runs after the token check."""
+        return self.app.route(rule, **options)
+
+    def on_start(self, fn: Callable[[], Any], *,
+                 needs: Iterable[str] = ("structure", "data")) -> Callable[[], Any]:
+        """Run `fn` in a background thread on GET /start (once); `needs` must be set first."""
+        needs = tuple(needs)
+        unknown = set(needs) - {"structure", "data"}
+        if unknown:
+            raise ValueError(f"on_start needs: unknown {sorted(unknown)}; use 'structure', 'data'")
+        self._start_fn, self._start_needs = fn, needs
+        return fn
+
+    def on_structure(self, fn: Callable[[dict], dict | None]) -> Callable:
+        """Validate /conf/structure: return the conf (or None to keep it), raise ValueError -> 400."""
+        self._structure_fn = fn
+        return fn
+
+    def on_dataset(self, fn: Callable[[NodeData], None]) -> Callable:
+        """Check the loaded data (e.g. a trainer needs train parts); ValueError -> 400."""
+        self._dataset_fn = fn
+        return fn
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> threading.Thread:
+        """Run fn(*args) on a daemon thread; an exception is logged and sets state 'error'."""
+        def _run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                self.log.exception("%s failed", name or getattr(fn, "__name__", "task"))
+                self.set_state("error")
+
+        t = threading.Thread(target=_run, daemon=True, name=name or getattr(fn, "__name__", "task"))
+        t.start()
+        return t
+
+    def set_state(self, state: str, round: int | None = None) -> None:
+        self.state = state
+        if round is not None:
+            self.round = round
+
+    def peer(self, node: str) -> str:
+        """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""
+        connect = (self.structure or {}).get("connect") or {}
+        addr = connect.get(node)
+        if not addr:
+            raise KeyError(f"{self.name} has no link to {node!r} (structure conf 'connect')")
+        return addr
+
+    # ------------------------------------------------------------------ logs and metrics
+
+    def log_metric(self, event: str, round: int, **values: Any) -> None:
+        rec = {"t": round_s(time.time()), "node": self.name, "event": event, "round": round}
+        rec.update(values)
+        line = json.dumps(rec, allow_nan=True)
+        with self._metrics_lock, open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def log_train(self, loss: float, round: int) -> None:
+        """EdgeTB's `Train: loss=..., round=...,` line plus a metrics record."""
+        self.log.info("Train: loss=%.4f, round=%d,", loss, round)
+        self.log_metric("train", round, loss=float(loss))
+
+    def log_aggregate(self, accuracy: float, round: int, layer: int | None = None) -> None:
+        """EdgeTB's `Aggregate: accuracy=..., round=...,[ layer=...,]` line plus a record."""
+        if layer is None:
+            self.log.info("Aggregate: accuracy=%.4f, round=%d,", accuracy, round)
+            self.log_metric("aggregate", round, accuracy=float(accuracy))
+        else:
+            self.log.info("Aggregate: accuracy=%.4f, round=%d, layer=%d,", accuracy, round, layer)
+            self.log_metric("aggregate", round, accuracy=float(accuracy), layer=layer)
+
+    # ------------------------------------------------------------------ weights
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    def send_weights(self, peer: str, path: str, state_dict: Mapping[str, Any],
+                     meta: Mapping[str, Any] | None = None, *, timeout_s: float = 300.0,
+                     retries: int = 2) -> Any:
+        """POST `state_dict` (+ `meta`) as safetensors to http://peer/path.
+
+        Raises net.HttpError when the peer does not answer 2xx. Bytes count as sent
+        once the peer answered, whatever it answered.
+        """
+        if not PEER_RE.match(peer):
+            raise ValueError(f"peer {peer!r}: expected 'ip:port'")
+        body = net.pack_weights(state_dict, meta)
+        try:
+            r = net.call("POST", f"http://{peer}{path}", token=self.token, data=body,
+                         headers={"Content-Type": WEIGHTS_MIME}, timeout_s=timeout_s,
+                         retries=retries)
+        except net.HttpError as e:
+            if e.status is not None:
+                self._add_bytes(sent=len(body))
+            raise
+        self._add_bytes(sent=len(body))
+        return r
+
+    def receive_weights(self) -> tuple[dict, dict]:
+        """(tensors, meta) of the current request's body; HTTP 400 if it is not safetensors."""
+        body = request.get_data(cache=False)
+        self._add_bytes(received=len(body))
+        try:
+            return net.unpack_weights(body)
+        except ValueError as e:
+            self.log.warning("refused weights from %s on %s: %s", request.remote_addr,
+                             request.path, e)
+            raise BadRequest(f"{self.name}: {request.path} expects model weights as "
+                             f"safetensors ({WEIGHTS_MIME}); {e}") from None
+
+    def _add_bytes(self, *, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self._bytes_sent += sent
+            self._bytes_received += received
+
+    # ------------------------------------------------------------------ controller
+
+    def _ctl_url(self, path: str) -> str | None:
+        return f"http://{self.ctl_address}{path}" if self.ctl_address else None
+
+    def finish(self, timeout_s: float = 300.0) -> bool:
+        """Tell the controller training is over (GET /finish); False if that failed."""
+        self.set_state("finished")
+        url = self._ctl_url("/finish")
+        if url is None:
+            self.log.warning("NET_CTL_ADDRESS not set: cannot call the controller's /finish")
+            return False
+        try:
+            net.call("GET", url, token=self.token, timeout_s=timeout_s, retries=2)
+        except net.HttpError as e:
+            self.log.warning("controller /finish failed: %s", e)
+            return False
+        self.log.info("finish reported to the controller")
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        url = self._ctl_url("/heartbeat")
+        if url is None:
+            self.log.info("NET_CTL_ADDRESS not set: no heartbeats")
+            return
+        while not self.stopping.is_set():
+            try:
+                net.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S,
+                         json={"node": self.name, "state": self.state, "round": self.round})
+                if self._hb_failing:
+                    self.log.info("heartbeats reach the controller again")
+                self._hb_failing = False
+            except net.HttpError as e:
+                if not self._hb_failing:  # once per outage, not every 2 s
+                    self.log.warning("heartbeat failed (will keep trying quietly): %s", e)
+                self._hb_failing = True
+            self.stopping.wait(HEARTBEAT_PERIOD_S)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_serving(self, host: str = "0.0.0.0") -> "Runtime":
+        """Bind and serve on a thread (run() does this; tests may call it directly)."""
+        self._server = net.Server(self.app, host, self.port, threads=8).start()
+        self.port = self._server.port
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
+        self.log.info("%s %s serving on %s:%d (torch threads %d, dataset %s)", self.role,
+                      self.name, host, self.port, self.torch_threads, self.dataset_dir)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; run() then returns. Safe to call more than once."""
+        self.stopping.set()
+
+    def run(self, host: str = "0.0.0.0") -> None:
+        """Serve until SIGTERM/SIGINT or stop(); then close the server and the logs."""
+        def _on_signal(signum: int, _frame: Any) -> None:
+            self.log.info("signal %d: stopping", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        try:
+            self.start_serving(host)
+        except OSError as e:
+            self.log.error("cannot serve on %s:%d: %s", host, self.port, e)
+            raise SystemExit(1) from None
+        while not self.stopping.wait(1.0):  # short waits keep signal handling prompt
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.log.info("stopped")
+        for h in list(self.log.handlers):
+            h.flush()
+            h.close()
+            self.log.removeHandler(h)
+
+
+def round_s(t: float) -> float:
+    return round(t, 3)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _span(parts: list[int]) -> str:
+    return f"{parts[0]}..{parts[-1]}" if parts else "none"
+
+
+def main(role: str, build: Callable[[Runtime], Any]) -> None:
+    """Entry point of a role script: make the runtime, let `build` wire the role, serve."""
+    try:
+        rt = Runtime(role)
+    except ConfigError as e:
+        print(f"{role}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    build(rt)
+    rt.run()

@@ -1,0 +1,84 @@
+"""Write each node's dataset conf from a dataset json file (EdgeTB's dataset_conf.py).
+
+    python3 dml_tool/dataset_conf.py -d fl_dataset.json [-o DIR]
+
+FILE maps node names to EdgeTB's keys (parts are 1-based, contiguous):
+    {"n1": {"test_len": 10, "test_start_index": 1, "batch_size": 32},
+     "n2": {"train_len": 10, "train_start_index": 1, "batch_size": 32}}
+An optional top-level "defaults" object holds keys every node gets unless its own entry
+sets them. Each node's entry goes to DIR/<node>_dataset.conf (default ROOT/dml_file/conf).
+A relative -d is looked up from the current folder, then from dml_tool/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+try:  # imported as dml_tool.dataset_conf (the controller's --auto mode)
+    from . import conf_utils as cu
+except ImportError:  # run as a script from any folder
+    import conf_utils as cu
+
+DATASET_KEYS = ("train_len", "train_start_index", "test_len", "test_start_index", "batch_size")
+DEFAULTS_KEY = "defaults"
+
+
+def build_confs(dataset: Any, file: str = "dataset.json") -> dict[str, dict[str, int]]:
+    """Check a parsed dataset json and return {node: conf}; ConfError names file and key."""
+    if not isinstance(dataset, dict) or not dataset:
+        raise cu.ConfError(f"{file}: expected an object of node name -> "
+                           "{train_len, train_start_index, test_len, test_start_index, batch_size}")
+    defaults = dataset.get(DEFAULTS_KEY, {})
+    if not isinstance(defaults, dict):
+        raise cu.ConfError(f"{file}: {DEFAULTS_KEY!r} must be an object")
+    _check_entry(defaults, f"{file}: {DEFAULTS_KEY}")
+    confs: dict[str, dict[str, int]] = {}
+    for name, entry in dataset.items():
+        if name == DEFAULTS_KEY:
+            continue
+        where = f"{file}: {name}"
+        cu.check_name(name, file)
+        if not isinstance(entry, dict):
+            raise cu.ConfError(f"{where}: expected an object with {', '.join(DATASET_KEYS)}")
+        conf = {**defaults, **entry}
+        _check_entry(conf, where)
+        if not conf.get("train_len") and not conf.get("test_len"):
+            raise cu.ConfError(f"{where}: neither train_len nor test_len is set: the node gets no data")
+        confs[name] = conf
+    if not confs:
+        raise cu.ConfError(f"{file}: no node entries")
+    return confs
+
+
+def _check_entry(entry: dict, where: str) -> None:
+    cu.check_keys(entry, DATASET_KEYS, where)
+    for key in DATASET_KEYS:
+        if key in entry:
+            cu.get_int(entry, key, where, low=0 if key.endswith("_len") else 1)
+
+
+def write_confs(dataset_json_path: str, out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+    """Read `dataset_json_path`, check it all, then write <node>_dataset.conf files."""
+    confs = build_confs(cu.read_json(dataset_json_path), cu.short(dataset_json_path))
+    return cu.write_confs(out_dir, confs, "dataset")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write <node>_dataset.conf files from a dataset json.")
+    ap.add_argument("-d", "--dataset", required=True, help="dataset json, e.g. fl_dataset.json")
+    ap.add_argument("-o", "--output", default=cu.DEFAULT_CONF_DIR,
+                    help="output folder (default ROOT/dml_file/conf)")
+    a = ap.parse_args(argv)
+    try:
+        paths = write_confs(cu.resolve_input(a.dataset), a.output)
+    except cu.ConfError as e:
+        print(f"dataset_conf.py: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

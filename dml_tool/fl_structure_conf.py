@@ -1,0 +1,130 @@
+"""Write each node's FL structure conf (EdgeTB's fl_structure_conf.py).
+
+    python3 dml_tool/fl_structure_conf.py -s fl_structure.json [-l links.json]
+        [-n node_info.json] [-o DIR]
+
+fl_structure.json: {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": 10},
+{"name": "n2", "epoch": 2}, ...]}; the first node is the aggregator, the others its
+trainers. Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
+the aggregator {"trainer_fraction", "sync", "child_node", "connect"} and each trainer
+{"epoch", "father_node", "connect"}, where `connect` maps every node it has a link to
+(links.json) to its 'ip:port' (node_info.json, written by the controller at start).
+Optional keys pass through: aggregator "seed", "round_timeout_s"; trainer "lr".
+Defaults: -l ROOT/links.json, -n ROOT/node_info.json; a relative path is looked up
+from the current folder, then from dml_tool/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Mapping, Sequence
+
+try:  # imported as dml_tool.fl_structure_conf (the controller's --auto mode)
+    from . import conf_utils as cu
+except ImportError:  # run as a script from any folder
+    import conf_utils as cu
+
+AGGREGATOR_KEYS = ("name", "trainer_fraction", "sync", "seed", "round_timeout_s")
+TRAINER_KEYS = ("name", "epoch", "lr")
+
+
+def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
+                *, file: str = "fl_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the structure against the links and nodes; return {node: structure conf}."""
+    if not isinstance(structure, dict) or not isinstance(structure.get("node_list"), list):
+        raise cu.ConfError(f"{file}: expected {{\"node_list\": [{{\"name\": ..., ...}}, ...]}}")
+    cu.check_keys(structure, ("node_list",), file)
+    node_list = structure["node_list"]
+    if len(node_list) < 2:
+        raise cu.ConfError(f"{file}: node_list needs an aggregator and at least one trainer")
+
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(node_list):
+        where = f"{file}: node_list[{i}]"
+        if not isinstance(entry, dict):
+            raise cu.ConfError(f"{where}: expected an object with 'name'")
+        if "name" not in entry:
+            raise cu.ConfError(f"{where}: missing key 'name'")
+        name = entry["name"]
+        if name in seen:
+            raise cu.ConfError(f"{where} {name!r}: duplicate node (also node_list[{seen[name]}])")
+        if name not in nodes:
+            raise cu.ConfError(f"{where} {name!r}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
+        seen[name] = i
+
+    agg = node_list[0]
+    agg_name = agg["name"]
+    where = f"{file}: node_list[0] {agg_name!r} (aggregator)"
+    cu.check_keys(agg, AGGREGATOR_KEYS, where)
+    agg_conf: dict[str, Any] = {
+        "trainer_fraction": cu.get_number(agg, "trainer_fraction", where, low=0.0, high=1.0, low_open=True),
+        "sync": cu.get_int(agg, "sync", where, low=1),
+        "child_node": [],
+        "connect": cu.connect_map(agg_name, links, nodes),
+    }
+    if "seed" in agg:
+        agg_conf["seed"] = cu.get_int(agg, "seed", where, low=0)
+    if "round_timeout_s" in agg:
+        agg_conf["round_timeout_s"] = cu.get_number(agg, "round_timeout_s", where, low=0.1, high=1e6)
+    confs: dict[str, dict[str, Any]] = {agg_name: agg_conf}
+
+    for i, entry in enumerate(node_list[1:], start=1):
+        name = entry["name"]
+        where = f"{file}: node_list[{i}] {name!r} (trainer)"
+        cu.check_keys(entry, TRAINER_KEYS, where)
+        conf: dict[str, Any] = {
+            "epoch": cu.get_int(entry, "epoch", where, low=1),
+            "father_node": agg_name,
+            "connect": cu.connect_map(name, links, nodes),
+        }
+        if "lr" in entry:
+            conf["lr"] = cu.get_number(entry, "lr", where, low=0.0, high=10.0, low_open=True)
+        # Weights go both ways: the aggregator sends to /train, the trainer uploads to /combine.
+        if agg_name not in conf["connect"]:
+            raise cu.ConfError(f"{links_file}: no link from trainer {name!r} to its aggregator "
+                               f"{agg_name!r} ({where}); add {{\"dest\": \"{agg_name}\", \"bw\": ...}} "
+                               f"under {name!r}")
+        if name not in agg_conf["connect"]:
+            raise cu.ConfError(f"{links_file}: no link from aggregator {agg_name!r} to its trainer "
+                               f"{name!r} ({where}); add {{\"dest\": \"{name}\", \"bw\": ...}} "
+                               f"under {agg_name!r}")
+        agg_conf["child_node"].append(name)
+        confs[name] = conf
+    return confs
+
+
+def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
+                node_info_path: str = cu.DEFAULT_NODE_INFO,
+                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+    """Read the three inputs, check them all, then write <node>_structure.conf files."""
+    nodes = cu.load_node_info(node_info_path)
+    links = cu.load_links(links_path, nodes, nodes_file=cu.short(node_info_path))
+    confs = build_confs(cu.read_json(structure_path), links, nodes,
+                        file=cu.short(structure_path), links_file=cu.short(links_path),
+                        nodes_file=cu.short(node_info_path))
+    return cu.write_confs(out_dir, confs, "structure")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write <node>_structure.conf files for FL.")
+    ap.add_argument("-s", "--structure", required=True, help="structure json, e.g. fl_structure.json")
+    ap.add_argument("-l", "--link", default=cu.DEFAULT_LINKS, help="links json (default ROOT/links.json)")
+    ap.add_argument("-n", "--node", default=cu.DEFAULT_NODE_INFO,
+                    help="node info json (default ROOT/node_info.json)")
+    ap.add_argument("-o", "--output", default=cu.DEFAULT_CONF_DIR,
+                    help="output folder (default ROOT/dml_file/conf)")
+    a = ap.parse_args(argv)
+    try:
+        paths = write_confs(cu.resolve_input(a.structure), cu.resolve_input(a.link),
+                            cu.resolve_input(a.node), a.output)
+    except cu.ConfError as e:
+        print(f"fl_structure_conf.py: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

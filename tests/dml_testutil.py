@@ -1,0 +1,140 @@
+"""Helpers for the node-app tests: real role processes on loopback and a stub controller.
+
+Every process is started in its own session (process group) and stopped by that group;
+callers use these in fixtures or try/finally so nothing outlives a failing test.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DML_APP = ROOT / "dml_app"
+DML_TOOL = ROOT / "dml_tool"
+for p in (DML_APP, DML_TOOL):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import net  # noqa: E402  (dml_app/net.py, found through the path above)
+
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float, what: str, period_s: float = 0.1) -> Any:
+    """Poll `cond` until it returns a truthy value; AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(period_s)
+
+
+class NodeProc:
+    """One role script (`python3 <role>.py`, cwd dml_app) on 127.0.0.1:<port>."""
+
+    def __init__(self, role: str, name: str, *, log_dir: Path, dataset_dir: Path,
+                 ctl_address: str = "", port: int | None = None, token: str = TOKEN,
+                 cpu: str = "1"):
+        self.role, self.name = role, name
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_dir = Path(log_dir)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DML_")}
+        env.update({"EDGE_TB_ID": "1", "NET_NODE_NAME": name, "DML_PORT": str(self.port),
+                    "NET_CTL_ADDRESS": ctl_address, "NET_AGENT_ADDRESS": "",
+                    "EDGE_TB_TOKEN": token, "DML_LOG_DIR": str(log_dir),
+                    "DML_DATASET_DIR": str(dataset_dir), "DML_CPU": cpu,
+                    "PYTHONUNBUFFERED": "1"})
+        self.stderr_path = self.log_dir / f"{name}.stderr"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, f"{role}.py"], cwd=DML_APP, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.address}{path}"
+
+    def call(self, method: str, path: str, **kw) -> Any:
+        kw.setdefault("token", TOKEN)
+        kw.setdefault("timeout_s", 10.0)
+        return net.call(method, self.url(path), **kw)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                self.call("GET", "/hi", timeout_s=1.0)
+                return True
+            except net.HttpError:
+                return False
+        wait_until(up, timeout_s, f"{self.name} to answer /hi", period_s=0.1)
+
+    def output(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM the node's process group, SIGKILL it if it lingers; the exit code."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self._stderr.close()
+        return self.proc.returncode
+
+
+class StubController:
+    """A minimal controller: records /heartbeat bodies and the /finish call."""
+
+    def __init__(self, token: str = TOKEN):
+        from flask import Flask, jsonify, request
+
+        self.heartbeats: list[dict] = []
+        self.finished = threading.Event()
+        app = Flask("stub-controller")
+        net.require_token(app, token)
+
+        @app.post("/heartbeat")
+        def heartbeat():
+            self.heartbeats.append(request.get_json(force=True))
+            return jsonify(ok=True)
+
+        @app.get("/finish")
+        def finish():
+            self.finished.set()
+            return "finish\n"
+
+        self.server = net.Server(app, "127.0.0.1", 0, threads=4).start()
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def close(self) -> None:
+        self.server.close()

@@ -1,0 +1,115 @@
+"""Federated learning through EdgeTB's HTTP workflow on real netns nodes.
+
+The controller and its embedded agent run in this process; the conf tools run as the
+user runs them (CLI processes); every step is an HTTP call to the controller, as with
+curl. One aggregator and three trainers train LeNet-5 on the MNIST subset over shaped
+links, and the aggregator calls /finish by itself at the end.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "dml_tool"))
+
+from controller.manager import Manager  # noqa: E402
+from controller.testbed import Testbed  # noqa: E402
+from dml_app import net  # noqa: E402
+
+NAMES = ["fa1", "ft2", "ft3", "ft4"]
+
+
+class FlManager(Manager):
+    algorithm = "fl"
+
+
+def _etb_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {l.split()[0] for l in out.splitlines() if l.startswith("etb-")}
+
+
+@pytest.fixture
+def fl_testbed(tmp_path):
+    import splitter
+
+    data = tmp_path / "dataset"
+    splitter.split(source="mnist-subset", out=str(data), train_parts=30, test_parts=10,
+                   partition="iid", seed=1)
+    links = {"fa1": [{"dest": n, "bw": "40mbit"} for n in NAMES[1:]],
+             "ft2": [{"dest": "fa1", "bw": "10mbit"}], "ft3": [{"dest": "fa1", "bw": "2mbps"}],
+             "ft4": [{"dest": "fa1", "bw": "20mbit"}]}
+    (tmp_path / "links.json").write_text(json.dumps(links))
+    tb = Testbed("127.0.0.1", str(tmp_path), FlManager, host_port=3340)
+    tb.node_info_path = tmp_path / "node_info.json"
+    emu = tb.add_emulator("emu-fl", "127.0.0.1", cpu=2, ram=4, unit="G", subnet="10.238.0.0/24")
+    app = tb.add_nfs("dml_app", str(ROOT / "dml_app"))
+    ds = tb.add_nfs("dataset", str(data))
+    for name in NAMES:
+        role = "fl_aggregator.py" if name == "fa1" else "fl_trainer.py"
+        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], cpu=0.5,
+                                    ram=1, unit="G", emulator=emu)
+        node.mount_nfs(app, "/home/worker/dml_app")
+        node.mount_nfs(ds, "/home/worker/dataset")
+    tb.load_link("links.json")
+    try:
+        manager = tb.start(serve_forever=False, say=lambda m: None)
+        manager.conf_dir = tmp_path / "conf"
+        manager.runs_dir = tmp_path / "runs"
+        yield tb, manager, tmp_path
+    finally:
+        if tb.manager is not None:
+            tb.manager.close()
+        tb.close()
+    assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})
+
+
+def test_fl_over_the_http_workflow(fl_testbed):
+    tb, manager, tmp = fl_testbed
+    ctl = f"127.0.0.1:{tb.host_port}"
+    (tmp / "fl_dataset.json").write_text(json.dumps({
+        "fa1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
+        **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
+           for i, n in enumerate(NAMES[1:])}}))
+    (tmp / "fl_structure.json").write_text(json.dumps({"node_list": [
+        {"name": "fa1", "trainer_fraction": 1.0, "sync": 5}] + [{"name": n, "epoch": 2} for n in NAMES[1:]]}))
+    for argv in (["dml_tool/dataset_conf.py", "-d", str(tmp / "fl_dataset.json"), "-o", str(tmp / "conf")],
+                 ["dml_tool/fl_structure_conf.py", "-s", str(tmp / "fl_structure.json"), "-l",
+                  str(tmp / "links.json"), "-n", str(tmp / "node_info.json"), "-o", str(tmp / "conf")]):
+        subprocess.run([sys.executable] + argv, cwd=ROOT, check=True, capture_output=True)
+
+    assert set(net.get_json(f"{ctl}/conf/dataset").values()) == {"ok"}
+    assert set(net.get_json(f"{ctl}/conf/structure").values()) == {"ok"}
+    assert "started fa1" in net.call("GET", f"{ctl}/start", params={"root": "fa1"}).text
+
+    deadline = time.monotonic() + 240
+    while not net.get_json(f"{ctl}/status")["finished"]:
+        assert time.monotonic() < deadline, "the aggregator never called /finish"
+        manager.finished.wait(1.0)
+
+    summary = manager.summary
+    accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
+    assert summary["rounds"] == 5 and len(accs) == 5
+    assert accs[-1] >= 0.85, accs
+    assert accs[-1] > accs[0], f"accuracy should rise over the rounds: {accs}"
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text())["algorithm"] == "fl"
+    for name in NAMES:
+        assert (run_dir / f"{name}.log").stat().st_size > 0
+    assert "Aggregate: accuracy=" in (run_dir / "fa1.log").read_text()
+    assert "Train: loss=" in (run_dir / "ft2.log").read_text()
+    for png in ("accuracy.png", "loss.png", "summary.png"):
+        assert (run_dir / png).stat().st_size > 1000
+    # every trainer sent its model to the aggregator each round, over its link
+    assert all(summary["bytes_sent"][n] > 5 * 200_000 for n in NAMES[1:])
+
+    status = net.get_json(f"{ctl}/status")["nodes"]
+    assert status["fa1"]["links"] == 3 and status["ft3"]["links"] == 1
+    assert all(s["last_heartbeat_s"] is not None for s in status.values())
+
+    net.get_json(f"{ctl}/emulated/reset")
+    assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})

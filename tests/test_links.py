@@ -1,0 +1,126 @@
+"""Shaped links measured for real: a real agent, real namespaces and qdiscs, iperf3.
+
+Goodput is compared with the MTU-limited ideal rate * 1448/1514 (TCP payload with
+timestamps per full Ethernet frame, which is what HTB counts).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+import agent_helpers as ah  # noqa: E402
+from dml_app import net  # noqa: E402
+from worker import tc  # noqa: E402
+
+pytestmark = [ah.need_root(), ah.need_iperf3()]
+
+TOLERANCE = 0.03
+SECONDS = 3
+
+agent = ah.agent_fixture()
+
+
+@pytest.fixture(scope="module")
+def net4(agent):
+    """a -> b 10mbit, a -> c 2mbps (16 Mbit/s), a -> d no link, b -> c 5mbit."""
+    dep = ah.plan(4)
+    a, b, c, d = dep.names
+    dep.links = {a: [ah.link(dep, a, b, 10_000_000), ah.link(dep, a, c, 16_000_000)],
+                 b: [ah.link(dep, b, c, 5_000_000)]}
+    with ah.deployed(agent, dep):
+        yield dep
+
+
+def measure(dep, src, dst, seconds=SECONDS):
+    return ah.iperf(dep.ns(src), dep.ns(dst), dep.ip(dst), dep.node(dst)["port"], seconds=seconds)
+
+
+def assert_near(got_bps, rate_bps):
+    ideal = ah.goodput_ideal(rate_bps)
+    assert abs(got_bps / ideal - 1) <= TOLERANCE, \
+        f"goodput {got_bps / 1e6:.3f} Mbit/s vs ideal {ideal / 1e6:.3f} Mbit/s ({got_bps / ideal:.3f})"
+
+
+def test_deploy_reports_links(agent, net4):
+    a, b, c, d = net4.names
+    st = agent.get("/status")["nodes"]
+    assert {n: st[n]["links"] for n in net4.names} == {a: 2, b: 1, c: 0, d: 0}
+    assert all(st[n]["state"] == "running" for n in net4.names)
+
+
+def test_10mbit_link_and_unshaped_destination(net4):
+    a, b, c, d = net4.names
+    shaped = measure(net4, a, b)
+    assert_near(shaped, 10_000_000)
+    unshaped = measure(net4, a, d, seconds=1)
+    assert unshaped >= 10 * shaped, f"a->d without a link: {unshaped / 1e6:.1f} Mbit/s"
+
+
+def test_2mbps_means_two_megabytes_per_second(net4):
+    a, b, c, d = net4.names
+    assert_near(measure(net4, a, c), 16_000_000)
+
+
+def test_update_tc_changes_live_link_without_restarting_apps(agent, net4):
+    a, b, c, d = net4.names
+    pids = {n: ah.cgroup_limits(n)["pids"] for n in net4.names}
+    assert all(pids.values()), f"an app is not in its cgroup: {pids}"
+    assert_near(measure(net4, b, c), 5_000_000)
+
+    answer = agent.post("/update/tc", {"links": {b: [ah.link(net4, b, c, 20_000_000)]}})
+    assert answer == {"nodes": {b: {"links": 1}}}
+    assert_near(measure(net4, b, c), 20_000_000)
+
+    st = agent.get("/status")["nodes"]
+    assert all(st[n]["state"] == "running" for n in net4.names), st
+    assert {n: ah.cgroup_limits(n)["pids"] for n in net4.names} == pids, "an app was restarted"
+    # the other links of the network are untouched
+    assert st[a]["links"] == 2 and st[b]["links"] == 1
+
+
+def test_update_tc_unknown_node_is_refused(agent, net4):
+    with pytest.raises(net.HttpError) as e:
+        agent.post("/update/tc", {"links": {"nosuchnode": []}})
+    assert e.value.status == 400 and "nosuchnode" in e.value.message
+    assert agent.get("/hi")["backends"]
+
+
+def test_delay_is_refused_without_netem(agent, net4):
+    if tc.netem_available():
+        pytest.skip("this kernel has netem; the refusal is for kernels without it")
+    dep = ah.plan(2)
+    x, y = dep.names
+    dep.links = {x: [ah.link(dep, x, y, 10_000_000, delay_us=10_000)]}
+    with pytest.raises(net.HttpError) as e:
+        ah.deploy(agent, dep)
+    assert e.value.status == 422
+    assert "netem not available" in e.value.message
+    ah.assert_clean(dep)                     # nothing of the refused deploy remains
+    st = agent.get("/status")["nodes"]       # and the running network is intact
+    assert set(net4.names) <= set(st) and not set(dep.names) & set(st)
+    assert agent.get("/hi")["backends"]
+
+
+_CONNECT_MS = """
+import socket, sys, time
+best = 1e9
+for _ in range(5):
+    t = time.perf_counter()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    best = min(best, time.perf_counter() - t)
+print(best * 1000)
+"""
+
+
+def test_delay_is_applied_where_netem_exists(agent, net4):
+    if not tc.netem_available():
+        pytest.skip("netem not available")
+    dep = ah.plan(2)
+    x, y = dep.names
+    dep.links = {x: [ah.link(dep, x, y, 100_000_000, delay_us=20_000)]}
+    ah.deploy(agent, dep)
+    ah.wait_listening(dep.ns(y), dep.node(y)["port"])
+    p = ah.ns_run(dep.ns(x), [sys.executable, "-c", _CONNECT_MS, dep.ip(y), str(dep.node(y)["port"])])
+    assert 19 <= float(p.stdout) <= 40, f"connect took {p.stdout.strip()} ms with 20 ms one-way delay"
