@@ -58,17 +58,18 @@ class Manager:
 
     def wait_forever(self) -> None:
         """Serve until Ctrl-C or SIGTERM, then remove everything deployed."""
-        prev = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        stop = lambda *_: self._stop.set()  # noqa: E731
+        # Set both explicitly: a shell starting us in the background ignores SIGINT.
+        prev = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not self._stop.wait(0.5):
                 pass
-        except KeyboardInterrupt:
-            pass
         finally:
-            signal.signal(signal.SIGTERM, prev)
-            print("controller: stopping, removing every node and link", file=sys.stderr)
+            for s, h in prev.items():
+                signal.signal(s, h)
+            print("controller: stopping, removing every node and link", file=sys.stderr, flush=True)
+            self.tb.close()     # nodes first, so no heartbeat arrives at a closing server
             self.close()
-            self.tb.close()
 
     # ------------------------------------------------------------------ node calls
     def _nodes(self):

@@ -18,8 +18,11 @@ its routes and hooks:
     rt.on_start(start)                            # root roles: GET /start runs it in a thread
     rt.run()                                      # serve until SIGTERM
 
-Inside the role: `rt.structure` (dict), `rt.data` (data.NodeData), `rt.set_state()`,
-`rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`.
+Inside the role: `rt.structure` (dict), `rt.data` (node_data.NodeData), `rt.set_state()`,
+`rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`,
+`rt.spawn()`, `rt.log` (a logging.Logger to <name>.log and stderr), `rt.stopping` (an Event).
+States reported in heartbeats and /stats: idle, training, uploading, aggregating,
+finished, error (an exception in a spawned task); roles may add their own.
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
 import net
-from data import DatasetError, NodeData, load_node_data
+from node_data import DatasetError, NodeData, load_node_data
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0
 WEIGHTS_MIME = "application/octet-stream"
+CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what sets each attribute
 
 
 class ConfigError(RuntimeError):
@@ -189,9 +193,9 @@ class Runtime:
         def _start():
             if self._start_fn is None:
                 raise NotFound(f"{self.name}: role {self.role} has no start (it is not a root role)")
-            missing = [n for n in self._start_needs if getattr(self, n) is None]
+            missing = [CONF_ROUTE[n] for n in self._start_needs if getattr(self, n) is None]
             if missing:
-                raise Conflict(f"{self.name}: cannot start before /conf/{' and /conf/'.join(missing)}")
+                raise Conflict(f"{self.name}: cannot start before {' and '.join(missing)}")
             with self._lock:
                 if self._started:
                     raise Conflict(f"{self.name}: already started")
@@ -230,7 +234,7 @@ class Runtime:
                  needs: Iterable[str] = ("structure", "data")) -> Callable[[], Any]:
         """Run `fn` in a background thread on GET /start (once); `needs` must be set first."""
         needs = tuple(needs)
-        unknown = set(needs) - {"structure", "data"}
+        unknown = set(needs) - set(CONF_ROUTE)
         if unknown:
             raise ValueError(f"on_start needs: unknown {sorted(unknown)}; use 'structure', 'data'")
         self._start_fn, self._start_needs = fn, needs

@@ -130,7 +130,7 @@ def test_aggregator_start_needs_confs(env_dirs):
         node.wait_ready()
         with pytest.raises(net.HttpError) as e:
             node.call("GET", "/start")
-        assert e.value.status == 409 and "cannot start before /conf/structure and /conf/data" in e.value.message
+        assert e.value.status == 409 and "cannot start before /conf/structure and /conf/dataset" in e.value.message
         with pytest.raises(net.HttpError) as e:
             node.call("POST", "/conf/dataset", json={"train_len": 1})
         assert e.value.status == 400 and "test parts" in e.value.message
@@ -286,3 +286,16 @@ def test_start_hook_runs_in_the_background_once(tmp_path, keep_torch_threads):
     finally:
         release.set()
         rt.close()
+
+
+def test_part_files_are_never_unpickled(tmp_path):
+    from node_data import DatasetError, load_node_data
+
+    ds = make_dataset(tmp_path / "ds", parts=2, n=4)
+    np.save(ds / "train" / "2_y.npy", np.array([{"x": 1}] * 20, dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetError, match="train part 2 unreadable"):
+        load_node_data(str(ds), {"train_len": 2})
+    data = load_node_data(str(ds), {"train_len": 1, "test_len": 2, "test_start_index": 1, "batch_size": 4})
+    assert (data.train_samples, data.test_samples, data.batch_size) == (4, 8, 4)
+    with pytest.raises(DatasetError, match="meta.json not found"):
+        load_node_data(str(tmp_path / "missing"), {"train_len": 1})

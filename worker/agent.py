@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -50,11 +51,15 @@ class Agent:
         self.tables: dict[str, tc.LinkTable] = {}
         self.runner = nb.Runner()
         self.lock = threading.RLock()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
 
     # -------------------------------------------------------------- persistence
     def _save(self) -> None:
+        if not self.nodes and not self.bridges:
+            # Nothing left: leave no state behind either.
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
@@ -125,7 +130,7 @@ class Agent:
                 for s in specs:
                     if s.name in self.nodes:
                         raise BadRequest(f"node {s.name} is already deployed on this worker")
-                    if not s.nic or not Path(f"/sys/class/net/{s.nic}").exists():
+                    if not s.nic or not nb.link_exists(s.nic):
                         raise BadRequest(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
                     n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
                                 rundir=str(self.state_dir / "nodes" / s.name))
@@ -242,7 +247,6 @@ class Agent:
                     tc.clear(None, n.dev)
                 except Exception as e:  # the NIC may be gone; say so, keep cleaning
                     print(f"agent: clearing tc on {n.dev}: {e}", file=sys.stderr)
-                import shutil
                 shutil.rmtree(n.rundir, ignore_errors=True)
             Cgroup(n.spec.name).remove()
             self.tables.pop(n.spec.name, None)

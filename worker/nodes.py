@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +45,15 @@ def check_name(name: str, what: str = "node name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise NodeError(f"bad {what} {name!r}: use a letter then letters, digits, '-' or '_' (max 32)")
     return name
+
+
+def link_exists(ifname: str) -> bool:
+    """In this process's network namespace (sysfs may show another one's)."""
+    try:
+        socket.if_nametoindex(ifname)
+        return True
+    except OSError:
+        return False
 
 
 def bridge_name(emulator: str) -> str:
@@ -204,7 +214,7 @@ class Runner:
 
 def ensure_bridge(name: str, gateway_cidr: str) -> None:
     """Bridge with the gateway address; idempotent."""
-    if not Path(f"/sys/class/net/{name}").exists():
+    if not link_exists(name):
         _run(["ip", "link", "add", name, "type", "bridge"])
     have = _run(["ip", "-o", "addr", "show", "dev", name]).stdout
     if f" {gateway_cidr} " not in have:
@@ -215,7 +225,7 @@ def ensure_bridge(name: str, gateway_cidr: str) -> None:
 
 def remove_bridge(name: str) -> None:
     _bridge_firewall(name, add=False)
-    if Path(f"/sys/class/net/{name}").exists():
+    if link_exists(name):
         _run(["ip", "link", "del", name], check=False)
 
 
@@ -248,7 +258,7 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
         ns, veth = NS_PREFIX + s.name, f"{VETH_PREFIX}{s.id}"
         if Path(f"/run/netns/{ns}").exists():
             raise NodeError(f"node {s.name}: namespace {ns} already exists (reset first)")
-        if Path(f"/sys/class/net/{veth}").exists():
+        if link_exists(veth):
             # The rollback below removes every veth of this batch: never one we did not make.
             raise NodeError(f"node {s.name}: id {s.id} is taken (host link {veth} already exists)")
         rundir = rundir_base / s.name
@@ -279,7 +289,7 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
 
 
 def remove_netns_node(n: Node) -> None:
-    if n.veth and Path(f"/sys/class/net/{n.veth}").exists():
+    if n.veth and link_exists(n.veth):
         _run(["ip", "link", "del", n.veth], check=False)
     if n.netns and Path(f"/run/netns/{n.netns}").exists():
         _run(["ip", "netns", "del", n.netns], check=False)

