@@ -82,8 +82,8 @@ def test_fl_over_the_http_workflow(fl_testbed):
                   str(tmp / "links.json"), "-n", str(tmp / "node_info.json"), "-o", str(tmp / "conf")]):
         subprocess.run([sys.executable] + argv, cwd=ROOT, check=True, capture_output=True)
 
-    assert set(net.get_json(f"{ctl}/conf/dataset").values()) == {"ok"}
-    assert set(net.get_json(f"{ctl}/conf/structure").values()) == {"ok"}
+    assert set(net.get_json(f"{ctl}/conf/dataset", timeout_s=180).values()) == {"ok"}
+    assert set(net.get_json(f"{ctl}/conf/structure", timeout_s=180).values()) == {"ok"}
     assert "started fa1" in net.call("GET", f"{ctl}/start", params={"root": "fa1"}).text
 
     deadline = time.monotonic() + 240
@@ -110,6 +110,21 @@ def test_fl_over_the_http_workflow(fl_testbed):
     status = net.get_json(f"{ctl}/status")["nodes"]
     assert status["fa1"]["links"] == 3 and status["ft3"]["links"] == 1
     assert all(s["last_heartbeat_s"] is not None for s in status.values())
+
+    # links changed at run time, in place: same app processes, new rate in the kernel
+    before = status["ft2"]
+    links2 = json.loads((tmp / "links.json").read_text())
+    links2["ft2"] = [{"dest": "fa1", "bw": "3mbit"}]
+    links2.pop("ft4")    # the file is the whole network: ft4's link goes away
+    (tmp / "links2.json").write_text(json.dumps(links2))
+    net.get_json(f"{ctl}/update/tc", params={"file": "links2.json"})
+    classes = subprocess.run(["tc", "-n", "etb-ft2", "class", "show", "dev", "eth0"],
+                             capture_output=True, text=True).stdout
+    assert "rate 3Mbit" in classes and "rate 10Mbit" not in classes
+    after = net.get_json(f"{ctl}/status")["nodes"]
+    assert after["ft2"]["app"] == "running" and after["fa1"]["links"] == 3
+    assert after["ft2"]["links"] == 1 and after["ft4"]["links"] == 0
+    assert after["ft2"]["last_heartbeat_s"] is not None and before["ip"] == after["ft2"]["ip"]
 
     net.get_json(f"{ctl}/emulated/reset")
     assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})

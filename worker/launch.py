@@ -22,9 +22,15 @@ def main() -> None:
         for procs in spec.get("cgroup_procs", []):
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
+        spec["host_mnt_ns"] = os.readlink("/proc/self/ns/mnt")
+        me = [sys.executable, os.path.abspath(__file__), "--inside", json.dumps(spec)]
         if spec.get("netns"):
-            me = [sys.executable, os.path.abspath(__file__), "--inside", sys.argv[2]]
             os.execvp("ip", ["ip", "netns", "exec", spec["netns"]] + me)
+        # A physical node stays in the host's network namespace but still gets a mount
+        # namespace of its own, so its binds never touch the host's mount table.
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "slave"] + me)
+    if os.readlink("/proc/self/ns/mnt") == spec.get("host_mnt_ns"):
+        sys.exit("launch.py: refusing to mount in the host's mount namespace")
     # Make sure nothing mounted here propagates back to the host.
     subprocess.run(["mount", "--make-rslave", "/"], check=True)
     for vol in spec.get("binds", []):
