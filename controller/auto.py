@@ -88,23 +88,28 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
 
 
 def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds) -> None:
-    """Print each new aggregate of the root until /finish has run; fail on a dead node."""
+    """Print each new aggregate (of the root, or of every node when there is none) until
+    /finish has run; fail on a node app that died."""
     deadline = time.time() + timeout_s
-    seen = 0
-    node = testbed.all_nodes().get(root) if root else None
+    nodes = testbed.all_nodes()
+    watch = [root] if root else list(nodes)
+    seen = {n: 0 for n in watch}
+    of = f"/{rounds}" if rounds else ""
     while not manager.finished.wait(1.0):
         if time.time() > deadline:
             raise TimeoutError(f"no /finish after {timeout_s:.0f} s")
-        if node is not None:
+        for name in watch:
+            node = nodes[name]
             try:
                 text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.token, timeout_s=10).text
             except net.HttpError:
-                text = ""
+                continue
             recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate"]
-            for r in recs[seen:]:
-                of = f"/{rounds}" if rounds else ""
-                print(f"round {r['round']}{of}: accuracy {r['accuracy']:.4f}", flush=True)
-            seen = max(seen, len(recs))
+            for r in recs[seen[name]:]:
+                who = "" if root else f"{name} "
+                layer = f" (layer {r['layer']})" if "layer" in r else ""
+                print(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}", flush=True)
+            seen[name] = max(seen[name], len(recs))
         dead = [n for n, s in manager.status()["nodes"].items() if s.get("app") == "exited"]
         if dead:
             raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "

@@ -156,6 +156,9 @@ class Manager:
             print(f"controller: finished, logs and plots in {self.run_dir}", flush=True)
             return summary
 
+    def on_heartbeat(self, node: str, state, round_) -> None:
+        """Algorithm managers may act on node states (gossip finishes when all are done)."""
+
     def summarize(self, metrics: dict, wall: float, sent: dict) -> dict:
         """Algorithm managers may override; the base uses the root's aggregate lines."""
         return results.summarize(self.algorithm, metrics, self.root, wall, sent)
@@ -231,6 +234,7 @@ class Manager:
             name = b.get("node")
             if name in self._nodes():
                 self.heartbeats[name] = {"t": time.time(), "state": b.get("state"), "round": b.get("round")}
+                self.on_heartbeat(name, b.get("state"), b.get("round"))
             return "ok\n"
 
         @app.route("/conf/dataset", methods=any_)

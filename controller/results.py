@@ -93,14 +93,20 @@ def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None) -> lis
 
 def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
               wall_seconds: float, bytes_sent: dict[str, int]) -> dict:
-    """summary.json: the root's accuracy per round (or every aggregating node's last)."""
-    aggs = {n: [r for r in recs if r.get("event") == "aggregate" and "accuracy" in r]
+    """summary.json: the root's accuracy per round; with no root (gossip, ring), the
+    mean over the nodes of each round's accuracy, and of their last accuracies."""
+    aggs = {n: [r for r in recs if r.get("event") == "aggregate" and "accuracy" in r and "round" in r]
             for n, recs in metrics.items()}
     aggs = {n: v for n, v in aggs.items() if v}
-    src = root if root in aggs else (max(aggs, key=lambda n: len(aggs[n])) if aggs else None)
-    per_round = [{"round": r["round"], "accuracy": r["accuracy"]} for r in aggs.get(src, [])]
-    final = per_round[-1]["accuracy"] if per_round else None
-    if src is None:  # no aggregator (gossip): mean of every node's last accuracy
+    if root in aggs:
+        per_round = [{"round": r["round"], "accuracy": r["accuracy"]} for r in aggs[root]]
+        final = per_round[-1]["accuracy"] if per_round else None
+    else:
+        by_round: dict[int, list[float]] = {}
+        for recs in aggs.values():
+            for r in recs:
+                by_round.setdefault(r["round"], []).append(r["accuracy"])
+        per_round = [{"round": k, "accuracy": sum(v) / len(v)} for k, v in sorted(by_round.items())]
         finals = [recs[-1]["accuracy"] for recs in aggs.values()]
         final = sum(finals) / len(finals) if finals else None
     return {"algorithm": algorithm,
