@@ -179,7 +179,7 @@ class FlAggregator:
             self._round = None  # late uploads for this round get 409 from now on
         failed = sorted(set(chosen) - set(results))
         if missing:
-            rt.log.warning("round %d: no upload from %s within %.0f s; aggregating the others",
+            rt.log.warning("round %d: no upload from %s within %g s; aggregating the others",
                            r, missing, conf["round_timeout_s"])
 
         rt.set_state("aggregating", r)

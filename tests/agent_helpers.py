@@ -39,6 +39,7 @@ from worker import nodes as nb  # noqa: E402
 
 AGENT = ROOT / "worker" / "agent.py"
 IPERF_PORT = 4444
+MARKER_ENV = "EDGETB_TEST_NODE"   # set in every planned node's env: finds its processes
 TOKEN_HEADER = net.TOKEN_HEADER
 # A different /24 per deployment in this process; the random start keeps two pytest
 # processes on one machine apart too.
@@ -287,7 +288,8 @@ def plan(n: int, *, tag: str | None = None, cmd: list[str] | None = None, cpu: f
     nodes = [{"name": f"{tag}n{i}", "id": base_id + i, "ip": str(network[10 + i]), "port": port,
               "cpu": cpu, "ram_mb": ram_mb,
               "cmd": list(cmd) if cmd is not None else ["iperf3", "-s", "-p", str(port)],
-              "working_dir": "", "volumes": [], "env": {}} for i in range(1, n + 1)]
+              "working_dir": "", "volumes": [], "env": {MARKER_ENV: f"{tag}n{i}"}}
+             for i in range(1, n + 1)]
     emulator = f"{tag}emu"
     return Deployment(emulator=emulator, bridge=nb.bridge_name(emulator), network=network,
                       gateway=str(network[1]), nodes=nodes)
@@ -372,11 +374,16 @@ def unreachable_from(ns: str, ips: list[str], port: int, *, timeout_s: float = 1
 
 
 def iperf(src_ns: str, dst_ns: str, ip: str, port: int = IPERF_PORT, *, seconds: float = 3,
-          omit_s: int = 1, attempts: int = 3) -> float:
+          omit_s: int = 1, rate_hint_bps: float | None = None, attempts: int = 3) -> float:
     """Receiver goodput in bits/s of a TCP iperf3 run from src_ns to ip:port (a server in
-    dst_ns, waited for first). Retries a run the server refused as busy."""
+    dst_ns, waited for first). Retries a run the server refused as busy.
+
+    rate_hint_bps picks the write size (-l, about 5 ms of data): with iperf3's default
+    128 KB the receiver counts in 128 KB reads, a whole second of data at 1 Mbit/s.
+    """
     wait_listening(dst_ns, port)
-    argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-O", str(omit_s), "-J"]
+    blk = 131072 if not rate_hint_bps else int(min(max(rate_hint_bps / 8 * 0.005, 1448), 131072))
+    argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-O", str(omit_s), "-l", str(blk), "-J"]
     last = ""
     for _ in range(attempts):
         p = ns_run(src_ns, argv, timeout_s=seconds + omit_s + 60, check=False)
@@ -444,11 +451,11 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _pids_left(tokens: set[str], seen: dict[int, str]) -> list[str]:
-    """Processes with one of the tests' tokens in their environment (node apps), and
-    processes once seen inside a test namespace that still run."""
+def _pids_left(names: set[str], seen: dict[int, str]) -> list[str]:
+    """Processes whose environment marks them as one of these nodes' (node apps and
+    their children), and processes once seen inside a test namespace that still run."""
     out = []
-    needles = {f"{net.TOKEN_ENV}={t}".encode() for t in tokens}
+    needles = {f"{MARKER_ENV}={n}".encode() for n in names}
     me = os.getpid()
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == me:
@@ -469,8 +476,8 @@ def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[
     """What the testbed still holds of these deployments (empty lists: nothing).
 
     Scoped to the names the test made: namespaces etb-<node>, host veths etbv<id>, the
-    bridges, cgroups edgetb/<node>, iptables rules naming the bridges, processes with the
-    test's token in their environment or inside one of its namespaces.
+    bridges, cgroups edgetb/<node>, iptables rules naming the bridges, processes marked
+    with a node's name in their environment or once seen inside one of its namespaces.
     """
     names = [n for d in deps for n in d.names] + list(extra_names)
     bridges = {d.bridge for d in deps}
@@ -478,7 +485,6 @@ def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[
     seen = {pid: st for d in deps for pid, st in d.pids.items()}
     nets = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     links = _all_links()
-    tokens = {d.token for d in deps if d.token}
     state_dirs = [p for p in Path("/run/edgetb").glob("agent-*/nodes/*") if p.name in names] \
         if Path("/run/edgetb").is_dir() else []
     return {
@@ -486,7 +492,7 @@ def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[
         "links": sorted((veths | bridges) & links),
         "cgroups": sorted(str(p) for n in names for p in _cgroup_dirs(n) if p.exists()),
         "iptables": [r for r in _iptables_rules() if any(b in r for b in bridges)],
-        "processes": _pids_left(tokens, seen),
+        "processes": _pids_left(set(names), seen),
         "rundirs": sorted(str(p) for p in state_dirs),
     }
 

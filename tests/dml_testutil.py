@@ -6,14 +6,18 @@ callers use these in fixtures or try/finally so nothing outlives a failing test.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DML_APP = ROOT / "dml_app"
@@ -25,6 +29,25 @@ for p in (DML_APP, DML_TOOL):
 import net  # noqa: E402  (dml_app/net.py, found through the path above)
 
 TOKEN = "test-token-0123456789"
+
+
+def _scratch_dir(prefix: str) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A temporary folder removed after the test, failed or not (pytest's tmp_path is kept)."""
+    yield from _scratch_dir("edgetb-test-")
+
+
+@pytest.fixture(scope="module")
+def module_scratch() -> Iterator[Path]:
+    yield from _scratch_dir("edgetb-test-")
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dml_testutil import DML_TOOL
+from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
 import conf_utils as cu
 import dataset_conf
 import fl_structure_conf
@@ -36,15 +36,15 @@ def structure(sync=10) -> dict:
 
 
 @pytest.fixture
-def files(tmp_path):
+def files(scratch):
     def write(name: str, obj) -> str:
-        p = tmp_path / name
+        p = scratch / name
         p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
         return str(p)
     write("node_info.json", node_info())
     write("links.json", star_links())
     write("fl_structure.json", structure())
-    write.dir = tmp_path
+    write.dir = scratch
     return write
 
 
@@ -177,25 +177,25 @@ def test_structure_cli(files):
 
 # ----------------------------------------------------------------------------- dataset
 
-def test_dataset_confs_written_per_node_with_defaults(tmp_path):
-    src = tmp_path / "ds.json"
+def test_dataset_confs_written_per_node_with_defaults(scratch):
+    src = scratch / "ds.json"
     src.write_text(json.dumps({"defaults": {"batch_size": 16},
                                "n1": {"test_len": 10, "test_start_index": 1},
                                "n2": {"train_len": 5, "train_start_index": 6, "batch_size": 64}}))
-    paths = dataset_conf.write_confs(str(src), str(tmp_path / "conf"))
+    paths = dataset_conf.write_confs(str(src), str(scratch / "conf"))
     assert [Path(p).name for p in paths] == ["n1_dataset.conf", "n2_dataset.conf"]
     assert json.loads(Path(paths[0]).read_text()) == {"batch_size": 16, "test_len": 10, "test_start_index": 1}
     assert json.loads(Path(paths[1]).read_text())["batch_size"] == 64
 
 
-def test_edgetb_dataset_format_unchanged(tmp_path):
+def test_edgetb_dataset_format_unchanged(scratch):
     # The entries of EdgeTB's documentation, as they are.
-    src = tmp_path / "dataset.json"
+    src = scratch / "dataset.json"
     src.write_text('{"n1": {"test_len": 100, "test_start_index": 1, "batch_size": 32},\n'
                    ' "n2": {"train_len": 10, "train_start_index": 21, "batch_size": 16},\n'
                    ' "n3": {"test_len": 5, "test_start_index": 1, "train_len": 20, '
                    '"train_start_index": 3, "batch_size": 64}}')
-    paths = dataset_conf.write_confs(str(src), str(tmp_path / "conf"))
+    paths = dataset_conf.write_confs(str(src), str(scratch / "conf"))
     assert json.loads(Path(paths[2]).read_text())["train_start_index"] == 3
 
 
@@ -210,35 +210,35 @@ def test_edgetb_dataset_format_unchanged(tmp_path):
     ({"n1": [1]}, r"ds.json: n1: expected an object"),
     ({}, r"expected an object of node name"),
 ])
-def test_dataset_errors(tmp_path, body, message):
-    src = tmp_path / "ds.json"
+def test_dataset_errors(scratch, body, message):
+    src = scratch / "ds.json"
     src.write_text(json.dumps(body))
     with pytest.raises(cu.ConfError, match=message):
-        dataset_conf.write_confs(str(src), str(tmp_path / "conf"))
-    assert not (tmp_path / "conf").exists()
+        dataset_conf.write_confs(str(src), str(scratch / "conf"))
+    assert not (scratch / "conf").exists()
 
 
-def test_dataset_cli_finds_file_next_to_the_tool(tmp_path):
+def test_dataset_cli_finds_file_next_to_the_tool(scratch):
     r = subprocess.run([sys.executable, str(DML_TOOL / "dataset_conf.py"), "-d", "fl_dataset.json",
-                        "-o", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                        "-o", str(scratch)], cwd=scratch, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n}_dataset.conf" for n in NODES]
+    assert sorted(p.name for p in scratch.iterdir()) == [f"{n}_dataset.conf" for n in NODES]
     r = subprocess.run([sys.executable, str(DML_TOOL / "dataset_conf.py"), "-d", "nope.json"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                       cwd=scratch, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nope.json: no such file" in r.stderr
 
 
 # ----------------------------------------------------------------------------- the shipped examples
 
-def test_default_experiment_examples(tmp_path):
+def test_default_experiment_examples(scratch):
     """n1 tests on parts 1..10; n2..n5 train on 10 disjoint parts each of 40; fraction 1.0."""
     ds = dataset_conf.build_confs(cu.read_json(str(DML_TOOL / "fl_dataset.json")))
     assert ds["n1"]["test_len"] == 10 and ds["n1"]["test_start_index"] == 1
     spans = sorted((ds[n]["train_start_index"], ds[n]["train_len"]) for n in NODES[1:])
     assert spans == [(1, 10), (11, 10), (21, 10), (31, 10)]
-    (tmp_path / "node_info.json").write_text(json.dumps(node_info()))
-    (tmp_path / "links.json").write_text(json.dumps(star_links()))
-    paths = fl_structure_conf.write_confs(str(DML_TOOL / "fl_structure.json"), str(tmp_path / "links.json"),
-                                          str(tmp_path / "node_info.json"), str(tmp_path / "conf"))
+    (scratch / "node_info.json").write_text(json.dumps(node_info()))
+    (scratch / "links.json").write_text(json.dumps(star_links()))
+    paths = fl_structure_conf.write_confs(str(DML_TOOL / "fl_structure.json"), str(scratch / "links.json"),
+                                          str(scratch / "node_info.json"), str(scratch / "conf"))
     agg = json.loads(Path(paths[0]).read_text())
     assert agg["trainer_fraction"] == 1.0 and agg["child_node"] == NODES[1:]

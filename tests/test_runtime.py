@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dml_testutil import TOKEN, NodeProc, StubController, wait_until
+from dml_testutil import TOKEN, NodeProc, StubController, scratch, wait_until  # noqa: F401
 import net
 import runtime
 from runtime import ConfigError, Runtime
@@ -33,8 +33,8 @@ def make_dataset(root: Path, name: str = "mnist-synthetic", parts: int = 4, n: i
 
 
 @pytest.fixture
-def env_dirs(tmp_path):
-    return tmp_path / "log", make_dataset(tmp_path / "dataset")
+def env_dirs(scratch):
+    return scratch / "log", make_dataset(scratch / "dataset")
 
 
 @pytest.fixture
@@ -160,9 +160,9 @@ def test_heartbeats_reach_the_controller_and_sigterm_exits_cleanly(env_dirs):
 
 # ----------------------------------------------------------------------------- in process
 
-def _env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
+def _env(scratch: Path, name: str, **extra: str) -> dict[str, str]:
     env = {"NET_NODE_NAME": name, "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0", "EDGE_TB_ID": "7",
-           "DML_LOG_DIR": str(tmp_path / "log"), "DML_DATASET_DIR": str(tmp_path / "ds")}
+           "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")}
     env.update(extra)
     return env
 
@@ -174,14 +174,14 @@ def keep_torch_threads():
     torch.set_num_threads(n)
 
 
-def test_env_is_read_and_checked(tmp_path, keep_torch_threads):
-    rt = Runtime("r", env=_env(tmp_path, "a1", DML_CPU="2.7", NET_CTL_ADDRESS="127.0.0.1:3333"))
+def test_env_is_read_and_checked(scratch, keep_torch_threads):
+    rt = Runtime("r", env=_env(scratch, "a1", DML_CPU="2.7", NET_CTL_ADDRESS="127.0.0.1:3333"))
     try:
         assert (rt.name, rt.port, rt.testbed_id, rt.ctl_address) == ("a1", 0, "7", "127.0.0.1:3333")
         assert rt.torch_threads == 2 and torch.get_num_threads() == 2
     finally:
         rt.close()
-    rt = Runtime("r", env=_env(tmp_path, "a2", DML_CPU="0.5"))
+    rt = Runtime("r", env=_env(scratch, "a2", DML_CPU="0.5"))
     assert rt.torch_threads == 1
     rt.close()
     for bad, message in (({"EDGE_TB_TOKEN": ""}, "EDGE_TB_TOKEN is not set"),
@@ -189,20 +189,20 @@ def test_env_is_read_and_checked(tmp_path, keep_torch_threads):
                          ({"DML_CPU": "-1"}, "DML_CPU='-1'"),
                          ({"NET_NODE_NAME": "../etc"}, "NET_NODE_NAME='../etc'")):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            Runtime("r", env={**_env(tmp_path, "a3"), **bad})
+            Runtime("r", env={**_env(scratch, "a3"), **bad})
 
 
-def test_edgetb_log_lines_and_metrics(tmp_path, keep_torch_threads):
-    rt = Runtime("r", env=_env(tmp_path, "m1"))
+def test_edgetb_log_lines_and_metrics(scratch, keep_torch_threads):
+    rt = Runtime("r", env=_env(scratch, "m1"))
     try:
         rt.log_train(0.123456, 3)
         rt.log_aggregate(0.9, 3)
         rt.log_aggregate(0.75, 4, layer=2)
-        log = (tmp_path / "log" / "m1.log").read_text()
+        log = (scratch / "log" / "m1.log").read_text()
         assert re.search(r" INFO Train: loss=0\.1235, round=3,$", log, re.M)
         assert re.search(r" INFO Aggregate: accuracy=0\.9000, round=3,$", log, re.M)
         assert re.search(r" INFO Aggregate: accuracy=0\.7500, round=4, layer=2,$", log, re.M)
-        recs = [json.loads(l) for l in (tmp_path / "log" / "m1.metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(l) for l in (scratch / "log" / "m1.metrics.jsonl").read_text().splitlines()]
         assert [(r["event"], r["round"]) for r in recs] == [("train", 3), ("aggregate", 3), ("aggregate", 4)]
         assert recs[0]["loss"] == 0.123456 and recs[1]["accuracy"] == 0.9 and recs[2]["layer"] == 2
         assert all(r["node"] == "m1" and isinstance(r["t"], float) for r in recs)
@@ -214,9 +214,9 @@ def test_edgetb_log_lines_and_metrics(tmp_path, keep_torch_threads):
         rt.close()
 
 
-def test_send_and_receive_weights_count_bytes(tmp_path, keep_torch_threads):
-    a = Runtime("sender", env=_env(tmp_path, "s1"))
-    b = Runtime("receiver", env=_env(tmp_path, "s2"))
+def test_send_and_receive_weights_count_bytes(scratch, keep_torch_threads):
+    a = Runtime("sender", env=_env(scratch, "s1"))
+    b = Runtime("receiver", env=_env(scratch, "s2"))
     got: dict = {}
 
     @b.route("/take", methods=["POST"])
@@ -241,7 +241,7 @@ def test_send_and_receive_weights_count_bytes(tmp_path, keep_torch_threads):
         b.close()
 
 
-def test_heartbeat_failures_are_logged_once(tmp_path, monkeypatch, keep_torch_threads):
+def test_heartbeat_failures_are_logged_once(scratch, monkeypatch, keep_torch_threads):
     """The controller answers 503 five times, then 200: one warning, one recovery line."""
     from flask import Flask
 
@@ -255,11 +255,11 @@ def test_heartbeat_failures_are_logged_once(tmp_path, monkeypatch, keep_torch_th
         return ("busy", 503) if len(calls) <= 5 else "ok"
 
     ctl = net.Server(app, "127.0.0.1", 0).start()
-    rt = Runtime("r", env=_env(tmp_path, "h1", NET_CTL_ADDRESS=f"127.0.0.1:{ctl.port}"))
+    rt = Runtime("r", env=_env(scratch, "h1", NET_CTL_ADDRESS=f"127.0.0.1:{ctl.port}"))
     try:
         rt.start_serving("127.0.0.1")
         wait_until(lambda: len(calls) >= 8, 10, "8 heartbeats")
-        log = (tmp_path / "log" / "h1.log").read_text()
+        log = (scratch / "log" / "h1.log").read_text()
         assert log.count("heartbeat failed") == 1
         assert log.count("heartbeats reach the controller again") == 1
     finally:
@@ -267,8 +267,8 @@ def test_heartbeat_failures_are_logged_once(tmp_path, monkeypatch, keep_torch_th
         ctl.close()
 
 
-def test_start_hook_runs_in_the_background_once(tmp_path, keep_torch_threads):
-    rt = Runtime("root", env=_env(tmp_path, "r1"))
+def test_start_hook_runs_in_the_background_once(scratch, keep_torch_threads):
+    rt = Runtime("root", env=_env(scratch, "r1"))
     release, ran = threading.Event(), threading.Event()
 
     def start() -> None:
@@ -288,14 +288,14 @@ def test_start_hook_runs_in_the_background_once(tmp_path, keep_torch_threads):
         rt.close()
 
 
-def test_part_files_are_never_unpickled(tmp_path):
+def test_part_files_are_never_unpickled(scratch):
     from node_data import DatasetError, load_node_data
 
-    ds = make_dataset(tmp_path / "ds", parts=2, n=4)
+    ds = make_dataset(scratch / "ds", parts=2, n=4)
     np.save(ds / "train" / "2_y.npy", np.array([{"x": 1}] * 20, dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match="train part 2 unreadable"):
         load_node_data(str(ds), {"train_len": 2})
     data = load_node_data(str(ds), {"train_len": 1, "test_len": 2, "test_start_index": 1, "batch_size": 4})
     assert (data.train_samples, data.test_samples, data.batch_size) == (4, 8, 4)
     with pytest.raises(DatasetError, match="meta.json not found"):
-        load_node_data(str(tmp_path / "missing"), {"train_len": 1})
+        load_node_data(str(scratch / "missing"), {"train_len": 1})

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dml_testutil import DML_TOOL
-import splitter
+from dml_testutil import DML_TOOL, module_scratch, scratch  # noqa: F401  (fixtures)
 from splitter import SplitError, parse_partition, partition_dirichlet, partition_iid, partition_shards, split
 
 
@@ -104,8 +103,8 @@ def test_bad_partition_spec(spec, message):
 # ----------------------------------------------------------------------------- split() on real data
 
 @pytest.fixture(scope="module")
-def subset_split(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds")
+def subset_split(module_scratch):
+    out = module_scratch
     meta = split("mnist-subset", str(out), train_parts=40, test_parts=10, partition="iid", seed=0)
     return out, meta
 
@@ -139,17 +138,17 @@ def test_train_and_test_images_are_disjoint(subset_split):
     assert len(tr & te) <= 2
 
 
-def test_same_seed_same_files_and_stale_parts_removed(subset_split, tmp_path):
+def test_same_seed_same_files_and_stale_parts_removed(subset_split, scratch):
     out, _ = subset_split
-    split("mnist-subset", str(tmp_path), train_parts=40, test_parts=10, seed=0)
+    split("mnist-subset", str(scratch), train_parts=40, test_parts=10, seed=0)
     for i in (1, 17, 40):
         for s in ("x", "y"):
-            assert (tmp_path / "train" / f"{i}_{s}.npy").read_bytes() == (out / "train" / f"{i}_{s}.npy").read_bytes()
-    split("mnist-subset", str(tmp_path), train_parts=8, test_parts=2, seed=1, partition="shards:2")
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == sorted(
+            assert (scratch / "train" / f"{i}_{s}.npy").read_bytes() == (out / "train" / f"{i}_{s}.npy").read_bytes()
+    split("mnist-subset", str(scratch), train_parts=8, test_parts=2, seed=1, partition="shards:2")
+    assert sorted(p.name for p in (scratch / "train").iterdir()) == sorted(
         f"{i}_{s}.npy" for i in range(1, 9) for s in "xy")
-    assert not (tmp_path / "test" / "3_x.npy").exists()
-    y1 = np.load(tmp_path / "train" / "1_y.npy", allow_pickle=False)
+    assert not (scratch / "test" / "3_x.npy").exists()
+    y1 = np.load(scratch / "train" / "1_y.npy", allow_pickle=False)
     assert len(np.unique(y1)) <= 4
 
 
@@ -163,8 +162,8 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
         path.write_bytes(data)
 
 
-def test_idx_source_uses_its_own_test_files(tmp_path):
-    src = tmp_path / "fashion"
+def test_idx_source_uses_its_own_test_files(scratch):
+    src = scratch / "fashion"
     src.mkdir()
     rng = np.random.default_rng(0)
     xtr, ytr = rng.integers(0, 256, (300, 28, 28)), np.repeat(np.arange(10), 30)
@@ -173,7 +172,7 @@ def test_idx_source_uses_its_own_test_files(tmp_path):
     write_idx(src / "train-labels-idx1-ubyte.gz", ytr)
     write_idx(src / "t10k-images-idx3-ubyte", xte)
     write_idx(src / "t10k-labels-idx1-ubyte", yte)
-    out = tmp_path / "out"
+    out = scratch / "out"
     meta = split(f"fashion:{src}", str(out), train_parts=6, test_parts=5, partition="dirichlet:0.5")
     assert meta["name"] == "fashion-mnist"
     assert meta["train_samples"] == 300 and meta["test_samples"] == 50
@@ -183,28 +182,28 @@ def test_idx_source_uses_its_own_test_files(tmp_path):
     assert total == 300
 
 
-def test_idx_errors_name_the_file(tmp_path):
+def test_idx_errors_name_the_file(scratch):
     with pytest.raises(SplitError, match="no such directory"):
-        split(f"mnist:{tmp_path / 'nope'}", str(tmp_path / "o"))
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04garbage")
-    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3))
+        split(f"mnist:{scratch / 'nope'}", str(scratch / "o"))
+    (scratch / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04garbage")
+    write_idx(scratch / "train-labels-idx1-ubyte", np.zeros(3))
     with pytest.raises(SplitError, match="train-images-idx3-ubyte: not an IDX file"):
-        split(f"mnist:{tmp_path}", str(tmp_path / "o"))
+        split(f"mnist:{scratch}", str(scratch / "o"))
     with pytest.raises(SplitError, match="expected mnist-subset, mnist:DIR or fashion:DIR"):
-        split("cifar:/x", str(tmp_path / "o"))
+        split("cifar:/x", str(scratch / "o"))
 
 
-def test_cli_errors_are_clear_and_exit_2(tmp_path):
+def test_cli_errors_are_clear_and_exit_2(scratch):
     for args, message in ((["--partition", "shards:zero"], "K must be a positive integer"),
                           (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
                           (["--train-parts", "0"], "--train-parts and --test-parts must be >= 1")):
-        r = subprocess.run([sys.executable, str(DML_TOOL / "splitter.py"), "--out", str(tmp_path), *args],
+        r = subprocess.run([sys.executable, str(DML_TOOL / "splitter.py"), "--out", str(scratch), *args],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr
         assert "Traceback" not in r.stderr
 
 
-def test_too_many_shards(tmp_path):
+def test_too_many_shards(scratch):
     with pytest.raises(SplitError, match="shards"):
         partition_shards(labels(1), 10, 2, np.random.default_rng(0))

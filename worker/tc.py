@@ -212,12 +212,60 @@ def change(table: LinkTable, links: list[Link]) -> None:
     run_batch(table.netns, change_lines(table, links))
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+def _netlink_fd_in(netns: str) -> int:
+    """A NETLINK_ROUTE socket opened inside the named namespace, without forking.
+
+    pyroute2's `IPRoute(netns=...)` forks a child to enter the namespace; forked from the
+    agent (a process with many threads) that child can deadlock on a lock another thread
+    held at fork time. setns(2) moves only the calling thread, so a short-lived thread
+    joins the namespace, opens the socket (which stays in that namespace) and ends.
+    """
+    import ctypes
+    import os
+    import socket
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            out["err"] = TcError(f"no namespace {netns}: {e.strerror}")
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                out["err"] = TcError(f"cannot enter namespace {netns}: {os.strerror(err)}")
+                return
+            out["fd"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE).detach()
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            out["err"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run, name=f"netns:{netns}", daemon=True)
+    t.start()
+    t.join()
+    if "err" in out:
+        raise out["err"]
+    return out["fd"]
+
+
+def _ipr(netns: str | None):
+    from pyroute2 import IPRoute
+
+    return IPRoute(fileno=_netlink_fd_in(netns)) if netns else IPRoute()
+
+
 def clear(netns: str | None, dev: str) -> None:
     """Remove the root qdisc (and so every class and filter); fine if there is none."""
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with _ipr(netns) as ipr:
         idx = ipr.link_lookup(ifname=dev)
         if not idx:
             return
@@ -230,9 +278,7 @@ def clear(netns: str | None, dev: str) -> None:
 
 def read_back(netns: str | None, dev: str) -> dict:
     """Count what the kernel holds on dev: shaped classes and u32 filters, via netlink."""
-    from pyroute2 import IPRoute
-
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with _ipr(netns) as ipr:
         idx = ipr.link_lookup(ifname=dev)
         if not idx:
             raise TcError(f"no device {dev} in {netns or 'host'}")
