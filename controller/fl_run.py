@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller import auto  # noqa: E402
 from controller.manager import Manager  # noqa: E402
-from controller.testbed import default_testbed  # noqa: E402
+from controller.testbed import single_machine  # noqa: E402
 
 
 class FlManager(Manager):
@@ -25,18 +25,9 @@ class FlManager(Manager):
 
 
 def build(port: int = 3333, links: str = "links.json"):
-    testbed = default_testbed(ip="127.0.0.1", dir_name=str(ROOT), manager_class=FlManager, host_port=port)
-    nfs_app = testbed.add_nfs(tag="dml_app", path=str(ROOT / "dml_app"))
-    nfs_dataset = testbed.add_nfs(tag="dataset", path=str(ROOT / "dataset"))
-    emu = testbed.add_emulator("emulator-1", "127.0.0.1", cpu=2, ram=6, unit="G")
+    """n1 aggregates, n2..n5 train (see controller/testbed.py:single_machine)."""
     roles = [("n1", "fl_aggregator.py")] + [(f"n{i}", "fl_trainer.py") for i in range(2, 6)]
-    for name, role in roles:
-        node = testbed.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], "dml:v1.0",
-                                         cpu=0.4, ram=1, unit="G", emulator=emu)
-        node.mount_nfs(nfs_app, "/home/worker/dml_app")
-        node.mount_nfs(nfs_dataset, "/home/worker/dataset")
-    testbed.load_link(links)
-    return testbed
+    return single_machine(FlManager, roles, port=port, links=links)
 
 
 def main() -> int:

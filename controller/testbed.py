@@ -473,3 +473,23 @@ def default_testbed(ip: str, dir_name: str, manager_class, host_port: int = 3333
     """A testbed whose controller is `ip` (EdgeTB's default_testbed)."""
     return Testbed(ip, dir_name, manager_class, host_port=host_port, **kw)
 
+
+def single_machine(manager_class, roles: list[tuple[str, str]], *, port: int = 3333,
+                   links: str = "links.json", cpu: float = 2, ram_gb: float = 6) -> Testbed:
+    """The embedded default: one netns emulator on this machine, one node per
+    (name, role script), dml_app/ and dataset/ shared at EdgeTB's node paths, the cpu
+    split evenly between the nodes. Every run script builds its testbed this way."""
+    testbed = default_testbed(ip="127.0.0.1", dir_name=str(ROOT), manager_class=manager_class, host_port=port)
+    nfs_app = testbed.add_nfs(tag="dml_app", path=str(ROOT / "dml_app"))
+    nfs_dataset = testbed.add_nfs(tag="dataset", path=str(ROOT / "dataset"))
+    emu = testbed.add_emulator("emulator-1", "127.0.0.1", cpu=cpu, ram=ram_gb, unit="G")
+    share = round(cpu / max(1, len(roles)), 3)
+    ram_mb = min(1024, int(ram_gb * 1024 / max(1, len(roles))))
+    for name, role in roles:
+        node = testbed.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], "dml:v1.0",
+                                         cpu=share, ram=ram_mb, unit="M", emulator=emu)
+        node.mount_nfs(nfs_app, "/home/worker/dml_app")
+        node.mount_nfs(nfs_dataset, "/home/worker/dataset")
+    testbed.load_link(links)
+    return testbed
+

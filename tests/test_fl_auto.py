@@ -19,7 +19,7 @@ def test_fl_run_auto_end_to_end():
     out = p.stdout
     assert p.returncode == 0, f"exit {p.returncode}\n{out[-3000:]}\n{p.stderr[-3000:]}"
     # progress as it happens
-    assert "5 node(s) up" in out and "8 link(s) in place" in out
+    assert "5 node(s) up" in out and "12 link(s) in place" in out
     assert out.index("tc finish") < out.index("started n1")
     assert re.search(r"round 1/\d+: accuracy", out)
     run_dir = Path(re.search(r"logs, plots and summary.json in (\S+)", out).group(1))
