@@ -77,6 +77,9 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         say("")
         say(results.table(summary))
         say(f"logs, plots and summary.json in {summary['run_dir']}")
+        if summary.get("error"):  # a manager that ended the run itself says why it failed
+            print(f"error: {summary['error']}", file=sys.stderr)
+            return 1
         return 0
     except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,6 +88,27 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         testbed.close()     # nodes first, so no heartbeat arrives at a closing server
         manager.close()
         say("reset: every node and link removed")
+
+
+def script_main(build, *, algorithm: str, root: str | None, description: str) -> int:
+    """The main() of a run script <algorithm>_run.py. Without --auto: deploy and serve, for
+    EdgeTB's step-by-step workflow. With --auto: the whole workflow on the shipped
+    dml_tool/<algorithm>_dataset.json and <algorithm>_structure.json, the confs written by
+    dml_tool/<algorithm>_structure_conf.py. `build(port, links)` makes the testbed."""
+    args = common_args(description).parse_args()
+    testbed = build(args.port, args.links)
+    if not args.auto:
+        try:
+            testbed.start()
+        except (DefinitionError, DeployError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    conf_tool = tool(f"{algorithm}_structure_conf")
+    return run(testbed, root=root, dataset_json=DML_TOOL / f"{algorithm}_dataset.json", timeout_s=args.timeout,
+               write_structure=lambda: conf_tool.write_confs(
+                   str(DML_TOOL / f"{algorithm}_structure.json"), str(testbed.links_file),
+                   str(testbed.node_info_path), str(ROOT / "dml_file" / "conf")))
 
 
 def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds) -> None:

@@ -6,12 +6,14 @@ All checks run before any file is written, so a bad input leaves no half-written
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 TOOL_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOL_DIR)
@@ -201,3 +203,37 @@ def write_confs(out_dir: str, confs: Mapping[str, Mapping[str, Any]], kind: str)
             raise
         paths.append(path)
     return paths
+
+
+def write_structure_confs(structure_path: str, links_path: str, node_info_path: str, out_dir: str,
+                          build: Callable[..., Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """The body of every <alg>_structure_conf.py: read node_info.json, links.json and the
+    structure json, let `build(structure, links, nodes, file=, links_file=, nodes_file=)`
+    check them all and make {node: conf}, then write <node>_structure.conf files."""
+    nodes = load_node_info(node_info_path)
+    links = load_links(links_path, nodes, nodes_file=short(node_info_path))
+    confs = build(read_json(structure_path), links, nodes, file=short(structure_path),
+                  links_file=short(links_path), nodes_file=short(node_info_path))
+    return write_confs(out_dir, confs, "structure")
+
+
+def structure_tool_main(argv: Sequence[str] | None, *, prog: str, algorithm: str,
+                        write: Callable[[str, str, str, str], list[str]]) -> int:
+    """The command line of every <alg>_structure_conf.py (-s, -l, -n, -o); `write` is the
+    tool's write_confs(structure, links, node_info, out_dir). Exit 2 with the ConfError."""
+    ap = argparse.ArgumentParser(prog=prog, description=f"Write <node>_structure.conf files for {algorithm}.")
+    ap.add_argument("-s", "--structure", required=True, help="structure json, e.g. " + prog.replace("_conf.py", ".json"))
+    ap.add_argument("-l", "--link", default=DEFAULT_LINKS, help="links json (default ROOT/links.json)")
+    ap.add_argument("-n", "--node", default=DEFAULT_NODE_INFO,
+                    help="node info json (default ROOT/node_info.json)")
+    ap.add_argument("-o", "--output", default=DEFAULT_CONF_DIR,
+                    help="output folder (default ROOT/dml_file/conf)")
+    a = ap.parse_args(argv)
+    try:
+        paths = write(resolve_input(a.structure), resolve_input(a.link), resolve_input(a.node), a.output)
+    except ConfError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0

@@ -15,7 +15,6 @@ from the current folder, then from dml_tool/.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -98,32 +97,11 @@ def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
                 node_info_path: str = cu.DEFAULT_NODE_INFO,
                 out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
     """Read the three inputs, check them all, then write <node>_structure.conf files."""
-    nodes = cu.load_node_info(node_info_path)
-    links = cu.load_links(links_path, nodes, nodes_file=cu.short(node_info_path))
-    confs = build_confs(cu.read_json(structure_path), links, nodes,
-                        file=cu.short(structure_path), links_file=cu.short(links_path),
-                        nodes_file=cu.short(node_info_path))
-    return cu.write_confs(out_dir, confs, "structure")
+    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write <node>_structure.conf files for FL.")
-    ap.add_argument("-s", "--structure", required=True, help="structure json, e.g. fl_structure.json")
-    ap.add_argument("-l", "--link", default=cu.DEFAULT_LINKS, help="links json (default ROOT/links.json)")
-    ap.add_argument("-n", "--node", default=cu.DEFAULT_NODE_INFO,
-                    help="node info json (default ROOT/node_info.json)")
-    ap.add_argument("-o", "--output", default=cu.DEFAULT_CONF_DIR,
-                    help="output folder (default ROOT/dml_file/conf)")
-    a = ap.parse_args(argv)
-    try:
-        paths = write_confs(cu.resolve_input(a.structure), cu.resolve_input(a.link),
-                            cu.resolve_input(a.node), a.output)
-    except cu.ConfError as e:
-        print(f"fl_structure_conf.py: error: {e}", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(p)
-    return 0
+    return cu.structure_tool_main(argv, prog="fl_structure_conf.py", algorithm="FL", write=write_confs)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 import agent_helpers as ah  # noqa: E402
 from dml_app import net  # noqa: E402
-from worker import tc  # noqa: E402
+from worker import tc, units  # noqa: E402
 
 pytestmark = [ah.need_root(), ah.need_iperf3()]
 
@@ -27,8 +27,9 @@ def net4(agent):
     """a -> b 10mbit, a -> c 2mbps (16 Mbit/s), a -> d no link, b -> c 5mbit."""
     dep = ah.plan(4)
     a, b, c, d = dep.names
-    dep.links = {a: [ah.link(dep, a, b, 10_000_000), ah.link(dep, a, c, 16_000_000)],
-                 b: [ah.link(dep, b, c, 5_000_000)]}
+    dep.links = {a: [ah.link(dep, a, b, units.parse_rate("10mbit")),
+                     ah.link(dep, a, c, units.parse_rate("2mbps"))],
+                 b: [ah.link(dep, b, c, units.parse_rate("5mbit"))]}
     with ah.deployed(agent, dep):
         yield dep
 
@@ -61,6 +62,7 @@ def test_10mbit_link_and_unshaped_destination(net4):
 
 def test_2mbps_means_two_megabytes_per_second(net4):
     a, b, c, d = net4.names
+    assert units.parse_rate("2mbps") == 16_000_000      # tc(8): mbps = megaBYTES/s
     assert_near(measure(net4, a, c, 16_000_000), 16_000_000)
 
 

@@ -82,7 +82,10 @@ class Agent:
 
     # -------------------------------------------------------------- deploy
     def deploy_emulated(self, body: dict) -> dict:
-        emulator = nb.check_name(str(body.get("emulator", "")), "emulator name")
+        try:
+            emulator = nb.check_name(str(body.get("emulator", "")), "emulator name")
+        except nb.NodeError as e:
+            raise BadRequest(str(e)) from None
         backend = body.get("backend", "netns")
         if backend != "netns":
             raise BadRequest(f"backend {backend!r} is not available on this agent (netns only)")

@@ -102,7 +102,7 @@ class NodeSpec:
         for v in spec.volumes:
             if not (isinstance(v, dict) and os.path.isabs(str(v.get("host", "")))
                     and os.path.isabs(str(v.get("node", ""))) and ".." not in Path(v["node"]).parts):
-                raise NodeError(f"bad volume for {spec.name}: {v!r} (host and node paths must be absolute)")
+                raise NodeError(f"bad volume for {spec.name}: {v!r} (host and node paths must be absolute, the node path without '..')")
             if not os.path.isdir(v["host"]):
                 raise NodeError(f"volume for {spec.name}: {v['host']} is not a directory on this worker")
         if spec.working_dir and (not os.path.isabs(spec.working_dir) or ".." in Path(spec.working_dir).parts):

@@ -6,13 +6,20 @@ physical node):
     htb root 1: (default 1:1)
       class 1:1     unshaped (100gbit): traffic to destinations without a link
       class 1:M     one per link, rate = ceil = bandwidth, burst sized to the rate
-        [netem M:]  delay/jitter/loss leaf, only where a link asks for it
+        tbf M:      leaf that only cuts GSO/TSO super-packets into frames (see below)
+        [netem M:]  instead: delay/jitter/loss leaf, only where a link asks for it
       u32 filter    ip dst A/32 + tcp/udp dport P -> 1:M
 
 A whole table is installed with ONE `tc -batch` process per namespace (a process per
 rule costs ~3 ms each; 100 full-mesh nodes are 19,800 rules). Live changes touch only
 the classes that change (`class change`), so traffic being measured is not disturbed.
-Read-back goes through netlink (pyroute2) so "links in place" is checked, not assumed.
+Read-back goes through netlink so "links in place" is checked, not assumed.
+
+Why the tbf leaf: HTB dequeues a GSO packet (up to 64 KB, one skb) whole and pays for it
+afterwards, so without the leaf a 1 Mbit/s link sends 64 KB at line rate and then stays
+silent for half a second, and a small message queued behind waits that long. A tbf whose
+rate is unlimited and whose burst is two frames segments every larger packet on enqueue,
+so HTB meters out single frames; it shapes nothing itself.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ DEFAULT_MINOR = 1
 FIRST_LINK_MINOR = 0x10
 UNSHAPED_RATE = "100gbit"
 MTU_FRAME = 1514
+SEGMENT_LIMIT_BYTES = 1000 * MTU_FRAME   # the leaf's queue: pfifo's default 1000 frames
 
 
 class TcError(RuntimeError):
@@ -105,6 +113,19 @@ def _netem_line(verb: str, dev: str, minor: int, link: Link) -> str:
     return " ".join(parts)
 
 
+def _segment_line(dev: str, minor: int) -> str:
+    return (f"qdisc add dev {dev} parent 1:{minor:x} handle {minor:x}: tbf rate {UNSHAPED_RATE} "
+            f"burst {2 * MTU_FRAME} limit {SEGMENT_LIMIT_BYTES}")
+
+
+def _leaf_line(dev: str, minor: int, link: Link) -> str:
+    return _netem_line("add", dev, minor, link) if link.needs_netem else _segment_line(dev, minor)
+
+
+def _del_leaf_line(dev: str, minor: int) -> str:
+    return f"qdisc del dev {dev} parent 1:{minor:x} handle {minor:x}:"
+
+
 def _filter_line(dev: str, minor: int, link: Link) -> str:
     # u32 at IP header + 20 for the port assumes no IP options, as every tc tutorial does.
     return (f"filter add dev {dev} parent {ROOT_HANDLE} protocol ip prio 1 u32 "
@@ -138,8 +159,7 @@ def install_lines(table: LinkTable, links: list[Link]) -> list[str]:
         table.minors[link.key] = minor
         table.links[link.key] = link
         lines.append(_class_line("add", dev, minor, link.rate_bps))
-        if link.needs_netem:
-            lines.append(_netem_line("add", dev, minor, link))
+        lines.append(_leaf_line(dev, minor, link))
         lines.append(_filter_line(dev, minor, link))
     return lines
 
@@ -148,8 +168,10 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
     """The tc batch that turns the installed table into `links` in place.
 
     Changed rates become `class change` (no qdisc rebuilt, no packet dropped); new
-    destinations get a class and a filter; a destination no longer listed keeps its
-    filter but its class goes back to unshaped, which is what "no link" means.
+    destinations get a class, a leaf and a filter; a destination no longer listed keeps
+    its filter but loses its leaf and its class goes back to unshaped, which is what "no
+    link" means. A leaf changes kind (segmenting tbf <-> netem) by del + add, as the
+    kernel cannot replace a qdisc by one of another kind under the same handle.
     """
     dev = table.dev
     lines: list[str] = []
@@ -164,26 +186,26 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
             minor = table.minors[key]
             if old is None or old.rate_bps != link.rate_bps:
                 lines.append(_class_line("change", dev, minor, link.rate_bps))
-            if link.needs_netem:
-                verb = "change" if old is not None and old.needs_netem else "add"
-                if old != link or verb == "add":
-                    lines.append(_netem_line(verb, dev, minor, link))
-            elif old is not None and old.needs_netem:
-                lines.append(f"qdisc del dev {dev} parent 1:{minor:x} handle {minor:x}:")
+            if old is None:                      # unshaped since a change: no leaf
+                lines.append(_leaf_line(dev, minor, link))
+            elif old.needs_netem and link.needs_netem:
+                if (old.delay_us, old.jitter_us, old.loss_pct) != (link.delay_us, link.jitter_us, link.loss_pct):
+                    lines.append(_netem_line("change", dev, minor, link))
+            elif old.needs_netem != link.needs_netem:
+                lines.append(_del_leaf_line(dev, minor))
+                lines.append(_leaf_line(dev, minor, link))
         else:
             minor = table.next_minor()
             table.minors[key] = minor
             lines.append(_class_line("add", dev, minor, link.rate_bps))
-            if link.needs_netem:
-                lines.append(_netem_line("add", dev, minor, link))
+            lines.append(_leaf_line(dev, minor, link))
             lines.append(_filter_line(dev, minor, link))
         table.links[key] = link
     for key in list(table.links):
         if key not in wanted:
-            old = table.links.pop(key)
+            table.links.pop(key)
             minor = table.minors[key]
-            if old.needs_netem:
-                lines.append(f"qdisc del dev {dev} parent 1:{minor:x} handle {minor:x}:")
+            lines.append(_del_leaf_line(dev, minor))
             lines.append(f"class change dev {dev} parent {ROOT_HANDLE} classid 1:{minor:x} htb "
                          f"rate {UNSHAPED_RATE} ceil {UNSHAPED_RATE} quantum 200000")
     return lines
@@ -215,8 +237,9 @@ def change(table: LinkTable, links: list[Link]) -> None:
 _CLONE_NEWNET = 0x40000000
 
 
-def _netlink_fd_in(netns: str) -> int:
-    """A NETLINK_ROUTE socket opened inside the named namespace, without forking.
+def _netlink_fd_in(netns: str | None, dev: str | None = None) -> tuple[int, int | None]:
+    """A NETLINK_ROUTE socket opened inside the named namespace (None: this one), without
+    forking, and the index of `dev` there (None if it has no such device).
 
     pyroute2's `IPRoute(netns=...)` forks a child to enter the namespace; forked from the
     agent (a process with many threads) that child can deadlock on a lock another thread
@@ -227,7 +250,18 @@ def _netlink_fd_in(netns: str) -> int:
     import os
     import socket
 
+    def open_here(out: dict) -> None:
+        out["fd"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE).detach()
+        if dev is not None:
+            try:
+                out["index"] = socket.if_nametoindex(dev)
+            except OSError:
+                out["index"] = None
+
     out: dict = {}
+    if netns is None:
+        open_here(out)
+        return out["fd"], out.get("index")
 
     def run() -> None:
         try:
@@ -241,7 +275,7 @@ def _netlink_fd_in(netns: str) -> int:
                 err = ctypes.get_errno()
                 out["err"] = TcError(f"cannot enter namespace {netns}: {os.strerror(err)}")
                 return
-            out["fd"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE).detach()
+            open_here(out)
         except Exception as e:  # noqa: BLE001 - handed to the caller
             out["err"] = e
         finally:
@@ -251,14 +285,16 @@ def _netlink_fd_in(netns: str) -> int:
     t.start()
     t.join()
     if "err" in out:
+        if "fd" in out:
+            os.close(out["fd"])
         raise out["err"]
-    return out["fd"]
+    return out["fd"], out.get("index")
 
 
 def _ipr(netns: str | None):
     from pyroute2 import IPRoute
 
-    return IPRoute(fileno=_netlink_fd_in(netns)) if netns else IPRoute()
+    return IPRoute(fileno=_netlink_fd_in(netns)[0]) if netns else IPRoute()
 
 
 def clear(netns: str | None, dev: str) -> None:
@@ -276,25 +312,100 @@ def clear(netns: str | None, dev: str) -> None:
                 raise
 
 
+# Read-back speaks rtnetlink itself: pyroute2 decodes every attribute of every message
+# (stats included) in Python, ~3 ms per link, which made the read-back of a 100-node full
+# mesh cost more than installing it. Here a dump is parsed only as far as needed.
+_RTM_GETTCLASS, _RTM_GETTFILTER = 42, 46
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_TCA_KIND, _TCA_OPTIONS = 1, 2
+_TCA_HTB_PARMS, _TCA_HTB_RATE64 = 1, 6
+_TCA_U32_CLASSID = 1
+
+
+def _attrs(buf: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """rtattr type -> (payload start, payload end) in buf[start:end]."""
+    import struct
+
+    out = {}
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("HH", buf, start)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = (start + 4, start + length)
+        start += (length + 3) & ~3
+    return out
+
+
+def _dump(fd: int, msg_type: int, ifindex: int, parent: int) -> list[tuple[int, dict, bytes]]:
+    """One RTM_GET* dump for a device: [(tcm_handle, attrs, buffer)]."""
+    import os
+    import socket
+    import struct
+
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        seq = 1
+        req = struct.pack("IHHII", 16 + 20, msg_type, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + \
+            struct.pack("BxxxiIII", socket.AF_UNSPEC, ifindex, 0, parent, 0)
+        sock.sendto(req, (0, 0))
+        out = []
+        while True:
+            buf = sock.recv(1 << 20)
+            pos = 0
+            while pos + 16 <= len(buf):
+                length, kind, _flags, mseq, _pid = struct.unpack_from("IHHII", buf, pos)
+                if length < 16:
+                    raise TcError("malformed netlink answer")
+                if mseq == seq:
+                    if kind == _NLMSG_DONE:
+                        return out
+                    if kind == _NLMSG_ERROR:
+                        (err,) = struct.unpack_from("i", buf, pos + 16)
+                        if err:
+                            raise TcError(f"netlink dump failed: {os.strerror(-err)}")
+                        return out
+                    _fam, tcm_ifindex, handle, _parent, _info = struct.unpack_from("BxxxiIII", buf, pos + 16)
+                    if tcm_ifindex == ifindex:
+                        out.append((handle, _attrs(buf, pos + 36, pos + length), buf))
+                pos += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
 def read_back(netns: str | None, dev: str) -> dict:
     """Count what the kernel holds on dev: shaped classes and u32 filters, via netlink."""
-    with _ipr(netns) as ipr:
-        idx = ipr.link_lookup(ifname=dev)
+    import os
+    import struct
+
+    fd, idx = _netlink_fd_in(netns, dev)
+    try:
         if not idx:
             raise TcError(f"no device {dev} in {netns or 'host'}")
-        classes = [c for c in ipr.get_classes(index=idx[0]) if c.get_attr("TCA_KIND") == "htb"]
-        filters = [f for f in ipr.get_filters(index=idx[0], parent=0x10000)
-                   if f.get_attr("TCA_KIND") == "u32" and f.get_attr("TCA_OPTIONS")
-                   and f.get_attr("TCA_OPTIONS").get_attr("TCA_U32_CLASSID")]
         rates = {}
-        for c in classes:
-            opts = c.get_attr("TCA_OPTIONS")
-            minor = c["handle"] & 0xFFFF
-            rate = opts.get_attr("TCA_HTB_RATE64") if opts else None
-            if not rate and opts and opts.get_attr("TCA_HTB_PARMS"):
-                rate = opts.get_attr("TCA_HTB_PARMS")["rate"]
-            rates[minor] = (rate or 0) * 8
-    return {"classes": len(classes), "filters": len(filters), "rates_bps": rates}
+        n_classes = 0
+        for handle, at, buf in _dump(fd, _RTM_GETTCLASS, idx, 0):
+            if _TCA_KIND not in at or buf[at[_TCA_KIND][0]:at[_TCA_KIND][1]].rstrip(b"\0") != b"htb":
+                continue
+            n_classes += 1
+            rate = 0
+            if _TCA_OPTIONS in at:
+                opts = _attrs(buf, *at[_TCA_OPTIONS])
+                if _TCA_HTB_RATE64 in opts:
+                    (rate,) = struct.unpack_from("Q", buf, opts[_TCA_HTB_RATE64][0])
+                elif _TCA_HTB_PARMS in opts:
+                    # struct tc_htb_opt starts with tc_ratespec rate: its u32 rate at +8
+                    (rate,) = struct.unpack_from("I", buf, opts[_TCA_HTB_PARMS][0] + 8)
+            rates[handle & 0xFFFF] = rate * 8
+        n_filters = 0
+        for _handle, at, buf in _dump(fd, _RTM_GETTFILTER, idx, 0x10000):
+            if _TCA_KIND not in at or buf[at[_TCA_KIND][0]:at[_TCA_KIND][1]].rstrip(b"\0") != b"u32":
+                continue
+            if _TCA_OPTIONS in at and _TCA_U32_CLASSID in _attrs(buf, *at[_TCA_OPTIONS]):
+                n_filters += 1
+    finally:
+        os.close(fd)
+    return {"classes": n_classes, "filters": n_filters, "rates_bps": rates}
 
 
 def verify(table: LinkTable) -> int:

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""E-tree (hierarchical) learning on the embedded single-machine testbed.
+
+    sudo python3 controller/el_run.py           # deploy, print "tc finish", serve :3333
+    sudo python3 controller/el_run.py --auto    # the whole experiment, then exit
+
+Every node n1..n5 runs dml_app/el_peer.py; dml_tool/el_structure.json makes the tree
+(n1 on top of n1 and n2, which aggregate n1, n3 and n2, n4, n5) and links.json the
+network: where two nodes of the tree have no direct link (n2 -> n4, n4 -> n2, n2 -> n5)
+the weights travel through the nodes in between (dml_tool/routes.py). Start with
+`curl 'localhost:3333/start?root=n1'`; n1 calls /finish after its last round.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller import auto  # noqa: E402
+from controller.manager import Manager  # noqa: E402
+from controller.testbed import single_machine  # noqa: E402
+
+
+class ElManager(Manager):
+    """The root (the top of the tree) reports `Aggregate: ..., layer=L,` lines and calls /finish."""
+    algorithm = "el"
+    needs_root = True
+
+
+def build(port: int = 3333, links: str = "links.json"):
+    """n1..n5 are all E-tree peers (see controller/testbed.py:single_machine)."""
+    return single_machine(ElManager, [(f"n{i}", "el_peer.py") for i in range(1, 6)], port=port, links=links)
+
+
+def main() -> int:
+    return auto.script_main(build, description=__doc__.strip().splitlines()[0], root="n1",
+                            structure_tool="el_structure_conf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

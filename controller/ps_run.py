@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Parameter-server training on the embedded single-machine testbed.
+
+    sudo python3 controller/ps_run.py           # deploy, print "tc finish", serve :3333
+    sudo python3 controller/ps_run.py --auto    # the whole experiment, then exit
+
+n1 runs dml_app/ps_server.py (the model and its version), n2..n5 dml_app/ps_worker.py
+(pull parameters, push the gradient of a batch), over links.json; the mode (sync or
+async), steps and learning rate come from dml_tool/ps_structure.json. Start with
+`curl 'localhost:3333/start?root=n1'`; the server calls /finish after its last step.
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller import auto  # noqa: E402
+from controller.manager import Manager  # noqa: E402
+from controller.testbed import single_machine  # noqa: E402
+
+
+class PsManager(Manager):
+    """The root is the server: its `Aggregate: accuracy=..., round=V,` lines count versions."""
+    algorithm = "ps"
+    needs_root = True
+
+
+def build(port: int = 3333, links: str = "links.json"):
+    """n1 serves, n2..n5 work (see controller/testbed.py:single_machine)."""
+    roles = [("n1", "ps_server.py")] + [(f"n{i}", "ps_worker.py") for i in range(2, 6)]
+    return single_machine(PsManager, roles, port=port, links=links)
+
+
+def main() -> int:
+    return auto.script_main(build, description=__doc__.strip().splitlines()[0], root="n1",
+                            structure_tool="ps_structure_conf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""E-tree (hierarchical) learning peer: one process per node, acting in every layer the
+node is in (its structure conf lists them) and forwarding for others.
+
+Layer 1 trains: it takes a model, trains `epoch` local epochs (`Train: loss=..., round=k,`,
+k counting this node's trainings) and sends it up with its number of train samples.
+Layer l > 1 aggregates: for `sync` rounds it sends its model down to its children,
+waits for their results (or `round_timeout_s`) and averages them weighted by samples
+(etree.aggregate); then it sends the model up with the sum of its children's samples.
+The top starts on GET /start from its seeded initial model, evaluates after each of its
+rounds (`Aggregate: accuracy=..., round=r, layer=L,`) and calls the controller's
+/finish at the end. Other layers log `Layer aggregate: layer=l, round=k, ...`. A child
+or father that is the node itself (`"self"`) is called in-process.
+
+Every message is POST /el/message: safetensors weights with meta {kind: "down"|"up",
+src, dst, path, layer (the child's layer), round (the father's round), samples (up)}.
+It travels along `path` (the conf's `routes`, from links.json): a node that is not
+`dst` passes it to the next hop and logs `Forward: from=src, to=dst, round=r, layer=l,
+kind=..., next=hop,`; the destination's answer comes back along the path, so a refusal
+(400/409) reaches the sender. GET /el/model answers the model of the node's highest
+layer that has aggregated (meta {layer, round}), 404 before that.
+
+Structure conf (el_structure_conf.py): {"layers": {"<l>": {"father", "children"?,
+"sync"?, "epoch"?, "lr"?, "round_timeout_s"?}}, "routes": {node: path}, "connect"};
+optional "seed" (top: the initial model) and "test_known_weights_seed" (test only:
+trainers answer etree.known_weights instead of training).
+"""
+from __future__ import annotations
+
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flask import Response
+from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
+
+import etree
+import net
+import nns
+from learn import evaluate, train_epochs
+from runtime import WEIGHTS_MIME, Runtime, main
+
+SELF = "self"
+DEFAULT_LR = 0.05
+DEFAULT_ROUND_TIMEOUT_S = 600.0
+
+
+def _int(v: Any, what: str, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _positive(v: Any, what: str, high: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= high:
+        raise ValueError(f"{what} must be a number in (0, {high}], got {v!r}")
+    return float(v)
+
+
+def check_structure(conf: dict, me: str) -> dict:
+    """Validate and normalise an E-tree peer's conf; layers get int keys (ValueError names the key)."""
+    for key in ("layers", "routes", "connect"):
+        if not isinstance(conf.get(key), dict):
+            raise ValueError(f"missing or bad key {key!r} (an E-tree peer needs layers, routes, connect)")
+    layers: dict[int, dict] = {}
+    for raw_layer, lc in conf["layers"].items():
+        where = f"layers[{raw_layer!r}]"
+        if not str(raw_layer).isdigit() or int(raw_layer) < 1 or not isinstance(lc, dict):
+            raise ValueError(f"{where}: expected a layer number >= 1 mapping to an object")
+        layer, lc = int(raw_layer), dict(lc)
+        father = lc.get("father")
+        if father is not None and not isinstance(father, str):
+            raise ValueError(f"{where}.father must be a node name, 'self' or null, got {father!r}")
+        if layer == 1:
+            lc["epoch"] = _int(lc.get("epoch"), f"{where}.epoch", 1)
+            lc["lr"] = _positive(lc.get("lr", DEFAULT_LR), f"{where}.lr", 10.0)
+        else:
+            lc["sync"] = _int(lc.get("sync"), f"{where}.sync", 1)
+            kids = lc.get("children")
+            if not isinstance(kids, list) or not kids or not all(isinstance(k, str) for k in kids) \
+                    or len(set(kids)) != len(kids):
+                raise ValueError(f"{where}.children must be a non-empty list of distinct names, got {kids!r}")
+            lc["round_timeout_s"] = _positive(lc.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
+                                              f"{where}.round_timeout_s", 1e6)
+        layers[layer] = lc
+    if layers and [l for l, lc in layers.items() if lc["father"] is None] not in ([], [max(layers)]):
+        raise ValueError("only the node's highest layer may have no father (father: null = the top)")
+    peers = {p for lc in layers.values() for p in [lc["father"], *lc.get("children", [])]}
+    for peer in sorted(peers - {None, SELF, me}):
+        path = conf["routes"].get(peer)
+        if not isinstance(path, list) or len(path) < 2 or path[0] != me or path[-1] != peer:
+            raise ValueError(f"routes[{peer!r}] must be a path [{me!r}, ..., {peer!r}], got {path!r}")
+        if path[1] not in conf["connect"]:
+            raise ValueError(f"routes[{peer!r}]: no address for the next hop {path[1]!r} in 'connect'")
+    for key, low in (("seed", 0), ("test_known_weights_seed", 0)):
+        if key in conf:
+            _int(conf[key], key, low)
+    conf["layers"] = layers
+    return conf
+
+
+@dataclass
+class Box:
+    """The results one aggregating (layer, round) waits for."""
+    expected: set[str]
+    shapes: dict[str, tuple]
+    results: dict[str, tuple[dict, int]] = field(default_factory=dict)
+
+
+class ElPeer:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._cond = threading.Condition()
+        self._boxes: dict[tuple[int, int], Box] = {}
+        self._rounds: dict[int, int] = {}                # layer -> rounds run so far
+        self._train_lock = threading.Lock()
+        self._trainings = 0
+        self._latest: tuple[int, int, dict] | None = None  # (layer, round, model)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="el-send")
+        rt.on_structure(self._check_structure)
+        rt.on_dataset(self._check_data)
+        rt.route("/el/message", methods=["POST"])(self.message)
+        rt.route("/el/model", methods=["GET"])(self.model)
+
+    # ------------------------------------------------------------------ confs
+    @property
+    def layers(self) -> dict[int, dict]:
+        return (self.rt.structure or {}).get("layers", {})
+
+    def _is_top(self, layers: dict[int, dict]) -> bool:
+        return bool(layers) and layers[max(layers)]["father"] is None
+
+    def _check_structure(self, conf: dict) -> dict:
+        conf = check_structure(conf, self.rt.name)
+        if self.rt.data is not None:
+            self._check_fit(conf["layers"], self.rt.data)
+        if self._is_top(conf["layers"]):
+            self.rt.on_start(self.run_top)
+        return conf
+
+    def _check_data(self, data) -> None:
+        self._check_fit(self.layers, data)
+
+    def _check_fit(self, layers: dict[int, dict], data) -> None:
+        if 1 in layers and data.train_samples == 0:
+            raise ValueError("this node trains (layer 1): give it train parts (train_len > 0)")
+        if self._is_top(layers) and data.test_samples == 0:
+            raise ValueError("the top node evaluates the model: give it test parts (test_len > 0)")
+
+    def _who(self, name: str) -> str:
+        return self.rt.name if name == SELF else name
+
+    # ------------------------------------------------------------------ HTTP
+    def message(self):
+        """POST /el/message: a model going down, a result going up, or one to forward."""
+        rt = self.rt
+        if rt.structure is None:
+            raise Conflict(f"{rt.name}: /conf/structure must come before E-tree messages")
+        tensors, meta = rt.receive_weights()
+        kind, src, dst, path = meta.get("kind"), meta.get("src"), meta.get("dst"), meta.get("path")
+        layer, rnd = meta.get("layer"), meta.get("round")
+        try:
+            if kind not in ("down", "up") or not isinstance(src, str) or not isinstance(dst, str) \
+                    or not isinstance(path, list):
+                raise ValueError("meta needs kind ('down' or 'up'), src, dst and path")
+            _int(layer, "meta 'layer'", 1)
+            _int(rnd, "meta 'round'", 1)
+            if dst != rt.name:
+                return self._forward(tensors, meta, etree.next_hop(path, rt.name))
+            if kind == "down":
+                return self._take_down(src, layer, rnd, tensors)
+            samples = _int(meta.get("samples"), "meta 'samples'", 1)
+        except ValueError as e:
+            raise BadRequest(f"{rt.name}: {e}") from None
+        self._deliver(layer + 1, rnd, src, tensors, samples)
+        return "ok\n"
+
+    def model(self):
+        """GET /el/model: the latest model of this node's highest aggregating layer."""
+        if self._latest is None:
+            raise NotFound(f"{self.rt.name}: no aggregation yet")
+        layer, rnd, sd = self._latest
+        # An inspection, not experiment traffic: not counted in the node's bytes sent.
+        return Response(net.pack_weights(sd, {"layer": layer, "round": rnd, "name": self.rt.name}),
+                        mimetype=WEIGHTS_MIME)
+
+    def _forward(self, tensors: dict, meta: dict, hop: str):
+        rt = self.rt
+        rt.log.info("Forward: from=%s, to=%s, round=%d, layer=%d, kind=%s, next=%s,", meta["src"],
+                    meta["dst"], meta["round"], meta["layer"], meta["kind"], hop)
+        rt.log_metric("forward", meta["round"], src=meta["src"], dst=meta["dst"],
+                      layer=meta["layer"], kind=meta["kind"], next=hop)
+        try:
+            rt.send_weights(rt.peer(hop), "/el/message", tensors, meta)
+        except KeyError as e:
+            raise BadRequest(f"{rt.name}: cannot forward to {meta['dst']}: {e.args[0]}") from None
+        except net.HttpError as e:
+            return Response(f"{rt.name}: forwarding to {hop} failed: {e.message}\n",
+                            status=e.status or 502, mimetype="text/plain")
+        return "forwarded\n"
+
+    def _take_down(self, src: str, layer: int, rnd: int, tensors: dict):
+        lc = self.layers.get(layer)
+        if lc is None or lc["father"] is None or self._who(lc["father"]) != src:
+            raise Conflict(f"{self.rt.name}: {src} is not this node's father in layer {layer}")
+        if self.rt.data is not None:
+            want = {k: tuple(v.shape) for k, v in nns.build_model(self.rt.data.meta).state_dict().items()}
+            if {k: tuple(v.shape) for k, v in tensors.items()} != want:
+                raise BadRequest(f"{self.rt.name}: the model from {src} does not fit this dataset's "
+                                 f"{nns.model_name_for(self.rt.data.meta.get('name', ''))} model")
+        self.rt.spawn(self._on_down, layer, tensors, rnd, name=f"layer{layer}-r{rnd}")
+        return "ok\n"
+
+    def _deliver(self, layer: int, rnd: int, child: str, sd: dict, samples: int) -> None:
+        with self._cond:
+            box = self._boxes.get((layer, rnd))
+            if box is None:
+                raise Conflict(f"{self.rt.name}: layer {layer} round {rnd} is not waiting for results")
+            if child not in box.expected:
+                raise Conflict(f"{self.rt.name}: {child} is not expected in layer {layer} round {rnd}")
+            if child in box.results:
+                raise Conflict(f"{self.rt.name}: {child} already answered layer {layer} round {rnd}")
+            got = {k: tuple(v.shape) for k, v in sd.items()}
+            if got != box.shapes:
+                raise BadRequest(f"{self.rt.name}: weights from {child} do not match the model sent "
+                                 f"(keys or shapes differ: {sorted(set(got.items()) ^ set(box.shapes.items()))[:3]})")
+            box.results[child] = (sd, samples)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the layers
+    def run_top(self) -> None:
+        rt, conf = self.rt, self.rt.structure
+        top = max(self.layers)
+        torch.manual_seed(conf.get("seed", 0))
+        model = nns.build_model(rt.data.meta).state_dict()
+        rt.log.info("top of %d layers: %d rounds", top, self.layers[top]["sync"])
+        self._aggregate_rounds(top, model)
+        if not rt.stopping.is_set():
+            rt.finish()
+
+    def _on_down(self, layer: int, model: dict, father_round: int) -> None:
+        if layer == 1:
+            result, samples = self._train(model)
+        else:
+            result, samples = self._aggregate_rounds(layer, model)
+        father = self._who(self.layers[layer]["father"])
+        try:
+            if father == self.rt.name:
+                self._deliver(layer + 1, father_round, father, result, samples)
+            else:
+                self._send(father, "up", layer, father_round, result, samples)
+        except (net.HttpError, HTTPException) as e:  # e.g. the father's round timed out (409)
+            self.rt.log.warning("layer %d: result for %s's round %d not taken: %s", layer, father,
+                                father_round, getattr(e, "description", e))
+
+    def _send(self, dst: str, kind: str, layer: int, rnd: int, sd: dict, samples: int | None = None) -> None:
+        path = self.rt.structure["routes"][dst]
+        meta = {"kind": kind, "src": self.rt.name, "dst": dst, "path": path, "layer": layer, "round": rnd}
+        if samples is not None:
+            meta["samples"] = samples
+        self.rt.send_weights(self.rt.peer(path[1]), "/el/message", sd, meta)
+
+    def _train(self, model: dict) -> tuple[dict, int]:
+        rt, conf, data = self.rt, self.rt.structure, self.rt.data
+        lc = self.layers[1]
+        with self._train_lock:
+            self._trainings += 1
+            k = self._trainings
+            rt.set_state("training", k)
+            if "test_known_weights_seed" in conf:
+                seed = conf["test_known_weights_seed"]
+                rt.log.info("Train: skipped (test_known_weights_seed=%d), known weights k=%d,", seed, k)
+                return etree.known_weights(model, rt.name, seed, k), data.train_samples
+            net_ = nns.build_model(data.meta)
+            net_.load_state_dict(model, strict=True)
+            loss = train_epochs(net_, data.train_x, data.train_y, epochs=lc["epoch"],
+                                batch_size=data.batch_size, lr=lc["lr"],
+                                seed=zlib.crc32(rt.name.encode()) * 1009 + k)
+            rt.log_train(loss, k)
+            return {k_: v.detach().clone() for k_, v in net_.state_dict().items()}, data.train_samples
+
+    def _aggregate_rounds(self, layer: int, model: dict) -> tuple[dict, int]:
+        """`sync` rounds of this layer from `model`; (its final model, its samples)."""
+        rt, lc = self.rt, self.layers[layer]
+        samples = 0
+        for _ in range(lc["sync"]):
+            if rt.stopping.is_set():
+                break
+            with self._cond:
+                rnd = self._rounds[layer] = self._rounds.get(layer, 0) + 1
+            results = self._one_round(layer, rnd, model)
+            rt.set_state("aggregating", rnd)
+            if results:
+                model, samples = etree.aggregate(results)
+            else:
+                rt.log.warning("layer %d round %d: no child answered; the model is unchanged", layer, rnd)
+            if self._latest is None or self._latest[0] <= layer:
+                self._latest = (layer, rnd, model)
+            if lc["father"] is None:
+                self._evaluate(model, layer, rnd)
+            else:
+                rt.log.info("Layer aggregate: layer=%d, round=%d, children=%d, samples=%d,",
+                            layer, rnd, len(results), samples)
+                rt.log_metric("layer_aggregate", rnd, layer=layer, children=len(results), samples=samples)
+        return model, samples
+
+    def _one_round(self, layer: int, rnd: int, model: dict) -> list[tuple[dict, int]]:
+        """Send `model` to every child of (layer, rnd) and collect their results in conf order."""
+        rt, lc = self.rt, self.layers[layer]
+        kids = [self._who(c) for c in lc["children"]]
+        box = Box(set(kids), {k: tuple(v.shape) for k, v in model.items()})
+        with self._cond:
+            self._boxes[layer, rnd] = box
+        rt.set_state("waiting", rnd)
+        sends = {}
+        for kid in kids:
+            if kid == rt.name:
+                rt.spawn(self._on_down, layer - 1, model, rnd, name=f"layer{layer - 1}-r{rnd}")
+            else:
+                sends[kid] = self._pool.submit(self._send, kid, "down", layer - 1, rnd, model)
+        for kid, fut in sends.items():
+            try:
+                fut.result()
+            except (net.HttpError, KeyError, ValueError) as e:
+                rt.log.warning("layer %d round %d: child %s did not take the model: %s", layer, rnd, kid, e)
+                with self._cond:
+                    box.expected.discard(kid)
+        with self._cond:
+            self._cond.wait_for(lambda: len(box.results) >= len(box.expected) or rt.stopping.is_set(),
+                                timeout=lc["round_timeout_s"])
+            del self._boxes[layer, rnd]  # late results get 409 from now on
+            missing = sorted(box.expected - set(box.results))
+        if missing:
+            rt.log.warning("layer %d round %d: no result from %s within %g s; aggregating the others",
+                           layer, rnd, missing, lc["round_timeout_s"])
+        return [box.results[k] for k in kids if k in box.results]
+
+    def _evaluate(self, model: dict, layer: int, rnd: int) -> None:
+        net_ = nns.build_model(self.rt.data.meta)
+        net_.load_state_dict(model, strict=True)
+        acc, _ = evaluate(net_, self.rt.data.test_x, self.rt.data.test_y)
+        self.rt.log_aggregate(acc, rnd, layer=layer)
+
+
+if __name__ == "__main__":
+    main("el_peer", ElPeer)

@@ -1,0 +1,162 @@
+"""Gossip-learning peer: no root, no aggregator; every peer does the same.
+
+On GET /start (the controller starts every peer) the peer builds the common seeded
+model, then for `sync` rounds:
+  1. trains `epoch` local epochs on its train parts (`Train: loss=..., round=r,`);
+  2. gossips: POSTs its model (safetensors) to ONE peer chosen at random from the peers
+     it has links to (`connect`), logging `Gossip: to=<peer>, round=r,` (metrics event
+     "gossip");
+  3. waits up to `wait_s` for a model from another peer (at once if one came already),
+     averages every model received with its own (gossip.mix, a pure function),
+     evaluates on its test parts and logs `Aggregate: accuracy=..., round=r,`; the next
+     round trains the merged model.
+After `sync` rounds it stops initiating but still accepts models: each one is merged
+and evaluated (logged with round=sync). Its state is `finished` whenever it has
+initiated all its gossips and has no received model left to merge, which is what the
+controller (GlManager) watches to end the run by itself.
+
+Structure conf (gl_structure_conf.py): {"epoch", "sync", "connect"}; optional "seed"
+(default 0: the common initial model and each peer's choices), "lr" (0.05) and
+"wait_s" (5).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from werkzeug.exceptions import BadRequest, Conflict
+
+import net
+import peer_role
+from gossip import check_compatible, choose_peer, mix, peer_rng
+from runtime import Runtime, main
+
+DEFAULT_WAIT_S = 5.0
+
+
+def check_structure(conf: dict) -> dict:
+    """Validate and normalise a gossip peer's structure conf (ValueError names the key)."""
+    conf = peer_role.check_common(conf, "gossip peer")
+    conf["wait_s"] = peer_role.number(conf, "wait_s", float, 0.0, 3600.0, default=DEFAULT_WAIT_S)
+    if not conf["connect"]:
+        raise ValueError("'connect' is empty: a gossip peer needs a link to at least one other peer")
+    return conf
+
+
+class GlPeer:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.model: torch.nn.Module | None = None
+        self._ref: dict[str, torch.Tensor] = {}   # the model's keys and shapes (meta tensors)
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[dict, str, int]] = []   # (weights, sender, sender's round)
+        self._initiating = True     # False once the peer has gossiped `sync` times
+        self._late_merging = False  # a thread merges models that came after that
+        rt.on_structure(check_structure)
+        rt.on_dataset(peer_role.check_data)
+        rt.on_start(self.run)
+        rt.route("/gossip", methods=["POST"])(self.receive)
+
+    def _ensure_model(self) -> None:
+        """Build the common initial model once (at start, or at a gossip that comes first)."""
+        with self._cond:
+            if self.model is None:
+                self.model = peer_role.initial_model(self.rt.data.meta, self.rt.structure["seed"])
+                self._ref = {k: torch.empty(v.shape, device="meta")
+                             for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ HTTP: a peer's model
+
+    def receive(self):
+        """POST /gossip: another peer's weights with meta {name, round}; answered at once."""
+        rt = self.rt
+        if rt.structure is None or rt.data is None:
+            raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /gossip")
+        tensors, meta = rt.receive_weights()
+        sender, rnd = meta.get("name"), meta.get("round")
+        if not isinstance(sender, str) or isinstance(rnd, bool) or not isinstance(rnd, int):
+            raise BadRequest("gossip metadata must carry 'name' (str) and 'round' (int)")
+        self._ensure_model()
+        try:
+            check_compatible(self._ref, tensors)
+        except ValueError as e:
+            raise BadRequest(f"{rt.name}: gossip from {sender} does not fit the model: {e}") from None
+        with self._cond:
+            self._inbox.append((tensors, sender, rnd))
+            rt.log.info("Receive: from=%s, round=%d,", sender, rnd)
+            if not self._initiating and not self._late_merging:
+                # Said before answering: the sender becomes `finished` only after this.
+                self._late_merging = True
+                rt.set_state("merging")
+                rt.spawn(self._merge_late, name="merge-late")
+            self._cond.notify_all()
+        return "ok\n"
+
+    # ------------------------------------------------------------------ the rounds
+
+    def run(self) -> None:
+        rt, conf = self.rt, self.rt.structure
+        self._ensure_model()
+        rng = peer_rng(conf["seed"], rt.name)
+        peers = sorted(conf["connect"])
+        rt.log.info("gossip: %d rounds, peers %s, wait up to %g s for a model", conf["sync"],
+                    peers, conf["wait_s"])
+        for r in range(1, conf["sync"] + 1):
+            if rt.stopping.is_set():
+                return
+            rt.set_state("training", r)
+            peer_role.train_round(rt, self.model, r)
+            rt.set_state("gossiping", r)
+            self._gossip(choose_peer(peers, rng), r)
+            rt.set_state("waiting", r)
+            with self._cond:
+                self._cond.wait_for(lambda: self._inbox or rt.stopping.is_set(), timeout=conf["wait_s"])
+            rt.set_state("merging", r)
+            self._merge(r)
+        with self._cond:
+            self._initiating = False
+            if self._inbox:
+                self._late_merging = True
+                rt.set_state("merging", conf["sync"])
+                rt.spawn(self._merge_late, name="merge-late")
+            else:
+                rt.set_state("finished", conf["sync"])
+        rt.log.info("gossip done: %d rounds initiated", conf["sync"])
+
+    def _gossip(self, peer: str, r: int) -> None:
+        rt = self.rt
+        rt.log.info("Gossip: to=%s, round=%d,", peer, r)
+        ok = True
+        try:
+            rt.send_weights(rt.peer(peer), "/gossip", self.model.state_dict(),
+                            {"name": rt.name, "round": r, "samples": rt.data.train_samples})
+        except net.HttpError as e:
+            ok = False
+            rt.log.warning("round %d: gossip to %s failed: %s", r, peer, e)
+        rt.log_metric("gossip", r, to=peer, ok=ok)
+
+    def _merge(self, r: int) -> None:
+        """Average every model received so far into ours, then evaluate (one Aggregate line)."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        for tensors, _, _ in inbox:
+            self.model.load_state_dict(mix(self.model.state_dict(), tensors))
+        if inbox:
+            self.rt.log.info("round %d: merged %d model(s) from %s", r, len(inbox),
+                             ", ".join(s for _, s, _ in inbox))
+        peer_role.evaluate_round(self.rt, self.model, r)
+
+    def _merge_late(self) -> None:
+        """Models that came after the last round: merge until none is left, then finished."""
+        sync = self.rt.structure["sync"]
+        while True:
+            self._merge(sync)
+            with self._cond:
+                if not self._inbox:
+                    self._late_merging = False
+                    self.rt.set_state("finished", sync)
+                    return
+
+
+if __name__ == "__main__":
+    main("gl_peer", GlPeer)

@@ -1,0 +1,55 @@
+"""Gossip learning as pure functions: mixing two models and choosing whom to tell.
+
+No HTTP, no threads: gl_peer.py calls these and the tests check them exactly.
+"""
+from __future__ import annotations
+
+import random
+from typing import Mapping, Sequence
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def check_compatible(own: StateDict, received: StateDict) -> None:
+    """ValueError unless `received` has exactly `own`'s keys and shapes."""
+    if set(own) != set(received):
+        diff = sorted(set(own) ^ set(received))
+        raise ValueError(f"the models differ in their keys: {diff[:5]}")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(received[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"{k!r} is shaped {tuple(received[k].shape)}, expected {tuple(own[k].shape)}")
+
+
+def mix(own: StateDict, received: StateDict, weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """(1 - weight) * own + weight * received, key by key; new tensors, inputs untouched.
+
+    Computed in float64 and cast back to each key's dtype (integer buffers rounded), so
+    mix(a, b) == mix(b, a) exactly for the plain average (weight 0.5).
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mix: weight must be a number in [0, 1], got {weight!r}")
+    check_compatible(own, received)
+    out = {}
+    for k, a in own.items():
+        a64 = a.detach().to("cpu", torch.float64)
+        b64 = received[k].detach().to("cpu", torch.float64)
+        v = a64 * (1.0 - weight) + b64 * weight
+        if not a.dtype.is_floating_point:
+            v = v.round()
+        out[k] = v.to(a.dtype)
+    return out
+
+
+def choose_peer(peers: Sequence[str], rng: random.Random) -> str:
+    """One peer, uniformly at random from `peers` (the caller owns and seeds `rng`)."""
+    if not peers:
+        raise ValueError("choose_peer: no peers to gossip with (the node has no links to peers)")
+    return rng.choice(sorted(peers))
+
+
+def peer_rng(seed: int, name: str) -> random.Random:
+    """A peer's own random stream: reproducible from the run's seed, distinct per peer."""
+    return random.Random(f"gossip:{seed}:{name}")

@@ -1,0 +1,76 @@
+"""What the peer roles (gl_peer.py, ra_peer.py) share on top of the runtime.
+
+Every peer trains on its own train parts and evaluates on its own test parts, starts
+from the same seeded model (so that averaging models makes sense), and validates the
+same structure-conf keys: `epoch`, `sync`, `connect`, and optional `seed` and `lr`.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+import nns
+from learn import evaluate, train_epochs
+from runtime import Runtime
+
+DEFAULT_LR = 0.05
+
+
+def number(conf: dict, key: str, kind: type, low: float, high: float | None = None,
+           default: Any = None) -> Any:
+    """conf[key] as `kind` within [low, high] (`default` when absent); ValueError names the key."""
+    v = conf.get(key, default)
+    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if numeric and (kind is float or float(v).is_integer()) and low <= v <= (high if high is not None else v):
+        return kind(v)
+    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    raise ValueError(f"{key!r} must be {'an integer' if kind is int else 'a number'} {bounds}, got {v!r}")
+
+
+def check_common(conf: dict, role: str, *, min_epoch: int = 1) -> dict:
+    """Normalise the keys every peer has; `role` names it in messages."""
+    for key in ("epoch", "sync", "connect"):
+        if key not in conf:
+            raise ValueError(f"missing key {key!r} (a {role} needs epoch, sync, connect)")
+    conf["epoch"] = number(conf, "epoch", int, min_epoch)
+    conf["sync"] = number(conf, "sync", int, 1)
+    conf["seed"] = number(conf, "seed", int, 0, default=0)
+    conf["lr"] = number(conf, "lr", float, 1e-9, 10.0, default=DEFAULT_LR)
+    connect = conf["connect"]
+    if not isinstance(connect, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in connect.items()):
+        raise ValueError("'connect' must map node names to 'ip:port'")
+    return conf
+
+
+def check_data(data, *, needs_train: bool = True) -> None:
+    """A peer evaluates what it holds (test parts) and, usually, trains (train parts)."""
+    if data.test_samples == 0:
+        raise ValueError("a peer evaluates its model: give it test parts (test_len > 0)")
+    if needs_train and data.train_samples == 0:
+        raise ValueError("a peer trains: give it train parts (train_len > 0)")
+
+
+def initial_model(meta: dict, seed: int) -> torch.nn.Module:
+    """The model every peer starts from: the dataset's model, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return nns.build_model(meta)
+
+
+def train_round(rt: Runtime, model: torch.nn.Module, rnd: int) -> float:
+    """`epoch` local epochs on the node's train parts; logs `Train: loss=..., round=rnd,`."""
+    conf, data = rt.structure, rt.data
+    seed = zlib.crc32(rt.name.encode()) * 1009 + rnd  # reproducible, distinct per node and round
+    loss = train_epochs(model, data.train_x, data.train_y, epochs=conf["epoch"],
+                        batch_size=data.batch_size, lr=conf["lr"], seed=seed)
+    rt.log_train(loss, rnd)
+    return loss
+
+
+def evaluate_round(rt: Runtime, model: torch.nn.Module, rnd: int) -> float:
+    """Accuracy on the node's test parts; logs `Aggregate: accuracy=..., round=rnd,`."""
+    acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
+    rt.log_aggregate(acc, rnd)
+    return acc

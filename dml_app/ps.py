@@ -1,0 +1,200 @@
+"""The maths of the parameter server: the versioned model, the sync and async update
+rules and the worker's gradient, with no HTTP and no threads (the roles hold the lock).
+
+* `sgd_step`: torch.optim.SGD's update (momentum without dampening or Nesterov), so one
+  step here equals one `optimizer.step()` on the same gradient.
+* `ParameterServer.push`: in `sync` mode, gradients of the current version are collected
+  until every worker has pushed one; then their average (weighted by batch samples:
+  with equal batches, the plain mean) is applied as one SGD step and the version goes
+  up by one. In `async` mode each gradient is applied on arrival (version + 1), unless
+  it was computed on a version more than `max_staleness` behind the current one.
+  Refusals raise `Rejected` (the server answers HTTP 409 with the message); after
+  `steps` updates every push raises `Finished` (HTTP 410).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from algorithms import StateDict, fedavg
+
+MODES = ("sync", "async")
+
+
+class Rejected(ValueError):
+    """A push the server refuses (stale, duplicate, unknown worker); HTTP 409."""
+
+
+class Finished(Rejected):
+    """The server has applied all its steps; HTTP 410."""
+
+
+def average_gradients(grads: Sequence[tuple[StateDict, int]]) -> dict[str, torch.Tensor]:
+    """The average of the workers' gradients weighted by their batch samples."""
+    return fedavg(grads)
+
+
+def sgd_step(params: StateDict, grad: StateDict, *, lr: float, momentum: float = 0.0,
+             buf: StateDict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """One SGD step on the keys of `grad`: (new params, new momentum buffer).
+
+    As torch.optim.SGD: buf = grad on the first step, else momentum * buf + grad;
+    p = p - lr * buf (p - lr * grad without momentum). Keys without a gradient are kept.
+    """
+    new = {k: v.detach().clone() for k, v in params.items()}
+    new_buf: dict[str, torch.Tensor] | None = None
+    if momentum:
+        new_buf = {}
+        for k, g in grad.items():
+            b = g.detach().clone() if buf is None else buf[k].mul(momentum).add_(g)
+            new_buf[k] = b
+    for k, g in grad.items():
+        new[k].add_(new_buf[k] if new_buf is not None else g, alpha=-lr)
+    return new, new_buf
+
+
+_CHECKS = {  # key: (integer?, test, what the message asks for)
+    "steps": (True, lambda v: v >= 1, "an integer >= 1"),
+    "lr": (False, lambda v: 0 < v <= 10, "a number in (0, 10]"),
+    "momentum": (False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "max_staleness": (True, lambda v: v >= 0, "an integer >= 0"),
+    "eval_every": (True, lambda v: v >= 1, "an integer >= 1"),
+    "step_timeout_s": (False, lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1e6]"),
+    "seed": (True, lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+@dataclass(frozen=True)
+class PsConfig:
+    """What the server's structure conf sets; a bad value raises ValueError naming the key."""
+
+    mode: str = "sync"
+    steps: int = 100
+    lr: float = 0.05
+    momentum: float = 0.0
+    max_staleness: int = 0            # async: the oldest gradient taken is this many versions behind
+    eval_every: int = 10              # evaluate every this many versions (and at the last)
+    step_timeout_s: float = 600.0     # sync: apply the gradients that came if a step takes longer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for key, (integer, ok, what) in _CHECKS.items():
+            v = getattr(self, key)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not number or (integer and not isinstance(v, int)) or not ok(v):
+                raise ValueError(f"{key!r} must be {what}, got {v!r}")
+
+
+@dataclass
+class ParameterServer:
+    """The server's model, version and update rule; `push` is the only way to change it."""
+
+    params: dict[str, torch.Tensor]
+    workers: Sequence[str]
+    config: PsConfig = field(default_factory=PsConfig)
+    grad_keys: Sequence[str] | None = None    # the model's parameters; default: every floating entry
+    version: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    pending: dict[str, tuple[dict, int]] = field(default_factory=dict)   # sync: this step's gradients
+    pending_since: float | None = None
+    buf: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ValueError("a parameter server needs at least one worker")
+        keys = self.grad_keys or [k for k, v in self.params.items() if v.dtype.is_floating_point]
+        self.grad_shapes = {k: tuple(self.params[k].shape) for k in keys}
+
+    @property
+    def done(self) -> bool:
+        return self.version >= self.config.steps
+
+    def check_gradient(self, grad: Mapping[str, torch.Tensor]) -> None:
+        """ValueError unless `grad` has exactly the model's floating keys and shapes."""
+        got = {k: tuple(v.shape) for k, v in grad.items()}
+        if got != self.grad_shapes:
+            diff = sorted(set(got.items()) ^ set(self.grad_shapes.items()))[:3]
+            raise ValueError(f"the gradient does not match the model (keys or shapes differ: {diff})")
+
+    def push(self, worker: str, version: int, grad: dict, samples: int, *,
+             now: float | None = None) -> bool:
+        """Take one worker's gradient computed on `version`; True if the model changed."""
+        if self.done:
+            raise Finished(f"training finished at version {self.version} ({self.config.steps} steps)")
+        if worker not in self.workers:
+            raise Rejected(f"{worker!r} is not a worker of this server ({', '.join(self.workers)})")
+        if not 0 <= version <= self.version:
+            raise Rejected(f"version {version} was never served (current version {self.version})")
+        self.check_gradient(grad)
+        if self.config.mode == "async":
+            staleness = self.version - version
+            if staleness > self.config.max_staleness:
+                self.rejected += 1
+                raise Rejected(f"stale gradient from {worker}: computed on version {version}, the "
+                               f"server is at version {self.version} (staleness {staleness} > "
+                               f"max_staleness {self.config.max_staleness}); pull and compute again")
+            self.accepted += 1
+            self._apply(grad)
+            return True
+        if version != self.version:
+            self.rejected += 1
+            raise Rejected(f"gradient from {worker} for version {version}: sync mode takes only "
+                           f"gradients of the current version {self.version}")
+        if worker in self.pending:
+            self.rejected += 1
+            raise Rejected(f"{worker} already pushed a gradient for version {version}")
+        self.accepted += 1
+        self.pending[worker] = (grad, samples)
+        if self.pending_since is None:
+            self.pending_since = time.monotonic() if now is None else now
+        if len(self.pending) < len(self.workers):
+            return False
+        self.apply_pending()
+        return True
+
+    def apply_pending(self) -> list[str]:
+        """Sync: apply the average of the gradients pushed for this version (all of them, or
+        those that came before a step timeout); returns the workers that contributed."""
+        if not self.pending:
+            return []
+        names = [w for w in self.workers if w in self.pending]    # the conf's order: reproducible
+        self._apply(average_gradients([self.pending[w] for w in names]))
+        return names
+
+    def _apply(self, grad: StateDict) -> None:
+        self.params, self.buf = sgd_step(self.params, grad, lr=self.config.lr,
+                                         momentum=self.config.momentum, buf=self.buf)
+        self.version += 1
+        self.pending = {}
+        self.pending_since = None
+
+
+def batch_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
+    """(mean cross-entropy loss, gradient of every parameter) on one batch."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(torch.from_numpy(np.ascontiguousarray(x))),
+                                       torch.from_numpy(np.ascontiguousarray(y)))
+    loss.backward()
+    return float(loss.item()), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless batches of indices into n samples: a new seeded permutation every epoch,
+    full batches only (one batch of all n when n < batch_size)."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"batches: need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    rng = np.random.default_rng(seed)
+    size = min(batch_size, n)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - size + 1, size):
+            yield order[i:i + size]

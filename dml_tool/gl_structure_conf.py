@@ -1,0 +1,65 @@
+"""Write each peer's gossip-learning structure conf (EdgeTB's gl_structure_conf.py).
+
+    python3 dml_tool/gl_structure_conf.py -s gl_structure.json [-l links.json]
+        [-n node_info.json] [-o DIR]
+
+gl_structure.json: {"sync": 10, "node_list": [{"name": "n1", "epoch": 1}, ...]}; every
+listed node is a peer that gossips `sync` times. Optional top-level "seed", "lr",
+"wait_s" (how long a peer waits for a model after gossiping, default 5); per node "lr".
+Written per peer (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
+{"epoch", "sync", "connect", ...} where `connect` maps every OTHER PEER the node has a
+link to (links.json) to its 'ip:port' (node_info.json): the peers it may gossip to. A
+peer without a link to another peer is an error. Defaults: -l ROOT/links.json,
+-n ROOT/node_info.json; a relative path is looked up from the current folder, then
+from dml_tool/.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping, Sequence
+
+try:  # imported as dml_tool.gl_structure_conf
+    from . import conf_utils as cu, peer_structure as ps
+except ImportError:  # run as a script from any folder (or --auto's tool import)
+    import conf_utils as cu
+    import peer_structure as ps
+
+
+def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
+                *, file: str = "gl_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the structure against the links and nodes; return {peer: structure conf}."""
+    common, peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file,
+                                  extra_top_keys=("wait_s",))
+    if "wait_s" in structure:
+        common["wait_s"] = cu.get_number(structure, "wait_s", file, low=0.0, high=3600.0)
+    names = {p["name"] for p in peers}
+    confs: dict[str, dict[str, Any]] = {}
+    for p in peers:
+        name = p["name"]
+        connect = {d: a for d, a in cu.connect_map(name, links, nodes).items() if d in names}
+        if not connect:
+            raise cu.ConfError(f"{links_file}: peer {name!r} ({p['where']}) has no link to another "
+                               f"peer of {file}, so it cannot gossip; add e.g. "
+                               f"{{\"dest\": \"{sorted(names - {name})[0]}\", \"bw\": ...}} under {name!r}")
+        conf = {**common, "epoch": p["epoch"], "connect": connect}
+        if "lr" in p:
+            conf["lr"] = p["lr"]
+        confs[name] = conf
+    return confs
+
+
+def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
+                node_info_path: str = cu.DEFAULT_NODE_INFO,
+                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+    """Read the three inputs, check them all, then write <node>_structure.conf files."""
+    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cu.structure_tool_main(argv, prog="gl_structure_conf.py",
+                                  algorithm="gossip learning", write=write_confs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

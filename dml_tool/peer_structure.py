@@ -1,0 +1,58 @@
+"""EdgeTB's structure json for the peer algorithms (gossip, ring all-reduce), read
+and checked once for both of their conf tools.
+
+    {"sync": 10, "node_list": [{"name": "n1", "epoch": 1}, {"name": "n2", "epoch": 1}, ...]}
+
+`sync` is the number of rounds; every listed node is a peer with its own `epoch`.
+Optional top-level keys: "seed" (int, the common initial model and the random choices)
+and "lr" (SGD learning rate for every peer; a node's own "lr" wins), plus the keys an
+algorithm adds (gossip "wait_s", ring all-reduce "init").
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+try:  # imported as dml_tool.peer_structure
+    from . import conf_utils as cu
+except ImportError:  # imported by a conf tool run as a script
+    import conf_utils as cu
+
+COMMON_TOP_KEYS = ("sync", "node_list", "seed", "lr")
+NODE_KEYS = ("name", "epoch", "lr")
+
+
+def read_peers(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str, nodes_file: str,
+               extra_top_keys: Sequence[str] = (), min_epoch: int = 1,
+               min_peers: int = 2) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check the structure; return (what every peer's conf gets, [{name, epoch[, lr]}] in order)."""
+    if not isinstance(structure, dict) or not isinstance(structure.get("node_list"), list):
+        raise cu.ConfError(f"{file}: expected {{\"sync\": R, \"node_list\": [{{\"name\": \"n1\", "
+                           f"\"epoch\": 1}}, ...]}}")
+    cu.check_keys(structure, COMMON_TOP_KEYS + tuple(extra_top_keys), file)
+    common: dict[str, Any] = {"sync": cu.get_int(structure, "sync", file, low=1)}
+    if "seed" in structure:
+        common["seed"] = cu.get_int(structure, "seed", file, low=0)
+    if "lr" in structure:
+        common["lr"] = cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True)
+    node_list = structure["node_list"]
+    if len(node_list) < min_peers:
+        raise cu.ConfError(f"{file}: node_list needs at least {min_peers} peers, it has {len(node_list)}")
+    peers: list[dict[str, Any]] = []
+    where_of: dict[str, str] = {}
+    for i, entry in enumerate(node_list):
+        where = f"{file}: node_list[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise cu.ConfError(f"{where}: expected an object with 'name' and 'epoch'")
+        name = cu.check_name(entry["name"], where)
+        where = f"{where} {name!r}"
+        if name in where_of:
+            raise cu.ConfError(f"{where}: listed twice (also {where_of[name]})")
+        if name not in nodes:
+            raise cu.ConfError(f"{where}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
+        where_of[name] = f"node_list[{i}]"
+        cu.check_keys(entry, NODE_KEYS, where)
+        peer = {"name": name, "epoch": cu.get_int(entry, "epoch", where, low=min_epoch), "where": where}
+        if "lr" in entry:
+            peer["lr"] = cu.get_number(entry, "lr", where, low=0.0, high=10.0, low_open=True)
+        peers.append(peer)
+    return common, peers

@@ -1,0 +1,124 @@
+"""Write each node's parameter-server structure conf.
+
+    python3 dml_tool/ps_structure_conf.py -s ps_structure.json [-l links.json]
+        [-n node_info.json] [-o DIR]
+
+ps_structure.json:
+
+    {"mode": "sync", "steps": 150, "lr": 0.05, "momentum": 0.9, "eval_every": 10,
+     "node_list": [{"name": "n1", "role": "server"}, {"name": "n2"}, {"name": "n3"}]}
+
+* `mode`: "sync" (every step waits for one gradient from each worker and applies
+  their average) or "async" (each gradient is applied on arrival);
+* `steps`: how many updates (versions) the server applies before it stops; EdgeTB's
+  `sync` is accepted as another name for it;
+* `lr`, `momentum` (default 0): the server's SGD; `max_staleness` (async; default the
+  number of workers): a gradient computed more than this many versions ago is refused;
+* `eval_every` (default steps / 10): the server evaluates every this many versions
+  (its `Aggregate: accuracy=..., round=V,` lines count versions), and at the last;
+* optional `seed` (the initial model) and `step_timeout_s` (sync: apply what came if a
+  step takes longer; default 600);
+* `node_list`: exactly one node with "role": "server"; every other node is a worker
+  ("role": "worker" may be written). The batch size is each node's dataset conf's.
+
+Parameters go server -> worker and gradients worker -> server, so links.json needs a
+link each way between the server and every worker. Written per node
+(DIR/<node>_structure.conf, default ROOT/dml_file/conf): the server {"role": "server",
+"workers", "connect", "mode", "steps", "lr", "momentum", "max_staleness", "eval_every",
+...} and each worker {"role": "worker", "server", "connect"}. Defaults: -l
+ROOT/links.json, -n ROOT/node_info.json; a relative path is looked up from the current
+folder, then from dml_tool/.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping, Sequence
+
+try:  # imported as dml_tool.ps_structure_conf (the controller's --auto mode)
+    from . import conf_utils as cu
+except ImportError:  # run as a script from any folder
+    import conf_utils as cu
+
+MODES = ("sync", "async")
+FILE_KEYS = ("mode", "steps", "sync", "lr", "momentum", "max_staleness", "eval_every", "seed",
+             "step_timeout_s", "node_list")
+NODE_KEYS = ("name", "role")
+
+
+def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
+                *, file: str = "ps_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the structure against the links and nodes; return {node: structure conf}."""
+    if not isinstance(structure, dict) or not isinstance(structure.get("node_list"), list):
+        raise cu.ConfError(f"{file}: expected {{\"mode\": \"sync\", \"steps\": N, \"lr\": ..., "
+                           "\"node_list\": [{\"name\": \"n1\", \"role\": \"server\"}, {\"name\": \"n2\"}, ...]}")
+    cu.check_keys(structure, FILE_KEYS, file)
+    mode = structure.get("mode")
+    if mode not in MODES:
+        raise cu.ConfError(f"{file}.mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if ("steps" in structure) == ("sync" in structure):
+        raise cu.ConfError(f"{file}: give the number of updates as 'steps' (or EdgeTB's 'sync'), once")
+    steps = cu.get_int(structure, "steps" if "steps" in structure else "sync", file, low=1)
+
+    server, workers, seen = None, [], {}
+    for i, entry in enumerate(structure["node_list"]):
+        where = f"{file}: node_list[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise cu.ConfError(f"{where}: expected an object with 'name' (and 'role')")
+        name = entry["name"]
+        where = f"{where} {name!r}"
+        cu.check_keys(entry, NODE_KEYS, where)
+        if name not in nodes:
+            raise cu.ConfError(f"{where}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
+        if name in seen:
+            raise cu.ConfError(f"{where}: listed twice (also node_list[{seen[name]}])")
+        seen[name] = i
+        role = entry.get("role", "worker")
+        if role == "server":
+            if server is not None:
+                raise cu.ConfError(f"{where}: a second server (node_list[{seen[server]}] {server!r} is one)")
+            server = name
+        elif role == "worker":
+            workers.append(name)
+        else:
+            raise cu.ConfError(f"{where}.role: expected 'server' or 'worker', got {role!r}")
+    if server is None or not workers:
+        raise cu.ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one worker")
+
+    conf: dict[str, Any] = {
+        "role": "server", "workers": workers, "connect": cu.connect_map(server, links, nodes),
+        "mode": mode, "steps": steps,
+        "lr": cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True),
+        "momentum": cu.get_number(structure, "momentum", file, low=0.0, high=0.999, default=0.0),
+        "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, default=len(workers)),
+        "eval_every": cu.get_int(structure, "eval_every", file, low=1, default=max(1, steps // 10)),
+    }
+    for key, low, high in (("seed", 0, None), ("step_timeout_s", 0.1, 1e6)):
+        if key in structure:
+            conf[key] = (cu.get_int(structure, key, file, low=low) if high is None
+                         else cu.get_number(structure, key, file, low=low, high=high))
+    confs = {server: conf}
+    for w in workers:
+        where = f"{file}: node_list[{seen[w]}] {w!r} (worker)"
+        for src, dst, carries in ((w, server, "gradients"), (server, w, "parameters")):
+            if dst not in links.get(src, []):
+                raise cu.ConfError(f"{links_file}: no link from {src!r} to {dst!r} ({where}): it carries "
+                                   f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
+        confs[w] = {"role": "worker", "server": server, "connect": cu.connect_map(w, links, nodes)}
+    return confs
+
+
+def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
+                node_info_path: str = cu.DEFAULT_NODE_INFO,
+                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+    """Read the three inputs, check them all, then write <node>_structure.conf files."""
+    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cu.structure_tool_main(argv, prog="ps_structure_conf.py", algorithm="a parameter server",
+                                  write=write_confs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Write each node's ring all-reduce structure conf (EdgeTB's ra_structure_conf.py).
+
+    python3 dml_tool/ra_structure_conf.py -s ra_structure.json [-l links.json]
+        [-n node_info.json] [-o DIR]
+
+ra_structure.json: {"sync": 5, "node_list": [{"name": "n1", "epoch": 1}, ...]}, the
+nodes in ring order: each sends its chunks to the next one, the last to the first.
+`epoch` may be 0 (all-reduce without local training). Optional top-level "seed", "lr",
+"init" ("common": every node starts from the same seeded model, the default;
+"per_rank": node k starts from seed + k, i.e. different known weights); per node "lr".
+Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
+{"epoch", "sync", "ring", "rank", "successor", "connect", ...}. links.json must have a
+link from every node to its successor (the chunks travel over it), or this fails
+naming the missing link. Defaults: -l ROOT/links.json, -n ROOT/node_info.json; a
+relative path is looked up from the current folder, then from dml_tool/.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping, Sequence
+
+try:  # imported as dml_tool.ra_structure_conf
+    from . import conf_utils as cu, peer_structure as ps
+except ImportError:  # run as a script from any folder (or --auto's tool import)
+    import conf_utils as cu
+    import peer_structure as ps
+
+INITS = ("common", "per_rank")
+
+
+def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
+                *, file: str = "ra_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the ring against the links and nodes; return {node: structure conf}."""
+    common, peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file,
+                                  extra_top_keys=("init",), min_epoch=0)
+    if "init" in structure:
+        if structure["init"] not in INITS:
+            raise cu.ConfError(f"{file}.init: expected one of {', '.join(INITS)}, got {structure['init']!r}")
+        common["init"] = structure["init"]
+    ring = [p["name"] for p in peers]
+    confs: dict[str, dict[str, Any]] = {}
+    for rank, p in enumerate(peers):
+        name, successor = p["name"], ring[(rank + 1) % len(ring)]
+        connect = cu.connect_map(name, links, nodes)
+        if successor not in connect:
+            raise cu.ConfError(f"{links_file}: no link from {name!r} to its ring successor {successor!r} "
+                               f"({p['where']}; the ring is {' -> '.join(ring + ring[:1])}); add "
+                               f"{{\"dest\": \"{successor}\", \"bw\": ...}} under {name!r} or reorder node_list")
+        conf = {**common, "epoch": p["epoch"], "ring": ring, "rank": rank, "successor": successor,
+                "connect": connect}
+        if "lr" in p:
+            conf["lr"] = p["lr"]
+        confs[name] = conf
+    return confs
+
+
+def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
+                node_info_path: str = cu.DEFAULT_NODE_INFO,
+                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+    """Read the three inputs, check them all, then write <node>_structure.conf files."""
+    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cu.structure_tool_main(argv, prog="ra_structure_conf.py",
+                                  algorithm="ring all-reduce", write=write_confs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

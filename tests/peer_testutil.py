@@ -1,0 +1,134 @@
+"""A controller manager over real role processes on loopback (no namespaces, no links).
+
+The gossip and ring all-reduce tests run their real manager class (GlManager,
+RaManager) against real node processes: heartbeats, conf pushes, /start, the driver and
+the log collection all go over HTTP, as on a deployed testbed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dml_testutil import ROOT, TOKEN, NodeProc, free_port
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from controller.testbed import Testbed  # noqa: E402
+
+import dataset_conf  # noqa: E402  (dml_tool/, on sys.path through dml_testutil)
+
+
+@contextmanager
+def loopback_run(manager_class, role: str, names: list[str], work: Path,
+                 dataset_dir: Path) -> Iterator[tuple[object, dict[str, NodeProc]]]:
+    """Start one `role` process per name and a `manager_class` serving as their controller;
+    writes work/node_info.json. Everything is stopped on exit, failed or not."""
+    ctl_port = free_port()
+    procs: dict[str, NodeProc] = {}
+    manager = None
+    try:
+        for name in names:
+            procs[name] = NodeProc(role, name, log_dir=work / "log", dataset_dir=dataset_dir,
+                                   ctl_address=f"127.0.0.1:{ctl_port}")
+        tb = Testbed("127.0.0.1", str(work), manager_class, host_port=ctl_port, token=TOKEN)
+        for p in procs.values():
+            node = tb.add_emulated_node(p.name, "/home/worker/dml_app", ["python3", f"{role}.py"])
+            node.ip, node.port = "127.0.0.1", p.port
+        (work / "node_info.json").write_text(json.dumps({
+            "emulator": {}, "physical_node": {},
+            "emulated_node": {p.name: {"ip": "127.0.0.1", "port": p.port, "emulator": "lo"}
+                              for p in procs.values()}}))
+        manager = manager_class(tb)
+        manager.conf_dir = work / "conf"
+        manager.runs_dir = work / "runs"
+        manager.serve()
+        for p in procs.values():
+            p.wait_ready(timeout_s=60)
+        yield manager, procs
+    finally:
+        for p in procs.values():
+            p.stop()
+        if manager is not None:
+            manager.close()
+
+
+def push_confs(manager, work: Path, datasets: dict) -> None:
+    """Write the dataset confs from `datasets` (structure confs are the caller's), push both."""
+    (work / "dataset.json").write_text(json.dumps(datasets))
+    dataset_conf.write_confs(str(work / "dataset.json"), str(manager.conf_dir))
+    for kind in ("dataset", "structure"):
+        res = manager.push_conf(kind)
+        assert set(res.values()) == {"ok"}, res
+
+
+def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
+    """One train and one test part of random images, in the splitter's layout."""
+    rng = np.random.default_rng(num_classes)
+    meta = {"name": f"mnist-random-{num_classes}", "input_shape": [1, 28, 28],
+            "num_classes": num_classes, "train_parts": 1, "test_parts": 1}
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        np.save(root / split / "1_x.npy", rng.random((samples, 1, 28, 28), dtype=np.float32))
+        np.save(root / split / "1_y.npy", rng.integers(0, num_classes, samples).astype(np.int64))
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def etb_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("etb-")}
+
+
+@contextmanager
+def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: dict,
+              port: int, subnet: str, emulator: str) -> Iterator[tuple[Testbed, object]]:
+    """A deployed testbed on this machine: one netns node per name running `role`, the
+    in-process controller on `port` (its embedded agent on port + 1), the MNIST subset
+    split into work/dataset (40 train parts, 10 test parts) and `links`. The manager's
+    confs and runs go under `work`. Everything is removed on exit, failed or not."""
+    import splitter
+
+    data = work / "dataset"
+    splitter.split(source="mnist-subset", out=str(data), train_parts=40, test_parts=10,
+                   partition="iid", seed=1)
+    (work / "links.json").write_text(json.dumps(links))
+    tb = Testbed("127.0.0.1", str(work), manager_class, host_port=port)
+    tb.node_info_path = work / "node_info.json"
+    emu = tb.add_emulator(emulator, "127.0.0.1", cpu=2, ram=4, unit="G", subnet=subnet)
+    app = tb.add_nfs("dml_app", str(ROOT / "dml_app"))
+    ds = tb.add_nfs("dataset", str(data))
+    for name in names:
+        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", f"{role}.py"],
+                                    cpu=round(2 / len(names), 3), ram=1, unit="G", emulator=emu)
+        node.mount_nfs(app, "/home/worker/dml_app")
+        node.mount_nfs(ds, "/home/worker/dataset")
+    tb.load_link("links.json")
+    try:
+        manager = tb.start(serve_forever=False, say=lambda m: None)
+        manager.conf_dir = work / "conf"
+        manager.runs_dir = work / "runs"
+        yield tb, manager
+    finally:
+        if tb.manager is not None:
+            tb.manager.close()
+        tb.close()
+    assert not etb_namespaces() & {f"etb-{n}" for n in names}
+
+
+def run_tools(work: Path, alg: str, structure: dict, datasets: dict) -> None:
+    """The conf tools as a user runs them (CLI processes) on <alg>_structure.json and
+    <alg>_dataset.json written to `work`; the confs go to work/conf."""
+    for name, obj in ((f"{alg}_structure.json", structure), (f"{alg}_dataset.json", datasets)):
+        (work / name).write_text(json.dumps(obj))
+    for argv in (["dml_tool/dataset_conf.py", "-d", str(work / f"{alg}_dataset.json"), "-o", str(work / "conf")],
+                 [f"dml_tool/{alg}_structure_conf.py", "-s", str(work / f"{alg}_structure.json"),
+                  "-l", str(work / "links.json"), "-n", str(work / "node_info.json"), "-o", str(work / "conf")]):
+        p = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr

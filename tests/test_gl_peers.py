@@ -1,0 +1,78 @@
+"""Gossip learning with 4 real gl_peer processes and the real GlManager on loopback.
+
+Each peer must initiate exactly `sync` gossips, only ever to peers it has links to (a
+link to a node outside the structure does not count), every model sent must be
+received and merged, and the run must end by itself: the manager notices that every
+peer is done and collects the logs without anybody calling /finish.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from dml_testutil import scratch  # noqa: F401  (fixture)
+from peer_testutil import loopback_run, push_confs, tiny_dataset
+import gl_structure_conf
+from controller.gl_run import GlManager
+
+SYNC = 4
+PEERS = ["gx1", "gx2", "gx3", "gx4"]
+LINKS = {"gx1": ["gx2", "gx3"], "gx2": ["gx3", "gx5"], "gx3": ["gx4", "gx1"], "gx4": ["gx1", "gx2", "gx3"]}
+OUTSIDE = "gx5"  # a node with an address and a link from gx2, but not a peer of the structure
+
+GOSSIP = re.compile(r" INFO Gossip: to=(\w+), round=(\d+),$", re.M)
+RECEIVE = re.compile(r" INFO Receive: from=(\w+), round=(\d+),$", re.M)
+MERGED = re.compile(r"round \d+: merged (\d+) model\(s\)")
+AGGREGATE = re.compile(r" INFO Aggregate: accuracy=(\d\.\d{4}), round=(\d+),$", re.M)
+
+
+def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scratch):
+    data = tiny_dataset(scratch / "dataset", num_classes=10)
+    with loopback_run(GlManager, "gl_peer", PEERS, scratch, data) as (manager, procs):
+        info = json.loads((scratch / "node_info.json").read_text())
+        info["emulated_node"][OUTSIDE] = {"ip": "127.0.0.1", "port": 9, "emulator": "lo"}
+        (scratch / "node_info.json").write_text(json.dumps(info))
+        (scratch / "links.json").write_text(json.dumps(
+            {src: [{"dest": d, "bw": "1gbit"} for d in dests] for src, dests in LINKS.items()}))
+        (scratch / "gl.json").write_text(json.dumps(
+            {"sync": SYNC, "seed": 3, "wait_s": 0.5, "node_list": [{"name": n, "epoch": 1} for n in PEERS]}))
+        gl_structure_conf.write_confs(str(scratch / "gl.json"), str(scratch / "links.json"),
+                                      str(scratch / "node_info.json"), str(manager.conf_dir))
+        conf2 = json.loads((manager.conf_dir / "gx2_structure.conf").read_text())
+        assert sorted(conf2["connect"]) == ["gx3"]  # the link to gx5 is not a gossip link
+        push_confs(manager, scratch, {n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in PEERS})
+
+        t0 = time.monotonic()
+        assert manager.start_training(None) == f"started {', '.join(PEERS)}"
+        assert manager.finished.wait(60), "the controller never noticed the end of the gossip"
+        took = time.monotonic() - t0
+        summary = manager.summary
+        assert "error" not in summary, summary
+        run_dir = Path(summary["run_dir"])
+        # nobody called /finish: the manager did, after every peer was done
+        assert all(manager.heartbeats[n]["state"] == "finished" for n in PEERS)
+        assert took < 40
+
+    logs = {n: (run_dir / f"{n}.log").read_text() for n in PEERS}
+    sent, received, merged = {}, 0, 0
+    for n in PEERS:
+        gossips = GOSSIP.findall(logs[n])
+        assert [int(r) for _, r in gossips] == list(range(1, SYNC + 1)), (n, gossips)
+        assert {to for to, _ in gossips} <= set(LINKS[n]) - {OUTSIDE}, (n, gossips)
+        sent[n] = len(gossips)
+        received += len(RECEIVE.findall(logs[n]))
+        merged += sum(int(k) for k in MERGED.findall(logs[n]))
+        rounds = [int(r) for _, r in AGGREGATE.findall(logs[n])]
+        assert rounds[:SYNC] == list(range(1, SYNC + 1)) and set(rounds[SYNC:]) <= {SYNC}
+        metrics = [json.loads(l) for l in (run_dir / f"{n}.metrics.jsonl").read_text().splitlines()]
+        assert [(m["to"], m["round"], m["ok"]) for m in metrics if m["event"] == "gossip"] == \
+            [(to, int(r), True) for to, r in gossips]
+    assert sent == {n: SYNC for n in PEERS} == summary["gossips_sent"]
+    # every model sent arrived and was merged before the controller collected the logs
+    assert received == merged == SYNC * len(PEERS)
+    # gx1 only ever gossips to gx2 or gx3, gx2 only to gx3: seen from the receivers too
+    assert "Receive: from=gx2" not in logs["gx1"] + logs["gx4"]
+    assert summary["algorithm"] == "gl" and summary["rounds"] == SYNC
+    assert set(summary["bytes_sent"]) == set(PEERS) and all(b > 0 for b in summary["bytes_sent"].values())

@@ -1,0 +1,78 @@
+"""Gossip learning through EdgeTB's HTTP workflow on real netns nodes.
+
+Four peers g1..g4 (gl_peer.py) on network namespaces with shaped links, the
+controller (GlManager) and its embedded agent in this process, the conf tools run as
+CLI processes, every step an HTTP call to the controller. `/start` without a root
+starts every peer; nobody calls /finish: the controller notices the end by itself.
+LeNet-5 on the MNIST subset, 1,000 training images per peer.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from peer_testutil import netns_run, run_tools
+from controller.gl_run import GlManager
+from dml_app import net
+
+PEERS = ["g1", "g2", "g3", "g4"]
+SYNC = 5
+MIN_ACCURACY = 0.85   # measured: 0.90-0.93 mean final accuracy
+LINKS = {"g1": [{"dest": "g2", "bw": "40mbit"}, {"dest": "g3", "bw": "5mbps"}],
+         "g2": [{"dest": "g3", "bw": "20mbit"}],
+         "g3": [{"dest": "g4", "bw": "30mbit"}, {"dest": "g1", "bw": "10mbit"}],
+         "g4": [{"dest": "g1", "bw": "25mbit"}, {"dest": "g2", "bw": "2mbps"}]}
+
+
+@pytest.fixture
+def gl_testbed(tmp_path):
+    with netns_run(GlManager, "gl_peer", PEERS, tmp_path, links=LINKS, port=3360,
+                   subnet="10.241.0.0/24", emulator="emu-gl") as (tb, manager):
+        yield tb, manager, tmp_path
+
+
+def test_gossip_over_the_http_workflow(gl_testbed):
+    tb, manager, tmp = gl_testbed
+    ctl = f"127.0.0.1:{tb.host_port}"
+    run_tools(tmp, "gl", {"sync": SYNC, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]},
+              {n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 5,
+                   "test_start_index": 1 + 5 * (i % 2), "batch_size": 32} for i, n in enumerate(PEERS)})
+    assert set(net.get_json(f"{ctl}/conf/dataset", timeout_s=180).values()) == {"ok"}
+    assert set(net.get_json(f"{ctl}/conf/structure", timeout_s=180).values()) == {"ok"}
+    with pytest.raises(net.HttpError, match="no root"):
+        net.call("GET", f"{ctl}/start", params={"root": "g1"})
+    t0 = time.monotonic()
+    assert net.call("GET", f"{ctl}/start").text == "started g1, g2, g3, g4\n"
+
+    deadline = time.monotonic() + 120
+    while not net.get_json(f"{ctl}/status")["finished"]:   # nobody calls /finish
+        assert time.monotonic() < deadline, "the controller never noticed the end of the gossip"
+        manager.finished.wait(1.0)
+    took = time.monotonic() - t0
+
+    summary = manager.summary
+    assert "error" not in summary and summary["algorithm"] == "gl" and summary["rounds"] == SYNC
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == summary["final_accuracy"]
+    assert summary["final_accuracy"] >= MIN_ACCURACY, summary["accuracy_per_round"]
+    accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
+    assert accs[-1] > accs[0], accs
+    assert summary["gossips_sent"] == {n: SYNC for n in PEERS}
+    for n in PEERS:
+        log = (run_dir / f"{n}.log").read_text()
+        targets = re.findall(r"Gossip: to=(\w+), round=\d+,", log)
+        assert len(targets) == SYNC and set(targets) <= {l["dest"] for l in LINKS[n]}, (n, targets)
+        assert "Train: loss=" in log and "Aggregate: accuracy=" in log
+        # each gossip is a whole model over a shaped link
+        assert summary["bytes_sent"][n] >= SYNC * 240_000
+    for png in ("accuracy.png", "loss.png", "summary.png"):
+        assert (run_dir / png).stat().st_size > 1000
+    status = net.get_json(f"{ctl}/status")["nodes"]
+    assert {s["state"] for s in status.values()} == {"finished"}
+    assert status["g4"]["links"] == 2 and status["g2"]["links"] == 1
+    print(f"gossip: {SYNC} rounds in {took:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
+          f"per round {[round(a, 4) for a in accs]}")

@@ -1,0 +1,93 @@
+"""The tc batches worker.tc builds (pure: no root, no kernel), and its netlink read-back
+against a real namespace (root)."""
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+import agent_helpers as ah  # noqa: E402
+from worker import tc  # noqa: E402
+
+
+def L(ip, rate, **kw):
+    return tc.Link(dest=ip, ip=ip, port=4444, rate_bps=rate, **kw)
+
+
+def test_every_link_gets_class_segmenting_leaf_and_filter():
+    t = tc.LinkTable(dev="eth0", netns="x")
+    lines = tc.install_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**9)])
+    assert lines[0].startswith("qdisc add dev eth0 root handle 1: htb default 1")
+    for minor, ip in ((0x10, "10.0.0.1"), (0x11, "10.0.0.2")):
+        assert any(l.startswith(f"class add dev eth0 parent 1: classid 1:{minor:x} htb") for l in lines)
+        assert f"qdisc add dev eth0 parent 1:{minor:x} handle {minor:x}: tbf rate 100gbit burst 3028 " \
+               f"limit {tc.SEGMENT_LIMIT_BYTES}" in lines
+        assert any(f"match ip dst {ip}/32 match ip dport 4444 0xffff flowid 1:{minor:x}" in l for l in lines)
+    assert len(lines) == 2 + 3 * 2
+
+
+def test_two_links_to_one_destination_are_refused():
+    with pytest.raises(tc.TcError, match="two links"):
+        tc.install_lines(tc.LinkTable(dev="eth0", netns="x"), [L("10.0.0.1", 10**6), L("10.0.0.1", 10**7)])
+
+
+def test_change_touches_only_what_changed():
+    t = tc.LinkTable(dev="eth0", netns="x")
+    tc.install_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**7)])
+    assert tc.change_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**7)]) == []
+    lines = tc.change_lines(t, [L("10.0.0.1", 2 * 10**6), L("10.0.0.2", 10**7)])
+    assert len(lines) == 1 and lines[0].startswith("class change dev eth0 parent 1: classid 1:10 htb rate 2000000bit")
+
+
+def test_removed_link_goes_unshaped_and_comes_back_with_its_leaf():
+    t = tc.LinkTable(dev="eth0", netns="x")
+    tc.install_lines(t, [L("10.0.0.1", 10**6)])
+    gone = tc.change_lines(t, [])
+    assert gone == ["qdisc del dev eth0 parent 1:10 handle 10:",
+                    "class change dev eth0 parent 1: classid 1:10 htb rate 100gbit ceil 100gbit quantum 200000"]
+    back = tc.change_lines(t, [L("10.0.0.1", 10**6)])
+    assert back[0].startswith("class change dev eth0 parent 1: classid 1:10 htb rate 1000000bit")
+    assert back[1].startswith("qdisc add dev eth0 parent 1:10 handle 10: tbf")
+    assert len(back) == 2                     # the filter stayed
+
+
+def test_leaf_kind_changes_by_del_and_add():
+    t = tc.LinkTable(dev="eth0", netns="x")
+    tc.install_lines(t, [L("10.0.0.1", 10**6)])
+    to_netem = tc.change_lines(t, [L("10.0.0.1", 10**6, delay_us=5000)])
+    assert to_netem == ["qdisc del dev eth0 parent 1:10 handle 10:",
+                        "qdisc add dev eth0 parent 1:10 handle 10: netem delay 5000us"]
+    assert tc.change_lines(t, [L("10.0.0.1", 10**6, delay_us=6000)]) == \
+        ["qdisc change dev eth0 parent 1:10 handle 10: netem delay 6000us"]
+    back = tc.change_lines(t, [L("10.0.0.1", 10**6)])
+    assert back[0] == "qdisc del dev eth0 parent 1:10 handle 10:" and " tbf " in back[1]
+
+
+@ah.need_root()
+def test_read_back_counts_and_rates_in_a_namespace():
+    ns = "etb-" + ah.new_tag() + "rb"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        t = tc.LinkTable(dev="eth0", netns=ns)
+        links = [L(f"10.0.{i // 200}.{i % 200 + 1}", 10**6 * (i + 1)) for i in range(300)]
+        links.append(L("10.9.9.9", 50 * 10**9))              # above 2^32 bytes/s: RATE64
+        tc.install(t, links)
+        got = tc.read_back(ns, "eth0")
+        assert got["classes"] == 302 and got["filters"] == 301
+        assert got["rates_bps"][1] == 100 * 10**9
+        assert [got["rates_bps"][0x10 + i] for i in range(301)] == [l.rate_bps for l in links]
+        assert tc.verify(t) == 301
+        tc.change(t, links[:10])
+        assert tc.read_back(ns, "eth0")["rates_bps"][0x10 + 20] == 100 * 10**9
+        tc.clear(ns, "eth0")
+        assert tc.read_back(ns, "eth0") == {"classes": 0, "filters": 0, "rates_bps": {}}
+        with pytest.raises(tc.TcError, match="no device"):
+            tc.read_back(ns, "eth7")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with pytest.raises(tc.TcError, match="no namespace"):
+        tc.read_back(ns, "eth0")
