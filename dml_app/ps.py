@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms import StateDict, fedavg
+from algorithms import StateDict
 
 MODES = ("sync", "async")
 
@@ -35,8 +35,15 @@ class Finished(Rejected):
 
 
 def average_gradients(grads: Sequence[tuple[StateDict, int]]) -> dict[str, torch.Tensor]:
-    """The average of the workers' gradients weighted by their batch samples."""
-    return fedavg(grads)
+    """The average of the workers' gradients weighted by their batch samples, summed in
+    float64 as sum(n * g) / sum(n): with equal batches this is the plain mean
+    sum(g) / K to the bit (the samples scale every term alike), in the gradients' dtype.
+    The gradients' keys and shapes are checked on arrival (ParameterServer.push)."""
+    total = sum(n for _, n in grads)
+    if not grads or total <= 0:
+        raise ValueError("average_gradients needs (gradient, samples) pairs with samples > 0")
+    first = grads[0][0]
+    return {k: (sum(g[k].double() * n for g, n in grads) / total).to(first[k].dtype) for k in first}
 
 
 def sgd_step(params: StateDict, grad: StateDict, *, lr: float, momentum: float = 0.0,

@@ -13,7 +13,8 @@ every worker. Then:
   {"applied", "version"}; 409 with the reason when refused (async: older than
   `max_staleness` versions; sync: not of the current version, or pushed twice); 400
   for a gradient that does not fit the model; 410 once training is over.
-* GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending"}.
+* GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending"};
+  GET /ps/model: the current parameters (safetensors, meta {version}), for inspection.
 
 It evaluates on its test parts every `eval_every` versions and at the last one, logging
 `Aggregate: accuracy=..., round=V,` where the round V is the VERSION (the number of SGD
@@ -31,7 +32,7 @@ import threading
 import time
 
 import torch
-from flask import jsonify, request
+from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, Gone
 
 import net
@@ -39,7 +40,7 @@ import nns
 from algorithms import weighted_mean
 from learn import evaluate
 from ps import Finished, ParameterServer, PsConfig, Rejected
-from runtime import Runtime, main
+from runtime import WEIGHTS_MIME, Runtime, main
 
 MAX_WAIT_S = 10.0
 MAX_WAITERS = 4          # long polls held at once: the node serves 8 requests at a time
@@ -74,6 +75,7 @@ class PsServer:
         rt.route("/ps/pull", methods=["POST"])(self.pull)
         rt.route("/ps/push", methods=["POST"])(self.push)
         rt.route("/ps/status", methods=["GET"])(self.status)
+        rt.route("/ps/model", methods=["GET"])(self.model)
 
     @staticmethod
     def _check_data(data) -> None:
@@ -148,6 +150,13 @@ class PsServer:
             return jsonify(mode=ps.config.mode, version=ps.version, steps=ps.config.steps, done=ps.done,
                            accepted=ps.accepted, rejected=ps.rejected, pending=sorted(ps.pending),
                            started=True)
+
+    def model(self):
+        """GET /ps/model: the current parameters (meta {version}); an inspection, not counted."""
+        with self._cond:
+            ps = self._running()
+            version, params = ps.version, ps.params
+        return Response(net.pack_weights(params, {"version": version}), mimetype=WEIGHTS_MIME)
 
     def _running(self) -> ParameterServer:
         if self.ps is None:

@@ -427,6 +427,17 @@ def cgroup_limits(name: str) -> dict:
             | {int(x) for x in (mem / "cgroup.procs").read_text().split()}}
 
 
+def _cgroup_members(names) -> list[str]:
+    out = []
+    for n in names:
+        for d in _cgroup_dirs(n):
+            try:
+                out += [f"{pid} {_cmdline(int(pid))}" for pid in (d / "cgroup.procs").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
 def _all_links() -> set[str]:
     return set(os.listdir("/sys/class/net"))
 
@@ -492,7 +503,7 @@ def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[
         "links": sorted((veths | bridges) & links),
         "cgroups": sorted(str(p) for n in names for p in _cgroup_dirs(n) if p.exists()),
         "iptables": [r for r in _iptables_rules() if any(b in r for b in bridges)],
-        "processes": _pids_left(set(names), seen),
+        "processes": sorted(set(_pids_left(set(names), seen)) | set(_cgroup_members(names))),
         "rundirs": sorted(str(p) for p in state_dirs),
     }
 

@@ -106,7 +106,7 @@ def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: 
     ds = tb.add_nfs("dataset", str(data))
     for name in names:
         node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", f"{role}.py"],
-                                    cpu=round(2 / len(names), 3), ram=1, unit="G", emulator=emu)
+                                    cpu=int(2000 / len(names)) / 1000, ram=1, unit="G", emulator=emu)
         node.mount_nfs(app, "/home/worker/dml_app")
         node.mount_nfs(ds, "/home/worker/dataset")
     tb.load_link("links.json")
@@ -118,7 +118,8 @@ def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: 
     finally:
         if tb.manager is not None:
             tb.manager.close()
-        tb.close()
+        if tb.embedded is not None:  # (Testbed.close() of a never-deployed testbed raises)
+            tb.close()
     assert not etb_namespaces() & {f"etb-{n}" for n in names}
 
 

@@ -20,8 +20,8 @@ from controller.gl_run import GlManager
 from dml_app import net
 
 PEERS = ["g1", "g2", "g3", "g4"]
-SYNC = 5
-MIN_ACCURACY = 0.85   # measured: 0.90-0.93 mean final accuracy
+SYNC = 8
+MIN_ACCURACY = 0.85   # measured: see the report
 LINKS = {"g1": [{"dest": "g2", "bw": "40mbit"}, {"dest": "g3", "bw": "5mbps"}],
          "g2": [{"dest": "g3", "bw": "20mbit"}],
          "g3": [{"dest": "g4", "bw": "30mbit"}, {"dest": "g1", "bw": "10mbit"}],

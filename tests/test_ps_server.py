@@ -133,7 +133,8 @@ def test_sync_step_is_one_sgd_step_on_the_average_gradient(make_server, data, mo
         for k, p in ref.named_parameters():
             p.grad = (sum(g[k].double() for g in grads) / 3).float()
         opt.step()
-        new = pull(srv, fakes["pw2"], step)
+        new, meta = net.unpack_weights(srv.call("GET", "/ps/model").content)
+        assert meta == {"version": step + 1}
         for k, p in ref.named_parameters():
             assert torch.equal(new[k], p.detach()), (step, k)
         if step == 0 and momentum == 0.0:

@@ -1,0 +1,94 @@
+"""End-to-end helpers: a netns testbed in this process, driven the way a user drives it.
+
+The controller and its embedded agent run in the test process; the conf tools run as
+CLI processes; every step is an HTTP call to the controller, as with curl. Used by the
+algorithms' workflow tests (test_el_workflow.py, test_ps_workflow.py).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "dml_tool"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from controller.testbed import Testbed  # noqa: E402
+from dml_app import net  # noqa: E402
+
+
+def etb_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("etb-")}
+
+
+@contextmanager
+def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, *, port: int,
+                  subnet: str, cpu: float = 2.0) -> Iterator[tuple[Testbed, object]]:
+    """Deploy one node per {name: role script} on a netns emulator with `links`; yield
+    (testbed, manager); remove every node and link afterwards, failed or not."""
+    import splitter
+
+    splitter.split(source="mnist-subset", out=str(tmp / "dataset"), train_parts=40, test_parts=10,
+                   partition="iid", seed=1)
+    (tmp / "links.json").write_text(json.dumps(links))
+    tb = Testbed("127.0.0.1", str(tmp), manager_class, host_port=port)
+    tb.node_info_path = tmp / "node_info.json"
+    emu = tb.add_emulator(f"emu-{manager_class.algorithm}", "127.0.0.1", cpu=cpu, ram=4, unit="G",
+                          subnet=subnet)
+    shares = {tag: tb.add_nfs(tag, str(path)) for tag, path in
+              (("dml_app", ROOT / "dml_app"), ("dataset", tmp / "dataset"))}
+    for name, role in roles.items():
+        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role],
+                                    cpu=round(cpu / len(roles), 3), ram=768, unit="M", emulator=emu)
+        for tag, share in shares.items():
+            node.mount_nfs(share, f"/home/worker/{tag}")
+    tb.load_link("links.json")
+    manager = tb.start(serve_forever=False, say=lambda m: None)   # a failed start removes its part
+    try:
+        manager.conf_dir = tmp / "conf"
+        manager.runs_dir = tmp / "runs"
+        yield tb, manager
+    finally:
+        tb.close()          # nodes first, so no heartbeat arrives at a closing server
+        manager.close()
+    assert not etb_namespaces() & {f"etb-{n}" for n in roles}
+
+
+def run_workflow(tb: Testbed, manager, tmp: Path, *, alg: str, dataset: dict, structure: dict,
+                 root: str, timeout_s: float) -> dict:
+    """EdgeTB's steps: conf tools (CLI), /conf/dataset, /conf/structure, /start?root=,
+    then wait for the root's /finish; returns the run's summary."""
+    ctl = f"127.0.0.1:{tb.host_port}"
+    (tmp / f"{alg}_dataset.json").write_text(json.dumps(dataset))
+    (tmp / f"{alg}_structure.json").write_text(json.dumps(structure))
+    out = ["-o", str(tmp / "conf")]
+    for argv in (["dml_tool/dataset_conf.py", "-d", str(tmp / f"{alg}_dataset.json")],
+                 [f"dml_tool/{alg}_structure_conf.py", "-s", str(tmp / f"{alg}_structure.json"),
+                  "-l", str(tmp / "links.json"), "-n", str(tmp / "node_info.json")]):
+        p = subprocess.run([sys.executable] + argv + out, cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    for kind in ("dataset", "structure"):
+        assert set(net.get_json(f"{ctl}/conf/{kind}", timeout_s=180).values()) == {"ok"}
+    assert f"started {root}" in net.call("GET", f"{ctl}/start", params={"root": root}).text
+    deadline = time.monotonic() + timeout_s
+    while not net.get_json(f"{ctl}/status")["finished"]:
+        assert time.monotonic() < deadline, f"{root} never called /finish\n" + node_outputs(tb)
+        manager.finished.wait(1.0)
+    return manager.summary
+
+
+def node_outputs(tb: Testbed, tail_chars: int = 1500) -> str:
+    """The end of every node app's stdout.log (where the embedded agent keeps it)."""
+    out = []
+    for name in tb.all_nodes():
+        path = Path(f"/run/edgetb/agent-{tb.host_port + 1}/nodes/{name}/stdout.log")
+        text = path.read_text(errors="replace")[-tail_chars:] if path.exists() else "(no stdout.log)"
+        out.append(f"--- {name}\n{text}")
+    return "\n".join(out)
