@@ -343,7 +343,8 @@ class Testbed:
 
     def workers(self) -> list[tuple[str, str]]:
         """(label, agent address) of every worker, emulators first."""
-        out = [(f"emulator {e.name}", self.agent_address(e)) for e in self.emulators.values()]
+        out = [(f"emulator {e.name}", self.agent_address(e)) for e in self.emulators.values()
+               if e.agent_port is not None or self.embedded is not None]
         seen = set()
         for n in self.physical.values():
             addr = f"{n.ip}:{n.agent_port}"

@@ -254,7 +254,7 @@ class Deployment:
         return nb.NS_PREFIX + name
 
     def veths(self) -> list[str]:
-        return [f"{nb.VETH_PREFIX}{n['id']}" for n in self.nodes]
+        return [nb.veth_name(n["name"]) for n in self.nodes]
 
     def body(self) -> dict:
         return {"emulator": self.emulator, "backend": "netns",
@@ -486,7 +486,7 @@ def _pids_left(names: set[str], seen: dict[int, str]) -> list[str]:
 def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[str]]:
     """What the testbed still holds of these deployments (empty lists: nothing).
 
-    Scoped to the names the test made: namespaces etb-<node>, host veths etbv<id>, the
+    Scoped to the names the test made: namespaces etb-<node>, host veths etbv<hash of name>, the
     bridges, cgroups edgetb/<node>, iptables rules naming the bridges, processes marked
     with a node's name in their environment or once seen inside one of its namespaces.
     """

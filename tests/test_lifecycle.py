@@ -134,16 +134,16 @@ def test_deploy_failing_at_tc_time_leaves_nothing_half_deployed(clean_agent):
     assert clean_agent.get("/status")["nodes"] == {}
 
 
-def test_taken_id_is_refused_and_the_other_link_is_not_touched(clean_agent):
+def test_taken_veth_name_is_refused_and_the_other_link_is_not_touched(clean_agent):
     """A host link already named like a node's veth (another agent's node, say) makes the
     deploy fail, and the rollback must not delete that link."""
     dep = _http_nodes(2)
-    stray = f"etbv{dep.nodes[1]['id']}"
+    stray = ah.nb.veth_name(dep.names[1])
     subprocess.run(["ip", "link", "add", stray, "type", "veth", "peer", "name", stray + "p"], check=True)
     try:
         with pytest.raises(net.HttpError) as e:
             ah.deploy(clean_agent, dep)
-        assert e.value.status == 422 and str(dep.nodes[1]["id"]) in e.value.message
+        assert e.value.status == 422 and stray in e.value.message
         assert ah.nb.link_exists(stray), "the rollback deleted a link it did not make"
         left = ah.leftovers(dep)
         left["links"] = [x for x in left["links"] if x != stray]

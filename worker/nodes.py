@@ -5,7 +5,7 @@ run their app through the same process code, so there is one way to shape links 
 way to start and stop an app.
 
 Every kernel object the testbed makes carries the `etb` prefix: namespaces `etb-<node>`
-(so `ip netns exec etb-n1 ...` works for users), host veth ends `etbv<id>`, bridges
+(so `ip netns exec etb-n1 ...` works for users), host veth ends `etbv<hash of the node name>`, bridges
 `etbbr<hash>`, cgroups under `edgetb/`, iptables rules with the comment `edgetb`.
 """
 from __future__ import annotations
@@ -54,6 +54,12 @@ def link_exists(ifname: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def veth_name(node: str) -> str:
+    """Host end of a node's veth: from its name, which is unique on the machine as its
+    namespace is (ids are only unique within one testbed)."""
+    return f"{VETH_PREFIX}{zlib.crc32(node.encode()):08x}"
 
 
 def bridge_name(emulator: str) -> str:
@@ -255,12 +261,12 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
     nodes = []
     host_lines = []
     for s in specs:
-        ns, veth = NS_PREFIX + s.name, f"{VETH_PREFIX}{s.id}"
+        ns, veth = NS_PREFIX + s.name, veth_name(s.name)
         if Path(f"/run/netns/{ns}").exists():
             raise NodeError(f"node {s.name}: namespace {ns} already exists (reset first)")
         if link_exists(veth):
             # The rollback below removes every veth of this batch: never one we did not make.
-            raise NodeError(f"node {s.name}: id {s.id} is taken (host link {veth} already exists)")
+            raise NodeError(f"node {s.name}: host link {veth} already exists (another testbed's node of that name?)")
         rundir = rundir_base / s.name
         nodes.append(Node(spec=s, kind="netns", netns=ns, dev=NODE_DEV, rundir=str(rundir),
                           veth=veth, bridge=bridge))
