@@ -17,14 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns_workflow import netns_testbed, run_workflow  # noqa: E402
 
-from controller.manager import Manager  # noqa: E402
+from controller.el_run import ElManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"e{i}" for i in range(1, 6)]
-
-
-class ElManager(Manager):
-    algorithm = "el"
 
 
 def renamed(obj):

@@ -76,6 +76,7 @@ def test_ring_all_reduce_over_the_http_workflow(ra_testbed):
     for png in ("accuracy.png", "loss.png", "summary.png"):
         assert (run_dir / png).stat().st_size > 1000
     status = net.get_json(f"{ctl}/status")["nodes"]
-    assert {s["state"] for s in status.values()} == {"ready"}
+    assert {s["app"] for s in status.values()} == {"running"}
+    assert [status[n]["links"] for n in NODES] == [2, 1, 1]
     print(f"ring all-reduce: {SYNC} rounds in {took:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
           f"per round {accs}")

@@ -237,14 +237,14 @@ def remove_bridge(name: str) -> None:
 
 def _bridge_firewall(bridge: str, *, add: bool) -> None:
     """With br_netfilter loaded and Docker's FORWARD policy DROP, bridged frames between
-    namespaces are silently dropped; own an accept rule for our bridge while it exists."""
+    namespaces are silently dropped; own an accept rule for our bridge while it exists.
+    Added whenever iptables is there: Docker may start (and load br_netfilter) later."""
     if shutil.which("iptables") is None:
         return
     rule = ["FORWARD", "-i", bridge, "-o", bridge, "-m", "comment", "--comment", "edgetb", "-j", "ACCEPT"]
     present = subprocess.run(["iptables", "-w", "-C"] + rule, capture_output=True).returncode == 0
     if add and not present:
-        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
-            subprocess.run(["iptables", "-w", "-I"] + rule, capture_output=True)
+        subprocess.run(["iptables", "-w", "-I"] + rule, capture_output=True)
     elif not add:
         while present:
             subprocess.run(["iptables", "-w", "-D"] + rule, capture_output=True)
