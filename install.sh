@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up this machine for the testbed (controller, embedded agent, node apps) and its
 # tests: Debian packages for namespaces, traffic control and link measurement, then the
-# pinned Python requirements into the python3 that runs the testbed. Run as root.
+# pinned Python requirements into the python3 that runs the testbed; with EDGETB_DOCKER=1
+# also Docker, a running dockerd and the node image for docker nodes. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then echo "install.sh: run as root (sudo ./install.sh)" >&2; exit 2; fi
@@ -24,4 +25,25 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
   apt-get install -y -qq python3-pip >/dev/null
 fi
 "$py" -m pip install -q "${extra[@]}" -r requirements.txt
-"$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib; print("install.sh: ready (torch", torch.__version__ + ")")'
+"$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib, docker; print("install.sh: ready (torch", torch.__version__ + ")")'
+# Docker nodes, with EDGETB_DOCKER=1 (CI sets it): docker.io and debootstrap from Debian,
+# dockerd started in the background unless a daemon answers (readiness polled, bounded),
+# and the node image built offline unless present (worker/image.py: about 1.5 minutes).
+if [ "${EDGETB_DOCKER:-0}" = 1 ]; then
+  need=()
+  for pair in dockerd:docker.io docker-init:tini debootstrap:debootstrap; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    setsid dockerd >/var/log/edgetb-dockerd.log 2>&1 </dev/null &
+    echo "install.sh: started dockerd (pid $!, log /var/log/edgetb-dockerd.log)"
+    for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker info >/dev/null 2>&1 || { echo "install.sh: dockerd did not answer within 60 s (see /var/log/edgetb-dockerd.log)" >&2; exit 1; }
+  fi
+  "$py" worker/image.py build
+fi

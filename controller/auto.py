@@ -90,11 +90,12 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         say("reset: every node and link removed")
 
 
-def script_main(build, *, algorithm: str, root: str | None, description: str) -> int:
-    """The main() of a run script <algorithm>_run.py. Without --auto: deploy and serve, for
+def script_main(build, *, description: str, root: str | None, structure_tool: str) -> int:
+    """The main() of a run script <alg>_run.py. Without --auto: deploy and serve, for
     EdgeTB's step-by-step workflow. With --auto: the whole workflow on the shipped
-    dml_tool/<algorithm>_dataset.json and <algorithm>_structure.json, the confs written by
-    dml_tool/<algorithm>_structure_conf.py. `build(port, links)` makes the testbed."""
+    dml_tool/<alg>_dataset.json and <alg>_structure.json, the confs written by the
+    dml_tool module `structure_tool` ("<alg>_structure_conf"). `build(port, links)` makes
+    the testbed."""
     args = common_args(description).parse_args()
     testbed = build(args.port, args.links)
     if not args.auto:
@@ -104,10 +105,11 @@ def script_main(build, *, algorithm: str, root: str | None, description: str) ->
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    conf_tool = tool(f"{algorithm}_structure_conf")
-    return run(testbed, root=root, dataset_json=DML_TOOL / f"{algorithm}_dataset.json", timeout_s=args.timeout,
+    alg = structure_tool.split("_")[0]
+    conf_tool = tool(structure_tool)
+    return run(testbed, root=root, dataset_json=DML_TOOL / f"{alg}_dataset.json", timeout_s=args.timeout,
                write_structure=lambda: conf_tool.write_confs(
-                   str(DML_TOOL / f"{algorithm}_structure.json"), str(testbed.links_file),
+                   str(DML_TOOL / f"{alg}_structure.json"), str(testbed.links_file),
                    str(testbed.node_info_path), str(ROOT / "dml_file" / "conf")))
 
 

@@ -81,7 +81,8 @@ def build(port: int = 3333, links: str = "links.json"):
 
 
 def main() -> int:
-    return auto.script_main(build, algorithm="gl", root=None, description=__doc__.strip().splitlines()[0])
+    return auto.script_main(build, description=__doc__.strip().splitlines()[0], root=None,
+                            structure_tool="gl_structure_conf")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 DEFAULT_NODE_PORT = 4444
 DEFAULT_SUBNET = "10.233.0.0/16"
 _UNITS_MB = {"M": 1, "MB": 1, "G": 1024, "GB": 1024}
+BACKENDS = ("netns", "docker")
 
 
 class DefinitionError(ValueError):
@@ -259,8 +260,13 @@ class Testbed:
             except ValueError as e:
                 problems.append(f"emulator {emu.name}: {e}")
                 continue
-            if emu.backend not in ("netns",):
-                problems.append(f"emulator {emu.name}: backend {emu.backend!r} is not available (netns)")
+            if emu.backend not in BACKENDS:
+                problems.append(f"emulator {emu.name}: backend {emu.backend!r} is not one of {', '.join(BACKENDS)}")
+            elif emu.backend == "docker":
+                for n in emu.nodes:
+                    if not n.image:
+                        problems.append(f"node {n.name}: emulator {emu.name} runs docker nodes, give it an image "
+                                        f"(add_emulated_node(..., image=\"edgetb-node:latest\"))")
             if len(emu.nodes) > net_.num_addresses - 3:
                 problems.append(f"emulator {emu.name}: {len(emu.nodes)} nodes do not fit in {emu.subnet}")
             cpu = sum(n.cpu for n in emu.nodes)
@@ -370,7 +376,7 @@ class Testbed:
                 "cpu": getattr(n, "cpu", 1.0), "ram_mb": getattr(n, "ram_mb", 1024),
                 "cmd": n.cmd, "working_dir": n.working_dir,
                 "volumes": [{"host": v.host, "node": v.node, "ro": v.ro} for v in n.volumes],
-                "nic": getattr(n, "nic", None),
+                "nic": getattr(n, "nic", None), "image": getattr(n, "image", ""),
                 "env": {**n.env, "EDGE_TB_ID": str(n.id), "NET_NODE_NAME": n.name,
                         "DML_PORT": str(n.port), "NET_CTL_ADDRESS": ctl, "NET_AGENT_ADDRESS": agent}}
 
@@ -385,7 +391,7 @@ class Testbed:
             gw = emu.gateway
             ctl = f"{gw}:{self.host_port}" if emu.agent_port is None else f"{self.ip}:{self.host_port}"
             agent_addr = f"{gw}:{self.embedded[1].port}" if emu.agent_port is None else f"{emu.ip}:{emu.agent_port}"
-            body = {"emulator": emu.name, "backend": emu.backend,
+            body = {"emulator": emu.name, "backend": emu.backend, "cpu": emu.cpu,
                     "bridge": {"cidr": emu.subnet, "gateway": gw},
                     "nodes": [self._node_body(n, ctl, agent_addr) for n in emu.nodes],
                     "links": self.agent_links(self.links, [n.name for n in emu.nodes])}

@@ -10,7 +10,7 @@ algorithm adds (gossip "wait_s", ring all-reduce "init").
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 try:  # imported as dml_tool.peer_structure
     from . import conf_utils as cu
@@ -56,3 +56,16 @@ def read_peers(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str, n
             peer["lr"] = cu.get_number(entry, "lr", where, low=0.0, high=10.0, low_open=True)
         peers.append(peer)
     return common, peers
+
+
+def tool(build_confs: Callable[..., dict], prog: str, algorithm: str) -> tuple[Callable, Callable]:
+    """(write_confs, main) of a peer conf tool whose checks are `build_confs`:
+    write_confs(structure, links=ROOT/links.json, node_info=ROOT/node_info.json,
+    out_dir=ROOT/dml_file/conf) -> paths, and main(argv) -> exit status."""
+    def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
+                    node_info_path: str = cu.DEFAULT_NODE_INFO, out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
+        return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return cu.structure_tool_main(argv, prog=prog, algorithm=algorithm, write=write_confs)
+    return write_confs, main

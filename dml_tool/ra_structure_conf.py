@@ -17,7 +17,7 @@ relative path is looked up from the current folder, then from dml_tool/.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 try:  # imported as dml_tool.ra_structure_conf
     from . import conf_utils as cu, peer_structure as ps
@@ -55,16 +55,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     return confs
 
 
-def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
-                node_info_path: str = cu.DEFAULT_NODE_INFO,
-                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
-    """Read the three inputs, check them all, then write <node>_structure.conf files."""
-    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cu.structure_tool_main(argv, prog="ra_structure_conf.py",
-                                  algorithm="ring all-reduce", write=write_confs)
+# write_confs(structure, links, node_info, out_dir) and main(argv), as every conf tool has
+write_confs, main = ps.tool(build_confs, "ra_structure_conf.py", "ring all-reduce")
 
 
 if __name__ == "__main__":

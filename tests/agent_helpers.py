@@ -176,14 +176,16 @@ def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3):
+def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int | None = None):
     """Start `python3 worker/agent.py --port P --token T` in its own process group on
     loopback, wait until GET /hi answers with the token, yield an AgentProc, and always
-    tear it down (reset, then SIGTERM the group)."""
+    tear it down (reset, then SIGTERM the group). `port`: that one (an agent restarted
+    where another died), else a free one."""
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     last: Exception | None = None
-    for _ in range(attempts):  # a free port can be taken between probe and bind
-        port, token = free_port(), secrets.token_hex(16)
+    wanted = port
+    for _ in range(attempts if wanted is None else 1):  # a free port can be taken between probe and bind
+        port, token = wanted or free_port(), secrets.token_hex(16)
         log_path = log_dir / f"edgetb-test-agent-{port}.log"
         out = open(log_path, "wb")
         env = {k: v for k, v in os.environ.items() if k != net.TOKEN_ENV}

@@ -1,4 +1,4 @@
-"""End-to-end helpers: a netns testbed in this process, driven the way a user drives it.
+"""End-to-end helpers: a netns (or docker) testbed in this process, driven the way a user drives it.
 
 The controller and its embedded agent run in the test process; the conf tools run as
 CLI processes; every step is an HTTP call to the controller, as with curl. Used by the
@@ -30,8 +30,10 @@ def etb_namespaces() -> set[str]:
 
 @contextmanager
 def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, *, port: int,
-                  subnet: str, cpu: float = 2.0) -> Iterator[tuple[Testbed, object]]:
-    """Deploy one node per {name: role script} on a netns emulator with `links`; yield
+                  subnet: str, cpu: float = 2.0, backend: str = "netns",
+                  image: str = "", emulator: str | None = None) -> Iterator[tuple[Testbed, object]]:
+    """Deploy one node per {name: role script} on a netns emulator (or one of `backend`,
+    nodes running `image`; named `emulator`, default emu-<algorithm>) with `links`; yield
     (testbed, manager); remove every node and link afterwards, failed or not."""
     import splitter
 
@@ -40,13 +42,13 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
     (tmp / "links.json").write_text(json.dumps(links))
     tb = Testbed("127.0.0.1", str(tmp), manager_class, host_port=port)
     tb.node_info_path = tmp / "node_info.json"
-    emu = tb.add_emulator(f"emu-{manager_class.algorithm}", "127.0.0.1", cpu=cpu, ram=4, unit="G",
-                          subnet=subnet)
+    emu = tb.add_emulator(emulator or f"emu-{manager_class.algorithm}", "127.0.0.1", cpu=cpu, ram=4, unit="G",
+                          subnet=subnet, backend=backend)
     shares = {tag: tb.add_nfs(tag, str(path)) for tag, path in
               (("dml_app", ROOT / "dml_app"), ("dataset", tmp / "dataset"))}
     for name, role in roles.items():
         node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role],
-                                    cpu=round(cpu / len(roles), 3), ram=768, unit="M", emulator=emu)
+                                    image, cpu=round(cpu / len(roles), 3), ram=768, unit="M", emulator=emu)
         for tag, share in shares.items():
             node.mount_nfs(share, f"/home/worker/{tag}")
     tb.load_link("links.json")

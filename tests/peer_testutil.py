@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -133,3 +134,33 @@ def run_tools(work: Path, alg: str, structure: dict, datasets: dict) -> None:
                   "-l", str(work / "links.json"), "-n", str(work / "node_info.json"), "-o", str(work / "conf")]):
         p = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
+
+
+def node_addrs(names: list[str]) -> dict:
+    """{name: conf_utils.NodeAddr} at 10.0.0.2, .3, ... port 4444, and node_info.json's form."""
+    import conf_utils as cu
+
+    info = {"emulated_node": {n: {"ip": f"10.0.0.{i + 2}", "port": 4444, "emulator": "e"}
+                              for i, n in enumerate(names)}}
+    return {n: cu.NodeAddr(n, e["ip"], e["port"], "emulated") for n, e in info["emulated_node"].items()}, info
+
+
+def link_dests(links: dict) -> dict[str, list[str]]:
+    """links.json's {src: [{"dest": ...}]} as the conf tools hold it: {src: [dest, ...]}."""
+    return {src: [link["dest"] for link in lst] for src, lst in links.items()}
+
+
+def http_run(ctl: str, manager, *, timeout_s: float = 120.0) -> tuple[str, float]:
+    """EdgeTB's curl steps against the controller at `ctl`: push both confs, /start without
+    a root, then poll /status until the run has finished BY ITSELF (nobody calls /finish).
+    Returns the /start answer and the seconds from /start to the end."""
+    from dml_app import net
+
+    for kind in ("dataset", "structure"):
+        assert set(net.get_json(f"{ctl}/conf/{kind}", timeout_s=180).values()) == {"ok"}
+    t0 = time.monotonic()
+    started = net.call("GET", f"{ctl}/start").text
+    while not net.get_json(f"{ctl}/status")["finished"]:
+        assert time.monotonic() < t0 + timeout_s, f"the run did not end by itself within {timeout_s:.0f} s"
+        manager.finished.wait(1.0)
+    return started, time.monotonic() - t0

@@ -76,3 +76,44 @@ def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scrat
     assert "Receive: from=gx2" not in logs["gx1"] + logs["gx4"]
     assert summary["algorithm"] == "gl" and summary["rounds"] == SYNC
     assert set(summary["bytes_sent"]) == set(PEERS) and all(b > 0 for b in summary["bytes_sent"].values())
+
+
+def test_gossip_route_refuses_what_does_not_fit(scratch):
+    import torch
+
+    import net
+    import nns
+    from dml_testutil import TOKEN
+    from gl_peer import GlPeer
+    from runtime import Runtime
+
+    threads = torch.get_num_threads()
+    data = tiny_dataset(scratch / "ds", num_classes=10)
+    rt = Runtime("gl_peer", env={"NET_NODE_NAME": "gy1", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(data)})
+    GlPeer(rt)
+    client = rt.app.test_client()
+    hdr = {net.TOKEN_HEADER: TOKEN}
+    raw = {**hdr, "Content-Type": "application/octet-stream"}
+    model = nns.build_model(json.loads((data / "meta.json").read_text())).state_dict()
+    good = net.pack_weights(model, {"name": "gy2", "round": 1})
+    try:
+        assert client.post("/gossip", data=good, headers=raw).status_code == 409   # no confs yet
+        assert client.post("/conf/structure", json={"epoch": 1, "sync": 2, "connect": {}},
+                           headers=hdr).status_code == 400                        # nobody to gossip to
+        assert client.post("/conf/structure", json={"epoch": 1, "sync": 2, "wait_s": -1,
+                                                    "connect": {"gy2": "127.0.0.1:9"}}, headers=hdr).status_code == 400
+        assert client.post("/conf/structure", json={"epoch": 1, "sync": 2, "connect": {"gy2": "127.0.0.1:9"}},
+                           headers=hdr).status_code == 200
+        assert client.post("/conf/dataset", json={"train_len": 1, "test_len": 1}, headers=hdr).status_code == 200
+        wrong = dict(model)
+        wrong["classifier.5.bias"] = torch.zeros(3)
+        for body, status in ((net.pack_weights(wrong, {"name": "gy2", "round": 1}), 400),
+                             (net.pack_weights(model, {"round": 1}), 400),
+                             (b"\x80\x04K\x01.", 400),   # a pickle is refused, never loaded
+                             (good, 200)):
+            assert client.post("/gossip", data=body, headers=raw).status_code == status
+        assert "Receive: from=gy2, round=1," in (scratch / "log" / "gy1.log").read_text()
+    finally:
+        rt.close()
+        torch.set_num_threads(threads)

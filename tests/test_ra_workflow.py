@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from peer_testutil import netns_run, run_tools
+from peer_testutil import http_run, netns_run, run_tools
 from controller.ra_run import RaManager
 from dml_app import net
 
@@ -42,17 +41,8 @@ def test_ring_all_reduce_over_the_http_workflow(ra_testbed):
     run_tools(tmp, "ra", {"sync": SYNC, "node_list": [{"name": n, "epoch": 1} for n in NODES]},
               {n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 10,
                    "test_start_index": 1, "batch_size": 32} for i, n in enumerate(NODES)})
-    assert set(net.get_json(f"{ctl}/conf/dataset", timeout_s=180).values()) == {"ok"}
-    assert set(net.get_json(f"{ctl}/conf/structure", timeout_s=180).values()) == {"ok"}
-    t0 = time.monotonic()
-    started = net.call("GET", f"{ctl}/start").text
+    started, took = http_run(ctl, manager)
     assert started.startswith("started r1, r2, r3;") and "r1 -> r2 -> r3 -> r1" in started
-
-    deadline = time.monotonic() + 120
-    while not net.get_json(f"{ctl}/status")["finished"]:   # nobody calls /finish
-        assert time.monotonic() < deadline, "the driver never finished the run"
-        manager.finished.wait(1.0)
-    took = time.monotonic() - t0
 
     summary = manager.summary
     assert "error" not in summary, summary["error"]

@@ -2,10 +2,11 @@
 
     sudo python3 worker/agent.py [--port 3333] [--token T | env EDGE_TB_TOKEN]
 
-It builds the nodes the controller asks for (netns emulated nodes, or the host itself as a
-physical node), shapes their links before their apps start, and removes all of it on
-reset, leaving the host as it was. What it made is kept in a state file, so an agent
-that restarts after a crash still cleans up.
+It builds the nodes the controller asks for (emulated nodes as network namespaces or as
+Docker containers, or the host itself as a physical node), shapes their links before
+their apps start, and removes all of it on reset, leaving the host as it was. What it
+made is kept in a state file (and every container, network and volume carries its label),
+so an agent that restarts after a crash still cleans up.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ if __package__ in (None, ""):
 from flask import Flask, jsonify, request  # noqa: E402
 
 from dml_app import net  # noqa: E402
+from worker import docker_nodes as dn  # noqa: E402
+from worker import image  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker import tc  # noqa: E402
 from worker.cgroups import Cgroup  # noqa: E402
@@ -47,20 +50,47 @@ class Agent:
         self.state_dir = state_dir or STATE_BASE / f"agent-{port}"
         self.state_file = self.state_dir / "state.json"
         self.nodes: dict[str, nb.Node] = {}
-        self.bridges: dict[str, str] = {}          # emulator -> bridge name
+        self.bridges: dict[str, str] = {}          # emulator -> bridge name (netns)
+        self.networks: dict[str, str] = {}         # emulator -> docker network name
         self.tables: dict[str, tc.LinkTable] = {}
         self.runner = nb.Runner()
+        self.docker_runner = dn.DockerRunner(self._docker)
+        self._docker_client = None
         self.lock = threading.RLock()
+        self.build_lock = threading.Lock()
         self._recover()
+
+    # -------------------------------------------------------------- docker
+    @property
+    def agent_id(self) -> str:
+        """What labels this agent's containers, networks and volumes: its state dir is
+        unique on the machine and the same for an agent restarted after a crash."""
+        return str(self.state_dir)
+
+    def _docker(self):
+        """The Docker SDK client (made on first use); NodeError when no daemon answers."""
+        if self._docker_client is None:
+            try:
+                self._docker_client = image.client(timeout_s=120)
+            except image.NoDocker as e:
+                raise nb.NodeError(str(e)) from None
+        return self._docker_client
+
+    def _docker_labels(self, **more) -> dict:
+        return dn.labels(self.agent_id, self.port, **more)
+
+    def _runner(self, n: nb.Node):
+        return self.docker_runner if n.kind == "docker" else self.runner
 
     # -------------------------------------------------------------- persistence
     def _save(self) -> None:
-        if not self.nodes and not self.bridges:
+        if not self.nodes and not self.bridges and not self.networks:
             # Nothing left: leave no state behind either.
             shutil.rmtree(self.state_dir, ignore_errors=True)
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges}
+        data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
+                "networks": self.networks}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.state_file)
@@ -73,10 +103,11 @@ class Agent:
             data = json.loads(self.state_file.read_text())
             self.nodes = {n["spec"]["name"]: nb.Node.from_json(n) for n in data.get("nodes", [])}
             self.bridges = dict(data.get("bridges", {}))
+            self.networks = dict(data.get("networks", {}))
         except (ValueError, KeyError, TypeError) as e:
             print(f"agent: ignoring unreadable state file {self.state_file}: {e}", file=sys.stderr)
             return
-        if self.nodes or self.bridges:
+        if self.nodes or self.bridges or self.networks:
             print(f"agent: removing {len(self.nodes)} node(s) left by a previous agent", file=sys.stderr)
             self.reset("all")
 
@@ -87,8 +118,8 @@ class Agent:
         except nb.NodeError as e:
             raise BadRequest(str(e)) from None
         backend = body.get("backend", "netns")
-        if backend != "netns":
-            raise BadRequest(f"backend {backend!r} is not available on this agent (netns only)")
+        if backend not in ("netns", "docker"):
+            raise BadRequest(f"backend {backend!r} is not available on this agent (netns, docker)")
         br = body.get("bridge") or {}
         try:
             iface = ipaddress.IPv4Interface(f"{br['gateway']}/{ipaddress.IPv4Network(br['cidr']).prefixlen}")
@@ -96,19 +127,46 @@ class Agent:
             raise BadRequest(f"bad bridge {br!r}: {e}") from None
         specs = self._specs(body.get("nodes"), iface.network)
         links = self._links(body.get("links", {}), specs)
-        bridge = nb.bridge_name(emulator)
+        if backend == "docker":
+            missing = [s.name for s in specs if not s.image]
+            if missing:
+                raise BadRequest(f"docker nodes need an image: none given for {', '.join(missing)}")
+            try:
+                cores = dn.emulator_cores(float(body["cpu"]) if body.get("cpu") else None)
+            except (TypeError, ValueError):
+                raise BadRequest(f"bad emulator cpu {body.get('cpu')!r}") from None
+        # An emulator's network is of one backend: its bridge or its docker network.
+        mine, other = (self.bridges, self.networks) if backend == "netns" else (self.networks, self.bridges)
         with self.lock:
             for s in specs:
                 if s.name in self.nodes:
                     raise BadRequest(f"node {s.name} is already deployed on this worker (reset first)")
-            new_bridge = emulator not in self.bridges
-            nb.ensure_bridge(bridge, str(iface))
-            self.bridges[emulator] = bridge
+            if emulator in other:
+                raise BadRequest(f"emulator {emulator} is deployed here with the other backend (reset first)")
+            new_net = emulator not in mine
+            try:
+                if backend == "netns":
+                    mine[emulator] = nb.bridge_name(emulator)
+                    nb.ensure_bridge(mine[emulator], str(iface))
+                else:
+                    mine[emulator] = dn.ensure_network(self._docker(), emulator, str(iface.network),
+                                                       str(iface.ip), self._docker_labels())
+            except Exception:
+                if new_net:
+                    self._remove_network(emulator)
+                raise
             self._save()
             made: list[nb.Node] = []
             try:
-                made = nb.create_netns_nodes(specs, bridge, iface.network.prefixlen, str(iface.ip),
-                                             self.state_dir / "nodes")
+                if backend == "netns":
+                    made = nb.create_netns_nodes(specs, mine[emulator], iface.network.prefixlen, str(iface.ip),
+                                                 self.state_dir / "nodes")
+                else:
+                    made = dn.create_nodes(self._docker(), specs, network=mine[emulator],
+                                           rundir_base=self.state_dir / "nodes",
+                                           lab=self._docker_labels(emulator=emulator), cores=cores,
+                                           load=dn.cpuset_load(list(self.nodes.values())),
+                                           extra_env={"EDGE_TB_TOKEN": self.token})
                 for n in made:
                     self.nodes[n.spec.name] = n
                 self._save()
@@ -116,13 +174,29 @@ class Agent:
                 self._start_apps(made, body)
             except Exception:
                 self._remove(made)
-                if new_bridge:
-                    nb.remove_bridge(bridge)
-                    self.bridges.pop(emulator, None)
+                if new_net:
+                    self._remove_network(emulator)
                 self._save()
                 raise
             self._save()
-        return {"nodes": {name: {"links": c} for name, c in counts.items()}}
+        return {"nodes": {n.spec.name: self._deployed(n, counts[n.spec.name]) for n in made}}
+
+    @staticmethod
+    def _deployed(n: nb.Node, links: int) -> dict:
+        out = {"links": links}
+        if n.kind == "docker":
+            out.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port)
+        return out
+
+    def _remove_network(self, emulator: str) -> None:
+        if emulator in self.bridges:
+            nb.remove_bridge(self.bridges.pop(emulator))
+        if emulator in self.networks:
+            name = self.networks.pop(emulator)
+            try:
+                dn.remove_network(self._docker(), name, self.agent_id)
+            except nb.NodeError as e:   # no daemon: say so, keep cleaning
+                print(f"agent: removing docker network {name}: {e}", file=sys.stderr)
 
     def deploy_physical(self, body: dict) -> dict:
         specs = self._specs(body.get("nodes"), None)
@@ -194,7 +268,7 @@ class Agent:
 
     def _start_apps(self, made: list[nb.Node], body: dict) -> None:
         for n in made:
-            self.runner.start(n, {"EDGE_TB_TOKEN": self.token})
+            self._runner(n).start(n, {"EDGE_TB_TOKEN": self.token})
 
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
@@ -214,7 +288,7 @@ class Agent:
         with self.lock:
             done = []
             for n in self._of(kind):
-                self.runner.stop(n)
+                self._runner(n).stop(n)
                 done.append(n.spec.name)
             self._save()
             return {"stopped": done}
@@ -233,15 +307,40 @@ class Agent:
         with self.lock:
             victims = list(self._of(kind))
             self._remove(victims)
+            gone = []
             if kind in ("emulated", "all"):
-                for emu, br in list(self.bridges.items()):
-                    nb.remove_bridge(br)
-                    self.bridges.pop(emu)
+                for emu in list(self.bridges) + list(self.networks):
+                    self._remove_network(emu)
+                gone = self._sweep_docker()
             self._save()
-            return {"removed": [n.spec.name for n in victims]}
+            out = {"removed": [n.spec.name for n in victims]}
+            if gone:
+                out["swept"] = gone
+            return out
+
+    def _sweep_docker(self) -> list[str]:
+        """Containers, networks and volumes with this agent's label that no record names
+        (a predecessor died between making and saving them). Quiet without a daemon."""
+        if self._docker_client is None and not image.daemon_answers():
+            return []
+        try:
+            return dn.sweep(self._docker(), self.agent_id)
+        except Exception as e:  # noqa: BLE001 - a reset keeps going, and says why
+            print(f"agent: docker sweep: {e}", file=sys.stderr)
+            return []
 
     def _remove(self, victims: list[nb.Node]) -> None:
         for n in victims:
+            if n.kind == "docker":
+                try:
+                    client = self._docker()
+                except nb.NodeError as e:
+                    print(f"agent: removing container of {n.spec.name}: {e}", file=sys.stderr)
+                    client = None
+                dn.remove_node(client, n, self.agent_id)
+                self.tables.pop(n.spec.name, None)
+                self.nodes.pop(n.spec.name, None)
+                continue
             self.runner.stop(n)
             if n.kind == "netns":
                 nb.remove_netns_node(n)
@@ -256,21 +355,52 @@ class Agent:
             self.nodes.pop(n.spec.name, None)
 
     def _of(self, kind: str):
-        want = {"emulated": ("netns",), "physical": ("physical",), "all": ("netns", "physical")}[kind]
+        want = {"emulated": ("netns", "docker"), "physical": ("physical",),
+                "all": ("netns", "docker", "physical")}[kind]
         return [n for n in list(self.nodes.values()) if n.kind in want]
 
     def status(self) -> dict:
         with self.lock:
-            return {"agent": self.name, "nodes": {
-                n.spec.name: {"kind": n.kind, "ip": n.spec.ip, "state": self._state(n),
-                              "links": len(self.tables[n.spec.name].links) if n.spec.name in self.tables else 0}
-                for n in self.nodes.values()}}
+            return {"agent": self.name, "nodes": {n.spec.name: self._node_status(n) for n in self.nodes.values()}}
 
-    def _state(self, n: nb.Node) -> str:
-        alive = self.runner.alive(n.spec.name)
-        if alive is False:
-            return "exited"
-        return n.state
+    def _node_status(self, n: nb.Node) -> dict:
+        out = {"kind": n.kind, "ip": n.spec.ip, "state": n.state,
+               "links": len(self.tables[n.spec.name].links) if n.spec.name in self.tables else 0}
+        if n.kind == "docker":
+            info = self.docker_runner.inspect(n)
+            if info is None:
+                out["state"] = "gone"
+            elif info["status"] != "running":
+                out["state"] = "exited" if info["status"] in ("exited", "dead") else info["status"]
+            out.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port, image=n.spec.image,
+                       health=info and info["health"])
+        elif self.runner.alive(n.spec.name) is False:
+            out["state"] = "exited"
+        return out
+
+    # -------------------------------------------------------------- image
+    def build_image(self, body: dict) -> dict:
+        """The node image for docker nodes (dml_app/Dockerfile, or offline): worker/image.py."""
+        tag = body.get("tag") or image.DEFAULT_TAG
+        method = body.get("method", "auto")
+        try:
+            image.check_tag(tag)
+            if method not in ("auto", "dockerfile", "offline"):
+                raise image.ImageError(f"bad method {method!r}: auto, dockerfile or offline")
+        except image.ImageError as e:
+            raise BadRequest(str(e)) from None
+        lines: list[str] = []
+        if not self.build_lock.acquire(blocking=False):
+            raise BadRequest("an image build is already running on this worker")
+        try:
+            res = image.build(tag, method=method, force=bool(body.get("force")), say=lines.append)
+        finally:
+            self.build_lock.release()
+        res["log"] = lines[-50:]
+        return res
+
+    def backends(self) -> list[str]:
+        return ["netns", "physical"] + (["docker"] if image.daemon_answers() else [])
 
 
 def make_app(agent: Agent) -> Flask:
@@ -289,12 +419,22 @@ def make_app(agent: Agent) -> Flask:
 
     @app.errorhandler(nb.NodeError)
     @app.errorhandler(tc.TcError)
+    @app.errorhandler(image.ImageError)
     def _failed(e):
         return jsonify(error=str(e)), 422
 
+    @app.errorhandler(image.NoDocker)
+    def _no_docker(e):
+        return jsonify(error=str(e)), 503
+
     @app.get("/hi")
     def hi():
-        return jsonify(agent=agent.name, backends=["netns", "physical"])
+        return jsonify(agent=agent.name, backends=agent.backends())
+
+    @app.post("/emulated/build")
+    def emulated_build():
+        b = request.get_json(silent=True)    # no body: the default tag and method
+        return jsonify(agent.build_image(b if isinstance(b, dict) else {}))
 
     @app.post("/emulated/deploy")
     def emulated_deploy():

@@ -1,8 +1,9 @@
-"""Node backends: netns (emulated nodes as network namespaces) and physical (the host).
+"""Node backends: netns (emulated nodes as network namespaces) and physical (the host);
+docker (containers) is in worker/docker_nodes.py.
 
-Both hand the same thing to traffic control, a (netns name or None, device) pair, and
-run their app through the same process code, so there is one way to shape links and one
-way to start and stop an app.
+All hand the same thing to traffic control, a (netns name or None, device) pair (a
+container's namespace is attached under its node's name), so there is one way to shape
+links; netns and physical nodes run their app through the same process code.
 
 Every kernel object the testbed makes carries the `etb` prefix: namespaces `etb-<node>`
 (so `ip netns exec etb-n1 ...` works for users), host veth ends `etbv<hash of the node name>`, bridges
@@ -87,6 +88,7 @@ class NodeSpec:
     volumes: list[dict] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     nic: str | None = None          # physical nodes: the NIC links are shaped on
+    image: str = ""                 # docker nodes: the image to run
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSpec":
@@ -96,7 +98,7 @@ class NodeSpec:
                        cpu=float(d.get("cpu", 1)), ram_mb=int(d.get("ram_mb", 1024)),
                        cmd=[str(a) for a in d.get("cmd", [])], working_dir=str(d.get("working_dir", "")),
                        volumes=list(d.get("volumes", [])), env={str(k): str(v) for k, v in d.get("env", {}).items()},
-                       nic=d.get("nic"))
+                       nic=d.get("nic"), image=str(d.get("image") or ""))
         except NodeError:
             raise
         except (KeyError, ValueError, TypeError) as e:
@@ -122,7 +124,7 @@ class NodeSpec:
 class Node:
     """A node this agent made, with everything needed to remove it (persisted as JSON)."""
     spec: NodeSpec
-    kind: str                       # "netns" | "physical"
+    kind: str                       # "netns" | "physical" | "docker"
     netns: str | None
     dev: str
     rundir: str
@@ -130,6 +132,9 @@ class Node:
     bridge: str | None = None
     pgid: int | None = None
     state: str = "created"
+    container: str | None = None    # docker nodes: container id
+    cpuset: str | None = None       # docker nodes: the cores it got
+    host_port: int | None = None    # docker nodes: the host port its DML port is published on
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -140,6 +145,20 @@ class Node:
         d = dict(d)
         d["spec"] = NodeSpec(**d["spec"])
         return cls(**d)
+
+
+def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
+    """The environment a node app gets, whatever runs it: `base` (the agent's own for a
+    process it starts, nothing for a container), the node's (EdgeTB's variables), the
+    agent's (the token), unbuffered output, and where logs go and how much cpu it has
+    unless already set."""
+    env = dict(base or {})
+    env.update(spec.env)
+    env.update(extra_env)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DML_LOG_DIR", log_dir)
+    env.setdefault("DML_CPU", f"{spec.cpu:g}")
+    return env
 
 
 class Runner:
@@ -165,12 +184,7 @@ class Runner:
         argv = list(spec.cmd)
         if argv[0] in ("python3", "python"):
             argv[0] = sys.executable  # the agent's interpreter has torch and friends
-        env = dict(os.environ)
-        env.update(spec.env)
-        env.update(extra_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("DML_LOG_DIR", str(Path(node.rundir) / "log"))
-        env.setdefault("DML_CPU", f"{spec.cpu:g}")
+        env = app_env(spec, extra_env, str(Path(node.rundir) / "log"), base=os.environ)
         launch = {"cgroup_procs": cg.procs_files, "netns": node.netns, "binds": binds, "cwd": cwd,
                   "argv": argv, "env": env}
         os.makedirs(cwd, exist_ok=True)

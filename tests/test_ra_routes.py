@@ -1,0 +1,102 @@
+"""ra_peer.py's routes in-process: confs checked, calls out of order refused with 409,
+chunks only as safetensors from the predecessor, nothing changed by a refused call."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
+from peer_testutil import tiny_dataset
+import net
+from ra_peer import RaPeer
+from runtime import Runtime
+
+HDR = {net.TOKEN_HEADER: TOKEN}
+CONF = {"epoch": 0, "sync": 1, "ring": ["ry1", "ry2", "ry3"], "rank": 1, "successor": "ry3",
+        "connect": {"ry3": "127.0.0.1:9", "ry1": "127.0.0.1:9"}}
+
+
+@pytest.fixture
+def node(scratch):
+    threads = torch.get_num_threads()
+    tiny_dataset(scratch / "ds", num_classes=10)
+    rt = Runtime("ra_peer", env={"NET_NODE_NAME": "ry2", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")})
+    peer = RaPeer(rt)
+    try:
+        yield rt, peer, rt.app.test_client()
+    finally:
+        rt.close()
+        torch.set_num_threads(threads)
+
+
+def post(client, path, body):
+    return client.post(path, json=body, headers=HDR)
+
+
+def chunk_body(index, n, *, name="ry1", step=0, phase="reduce", rnd=1) -> bytes:
+    return net.pack_weights({"chunk": torch.ones(n)}, {"round": rnd, "phase": phase, "step": step,
+                                                        "index": index, "name": name})
+
+
+def wait_state(rt, state, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while rt.state != state:
+        assert rt.state != "error" and time.monotonic() < deadline, rt.state
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rank": 0}, "'rank' is 0"), ({"successor": "ry1"}, "'successor' is 'ry1'"),
+    ({"connect": {"ry1": "127.0.0.1:9"}}, "no address for the successor"),
+    ({"ring": ["ry1", "ry3"]}, "does not hold this node"), ({"ring": ["ry2"]}, "at least 2"),
+    ({"init": "zeros"}, "'init'"), ({"epoch": -1}, "'epoch'"), ({"sync": 0}, "'sync'"),
+])
+def test_bad_structure_confs_are_refused(node, change, message):
+    rt, _, client = node
+    r = post(client, "/conf/structure", {**CONF, **change})
+    assert r.status_code == 400 and message in r.get_data(as_text=True)
+    assert rt.structure is None
+
+
+def test_calls_out_of_order_are_refused(node):
+    rt, peer, client = node
+    assert post(client, "/ra/train", {"round": 1}).status_code == 409      # before /start
+    assert post(client, "/conf/structure", CONF).status_code == 200
+    assert post(client, "/conf/dataset", {"train_len": 1, "test_len": 1}).status_code == 200
+    assert client.get("/ra/weights", headers=HDR).status_code == 409
+    assert client.get("/start", headers=HDR).status_code == 200
+    wait_state(rt, "ready")
+    assert post(client, "/ra/step", {"round": 1, "phase": "reduce", "step": 0}).status_code == 409
+    assert post(client, "/ra/train", {"round": 2}).status_code == 409      # round 1 comes first
+    assert post(client, "/ra/train", {"round": True}).status_code == 400
+    assert post(client, "/ra/train", {"round": 1}).status_code == 200
+    wait_state(rt, "trained")
+    assert post(client, "/ra/train", {"round": 1}).status_code == 409      # not twice
+    assert post(client, "/ra/evaluate", {"round": 1}).status_code == 409   # all-reduce not done
+    assert post(client, "/ra/step", {"round": 1, "phase": "gather", "step": 0}).status_code == 409
+    assert post(client, "/ra/step", {"round": 1, "phase": "spread", "step": 0}).status_code == 400
+
+    n = peer.ar.bounds[0][1] - peer.ar.bounds[0][0]   # rank 1 receives chunk 0 at reduce step 0
+    before = peer.ar.vector.clone()
+
+    def send(body):
+        return client.post("/ra/chunk", data=body, headers={**HDR, "Content-Type": "application/octet-stream"})
+    assert send(chunk_body(0, n, name="ry3")).status_code == 409           # not the predecessor
+    assert send(chunk_body(1, n)).status_code == 409                       # wrong chunk for this step
+    assert send(chunk_body(0, n - 1)).status_code == 409                   # wrong length
+    assert send(chunk_body(0, n, step=1)).status_code == 409               # wrong step
+    assert send(chunk_body(0, n, rnd=2)).status_code == 409                # wrong round
+    buf = io.BytesIO()
+    np.save(buf, np.ones(3, dtype=object), allow_pickle=True)
+    assert send(buf.getvalue()).status_code == 400                         # a pickle: never loaded
+    assert torch.equal(peer.ar.vector, before)                             # nothing applied
+    assert send(chunk_body(0, n)).status_code == 200
+    assert torch.equal(peer.ar.vector[:n], before[:n] + 1) and torch.equal(peer.ar.vector[n:], before[n:])
+    assert send(chunk_body(0, n)).status_code == 409                       # applied once only
+    assert json.loads(client.get("/stats", headers=HDR).data)["bytes_received"] > 0

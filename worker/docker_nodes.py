@@ -1,0 +1,369 @@
+"""Docker backend: an emulated node is a container made through the Docker SDK.
+
+Per emulator a labelled bridge network `etb-<emulator>` with the emulator's subnet and
+gateway (its Linux bridge is named like the netns backend's, `etbbr<hash>`); per node a
+container `etb-<node>` on it with the node's fixed address, image, working dir, command,
+environment (EdgeTB's variables, the token, DML_*), a cpuset picked from the emulator's
+cores (plus a cpu quota, nano_cpus, when the node's cpu is fractional), a memory limit
+(no swap), its bind volumes, its DML port published on a host port, a health check, and
+tini as pid 1 so `docker stop` reaches the app.
+
+Links before the app: the container starts behind a gate. Its entrypoint is
+
+    /bin/sh -c 'read -r go < /run/edgetb-node/gate && [ "$go" = open ] && exec "$@" ...' edgetb-gate CMD...
+
+where /run/edgetb-node is the node's run dir on the host (bind-mounted) and `gate` a
+FIFO the agent made there: the shell blocks in open(2) at no cost until the agent writes
+"open". Before that, the agent attaches the container's network namespace by pid under
+the node's name (`ip netns attach etb-<node> PID`, so `tc -n`, `ip netns exec etb-<node>`
+and worker/tc.py work as for netns nodes), installs and reads back its links on eth0 from
+the host (no tc in the image, no docker exec), and only then opens the gate. The app's
+logs go to the same run dir (DML_LOG_DIR), its stdout to `docker logs etb-<node>`.
+
+Everything made carries the labels `edgetb=1` and `edgetb.agent=<agent id>` (the agent's
+state dir, unique on a machine and the same after a restart), so removal is by label and
+never touches a container, network or volume of anyone else.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from worker import nodes as nb
+
+LABEL = "edgetb"
+LABEL_AGENT = "edgetb.agent"
+LABEL_AGENT_PORT = "edgetb.agent.port"
+LABEL_NODE = "edgetb.node"
+LABEL_EMULATOR = "edgetb.emulator"
+GATE_DIR = "/run/edgetb-node"          # the node's run dir, inside the container
+GATE = "gate"
+GATE_OPEN = b"open\n"
+GATE_SCRIPT = ('read -r go < ' + GATE_DIR + '/' + GATE + ' && [ "$go" = open ] && exec "$@"; '
+               'echo "edgetb: gate not opened (${go:-closed}), $1 not started" >&2; exit 97')
+GATE_WAIT_S = 30.0                     # for the container to reach the gate once started
+STOP_TIMEOUT_S = 5
+NS = 1_000_000_000
+# Docker takes health-check times in nanoseconds.
+HEALTH = {"test": ["CMD", "python3", "-c",
+                   "import os, socket; socket.create_connection(('127.0.0.1', "
+                   "int(os.environ.get('DML_PORT', '4444'))), 2).close()"],
+          "interval": 10 * NS, "timeout": 3 * NS, "retries": 3, "start_period": 120 * NS}
+
+
+def _docker_errors():
+    import docker
+    return docker.errors
+
+
+def container_name(node: str) -> str:
+    return nb.NS_PREFIX + node
+
+
+def network_name(emulator: str) -> str:
+    return nb.NS_PREFIX + emulator
+
+
+def labels(agent_id: str, agent_port: int, **more: str) -> dict:
+    out = {LABEL: "1", LABEL_AGENT: agent_id, LABEL_AGENT_PORT: str(agent_port)}
+    out.update({f"{LABEL}.{k}": v for k, v in more.items()})
+    return out
+
+
+def _explain(e: Exception) -> str:
+    return (getattr(e, "explanation", None) or str(e)).strip()
+
+
+# ----------------------------------------------------------------------------- cpus
+
+def emulator_cores(cpu: float | None) -> list[int]:
+    """The cores an emulator's nodes may use: this machine's (those the agent may run on),
+    the first ceil(cpu) of them when the emulator declares a cpu count."""
+    cores = sorted(os.sched_getaffinity(0))
+    if cpu:
+        cores = cores[:max(1, math.ceil(cpu - 1e-9))]
+    return cores
+
+
+def place(cpus: list[float], cores: list[int], load: dict[int, float] | None = None) -> list[tuple[str, int | None]]:
+    """Pick cores for nodes asking `cpus`: each gets ceil(cpu) adjacent cores of `cores`,
+    the least loaded window (load: cpu already placed per core, updated here), and a
+    quota in nano-cpus when its cpu is below its cores (fractional). -> [(cpuset, nano_cpus | None)]."""
+    load = load if load is not None else {}
+    out = []
+    for cpu in cpus:
+        k = min(len(cores), max(1, math.ceil(cpu - 1e-9)))
+        start = min(range(len(cores) - k + 1),
+                    key=lambda i: (round(sum(load.get(c, 0.0) for c in cores[i:i + k]), 6), i))
+        window = cores[start:start + k]
+        for c in window:
+            load[c] = load.get(c, 0.0) + min(cpu, k) / k
+        contiguous = window[-1] - window[0] == k - 1
+        cpuset = (f"{window[0]}-{window[-1]}" if k > 1 else str(window[0])) if contiguous \
+            else ",".join(map(str, window))
+        out.append((cpuset, int(round(cpu * NS)) if cpu < k - 1e-9 else None))
+    return out
+
+
+def cpuset_load(nodes: list[nb.Node]) -> dict[int, float]:
+    """cpu already placed per core by these docker nodes."""
+    load: dict[int, float] = {}
+    for n in nodes:
+        if n.kind != "docker" or not n.cpuset:
+            continue
+        cores = _parse_cpuset(n.cpuset)
+        for c in cores:
+            load[c] = load.get(c, 0.0) + min(n.spec.cpu, len(cores)) / len(cores)
+    return load
+
+
+def _parse_cpuset(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- network
+
+def ensure_network(client, emulator: str, cidr: str, gateway: str, lab: dict) -> str:
+    """The emulator's labelled bridge network (made unless this agent has it); -> name."""
+    name = network_name(emulator)
+    errors = _docker_errors()
+    try:
+        have = client.networks.get(name)
+    except errors.NotFound:
+        have = None
+    except errors.DockerException as e:
+        raise nb.NodeError(f"docker network {name}: {_explain(e)}") from None
+    if have is not None:
+        cfg = (have.attrs.get("IPAM") or {}).get("Config") or [{}]
+        mine = (have.attrs.get("Labels") or {}).get(LABEL_AGENT) == lab[LABEL_AGENT]
+        if not mine:
+            raise nb.NodeError(f"docker network {name} exists and is not this agent's (remove it, or rename the emulator)")
+        if cfg[0].get("Subnet") != cidr or cfg[0].get("Gateway") != gateway:
+            raise nb.NodeError(f"docker network {name} has subnet {cfg[0].get('Subnet')}, "
+                               f"not {cidr} (reset the emulator first)")
+        return name
+    from docker.types import IPAMConfig, IPAMPool
+
+    try:
+        client.networks.create(
+            name, driver="bridge", labels={**lab, f"{LABEL}.emulator": emulator},
+            ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=cidr, gateway=gateway)]),
+            options={"com.docker.network.bridge.name": nb.bridge_name(emulator)})
+    except errors.DockerException as e:
+        raise nb.NodeError(f"cannot create docker network {name} ({cidr}): {_explain(e)}") from None
+    return name
+
+
+def remove_network(client, name: str, agent_id: str) -> None:
+    errors = _docker_errors()
+    try:
+        net = client.networks.get(name)
+    except errors.NotFound:
+        return
+    if (net.attrs.get("Labels") or {}).get(LABEL_AGENT) != agent_id:
+        return                       # not ours: never touched
+    try:
+        net.remove()
+    except errors.NotFound:
+        pass
+
+
+# ----------------------------------------------------------------------------- containers
+
+def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base: Path, lab: dict,
+                 cores: list[int], load: dict[int, float], extra_env: dict) -> list[nb.Node]:
+    """Containers for many nodes, each started behind its gate with its namespace attached
+    as etb-<node>. Returns the nodes; on failure removes what it made and raises NodeError."""
+    errors = _docker_errors()
+    for s in specs:
+        if not s.image:
+            raise nb.NodeError(f"docker node {s.name}: no image given")
+        if Path(f"/run/netns/{nb.NS_PREFIX}{s.name}").exists():
+            raise nb.NodeError(f"node {s.name}: namespace {nb.NS_PREFIX}{s.name} already exists (reset first)")
+        try:
+            client.containers.get(container_name(s.name))
+            raise nb.NodeError(f"node {s.name}: a container {container_name(s.name)} already exists "
+                               f"(another testbed's node of that name?)")
+        except errors.NotFound:
+            pass
+    for image in sorted({s.image for s in specs}):
+        try:
+            client.images.get(image)
+        except errors.ImageNotFound:
+            raise nb.NodeError(f"no image {image} on this worker: build it (POST /emulated/build, or "
+                               f"python3 worker/image.py build --tag {image})") from None
+    placed = place([s.cpu for s in specs], cores, load)
+    nodes = [nb.Node(spec=s, kind="docker", netns=nb.NS_PREFIX + s.name, dev=nb.NODE_DEV,
+                     rundir=str(rundir_base / s.name), bridge=network, cpuset=cpuset)
+             for s, (cpuset, _) in zip(specs, placed)]
+
+    def one(args) -> None:
+        n, (_, nano) = args
+        _create_one(client, n, nano, network, lab, extra_env)
+
+    try:
+        with ThreadPoolExecutor(nb.PARALLEL) as ex:
+            list(ex.map(one, zip(nodes, placed)))
+    except Exception as e:
+        for n in nodes:
+            remove_node(client, n, lab[LABEL_AGENT])
+        if isinstance(e, errors.DockerException):
+            raise nb.NodeError(f"docker: {_explain(e)}") from None
+        raise
+    for n in nodes:
+        n.state = "up"
+    return nodes
+
+
+def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: dict, extra_env: dict) -> None:
+    from docker.types import Mount
+
+    s = n.spec
+    rundir = Path(n.rundir)
+    rundir.mkdir(parents=True, exist_ok=True)
+    (rundir / "log").mkdir(exist_ok=True)
+    os.mkfifo(rundir / GATE, 0o600)
+    mounts = [Mount(target=v["node"], source=v["host"], type="bind", read_only=bool(v.get("ro")))
+              for v in s.volumes]
+    mounts.append(Mount(target=GATE_DIR, source=str(rundir), type="bind"))
+    ram = s.ram_mb * 2**20
+    kw = dict(name=container_name(s.name), hostname=s.name, entrypoint=["/bin/sh", "-c", GATE_SCRIPT, "edgetb-gate"],
+              command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
+              environment=nb.app_env(s, extra_env, f"{GATE_DIR}/log"),
+              labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
+              mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
+              network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
+    if nano_cpus:
+        kw["nano_cpus"] = nano_cpus
+    ctr = client.containers.create(s.image, **kw)
+    n.container = ctr.id
+    ctr.start()
+    ctr.reload()
+    pid = ctr.attrs["State"]["Pid"]
+    if not pid:
+        raise nb.NodeError(f"node {s.name}: container exited at once: {ctr.logs(tail=20).decode(errors='replace')}")
+    p = subprocess.run(["ip", "netns", "attach", n.netns, str(pid)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise nb.NodeError(f"node {s.name}: ip netns attach {n.netns} {pid}: {p.stderr.strip()}")
+    ports = (ctr.attrs["NetworkSettings"].get("Ports") or {}).get(f"{s.port}/tcp") or []
+    n.host_port = int(ports[0]["HostPort"]) if ports else None
+
+
+def _ours(ctr, agent_id: str) -> bool:
+    return (ctr.labels or {}).get(LABEL_AGENT) == agent_id
+
+
+def remove_node(client, n: nb.Node, agent_id: str) -> None:
+    """Netns name, container (only if it is this agent's) and run dir; fine if gone."""
+    if n.netns and Path(f"/run/netns/{n.netns}").exists():
+        subprocess.run(["ip", "netns", "del", n.netns], capture_output=True)
+    if client is not None:
+        errors = _docker_errors()
+        try:
+            ctr = client.containers.get(n.container or container_name(n.spec.name))
+            if _ours(ctr, agent_id):
+                ctr.remove(force=True, v=True)
+        except errors.NotFound:
+            pass
+    shutil.rmtree(n.rundir, ignore_errors=True)
+
+
+def sweep(client, agent_id: str) -> list[str]:
+    """Remove every container, network and volume labelled as this agent's (what a crashed
+    predecessor may have made without recording it), with their netns names. -> what went."""
+    errors = _docker_errors()
+    gone = []
+    flt = {"label": f"{LABEL_AGENT}={agent_id}"}
+    for ctr in client.containers.list(all=True, filters=flt):
+        node = (ctr.labels or {}).get(LABEL_NODE)
+        if node and nb.NAME_RE.match(node) and Path(f"/run/netns/{nb.NS_PREFIX}{node}").exists():
+            subprocess.run(["ip", "netns", "del", nb.NS_PREFIX + node], capture_output=True)
+        try:
+            ctr.remove(force=True, v=True)
+            gone.append(f"container {ctr.name}")
+        except errors.NotFound:
+            pass
+    for net in client.networks.list(filters=flt):
+        try:
+            net.remove()
+            gone.append(f"network {net.name}")
+        except errors.NotFound:
+            pass
+    for vol in client.volumes.list(filters=flt):
+        try:
+            vol.remove(force=True)
+            gone.append(f"volume {vol.name}")
+        except errors.NotFound:
+            pass
+    return gone
+
+
+# ----------------------------------------------------------------------------- apps
+
+class DockerRunner:
+    """The Runner of docker nodes: the app is the container's command behind its gate,
+    so start opens the gate, stop stops the container, alive asks the daemon."""
+
+    def __init__(self, client_fn):
+        self._client = client_fn          # called when needed: the daemon may come later
+
+    def start(self, node: nb.Node, extra_env: dict) -> None:
+        """Open the node's gate (its environment, token included, was set at create)."""
+        gate = Path(node.rundir) / GATE
+        deadline = time.monotonic() + GATE_WAIT_S
+        while True:
+            try:
+                fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                # ENXIO: nobody reads yet, the container is still on its way to the gate
+                if e.errno != errno.ENXIO:
+                    raise nb.NodeError(f"node {node.spec.name}: gate {gate}: {e.strerror}") from None
+            if time.monotonic() > deadline or self.alive(node.spec.name, node) is False:
+                raise nb.NodeError(f"node {node.spec.name}: its container did not wait at the gate "
+                                   f"(docker logs {container_name(node.spec.name)})")
+            time.sleep(0.01)
+        try:
+            os.write(fd, GATE_OPEN)
+        finally:
+            os.close(fd)
+        node.state = "running"
+
+    def stop(self, node: nb.Node, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        errors = _docker_errors()
+        try:
+            ctr = self._client().containers.get(node.container or container_name(node.spec.name))
+            ctr.stop(timeout=int(timeout_s))
+        except errors.NotFound:
+            pass
+        except errors.DockerException as e:
+            raise nb.NodeError(f"node {node.spec.name}: docker stop: {_explain(e)}") from None
+        node.state = "stopped"
+
+    def alive(self, name: str, node: nb.Node | None = None) -> bool | None:
+        info = self.inspect(node) if node is not None else None
+        if info is None:
+            return None
+        return info["status"] in ("running", "created", "restarting")
+
+    def inspect(self, node: nb.Node) -> dict | None:
+        """{"status", "health"} of the node's container, None if it is gone."""
+        errors = _docker_errors()
+        try:
+            ctr = self._client().containers.get(node.container or container_name(node.spec.name))
+        except (errors.NotFound, nb.NodeError):
+            return None
+        except errors.DockerException:
+            return None
+        st = ctr.attrs.get("State") or {}
+        return {"status": st.get("Status", "?"), "health": (st.get("Health") or {}).get("Status")}
