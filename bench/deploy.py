@@ -182,8 +182,7 @@ def docker_size(n: int, tag: str) -> dict:
         return {"nodes": n, "links": n * (n - 1), "total_s": t4 - t0, "network_s": t1 - t0,
                 "containers_s": t2 - t1, "links_s": t3 - t2, "gates_s": t4 - t3, "links_confirmed": confirmed}
     finally:
-        for node in made:
-            dn.remove_node(client, node, agent_id)
+        dn.remove_nodes(client, made, agent_id)
         dn.sweep(client, agent_id)
         shutil.rmtree(rundir, ignore_errors=True)
         client.close()

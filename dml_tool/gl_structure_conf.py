@@ -29,10 +29,10 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                 *, file: str = "gl_structure.json", links_file: str = "links.json",
                 nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
     """Check the structure against the links and nodes; return {peer: structure conf}."""
-    common, peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file,
-                                  extra_top_keys=("wait_s",))
+    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("wait_s",))
+    extra = {}
     if "wait_s" in structure:
-        common["wait_s"] = cu.get_number(structure, "wait_s", file, low=0.0, high=3600.0)
+        extra["wait_s"] = cu.get_number(structure, "wait_s", file, low=0.0, high=3600.0)
     names = {p["name"] for p in peers}
     confs: dict[str, dict[str, Any]] = {}
     for p in peers:
@@ -42,10 +42,7 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
             raise cu.ConfError(f"{links_file}: peer {name!r} ({p['where']}) has no link to another "
                                f"peer of {file}, so it cannot gossip; add e.g. "
                                f"{{\"dest\": \"{sorted(names - {name})[0]}\", \"bw\": ...}} under {name!r}")
-        conf = {**common, "epoch": p["epoch"], "connect": connect}
-        if "lr" in p:
-            conf["lr"] = p["lr"]
-        confs[name] = conf
+        confs[name] = {**p["conf"], **extra, "connect": connect}
     return confs
 
 

@@ -23,8 +23,10 @@ NODE_KEYS = ("name", "epoch", "lr")
 
 def read_peers(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str, nodes_file: str,
                extra_top_keys: Sequence[str] = (), min_epoch: int = 1,
-               min_peers: int = 2) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Check the structure; return (what every peer's conf gets, [{name, epoch[, lr]}] in order)."""
+               min_peers: int = 2) -> list[dict[str, Any]]:
+    """Check the structure; return, in node_list order, every peer's {"name", "where" (for
+    messages), "conf": {"sync", "epoch"[, "seed", "lr"]}}, the start of its structure conf.
+    The caller checks its `extra_top_keys` and adds them and the links to each conf."""
     if not isinstance(structure, dict) or not isinstance(structure.get("node_list"), list):
         raise cu.ConfError(f"{file}: expected {{\"sync\": R, \"node_list\": [{{\"name\": \"n1\", "
                            f"\"epoch\": 1}}, ...]}}")
@@ -51,11 +53,11 @@ def read_peers(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str, n
             raise cu.ConfError(f"{where}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
         where_of[name] = f"node_list[{i}]"
         cu.check_keys(entry, NODE_KEYS, where)
-        peer = {"name": name, "epoch": cu.get_int(entry, "epoch", where, low=min_epoch), "where": where}
+        conf = {**common, "epoch": cu.get_int(entry, "epoch", where, low=min_epoch)}
         if "lr" in entry:
-            peer["lr"] = cu.get_number(entry, "lr", where, low=0.0, high=10.0, low_open=True)
-        peers.append(peer)
-    return common, peers
+            conf["lr"] = cu.get_number(entry, "lr", where, low=0.0, high=10.0, low_open=True)
+        peers.append({"name": name, "where": where, "conf": conf})
+    return peers
 
 
 def tool(build_confs: Callable[..., dict], prog: str, algorithm: str) -> tuple[Callable, Callable]:

@@ -32,12 +32,13 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                 *, file: str = "ra_structure.json", links_file: str = "links.json",
                 nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
     """Check the ring against the links and nodes; return {node: structure conf}."""
-    common, peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file,
-                                  extra_top_keys=("init",), min_epoch=0)
+    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("init",),
+                          min_epoch=0)
+    extra = {}
     if "init" in structure:
         if structure["init"] not in INITS:
             raise cu.ConfError(f"{file}.init: expected one of {', '.join(INITS)}, got {structure['init']!r}")
-        common["init"] = structure["init"]
+        extra["init"] = structure["init"]
     ring = [p["name"] for p in peers]
     confs: dict[str, dict[str, Any]] = {}
     for rank, p in enumerate(peers):
@@ -47,11 +48,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
             raise cu.ConfError(f"{links_file}: no link from {name!r} to its ring successor {successor!r} "
                                f"({p['where']}; the ring is {' -> '.join(ring + ring[:1])}); add "
                                f"{{\"dest\": \"{successor}\", \"bw\": ...}} under {name!r} or reorder node_list")
-        conf = {**common, "epoch": p["epoch"], "ring": ring, "rank": rank, "successor": successor,
-                "connect": connect}
-        if "lr" in p:
-            conf["lr"] = p["lr"]
-        confs[name] = conf
+        confs[name] = {**p["conf"], **extra, "ring": ring, "rank": rank, "successor": successor,
+                       "connect": connect}
     return confs
 
 

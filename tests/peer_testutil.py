@@ -164,3 +164,12 @@ def http_run(ctl: str, manager, *, timeout_s: float = 120.0) -> tuple[str, float
         assert time.monotonic() < t0 + timeout_s, f"the run did not end by itself within {timeout_s:.0f} s"
         manager.finished.wait(1.0)
     return started, time.monotonic() - t0
+
+
+def shipped_confs(conf_tool, alg: str, work: Path, names: list[str]) -> dict[str, dict]:
+    """What `conf_tool` writes for the shipped dml_tool/<alg>_structure.json on the shipped
+    links.json, the nodes `names` at node_addrs() addresses: {node: structure conf}."""
+    (work / "node_info.json").write_text(json.dumps(node_addrs(names)[1]))
+    paths = conf_tool.write_confs(str(ROOT / "dml_tool" / f"{alg}_structure.json"), str(ROOT / "links.json"),
+                                  str(work / "node_info.json"), str(work / "out"))
+    return {Path(p).name.split("_")[0]: json.loads(Path(p).read_text()) for p in paths}

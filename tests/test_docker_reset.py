@@ -58,6 +58,15 @@ def test_hi_lists_docker(agent):
     assert "docker" in agent.get("/hi")["backends"]
 
 
+def test_build_route_reuses_the_image_and_checks_its_input(agent):
+    res = agent.post("/emulated/build", {"tag": dt.TAG}, timeout_s=1800)   # built already: reused
+    assert res["image"] == dt.TAG and res["method"] in ("present", "offline", "dockerfile")
+    for bad, why in (({"tag": "Bad Tag"}, "bad image tag"), ({"method": "magic"}, "bad method")):
+        r = agent.raw("POST", "/emulated/build", json=bad)
+        assert r.status_code == 400 and why in r.json()["error"], r.text
+    assert agent.raw("POST", "/emulated/build", token=None, json={}).status_code == 401
+
+
 def test_stop_clear_reset_and_nothing_of_others(agent, client):
     dep = dt.plan(2, cpu=1, ram_mb=128)
     a, b = dep.names

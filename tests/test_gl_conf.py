@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dml_testutil import DML_TOOL, ROOT, scratch  # noqa: F401  (fixture)
-from peer_testutil import link_dests, node_addrs
+from peer_testutil import link_dests, node_addrs, shipped_confs
 import conf_utils as cu
 import gl_structure_conf
 
@@ -22,13 +22,10 @@ def build(structure, links) -> dict:
 
 
 def test_the_shipped_example_runs_on_the_shipped_links(scratch):
-    (scratch / "node_info.json").write_text(json.dumps(INFO))
-    paths = gl_structure_conf.write_confs(str(DML_TOOL / "gl_structure.json"), str(ROOT / "links.json"),
-                                          str(scratch / "node_info.json"), str(scratch / "out"))
-    assert len(paths) == 5
+    confs = shipped_confs(gl_structure_conf, "gl", scratch, NODES)
     links = json.loads((ROOT / "links.json").read_text())
-    for n in NODES:
-        conf = json.loads((scratch / "out" / f"{n}_structure.conf").read_text())
+    assert sorted(confs) == NODES
+    for n, conf in confs.items():
         assert conf["sync"] == 10 and conf["epoch"] == 1
         assert sorted(conf["connect"]) == sorted(l["dest"] for l in links[n])
     assert set(json.loads((DML_TOOL / "gl_structure.json").read_text())) == {"sync", "node_list"}

@@ -12,10 +12,16 @@ import re
 import time
 from pathlib import Path
 
-from dml_testutil import scratch  # noqa: F401  (fixture)
+import torch
+
+from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
 from peer_testutil import loopback_run, push_confs, tiny_dataset
 import gl_structure_conf
+import net
+import nns
 from controller.gl_run import GlManager
+from gl_peer import GlPeer
+from runtime import Runtime
 
 SYNC = 4
 PEERS = ["gx1", "gx2", "gx3", "gx4"]
@@ -79,14 +85,6 @@ def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scrat
 
 
 def test_gossip_route_refuses_what_does_not_fit(scratch):
-    import torch
-
-    import net
-    import nns
-    from dml_testutil import TOKEN
-    from gl_peer import GlPeer
-    from runtime import Runtime
-
     threads = torch.get_num_threads()
     data = tiny_dataset(scratch / "ds", num_classes=10)
     rt = Runtime("gl_peer", env={"NET_NODE_NAME": "gy1", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",

@@ -50,14 +50,14 @@ def test_ps_over_the_http_workflow(ps_testbed, mode):
     assert summary["final_accuracy"] >= 0.85, summary["accuracy_per_round"]
     run_dir = Path(summary["run_dir"])
     server = (run_dir / "p1.log").read_text()
-    steps = re.findall(r"Step: version=(\d+), (gradients=4|from=p\d, staleness=\d),", server)
-    assert [int(v) for v, _ in steps] == list(range(1, steps + 1))
+    applied = re.findall(r"Step: version=(\d+), (gradients=4|from=p\d, staleness=\d),", server)
+    assert [int(v) for v, _ in applied] == list(range(1, steps + 1))
     pushes = {w: len(re.findall(r"Train: loss=[\d.]+, round=\d+,", (run_dir / f"{w}.log").read_text()))
               for w in WORKERS}
     if mode == "sync":     # every step: one gradient from every worker
-        assert all(what == "gradients=4" for _, what in steps) and set(pushes.values()) == {steps}
+        assert all(what == "gradients=4" for _, what in applied) and set(pushes.values()) == {steps}
     else:                  # one gradient per step, none older than max_staleness; refused ones retried
-        stale = [int(what[-1]) for _, what in steps]
+        stale = [int(what[-1]) for _, what in applied]
         assert max(stale) <= 3 and sum(pushes.values()) >= steps
     # parameters went server -> workers, gradients workers -> server, LeNet-sized (~250 kB) each time
     assert summary["bytes_sent"]["p1"] > steps * 240_000

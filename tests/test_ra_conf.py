@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dml_testutil import DML_TOOL, ROOT, scratch  # noqa: F401  (fixture)
-from peer_testutil import link_dests, node_addrs
+from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
+from peer_testutil import link_dests, node_addrs, shipped_confs
 import conf_utils as cu
 import ra_structure_conf
 
@@ -25,11 +25,8 @@ def build(structure, links) -> dict:
 
 
 def test_the_shipped_example_runs_on_the_shipped_links(scratch):
-    (scratch / "node_info.json").write_text(json.dumps(INFO))
-    paths = ra_structure_conf.write_confs(str(DML_TOOL / "ra_structure.json"), str(ROOT / "links.json"),
-                                          str(scratch / "node_info.json"), str(scratch / "out"))
-    assert len(paths) == 5
-    confs = {n: json.loads((scratch / "out" / f"{n}_structure.conf").read_text()) for n in NODES}
+    confs = shipped_confs(ra_structure_conf, "ra", scratch, NODES)
+    assert sorted(confs) == NODES
     for rank, n in enumerate(NODES):
         assert confs[n]["ring"] == NODES and confs[n]["rank"] == rank
         assert confs[n]["successor"] == NODES[(rank + 1) % 5] in confs[n]["connect"]

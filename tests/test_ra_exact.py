@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
+from dml_testutil import scratch  # noqa: F401  (fixture)
 from peer_testutil import loopback_run, push_confs, tiny_dataset
 import net
 import nns

@@ -330,14 +330,16 @@ class Agent:
             return []
 
     def _remove(self, victims: list[nb.Node]) -> None:
+        boxes = [n for n in victims if n.kind == "docker"]
+        if boxes:
+            try:
+                client = self._docker()
+            except nb.NodeError as e:   # netns names and run dirs still go
+                print(f"agent: removing {len(boxes)} container(s): {e}", file=sys.stderr)
+                client = None
+            dn.remove_nodes(client, boxes, self.agent_id)
         for n in victims:
             if n.kind == "docker":
-                try:
-                    client = self._docker()
-                except nb.NodeError as e:
-                    print(f"agent: removing container of {n.spec.name}: {e}", file=sys.stderr)
-                    client = None
-                dn.remove_node(client, n, self.agent_id)
                 self.tables.pop(n.spec.name, None)
                 self.nodes.pop(n.spec.name, None)
                 continue

@@ -215,8 +215,7 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
         with ThreadPoolExecutor(nb.PARALLEL) as ex:
             list(ex.map(one, zip(nodes, placed)))
     except Exception as e:
-        for n in nodes:
-            remove_node(client, n, lab[LABEL_AGENT])
+        remove_nodes(client, nodes, lab[LABEL_AGENT])
         if isinstance(e, errors.DockerException):
             raise nb.NodeError(f"docker: {_explain(e)}") from None
         raise
@@ -232,6 +231,7 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
     rundir = Path(n.rundir)
     rundir.mkdir(parents=True, exist_ok=True)
     (rundir / "log").mkdir(exist_ok=True)
+    (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
     os.mkfifo(rundir / GATE, 0o600)
     mounts = [Mount(target=v["node"], source=v["host"], type="bind", read_only=bool(v.get("ro")))
               for v in s.volumes]
@@ -276,6 +276,12 @@ def remove_node(client, n: nb.Node, agent_id: str) -> None:
         except errors.NotFound:
             pass
     shutil.rmtree(n.rundir, ignore_errors=True)
+
+
+def remove_nodes(client, nodes: list[nb.Node], agent_id: str) -> None:
+    """remove_node for many, in parallel (the daemon takes ~0.3 s a container)."""
+    with ThreadPoolExecutor(nb.PARALLEL) as ex:
+        list(ex.map(lambda n: remove_node(client, n, agent_id), nodes))
 
 
 def sweep(client, agent_id: str) -> list[str]:
