@@ -31,21 +31,8 @@ def build(port: int = 3333, links: str = "links.json"):
 
 
 def main() -> int:
-    args = auto.common_args(__doc__.strip().splitlines()[0]).parse_args()
-    testbed = build(args.port, args.links)
-    if not args.auto:
-        try:
-            testbed.start()
-        except (auto.DefinitionError, auto.DeployError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    fl_conf = auto.tool("fl_structure_conf")
-    return auto.run(
-        testbed, root="n1", dataset_json=ROOT / "dml_tool" / "fl_dataset.json", timeout_s=args.timeout,
-        write_structure=lambda: fl_conf.write_confs(
-            str(ROOT / "dml_tool" / "fl_structure.json"), str(testbed.links_file),
-            str(ROOT / "node_info.json"), str(ROOT / "dml_file" / "conf")))
+    return auto.script_main(build, description=__doc__.strip().splitlines()[0], root="n1",
+                            structure_tool="fl_structure_conf")
 
 
 if __name__ == "__main__":
