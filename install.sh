@@ -6,15 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then echo "install.sh: run as root (sudo ./install.sh)" >&2; exit 2; fi
-need=()
-for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# apt_need COMMAND:PACKAGE...: install from Debian the packages whose command is missing.
+apt_need() {
+  local need=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+apt_need ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount
 py=python3
 extra=()
 # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.
@@ -28,17 +32,10 @@ fi
 "$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib, docker; print("install.sh: ready (torch", torch.__version__ + ")")'
 # Docker nodes, with EDGETB_DOCKER=1 (CI sets it): docker.io and debootstrap from Debian,
 # dockerd started in the background unless a daemon answers (readiness polled, bounded),
-# and the node image built offline unless present (worker/image.py: about 1.5 minutes).
+# and the node image built unless present (worker/image.py; offline, about 75 s, where
+# no registry answers).
 if [ "${EDGETB_DOCKER:-0}" = 1 ]; then
-  need=()
-  for pair in dockerd:docker.io docker-init:tini debootstrap:debootstrap; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
-  done
-  if [ ${#need[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  fi
+  apt_need dockerd:docker.io docker-init:tini debootstrap:debootstrap
   if ! docker info >/dev/null 2>&1; then
     setsid dockerd >/var/log/edgetb-dockerd.log 2>&1 </dev/null &
     echo "install.sh: started dockerd (pid $!, log /var/log/edgetb-dockerd.log)"

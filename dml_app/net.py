@@ -148,6 +148,12 @@ class Server:
         # raises EBADF in threads still answering.
         self._srv.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         self._srv.close()
+        # Open keep-alive connections outlive the listening socket: a client's pooled
+        # connection would hand its next request (even one meant for a new server on this
+        # port) to the stopped dispatcher, and it would hang. Close them; the loop ends.
+        from waitress import wasyncore
+
+        wasyncore.close_all(self._srv._map, ignore_all=True)
 
 
 def serve(app, host: str, port: int, *, threads: int = 8) -> Server:

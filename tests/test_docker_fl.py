@@ -95,6 +95,7 @@ def test_fl_on_docker_nodes(tmp_path):
             except AssertionError as e:
                 raise AssertionError(f"{e}\n{_docker_logs(client)}") from None
             accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
+            print(f"docker FL accuracy per round: {accs}, {summary['wall_seconds']:.1f} s")
             assert summary["rounds"] == 5 and len(accs) == 5
             assert accs[-1] >= 0.85, accs
             run_dir = Path(summary["run_dir"])
