@@ -315,3 +315,12 @@ class Manager:
         @app.route("/status", methods=["GET"])
         def status():
             return jsonify(self.status())
+
+        @app.route("/share/<digest>", methods=["GET"])
+        def share_archive(digest):
+            # A content-addressed archive of a shared folder (controller/share.py), for
+            # agents on other machines; token-checked like every route.
+            data = self.tb.share_store.get(digest)
+            if data is None:
+                return jsonify(error=f"no shared archive {digest[:80]!r} on this controller"), 404
+            return data, 200, {"Content-Type": "application/x-tar"}

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from controller import share  # noqa: E402
 from dml_app import net  # noqa: E402
 from worker import units  # noqa: E402
 
@@ -67,6 +68,7 @@ class Volume:
     host: str
     node: str
     ro: bool = False
+    nfs: str | None = None          # the add_nfs tag, when the folder is a controller share
 
 
 @dataclass
@@ -84,7 +86,7 @@ class _Node:
         self.volumes.append(Volume(str(local_path), str(node_path), ro))
 
     def mount_nfs(self, nfs: Nfs, node_path: str) -> None:
-        self.volumes.append(Volume(nfs.path, str(node_path)))
+        self.volumes.append(Volume(nfs.path, str(node_path), nfs=nfs.tag))
 
     def set_cmd(self, working_dir: str, cmd) -> None:
         self.working_dir = working_dir
@@ -97,6 +99,7 @@ class EmulatedNode(_Node):
     cpu: float = 1.0
     ram_mb: int = 1024
     emulator: "Emulator | None" = None
+    gpu: int = 0
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Emulator:
     agent_port: int | None = None      # None: the controller runs this worker's agent itself
     subnet: str = DEFAULT_SUBNET
     nodes: list[EmulatedNode] = field(default_factory=list)
+    gpu: int = 0
 
     @property
     def gateway(self) -> str:
@@ -145,6 +149,11 @@ class Testbed:
         self.deployed: dict[str, dict] = {}   # worker key -> agent answer
         self.manager = None
         self.node_info_path = ROOT / "node_info.json"
+        # Shares for workers that are not this machine: None picks NFS where it works,
+        # HTTP otherwise (controller/share.py); "http" or "nfs" forces one.
+        self.share_mode: str | None = None
+        self.share_store = share.Store()
+        self._exports: list[tuple[str, str]] = []    # (path, client) exported over NFS
 
     # ------------------------------------------------------------------ definition
     def _name(self, name: str, what: str) -> str:
@@ -164,22 +173,23 @@ class Testbed:
 
     def add_emulator(self, name: str, ip: str, cpu: float, ram: float, unit: str = "G",
                      backend: str = "netns", agent_port: int | None = None,
-                     subnet: str | None = None) -> Emulator:
+                     subnet: str | None = None, gpu: int = 0) -> Emulator:
         self._name(name, "emulator")
         if subnet is None:
             subnet = f"10.{233 + len(self.emulators)}.0.0/16"
         emu = Emulator(name, ip, float(cpu), _ram_mb(ram, unit, f"emulator {name}"), backend,
-                       agent_port, subnet)
+                       agent_port, subnet, gpu=gpu)
         self.emulators[name] = emu
         return emu
 
     def add_emulated_node(self, name: str, working_dir: str, cmd, image: str = "", cpu: float = 1,
-                          ram: float = 1, unit: str = "G", emulator: Emulator | None = None) -> EmulatedNode:
+                          ram: float = 1, unit: str = "G", emulator: Emulator | None = None,
+                          gpu: int = 0) -> EmulatedNode:
         self._name(name, "node")
         node = EmulatedNode(name=name, working_dir=working_dir,
                             cmd=list(cmd) if not isinstance(cmd, str) else cmd.split(),
                             image=image, cpu=float(cpu), ram_mb=_ram_mb(ram, unit, f"node {name}"),
-                            emulator=emulator, port=self.node_port)
+                            emulator=emulator, port=self.node_port, gpu=gpu)
         self.emulated[name] = node
         if emulator is not None:
             emulator.nodes.append(node)
@@ -275,6 +285,7 @@ class Testbed:
                 problems.append(f"emulator {emu.name}: its nodes ask {cpu:g} cpu, it has {emu.cpu:g}")
             if ram > emu.ram_mb:
                 problems.append(f"emulator {emu.name}: its nodes ask {ram} MB ram, it has {emu.ram_mb} MB")
+            problems += self._gpu_problems(emu)
         for n in self.emulated.values():
             if n.emulator is None or n.emulator.name not in self.emulators:
                 problems.append(f"node {n.name}: no emulator given (add_emulated_node(..., emulator=emu))")
@@ -300,6 +311,25 @@ class Testbed:
         problems += self.link_problems(self.links, self.links_file)
         if problems:
             raise DefinitionError(problems)
+
+    @staticmethod
+    def _gpu_problems(emu: Emulator) -> list[str]:
+        out = []
+        if not isinstance(emu.gpu, int) or isinstance(emu.gpu, bool) or emu.gpu < 0:
+            return [f"emulator {emu.name}: gpu={emu.gpu!r} must be a whole number of GPUs, 0 or more"]
+        asked = 0
+        for n in emu.nodes:
+            if not isinstance(n.gpu, int) or isinstance(n.gpu, bool) or n.gpu < 0:
+                out.append(f"node {n.name}: gpu={n.gpu!r} must be a whole number of GPUs, 0 or more")
+            elif n.gpu and emu.backend != "docker":
+                out.append(f"node {n.name}: gpu={n.gpu} needs a docker emulator; emulator {emu.name} runs "
+                           f"{emu.backend} nodes, which cannot have GPUs")
+            else:
+                asked += n.gpu
+        if asked > emu.gpu:
+            out.append(f"emulator {emu.name}: its nodes ask {asked} GPU(s), it has {emu.gpu} "
+                       f"(add_emulator(..., gpu=K))")
+        return out
 
     # ------------------------------------------------------------------ addressing
     def assign_addresses(self) -> None:
@@ -371,14 +401,77 @@ class Testbed:
         srv = net.serve(make_app(agent), "0.0.0.0", self.host_port + 1, threads=16)
         self.embedded = (agent, srv)
 
-    def _node_body(self, n: _Node, ctl: str, agent: str) -> dict:
-        return {"name": n.name, "id": n.id, "ip": n.ip, "port": n.port,
+    def _node_body(self, n: _Node, ctl: str, agent: str, shares: dict | None = None) -> dict:
+        """`shares`: for a worker that is not this machine, {nfs tag: volume source}
+        (controller/share.py); its nodes get those instead of the controller's paths."""
+        def volume(v: Volume) -> dict:
+            if shares is not None and v.nfs in shares:
+                return {**shares[v.nfs], "node": v.node, "ro": v.ro}
+            return {"host": v.host, "node": v.node, "ro": v.ro}
+        body = {"name": n.name, "id": n.id, "ip": n.ip, "port": n.port,
                 "cpu": getattr(n, "cpu", 1.0), "ram_mb": getattr(n, "ram_mb", 1024),
                 "cmd": n.cmd, "working_dir": n.working_dir,
-                "volumes": [{"host": v.host, "node": v.node, "ro": v.ro} for v in n.volumes],
+                "volumes": [volume(v) for v in n.volumes],
                 "nic": getattr(n, "nic", None), "image": getattr(n, "image", ""),
                 "env": {**n.env, "EDGE_TB_ID": str(n.id), "NET_NODE_NAME": n.name,
                         "DML_PORT": str(n.port), "NET_CTL_ADDRESS": ctl, "NET_AGENT_ADDRESS": agent}}
+        if getattr(n, "gpu", 0):
+            body["gpu"] = n.gpu
+        return body
+
+    @staticmethod
+    def _is_local(ip: str, embedded: bool) -> bool:
+        """A worker on the controller's own machine: its nodes bind-mount the folders."""
+        try:
+            return embedded or ipaddress.IPv4Address(ip).is_loopback
+        except ValueError:
+            return False
+
+    def _nfs_export(self, path: str, client: str) -> None:
+        import subprocess
+
+        if (path, client) in self._exports:
+            return
+        p = subprocess.run(share.export_argv(path, client), capture_output=True, text=True)
+        if p.returncode != 0:
+            raise DeployError(f"exporting {path} to {client} over NFS: {p.stderr.strip() or p.stdout.strip()}")
+        self._exports.append((path, client))
+
+    def _nfs_unexport(self) -> None:
+        import subprocess
+
+        while self._exports:
+            path, client = self._exports.pop()
+            subprocess.run(share.unexport_argv(path, client), capture_output=True)
+
+    def _remote_shares(self, say) -> dict | None:
+        """{tag: volume source} for workers that are not this machine, or None when every
+        worker is local. Says once how the folders are shared."""
+        remote = [e for e in self.emulators.values() if not self._is_local(e.ip, e.agent_port is None)]
+        remote += [n for n in self.physical.values() if not self._is_local(n.ip, False)]
+        tags = {v.nfs for x in remote for n in (x.nodes if isinstance(x, Emulator) else [x])
+                for v in n.volumes if v.nfs}
+        if not tags:
+            return None
+        try:
+            how, line = share.mode(self.share_mode)
+        except share.ShareError as e:
+            raise DeployError(str(e)) from None
+        say(line)
+        out = {}
+        for tag in sorted(tags):
+            path = self.nfs[tag].path
+            if how == "nfs":
+                for ip in sorted({x.ip for x in remote}):      # only to the workers that use it
+                    self._nfs_export(path, ip)
+                out[tag] = {"nfs": {"server": self.ip, "path": path, "tag": tag}}
+                continue
+            if self.manager is None or self.manager.server is None:
+                raise DeployError("sharing folders over HTTP needs the controller serving: use start()")
+            digest = self.share_store.add(path)
+            out[tag] = {"share": {"tag": tag, "sha256": digest,
+                                  "url": f"{self.ip}:{self.host_port}/share/{digest}"}}
+        return out
 
     def deploy(self, say=print) -> None:
         """Validate, then build every worker's part in parallel; all or nothing."""
@@ -386,6 +479,7 @@ class Testbed:
         self.assign_addresses()
         self.write_node_info()
         self._ensure_embedded_agent()
+        remote = self._remote_shares(say)
         jobs = []
         for emu in self.emulators.values():
             gw = emu.gateway
@@ -393,14 +487,17 @@ class Testbed:
             agent_addr = f"{gw}:{self.embedded[1].port}" if emu.agent_port is None else f"{emu.ip}:{emu.agent_port}"
             body = {"emulator": emu.name, "backend": emu.backend, "cpu": emu.cpu,
                     "bridge": {"cidr": emu.subnet, "gateway": gw},
-                    "nodes": [self._node_body(n, ctl, agent_addr) for n in emu.nodes],
+                    "nodes": [self._node_body(n, ctl, agent_addr,
+                                              None if self._is_local(emu.ip, emu.agent_port is None) else remote)
+                              for n in emu.nodes],
                     "links": self.agent_links(self.links, [n.name for n in emu.nodes])}
             jobs.append((f"emulator {emu.name}", self.agent_address(emu), "/emulated/deploy", body))
         by_agent: dict[str, list[PhysicalNode]] = {}
         for n in self.physical.values():
             by_agent.setdefault(f"{n.ip}:{n.agent_port}", []).append(n)
         for addr, ns in by_agent.items():
-            body = {"nodes": [self._node_body(n, f"{self.ip}:{self.host_port}", addr) for n in ns],
+            body = {"nodes": [self._node_body(n, f"{self.ip}:{self.host_port}", addr,
+                                              None if self._is_local(n.ip, False) else remote) for n in ns],
                     "links": self.agent_links(self.links, [n.name for n in ns])}
             jobs.append((f"physical {addr}", addr, "/physical/deploy", body))
 
@@ -413,7 +510,8 @@ class Testbed:
                 ans = net.post_json(f"{addr}{path}", body, token=self.token, timeout_s=600, retries=2)
             except net.HttpError as e:
                 with lock:
-                    errors.append(f"{label} ({addr}): {e.message}")
+                    why = f"HTTP {e.status}: {e.message}" if e.status else e.message
+                    errors.append(f"{label} ({addr}): {why}")
                 return
             with lock:
                 self.deployed[label] = {"addr": addr, "kind": path.split("/")[1], "answer": ans}
@@ -450,6 +548,7 @@ class Testbed:
     def close(self) -> None:
         """Reset everything and stop the embedded agent."""
         self.reset(say=lambda m: print(m, file=sys.stderr))
+        self._nfs_unexport()
         if self.embedded is not None:
             agent, srv = self.embedded
             agent.reset("all")

@@ -1,8 +1,8 @@
 """Parameter server: keeps the model and its version; workers pull parameters and push
 gradients (the update rules are dml_app/ps.py, pure).
 
-On GET /start (the root) it builds the seeded model (version 0) and POSTs /ps/begin to
-every worker. Then:
+On GET /start (the root) it builds the seeded model (version 0) and starts every worker
+(their runtime's GET /start). Then:
 
 * POST /ps/pull, JSON {"name", "have", "wait_s"}: when the version differs from `have`
   the server POSTs the parameters (safetensors, meta {version}) to the worker's
@@ -192,8 +192,7 @@ class PsServer:
                     if config.mode == "async" else "", acc)
         for w in conf["workers"]:
             try:
-                net.call("POST", f"http://{rt.peer(w)}/ps/begin", token=rt.token,
-                         json={"server": rt.name}, timeout_s=30, retries=5)
+                net.call("GET", f"http://{rt.peer(w)}/start", token=rt.token, timeout_s=30, retries=5)
             except net.HttpError as e:
                 rt.log.warning("worker %s did not begin: %s", w, e)
         while not rt.stopping.is_set():

@@ -1,7 +1,7 @@
 """Parameter-server worker: pulls parameters when their version changed, computes the
 gradient of one batch of its train parts and pushes it (dml_app/ps_server.py).
 
-The server POSTs /ps/begin (JSON) to start the loop:
+The server starts the loop with the runtime's GET /start (once both confs are in):
   1. POST the server's /ps/pull {"name", "have": last version, "wait_s"}; the server
      POSTs the new parameters to this node's /ps/params (safetensors, meta {version})
      before it answers {"sent": true}; {"sent": false} means no new version yet (sync
@@ -21,7 +21,7 @@ import threading
 import time
 import zlib
 
-from werkzeug.exceptions import BadRequest, Conflict
+from werkzeug.exceptions import BadRequest
 
 import net
 import nns
@@ -29,7 +29,7 @@ from ps import batch_gradient, batches
 from runtime import Runtime, main
 
 PULL_WAIT_S = 5.0
-SERVER_GONE_S = 60.0     # give up when the server does not answer for this long
+SERVER_GONE_S = 60.0     # give up when the server does not answer (or has not started) for this long
 
 
 def check_structure(conf: dict) -> dict:
@@ -47,28 +47,15 @@ class PsWorker:
         self.rt = rt
         self._lock = threading.Lock()
         self._params: tuple[int, dict] | None = None     # (version, tensors) the server sent
-        self._running = False
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
-        rt.route("/ps/begin", methods=["POST"])(self.begin)
+        rt.on_start(self.loop)
         rt.route("/ps/params", methods=["POST"])(self.params)
 
     @staticmethod
     def _check_data(data) -> None:
         if data.train_samples == 0:
             raise ValueError("a worker computes gradients: give it train parts (train_len > 0)")
-
-    def begin(self):
-        """POST /ps/begin: start the pull/compute/push loop (once)."""
-        rt = self.rt
-        if rt.structure is None or rt.data is None:
-            raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /ps/begin")
-        with self._lock:
-            if self._running:
-                raise Conflict(f"{rt.name}: already running")
-            self._running = True
-        rt.spawn(self.loop, name="ps-worker")
-        return "ok\n"
 
     def params(self):
         """POST /ps/params: the server's parameters of some version (kept if newer)."""
@@ -87,43 +74,39 @@ class PsWorker:
         model = nns.build_model(data.meta)
         stream = batches(data.train_samples, data.batch_size, seed=zlib.crc32(rt.name.encode()))
         have, silent_since = -1, None
-        try:
-            while not rt.stopping.is_set():
-                try:
-                    ans = net.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
-                                                                    "wait_s": PULL_WAIT_S},
-                                        token=rt.token, timeout_s=PULL_WAIT_S + 120)
-                    silent_since = None
-                except net.HttpError as e:
-                    if e.status == 410:
-                        break
-                    silent_since = silent_since or time.monotonic()
-                    if e.status is not None or time.monotonic() - silent_since > SERVER_GONE_S:
-                        raise
-                    rt.stopping.wait(1.0)
-                    continue
-                if not ans.get("sent"):
-                    continue
-                with self._lock:
-                    have, tensors = self._params
-                model.load_state_dict(tensors)
-                idx = next(stream)
-                rt.set_state("training", have)
-                loss, grad = batch_gradient(model, data.train_x[idx], data.train_y[idx])
-                rt.log_train(loss, have)
-                rt.set_state("uploading", have)
-                try:
-                    rt.send_weights(server, "/ps/push", grad, {"name": rt.name, "version": have,
-                                                               "samples": len(idx), "loss": loss})
-                except net.HttpError as e:
-                    if e.status == 410:
-                        break
-                    if e.status != 409:
-                        raise
-                    rt.log.warning("gradient of version %d refused: %s", have, e.message)
-        finally:
+        while not rt.stopping.is_set():
+            try:
+                ans = net.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
+                                                                "wait_s": PULL_WAIT_S},
+                                    token=rt.token, timeout_s=PULL_WAIT_S + 120)
+                silent_since = None
+            except net.HttpError as e:
+                if e.status == 410:
+                    break
+                silent_since = silent_since or time.monotonic()   # 409: the server has not started
+                if e.status not in (None, 409) or time.monotonic() - silent_since > SERVER_GONE_S:
+                    raise
+                rt.stopping.wait(1.0)
+                continue
+            if not ans.get("sent"):
+                continue
             with self._lock:
-                self._running = False
+                have, tensors = self._params
+            model.load_state_dict(tensors)
+            idx = next(stream)
+            rt.set_state("training", have)
+            loss, grad = batch_gradient(model, data.train_x[idx], data.train_y[idx])
+            rt.log_train(loss, have)
+            rt.set_state("uploading", have)
+            try:
+                rt.send_weights(server, "/ps/push", grad, {"name": rt.name, "version": have,
+                                                           "samples": len(idx), "loss": loss})
+            except net.HttpError as e:
+                if e.status == 410:
+                    break
+                if e.status != 409:
+                    raise
+                rt.log.warning("gradient of version %d refused: %s", have, e.message)
         rt.log.info("training over: last version %d", have)
         rt.set_state("finished", have)
 

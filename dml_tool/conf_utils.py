@@ -7,6 +7,7 @@ All checks run before any file is written, so a bad input leaves no half-written
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -217,7 +218,7 @@ def write_structure_confs(structure_path: str, links_path: str, node_info_path: 
     return write_confs(out_dir, confs, "structure")
 
 
-def structure_tool_main(argv: Sequence[str] | None, *, prog: str, algorithm: str,
+def structure_tool_main(argv: Sequence[str] | None = None, *, prog: str, algorithm: str,
                         write: Callable[[str, str, str, str], list[str]]) -> int:
     """The command line of every <alg>_structure_conf.py (-s, -l, -n, -o); `write` is the
     tool's write_confs(structure, links, node_info, out_dir). Exit 2 with the ConfError."""
@@ -237,3 +238,14 @@ def structure_tool_main(argv: Sequence[str] | None, *, prog: str, algorithm: str
     for p in paths:
         print(p)
     return 0
+
+
+def structure_tool(build: Callable[..., Mapping[str, Mapping[str, Any]]], *, prog: str,
+                   algorithm: str) -> tuple[Callable[..., list[str]], Callable[..., int]]:
+    """(write_confs, main) of a conf tool whose checks are `build` (write_structure_confs):
+    write_confs(structure, links=ROOT/links.json, node_info=ROOT/node_info.json,
+    out_dir=ROOT/dml_file/conf) -> paths, and main(argv=None) -> exit status."""
+    def write_confs(structure_path: str, links_path: str = DEFAULT_LINKS, node_info_path: str = DEFAULT_NODE_INFO,
+                    out_dir: str = DEFAULT_CONF_DIR) -> list[str]:
+        return write_structure_confs(structure_path, links_path, node_info_path, out_dir, build)
+    return write_confs, functools.partial(structure_tool_main, prog=prog, algorithm=algorithm, write=write_confs)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 try:  # imported as dml_tool.el_structure_conf (the controller's --auto mode)
     from . import conf_utils as cu
@@ -208,9 +208,8 @@ def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
                                     functools.partial(build_confs, graph=graph))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cu.structure_tool_main(argv, prog="el_structure_conf.py", algorithm="E-tree learning",
-                                  write=write_confs)
+main = functools.partial(cu.structure_tool_main, prog="el_structure_conf.py", algorithm="E-tree learning",
+                         write=write_confs)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ ps_structure.json:
   their average) or "async" (each gradient is applied on arrival);
 * `steps`: how many updates (versions) the server applies before it stops; EdgeTB's
   `sync` is accepted as another name for it;
-* `lr`, `momentum` (default 0): the server's SGD; `max_staleness` (async; default the
-  number of workers): a gradient computed more than this many versions ago is refused;
+* `lr`, `momentum` (default 0): the server's SGD (stale gradients act like extra
+  momentum: in async mode keep `momentum` 0 or small); `max_staleness` (async; default
+  the number of workers): a gradient computed more than this many versions ago is refused;
 * `eval_every` (default steps / 10): the server evaluates every this many versions
   (its `Aggregate: accuracy=..., round=V,` lines count versions), and at the last;
 * optional `seed` (the initial model) and `step_timeout_s` (sync: apply what came if a
@@ -32,7 +33,7 @@ folder, then from dml_tool/.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 try:  # imported as dml_tool.ps_structure_conf (the controller's --auto mode)
     from . import conf_utils as cu
@@ -108,16 +109,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     return confs
 
 
-def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
-                node_info_path: str = cu.DEFAULT_NODE_INFO,
-                out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
-    """Read the three inputs, check them all, then write <node>_structure.conf files."""
-    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cu.structure_tool_main(argv, prog="ps_structure_conf.py", algorithm="a parameter server",
-                                  write=write_confs)
+# write_confs(structure, links, node_info, out_dir) and main(argv), as every conf tool has
+write_confs, main = cu.structure_tool(build_confs, prog="ps_structure_conf.py", algorithm="a parameter server")
 
 
 if __name__ == "__main__":

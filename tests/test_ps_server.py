@@ -24,7 +24,7 @@ from ps import batch_gradient
 
 
 class FakeWorker:
-    """Stands in for a worker's /ps/begin and /ps/params (what the server sends it)."""
+    """Stands in for a worker's /start and /ps/params (what the server sends it)."""
 
     def __init__(self, name: str):
         self.name, self.params, self.begun = name, {}, False
@@ -37,7 +37,7 @@ class FakeWorker:
             self.params[meta["version"]] = tensors
             return "ok\n"
 
-        @app.post("/ps/begin")
+        @app.get("/start")
         def begin():
             self.begun = True
             return "ok\n"

@@ -11,6 +11,7 @@ so an agent that restarts after a crash still cleans up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -18,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +34,7 @@ from dml_app import net  # noqa: E402
 from worker import docker_nodes as dn  # noqa: E402
 from worker import image  # noqa: E402
 from worker import nodes as nb  # noqa: E402
+from worker import shares  # noqa: E402
 from worker import tc  # noqa: E402
 from worker.cgroups import Cgroup  # noqa: E402
 
@@ -58,6 +61,8 @@ class Agent:
         self._docker_client = None
         self.lock = threading.RLock()
         self.build_lock = threading.Lock()
+        self.share_cache = shares.cache_dir(port)   # archives of shared folders (kept across resets)
+        self.nfs_mounts: list[str] = []             # NFS shares mounted on this worker
         self._recover()
 
     # -------------------------------------------------------------- docker
@@ -84,13 +89,13 @@ class Agent:
 
     # -------------------------------------------------------------- persistence
     def _save(self) -> None:
-        if not self.nodes and not self.bridges and not self.networks:
+        if not self.nodes and not self.bridges and not self.networks and not self.nfs_mounts:
             # Nothing left: leave no state behind either.
             shutil.rmtree(self.state_dir, ignore_errors=True)
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
-                "networks": self.networks}
+                "networks": self.networks, "nfs_mounts": self.nfs_mounts}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.state_file)
@@ -104,10 +109,11 @@ class Agent:
             self.nodes = {n["spec"]["name"]: nb.Node.from_json(n) for n in data.get("nodes", [])}
             self.bridges = dict(data.get("bridges", {}))
             self.networks = dict(data.get("networks", {}))
+            self.nfs_mounts = [str(m) for m in data.get("nfs_mounts", [])]
         except (ValueError, KeyError, TypeError) as e:
             print(f"agent: ignoring unreadable state file {self.state_file}: {e}", file=sys.stderr)
             return
-        if self.nodes or self.bridges or self.networks:
+        if self.nodes or self.bridges or self.networks or self.nfs_mounts:
             print(f"agent: removing {len(self.nodes)} node(s) left by a previous agent", file=sys.stderr)
             self.reset("all")
 
@@ -125,7 +131,12 @@ class Agent:
             iface = ipaddress.IPv4Interface(f"{br['gateway']}/{ipaddress.IPv4Network(br['cidr']).prefixlen}")
         except (KeyError, ValueError, TypeError) as e:
             raise BadRequest(f"bad bridge {br!r}: {e}") from None
+        self._fetch_shares(body.get("nodes"))
         specs = self._specs(body.get("nodes"), iface.network)
+        gpus = [f"{s.name} ({s.gpu})" for s in specs if s.gpu]
+        if gpus and backend != "docker":
+            raise BadRequest(f"GPUs are given to docker nodes only; {backend} nodes cannot have one: "
+                             f"{', '.join(gpus)}")
         links = self._links(body.get("links", {}), specs)
         if backend == "docker":
             missing = [s.name for s in specs if not s.image]
@@ -199,6 +210,7 @@ class Agent:
                 print(f"agent: removing docker network {name}: {e}", file=sys.stderr)
 
     def deploy_physical(self, body: dict) -> dict:
+        self._fetch_shares(body.get("nodes"))
         specs = self._specs(body.get("nodes"), None)
         links = self._links(body.get("links", {}), specs)
         with self.lock:
@@ -223,6 +235,63 @@ class Agent:
                 raise
             self._save()
         return {"nodes": {name: {"links": c} for name, c in counts.items()}}
+
+    def _fetch_shares(self, raw) -> None:
+        """Volumes given as a controller share (`{"share": {"sha256", "url"}, "node", "ro"}`,
+        controller/share.py) become binds of this agent's unpacked, hash-checked copy;
+        fetched once per content. ShareError (nothing deployed) on a hash mismatch."""
+        if not isinstance(raw, list):
+            return
+        for d in raw:
+            for v in (d.get("volumes") or []) if isinstance(d, dict) else []:
+                if isinstance(v, dict) and "nfs" in v:
+                    v["host"] = self._nfs_mount(v.pop("nfs"), d.get("name"))
+                    continue
+                sh = v.get("share") if isinstance(v, dict) else None
+                if sh is None:
+                    continue
+                if not isinstance(sh, dict) or not isinstance(sh.get("url"), str):
+                    raise BadRequest(f"node {d.get('name')!r}: bad share {sh!r}")
+                folder, got = shares.fetch(sh["url"], str(sh.get("sha256", "")), self.share_cache, token=self.token)
+                if got:
+                    print(f"agent: share {sh.get('tag', '')} {sh['sha256'][:12]} fetched into {folder}",
+                          file=sys.stderr, flush=True)
+                v["host"] = str(folder)
+                v.pop("share")
+
+    def _nfs_mount(self, nfs, node) -> str:
+        """An NFS share of the controller (`{"server", "path"}`), mounted once on this
+        worker under the agent's state dir and bind-mounted into nodes from there;
+        unmounted at reset once no node is left."""
+        try:
+            server = str(ipaddress.IPv4Address(str(nfs["server"])))
+            path = str(nfs["path"])
+            if not os.path.isabs(path) or ".." in Path(path).parts:
+                raise ValueError(f"path {path!r} must be absolute, without '..'")
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadRequest(f"node {node!r}: bad nfs share {nfs!r}: {e}") from None
+        import hashlib
+
+        target = self.state_dir / "nfs" / hashlib.sha256(f"{server}:{path}".encode()).hexdigest()[:16]
+        with self.lock:
+            if not os.path.ismount(target):
+                target.mkdir(parents=True, exist_ok=True)
+                p = subprocess.run(shares.mount_argv(server, path, str(target)), capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise shares.ShareError(f"mounting NFS share {server}:{path}: "
+                                            f"{' '.join((p.stderr or p.stdout).split())}; nothing deployed")
+            if str(target) not in self.nfs_mounts:
+                self.nfs_mounts.append(str(target))
+                self._save()
+        return str(target)
+
+    def _unmount_nfs(self) -> None:
+        for target in list(self.nfs_mounts):
+            if os.path.ismount(target):
+                subprocess.run(shares.umount_argv(target), capture_output=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+            self.nfs_mounts.remove(target)
 
     def _specs(self, raw, network) -> list[nb.NodeSpec]:
         if not isinstance(raw, list) or not raw:
@@ -312,6 +381,8 @@ class Agent:
                 for emu in list(self.bridges) + list(self.networks):
                     self._remove_network(emu)
                 gone = self._sweep_docker()
+            if not self.nodes:
+                self._unmount_nfs()
             self._save()
             out = {"removed": [n.spec.name for n in victims]}
             if gone:
@@ -420,6 +491,7 @@ def make_app(agent: Agent) -> Flask:
         return jsonify(error=str(e)), 400
 
     @app.errorhandler(nb.NodeError)
+    @app.errorhandler(shares.ShareError)
     @app.errorhandler(tc.TcError)
     @app.errorhandler(image.ImageError)
     def _failed(e):

@@ -151,6 +151,7 @@ def ensure_network(client, emulator: str, cidr: str, gateway: str, lab: dict) ->
         if cfg[0].get("Subnet") != cidr or cfg[0].get("Gateway") != gateway:
             raise nb.NodeError(f"docker network {name} has subnet {cfg[0].get('Subnet')}, "
                                f"not {cidr} (reset the emulator first)")
+        ingress_firewall(nb.bridge_name(emulator), add=True)
         return name
     from docker.types import IPAMConfig, IPAMPool
 
@@ -161,7 +162,33 @@ def ensure_network(client, emulator: str, cidr: str, gateway: str, lab: dict) ->
             options={"com.docker.network.bridge.name": nb.bridge_name(emulator)})
     except errors.DockerException as e:
         raise nb.NodeError(f"cannot create docker network {name} ({cidr}): {_explain(e)}") from None
+    ingress_firewall(nb.bridge_name(emulator), add=True)
     return name
+
+
+def ingress_rule(bridge: str) -> list[str]:
+    """The iptables rule (without -I/-D) that lets new connections into an emulator's
+    docker bridge from other interfaces: Docker's own FORWARD rules accept only replies
+    and published ports, which would cut docker nodes off from netns nodes on this
+    machine and from nodes of other workers routed here."""
+    return ["FORWARD", "-o", bridge, "-m", "comment", "--comment", "edgetb", "-j", "ACCEPT"]
+
+
+def ingress_firewall(bridge: str, *, add: bool) -> None:
+    """Own ingress_rule(bridge) while the network exists (idempotent both ways)."""
+    if shutil.which("iptables") is None:
+        return
+    rule = ingress_rule(bridge)
+
+    def present() -> bool:
+        return subprocess.run(["iptables", "-w", "-C"] + rule, capture_output=True).returncode == 0
+    if add:
+        if not present():
+            subprocess.run(["iptables", "-w", "-I"] + rule, capture_output=True)
+        return
+    while present():
+        if subprocess.run(["iptables", "-w", "-D"] + rule, capture_output=True).returncode != 0:
+            break
 
 
 def remove_network(client, name: str, agent_id: str) -> None:
@@ -172,10 +199,17 @@ def remove_network(client, name: str, agent_id: str) -> None:
         return
     if (net.attrs.get("Labels") or {}).get(LABEL_AGENT) != agent_id:
         return                       # not ours: never touched
+    _remove_ingress(net)
     try:
         net.remove()
     except errors.NotFound:
         pass
+
+
+def _remove_ingress(net) -> None:
+    bridge = (net.attrs.get("Options") or {}).get("com.docker.network.bridge.name")
+    if bridge and bridge.startswith(nb.BRIDGE_PREFIX):
+        ingress_firewall(bridge, add=False)
 
 
 # ----------------------------------------------------------------------------- containers
@@ -224,6 +258,15 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
     return nodes
 
 
+def device_requests(gpu: int) -> list:
+    """A node's GPUs as Docker device requests (`docker run --gpus N`); none for 0."""
+    if not gpu:
+        return []
+    from docker.types import DeviceRequest
+
+    return [DeviceRequest(count=int(gpu), capabilities=[["gpu"]])]
+
+
 def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: dict, extra_env: dict) -> None:
     from docker.types import Mount
 
@@ -245,6 +288,8 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
               network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
     if nano_cpus:
         kw["nano_cpus"] = nano_cpus
+    if s.gpu:
+        kw["device_requests"] = device_requests(s.gpu)
     ctr = client.containers.create(s.image, **kw)
     n.container = ctr.id
     ctr.start()
@@ -301,6 +346,8 @@ def sweep(client, agent_id: str) -> list[str]:
             pass
     for net in client.networks.list(filters=flt):
         try:
+            net.reload()
+            _remove_ingress(net)
             net.remove()
             gone.append(f"network {net.name}")
         except errors.NotFound:

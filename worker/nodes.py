@@ -89,6 +89,7 @@ class NodeSpec:
     env: dict = field(default_factory=dict)
     nic: str | None = None          # physical nodes: the NIC links are shaped on
     image: str = ""                 # docker nodes: the image to run
+    gpu: int = 0                    # docker nodes: GPUs asked (a Docker device request)
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSpec":
@@ -98,13 +99,15 @@ class NodeSpec:
                        cpu=float(d.get("cpu", 1)), ram_mb=int(d.get("ram_mb", 1024)),
                        cmd=[str(a) for a in d.get("cmd", [])], working_dir=str(d.get("working_dir", "")),
                        volumes=list(d.get("volumes", [])), env={str(k): str(v) for k, v in d.get("env", {}).items()},
-                       nic=d.get("nic"), image=str(d.get("image") or ""))
+                       nic=d.get("nic"), image=str(d.get("image") or ""), gpu=int(d.get("gpu") or 0))
         except NodeError:
             raise
         except (KeyError, ValueError, TypeError) as e:
             raise NodeError(f"bad node {d.get('name')!r}: {type(e).__name__}: {e}") from None
         if not 0 <= spec.id < 60000:
             raise NodeError(f"bad node {spec.name}: id {spec.id} out of range")
+        if spec.gpu < 0:
+            raise NodeError(f"bad node {spec.name}: gpu {spec.gpu} must be 0 or more")
         if not 1 <= spec.port <= 65535 or spec.cpu <= 0 or spec.ram_mb < 16:
             raise NodeError(f"bad node {spec.name}: port, cpu or ram out of range")
         for v in spec.volumes:

@@ -1,0 +1,266 @@
+"""A multi-host test harness: several "machines" on one, each with its own address and
+its own real agent process; the controller runs beside them in the test process.
+
+    with multihost.Harness() as h:
+        a = h.add_host()                       # namespace m<tag>h1, 10.246.0.11 on the test bridge
+        a.start_agent()                        # nsenter --net=... python3 worker/agent.py --port P --token T
+        d = h.root_agent()                     # an agent in the real root namespace (drives dockerd)
+        h.route("10.246.16.0/24", a)           # an emulator subnet behind host a, for everyone else
+
+Layout (all under 10.246.0.0/16, names prefixed `m`):
+* a test bridge `m<tag>br` in the root namespace holding the controller's address
+  10.246.0.1/24 (what `Testbed(ip=...)` gets) and an accept rule for bridged frames (Docker
+  sets FORWARD to DROP);
+* per host a network namespace `m<tag>h<i>` joined to the bridge by a veth (`eth1` inside,
+  like a board's NIC), address 10.246.0.<10+i>/24, ip_forward on, default route via the
+  controller. Its agent runs inside it with nsenter, so the agent keeps the machine's /sys
+  (cgroups) and makes its emulator bridge, namespaces and qdiscs inside that host;
+* emulator subnets 10.246.<16*i>.0/24 are routed by the test (`route`): on a real
+  deployment the emulator subnets must be routable between workers and to the
+  controller (the workers' own networks do that, as EdgeTB's did);
+* docker nodes live on the real host's daemon: their agent (`root_agent`) runs in the
+  root namespace, listening on the controller's test address.
+
+Everything is removed on exit, failed or not: agents (reset, then SIGTERM to their
+process group), namespaces, veths, the bridge, its rule, routes, agents' share caches.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dml_app import net  # noqa: E402
+from worker import nodes as nb  # noqa: E402
+from worker import shares  # noqa: E402
+
+AGENT = ROOT / "worker" / "agent.py"
+CONTROLLER_IP = "10.246.0.1"
+PORTS = range(3380, 3390)        # controller and agents
+
+
+def sh(*argv, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))}: {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+def missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (namespaces, qdiscs, cgroups)"
+    for tool in ("ip", "tc", "nsenter", "iperf3"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+def emulator_subnet(i: int) -> str:
+    """The emulator subnet of host i (10.246.16.0/24, 10.246.32.0/24, ...)."""
+    return f"10.246.{16 * i}.0/24"
+
+
+@dataclass
+class Agent:
+    """A real agent process (in a host namespace or the root one)."""
+    ip: str
+    port: int
+    token: str
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def get(self, path: str, **kw):
+        return net.get_json(f"{self.addr}{path}", token=self.token, timeout_s=kw.pop("timeout_s", 60), **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return net.post_json(f"{self.addr}{path}", body if body is not None else {}, token=self.token,
+                             timeout_s=kw.pop("timeout_s", 120), **kw)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except (OSError, AttributeError):
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, *, reset: bool = True, timeout_s: float = 30) -> None:
+        """Reset what it made (unless told not to), then end its process group."""
+        if self.proc is None:
+            return
+        if reset and self.alive():
+            for path in ("/emulated/reset", "/physical/reset"):
+                with contextlib.suppress(net.HttpError):
+                    self.post(path, timeout_s=timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@dataclass
+class Host:
+    index: int
+    ns: str
+    veth: str
+    ip: str
+    nic: str = "eth1"
+    agent: Agent | None = None
+    harness: "Harness | None" = field(default=None, repr=False)
+
+    @property
+    def subnet(self) -> str:
+        return emulator_subnet(self.index)
+
+    def run(self, *argv, check=True) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns, *argv, check=check)
+
+    def start_agent(self, port: int | None = None) -> Agent:
+        self.agent = self.harness._start_agent(["nsenter", f"--net=/run/netns/{self.ns}"], self.ip,
+                                               port, name=self.ns)
+        return self.agent
+
+
+class Harness:
+    """See the module docstring. Use as a context manager."""
+
+    def __init__(self, tag: str | None = None):
+        self.tag = tag or "m" + secrets.token_hex(2)
+        self.bridge = f"{self.tag}br"
+        self.hosts: list[Host] = []
+        self.agents: list[Agent] = []
+        self.root_routes: list[str] = []
+        self._ports = iter(PORTS)
+        self.controller_port = next(self._ports)
+        self.token = secrets.token_hex(16)
+
+    # ------------------------------------------------------------------ life
+    def __enter__(self) -> "Harness":
+        try:
+            sh("ip", "link", "add", self.bridge, "type", "bridge")
+            sh("ip", "addr", "add", f"{CONTROLLER_IP}/24", "dev", self.bridge)
+            sh("ip", "link", "set", self.bridge, "up")
+            nb._bridge_firewall(self.bridge, add=True)
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for a in reversed(self.agents):
+            with contextlib.suppress(Exception):
+                a.stop()
+            shutil.rmtree(shares.cache_dir(a.port).parent, ignore_errors=True)
+            if a.log_path:
+                with contextlib.suppress(OSError):
+                    a.log_path.unlink()
+        for r in self.root_routes:
+            sh("ip", "route", "del", r, check=False)
+        for h in self.hosts:
+            sh("ip", "netns", "del", h.ns, check=False)
+            sh("ip", "link", "del", h.veth, check=False)
+        nb._bridge_firewall(self.bridge, add=False)
+        sh("ip", "link", "del", self.bridge, check=False)
+
+    # ------------------------------------------------------------------ parts
+    def next_port(self) -> int:
+        return next(self._ports)
+
+    def add_host(self) -> Host:
+        i = len(self.hosts) + 1
+        h = Host(index=i, ns=f"{self.tag}h{i}", veth=f"{self.tag}v{i}", ip=f"10.246.0.{10 + i}", harness=self)
+        self.hosts.append(h)
+        sh("ip", "netns", "add", h.ns)
+        sh("ip", "link", "add", h.veth, "type", "veth", "peer", "name", h.nic, "netns", h.ns)
+        sh("ip", "link", "set", h.veth, "master", self.bridge, "up")
+        h.run("ip", "addr", "add", f"{h.ip}/24", "dev", h.nic)
+        h.run("ip", "link", "set", h.nic, "up")
+        h.run("ip", "link", "set", "lo", "up")
+        h.run("ip", "route", "add", "default", "via", CONTROLLER_IP)
+        h.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        return h
+
+    def route(self, subnet: str, via: Host) -> None:
+        """`subnet` lives behind host `via`: route it there from the root namespace and from
+        every other host (what the workers' own network does on a real deployment)."""
+        sh("ip", "route", "replace", subnet, "via", via.ip)
+        self.root_routes.append(subnet)
+        for h in self.hosts:
+            if h is not via:
+                h.run("ip", "route", "replace", subnet, "via", via.ip)
+
+    def root_agent(self, port: int | None = None) -> Agent:
+        """An agent in the real root namespace, on the controller's test address (it drives
+        this machine's dockerd)."""
+        return self._start_agent([], CONTROLLER_IP, port, name=f"{self.tag}root")
+
+    def _start_agent(self, prefix: list[str], ip: str, port: int | None, *, name: str,
+                     ready_timeout_s: float = 30) -> Agent:
+        port = port or self.next_port()
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetb-{self.tag}-agent-{port}.log"
+        env = {k: v for k, v in os.environ.items() if k != net.TOKEN_ENV}
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(prefix + [sys.executable, str(AGENT), "--port", str(port), "--token", self.token,
+                                              "--host", ip, "--name", name],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=str(ROOT), env=env, start_new_session=True)
+        agent = Agent(ip=ip, port=port, token=self.token, proc=proc, log_path=log_path)
+        self.agents.append(agent)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if not agent.alive():
+                raise RuntimeError(f"agent {name} exited before answering:\n{agent.log()}")
+            with contextlib.suppress(net.HttpError):
+                agent.get("/hi", timeout_s=2)
+                return agent
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent {name} not ready after {ready_timeout_s}s:\n{agent.log()}")
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ checks
+    def leftovers(self, names: list[str]) -> dict[str, list[str]]:
+        """What any worker still holds of these node names: namespaces, containers,
+        cgroups, processes (marked by name), bridges and namespaces inside the hosts."""
+        import agent_helpers as ah
+
+        nets = set(sh("ip", "netns", "list").stdout.split())
+        out = {"namespaces": sorted(n for n in (nb.NS_PREFIX + x for x in names) if n in nets),
+               "cgroups": sorted(str(p) for n in names for p in ah._cgroup_dirs(n) if p.exists()),
+               "processes": sorted(set(ah._pids_left(set(names), {})) | set(ah._cgroup_members(names))),
+               "host links": [], "containers": [], "iptables": []}
+        for h in self.hosts:
+            if h.ns in nets:
+                links = h.run("ip", "-o", "link", "show").stdout
+                out["host links"] += [f"{h.ns}: {l.split(':')[1].strip()}" for l in links.splitlines()
+                                      if nb.BRIDGE_PREFIX in l or nb.VETH_PREFIX in l]
+                rules = h.run("iptables", "-w", "-S", check=False).stdout
+                out["iptables"] += [f"{h.ns}: {r}" for r in rules.splitlines() if "edgetb" in r]
+        if shutil.which("docker"):
+            p = sh("docker", "ps", "-a", "--format", "{{.Names}}", check=False)
+            out["containers"] = sorted(c for c in p.stdout.split() if c in {f"etb-{n}" for n in names})
+        return out

@@ -1,0 +1,272 @@
+"""Sharing dml_app/ and dataset/ with workers that are not the controller's machine.
+
+HTTP (controller/share.py, worker/shares.py) end to end with a real agent in a host
+namespace: a changed file reaches the nodes at the next deployment, an unchanged archive
+is not downloaded again, a corrupted one is refused and nothing is deployed. NFS: the
+commands and volume options as data; mounting needs a kernel with NFS.
+"""
+import hashlib
+import os
+import io
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import multihost  # noqa: E402
+from controller import share  # noqa: E402
+from controller.manager import Manager  # noqa: E402
+from controller.testbed import DeployError, Testbed  # noqa: E402
+from worker import shares  # noqa: E402
+
+
+class ShareManager(Manager):
+    algorithm = "share"
+
+
+# ----------------------------------------------------------------------------- pure
+
+def test_archive_is_content_addressed(tmp_path):
+    d = tmp_path / "app"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.py").write_text("print(1)\n")
+    (d / "sub" / "b.txt").write_text("b")
+    (d / "__pycache__").mkdir()
+    (d / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    first = share.build_archive(d)
+    time.sleep(0.01)
+    (d / "a.py").touch()                              # a new mtime is not a new content
+    (d / "__pycache__" / "x.pyc").write_bytes(b"more junk")
+    assert share.build_archive(d) == first
+    names = tarfile.open(fileobj=io.BytesIO(first)).getnames()
+    assert names == ["a.py", "sub", "sub/b.txt"], names
+    (d / "sub" / "b.txt").write_text("B")
+    assert share.sha256(share.build_archive(d)) != share.sha256(first)
+
+
+def test_fetch_verifies_caches_and_refuses_a_mismatch(tmp_path):
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "m.txt").write_text("v1")
+    store = share.Store()
+    digest = store.add(d)
+    calls = []
+
+    def get(url):
+        calls.append(url)
+        return store.get(url.rsplit("/", 1)[1])
+    cache = tmp_path / "cache"
+    out, got = shares.fetch(f"x/share/{digest}", digest, cache, token="t", get=get)
+    assert got and (out / "m.txt").read_text() == "v1" and out.name == digest
+    out2, got2 = shares.fetch(f"x/share/{digest}", digest, cache, token="t", get=get)
+    assert out2 == out and not got2 and len(calls) == 1 and store.served[digest] == 1
+    bad = "0" * 64
+    with pytest.raises(shares.ShareError) as ei:
+        shares.fetch(f"x/share/{bad}", bad, cache, token="t", get=lambda u: b"not it")
+    assert f"expected {bad}" in str(ei.value) and hashlib.sha256(b"not it").hexdigest() in str(ei.value)
+    assert "sha256 mismatch" in str(ei.value) and not (cache / bad).exists()
+    with pytest.raises(shares.ShareError):
+        shares.fetch("x", "../../etc", cache, token="t", get=get)
+    assert store.get("../etc") is None
+
+
+def test_nfs_commands_and_volume_options():
+    assert share.export_argv("/srv/edgetb/dml_app", "10.246.0.0/16") == [
+        "exportfs", "-o", "rw,sync,no_subtree_check,no_root_squash", "10.246.0.0/16:/srv/edgetb/dml_app"]
+    assert share.unexport_argv("/srv/x") == ["exportfs", "-u", "*:/srv/x"]
+    assert share.mount_argv("10.246.0.1", "/srv/edgetb/dataset", "/mnt/ds", ro=True) == [
+        "mount", "-t", "nfs", "-o", "vers=4,ro,hard,nolock", "10.246.0.1:/srv/edgetb/dataset", "/mnt/ds"]
+    assert share.umount_argv("/mnt/ds") == ["umount", "-l", "/mnt/ds"]
+    assert share.docker_nfs_volume("10.246.0.1", "/srv/edgetb/dml_app") == {
+        "driver": "local",
+        "driver_opts": {"type": "nfs", "o": "addr=10.246.0.1,nfsvers=4,rw", "device": ":/srv/edgetb/dml_app"}}
+
+
+def test_nfs_detection_says_why():
+    have_all = "nodev\tnfs\nnodev\tnfs4\nnodev\tnfsd\n"
+    assert share.nfs_unavailable(have_all, which=lambda t: "/usr/sbin/" + t) is None
+    why = share.nfs_unavailable("nodev\tproc\n\text4\n", which=lambda t: None)
+    assert "no nfsd in /proc/filesystems" in why and "no mount.nfs" in why and "no exportfs" in why
+    how, line = share.mode("http")
+    assert how == "http" and "HTTP" in line
+    if share.nfs_unavailable() is not None:
+        how, line = share.mode()
+        assert how == "http" and "NFS not available: " in line
+        with pytest.raises(share.ShareError, match="NFS asked for but not available"):
+            share.mode("nfs")
+
+
+@pytest.mark.skipif(share.nfs_unavailable() is not None,
+                    reason=f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
+def test_nfs_export_and_mount_for_real(tmp_path):   # pragma: no cover - needs kernel NFS
+    import subprocess
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "m.txt").write_text("nfs")
+    subprocess.run(share.export_argv(str(src), "127.0.0.1"), check=True)
+    try:
+        subprocess.run(share.mount_argv("127.0.0.1", str(src), str(dst), ro=True), check=True)
+        try:
+            assert (dst / "m.txt").read_text() == "nfs"
+        finally:
+            subprocess.run(share.umount_argv(str(dst)))
+    finally:
+        subprocess.run(share.unexport_argv(str(src), "127.0.0.1"))
+
+
+def test_local_workers_still_bind_the_folder(tmp_path):
+    """The embedded agent (or any on loopback) gets the controller's own path: no copy."""
+    (tmp_path / "app").mkdir()
+    tb = Testbed("127.0.0.1", str(tmp_path), None, host_port=3389)
+    app = tb.add_nfs("dml_app", str(tmp_path / "app"))
+    emu = tb.add_emulator("e1", "127.0.0.1", cpu=1, ram=1)
+    n = tb.add_emulated_node("n1", "/home/worker/dml_app", ["true"], emulator=emu)
+    n.mount_nfs(app, "/home/worker/dml_app")
+    said = []
+    assert tb._remote_shares(said.append) is None and said == []
+    body = tb._node_body(n, "c", "a", None)
+    assert body["volumes"] == [{"host": str(tmp_path / "app"), "node": "/home/worker/dml_app", "ro": False}]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _stdout(agent, name, want, timeout_s=15):
+    path = Path(f"/run/edgetb/agent-{agent.port}/nodes/{name}/stdout.log")
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if want in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{name} printed {text!r}, not {want!r}\n{agent.log()}")
+
+
+@pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
+def test_http_share_reaches_nodes_caches_and_refuses_corruption(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "marker.txt").write_text("v1\n")
+    with multihost.Harness() as h:
+        a = h.add_host()
+        agent = a.start_agent()
+        h.route(a.subnet, a)
+        tb = Testbed(multihost.CONTROLLER_IP, str(tmp_path), ShareManager, host_port=h.controller_port,
+                     token=h.token)
+        tb.node_info_path = tmp_path / "node_info.json"
+        nfs = tb.add_nfs("dml_app", str(app))
+        emu = tb.add_emulator(f"{h.tag}e", a.ip, cpu=1, ram=1, agent_port=agent.port, subnet=a.subnet)
+        names = [f"{h.tag}n1", f"{h.tag}n2"]
+        for name in names:
+            node = tb.add_emulated_node(name, "/home/worker/dml_app", ["sh", "-c", "cat marker.txt; exec sleep 300"],
+                                        cpu=0.2, ram=128, unit="M", emulator=emu)
+            node.mount_nfs(nfs, "/home/worker/dml_app")
+        said = []
+        manager = tb.start(serve_forever=False, say=said.append)
+        try:
+            lines = [m for m in said if m.startswith("share:")]
+            assert len(lines) == 1 and "HTTP" in lines[0], said
+            if share.nfs_unavailable():
+                assert "NFS not available: " in lines[0]
+            (d1,) = tb.share_store.served
+            assert tb.share_store.served == {d1: 1}       # two nodes, one download
+            for name in names:
+                _stdout(agent, name, "v1")
+
+            tb.reset(say=lambda m: None)                   # unchanged: not downloaded again
+            tb.deploy(say=lambda m: None)
+            assert tb.share_store.served == {d1: 1}
+            _stdout(agent, names[0], "v1")
+
+            tb.reset(say=lambda m: None)                   # changed: reaches the nodes
+            (app / "marker.txt").write_text("v2\n")
+            tb.deploy(say=lambda m: None)
+            d2 = next(d for d in tb.share_store.served if d != d1)
+            assert tb.share_store.served == {d1: 1, d2: 1}
+            for name in names:
+                _stdout(agent, name, "v2")
+
+            tb.reset(say=lambda m: None)                   # corrupted on the way: refused
+            (app / "marker.txt").write_text("v3\n")
+            add = tb.share_store.add
+
+            def corrupting_add(folder):
+                digest = add(folder)
+                tb.share_store.archives[digest] = tb.share_store.archives[digest][:-512] + b"x" * 512
+                return digest
+            tb.share_store.add = corrupting_add
+            with pytest.raises(DeployError) as ei:
+                tb.deploy(say=lambda m: None)
+            msg = str(ei.value)
+            assert f"emulator {h.tag}e ({a.ip}:{agent.port})" in msg and "sha256 mismatch" in msg, msg
+            assert "nothing deployed" in msg, msg
+            assert agent.get("/status")["nodes"] == {}
+            cache = shares.cache_dir(agent.port)
+            assert sorted(p.name for p in cache.iterdir()) == sorted([d1, d2])   # nothing kept of it
+        finally:
+            tb.close()
+            manager.close()
+        left = h.leftovers(names)
+        assert not any(left.values()), left
+
+
+def test_nfs_mode_sends_nfs_volumes_and_exports_to_the_workers(tmp_path, monkeypatch):
+    """Where NFS works the controller exports each folder to the workers that use it and
+    their nodes get {"nfs": {server, path}} volumes (checked as data here)."""
+    (tmp_path / "app").mkdir()
+    tb = Testbed("10.246.0.1", str(tmp_path), None, host_port=3389)
+    app = tb.add_nfs("dml_app", str(tmp_path / "app"))
+    emu = tb.add_emulator("e1", "10.246.0.11", cpu=1, ram=1, agent_port=3381)
+    n = tb.add_emulated_node("n1", "/home/worker/dml_app", ["true"], emulator=emu)
+    n.mount_nfs(app, "/home/worker/dml_app")
+    monkeypatch.setattr(share, "mode", lambda force=None: ("nfs", "share: over NFS"))
+    exported = []
+    monkeypatch.setattr(tb, "_nfs_export", lambda path, client: exported.append((path, client)))
+    said = []
+    remote = tb._remote_shares(said.append)
+    assert said == ["share: over NFS"] and exported == [(str(tmp_path / "app"), "10.246.0.11")]
+    body = tb._node_body(n, "c", "a", remote)
+    assert body["volumes"] == [{"nfs": {"server": "10.246.0.1", "path": str(tmp_path / "app"), "tag": "dml_app"},
+                                "node": "/home/worker/dml_app", "ro": False}]
+
+
+def test_agent_mounts_nfs_shares_once_and_says_why_it_cannot(tmp_path, monkeypatch):
+    from worker import agent as agent_mod
+
+    agent = agent_mod.Agent(name="t", port=1, token="x", state_dir=tmp_path / "state")
+    calls = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+    monkeypatch.setattr(agent_mod.subprocess, "run", lambda argv, **kw: calls.append(argv) or Done())
+    mounted = set()
+    monkeypatch.setattr(agent_mod.os.path, "ismount", lambda p: str(p) in mounted)
+    target = agent._nfs_mount({"server": "10.246.0.1", "path": "/srv/app"}, "n1")
+    assert calls == [share.mount_argv("10.246.0.1", "/srv/app", target)]
+    mounted.add(target)
+    assert agent._nfs_mount({"server": "10.246.0.1", "path": "/srv/app"}, "n2") == target and len(calls) == 1
+    agent.reset("all")
+    assert calls[-1] == share.umount_argv(target) and agent.nfs_mounts == []
+    with pytest.raises(agent_mod.BadRequest, match="bad nfs share"):
+        agent._nfs_mount({"server": "not-an-ip", "path": "/srv/app"}, "n1")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
+def test_agent_without_nfs_client_refuses_clearly(tmp_path):
+    if share.nfs_unavailable() is None:
+        pytest.skip("this machine has NFS: the refusal is for machines without it")
+    from worker import agent as agent_mod
+
+    agent = agent_mod.Agent(name="t", port=1, token="x", state_dir=tmp_path / "state")
+    with pytest.raises(shares.ShareError, match=r"mounting NFS share 10\.246\.0\.1:/srv/app: .*nothing deployed"):
+        agent._nfs_mount({"server": "10.246.0.1", "path": "/srv/app"}, "n1")
+    agent.reset("all")
+    assert not (tmp_path / "state").exists()

@@ -1,0 +1,77 @@
+"""The agent's side of HTTP sharing (controller/share.py): fetch a content-addressed
+archive of a shared folder from the controller, check that its bytes hash to its name,
+and unpack it once into this agent's cache; unchanged content is never fetched again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+CACHE_BASE = Path("/var/cache/edgetb")
+NFS_VERSION = "4"
+
+
+class ShareError(RuntimeError):
+    pass
+
+
+def cache_dir(agent_port: int) -> Path:
+    return CACHE_BASE / f"agent-{int(agent_port)}" / "share"
+
+
+def fetch(url: str, digest: str, cache: Path, *, token: str, get=None) -> tuple[Path, bool]:
+    """The unpacked folder of archive `digest` in `cache`, downloading it from `url` unless
+    already there. -> (folder, downloaded). ShareError when the bytes do not hash to
+    `digest` (then nothing is kept)."""
+    if not SHA_RE.match(digest or ""):
+        raise ShareError(f"bad archive name {digest!r}: expected a sha256 (64 hex digits)")
+    out = cache / digest
+    if out.is_dir():
+        return out, False
+    if get is None:
+        from dml_app import net
+
+        def get(u):
+            return net.call("GET", u, token=token, timeout_s=300, retries=3).content
+    data = get(url)
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise ShareError(f"archive {url} refused: sha256 mismatch, expected {digest}, got {got} "
+                         f"({len(data)} bytes); nothing deployed")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{digest}.{os.getpid()}.{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            tar.extractall(tmp, filter="data")    # no absolute paths, no '..', no devices
+        os.replace(tmp, out)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)       # another thread unpacked it first
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.is_dir():
+            raise ShareError(f"unpacking archive {digest}: {e}") from None
+    except tarfile.TarError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ShareError(f"archive {digest} is not a tar: {e}") from None
+    return out, True
+
+
+# ----------------------------------------------------------------------------- NFS (client side)
+
+def mount_argv(server: str, path: str, target: str, *, ro: bool = False) -> list[str]:
+    """A physical node's (or an agent's) mount of a share."""
+    opts = f"vers={NFS_VERSION},{'ro' if ro else 'rw'},hard,nolock"
+    return ["mount", "-t", "nfs", "-o", opts, f"{server}:{path}", target]
+
+
+def umount_argv(target: str) -> list[str]:
+    return ["umount", "-l", target]
