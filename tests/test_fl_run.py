@@ -123,7 +123,6 @@ def test_fedavg_on_loopback(workdir):
         assert all(set(b) == {"node", "state", "round"} for b in beats)
 
         print(f"\nFL loopback: {SYNC} rounds, accuracy {acc}, {elapsed:.1f} s including start-up")
-        assert elapsed < 60
     finally:
         codes = {p.name: p.stop() for p in procs}
         ctl.close()
