@@ -47,8 +47,10 @@ def ensure_dataset(say) -> None:
                            test_parts=10, partition="iid", seed=0)
 
 
-def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float) -> int:
-    """The --auto workflow; `write_structure()` writes the structure confs, returns paths."""
+def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float,
+        conf_dir: Path | None = None) -> int:
+    """The --auto workflow; `write_structure()` writes the structure confs into `conf_dir`
+    (default ROOT/dml_file/conf, where the manager reads them)."""
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
         ensure_dataset(say)
@@ -59,7 +61,9 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         return 2
     try:
         say(f"deployed {len(testbed.all_nodes())} nodes in {time.time() - t0:.1f} s")
-        tool("dataset_conf").write_confs(str(dataset_json), str(ROOT / "dml_file" / "conf"))
+        if conf_dir is not None:
+            manager.conf_dir = Path(conf_dir)
+        tool("dataset_conf").write_confs(str(dataset_json), str(manager.conf_dir))
         write_structure()
         for kind in ("dataset", "structure"):
             res = manager.push_conf(kind)

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""The five algorithms on the same 8 netns nodes, the same data split and the same links.
+
+    sudo python3 bench/algorithms.py [--algs fl,gl,el,ra,ps] [--rounds 10] [--json]
+
+Each algorithm runs the whole --auto workflow (controller/auto.py) on a testbed of
+eight nodes n1..n8 sharing this machine's cores, with links: a star around n1 (50mbit
+out, 20mbit back) and a ring n2 -> n3 -> ... -> n8 -> n2 (25mbit). Data: dataset/ as the
+splitter made it (40 IID train parts of the MNIST subset, 10 test parts); nodes that
+train get 5 parts each, nodes that evaluate get the 10 test parts. Prints a table of
+rounds, final accuracy, wall time and bytes sent per node, and with --json one JSON
+object as the last line. Confs, node_info.json and links live in a temporary folder; the
+runs' folders go to runs/ as usual.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller import auto  # noqa: E402
+from controller.el_run import ElManager  # noqa: E402
+from controller.fl_run import FlManager  # noqa: E402
+from controller.gl_run import GlManager  # noqa: E402
+from controller.ps_run import PsManager  # noqa: E402
+from controller.ra_run import RaManager  # noqa: E402
+from controller.testbed import single_machine  # noqa: E402
+
+NODES = [f"n{i}" for i in range(1, 9)]
+PORT = 3390
+TEST = {"test_len": 10, "test_start_index": 1}
+
+
+def links() -> dict:
+    out = {"n1": [{"dest": n, "bw": "50mbit"} for n in NODES[1:]]}
+    ring = NODES[1:]
+    for i, n in enumerate(ring):
+        out[n] = [{"dest": "n1", "bw": "20mbit"}, {"dest": ring[(i + 1) % len(ring)], "bw": "25mbit"}]
+    return out
+
+
+def train(i: int) -> dict:
+    return {"train_len": 5, "train_start_index": 1 + 5 * i, "batch_size": 32}
+
+
+def setups(rounds: int) -> dict:
+    """alg -> (manager, roles, root, structure tool, structure json, dataset json)."""
+    everyone = {n: {**train(i), **TEST} for i, n in enumerate(NODES)}
+    server_and_workers = {"n1": {**TEST, "batch_size": 64},
+                          **{n: train(i) for i, n in enumerate(NODES[1:])}}
+    peers = {"sync": rounds, "node_list": [{"name": n, "epoch": 1} for n in NODES]}
+    return {
+        "fl": (FlManager, [("n1", "fl_aggregator.py")] + [(n, "fl_trainer.py") for n in NODES[1:]], "n1",
+               "fl_structure_conf",
+               {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": rounds}]
+                + [{"name": n, "epoch": 1} for n in NODES[1:]]},
+               server_and_workers),
+        "gl": (GlManager, [(n, "gl_peer.py") for n in NODES], None, "gl_structure_conf", peers, everyone),
+        "el": (ElManager, [(n, "el_peer.py") for n in NODES], "n1", "el_structure_conf",
+               {"node_list": [{"name": "n1", "layer": 3, "sync": max(1, rounds // 2), "child_num": 2},
+                              {"name": "n1", "layer": 2, "sync": 2, "child_num": 4},
+                              {"name": "n5", "layer": 2, "sync": 2, "child_num": 4}]
+                + [{"name": n, "layer": 1, "epoch": 1} for n in NODES]},
+               everyone),
+        "ra": (RaManager, [(n, "ra_peer.py") for n in NODES], None, "ra_structure_conf", peers, everyone),
+        "ps": (PsManager, [("n1", "ps_server.py")] + [(n, "ps_worker.py") for n in NODES[1:]], "n1",
+               "ps_structure_conf",
+               {"mode": "sync", "steps": 15 * rounds, "lr": 0.05, "momentum": 0.9, "max_staleness": 4,
+                "eval_every": 15, "node_list": [{"name": "n1", "role": "server"}] + [{"name": n} for n in NODES[1:]]},
+               server_and_workers),
+    }
+
+
+def run_one(alg: str, setup, tmp: Path, timeout_s: float) -> dict:
+    manager_class, roles, root, tool_name, structure, dataset = setup
+    d = tmp / alg
+    d.mkdir()
+    (d / "links.json").write_text(json.dumps(links()))
+    (d / "structure.json").write_text(json.dumps(structure))
+    (d / "dataset.json").write_text(json.dumps(dataset))
+    testbed = single_machine(manager_class, roles, port=PORT, links=str(d / "links.json"))
+    testbed.node_info_path = d / "node_info.json"
+    conf_tool = auto.tool(tool_name)
+    t0 = time.time()
+    code = auto.run(testbed, root=root, dataset_json=d / "dataset.json", timeout_s=timeout_s, conf_dir=d / "conf",
+                    write_structure=lambda: conf_tool.write_confs(str(d / "structure.json"), str(d / "links.json"),
+                                                                  str(d / "node_info.json"), str(d / "conf")))
+    total = time.time() - t0
+    s = (testbed.manager.summary if testbed.manager is not None else None) or {}
+    sent = s.get("bytes_sent", {})
+    return {"algorithm": alg, "exit": code, "rounds": s.get("rounds"), "final_accuracy": s.get("final_accuracy"),
+            "wall_seconds": s.get("wall_seconds"), "total_seconds": round(total, 1),
+            "bytes_sent_mean": round(sum(sent.values()) / len(sent)) if sent else None,
+            "bytes_sent_max": max(sent.values()) if sent else None, "bytes_sent": sent,
+            "run_dir": s.get("run_dir")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--algs", default="fl,gl,el,ra,ps", help="comma-separated (default all five)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds (sync) per algorithm (default 10)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per algorithm (default 900)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    a = ap.parse_args()
+    table = setups(a.rounds)
+    algs = [x.strip() for x in a.algs.split(",") if x.strip()]
+    unknown = [x for x in algs if x not in table]
+    if unknown:
+        ap.error(f"unknown algorithm(s) {unknown}; choose from {', '.join(table)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgetb-bench-") as tmp:
+        for alg in algs:
+            print(f"=== {alg}", flush=True)
+            rows.append(run_one(alg, table[alg], Path(tmp), a.timeout))
+    print(f"\nFive algorithms on the same {len(NODES)} netns nodes, data split and links (2 cores shared)")
+    print(f"{'alg':<4} {'exit':>4} {'rounds':>6} {'accuracy':>8} {'train s':>8} {'total s':>8} "
+          f"{'MB sent/node':>12} {'MB max':>7}")
+    for r in rows:
+        acc = f"{r['final_accuracy']:.4f}" if r["final_accuracy"] is not None else "-"
+        mb = lambda b: f"{b / 1e6:.2f}" if b is not None else "-"  # noqa: E731
+        print(f"{r['algorithm']:<4} {r['exit']:>4} {str(r['rounds']):>6} {acc:>8} {str(r['wall_seconds']):>8} "
+              f"{r['total_seconds']:>8} {mb(r['bytes_sent_mean']):>12} {mb(r['bytes_sent_max']):>7}")
+    print("rounds: aggregation rounds (FL, gossip, ring), top-layer rounds (E-tree), "
+          "evaluations every 15 steps (PS)")
+    if a.json:
+        print(json.dumps({"bench": "algorithms", "nodes": len(NODES), "rows": rows}))
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
