@@ -33,7 +33,7 @@ from controller.ra_run import RaManager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
 
 NODES = [f"n{i}" for i in range(1, 9)]
-PORT = 3390
+PORT = 3396
 TEST = {"test_len": 10, "test_start_index": 1}
 
 

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from dml_testutil import TOKEN, NodeProc, StubController, module_scratch, wait_until  # noqa: F401
+from dml_testutil import NodeProc, StubController, module_scratch, wait_until  # noqa: F401  (fixture)
 import el_structure_conf
 import net
 import nns
