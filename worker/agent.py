@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -355,12 +356,10 @@ class Agent:
     # -------------------------------------------------------------- stop / clear / reset
     def stop(self, kind: str) -> dict:
         with self.lock:
-            done = []
-            for n in self._of(kind):
-                self._runner(n).stop(n)
-                done.append(n.spec.name)
+            victims = self._of(kind)
+            self._stop_all(victims)
             self._save()
-            return {"stopped": done}
+            return {"stopped": [n.spec.name for n in victims]}
 
     def clear_tc(self, kind: str) -> dict:
         with self.lock:
@@ -409,12 +408,12 @@ class Agent:
                 print(f"agent: removing {len(boxes)} container(s): {e}", file=sys.stderr)
                 client = None
             dn.remove_nodes(client, boxes, self.agent_id)
+        self._stop_all([n for n in victims if n.kind != "docker"])
         for n in victims:
             if n.kind == "docker":
                 self.tables.pop(n.spec.name, None)
                 self.nodes.pop(n.spec.name, None)
                 continue
-            self.runner.stop(n)
             if n.kind == "netns":
                 nb.remove_netns_node(n)
             else:
@@ -426,6 +425,12 @@ class Agent:
             Cgroup(n.spec.name).remove()
             self.tables.pop(n.spec.name, None)
             self.nodes.pop(n.spec.name, None)
+
+    def _stop_all(self, victims: list[nb.Node]) -> None:
+        """Stop apps in parallel: each may take its SIGTERM grace period."""
+        if victims:
+            with ThreadPoolExecutor(min(16, len(victims))) as ex:
+                list(ex.map(lambda n: self._runner(n).stop(n), victims))
 
     def _of(self, kind: str):
         want = {"emulated": ("netns", "docker"), "physical": ("physical",),
