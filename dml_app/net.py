@@ -154,6 +154,8 @@ class Server:
         from waitress import wasyncore
 
         wasyncore.close_all(self._srv._map, ignore_all=True)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)   # its loop ends within a poll timeout; then the port is free
 
 
 def serve(app, host: str, port: int, *, threads: int = 8) -> Server:

@@ -20,7 +20,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -153,19 +152,7 @@ def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> None:
                 agent.post(path, timeout_s=timeout_s)
             except net.HttpError as e:
                 print(f"agent_helpers: {path} on port {agent.port} failed: {e}", file=sys.stderr)
-    try:
-        os.killpg(agent.proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        agent.proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(agent.proc.pid, signal.SIGKILL)
-        agent.proc.wait(10)
-    # Anything still in its group (the agent is its leader) goes too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(agent.proc.pid, signal.SIGKILL)
+    nb.stop_group(agent.proc, timeout_s)
     # Its state dir holds nothing once it reset; leave it only if it still lists nodes.
     state = agent.state_dir / "state.json"
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,11 @@ DML_TOOL = ROOT / "dml_tool"
 for p in (DML_APP, DML_TOOL):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 import net  # noqa: E402  (dml_app/net.py, found through the path above)
+from worker.nodes import stop_group  # noqa: E402  (the one way processes are stopped)
 
 TOKEN = "test-token-0123456789"
 
@@ -118,19 +120,7 @@ class NodeProc:
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM the node's process group, SIGKILL it if it lingers; the exit code."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(5)
+        stop_group(self.proc, timeout_s)
         self._stderr.close()
         return self.proc.returncode
 

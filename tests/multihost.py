@@ -30,7 +30,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -108,16 +107,7 @@ class Agent:
             for path in ("/emulated/reset", "/physical/reset"):
                 with contextlib.suppress(net.HttpError):
                     self.post(path, timeout_s=timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        nb.stop_group(self.proc, timeout_s)
 
 
 @dataclass

@@ -5,9 +5,7 @@ touched), with a NIC `eth1` on a test bridge and a peer namespace behind it. The
 runs in the host namespace with `nsenter --net` (it keeps the machine's /sys, so its
 cgroups work), exactly as `sudo python3 worker/agent.py` runs on a board.
 """
-import os
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,19 +26,6 @@ pytestmark = pytest.mark.skipif(ah.missing_requirements() is not None,
 
 def sh(*argv, check=True):
     return subprocess.run(list(argv), capture_output=True, text=True, check=check)
-
-
-def _stop_group(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(5)
 
 
 @pytest.fixture
@@ -67,7 +52,7 @@ def host_and_peer():
         yield {"host": host, "peer": peer, "subnet": subnet, "procs": procs, "tag": tag}
     finally:
         for p in procs:
-            _stop_group(p)
+            nb.stop_group(p, 20)
         for ns in (host, peer):
             sh("ip", "netns", "del", ns, check=False)
         nb._bridge_firewall(br, add=False)

@@ -164,6 +164,25 @@ def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
     return env
 
 
+def stop_group(p: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
+    """End a process started with start_new_session=True: SIGTERM its process group,
+    SIGKILL the group if the leader lingers past timeout_s; returns its exit code."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(5)
+    return p.returncode
+
+
 class Runner:
     """Starts and stops node apps: own process group, cgroup, stdout to a file."""
 
@@ -208,19 +227,7 @@ class Runner:
         with self._lock:
             p = self._procs.pop(node.spec.name, None)
         if p is not None:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    p.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    p.wait(5)
+            stop_group(p, timeout_s)
         cg = Cgroup(node.spec.name)
         cg.kill_all(timeout_s)   # children that left the group, or an app from before a restart
         cg.remove()
