@@ -127,7 +127,7 @@ def main() -> int:
         print(f"{r['algorithm']:<4} {r['exit']:>4} {str(r['rounds']):>6} {acc:>8} {str(r['wall_seconds']):>8} "
               f"{r['total_seconds']:>8} {mb(r['bytes_sent_mean']):>12} {mb(r['bytes_sent_max']):>7}")
     print("rounds: aggregation rounds (FL, gossip, ring), top-layer rounds (E-tree), "
-          "evaluations every 15 steps (PS)")
+          "SGD steps applied by the server (PS)")
     if a.json:
         print(json.dumps({"bench": "algorithms", "nodes": len(NODES), "rows": rows}))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
