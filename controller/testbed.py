@@ -589,7 +589,7 @@ def single_machine(manager_class, roles: list[tuple[str, str]], *, port: int = 3
     nfs_app = testbed.add_nfs(tag="dml_app", path=str(ROOT / "dml_app"))
     nfs_dataset = testbed.add_nfs(tag="dataset", path=str(ROOT / "dataset"))
     emu = testbed.add_emulator("emulator-1", "127.0.0.1", cpu=cpu, ram=ram_gb, unit="G")
-    share = round(cpu / max(1, len(roles)), 3)
+    share = int(cpu * 1000 / max(1, len(roles))) / 1000   # rounded down: the sum must fit
     ram_mb = min(1024, int(ram_gb * 1024 / max(1, len(roles))))
     for name, role in roles:
         node = testbed.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], "dml:v1.0",

@@ -48,7 +48,7 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
               (("dml_app", ROOT / "dml_app"), ("dataset", tmp / "dataset"))}
     for name, role in roles.items():
         node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role],
-                                    image, cpu=round(cpu / len(roles), 3), ram=768, unit="M", emulator=emu)
+                                    image, cpu=int(cpu * 1000 / len(roles)) / 1000, ram=768, unit="M", emulator=emu)
         for tag, share in shares.items():
             node.mount_nfs(share, f"/home/worker/{tag}")
     tb.load_link("links.json")

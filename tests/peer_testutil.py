@@ -26,6 +26,9 @@ from controller.testbed import Testbed  # noqa: E402
 import dataset_conf  # noqa: E402  (dml_tool/, on sys.path through dml_testutil)
 
 
+from netns_workflow import netns_testbed  # noqa: E402
+
+
 @contextmanager
 def loopback_run(manager_class, role: str, names: list[str], work: Path,
                  dataset_dir: Path) -> Iterator[tuple[object, dict[str, NodeProc]]]:
@@ -87,41 +90,13 @@ def etb_namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.startswith("etb-")}
 
 
-@contextmanager
 def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: dict,
-              port: int, subnet: str, emulator: str) -> Iterator[tuple[Testbed, object]]:
+              port: int, subnet: str, emulator: str):
     """A deployed testbed on this machine: one netns node per name running `role`, the
-    in-process controller on `port` (its embedded agent on port + 1), the MNIST subset
-    split into work/dataset (40 train parts, 10 test parts) and `links`. The manager's
-    confs and runs go under `work`. Everything is removed on exit, failed or not."""
-    import splitter
-
-    data = work / "dataset"
-    splitter.split(source="mnist-subset", out=str(data), train_parts=40, test_parts=10,
-                   partition="iid", seed=1)
-    (work / "links.json").write_text(json.dumps(links))
-    tb = Testbed("127.0.0.1", str(work), manager_class, host_port=port)
-    tb.node_info_path = work / "node_info.json"
-    emu = tb.add_emulator(emulator, "127.0.0.1", cpu=2, ram=4, unit="G", subnet=subnet)
-    app = tb.add_nfs("dml_app", str(ROOT / "dml_app"))
-    ds = tb.add_nfs("dataset", str(data))
-    for name in names:
-        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", f"{role}.py"],
-                                    cpu=int(2000 / len(names)) / 1000, ram=1, unit="G", emulator=emu)
-        node.mount_nfs(app, "/home/worker/dml_app")
-        node.mount_nfs(ds, "/home/worker/dataset")
-    tb.load_link("links.json")
-    try:
-        manager = tb.start(serve_forever=False, say=lambda m: None)
-        manager.conf_dir = work / "conf"
-        manager.runs_dir = work / "runs"
-        yield tb, manager
-    finally:
-        if tb.manager is not None:
-            tb.manager.close()
-        if tb.embedded is not None:  # (Testbed.close() of a never-deployed testbed raises)
-            tb.close()
-    assert not etb_namespaces() & {f"etb-{n}" for n in names}
+    in-process controller on `port` (its embedded agent on port + 1); see
+    netns_workflow.netns_testbed, which does the work."""
+    return netns_testbed(work, manager_class, {n: f"{role}.py" for n in names}, links,
+                         port=port, subnet=subnet, emulator=emulator)
 
 
 def run_tools(work: Path, alg: str, structure: dict, datasets: dict) -> None:

@@ -16,10 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "dml_tool"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller.manager import Manager  # noqa: E402
-from controller.testbed import Testbed  # noqa: E402
 from dml_app import net  # noqa: E402
+from netns_workflow import netns_testbed  # noqa: E402
 
 NAMES = ["fa1", "ft2", "ft3", "ft4"]
 
@@ -35,36 +36,12 @@ def _etb_namespaces() -> set[str]:
 
 @pytest.fixture
 def fl_testbed(tmp_path):
-    import splitter
-
-    data = tmp_path / "dataset"
-    splitter.split(source="mnist-subset", out=str(data), train_parts=30, test_parts=10,
-                   partition="iid", seed=1)
     links = {"fa1": [{"dest": n, "bw": "40mbit"} for n in NAMES[1:]],
              "ft2": [{"dest": "fa1", "bw": "10mbit"}], "ft3": [{"dest": "fa1", "bw": "2mbps"}],
              "ft4": [{"dest": "fa1", "bw": "20mbit"}]}
-    (tmp_path / "links.json").write_text(json.dumps(links))
-    tb = Testbed("127.0.0.1", str(tmp_path), FlManager, host_port=3340)
-    tb.node_info_path = tmp_path / "node_info.json"
-    emu = tb.add_emulator("emu-fl", "127.0.0.1", cpu=2, ram=4, unit="G", subnet="10.238.0.0/24")
-    app = tb.add_nfs("dml_app", str(ROOT / "dml_app"))
-    ds = tb.add_nfs("dataset", str(data))
-    for name in NAMES:
-        role = "fl_aggregator.py" if name == "fa1" else "fl_trainer.py"
-        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role], cpu=0.5,
-                                    ram=1, unit="G", emulator=emu)
-        node.mount_nfs(app, "/home/worker/dml_app")
-        node.mount_nfs(ds, "/home/worker/dataset")
-    tb.load_link("links.json")
-    try:
-        manager = tb.start(serve_forever=False, say=lambda m: None)
-        manager.conf_dir = tmp_path / "conf"
-        manager.runs_dir = tmp_path / "runs"
+    roles = {n: "fl_aggregator.py" if n == "fa1" else "fl_trainer.py" for n in NAMES}
+    with netns_testbed(tmp_path, FlManager, roles, links, port=3340, subnet="10.238.0.0/24") as (tb, manager):
         yield tb, manager, tmp_path
-    finally:
-        if tb.manager is not None:
-            tb.manager.close()
-        tb.close()
     assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})
 
 
