@@ -26,7 +26,8 @@ if "$py" -c 'import sys,sysconfig,os; sys.exit(0 if os.path.exists(os.path.join(
   extra+=(--break-system-packages)
 fi
 if ! "$py" -m pip --version >/dev/null 2>&1; then
-  apt-get install -y -qq python3-pip >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
 fi
 "$py" -m pip install -q "${extra[@]}" -r requirements.txt
 "$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib, docker; print("install.sh: ready (torch", torch.__version__ + ")")'
