@@ -93,6 +93,8 @@ class Agent:
         if not self.nodes and not self.bridges and not self.networks and not self.nfs_mounts:
             # Nothing left: leave no state behind either.
             shutil.rmtree(self.state_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):   # /run/edgetb too, unless another agent uses it
+                self.state_dir.parent.rmdir()
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
