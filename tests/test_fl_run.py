@@ -91,7 +91,9 @@ def test_fedavg_on_loopback(workdir):
         accs = [(int(r), float(a)) for a, r in AGG_LINE.findall(agg_log)]
         assert [r for r, _ in accs] == list(range(1, SYNC + 1)), agg_log
         acc = [a for _, a in accs]
-        assert all(b >= a - 0.01 for a, b in zip(acc, acc[1:])), f"accuracy fell: {acc}"
+        # near convergence a round may lose a few test images (0.969 -> 0.956 was seen in CI);
+        # broken averaging loses far more than 3 points against the best round so far
+        assert all(b >= max(acc[:i + 1]) - 0.03 for i, b in enumerate(acc[1:])), f"accuracy fell: {acc}"
         assert acc[-1] - acc[0] >= 0.05 and acc[2] > acc[0], f"accuracy did not rise: {acc}"
         assert acc[-1] >= 0.85, f"final accuracy {acc[-1]} < 0.85: {acc}"
 
