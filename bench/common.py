@@ -1,5 +1,6 @@
 """What the benches share: netns nodes built with worker.nodes, EdgeTB's way of installing
-links (one `tc` process per rule, fixed `burst 15k`), iperf3, and cleanup.
+links (one `tc` process per rule, fixed `burst 15k`), iperf3, and cleanup. The tests
+measure links with the same iperf3 functions (tests/agent_helpers.py).
 
 Every object gets a random tag in its name, so a bench can run next to the test suite.
 """
@@ -188,6 +189,7 @@ def iperf(src_ns: str, ip: str, port: int, seconds: float, omit_s: int, *,
 
 
 def ideal(rate_bps: float) -> float:
+    """TCP payload per 1514-byte full frame on a 1500-MTU link with timestamps."""
     return rate_bps * 1448 / 1514
 
 

@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+from bench import common as bench  # noqa: E402
+from bench.common import ideal as goodput_ideal, wait_listening  # noqa: E402,F401  (used by tests)
 from dml_app import net  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 
@@ -317,25 +319,6 @@ def ns_run(ns: str, argv: list[str], *, timeout_s: float = 30, check: bool = Tru
     return p
 
 
-def _listening(ns: str, port: int) -> bool:
-    """Whether something in ns listens on TCP port (from its /proc/net/tcp{,6})."""
-    p = ns_run(ns, ["cat", "/proc/net/tcp", "/proc/net/tcp6"], check=False)
-    want = f":{port:04X}"
-    for line in p.stdout.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) > 3 and parts[1].endswith(want) and parts[3] == "0A":
-            return True
-    return False
-
-
-def wait_listening(ns: str, port: int, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not _listening(ns, port):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing listens on tcp port {port} in {ns} after {timeout_s}s")
-        time.sleep(0.05)
-
-
 _CONNECT = """
 import socket, sys, time
 port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
@@ -365,31 +348,10 @@ def unreachable_from(ns: str, ips: list[str], port: int, *, timeout_s: float = 1
 def iperf(src_ns: str, dst_ns: str, ip: str, port: int = IPERF_PORT, *, seconds: float = 3,
           omit_s: int = 1, rate_hint_bps: float | None = None, attempts: int = 3) -> float:
     """Receiver goodput in bits/s of a TCP iperf3 run from src_ns to ip:port (a server in
-    dst_ns, waited for first). Retries a run the server refused as busy.
-
-    rate_hint_bps picks the write size (-l, about 5 ms of data): with iperf3's default
-    128 KB the receiver counts in 128 KB reads, a whole second of data at 1 Mbit/s.
-    """
+    dst_ns, waited for first): the benches' measurement, so tests and benches agree."""
     wait_listening(dst_ns, port)
-    blk = 131072 if not rate_hint_bps else int(min(max(rate_hint_bps / 8 * 0.005, 1448), 131072))
-    argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-O", str(omit_s), "-l", str(blk), "-J"]
-    last = ""
-    for _ in range(attempts):
-        p = ns_run(src_ns, argv, timeout_s=seconds + omit_s + 60, check=False)
-        try:
-            out = json.loads(p.stdout)
-        except ValueError:
-            out = {"error": p.stderr.strip() or p.stdout.strip()[:500]}
-        if "error" not in out:
-            return float(out["end"]["sum_received"]["bits_per_second"])
-        last = out["error"]
-        time.sleep(0.5)  # the server ends its previous test asynchronously
-    raise AssertionError(f"iperf3 {src_ns} -> {ip}:{port} failed: {last}")
-
-
-def goodput_ideal(rate_bps: float) -> float:
-    """TCP payload per 1514-byte full frame on a 1500-MTU link with timestamps."""
-    return rate_bps * 1448 / 1514
+    return bench.iperf(src_ns, ip, port, seconds, omit_s, rate_hint_bps=rate_hint_bps,
+                       attempts=attempts)["goodput_bps"]
 
 
 # ----------------------------------------------------------------------------- what is left
