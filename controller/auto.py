@@ -131,7 +131,7 @@ def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, round
         for name in watch:
             node = nodes[name]
             try:
-                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.token, timeout_s=10).text
+                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.node_token(node.name), timeout_s=10).text
             except net.HttpError:
                 continue
             recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate"]

@@ -55,7 +55,7 @@ class GlManager(Manager):
         """Heartbeats may be 2 s old: a model may have reached a peer since. Ask each node's
         /stats now; a peer merging a late model says so, and a later heartbeat retries."""
         try:
-            states = self._each(lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.token,
+            states = self._each(lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
                                                        timeout_s=10)["state"])
             if self.finished.is_set() or not all(s in DONE_STATES for s in states.values()):
                 return

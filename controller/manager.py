@@ -1,8 +1,9 @@
 """The controller's HTTP API (EdgeTB's routes) over a deployed Testbed.
 
 Routes answer GET (EdgeTB users type `curl localhost:3333/start?root=n1`) and POST.
-Requests from this machine's loopback need no token; everything else (nodes calling
-/heartbeat and /finish, remote scripts) must carry the testbed token.
+Every request is checked first (controller/access.py): the admin token opens every
+route, a node's credential only its own /heartbeat, /log, /print and (the root's)
+/finish, and a request without a token only from root or the sudo user on loopback.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from controller import results
+from controller import access, results
 from controller.testbed import ROOT, DefinitionError, Testbed
 from dml_app import net
 
@@ -44,17 +45,29 @@ class Manager:
         self.finished = threading.Event()
         self._finish_lock = threading.Lock()
         self._stop = threading.Event()
-        net.require_token(self.app, testbed.token, trust_loopback=True)
+        self.access = access.Access(testbed.token, names=self._names,
+                                    port=lambda: self.tb.host_port,
+                                    token_file=access.token_path(testbed.host_port))
+        self.access.install(self.app)
         self._routes()
+
+    def _names(self) -> set[str]:
+        """Names and addresses this controller answers to besides its machine's own."""
+        return {self.tb.ip, *self.tb.allowed_hosts, *(e.gateway for e in self.tb.emulators.values())}
 
     # ------------------------------------------------------------------ serving
     def serve(self) -> None:
         self.server = net.serve(self.app, "0.0.0.0", self.tb.host_port, threads=16)
+        self.tb.host_port = self.server.port
+        # The admin token, for the users that loopback does not trust (docs/security.md).
+        self.access.token_file = access.token_path(self.server.port)
+        access.write_token(self.access.token_file, self.tb.token)
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
+            access.remove_token(self.access.token_file, self.tb.token)
 
     def wait_forever(self) -> None:
         """Serve until Ctrl-C or SIGTERM, then remove everything deployed."""
@@ -98,7 +111,7 @@ class Manager:
 
         def send(node):
             body = json.loads((self.conf_dir / f"{node.name}_{kind}.conf").read_text())
-            net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.token,
+            net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
                      timeout_s=120, retries=90)
             return "ok"
         out = self._each(send, have)
@@ -116,7 +129,7 @@ class Manager:
         self.finished.clear()
         self.started_at = time.time()
         targets = [root] if root else list(nodes)
-        res = self._each(lambda n: net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.token,
+        res = self._each(lambda n: net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name),
                                             timeout_s=30).text, targets)
         bad = {k: v for k, v in res.items() if str(v).startswith("error")}
         if bad:
@@ -130,10 +143,9 @@ class Manager:
                 return self.summary
             wall = time.time() - (self.started_at or time.time())
             self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
-            tok = self.tb.token
-
             def collect(node):
                 base = f"{node.ip}:{node.port}"
+                tok = self.tb.node_token(node.name)
                 log = net.call("GET", f"{base}/log", token=tok, timeout_s=60).text
                 met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60).text
                 stats = net.get_json(f"{base}/stats", token=tok, timeout_s=30)
@@ -222,16 +234,29 @@ class Manager:
         def _upstream(e):
             return jsonify(error=str(e)), 502
 
+        def as_node(name) -> None:
+            """A node credential speaks for its own node only."""
+            me = access.who().node
+            if me is not None and name != me:
+                raise PermissionError(f"node {me} cannot speak for {str(name)[:40]!r}")
+
+        @app.errorhandler(PermissionError)
+        def _forbidden(e):
+            return jsonify(error=str(e)), 403
+
         @app.route("/print", methods=any_)
         def print_():
             msg = request.args.get("msg", "") or request.get_data(as_text=True)
-            print(f"[{request.args.get('name', request.remote_addr)}] {msg}", flush=True)
+            who = access.who().node or request.args.get("name", request.remote_addr)
+            # One line per call, whatever the message holds.
+            print(f"[{who}] {' '.join(msg.split())[:2000]}", flush=True)
             return "ok\n"
 
         @app.route("/heartbeat", methods=["POST"])
         def heartbeat():
             b = request.get_json(silent=True) or {}
             name = b.get("node")
+            as_node(name)
             if name in self._nodes():
                 self.heartbeats[name] = {"t": time.time(), "state": b.get("state"), "round": b.get("round")}
                 self.on_heartbeat(name, b.get("state"), b.get("round"))
@@ -251,10 +276,14 @@ class Manager:
 
         @app.route("/finish", methods=any_)
         def finish():
+            me = access.who().node
+            if me is not None and self.root is not None and me != self.root:
+                raise PermissionError(f"only the root node {self.root} or the admin may finish the run, not {me}")
             return jsonify(self.finish())
 
         @app.route("/log", methods=["POST"])
         def log():
+            as_node(request.args.get("name", ""))
             if self.run_dir is None:
                 self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
             path = results.safe_log_path(self.run_dir, request.args.get("name", ""))

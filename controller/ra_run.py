@@ -100,7 +100,7 @@ class RaManager(Manager):
 
     def _call_all(self, names: list[str], path: str, body: dict) -> dict:
         """POST body to path on every node at once; RuntimeError naming any node that failed."""
-        res = self._each(lambda n: net.call("POST", f"{n.ip}:{n.port}{path}", json=body, token=self.tb.token,
+        res = self._each(lambda n: net.call("POST", f"{n.ip}:{n.port}{path}", json=body, token=self.tb.node_token(n.name),
                                             timeout_s=self.call_timeout_s).json(), names)
         bad = {n: v for n, v in res.items() if isinstance(v, str)}
         if bad:
@@ -111,7 +111,7 @@ class RaManager(Manager):
         """Poll every node's /stats until all are in `state` of `round_`."""
         deadline = time.monotonic() + self.train_timeout_s
         while True:
-            stats = self._each(lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.token,
+            stats = self._each(lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
                                                       timeout_s=10), names)
             failed = sorted(n for n, s in stats.items() if isinstance(s, dict) and s.get("state") == "error")
             if failed:

@@ -131,12 +131,17 @@ class Testbed:
     __test__ = False  # not a pytest class
 
     def __init__(self, ip: str, dir_name: str, manager_class=None, host_port: int = 3333,
-                 node_port: int = DEFAULT_NODE_PORT, token: str | None = None):
+                 node_port: int = DEFAULT_NODE_PORT, token: str | None = None,
+                 allowed_hosts=()):
         self.ip = ip
         self.dir_name = str(dir_name)
         self.host_port = host_port
         self.node_port = node_port
+        # The admin token: opens the controller and every agent (docs/security.md).
         self.token = token or secrets.token_hex(16)
+        # Names besides this machine's own that requests may give as Host (e.g. a DNS
+        # name users reach the controller by).
+        self.allowed_hosts = tuple(str(h).lower() for h in allowed_hosts)
         self.manager_class = manager_class
         self.nfs: dict[str, Nfs] = {}
         self.emulators: dict[str, Emulator] = {}
@@ -154,6 +159,10 @@ class Testbed:
         self.share_mode: str | None = None
         self.share_store = share.Store()
         self._exports: list[tuple[str, str]] = []    # (path, client) exported over NFS
+
+    def node_token(self, name: str) -> str:
+        """The credential node `name` and the controller use with each other."""
+        return net.node_token(self.token, name)
 
     # ------------------------------------------------------------------ definition
     def _name(self, name: str, what: str) -> str:

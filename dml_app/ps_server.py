@@ -192,7 +192,7 @@ class PsServer:
                     if config.mode == "async" else "", acc)
         for w in conf["workers"]:
             try:
-                net.call("GET", f"http://{rt.peer(w)}/start", token=rt.token, timeout_s=30, retries=5)
+                net.call("GET", f"http://{rt.peer(w)}/start", token=rt.peer_token, timeout_s=30, retries=5)
             except net.HttpError as e:
                 rt.log.warning("worker %s did not begin: %s", w, e)
         while not rt.stopping.is_set():

@@ -78,7 +78,7 @@ class PsWorker:
             try:
                 ans = net.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
                                                                 "wait_s": PULL_WAIT_S},
-                                    token=rt.token, timeout_s=PULL_WAIT_S + 120)
+                                    token=rt.peer_token, timeout_s=PULL_WAIT_S + 120)
                 silent_since = None
             except net.HttpError as e:
                 if e.status == 410:

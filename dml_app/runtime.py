@@ -78,9 +78,13 @@ class Runtime:
             raise ConfigError(f"NET_NODE_NAME={self.name!r}: expected a node name such as n1 "
                               "(letters, digits, '_', '-', '.')")
         self.testbed_id = env.get("EDGE_TB_ID", "")
+        # Its own credential (for the controller, which calls it with the same) and the
+        # testbed's peer credential (for other nodes); one token serves both when the
+        # peer one is not given (a node run by hand).
         self.token = env.get(net.TOKEN_ENV, "")
         if not self.token:
             raise ConfigError(f"{net.TOKEN_ENV} is not set: the testbed token is required")
+        self.peer_token = env.get(net.PEER_TOKEN_ENV, "") or self.token
         port_raw = env.get("DML_PORT", "4444")
         if not port_raw.isdigit() or not 0 <= int(port_raw) <= 65535:
             raise ConfigError(f"DML_PORT={port_raw!r} is not a port number")
@@ -111,7 +115,8 @@ class Runtime:
         self._setup_torch()
         self._setup_logging()
         self.app = Flask(f"edgetb-{self.name}")
-        net.require_token(self.app, self.token)
+        net.require_token(self.app, self.token, peer_token=self.peer_token,
+                          owner_only=CONF_ROUTE.values())
         self._add_builtin_routes()
 
     # ------------------------------------------------------------------ setup
@@ -321,7 +326,7 @@ class Runtime:
             raise ValueError(f"peer {peer!r}: expected 'ip:port'")
         body = net.pack_weights(state_dict, meta)
         try:
-            r = net.call("POST", f"http://{peer}{path}", token=self.token, data=body,
+            r = net.call("POST", f"http://{peer}{path}", token=self.peer_token, data=body,
                          headers={"Content-Type": WEIGHTS_MIME}, timeout_s=timeout_s,
                          retries=retries)
         except net.HttpError as e:

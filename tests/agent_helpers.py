@@ -166,7 +166,8 @@ def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> None:
 
 @contextlib.contextmanager
 def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int | None = None):
-    """Start `python3 worker/agent.py --port P --token T` in its own process group on
+    """Start `python3 worker/agent.py --port P` (token T in its environment, never on a
+    command line) in its own process group on
     loopback, wait until GET /hi answers with the token, yield an AgentProc, and always
     tear it down (reset, then SIGTERM the group). `port`: that one (an agent restarted
     where another died), else a free one."""
@@ -177,9 +178,9 @@ def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int |
         port, token = wanted or free_port(), secrets.token_hex(16)
         log_path = log_dir / f"edgetb-test-agent-{port}.log"
         out = open(log_path, "wb")
-        env = {k: v for k, v in os.environ.items() if k != net.TOKEN_ENV}
+        env = {**os.environ, net.TOKEN_ENV: token}
         try:
-            proc = subprocess.Popen([sys.executable, str(AGENT), "--port", str(port), "--token", token,
+            proc = subprocess.Popen([sys.executable, str(AGENT), "--port", str(port),
                                      "--host", "127.0.0.1", "--name", f"test-{port}"],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(ROOT), env=env, start_new_session=True)

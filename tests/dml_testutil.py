@@ -75,15 +75,15 @@ class NodeProc:
 
     def __init__(self, role: str, name: str, *, log_dir: Path, dataset_dir: Path,
                  ctl_address: str = "", port: int | None = None, token: str = TOKEN,
-                 cpu: str = "1"):
-        self.role, self.name = role, name
+                 cpu: str = "1", peer_token: str = ""):
+        self.role, self.name, self.token = role, name, token
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_dir = Path(log_dir)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DML_")}
         env.update({"EDGE_TB_ID": "1", "NET_NODE_NAME": name, "DML_PORT": str(self.port),
                     "NET_CTL_ADDRESS": ctl_address, "NET_AGENT_ADDRESS": "",
-                    "EDGE_TB_TOKEN": token, "DML_LOG_DIR": str(log_dir),
+                    "EDGE_TB_TOKEN": token, "EDGE_TB_PEER_TOKEN": peer_token, "DML_LOG_DIR": str(log_dir),
                     "DML_DATASET_DIR": str(dataset_dir), "DML_CPU": cpu,
                     "PYTHONUNBUFFERED": "1"})
         self.stderr_path = self.log_dir / f"{name}.stderr"
@@ -97,7 +97,7 @@ class NodeProc:
         return f"http://{self.address}{path}"
 
     def call(self, method: str, path: str, **kw) -> Any:
-        kw.setdefault("token", TOKEN)
+        kw.setdefault("token", self.token)
         kw.setdefault("timeout_s", 10.0)
         return net.call(method, self.url(path), **kw)
 

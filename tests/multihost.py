@@ -3,7 +3,7 @@ its own real agent process; the controller runs beside them in the test process.
 
     with multihost.Harness() as h:
         a = h.add_host()                       # namespace m<tag>h1, 10.246.0.11 on the test bridge
-        a.start_agent()                        # nsenter --net=... python3 worker/agent.py --port P --token T
+        a.start_agent()                        # nsenter --net=... python3 worker/agent.py --port P (token in its env)
         d = h.root_agent()                     # an agent in the real root namespace (drives dockerd)
         h.route("10.246.16.0/24", a)           # an emulator subnet behind host a, for everyone else
 
@@ -213,9 +213,9 @@ class Harness:
                      ready_timeout_s: float = 30) -> Agent:
         port = port or self.next_port()
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetb-{self.tag}-agent-{port}.log"
-        env = {k: v for k, v in os.environ.items() if k != net.TOKEN_ENV}
+        env = {**os.environ, net.TOKEN_ENV: self.token}   # never on a command line
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(prefix + [sys.executable, str(AGENT), "--port", str(port), "--token", self.token,
+            proc = subprocess.Popen(prefix + [sys.executable, str(AGENT), "--port", str(port),
                                               "--host", ip, "--name", name],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(ROOT), env=env, start_new_session=True)

@@ -107,7 +107,7 @@ def test_log_name_cannot_leave_the_run_folder(manager, tmp_path):
 
 def test_token_required_from_other_hosts(manager):
     # Loopback is the user's own shell (EdgeTB's curl workflow); any other address
-    # (a node, another machine) must carry the token.
+    # (a node, another machine) must carry the admin token.
     client = manager.app.test_client()
     r = client.get("/status", environ_base={"REMOTE_ADDR": "10.239.0.7"})
     assert r.status_code == 401

@@ -5,6 +5,7 @@ touched), with a NIC `eth1` on a test bridge and a peer namespace behind it. The
 runs in the host namespace with `nsenter --net` (it keeps the machine's /sys, so its
 cgroups work), exactly as `sudo python3 worker/agent.py` runs on a board.
 """
+import os
 import secrets
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_physical_node_shaped_on_its_nic(host_and_peer):
     h = host_and_peer
     port, token = ah.free_port(), secrets.token_hex(16)
     agent = subprocess.Popen(["nsenter", f"--net=/run/netns/{h['host']}", sys.executable,
-                              str(ROOT / "worker" / "agent.py"), "--port", str(port), "--token", token],
+                              str(ROOT / "worker" / "agent.py"), "--port", str(port)],
+                             env={**os.environ, net.TOKEN_ENV: token},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     h["procs"].append(agent)
     base = f"{h['subnet']}.2:{port}"

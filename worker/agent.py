@@ -1,6 +1,6 @@
-"""The worker agent: runs as root, obeys the controller over HTTP (token required).
+"""The worker agent: runs as root, obeys the controller over HTTP (admin token required).
 
-    sudo python3 worker/agent.py [--port 3333] [--token T | env EDGE_TB_TOKEN]
+    sudo python3 worker/agent.py [--port 3333] [--token-file FILE | env EDGE_TB_TOKEN]
 
 It builds the nodes the controller asks for (emulated nodes as network namespaces or as
 Docker containers, or the host itself as a physical node), shapes their links before
@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -180,7 +181,7 @@ class Agent:
                                            rundir_base=self.state_dir / "nodes",
                                            lab=self._docker_labels(emulator=emulator), cores=cores,
                                            load=dn.cpuset_load(list(self.nodes.values())),
-                                           extra_env={"EDGE_TB_TOKEN": self.token})
+                                           extra_env=self.node_env)
                 for n in made:
                     self.nodes[n.spec.name] = n
                 self._save()
@@ -338,9 +339,16 @@ class Agent:
                 raise BadRequest(f"links of {src}: {e}") from None
         return out
 
+    def node_env(self, spec: nb.NodeSpec) -> dict:
+        """A node's credentials, derived from the admin token as the controller derives
+        them: its own (for the controller) and the testbed's peer credential. The admin
+        token itself never reaches a node."""
+        return {net.TOKEN_ENV: net.node_token(self.token, spec.name),
+                net.PEER_TOKEN_ENV: net.peer_token(self.token)}
+
     def _start_apps(self, made: list[nb.Node], body: dict) -> None:
         for n in made:
-            self._runner(n).start(n, {"EDGE_TB_TOKEN": self.token})
+            self._runner(n).start(n, self.node_env(n.spec))
 
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
@@ -561,20 +569,64 @@ def make_app(agent: Agent) -> Flask:
     return app
 
 
+def admin_token(path: str | None, port: int) -> tuple[str, Path | None]:
+    """The admin token from a root-only file, else the environment, else a new one
+    written to a root-only file whose path is printed (and returned, so that it goes
+    when the agent does). Never on a command line."""
+    if path:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise ValueError(f"--token-file {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"--token-file {path}: not a regular file")
+            if st.st_uid != 0 or st.st_mode & 0o077:
+                raise ValueError(f"--token-file {path}: must be owned by root and readable by root only "
+                                 f"(chmod 600), it is mode {stat.S_IMODE(st.st_mode):o}")
+            token = os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        if not token:
+            raise ValueError(f"--token-file {path}: empty")
+        return token, None
+    token = os.environ.get(net.TOKEN_ENV, "").strip()
+    if token:
+        return token, None
+    token = secrets.token_hex(16)
+    out = STATE_BASE / f"agent-{port}.token"
+    STATE_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, out)
+    print(f"agent: new admin token in {out} (root only); give it to the controller: "
+          f"default_testbed(..., token=...)", flush=True)
+    return token, out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="EdgeTB-style worker agent (run as root).")
     ap.add_argument("--port", type=int, default=3333, help="HTTP port (default 3333)")
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    ap.add_argument("--token", default=os.environ.get(net.TOKEN_ENV),
-                    help=f"testbed token (default: ${net.TOKEN_ENV}; generated and printed if unset)")
+    ap.add_argument("--token-file", metavar="FILE",
+                    help=f"read the admin token from FILE (owned by root, mode 0600 or 0400); "
+                         f"default: ${net.TOKEN_ENV}, else a new token written to "
+                         f"{STATE_BASE}/agent-PORT.token")
     ap.add_argument("--name", default=socket.gethostname(), help="agent name shown in /hi")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("agent: must run as root (it creates namespaces, qdiscs and cgroups)", file=sys.stderr)
         return 2
-    token = a.token or secrets.token_hex(16)
-    if not a.token:
-        print(f"agent: token {token} (pass it to the controller)")
+    try:
+        token, made = admin_token(a.token_file, a.port)
+    except ValueError as e:
+        print(f"agent: {e}", file=sys.stderr)
+        return 2
     agent = Agent(name=a.name, port=a.port, token=token)
     srv = net.Server(make_app(agent), a.host, a.port, threads=16)
     # SIGTERM (kill, systemctl stop) ends the agent like Ctrl-C: through the reset below.
@@ -586,6 +638,9 @@ def main(argv=None) -> int:
         pass
     finally:
         agent.reset("all")
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.unlink()
     return 0
 
 

@@ -282,7 +282,7 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
     ram = s.ram_mb * 2**20
     kw = dict(name=container_name(s.name), hostname=s.name, entrypoint=["/bin/sh", "-c", GATE_SCRIPT, "edgetb-gate"],
               command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
-              environment=nb.app_env(s, extra_env, f"{GATE_DIR}/log"),
+              environment=nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log"),
               labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
               mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
               network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
