@@ -18,7 +18,7 @@ apt_need() {
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
 }
-apt_need ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount
+apt_need ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount curl:curl setpriv:util-linux
 py=python3
 extra=()
 # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.

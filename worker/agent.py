@@ -101,7 +101,11 @@ class Agent:
         data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
                 "networks": self.networks, "nfs_mounts": self.nfs_mounts}
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data))
         os.replace(tmp, self.state_file)
 
     def _recover(self) -> None:
