@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from dml_testutil import ROOT, TOKEN, NodeProc, free_port
+import net  # noqa: E402  (dml_app/net.py, on sys.path through dml_testutil)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -39,8 +40,10 @@ def loopback_run(manager_class, role: str, names: list[str], work: Path,
     manager = None
     try:
         for name in names:
+            # The credentials an agent would give them (derived from the admin token).
             procs[name] = NodeProc(role, name, log_dir=work / "log", dataset_dir=dataset_dir,
-                                   ctl_address=f"127.0.0.1:{ctl_port}")
+                                   ctl_address=f"127.0.0.1:{ctl_port}",
+                                   token=net.node_token(TOKEN, name), peer_token=net.peer_token(TOKEN))
         tb = Testbed("127.0.0.1", str(work), manager_class, host_port=ctl_port, token=TOKEN)
         for p in procs.values():
             node = tb.add_emulated_node(p.name, "/home/worker/dml_app", ["python3", f"{role}.py"])
