@@ -18,7 +18,16 @@ apt_need() {
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
 }
-apt_need ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount curl:curl setpriv:util-linux
+apt_need ip:iproute2 tc:iproute2 iperf3:iperf3 iptables:iptables mount:mount curl:curl setpriv:util-linux \
+  unshare:util-linux tini:tini
+# Node apps run as this unprivileged system user (no home, no login) unless a node asks
+# for root; the agent refuses to start them without it. Made once, kept afterwards.
+if ! getent passwd edgetb-node >/dev/null; then
+  getent group edgetb-node >/dev/null || groupadd --system edgetb-node
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --gid edgetb-node --comment "EdgeTB node apps" edgetb-node
+  echo "install.sh: created the system user edgetb-node (uid $(id -u edgetb-node)) for node apps"
+fi
 py=python3
 extra=()
 # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told.

@@ -38,7 +38,9 @@ from worker.shares import (NFS_VERSION, SHA_RE, ShareError, mount_argv,  # noqa:
 
 SKIP = ("__pycache__",)
 SKIP_SUFFIX = (".pyc",)
-NFS_EXPORT_OPTIONS = "rw,sync,no_subtree_check,no_root_squash"
+# Read-only, root squashed: a node (root in it or not) cannot change the app or the data
+# every other node runs on; results come back over HTTP.
+NFS_EXPORT_OPTIONS = "ro,sync,no_subtree_check,root_squash"
 
 # ----------------------------------------------------------------------------- archives
 
@@ -158,7 +160,7 @@ def unexport_argv(path: str, client: str = "*") -> list[str]:
     return ["exportfs", "-u", f"{client}:{path}"]
 
 
-def docker_nfs_volume(server: str, path: str, *, ro: bool = False) -> dict:
+def docker_nfs_volume(server: str, path: str, *, ro: bool = True) -> dict:
     """Options of the Docker volume a container mounts a share through (the `local`
     driver with type nfs, as EdgeTB's containers got): docker.types.Mount(...,
     type="volume", driver_config=DriverConfig("local", options=...))."""

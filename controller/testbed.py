@@ -81,16 +81,25 @@ class _Node:
     ip: str = ""
     port: int = DEFAULT_NODE_PORT
     id: int = 0
+    root: bool = False              # run the app as root with the host's view (README)
 
     def mount_local_path(self, local_path: str, node_path: str, ro: bool = False) -> None:
         self.volumes.append(Volume(str(local_path), str(node_path), ro))
 
-    def mount_nfs(self, nfs: Nfs, node_path: str) -> None:
-        self.volumes.append(Volume(nfs.path, str(node_path), nfs=nfs.tag))
+    def mount_nfs(self, nfs: Nfs, node_path: str, ro: bool = True) -> None:
+        """A shared folder (the app, the dataset): read-only for nodes unless ro=False, so
+        no node can change what the others run; results come back over HTTP."""
+        self.volumes.append(Volume(nfs.path, str(node_path), ro, nfs=nfs.tag))
 
-    def set_cmd(self, working_dir: str, cmd) -> None:
+    def set_cmd(self, working_dir: str, cmd, root: bool | None = None) -> None:
+        """root=True: the app runs as root with the host's view (README, "How a node sees
+        the testbed"); by default as the unprivileged node user."""
         self.working_dir = working_dir
         self.cmd = list(cmd) if not isinstance(cmd, str) else cmd.split()
+        if root is not None:
+            if not isinstance(root, bool):
+                raise DefinitionError([f"node {self.name}: root must be True or False, not {root!r}"])
+            self.root = root
 
 
 @dataclass
@@ -172,6 +181,13 @@ class Testbed:
             self._problems.append(f"duplicate name {name!r}: every node and emulator needs its own")
         return name
 
+    def _root(self, root, name: str) -> bool:
+        """A node's root flag: a real bool (validate() lists anything else)."""
+        if not isinstance(root, bool):
+            self._problems.append(f"node {name}: root must be True or False, not {root!r}")
+            return False
+        return root
+
     def add_nfs(self, tag: str, path: str) -> Nfs:
         p = os.path.join(self.dir_name, path) if not os.path.isabs(path) else path
         n = Nfs(tag, os.path.abspath(p))
@@ -193,20 +209,23 @@ class Testbed:
 
     def add_emulated_node(self, name: str, working_dir: str, cmd, image: str = "", cpu: float = 1,
                           ram: float = 1, unit: str = "G", emulator: Emulator | None = None,
-                          gpu: int = 0) -> EmulatedNode:
+                          gpu: int = 0, root: bool = False) -> EmulatedNode:
         self._name(name, "node")
         node = EmulatedNode(name=name, working_dir=working_dir,
                             cmd=list(cmd) if not isinstance(cmd, str) else cmd.split(),
                             image=image, cpu=float(cpu), ram_mb=_ram_mb(ram, unit, f"node {name}"),
                             emulator=emulator, port=self.node_port, gpu=gpu)
+        node.root = self._root(root, name)
         self.emulated[name] = node
         if emulator is not None:
             emulator.nodes.append(node)
         return node
 
-    def add_physical_node(self, name: str, nic: str, ip: str, agent_port: int = 3333) -> PhysicalNode:
+    def add_physical_node(self, name: str, nic: str, ip: str, agent_port: int = 3333,
+                          root: bool = False) -> PhysicalNode:
         self._name(name, "node")
         node = PhysicalNode(name=name, nic=nic, ip=ip, agent_port=agent_port, port=self.node_port)
+        node.root = self._root(root, name)
         self.physical[name] = node
         return node
 
@@ -426,6 +445,8 @@ class Testbed:
                         "DML_PORT": str(n.port), "NET_CTL_ADDRESS": ctl, "NET_AGENT_ADDRESS": agent}}
         if getattr(n, "gpu", 0):
             body["gpu"] = n.gpu
+        if n.root:
+            body["root"] = True
         return body
 
     @staticmethod

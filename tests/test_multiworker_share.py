@@ -78,14 +78,14 @@ def test_fetch_verifies_caches_and_refuses_a_mismatch(tmp_path):
 
 def test_nfs_commands_and_volume_options():
     assert share.export_argv("/srv/edgetb/dml_app", "10.246.0.0/16") == [
-        "exportfs", "-o", "rw,sync,no_subtree_check,no_root_squash", "10.246.0.0/16:/srv/edgetb/dml_app"]
+        "exportfs", "-o", "ro,sync,no_subtree_check,root_squash", "10.246.0.0/16:/srv/edgetb/dml_app"]
     assert share.unexport_argv("/srv/x") == ["exportfs", "-u", "*:/srv/x"]
     assert share.mount_argv("10.246.0.1", "/srv/edgetb/dataset", "/mnt/ds", ro=True) == [
         "mount", "-t", "nfs", "-o", "vers=4,ro,hard,nolock", "10.246.0.1:/srv/edgetb/dataset", "/mnt/ds"]
     assert share.umount_argv("/mnt/ds") == ["umount", "-l", "/mnt/ds"]
     assert share.docker_nfs_volume("10.246.0.1", "/srv/edgetb/dml_app") == {
         "driver": "local",
-        "driver_opts": {"type": "nfs", "o": "addr=10.246.0.1,nfsvers=4,rw", "device": ":/srv/edgetb/dml_app"}}
+        "driver_opts": {"type": "nfs", "o": "addr=10.246.0.1,nfsvers=4,ro", "device": ":/srv/edgetb/dml_app"}}
 
 
 def test_nfs_detection_says_why():
@@ -133,7 +133,7 @@ def test_local_workers_still_bind_the_folder(tmp_path):
     said = []
     assert tb._remote_shares(said.append) is None and said == []
     body = tb._node_body(n, "c", "a", None)
-    assert body["volumes"] == [{"host": str(tmp_path / "app"), "node": "/home/worker/dml_app", "ro": False}]
+    assert body["volumes"] == [{"host": str(tmp_path / "app"), "node": "/home/worker/dml_app", "ro": True}]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -235,7 +235,7 @@ def test_nfs_mode_sends_nfs_volumes_and_exports_to_the_workers(tmp_path, monkeyp
     assert said == ["share: over NFS"] and exported == [(str(tmp_path / "app"), "10.246.0.11")]
     body = tb._node_body(n, "c", "a", remote)
     assert body["volumes"] == [{"nfs": {"server": "10.246.0.1", "path": str(tmp_path / "app"), "tag": "dml_app"},
-                                "node": "/home/worker/dml_app", "ro": False}]
+                                "node": "/home/worker/dml_app", "ro": True}]
 
 
 def test_agent_mounts_nfs_shares_once_and_says_why_it_cannot(tmp_path, monkeypatch):

@@ -42,6 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.secure import UnsafePath, open_private, secure_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "dml_app"
 REQ_FILE = APP_DIR / "dml_req.txt"
@@ -50,7 +55,9 @@ BUILDER_VERSION = "1"          # bump when the offline recipe changes: old image
 SUITE = "bookworm"
 VENV = "/opt/venv"
 NODE_APP_DIR = "/home/worker/dml_app"
-LOCK_FILE = Path("/run/lock/edgetb-image-build.lock")
+# In a root-owned dir, not world-writable /run/lock (where a planted symlink would make
+# root write through it).
+LOCK_FILE = Path("/run/edgetb/image-build.lock")
 LABEL = "edgetb.image"           # "1" on every image this module builds
 LABEL_REQ = "edgetb.image.req"   # hash of dml_req.txt and the builder version
 LABEL_METHOD = "edgetb.image.method"
@@ -140,13 +147,34 @@ def _reusable(img, req: str) -> bool:
 
 @contextlib.contextmanager
 def _build_lock():
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """One build at a time on this machine. The lock file is removed when released (so
+    /run/edgetb can go once empty); a holder that finds it was replaced meanwhile, or its
+    folder removed, takes it again."""
+    for _ in range(100):
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            secure_dir(LOCK_FILE.parent, 0o755)
+            fd = open_private(LOCK_FILE)
+        except FileNotFoundError:
+            continue                    # the folder went between the two (an agent's reset)
+        except (UnsafePath, OSError) as e:
+            raise ImageError(f"build lock {LOCK_FILE}: {e}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = os.stat(LOCK_FILE, follow_symlinks=False)
+            mine = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise ImageError(f"build lock {LOCK_FILE}: could not be taken")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK_FILE)
+        os.close(fd)                    # closing releases the flock
 
 
 def build(tag: str = DEFAULT_TAG, *, method: str = "auto", force: bool = False,

@@ -11,9 +11,11 @@ Every kernel object the testbed makes carries the `etb` prefix: namespaces `etb-
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from worker import tc
 from worker.cgroups import Cgroup
+from worker import secure
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 NS_PREFIX = "etb-"
@@ -36,6 +39,11 @@ BRIDGE_PREFIX = "etbbr"
 NODE_DEV = "eth0"
 LAUNCH = str(Path(__file__).resolve().with_name("launch.py"))
 PARALLEL = 8
+NODE_USER = "edgetb-node"            # what node apps run as unless they ask for root (install.sh)
+NODE_DIR = "/run/edgetb-node"        # the node's own things in its view: log, home, root (volumes)
+# Variables of the agent's environment an unprivileged node gets (it gets no secret of
+# the agent's and no host path it could not use anyway); root nodes get all of them.
+NODE_BASE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONHASHSEED")
 
 
 class NodeError(RuntimeError):
@@ -90,6 +98,7 @@ class NodeSpec:
     nic: str | None = None          # physical nodes: the NIC links are shaped on
     image: str = ""                 # docker nodes: the image to run
     gpu: int = 0                    # docker nodes: GPUs asked (a Docker device request)
+    root: bool = False              # the app runs as root with the host's view (else as NODE_USER)
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSpec":
@@ -110,6 +119,9 @@ class NodeSpec:
             raise NodeError(f"bad node {spec.name}: gpu {spec.gpu} must be 0 or more")
         if not 1 <= spec.port <= 65535 or spec.cpu <= 0 or spec.ram_mb < 16:
             raise NodeError(f"bad node {spec.name}: port, cpu or ram out of range")
+        spec.root = d.get("root", False)
+        if not isinstance(spec.root, bool):   # a real JSON bool: "false" would be truthy
+            raise NodeError(f"bad node {spec.name}: root must be true or false, not {str(spec.root)[:40]!r}")
         for v in spec.volumes:
             if not (isinstance(v, dict) and os.path.isabs(str(v.get("host", "")))
                     and os.path.isabs(str(v.get("node", ""))) and ".." not in Path(v["node"]).parts):
@@ -152,16 +164,94 @@ class Node:
 
 def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
     """The environment a node app gets, whatever runs it: `base` (the agent's own for a
-    process it starts, nothing for a container), the node's (EdgeTB's variables), the
-    agent's (the token), unbuffered output, and where logs go and how much cpu it has
-    unless already set."""
-    env = dict(base or {})
+    process it starts, nothing for a container; only NODE_BASE_ENV of it for a node that
+    is not root), the node's (EdgeTB's variables), the agent's (its credentials),
+    unbuffered output, and where logs go and how much cpu it has unless already set."""
+    base = dict(base or {})
+    if not spec.root:
+        base = {k: v for k, v in base.items() if k in NODE_BASE_ENV or k.startswith("LC_")}
+    env = base
     env.update(spec.env)
     env.update(extra_env)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("DML_LOG_DIR", log_dir)
     env.setdefault("DML_CPU", f"{spec.cpu:g}")
     return env
+
+
+def secure_dir(path, mode: int = 0o755) -> Path:
+    """worker/secure.py's secure_dir (a root-owned real directory with `mode`, made if
+    missing), failing with NodeError. The agent's state dir and node run dirs use it."""
+    try:
+        return secure.secure_dir(path, mode)
+    except (secure.UnsafePath, OSError) as e:
+        raise NodeError(str(e)) from None
+
+
+def node_user() -> tuple[int, int]:
+    """(uid, gid) node apps run as; NodeError when install.sh has not made the user."""
+    try:
+        pw = pwd.getpwnam(NODE_USER)
+    except KeyError:
+        raise NodeError(f"no user {NODE_USER} on this worker: node apps run as that unprivileged user; "
+                        f"run ./install.sh (as root) to create it, or give the node root=True") from None
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise NodeError(f"user {NODE_USER} must not be root (uid {pw.pw_uid}, gid {pw.pw_gid})")
+    return pw.pw_uid, pw.pw_gid
+
+
+@functools.lru_cache(maxsize=1)
+def _tools() -> dict:
+    return {t: shutil.which(t) for t in ("unshare", "setpriv", "tini")}
+
+
+def node_tools() -> dict:
+    """Absolute paths of what worker/launch.py runs an unprivileged app through
+    (util-linux's unshare and setpriv, tini); NodeError naming what is missing."""
+    tools = _tools()
+    missing = [t for t, path in tools.items() if not path]
+    if missing:
+        _tools.cache_clear()
+        raise NodeError(f"{', '.join(missing)} missing on this worker: unprivileged node apps run through "
+                        f"unshare, setpriv (util-linux) and tini; run ./install.sh (as root)")
+    return dict(tools)
+
+
+def check_users(specs: list[NodeSpec]) -> None:
+    """Before anything is made: nodes with an app that are not root need NODE_USER and
+    the tools their launch goes through."""
+    if any(s.cmd and not s.root for s in specs):
+        node_user()
+        node_tools()
+
+
+def _can(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+@functools.lru_cache(maxsize=4)
+def python_exposure(uid: int, gid: int) -> tuple:
+    """Where the agent's Python (prefix and site-packages) sits behind a folder the node
+    user may not enter (pyenv under /root, say): ((closed folder, (paths, ...)), ...),
+    for the launcher to show those paths alone. NodeError when a path itself is closed."""
+    want = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+                                          os.path.dirname(os.path.realpath(sys.executable)))}
+    want |= {os.path.realpath(p) for p in sys.path
+             if os.path.isabs(p) and ("site-packages" in p or "dist-packages" in p) and os.path.isdir(p)}
+    outer = sorted(p for p in want if not any(p.startswith(q.rstrip("/") + "/") for q in want if q != p))
+    closed: dict[str, list[str]] = {}
+    for p in outer:
+        parts = Path(p).parts
+        for i in range(1, len(parts)):
+            a = str(Path(*parts[:i]))
+            if not _can(os.stat(a), uid, gid, 0o1):
+                closed.setdefault(a, []).append(p)
+                break
+        if not _can(os.stat(p), uid, gid, 0o5):
+            raise NodeError(f"the agent's Python folder {p} is not readable by {NODE_USER}: "
+                            f"make it readable (chmod -R o+rX) or give the node root=True")
+    return tuple((a, tuple(ps)) for a, ps in closed.items())
 
 
 def stop_group(p: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
@@ -191,32 +281,58 @@ class Runner:
         self._lock = threading.Lock()
 
     def start(self, node: Node, extra_env: dict) -> None:
+        """Start the node's app through worker/launch.py. The launch spec, environment
+        and credentials included, goes in a memfd the launcher inherits (fd N of
+        `launch.py --spec-fd N`): nothing of it is on a command line."""
         spec = node.spec
         if not spec.cmd:
             node.state = "idle"
             return
-        cg = Cgroup(spec.name)
-        cg.create(spec.cpu, spec.ram_mb)
-        root = Path(node.rundir) / "root"
-        binds = [{"source": v["host"], "target": str(root / v["node"].lstrip("/")), "ro": bool(v.get("ro"))}
-                 for v in spec.volumes]
-        # A node path is resolved inside the node's own root, so a volume at
-        # /home/worker/dml_app never touches the host's /home.
-        cwd = str(root / spec.working_dir.lstrip("/")) if spec.volumes else (spec.working_dir or node.rundir)
+        user = None if spec.root else node_user()       # before anything is made
+        tools = None if spec.root else node_tools()
+        rundir = secure_dir(node.rundir, 0o700)
+        log = rundir / "log"
+        log.mkdir(exist_ok=True)
         argv = list(spec.cmd)
         if argv[0] in ("python3", "python"):
             argv[0] = sys.executable  # the agent's interpreter has torch and friends
-        env = app_env(spec, extra_env, str(Path(node.rundir) / "log"), base=os.environ)
-        launch = {"cgroup_procs": cg.procs_files, "netns": node.netns, "binds": binds, "cwd": cwd,
-                  "argv": argv, "env": env}
-        os.makedirs(cwd, exist_ok=True)
-        out = open(Path(node.rundir) / "stdout.log", "ab")
+        launch = {"name": spec.name, "netns": node.netns, "argv": argv, "root": spec.root}
+        if spec.root:
+            # As root, with the host's view: volumes inside the node's own root under its
+            # run dir, so a volume at /home/worker/dml_app never touches the host's /home.
+            root = rundir / "root"
+            launch["binds"] = [{"source": v["host"], "target": str(root / v["node"].lstrip("/")),
+                                "ro": bool(v.get("ro"))} for v in spec.volumes]
+            cwd = str(root / spec.working_dir.lstrip("/")) if spec.volumes else (spec.working_dir or node.rundir)
+            os.makedirs(cwd, exist_ok=True)
+            env = app_env(spec, extra_env, str(log), base=os.environ)
+        else:
+            uid, gid = user
+            os.chown(log, uid, gid)
+            os.chmod(log, 0o700)
+            (rundir / "view").mkdir(exist_ok=True)        # where the launcher builds the node's /run
+            launch["binds"] = [{"source": v["host"], "target": v["node"], "ro": bool(v.get("ro"))}
+                               for v in spec.volumes]
+            cwd = (f"{NODE_DIR}/root/{spec.working_dir.lstrip('/')}".rstrip("/") if spec.volumes
+                   else spec.working_dir or f"{NODE_DIR}/home")
+            env = app_env(spec, extra_env, f"{NODE_DIR}/log", base=os.environ)
+            env.update(HOME=f"{NODE_DIR}/home", USER=NODE_USER, LOGNAME=NODE_USER)
+            launch.update(user={"uid": uid, "gid": gid}, rundir=str(rundir), tools=tools,
+                          expose=python_exposure(uid, gid) if argv[0] == sys.executable else (),
+                          tmpfs_mb=max(16, spec.ram_mb // 4))
+        cg = Cgroup(spec.name)
+        cg.create(spec.cpu, spec.ram_mb)
+        launch.update(cgroup_procs=cg.procs_files, cwd=cwd, env=env)
+        fd = os.memfd_create(f"edgetb-launch-{spec.name}")   # close-on-exec here; pass_fds hands it over
         try:
-            p = subprocess.Popen([sys.executable, LAUNCH, "--spec", json.dumps(launch)],
-                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+            os.write(fd, json.dumps(launch).encode())
+            with open(rundir / "stdout.log", "ab") as out:
+                # -I -S: the launcher needs the standard library alone; starts faster.
+                p = subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)], pass_fds=(fd,),
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         finally:
-            out.close()
+            os.close(fd)
         with self._lock:
             self._procs[spec.name] = p
         node.pgid = p.pid
@@ -282,6 +398,8 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
     The host side is one `ip -batch` process; each namespace is configured by one more,
     run in parallel. Returns the nodes; on failure removes what it made and raises.
     """
+    check_users(specs)
+    secure_dir(rundir_base, 0o700)
     nodes = []
     host_lines = []
     for s in specs:
@@ -301,7 +419,7 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
         _run(["ip", "-batch", "-"], input="\n".join(host_lines) + "\n")
 
         def inside(n: Node) -> None:
-            os.makedirs(n.rundir, exist_ok=True)
+            secure_dir(n.rundir, 0o700)
             _run(["ip", "-n", n.netns, "-batch", "-"], input="\n".join([
                 f"addr add {n.spec.ip}/{prefixlen} dev {NODE_DEV}",
                 f"link set {NODE_DEV} up", "link set lo up",

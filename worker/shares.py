@@ -13,6 +13,8 @@ import tarfile
 import threading
 from pathlib import Path
 
+from worker.secure import UnsafePath, secure_dir
+
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CACHE_BASE = Path("/var/cache/edgetb")
 NFS_VERSION = "4"
@@ -45,7 +47,10 @@ def fetch(url: str, digest: str, cache: Path, *, token: str, get=None) -> tuple[
     if got != digest:
         raise ShareError(f"archive {url} refused: sha256 mismatch, expected {digest}, got {got} "
                          f"({len(data)} bytes); nothing deployed")
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        secure_dir(cache, 0o700)     # root's alone; nodes see their folder through binds
+    except (UnsafePath, OSError) as e:
+        raise ShareError(f"share cache: {e}; nothing deployed") from None
     tmp = cache / f".{digest}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -67,8 +72,8 @@ def fetch(url: str, digest: str, cache: Path, *, token: str, get=None) -> tuple[
 
 # ----------------------------------------------------------------------------- NFS (client side)
 
-def mount_argv(server: str, path: str, target: str, *, ro: bool = False) -> list[str]:
-    """A physical node's (or an agent's) mount of a share."""
+def mount_argv(server: str, path: str, target: str, *, ro: bool = True) -> list[str]:
+    """A physical node's (or an agent's) mount of a share: read-only (the export is too)."""
     opts = f"vers={NFS_VERSION},{'ro' if ro else 'rw'},hard,nolock"
     return ["mount", "-t", "nfs", "-o", opts, f"{server}:{path}", target]
 
