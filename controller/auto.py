@@ -36,7 +36,27 @@ def common_args(description: str) -> argparse.ArgumentParser:
                     "the embedded agent takes the next one")
     ap.add_argument("--links", default="links.json", help="links file, relative to the repo (default links.json)")
     ap.add_argument("--timeout", type=float, default=1200, help="--auto: give up after this many seconds")
+    ap.add_argument("--log-limit-mb", type=_log_limit_mb, default=None, metavar="MB",
+                    help="the largest node log POST /log takes, in MiB (default 16); larger ones get 413")
     return ap
+
+
+def _log_limit_mb(text: str) -> int:
+    """--log-limit-mb: a number of MiB in (0, 4096] -> bytes."""
+    try:
+        return int(net.number(float(text), "--log-limit-mb", 0, 4096, lo_open=True) * net.MiB)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def with_log_limit(testbed: Testbed, limit_bytes: int | None) -> Testbed:
+    """The testbed's manager class with `log_limit_bytes` set (a subclass; the class the
+    run script wrote is left as it is)."""
+    mc = testbed.manager_class
+    if limit_bytes is not None and mc is not None:
+        testbed.manager_class = type(mc.__name__, (mc,), {"log_limit_bytes": limit_bytes,
+                                                           "__module__": mc.__module__})
+    return testbed
 
 
 def ensure_dataset(say) -> None:
@@ -101,7 +121,7 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
     dml_tool module `structure_tool` ("<alg>_structure_conf"). `build(port, links)` makes
     the testbed."""
     args = common_args(description).parse_args()
-    testbed = build(args.port, args.links)
+    testbed = with_log_limit(build(args.port, args.links), args.log_limit_mb)
     if not args.auto:
         try:
             testbed.start()

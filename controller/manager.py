@@ -17,12 +17,31 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from controller import access, results
+from controller import access, files, results
 from controller.testbed import ROOT, DefinitionError, Testbed
 from dml_app import net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
+LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
+MAX_ROUND = 10**9
+
+
+def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
+    """(node, state, round) of a /heartbeat body {"node", "state"?, "round"?}; ValueError
+    (HTTP 400) naming the field for anything else: a body that is not an object, a node
+    that is not a name, a state that is not a short string, a round that is not an
+    integer in [0, 1e9] (no bools, strings, NaN, infinities)."""
+    if not isinstance(body, dict):
+        raise ValueError('heartbeat: expected a JSON object {"node", "state", "round"}')
+    node, state, rnd = body.get("node"), body.get("state"), body.get("round")
+    if not isinstance(node, str) or not 0 < len(node) <= 64:
+        raise ValueError(f"heartbeat 'node' must be a node name, got {str(node)[:40]!r}")
+    if state is not None and (not isinstance(state, str) or len(state) > 64):
+        raise ValueError(f"heartbeat 'state' must be a string of at most 64 characters, got {str(state)[:40]!r}")
+    if rnd is not None:
+        rnd = net.number(rnd, "heartbeat 'round'", 0, MAX_ROUND, integer=True)
+    return node, state, rnd
 
 
 class Manager:
@@ -32,6 +51,9 @@ class Manager:
     needs_root = True
     conf_dir = CONF_DIR      # where the dml_tool scripts write the node confs
     runs_dir = RUNS_DIR      # where /finish makes each run's folder
+    log_limit_bytes = LOG_LIMIT_BYTES   # the largest body POST /log takes (413 beyond)
+    file_roots: tuple = ()   # folders besides ROOT, the testbed's dir_name and conf_dir that
+                             # requests may name files in (/update/tc?file=)
 
     def __init__(self, testbed: Testbed):
         self.tb = testbed
@@ -49,6 +71,9 @@ class Manager:
                                     port=lambda: self.tb.host_port,
                                     token_file=access.token_path(testbed.host_port))
         self.access.install(self.app)
+        # After the access check: JSON routes take 1 MiB, /log log_limit_bytes (read at
+        # each request); the server refuses more than the largest from the headers.
+        self.body_limits = net.limit_bodies(self.app, routes={"/log": lambda: self.log_limit_bytes})
         self._routes()
 
     def _names(self) -> set[str]:
@@ -101,16 +126,29 @@ class Manager:
         with ThreadPoolExecutor(min(16, max(1, len(names)))) as ex:
             return dict(ex.map(one, names))
 
+    def file_folders(self) -> list[str]:
+        """Where files named by a request may be read from (controller/files.py)."""
+        return files.roots_of(ROOT, self.tb.dir_name, self.conf_dir, *self.file_roots)
+
     def push_conf(self, kind: str) -> dict:
-        """Send every node its dml_file/conf/<node>_<kind>.conf (written by the conf tools)."""
+        """Send every node its dml_file/conf/<node>_<kind>.conf (written by the conf tools).
+
+        Every conf is read (controller/files.py: a regular file inside the project's
+        folders, at most 1 MiB, bounded JSON) before any is sent: one bad conf refuses
+        the push (HTTP 400) and no node gets anything."""
         missing = [n for n in self._nodes() if not (self.conf_dir / f"{n}_{kind}.conf").exists()]
         have = [n for n in self._nodes() if n not in missing]
         if not have:
             raise FileNotFoundError(f"no {kind} confs in {self.conf_dir}: run dml_tool/"
                                     f"{'dataset_conf.py -d' if kind == 'dataset' else '<alg>_structure_conf.py -s'} first")
+        confs = {}
+        for n in have:
+            raw = files.read_project_file(self.conf_dir / f"{n}_{kind}.conf", self.file_folders(),
+                                          files.CONF_FILE_LIMIT, what=f"{kind} conf")
+            confs[n] = net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf")
 
         def send(node):
-            body = json.loads((self.conf_dir / f"{node.name}_{kind}.conf").read_text())
+            body = confs[node.name]
             net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
                      timeout_s=120, retries=90)
             return "ok"
@@ -176,13 +214,13 @@ class Manager:
         return results.summarize(self.algorithm, metrics, self.root, wall, sent)
 
     def update_links(self, path: str) -> dict:
-        p = Path(path)
-        if not p.is_absolute():
-            p = Path(self.tb.dir_name) / p
-        try:
-            links = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{p}: {e}") from None
+        """Replace every link with those of a links file (relative: to the testbed's
+        dir_name) read by controller/files.py: a regular file inside the project's
+        folders, at most 16 MiB; anything else is refused naming only that rule."""
+        raw = files.read_project_file(path, self.file_folders(), files.LINKS_FILE_LIMIT,
+                                      what="links file", base=self.tb.dir_name)
+        p = Path(path) if Path(path).is_absolute() else Path(self.tb.dir_name) / path
+        links = net.parse_json_body(raw, want_object=False, what=str(p))
         problems = self.tb.link_problems(links if isinstance(links, dict) else {}, str(p))
         if not isinstance(links, dict):
             problems.append(f"{p}: expected an object {{node: [links]}}")

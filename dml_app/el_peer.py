@@ -47,16 +47,18 @@ DEFAULT_LR = 0.05
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 
 
-def _int(v: Any, what: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {v!r}")
-    return v
+MAX_LAYERS = 64
+MAX_ROUNDS = 1_000_000
+MAX_SAMPLES = 10**12          # a subtree's sample count: far beyond any dataset, far below overflow
+MAX_SEED = 2**32 - 1
+
+
+def _int(v: Any, what: str, low: int, high: int = MAX_ROUNDS) -> int:
+    return net.number(v, what, low, high, integer=True)
 
 
 def _positive(v: Any, what: str, high: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= high:
-        raise ValueError(f"{what} must be a number in (0, {high}], got {v!r}")
-    return float(v)
+    return net.number(v, what, 0, high, lo_open=True)
 
 
 def check_structure(conf: dict, me: str) -> dict:
@@ -67,14 +69,14 @@ def check_structure(conf: dict, me: str) -> dict:
     layers: dict[int, dict] = {}
     for raw_layer, lc in conf["layers"].items():
         where = f"layers[{raw_layer!r}]"
-        if not str(raw_layer).isdigit() or int(raw_layer) < 1 or not isinstance(lc, dict):
+        if not str(raw_layer).isdigit() or not 1 <= int(raw_layer) <= MAX_LAYERS or not isinstance(lc, dict):
             raise ValueError(f"{where}: expected a layer number >= 1 mapping to an object")
         layer, lc = int(raw_layer), dict(lc)
         father = lc.get("father")
         if father is not None and not isinstance(father, str):
             raise ValueError(f"{where}.father must be a node name, 'self' or null, got {father!r}")
         if layer == 1:
-            lc["epoch"] = _int(lc.get("epoch"), f"{where}.epoch", 1)
+            lc["epoch"] = _int(lc.get("epoch"), f"{where}.epoch", 1, 10_000)
             lc["lr"] = _positive(lc.get("lr", DEFAULT_LR), f"{where}.lr", 10.0)
         else:
             lc["sync"] = _int(lc.get("sync"), f"{where}.sync", 1)
@@ -94,9 +96,9 @@ def check_structure(conf: dict, me: str) -> dict:
             raise ValueError(f"routes[{peer!r}] must be a path [{me!r}, ..., {peer!r}], got {path!r}")
         if path[1] not in conf["connect"]:
             raise ValueError(f"routes[{peer!r}]: no address for the next hop {path[1]!r} in 'connect'")
-    for key, low in (("seed", 0), ("test_known_weights_seed", 0)):
+    for key in ("seed", "test_known_weights_seed"):
         if key in conf:
-            _int(conf[key], key, low)
+            conf[key] = _int(conf[key], key, 0, MAX_SEED)
     conf["layers"] = layers
     return conf
 
@@ -121,7 +123,8 @@ class ElPeer:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="el-send")
         rt.on_structure(self._check_structure)
         rt.on_dataset(self._check_data)
-        rt.route("/el/message", methods=["POST"])(self.message)
+        rt.declare_model(nns.build_model)
+        rt.route("/el/message", methods=["POST"], weights=True)(self.message)
         rt.route("/el/model", methods=["GET"])(self.model)
 
     # ------------------------------------------------------------------ confs
@@ -165,13 +168,13 @@ class ElPeer:
             if kind not in ("down", "up") or not isinstance(src, str) or not isinstance(dst, str) \
                     or not isinstance(path, list):
                 raise ValueError("meta needs kind ('down' or 'up'), src, dst and path")
-            _int(layer, "meta 'layer'", 1)
-            _int(rnd, "meta 'round'", 1)
+            layer = meta["layer"] = _int(layer, "meta 'layer'", 1, MAX_LAYERS)
+            rnd = meta["round"] = _int(rnd, "meta 'round'", 1)
             if dst != rt.name:
                 return self._forward(tensors, meta, etree.next_hop(path, rt.name))
             if kind == "down":
                 return self._take_down(src, layer, rnd, tensors)
-            samples = _int(meta.get("samples"), "meta 'samples'", 1)
+            samples = _int(meta.get("samples"), "meta 'samples'", 1, MAX_SAMPLES)
         except ValueError as e:
             raise BadRequest(f"{rt.name}: {e}") from None
         self._deliver(layer + 1, rnd, src, tensors, samples)

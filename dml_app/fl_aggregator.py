@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
@@ -28,17 +27,9 @@ from learn import evaluate
 from runtime import Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
-
-
-def _number(conf: dict, key: str, kind: type, low: float, high: float | None = None) -> Any:
-    v = conf.get(key)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind is int:
-        ok = ok and float(v).is_integer()
-    if not ok or v < low or (high is not None and v > high):
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{key!r} must be a{'n integer' if kind is int else ' number'} {rng}, got {v!r}")
-    return kind(v)
+MAX_ROUNDS = 1_000_000
+MAX_SEED = 2**32 - 1
+MAX_SAMPLES = 10**12          # a trainer's sample count: far beyond any dataset, far below overflow
 
 
 def check_structure(conf: dict) -> dict:
@@ -47,13 +38,11 @@ def check_structure(conf: dict) -> dict:
         if key not in conf:
             raise ValueError(f"missing key {key!r} (an aggregator needs trainer_fraction, sync, "
                              "child_node, connect)")
-    conf["trainer_fraction"] = _number(conf, "trainer_fraction", float, 0.0)
-    if not 0 < conf["trainer_fraction"] <= 1:
-        raise ValueError(f"'trainer_fraction' must be in (0, 1], got {conf['trainer_fraction']}")
-    conf["sync"] = _number(conf, "sync", int, 1)
-    conf["seed"] = _number(conf, "seed", int, 0) if "seed" in conf else 0
-    conf["round_timeout_s"] = (_number(conf, "round_timeout_s", float, 0.1)
-                               if "round_timeout_s" in conf else DEFAULT_ROUND_TIMEOUT_S)
+    conf["trainer_fraction"] = net.number(conf["trainer_fraction"], "'trainer_fraction'", 0, 1, lo_open=True)
+    conf["sync"] = net.number(conf["sync"], "'sync'", 1, MAX_ROUNDS, integer=True)
+    conf["seed"] = net.number(conf.get("seed", 0), "'seed'", 0, MAX_SEED, integer=True)
+    conf["round_timeout_s"] = net.number(conf.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
+                                         "'round_timeout_s'", 0.1, 1e6)
     children, connect = conf["child_node"], conf["connect"]
     if not isinstance(children, list) or not children or not all(isinstance(c, str) for c in children):
         raise ValueError(f"'child_node' must be a non-empty list of node names, got {children!r}")
@@ -83,7 +72,8 @@ class FlAggregator:
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run_rounds)
-        rt.route("/combine", methods=["POST"])(self.combine)
+        rt.declare_model(nns.build_model)
+        rt.route("/combine", methods=["POST"], weights=True)(self.combine)
 
     @staticmethod
     def _check_data(data) -> None:
@@ -95,12 +85,16 @@ class FlAggregator:
     def combine(self):
         """POST /combine: a trainer's weights with meta {round, name, samples, loss}."""
         tensors, meta = self.rt.receive_weights()
-        name, rnd = meta.get("name"), meta.get("round")
-        samples, loss = meta.get("samples"), meta.get("loss", float("nan"))
-        if not isinstance(name, str) or not isinstance(rnd, int):
+        name = meta.get("name")
+        if not isinstance(name, str):
             raise BadRequest("weights metadata must carry 'name' (str) and 'round' (int)")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-            raise BadRequest(f"weights metadata 'samples' must be a positive int, got {samples!r}")
+        try:
+            rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
+            samples = net.number(meta.get("samples"), "weights metadata 'samples'", 1, MAX_SAMPLES,
+                                 integer=True)
+            loss = net.number(meta["loss"], "weights metadata 'loss'") if "loss" in meta else float("nan")
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: upload from {name[:64]}: {e}") from None
         self._check_shapes(tensors)
         with self._cond:
             cur = self._round
@@ -112,7 +106,7 @@ class FlAggregator:
                 raise Conflict(f"{name} was not asked to train in round {rnd}")
             if name in cur.results:
                 raise Conflict(f"{name} already uploaded for round {rnd}")
-            cur.results[name] = (tensors, samples, float(loss))
+            cur.results[name] = (tensors, samples, loss)
             self._cond.notify_all()
         return "ok\n"
 

@@ -22,6 +22,8 @@ from learn import train_epochs
 from runtime import Runtime, main
 
 DEFAULT_LR = 0.05
+MAX_EPOCHS = 10_000
+MAX_ROUNDS = 1_000_000
 
 
 def check_structure(conf: dict) -> dict:
@@ -29,13 +31,8 @@ def check_structure(conf: dict) -> dict:
     for key in ("epoch", "father_node", "connect"):
         if key not in conf:
             raise ValueError(f"missing key {key!r} (a trainer needs epoch, father_node, connect)")
-    epoch = conf["epoch"]
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        raise ValueError(f"'epoch' must be an integer >= 1, got {epoch!r}")
-    lr = conf.get("lr", DEFAULT_LR)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 10:
-        raise ValueError(f"'lr' must be a number in (0, 10), got {lr!r}")
-    conf["lr"] = float(lr)
+    conf["epoch"] = net.number(conf["epoch"], "'epoch'", 1, MAX_EPOCHS, integer=True)
+    conf["lr"] = net.number(conf.get("lr", DEFAULT_LR), "'lr'", 0, 10, lo_open=True, hi_open=True)
     father = conf["father_node"]
     if not isinstance(conf["connect"], dict) or father not in conf["connect"]:
         raise ValueError(f"'connect' has no address for father_node {father!r}")
@@ -48,7 +45,8 @@ class FlTrainer:
         self._busy = threading.Lock()  # one local training at a time; later jobs queue here
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
-        rt.route("/train", methods=["POST"])(self.train)
+        rt.declare_model(nns.build_model)
+        rt.route("/train", methods=["POST"], weights=True)(self.train)
 
     @staticmethod
     def _check_data(data) -> None:
@@ -61,9 +59,10 @@ class FlTrainer:
         if rt.structure is None or rt.data is None:
             raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /train")
         tensors, meta = rt.receive_weights()
-        rnd = meta.get("round")
-        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
-            raise BadRequest("weights metadata must carry 'round' (int >= 1)")
+        try:
+            rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
+        except ValueError as e:
+            raise BadRequest(f"{rt.name}: {e}") from None
         model = nns.build_model(rt.data.meta)
         try:
             model.load_state_dict(tensors, strict=True)

@@ -27,6 +27,7 @@ import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
 import net
+import nns
 import peer_role
 from gossip import check_compatible, choose_peer, mix, peer_rng
 from runtime import Runtime, main
@@ -55,7 +56,8 @@ class GlPeer:
         rt.on_structure(check_structure)
         rt.on_dataset(peer_role.check_data)
         rt.on_start(self.run)
-        rt.route("/gossip", methods=["POST"])(self.receive)
+        rt.declare_model(nns.build_model)
+        rt.route("/gossip", methods=["POST"], weights=True)(self.receive)
 
     def _ensure_model(self) -> None:
         """Build the common initial model once (at start, or at a gossip that comes first)."""
@@ -73,9 +75,13 @@ class GlPeer:
         if rt.structure is None or rt.data is None:
             raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /gossip")
         tensors, meta = rt.receive_weights()
-        sender, rnd = meta.get("name"), meta.get("round")
-        if not isinstance(sender, str) or isinstance(rnd, bool) or not isinstance(rnd, int):
+        sender = meta.get("name")
+        if not isinstance(sender, str):
             raise BadRequest("gossip metadata must carry 'name' (str) and 'round' (int)")
+        try:
+            rnd = peer_role.meta_int(meta, "round", 0)
+        except ValueError as e:
+            raise BadRequest(f"{rt.name}: gossip from {sender[:64]}: {e}") from None
         self._ensure_model()
         try:
             check_compatible(self._ref, tensors)

@@ -14,6 +14,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import net
+
+# key: (default, lowest, highest). Parts are counted (a range is loaded as a list of
+# part numbers, so lengths are bounded); a batch larger than any part set is pointless.
+CONF_KEYS = {"train_len": (0, 0, 100_000), "train_start_index": (1, 1, 1_000_000),
+             "test_len": (0, 0, 100_000), "test_start_index": (1, 1, 1_000_000),
+             "batch_size": (32, 1, 1 << 20)}
+
+
 class DatasetError(ValueError):
     """A dataset conf or dataset folder that cannot be used; the message says why."""
 
@@ -63,17 +72,13 @@ def normalize_conf(conf: Mapping[str, Any]) -> dict[str, int]:
     """EdgeTB dataset conf -> ints with defaults (absent lengths are 0, starts 1)."""
     if not isinstance(conf, Mapping):
         raise DatasetError("dataset conf must be a JSON object")
-    defaults = {"train_len": 0, "train_start_index": 1, "test_len": 0,
-                "test_start_index": 1, "batch_size": 32}
     out: dict[str, int] = {}
-    for key, default in defaults.items():
+    for key, (default, low, high) in CONF_KEYS.items():
         v = conf.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise DatasetError(f"dataset conf key {key!r} must be an integer, got {v!r}")
-        low = 1 if key != "train_len" and key != "test_len" else 0
-        if v < low:
-            raise DatasetError(f"dataset conf key {key!r} must be >= {low}, got {v}")
-        out[key] = v
+        try:
+            out[key] = net.number(v, f"dataset conf key {key!r}", low, high, integer=True)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
     return out
 
 

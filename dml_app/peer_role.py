@@ -11,22 +11,27 @@ from typing import Any
 
 import torch
 
+import net
 import nns
 from learn import evaluate, train_epochs
 from runtime import Runtime
 
 DEFAULT_LR = 0.05
+MAX_EPOCHS = 10_000
+MAX_ROUNDS = 1_000_000
+MAX_SEED = 2**32 - 1
+
+
+def meta_int(meta: dict, key: str, low: int, high: int = MAX_ROUNDS) -> int:
+    """An integer of a peer's weights metadata (round, step, index, ...); ValueError names it."""
+    return net.number(meta.get(key), f"weights metadata {key!r}", low, high, integer=True)
 
 
 def number(conf: dict, key: str, kind: type, low: float, high: float | None = None,
            default: Any = None) -> Any:
-    """conf[key] as `kind` within [low, high] (`default` when absent); ValueError names the key."""
-    v = conf.get(key, default)
-    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if numeric and (kind is float or float(v).is_integer()) and low <= v <= (high if high is not None else v):
-        return kind(v)
-    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-    raise ValueError(f"{key!r} must be {'an integer' if kind is int else 'a number'} {bounds}, got {v!r}")
+    """conf[key] as `kind` within [low, high] (`default` when absent); ValueError names the
+    key (net.number: no bools, strings, NaN or infinities)."""
+    return net.number(conf.get(key, default), repr(key), low, high, integer=kind is int)
 
 
 def check_common(conf: dict, role: str, *, min_epoch: int = 1) -> dict:
@@ -34,9 +39,9 @@ def check_common(conf: dict, role: str, *, min_epoch: int = 1) -> dict:
     for key in ("epoch", "sync", "connect"):
         if key not in conf:
             raise ValueError(f"missing key {key!r} (a {role} needs epoch, sync, connect)")
-    conf["epoch"] = number(conf, "epoch", int, min_epoch)
-    conf["sync"] = number(conf, "sync", int, 1)
-    conf["seed"] = number(conf, "seed", int, 0, default=0)
+    conf["epoch"] = number(conf, "epoch", int, min_epoch, MAX_EPOCHS)
+    conf["sync"] = number(conf, "sync", int, 1, MAX_ROUNDS)
+    conf["seed"] = number(conf, "seed", int, 0, MAX_SEED, default=0)
     conf["lr"] = number(conf, "lr", float, 1e-9, 10.0, default=DEFAULT_LR)
     connect = conf["connect"]
     if not isinstance(connect, dict) or not all(isinstance(k, str) and isinstance(v, str)

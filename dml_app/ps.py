@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import net
 from algorithms import StateDict
 
 MODES = ("sync", "async")
@@ -65,14 +66,14 @@ def sgd_step(params: StateDict, grad: StateDict, *, lr: float, momentum: float =
     return new, new_buf
 
 
-_CHECKS = {  # key: (integer?, test, what the message asks for)
-    "steps": (True, lambda v: v >= 1, "an integer >= 1"),
-    "lr": (False, lambda v: 0 < v <= 10, "a number in (0, 10]"),
-    "momentum": (False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "max_staleness": (True, lambda v: v >= 0, "an integer >= 0"),
-    "eval_every": (True, lambda v: v >= 1, "an integer >= 1"),
-    "step_timeout_s": (False, lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1e6]"),
-    "seed": (True, lambda v: v >= 0, "an integer >= 0"),
+_CHECKS = {  # key: net.number's (lo, hi, integer, lo_open, hi_open)
+    "steps": (1, 10_000_000, True, False, False),
+    "lr": (0, 10, False, True, False),
+    "momentum": (0, 1, False, False, True),
+    "max_staleness": (0, 10_000_000, True, False, False),
+    "eval_every": (1, 10_000_000, True, False, False),
+    "step_timeout_s": (0, 1e6, False, True, False),     # seconds
+    "seed": (0, 2**32 - 1, True, False, False),
 }
 
 
@@ -92,11 +93,10 @@ class PsConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for key, (integer, ok, what) in _CHECKS.items():
-            v = getattr(self, key)
-            number = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if not number or (integer and not isinstance(v, int)) or not ok(v):
-                raise ValueError(f"{key!r} must be {what}, got {v!r}")
+        for key, (lo, hi, integer, lo_open, hi_open) in _CHECKS.items():
+            v = net.number(getattr(self, key), repr(key), lo, hi, integer=integer,
+                           lo_open=lo_open, hi_open=hi_open)
+            object.__setattr__(self, key, v)     # 2.0 steps is 2; the dataclass is frozen
 
 
 @dataclass

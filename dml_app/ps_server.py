@@ -43,6 +43,8 @@ from ps import Finished, ParameterServer, PsConfig, Rejected
 from runtime import WEIGHTS_MIME, Runtime, main
 
 MAX_WAIT_S = 10.0
+MAX_VERSION = 10_000_000      # PsConfig's largest `steps`
+MAX_SAMPLES = 10**12          # a batch's sample count: far beyond any dataset, far below overflow
 MAX_WAITERS = 4          # long polls held at once: the node serves 8 requests at a time
 
 
@@ -72,8 +74,9 @@ class PsServer:
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run)
+        rt.declare_model(nns.build_model)     # gradients are the model's size
         rt.route("/ps/pull", methods=["POST"])(self.pull)
-        rt.route("/ps/push", methods=["POST"])(self.push)
+        rt.route("/ps/push", methods=["POST"], weights=True)(self.push)
         rt.route("/ps/status", methods=["GET"])(self.status)
         rt.route("/ps/model", methods=["GET"])(self.model)
 
@@ -91,10 +94,13 @@ class PsServer:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest("expected JSON {\"name\": ..., \"have\": version, \"wait_s\": seconds}")
-        name, have, wait_s = body.get("name"), body.get("have"), body.get("wait_s", 0)
-        if isinstance(have, bool) or not isinstance(have, int) or \
-                isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)):
-            raise BadRequest("'have' must be an integer version (-1 for none) and 'wait_s' a number")
+        name = body.get("name")
+        try:
+            have = net.number(body.get("have"), "'have' (the version held, -1 for none)", -1,
+                              MAX_VERSION, integer=True)
+            wait_s = net.number(body.get("wait_s", 0), "'wait_s'", 0, 3600)
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: /ps/pull: {e}") from None
         with self._cond:
             ps = self._running()
             if name not in ps.workers:
@@ -118,12 +124,18 @@ class PsServer:
 
     def push(self):
         tensors, meta = self.rt.receive_weights()
-        name, version, samples = meta.get("name"), meta.get("version"), meta.get("samples")
-        loss = meta.get("loss", float("nan"))
-        if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int) \
-                or isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        name = meta.get("name")
+        if not isinstance(name, str):
             raise BadRequest("gradient metadata must carry 'name' (str), 'version' (int) and "
                              "'samples' (int >= 1)")
+        try:
+            version = net.number(meta.get("version"), "gradient metadata 'version'", 0, MAX_VERSION,
+                                 integer=True)
+            samples = net.number(meta.get("samples"), "gradient metadata 'samples'", 1, MAX_SAMPLES,
+                                 integer=True)
+            loss = net.number(meta["loss"], "gradient metadata 'loss'") if "loss" in meta else float("nan")
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: gradient from {name[:64]}: {e}") from None
         with self._cond:
             ps = self._running()
             before = ps.version
@@ -136,7 +148,7 @@ class PsServer:
                 raise Conflict(str(e)) from None
             except ValueError as e:
                 raise BadRequest(f"{self.rt.name}: {e}") from None
-            self._losses[name] = (float(loss), samples)
+            self._losses[name] = (loss, samples)
             if applied:
                 self._applied(f"from={name}, staleness={before - version}," if ps.config.mode == "async"
                               else f"gradients={len(self._losses)},")

@@ -50,7 +50,8 @@ class PsWorker:
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.loop)
-        rt.route("/ps/params", methods=["POST"])(self.params)
+        rt.declare_model(nns.build_model)
+        rt.route("/ps/params", methods=["POST"], weights=True)(self.params)
 
     @staticmethod
     def _check_data(data) -> None:
@@ -60,9 +61,11 @@ class PsWorker:
     def params(self):
         """POST /ps/params: the server's parameters of some version (kept if newer)."""
         tensors, meta = self.rt.receive_weights()
-        version = meta.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise BadRequest("parameters metadata must carry 'version' (int >= 0)")
+        try:
+            version = net.number(meta.get("version"), "parameters metadata 'version'", 0, 10_000_000,
+                                 integer=True)
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: {e}") from None
         with self._lock:
             if self._params is None or version > self._params[0]:
                 self._params = (version, tensors)

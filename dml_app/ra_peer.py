@@ -29,20 +29,30 @@ from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
 import net
+import nns
 import peer_role
 from ring import PHASES, AllReduce, Entry, flatten, unflatten
 from runtime import WEIGHTS_MIME, Runtime, main
 
 INITS = ("common", "per_rank")
+MAX_RING = 100_000           # steps and chunk indices are below the ring's size
 BUSY = ("trained", "reducing", "gathering")    # the states of a round's all-reduce
 STATE_OF = {"reduce": "reducing", "gather": "gathering"}
 
 
 def _json() -> dict:
-    body = request.get_json(silent=True)
+    body = request.get_json(silent=True)     # bounded by the runtime (net.limit_bodies)
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object body (Content-Type: application/json)")
     return body
+
+
+def _int(value, what: str, low: int, high: int = peer_role.MAX_ROUNDS) -> int:
+    """An integer from a request (JSON body or chunk metadata); 400 naming it otherwise."""
+    try:
+        return net.number(value, what, low, high, integer=True)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 class RaPeer:
@@ -55,9 +65,10 @@ class RaPeer:
         rt.on_structure(self.check_structure)
         rt.on_dataset(lambda data: peer_role.check_data(data, needs_train=False))
         rt.on_start(self.start)
+        rt.declare_model(nns.build_model)     # a chunk is a slice of the flattened model
         rt.route("/ra/train", methods=["POST"])(self.train)
         rt.route("/ra/step", methods=["POST"])(self.step)
-        rt.route("/ra/chunk", methods=["POST"])(self.chunk)
+        rt.route("/ra/chunk", methods=["POST"], weights=True)(self.chunk)
         rt.route("/ra/evaluate", methods=["POST"])(self.evaluate)
         rt.route("/ra/weights", methods=["GET"])(self.weights)
 
@@ -98,10 +109,7 @@ class RaPeer:
                     conf["ring"], conf["successor"], conf["init"], seed)
 
     def _round_arg(self, body: dict) -> int:
-        r = body.get("round")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise BadRequest(f"'round' must be an int >= 1, got {r!r}")
-        return r
+        return _int(body.get("round"), "'round'", 1)
 
     def _expect(self, r: int, what: str) -> None:
         """409 unless this node is in round r's all-reduce (call with the lock held)."""
@@ -138,9 +146,11 @@ class RaPeer:
         """POST /ra/step: send this step's chunk to the successor (answered after delivery)."""
         rt, conf = self.rt, self.rt.structure
         body = _json()
-        r, phase, step = self._round_arg(body), body.get("phase"), body.get("step")
-        if phase not in PHASES or isinstance(step, bool) or not isinstance(step, int):
-            raise BadRequest(f"expected {{'round', 'phase' ({'|'.join(PHASES)}), 'step' (int)}}, got {body!r}")
+        r, phase = self._round_arg(body), body.get("phase")
+        if phase not in PHASES:
+            raise BadRequest(f"expected {{'round', 'phase' ({'|'.join(PHASES)}), 'step' (int)}}, "
+                             f"got phase {str(phase)[:40]!r}")
+        step = _int(body.get("step"), "'step'", 0, MAX_RING)
         with self._lock:
             self._expect(r, f"send {phase} step {step}")
             try:
@@ -166,10 +176,12 @@ class RaPeer:
             raise Conflict(f"{rt.name}: /conf/structure must come before /ra/chunk")
         tensors, meta = rt.receive_weights()
         predecessor = conf["ring"][conf["rank"] - 1]
-        r, phase, step, index = (meta.get(k) for k in ("round", "phase", "step", "index"))
-        if "chunk" not in tensors or not all(isinstance(v, int) and not isinstance(v, bool)
-                                             for v in (r, step, index)):
+        if "chunk" not in tensors:
             raise BadRequest("a chunk carries tensor 'chunk' and metadata round, phase, step, index (ints)")
+        phase = meta.get("phase")
+        r = _int(meta.get("round"), "chunk metadata 'round'", 1)
+        step = _int(meta.get("step"), "chunk metadata 'step'", 0, MAX_RING)
+        index = _int(meta.get("index"), "chunk metadata 'index'", 0, MAX_RING)
         if meta.get("name") != predecessor:
             raise Conflict(f"{rt.name}: chunks come from the predecessor {predecessor}, "
                            f"not {meta.get('name')!r}")

@@ -7,8 +7,9 @@ decides and computes (as a Flower strategy does); it is a small object that regi
 its routes and hooks:
 
     rt = Runtime("fl_trainer")
+    rt.declare_model(nns.build_model)             # sizes the weights routes' body limit
 
-    @rt.route("/train", methods=["POST"])
+    @rt.route("/train", methods=["POST"], weights=True)   # other routes take 1 MiB of JSON
     def train():
         tensors, meta = rt.receive_weights()      # 400 for anything not safetensors
         rt.spawn(work, tensors, meta)             # answer at once, train in the background
@@ -41,7 +42,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
 import net
-from node_data import DatasetError, NodeData, load_node_data
+from node_data import DatasetError, NodeData, load_node_data, read_meta
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -111,12 +112,16 @@ class Runtime:
         self._dataset_fn: Callable[[NodeData], None] | None = None
         self._server: net.Server | None = None
         self._hb_failing = False
+        self._model_fn: Callable[[dict], Any] | None = None
+        self._weights_limits: dict[str, int] = {}    # meta.json (as JSON) -> bytes
 
         self._setup_torch()
         self._setup_logging()
         self.app = Flask(f"edgetb-{self.name}")
         net.require_token(self.app, self.token, peer_token=self.peer_token,
                           owner_only=CONF_ROUTE.values())
+        # JSON routes take 1 MiB; weights routes (route(..., weights=True)) what the model needs.
+        self.body_limits = net.limit_bodies(self.app, json_errors=False)
         self._add_builtin_routes()
 
     # ------------------------------------------------------------------ setup
@@ -222,18 +227,59 @@ class Runtime:
             return jsonify(node=self.name, bytes_sent=self.bytes_sent,
                            bytes_received=self.bytes_received, state=self.state, round=self.round)
 
-    @staticmethod
-    def _json_body() -> dict[str, Any]:
+    def _json_body(self) -> dict[str, Any]:
+        """The request's JSON object (bounded: net.parse_json_body); HTTP 400 otherwise."""
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
-            raise BadRequest("expected a JSON object body (Content-Type: application/json)")
+            raise BadRequest(f"{self.name}: expected a JSON object body (Content-Type: application/json)")
         return body
 
     # ------------------------------------------------------------------ role API
 
-    def route(self, rule: str, **options: Any) -> Callable:
-        """Flask's `app.route`: the handler runs after the token check."""
+    def route(self, rule: str, *, weights: bool = False, max_body: int | None = None,
+              **options: Any) -> Callable:
+        """Flask's `app.route`: the handler runs after the token check and the body limit.
+
+        A route's body is at most net.JSON_LIMIT (1 MiB) unless `weights=True` (the
+        route takes model weights: see `weights_limit`) or `max_body` (bytes) says
+        otherwise; a larger body gets 413 before the handler runs."""
+        if weights:
+            self.body_limits.set(rule, self.weights_limit)
+        elif max_body is not None:
+            self.body_limits.set(rule, int(max_body))
         return self.app.route(rule, **options)
+
+    def declare_model(self, build: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        """The role's model, `build(meta.json) -> torch.nn.Module`: it sizes the body limit
+        of the weights routes (`weights_limit`). Roles call it once, e.g.
+        `rt.declare_model(nns.build_model)`."""
+        self._model_fn = build
+        return build
+
+    def weights_limit(self) -> int:
+        """The largest body a weights route takes: 2 x the declared model's safetensors
+        size + net.WEIGHTS_SLACK (header and metadata), for the dataset's meta.json (the
+        loaded dataset conf's, else the dataset folder's); net.DEFAULT_WEIGHTS_LIMIT
+        (64 MiB) when the role declared no model or there is no meta.json yet."""
+        if self._model_fn is None:
+            return net.DEFAULT_WEIGHTS_LIMIT
+        meta = self.data.meta if self.data is not None else None
+        if meta is None:
+            try:
+                meta = read_meta(self.dataset_dir)
+            except DatasetError:
+                return net.DEFAULT_WEIGHTS_LIMIT
+        key = json.dumps(meta, sort_keys=True, default=str)
+        if key not in self._weights_limits:
+            try:
+                size = len(net.pack_weights(self._model_fn(meta).state_dict()))
+            except Exception as e:   # a meta.json the model cannot take: the default, said once
+                self.log.warning("weights limit: the declared model does not build for %s (%s); "
+                                 "using %s", meta.get("name"), e, net.human_bytes(net.DEFAULT_WEIGHTS_LIMIT))
+                size = None
+            self._weights_limits[key] = (2 * size + net.WEIGHTS_SLACK if size is not None
+                                         else net.DEFAULT_WEIGHTS_LIMIT)
+        return self._weights_limits[key]
 
     def on_start(self, fn: Callable[[], Any], *,
                  needs: Iterable[str] = ("structure", "data")) -> Callable[[], Any]:
@@ -342,6 +388,10 @@ class Runtime:
         self._add_bytes(received=len(body))
         try:
             return net.unpack_weights(body)
+        except net.BodyError as e:
+            self.log.warning("refused weights from %s on %s: %s", request.remote_addr,
+                             request.path, e)
+            raise BadRequest(f"{self.name}: {request.path}: {e}") from None
         except ValueError as e:
             self.log.warning("refused weights from %s on %s: %s", request.remote_addr,
                              request.path, e)
@@ -395,6 +445,8 @@ class Runtime:
 
     def start_serving(self, host: str = "0.0.0.0") -> "Runtime":
         """Bind and serve on a thread (run() does this; tests may call it directly)."""
+        # waitress's bound: the largest route limit now (JSON, or the weights of the model
+        # for the dataset folder's meta.json, or 64 MiB before there is one).
         self._server = net.Server(self.app, host, self.port, threads=8).start()
         self.port = self._server.port
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()

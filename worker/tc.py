@@ -28,6 +28,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
+from dml_app import net
 from worker import units
 
 ROOT_HANDLE = "1:"
@@ -36,6 +37,7 @@ FIRST_LINK_MINOR = 0x10
 UNSHAPED_RATE = "100gbit"
 MTU_FRAME = 1514
 SEGMENT_LIMIT_BYTES = 1000 * MTU_FRAME   # the leaf's queue: pfifo's default 1000 frames
+MAX_DELAY_US = 60 * 10**6                # netem delay and jitter: at most a minute
 
 
 class TcError(RuntimeError):
@@ -63,19 +65,23 @@ class Link:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Link":
+        dest = str(d.get("dest", d.get("ip")))[:64]
         try:
             ip = str(ipaddress.IPv4Address(d["ip"]))
-            port = int(d["port"])
-            rate = int(d["rate_bps"])
         except (KeyError, ValueError, TypeError) as e:
-            raise TcError(f"bad link {d!r}: {e}") from None
-        if not 1 <= port <= 65535:
-            raise TcError(f"bad link to {d.get('dest')}: port {port} out of range")
-        if not units.MIN_RATE_BPS <= rate <= units.MAX_RATE_BPS:
-            raise TcError(f"bad link to {d.get('dest')}: rate {rate} bit/s out of range")
+            raise TcError(f"bad link to {dest}: ip: {e}") from None
+        try:
+            # Numbers through net.number: no bools, strings, NaN, infinities; in range.
+            port = net.number(d.get("port"), "port", 1, 65535, integer=True)
+            rate = net.number(d.get("rate_bps"), "rate_bps (bit/s)", units.MIN_RATE_BPS,
+                              units.MAX_RATE_BPS, integer=True)
+            delay = net.number(d.get("delay_us", 0), "delay_us", 0, MAX_DELAY_US, integer=True)
+            jitter = net.number(d.get("jitter_us", 0), "jitter_us", 0, MAX_DELAY_US, integer=True)
+            loss = net.number(d.get("loss_pct", 0.0), "loss_pct", 0, 100)
+        except ValueError as e:
+            raise TcError(f"bad link to {dest}: {e}") from None
         return cls(dest=str(d.get("dest", ip)), ip=ip, port=port, rate_bps=rate,
-                   delay_us=int(d.get("delay_us", 0)), jitter_us=int(d.get("jitter_us", 0)),
-                   loss_pct=float(d.get("loss_pct", 0.0)))
+                   delay_us=delay, jitter_us=jitter, loss_pct=loss)
 
     def to_dict(self) -> dict:
         return {"dest": self.dest, "ip": self.ip, "port": self.port, "rate_bps": self.rate_bps,
