@@ -20,6 +20,11 @@ and worker/tc.py work as for netns nodes), installs and reads back its links on 
 the host (no tc in the image, no docker exec), and only then opens the gate. The app's
 logs go to the same run dir (DML_LOG_DIR), its stdout to `docker logs etb-<node>`.
 
+Unless its spec asks for root, a container runs as the host's unprivileged node user
+(uid:gid of `edgetb-node`, given as numbers), with every capability dropped and
+no-new-privileges; its run dir is mounted read-only except its log dir, which that user
+owns, as it owns the gate it reads. A root node keeps Docker's default capabilities.
+
 Everything made carries the labels `edgetb=1` and `edgetb.agent=<agent id>` (the agent's
 state dir, unique on a machine and the same after a restart), so removal is by label and
 never touches a container, network or volume of anyone else.
@@ -236,6 +241,9 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
         except errors.ImageNotFound:
             raise nb.NodeError(f"no image {image} on this worker: build it (POST /emulated/build, or "
                                f"python3 worker/image.py build --tag {image})") from None
+    if any(not s.root for s in specs):
+        nb.node_user()                  # NodeError before anything is made
+    nb.secure_dir(rundir_base, 0o700)
     placed = place([s.cpu for s in specs], cores, load)
     nodes = [nb.Node(spec=s, kind="docker", netns=nb.NS_PREFIX + s.name, dev=nb.NODE_DEV,
                      rundir=str(rundir_base / s.name), bridge=network, cpuset=cpuset)
@@ -271,18 +279,31 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
     from docker.types import Mount
 
     s = n.spec
-    rundir = Path(n.rundir)
-    rundir.mkdir(parents=True, exist_ok=True)
+    # The run dir is the container's /run/edgetb-node (read-only): it must be enterable
+    # by the node user; its parents on the host stay root's alone.
+    rundir = nb.secure_dir(n.rundir, 0o755)
     (rundir / "log").mkdir(exist_ok=True)
     (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
     os.mkfifo(rundir / GATE, 0o600)
+    env = nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log")
+    priv = {}
+    if not s.root:
+        # The app (and the gate before it) runs as the node user, numerically (the image
+        # need not know the name), with no capability and no way to gain one.
+        uid, gid = nb.node_user()
+        for path in (rundir / "log", rundir / GATE):
+            os.chown(path, uid, gid)
+        os.chmod(rundir / "log", 0o700)
+        env.setdefault("HOME", "/tmp")
+        priv = dict(user=f"{uid}:{gid}", cap_drop=["ALL"])
     mounts = [Mount(target=v["node"], source=v["host"], type="bind", read_only=bool(v.get("ro")))
               for v in s.volumes]
-    mounts.append(Mount(target=GATE_DIR, source=str(rundir), type="bind"))
+    mounts += [Mount(target=GATE_DIR, source=str(rundir), type="bind", read_only=True),
+               Mount(target=f"{GATE_DIR}/log", source=str(rundir / "log"), type="bind")]
     ram = s.ram_mb * 2**20
     kw = dict(name=container_name(s.name), hostname=s.name, entrypoint=["/bin/sh", "-c", GATE_SCRIPT, "edgetb-gate"],
               command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
-              environment=nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log"),
+              environment=env, security_opt=["no-new-privileges"], **priv,
               labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
               mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
               network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})

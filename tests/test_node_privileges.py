@@ -1,0 +1,336 @@
+"""Node apps are unprivileged by default (issue 7): no secret on any command line while
+nodes start, apps run as the edgetb-node user without capabilities, write only to their
+binds and private tmpfs, see only their own processes; a node asking for root gets it.
+
+Real namespaces, a real agent (tests/agent_helpers.py), real processes; as root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import agent_helpers as ah  # noqa: E402
+from dml_app import net  # noqa: E402
+from worker import nodes as nb  # noqa: E402
+
+ROOT = ah.ROOT
+pytestmark = [ah.need_root(),
+              pytest.mark.skipif(subprocess.run(["id", nb.NODE_USER], capture_output=True).returncode != 0,
+                                 reason=f"no user {nb.NODE_USER}: run ./install.sh")]
+
+agent = ah.agent_fixture()
+APP_PORT = 4466
+HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
+
+
+@pytest.fixture
+def clean_agent(agent):
+    """The module's agent, its emulated nodes reset after each test whatever happened."""
+    try:
+        yield agent
+    finally:
+        agent.post("/emulated/reset")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _wait_port(ip: str, port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing answers on {ip}:{port}"
+            time.sleep(0.05)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _app_pid(name: str, argv0: str, timeout_s: float = 30) -> int:
+    """The node's app process, found through its cgroup: the one whose argv[0] is
+    argv0 (the launcher's unshare, setpriv and tini name the app only as arguments)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid in sorted(ah.cgroup_limits(name)["pids"]):
+            if _cmdline(pid)[:1] == [argv0]:
+                return pid
+        assert time.monotonic() < deadline, f"{name}: no process {argv0} in its cgroup"
+        time.sleep(0.05)
+
+
+def _user_of(pid: int) -> str:
+    return subprocess.run(["ps", "-o", "user:32=", "-p", str(pid)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _report(agent: ah.AgentProc, name: str, timeout_s: float = 60) -> dict:
+    """The JSON line a probe node printed (its stdout.log, kept by the agent)."""
+    path = agent.state_dir / "nodes" / name / "stdout.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"{name} printed no report:\n{text[-2000:]}"
+        time.sleep(0.05)
+
+
+def _probe_nodes(n: int, script: str, **kw) -> ah.Deployment:
+    return ah.plan(n, cmd=["python3", "-c", script], cpu=0.2, ram_mb=256, **kw)
+
+
+class CmdlineWatch(threading.Thread):
+    """Every distinct /proc/*/cmdline seen until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.seen: set[bytes] = set()
+        self.sweeps = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            self.seen.add(f.read())
+                    except OSError:
+                        pass
+            self.sweeps += 1
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(10)
+
+
+# ----------------------------------------------------------------------------- (a) command lines
+
+def test_no_credential_on_any_command_line_from_deploy_to_ready(clean_agent):
+    agent = clean_agent
+    dep = ah.plan(6, cmd=HTTP_APP, port=APP_PORT, cpu=0.2, ram_mb=128)
+    with CmdlineWatch() as watch:
+        ah.deploy(agent, dep)
+        for name in dep.names:
+            _wait_port(dep.ip(name), APP_PORT)
+    secrets_ = [agent.token, net.peer_token(agent.token)] + [net.node_token(agent.token, n) for n in dep.names]
+    secrets_ += [s.rpartition(".")[2] for s in secrets_[1:]]     # their MAC parts alone too
+    leaked = [c[:200] for c in watch.seen for s in secrets_ if s.encode() in c]
+    assert not leaked, leaked[:3]
+    # The watch did see the launch: the launcher itself (short-lived) and the app chains.
+    assert any(b"launch.py\0--spec-fd\0" in c for c in watch.seen), f"{watch.sweeps} sweeps, no launcher seen"
+    assert any(c.split(b"\0")[0].endswith(b"/tini") and b"http.server" in c for c in watch.seen)
+
+
+# ----------------------------------------------------------------------------- (b), (e) users
+
+def test_trainer_runs_as_the_node_user_without_capabilities(clean_agent):
+    dep = ah.plan(1, cmd=["python3", "fl_trainer.py"], port=4444, cpu=0.5, ram_mb=768)
+    node = dep.nodes[0]
+    node.update(working_dir="/home/worker/dml_app",
+                volumes=[{"host": str(ROOT / "dml_app"), "node": "/home/worker/dml_app", "ro": True},
+                         {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
+    node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
+    ah.deploy(clean_agent, dep)
+    _wait_port(node["ip"], 4444, timeout_s=120)
+    pid = _app_pid(node["name"], sys.executable)
+    assert _user_of(pid) == nb.NODE_USER
+    status = {k: v.strip() for k, v in (line.split(":", 1) for line in
+                                        Path(f"/proc/{pid}/status").read_text().splitlines())}
+    assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0" * 16
+    assert status["NoNewPrivs"] == "1"
+    assert status["Groups"] == ""
+
+
+def test_a_node_asking_for_root_runs_as_root(clean_agent):
+    dep = ah.plan(2, cmd=["sleep", "300"])
+    dep.nodes[0]["root"] = True
+    ah.deploy(clean_agent, dep)
+    root_node, plain = dep.names
+    assert _user_of(_app_pid(root_node, "sleep")) == "root"
+    assert _user_of(_app_pid(plain, "sleep")) == nb.NODE_USER
+
+
+def test_root_must_be_a_real_bool(clean_agent):
+    dep = ah.plan(1, cmd=["sleep", "300"])
+    dep.nodes[0]["root"] = "false"          # truthy: must not be taken as anything
+    with pytest.raises(net.HttpError) as e:
+        ah.deploy(clean_agent, dep)
+    assert e.value.status == 400 and "root must be true or false" in e.value.message
+    ah.assert_clean(dep)
+
+
+# ----------------------------------------------------------------------------- (c) writes
+
+WRITER = r'''
+import json, os, sys
+name = sys.argv[1]
+targets = {"/": "/", "/etc": "/etc", "repo": sys.argv[2], "app": os.getcwd(), "data": "../dataset",
+           "out": "../out", "/tmp": "/tmp", "/var/tmp": "/var/tmp", "/dev/shm": "/dev/shm",
+           "home": os.environ["HOME"], "log": os.environ["DML_LOG_DIR"]}
+done = {}
+for key, d in targets.items():
+    try:
+        with open(os.path.join(d, name), "x") as f:
+            f.write("x")
+        done[key] = "ok"
+    except OSError as e:
+        done[key] = e.strerror
+print(json.dumps({"writes": done, "cwd": os.getcwd()}), flush=True)
+import time; time.sleep(300)
+'''
+
+
+def test_app_writes_only_to_its_binds_and_private_tmpfs(clean_agent, tmp_path):
+    app, data, out = (tmp_path / d for d in ("app", "data", "out"))
+    for d in (app, data, out):
+        d.mkdir()
+        d.chmod(0o777)        # open to all: only the mount keeps app and data read-only
+    mark = f"etb-priv-{ah.new_tag()}"
+    dep = ah.plan(1, cmd=["python3", "-c", WRITER, mark, str(ROOT)], cpu=0.2, ram_mb=256)
+    node = dep.nodes[0]
+    node.update(working_dir="/home/worker/dml_app",
+                volumes=[{"host": str(app), "node": "/home/worker/dml_app", "ro": True},
+                         {"host": str(data), "node": "/home/worker/dataset", "ro": True},
+                         {"host": str(out), "node": "/home/worker/out", "ro": False}])
+    host_paths = [Path(p) / mark for p in ("/", "/etc", str(ROOT), "/tmp", "/var/tmp", "/dev/shm")]
+    try:
+        ah.deploy(clean_agent, dep)
+        got = _report(clean_agent, node["name"])["writes"]
+        # The node's own: its rw volume, its private tmpfs, its home and log dir.
+        assert {k: got[k] for k in ("out", "/tmp", "/var/tmp", "/dev/shm", "home", "log")} == \
+            dict.fromkeys(("out", "/tmp", "/var/tmp", "/dev/shm", "home", "log"), "ok"), got
+        # Nothing else, shared read-only volumes included.
+        for key in ("/", "/etc", "repo", "app", "data"):
+            assert got[key] in ("Read-only file system", "Permission denied"), (key, got)
+        assert (out / mark).exists(), "the rw volume's write did not reach the host folder"
+        assert not any((d / mark).exists() for d in (app, data))
+        assert [p for p in host_paths if p.exists()] == [], "a node write reached the host"
+        log = clean_agent.state_dir / "nodes" / node["name"] / "log"
+        assert (log / mark).exists(), "the log dir is not the node's run dir log"
+    finally:
+        for p in host_paths:
+            if p.exists() and p.is_file():
+                p.unlink()
+
+
+# ----------------------------------------------------------------------------- (d) processes
+
+LISTER = r'''
+import json, os, sys, time
+procs = {}
+for p in os.listdir("/proc"):
+    if p.isdigit():
+        try:
+            procs[p] = open(f"/proc/{p}/comm").read().strip()
+        except OSError:
+            pass
+try:
+    os.kill(int(sys.argv[1]), 0)
+    other = "visible"
+except ProcessLookupError:
+    other = "no such process"
+except PermissionError:
+    other = "permission denied"
+print(json.dumps({"procs": procs, "me": os.getpid(), "other": other}), flush=True)
+time.sleep(300)
+'''
+
+
+def test_a_node_sees_only_its_own_processes(clean_agent):
+    # First a node to hide from; then a lister given that node's app pid (as the host sees it).
+    dep = ah.plan(2, cmd=["sleep", "300"])
+    first = ah.Deployment(emulator=dep.emulator, bridge=dep.bridge, network=dep.network,
+                          gateway=dep.gateway, nodes=dep.nodes[:1])
+    ah.deploy(clean_agent, first)
+    victim = _app_pid(first.names[0], "sleep")
+    lister = dict(dep.nodes[1], cmd=["python3", "-c", LISTER, str(victim)])
+    second = ah.Deployment(emulator=dep.emulator, bridge=dep.bridge, network=dep.network,
+                           gateway=dep.gateway, nodes=[lister])
+    ah.deploy(clean_agent, second)
+    got = _report(clean_agent, lister["name"])
+    # pid 1 is tini (its init), the app is pid 2; nothing else of the machine.
+    assert got["procs"] == {"1": "tini", str(got["me"]): "python3"}, got
+    assert got["me"] == 2
+    assert got["other"] == "no such process"      # the other node's app cannot be named
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_without_the_node_user_nothing_is_deployed(tmp_path, monkeypatch):
+    from worker import agent as agent_mod
+
+    monkeypatch.setattr(nb, "NODE_USER", "edgetb-no-such-user")
+    a = agent_mod.Agent(name="t", port=1, token="x", state_dir=tmp_path / "state")
+    dep = ah.plan(2, cmd=["sleep", "300"])
+    with pytest.raises(nb.NodeError, match=r"no user edgetb-no-such-user.*install\.sh"):
+        a.deploy_emulated(dep.body())
+    ah.assert_clean(dep)
+    assert a.nodes == {} and a.bridges == {}
+    dep.nodes[0]["root"] = dep.nodes[1]["root"] = True      # root nodes do not need it
+    try:
+        a.deploy_emulated(dep.body())
+        assert _user_of(_app_pid(dep.names[0], "sleep")) == "root"
+    finally:
+        a.reset("all")
+    ah.assert_clean(dep)
+
+
+# ----------------------------------------------------------------------------- docker nodes
+
+def test_docker_nodes_run_as_the_node_user_without_capabilities(clean_agent):
+    import docker_testutil as dt
+
+    why = dt.why_not()
+    if why:
+        pytest.skip(f"docker: {why}")
+    dep = dt.plan(2, cmd=["sh", "-c", "touch /run/edgetb-node/log/started; "
+                                      "touch /run/edgetb-node/x 2>/dev/null && echo rundir-writable; "
+                                      "exec sleep infinity"])
+    dep.nodes[1]["root"] = True
+    plain, root_node = dep.names
+    uid, gid = nb.node_user()
+    client = dt.client()
+    try:
+        with dt.deployed(clean_agent, dep):
+            for name in dep.names:
+                log = clean_agent.state_dir / "nodes" / name / "log" / "started"
+                deadline = time.monotonic() + 60
+                while not log.exists():
+                    assert time.monotonic() < deadline, f"{name}: its app never wrote to its log dir"
+                    time.sleep(0.1)
+            ctr = client.containers.get(f"etb-{plain}")
+            assert ctr.attrs["Config"]["User"] == f"{uid}:{gid}"
+            assert ctr.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+            assert "no-new-privileges" in ctr.attrs["HostConfig"]["SecurityOpt"]
+            top = ctr.top(ps_args="-o pid,user:32,args")["Processes"]
+            assert {p[1] for p in top} == {nb.NODE_USER}, top          # tini and the gate too
+            assert b"rundir-writable" not in ctr.logs()
+            boss = client.containers.get(f"etb-{root_node}")
+            assert boss.attrs["Config"]["User"] in ("", "0", "root")
+            top = boss.top(ps_args="-o pid,user:32,args")["Processes"]
+            assert [p[1] for p in top if p[-1] == "sleep infinity"] == ["root"], top
+    finally:
+        client.close()
+    dt.assert_clean(dep)
