@@ -151,10 +151,11 @@ def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, round
         for name in watch:
             node = nodes[name]
             try:
-                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.node_token(node.name), timeout_s=10).text
+                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.node_token(node.name), timeout_s=10,
+                                max_bytes=manager.log_limit_bytes).text
             except net.HttpError:
                 continue
-            recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate"]
+            recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate" and "accuracy" in r]
             for r in recs[seen[name]:]:
                 who = "" if root else f"{name} "
                 layer = f" (layer {r['layer']})" if "layer" in r else ""

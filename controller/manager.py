@@ -184,12 +184,19 @@ class Manager:
             def collect(node):
                 base = f"{node.ip}:{node.port}"
                 tok = self.tb.node_token(node.name)
-                log = net.call("GET", f"{base}/log", token=tok, timeout_s=60).text
-                met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60).text
-                stats = net.get_json(f"{base}/stats", token=tok, timeout_s=30)
+                # A node app's answers are bounded like its POST /log: at most log_limit_bytes.
+                cap = self.log_limit_bytes
+                log = net.call("GET", f"{base}/log", token=tok, timeout_s=60, max_bytes=cap).text
+                met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60, max_bytes=cap).text
+                try:
+                    stats = net.parse_json_body(net.call("GET", f"{base}/stats", token=tok, timeout_s=30,
+                                                         max_bytes=net.JSON_LIMIT).content, what="/stats")
+                    sent = net.number(stats.get("bytes_sent", 0), "/stats bytes_sent", 0, 2**62, integer=True)
+                except ValueError as e:
+                    return f"error: {e}"
                 results.safe_log_path(self.run_dir, node.name).write_text(log)
                 results.safe_log_path(self.run_dir, node.name, ".metrics.jsonl").write_text(met)
-                return {"metrics": results.parse_metrics(met), "bytes_sent": int(stats.get("bytes_sent", 0))}
+                return {"metrics": results.parse_metrics(met), "bytes_sent": sent}
 
             got = self._each(collect)
             metrics = {n: g["metrics"] for n, g in got.items() if isinstance(g, dict)}

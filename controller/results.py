@@ -6,6 +6,8 @@ import re
 import time
 from pathlib import Path
 
+from dml_app import net
+
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
@@ -31,6 +33,10 @@ def safe_log_path(run_dir: Path, name: str, suffix: str = ".log") -> Path:
 
 
 def parse_metrics(text: str) -> list[dict]:
+    """A node's metrics lines (JSON objects). A node app is not trusted: lines that are not
+    bounded JSON objects are skipped, a record whose `round` is not an integer in [0, 1e9]
+    too, and `accuracy`, `loss` or `layer` that are not numbers are dropped from theirs
+    (NaN stays: a diverged loss is a fact worth plotting)."""
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -38,10 +44,21 @@ def parse_metrics(text: str) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(rec, dict):
-            out.append(rec)
+        if not isinstance(rec, dict):
+            continue
+        if "round" in rec:
+            try:
+                rec["round"] = net.number(rec["round"], "round", 0, 10**9, integer=True)
+            except ValueError:
+                continue
+        for key in ("accuracy", "loss", "layer"):
+            v = rec.get(key)
+            if key in rec and (isinstance(v, bool) or not isinstance(v, (int, float))
+                               or (key == "layer" and not (isinstance(v, int) and 0 <= v <= 64))):
+                del rec[key]
+        out.append(rec)
     return out
 
 

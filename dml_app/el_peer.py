@@ -168,6 +168,10 @@ class ElPeer:
             if kind not in ("down", "up") or not isinstance(src, str) or not isinstance(dst, str) \
                     or not isinstance(path, list):
                 raise ValueError("meta needs kind ('down' or 'up'), src, dst and path")
+            if not 2 <= len(path) <= MAX_LAYERS * 4 or len(set(map(str, path))) != len(path) \
+                    or not all(isinstance(p, str) for p in path):
+                # A node twice on a path would forward in a loop, each hop waiting on the next.
+                raise ValueError(f"meta 'path' must list 2 to {MAX_LAYERS * 4} distinct node names")
             layer = meta["layer"] = _int(layer, "meta 'layer'", 1, MAX_LAYERS)
             rnd = meta["round"] = _int(rnd, "meta 'round'", 1)
             if dst != rt.name:

@@ -44,11 +44,13 @@ def _session() -> requests.Session:
 def call(method: str, url: str, *, token: str | None = None, json: Any = None,
          data: bytes | str | None = None, params: Mapping[str, Any] | None = None,
          headers: Mapping[str, str] | None = None, timeout_s: float = 30.0,
-         retries: int = 0) -> requests.Response:
+         retries: int = 0, max_bytes: int | None = None) -> requests.Response:
     """One HTTP call; raises HttpError on a connection failure or a non-2xx answer.
 
     `retries` repeats only connection failures (the peer not listening yet), never an
     answered request, so a POST is not applied twice; waits grow from 0.1 s to 1 s.
+    `max_bytes`: read at most that much of the answer (HttpError beyond), for answers
+    from peers that need not be trusted (a node app's log).
     """
     if not url.startswith("http://") and not url.startswith("https://"):
         url = "http://" + url
@@ -61,7 +63,9 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
             time.sleep(min(0.1 * 2 ** (attempt - 1), 1.0))
         try:
             r = _session().request(method, url, json=json, data=data, params=params,
-                                   headers=hdrs, timeout=timeout_s)
+                                   headers=hdrs, timeout=timeout_s, stream=max_bytes is not None)
+            if max_bytes is not None:
+                _read_bounded(r, max_bytes, method, url)
         except (requests.ConnectionError, requests.Timeout) as e:
             last = e
             continue
@@ -69,6 +73,23 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
             raise HttpError(method, url, r.status_code, r.text.strip()[:500])
         return r
     raise HttpError(method, url, None, f"no answer ({type(last).__name__}: {last})")
+
+
+def _read_bounded(r: requests.Response, max_bytes: int, method: str, url: str) -> None:
+    """Read a streamed answer into r.content, refusing more than max_bytes."""
+    def over(n: str) -> HttpError:
+        r.close()
+        return HttpError(method, url, r.status_code, f"answer of {n} bytes is over the limit of "
+                                                     f"{human_bytes(max_bytes)} ({max_bytes} bytes)")
+    declared = r.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise over(declared)
+    buf = bytearray()
+    for chunk in r.iter_content(1 << 16):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise over(f"more than {max_bytes}")
+    r._content = bytes(buf)
 
 
 def get_json(url: str, **kw) -> Any:

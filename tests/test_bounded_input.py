@@ -427,3 +427,67 @@ def test_a_trainer_reporting_1e309_samples_is_refused_and_the_aggregator_keeps_w
         if srv is not None:
             srv.close()
         ctl.close()
+
+
+def test_finish_bounds_what_node_apps_answer(manager, tmp_path):
+    """/finish reads every node's log, metrics and stats: a node app (user code) that
+    answers 17 MiB of log, junk metrics or a bytes_sent of NaN costs its own results,
+    not the controller's /finish."""
+    from flask import Flask, Response
+
+    def fake(log: bytes, metrics: str, stats: str) -> "node_net.Server":
+        app = Flask("fake-node")
+        app.add_url_rule("/log", "log", lambda: Response(log, mimetype="text/plain"))
+        app.add_url_rule("/metrics", "metrics", lambda: Response(metrics, mimetype="application/x-ndjson"))
+        app.add_url_rule("/stats", "stats", lambda: Response(stats, mimetype="application/json"))
+        return node_net.Server(app, "127.0.0.1", 0).start()
+
+    junk = "\n".join([DEEP, '{"event": "aggregate", "round": NaN, "accuracy": 0.5}',
+                      '{"event": "aggregate", "round": "7", "accuracy": 0.5}',
+                      '{"event": "aggregate", "round": 2, "accuracy": "high"}',
+                      '{"event": "aggregate", "round": 1, "accuracy": 0.25}', "[1, 2]"])
+    servers = [fake(b"l" * (17 << 20), "", '{"bytes_sent": 1}'),
+               fake(b"log", junk, '{"bytes_sent": NaN}'),
+               fake(b"log", junk, '{"bytes_sent": 1234}')]
+    try:
+        for name, srv in zip(("c1", "c2", "c3"), servers):
+            manager.tb.emulated[name].ip, manager.tb.emulated[name].port = "127.0.0.1", srv.port
+        manager.root = "c3"
+        r = http("GET", ctl(manager, "/finish"), timeout_s=120)
+        assert r.status_code == 200, r.text
+        summary = r.json()
+        assert set(summary["logs_missing"]) == {"c1", "c2"}, summary
+        assert "16 MiB" in summary["logs_missing"]["c1"] and "bytes_sent" in summary["logs_missing"]["c2"]
+        assert summary["bytes_sent"] == {"c3": 1234}
+        assert summary["accuracy_per_round"] == [{"round": 1, "accuracy": 0.25}], summary
+        assert not (Path(summary["run_dir"]) / "c1.log").exists()
+        assert http("GET", ctl(manager, "/status")).status_code == 200
+    finally:
+        for srv in servers:
+            srv.close()
+
+
+@pytest.mark.parametrize("role, path, meta, field", [
+    ("ps_server", "/ps/push", '{{"name": "w1", "version": {x}, "samples": 4}}', "version"),
+    ("ps_server", "/ps/push", '{{"name": "w1", "version": 0, "samples": {x}}}', "samples"),
+    ("ps_worker", "/ps/params", '{{"version": {x}}}', "version"),
+    ("fl_aggregator", "/combine", '{{"name": "n2", "round": 1, "samples": {x}}}', "samples"),
+])
+def test_other_roles_refuse_bad_numbers_in_weights_metadata(env_dirs, role, path, meta, field):
+    log_dir, ds = env_dirs
+    node = NodeProc(role, "r1", log_dir=log_dir, dataset_dir=ds)
+    try:
+        node.wait_ready()
+        sd = _lenet().state_dict()
+        for raw in BAD_NUMBERS:
+            r = http("POST", f"http://{node.address}{path}", token=TOKEN,
+                     data=_weights_with_meta(sd, meta.format(x=raw)))
+            assert r.status_code == 400 and field in r.text, (raw, r.status_code, r.text)
+        if role == "ps_server":
+            for raw in [b for b in BAD_NUMBERS if b != "-1"] + ["-2"]:    # -1: "no version yet"
+                r = http("POST", f"http://{node.address}/ps/pull", token=TOKEN, headers=JSON_HDR,
+                         data=f'{{"name": "w1", "have": {raw}, "wait_s": 0}}')
+                assert r.status_code == 400 and "have" in r.text, (raw, r.text)
+        assert node.proc.poll() is None and node.call("GET", "/hi").json()["state"] == "idle"
+    finally:
+        node.stop()

@@ -156,9 +156,10 @@ class Agent:
             if missing:
                 raise BadRequest(f"docker nodes need an image: none given for {', '.join(missing)}")
             try:
-                cores = dn.emulator_cores(float(body["cpu"]) if body.get("cpu") else None)
-            except (TypeError, ValueError):
-                raise BadRequest(f"bad emulator cpu {body.get('cpu')!r}") from None
+                cores = dn.emulator_cores(net.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True)
+                                          if body.get("cpu") else None)
+            except (TypeError, ValueError) as e:
+                raise BadRequest(f"bad emulator cpu: {e}") from None
         # An emulator's network is of one backend: its bridge or its docker network.
         mine, other = (self.bridges, self.networks) if backend == "netns" else (self.networks, self.bridges)
         with self.lock:
