@@ -6,8 +6,8 @@ It is used by the controller, the agents and every node app, so it lives in dml_
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
-import ipaddress
 import json as jsonlib
 import math
 import os
@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 import requests
 
 TOKEN_HEADER = "X-Testbed-Token"
-TOKEN_ENV = "EDGE_TB_TOKEN"
+TOKEN_ENV = "EDGE_TB_TOKEN"              # a node's own credential; an agent's admin token
+PEER_TOKEN_ENV = "EDGE_TB_PEER_TOKEN"    # what the nodes of one testbed show each other
 
 _session_local = threading.local()
 
@@ -110,34 +111,62 @@ def token_from_env() -> str:
     return tok
 
 
-def _is_loopback(addr: str | None) -> bool:
-    try:
-        return addr is not None and ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
+# Credentials. The admin token opens the controller and the agents. Everything a node
+# gets is derived from it, so the controller and every agent compute the same values
+# and no node credential is ever stored or sent in a deployment body:
+#   node_token(admin, n)  the node's own credential: n calls the controller with it (its
+#                         heartbeat, log, finish) and the controller calls n with it;
+#                         it speaks for n alone and opens nothing on an agent;
+#   peer_token(admin)     what the nodes of one testbed show each other (role routes).
+def _mac(admin: str, label: str) -> str:
+    return hmac.new(admin.encode(), label.encode(), hashlib.sha256).hexdigest()[:40]
 
 
-def require_token(app, token: str, *, trust_loopback: bool = False,
-                  exempt: Iterable[str] = ()) -> None:
-    """Answer 401 to any request without the testbed token, before any handler runs.
+def node_token(admin: str, node: str) -> str:
+    return f"node.{node}.{_mac(admin, 'node:' + node)}"
 
-    `trust_loopback` lets the controller keep EdgeTB's plain `curl localhost:3333/...`
-    workflow: requests from this machine's loopback need no token, all others do.
+
+def peer_token(admin: str) -> str:
+    return f"peer.{_mac(admin, 'peer')}"
+
+
+def same_token(given: str | None, want: str | None) -> bool:
+    """Constant-time comparison; an empty credential never matches."""
+    return bool(given) and bool(want) and hmac.compare_digest(given.encode(), want.encode())
+
+
+def token_node(admin: str, given: str | None) -> str | None:
+    """The node a node credential speaks for, or None when it is not a valid one."""
+    if not given or not given.startswith("node.") or len(given) > 200:
+        return None
+    name = given[5:].rpartition(".")[0]
+    return name if name and same_token(given, node_token(admin, name)) else None
+
+
+def require_token(app, token: str, *, peer_token: str | None = None,
+                  owner_only: Iterable[str] = ()) -> None:
+    """Answer 401 to any request without a credential this server knows, before any
+    handler runs.
+
+    `token` opens every route (an agent's admin token; a node's own credential, which
+    the controller holds too). `peer_token` (nodes: what the testbed's other nodes show)
+    opens every route except the `owner_only` ones. The controller has its own, finer
+    check (controller/access.py).
     """
     from flask import request
 
-    exempt = set(exempt)
+    owner_only = frozenset(owner_only)
 
     @app.before_request
     def _check_token():
-        if request.path in exempt:
-            return None
-        if trust_loopback and _is_loopback(request.remote_addr):
-            return None
         given = request.headers.get(TOKEN_HEADER, "")
-        if not given or not hmac.compare_digest(given.encode(), token.encode()):
-            return ("missing or wrong testbed token (header " + TOKEN_HEADER + ")\n", 401)
-        return None
+        if same_token(given, token):
+            return None
+        if peer_token and same_token(given, peer_token):
+            if request.path in owner_only:
+                return (f"{request.path} takes the controller's credential, not a peer's\n", 403)
+            return None
+        return ("missing or wrong testbed token (header " + TOKEN_HEADER + ")\n", 401)
 
 
 class Server:
@@ -158,7 +187,7 @@ class Server:
                                   ident="edgetb", clear_untrusted_proxy_headers=True,
                                   max_request_body_size=self.max_body + 1)
         self._srv.channel_class = _channel_class()
-        self.port = self._srv.effective_port
+        self.port = int(self._srv.effective_port)
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"http:{port}")
 
     def _run(self):
