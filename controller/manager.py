@@ -299,12 +299,11 @@ class Manager:
 
         @app.route("/heartbeat", methods=["POST"])
         def heartbeat():
-            b = request.get_json(silent=True) or {}
-            name = b.get("node")
+            name, state, rnd = heartbeat_fields(request.get_json(silent=True))
             as_node(name)
             if name in self._nodes():
-                self.heartbeats[name] = {"t": time.time(), "state": b.get("state"), "round": b.get("round")}
-                self.on_heartbeat(name, b.get("state"), b.get("round"))
+                self.heartbeats[name] = {"t": time.time(), "state": state, "round": rnd}
+                self.on_heartbeat(name, state, rnd)
             return "ok\n"
 
         @app.route("/conf/dataset", methods=any_)
@@ -322,6 +321,8 @@ class Manager:
         @app.route("/finish", methods=any_)
         def finish():
             me = access.who().node
+            if me is not None and self.started_at is None:
+                raise PermissionError(f"no run has started: node {me} cannot finish one")
             if me is not None and self.root is not None and me != self.root:
                 raise PermissionError(f"only the root node {self.root} or the admin may finish the run, not {me}")
             return jsonify(self.finish())
