@@ -334,3 +334,42 @@ def test_docker_nodes_run_as_the_node_user_without_capabilities(clean_agent):
     finally:
         client.close()
     dt.assert_clean(dep)
+
+
+# ----------------------------------------------------------------------------- the launcher's fallback
+
+FALLBACK = r'''
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("launch", sys.argv[1])
+launch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(launch)
+launch.SYS_MOUNT_SETATTR = 100000           # ENOSYS: as on a kernel without mount_setattr
+base, t = sys.argv[2], os.path.join(sys.argv[2], "t")
+os.mkdir(t)
+launch.tmpfs(t, 1, "0755")
+def opts(point):
+    return [o for p, o in launch._mounts(None, point)][0]
+before = opts("/dev/shm") if os.path.ismount("/dev/shm") else None
+def write(d):
+    try:
+        open(os.path.join(d, "x"), "w").close()
+        return "ok"
+    except OSError as e:
+        return e.strerror
+launch.set_readonly("/", True, recursive=True)
+out = {"base": write(base), "t": write(t)}
+launch.set_readonly(t, False)
+out.update(t_again=write(t), base_again=write(base), shm_flags_kept=before is None or
+           (before - {"rw", "ro"}) <= opts("/dev/shm"), shm_ro="ro" in opts("/dev/shm") if before else True)
+print(json.dumps(out))
+'''
+
+
+def test_read_only_by_remounts_where_mount_setattr_is_missing(tmp_path):
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-I", "-S", "-c",
+                        FALLBACK, nb.LAUNCH, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got == {"base": "Read-only file system", "t": "Read-only file system", "t_again": "ok",
+                   "base_again": "Read-only file system", "shm_flags_kept": True, "shm_ro": True}, got
+    (tmp_path / "host-still-writes").touch()    # the host's mounts never changed
