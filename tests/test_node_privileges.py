@@ -278,6 +278,20 @@ def test_a_node_sees_only_its_own_processes(clean_agent):
 
 # ----------------------------------------------------------------------------- refusals
 
+def test_a_host_working_dir_the_node_user_cannot_read_is_refused(clean_agent, tmp_path):
+    closed = tmp_path / "closed"           # under pytest's 0700 folder: root's alone
+    closed.mkdir()
+    dep = ah.plan(2, cmd=["sleep", "300"])
+    dep.nodes[1]["working_dir"] = str(closed)
+    with pytest.raises(net.HttpError) as e:
+        ah.deploy(clean_agent, dep)
+    assert e.value.status == 422 and f"working_dir {closed}" in e.value.message and "root=True" in e.value.message
+    ah.assert_clean(dep)
+    dep.nodes[1]["root"] = True            # as root it may
+    ah.deploy(clean_agent, dep)
+    assert _user_of(_app_pid(dep.names[1], "sleep")) == "root"
+
+
 def test_without_the_node_user_nothing_is_deployed(tmp_path, monkeypatch):
     from worker import agent as agent_mod
 

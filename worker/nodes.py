@@ -230,6 +230,16 @@ def _can(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
     return (st.st_mode >> shift) & bits == bits
 
 
+def _enterable(path: str, uid: int, gid: int) -> bool:
+    """Whether uid:gid may reach and list `path` (mode bits; ACLs aside)."""
+    parts = Path(path).parts
+    try:
+        return (all(_can(os.stat(str(Path(*parts[:i]))), uid, gid, 0o1) for i in range(1, len(parts)))
+                and _can(os.stat(path), uid, gid, 0o5))
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=4)
 def python_exposure(uid: int, gid: int) -> tuple:
     """Where the agent's Python (prefix and site-packages) sits behind a folder the node
@@ -290,6 +300,10 @@ class Runner:
             return
         user = None if spec.root else node_user()       # before anything is made
         tools = None if spec.root else node_tools()
+        if user and not spec.volumes and spec.working_dir and not _enterable(spec.working_dir, *user):
+            # Without volumes the app runs in the host's folder: say so now, not in stdout.log.
+            raise NodeError(f"node {spec.name}: working_dir {spec.working_dir} is missing or not readable by {NODE_USER} "
+                            f"(the app's user): mount it as a volume, open its permissions, or give the node root=True")
         rundir = secure_dir(node.rundir, 0o700)
         log = rundir / "log"
         log.mkdir(exist_ok=True)
