@@ -35,6 +35,7 @@ from flask import Flask, jsonify, request  # noqa: E402
 from dml_app import net  # noqa: E402
 from worker import docker_nodes as dn  # noqa: E402
 from worker import image  # noqa: E402
+from worker import secure  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker import shares  # noqa: E402
 from worker import tc  # noqa: E402
@@ -102,16 +103,12 @@ class Agent:
             with contextlib.suppress(OSError):   # /run/edgetb too, unless another agent uses it
                 self.state_dir.parent.rmdir()
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
                 "networks": self.networks, "nfs_mounts": self.nfs_mounts}
-        tmp = self.state_file.with_suffix(".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data))
-        os.replace(tmp, self.state_file)
+        try:
+            secure.write_private(self.state_file, json.dumps(data), 0o700)
+        except secure.UnsafePath as e:
+            raise nb.NodeError(str(e)) from None
 
     def _recover(self) -> None:
         """A state file left by an agent that died: remove what it had made."""
@@ -230,6 +227,7 @@ class Agent:
         with self.lock:
             made = []
             try:
+                nb.check_users(specs)
                 for s in specs:
                     if s.name in self.nodes:
                         raise BadRequest(f"node {s.name} is already deployed on this worker")
@@ -237,7 +235,7 @@ class Agent:
                         raise BadRequest(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
                     n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
                                 rundir=str(self.state_dir / "nodes" / s.name))
-                    os.makedirs(n.rundir, exist_ok=True)
+                    nb.secure_dir(n.rundir, 0o700)
                     made.append(n)
                     self.nodes[s.name] = n
                 self._save()
@@ -257,7 +255,9 @@ class Agent:
         if not isinstance(raw, list):
             return
         for d in raw:
-            for v in (d.get("volumes") or []) if isinstance(d, dict) else []:
+            vols = d.get("volumes") if isinstance(d, dict) else None
+            # Only a list is walked here; NodeSpec.from_dict refuses anything else (400).
+            for v in vols if isinstance(vols, list) else []:
                 if isinstance(v, dict) and "nfs" in v:
                     v["host"] = self._nfs_mount(v.pop("nfs"), d.get("name"))
                     continue
@@ -611,14 +611,7 @@ def admin_token(path: str | None, port: int) -> tuple[str, Path | None]:
         return token, None
     token = secrets.token_hex(16)
     out = STATE_BASE / f"agent-{port}.token"
-    STATE_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, out)
+    secure.write_private(out, token + "\n", 0o755)
     print(f"agent: new admin token in {out} (root only); give it to the controller: "
           f"default_testbed(..., token=...)", flush=True)
     return token, out
