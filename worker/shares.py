@@ -20,6 +20,11 @@ CACHE_BASE = Path("/var/cache/edgetb")
 NFS_VERSION = "4"
 
 
+# The largest archive an agent downloads (the controller builds each one in memory, so
+# a real share is far smaller): a stray answer cannot fill the worker's memory.
+SHARE_LIMIT_BYTES = 4 << 30
+
+
 class ShareError(RuntimeError):
     pass
 
@@ -41,7 +46,8 @@ def fetch(url: str, digest: str, cache: Path, *, token: str, get=None) -> tuple[
         from dml_app import net
 
         def get(u):
-            return net.call("GET", u, token=token, timeout_s=300, retries=3).content
+            return net.call("GET", u, token=token, timeout_s=300, retries=3,
+                            max_bytes=SHARE_LIMIT_BYTES).content
     data = get(url)
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
