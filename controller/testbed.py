@@ -47,10 +47,23 @@ class DeployError(RuntimeError):
     pass
 
 
-def _ram_mb(ram: float, unit: str, where: str) -> int:
+MAX_CPU = 1024              # cores an emulator or a node may have
+MAX_RAM_MB = 1 << 22        # 4 TiB
+
+
+def _ram_mb(ram: float, unit: str, where: str, problems: list[str] | None = None) -> int:
+    """ram in `unit` -> MB; a bad unit raises DefinitionError, a bad number (bool, string,
+    NaN, infinite, <= 0, beyond 4 TiB) goes to `problems` (validate() lists it) as 0."""
     if unit not in _UNITS_MB:
         raise DefinitionError([f"{where}: unit {unit!r} is not one of M, G"])
-    return int(float(ram) * _UNITS_MB[unit])
+    try:
+        mb = net.number(ram, f"{where}: ram", 0, MAX_RAM_MB / _UNITS_MB[unit], lo_open=True) * _UNITS_MB[unit]
+    except ValueError as e:
+        if problems is None:
+            raise DefinitionError([str(e)]) from None
+        problems.append(str(e))
+        return 0
+    return int(mb)
 
 
 @dataclass
@@ -181,6 +194,15 @@ class Testbed:
             self._problems.append(f"duplicate name {name!r}: every node and emulator needs its own")
         return name
 
+    def _cpu(self, cpu, where: str) -> float:
+        """A cpu share through net.number (no bools, strings, NaN, infinities; in
+        (0, MAX_CPU]); a bad one is a problem validate() lists, counted as 0 meanwhile."""
+        try:
+            return net.number(cpu, f"{where}: cpu", 0, MAX_CPU, lo_open=True)
+        except ValueError as e:
+            self._problems.append(str(e))
+            return 0.0
+
     def _root(self, root, name: str) -> bool:
         """A node's root flag: a real bool (validate() lists anything else)."""
         if not isinstance(root, bool):
@@ -202,7 +224,8 @@ class Testbed:
         self._name(name, "emulator")
         if subnet is None:
             subnet = f"10.{233 + len(self.emulators)}.0.0/16"
-        emu = Emulator(name, ip, float(cpu), _ram_mb(ram, unit, f"emulator {name}"), backend,
+        emu = Emulator(name, ip, self._cpu(cpu, f"emulator {name}"),
+                       _ram_mb(ram, unit, f"emulator {name}", self._problems), backend,
                        agent_port, subnet, gpu=gpu)
         self.emulators[name] = emu
         return emu
@@ -213,7 +236,8 @@ class Testbed:
         self._name(name, "node")
         node = EmulatedNode(name=name, working_dir=working_dir,
                             cmd=list(cmd) if not isinstance(cmd, str) else cmd.split(),
-                            image=image, cpu=float(cpu), ram_mb=_ram_mb(ram, unit, f"node {name}"),
+                            image=image, cpu=self._cpu(cpu, f"node {name}"),
+                            ram_mb=_ram_mb(ram, unit, f"node {name}", self._problems),
                             emulator=emulator, port=self.node_port, gpu=gpu)
         node.root = self._root(root, name)
         self.emulated[name] = node

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dml_app import net
 from worker import tc
 from worker.cgroups import Cgroup
 from worker import secure
@@ -44,6 +45,9 @@ NODE_DIR = "/run/edgetb-node"        # the node's own things in its view: log, h
 # Variables of the agent's environment an unprivileged node gets (it gets no secret of
 # the agent's and no host path it could not use anyway); root nodes get all of them.
 NODE_BASE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHONHASHSEED")
+MAX_CPU = 1024          # cores a node may ask for
+MAX_RAM_MB = 1 << 22    # 4 TiB
+MAX_GPU = 64
 
 
 class NodeError(RuntimeError):
@@ -82,6 +86,16 @@ def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> su
     return p
 
 
+def _num(d: dict, key: str, lo: float, hi: float, *, default=None, **kw):
+    """d[key] through net.number (no bools, strings, NaN, infinities; in [lo, hi]);
+    `default` when the key is absent or null, KeyError when there is no default."""
+    if d.get(key) is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    return net.number(d[key], key, lo, hi, **kw)
+
+
 @dataclass
 class NodeSpec:
     """What the controller asks for one node (see docs/internals.md)."""
@@ -103,22 +117,20 @@ class NodeSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSpec":
         try:
-            spec = cls(name=check_name(d["name"]), id=int(d["id"]),
-                       ip=str(ipaddress.IPv4Address(d["ip"])), port=int(d["port"]),
-                       cpu=float(d.get("cpu", 1)), ram_mb=int(d.get("ram_mb", 1024)),
+            spec = cls(name=check_name(d["name"]), id=_num(d, "id", 0, 59999, integer=True),
+                       ip=str(ipaddress.IPv4Address(d["ip"])), port=_num(d, "port", 1, 65535, integer=True),
+                       cpu=_num(d, "cpu", 0, MAX_CPU, lo_open=True, default=1.0),
+                       ram_mb=_num(d, "ram_mb", 16, MAX_RAM_MB, integer=True, default=1024),
                        cmd=[str(a) for a in d.get("cmd", [])], working_dir=str(d.get("working_dir", "")),
                        volumes=list(d.get("volumes", [])), env={str(k): str(v) for k, v in d.get("env", {}).items()},
-                       nic=d.get("nic"), image=str(d.get("image") or ""), gpu=int(d.get("gpu") or 0))
+                       nic=d.get("nic"), image=str(d.get("image") or ""),
+                       gpu=_num(d, "gpu", 0, MAX_GPU, integer=True, default=0))
         except NodeError:
             raise
-        except (KeyError, ValueError, TypeError) as e:
-            raise NodeError(f"bad node {d.get('name')!r}: {type(e).__name__}: {e}") from None
-        if not 0 <= spec.id < 60000:
-            raise NodeError(f"bad node {spec.name}: id {spec.id} out of range")
-        if spec.gpu < 0:
-            raise NodeError(f"bad node {spec.name}: gpu {spec.gpu} must be 0 or more")
-        if not 1 <= spec.port <= 65535 or spec.cpu <= 0 or spec.ram_mb < 16:
-            raise NodeError(f"bad node {spec.name}: port, cpu or ram out of range")
+        except KeyError as e:
+            raise NodeError(f"bad node {str(d.get('name'))[:40]!r}: missing key {e}") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise NodeError(f"bad node {str(d.get('name'))[:40]!r}: {e}") from None
         spec.root = d.get("root", False)
         if not isinstance(spec.root, bool):   # a real JSON bool: "false" would be truthy
             raise NodeError(f"bad node {spec.name}: root must be true or false, not {str(spec.root)[:40]!r}")
