@@ -44,6 +44,15 @@ def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
     return node, state, rnd
 
 
+def upstream_status(status: int | None) -> int:
+    """The controller's answer when a node or a worker did not do what a request asked:
+    422 when it refused it (a 4xx other than a refused credential: the request's input
+    or the run's state is wrong, e.g. links a worker cannot install, a root that cannot
+    start), 502 when it failed, answered 5xx, refused the controller's own credential
+    or did not answer."""
+    return 422 if status is not None and 400 <= status < 500 and status not in (401, 403) else 502
+
+
 class Manager:
     """Base manager: conf pushing, start, finish (logs, plots, summary), links, reset."""
 
@@ -162,16 +171,31 @@ class Manager:
             raise ValueError("say which node starts: /start?root=NAME")
         if root is not None and root not in nodes:
             raise ValueError(f"unknown root node {root!r}")
+        before = (self.root, self.summary, self.started_at)
         self.root = root
         self.summary = None
         self.finished.clear()
         self.started_at = time.time()
         targets = [root] if root else list(nodes)
-        res = self._each(lambda n: net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name),
-                                            timeout_s=30).text, targets)
-        bad = {k: v for k, v in res.items() if str(v).startswith("error")}
+
+        def start(n):
+            try:
+                return net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name), timeout_s=30).text
+            except net.HttpError as e:
+                return e
+        bad = {k: v for k, v in self._each(start, targets).items() if isinstance(v, net.HttpError)}
         if bad:
-            raise RuntimeError(f"start failed: {bad}")
+            if len(bad) == len(targets):      # nothing started: the run is as it was
+                self.root, self.summary, self.started_at = before
+                if self.summary is not None:
+                    self.finished.set()
+            # Refused by every node that failed (a 4xx: not a root role, confs missing,
+            # already started) -> 422; a node that failed or did not answer -> 502.
+            status = next(iter(bad.values())).status
+            if any(upstream_status(e.status) == 502 for e in bad.values()):
+                status = None
+            raise net.HttpError("GET", "/start", status,
+                                "start failed: " + "; ".join(f"{k}: {e}" for k, e in sorted(bad.items())))
         return f"started {', '.join(targets)}"
 
     def finish(self) -> dict:
@@ -277,7 +301,7 @@ class Manager:
 
         @app.errorhandler(net.HttpError)
         def _upstream(e):
-            return jsonify(error=str(e)), 502
+            return jsonify(error=str(e)), upstream_status(e.status)
 
         def as_node(name) -> None:
             """A node credential speaks for its own node only."""

@@ -31,9 +31,11 @@ def etb_namespaces() -> set[str]:
 @contextmanager
 def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, *, port: int,
                   subnet: str, cpu: float = 2.0, backend: str = "netns",
-                  image: str = "", emulator: str | None = None) -> Iterator[tuple[Testbed, object]]:
+                  image: str = "", emulator: str | None = None,
+                  ram_mb: int = 768) -> Iterator[tuple[Testbed, object]]:
     """Deploy one node per {name: role script} on a netns emulator (or one of `backend`,
-    nodes running `image`; named `emulator`, default emu-<algorithm>) with `links`; yield
+    nodes running `image`; named `emulator`, default emu-<algorithm>; `ram_mb` per node,
+    the emulator has 4 GiB) with `links`; yield
     (testbed, manager); remove every node and link afterwards, failed or not."""
     import splitter
 
@@ -48,7 +50,7 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
               (("dml_app", ROOT / "dml_app"), ("dataset", tmp / "dataset"))}
     for name, role in roles.items():
         node = tb.add_emulated_node(name, "/home/worker/dml_app", ["python3", role],
-                                    image, cpu=int(cpu * 1000 / len(roles)) / 1000, ram=768, unit="M", emulator=emu)
+                                    image, cpu=int(cpu * 1000 / len(roles)) / 1000, ram=ram_mb, unit="M", emulator=emu)
         for tag, share in shares.items():
             node.mount_nfs(share, f"/home/worker/{tag}")
     tb.load_link("links.json")
