@@ -491,3 +491,15 @@ def test_other_roles_refuse_bad_numbers_in_weights_metadata(env_dirs, role, path
         assert node.proc.poll() is None and node.call("GET", "/hi").json()["state"] == "idle"
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("bad", [True, 1, 167772162, None, ["10.0.0.2"]])
+def test_addresses_must_be_strings(bad):
+    # ipaddress alone takes 1 or true as 0.0.0.1: an address from a request is a string.
+    from worker import nodes as nb
+    from worker import tc
+
+    with pytest.raises(tc.TcError, match="ip"):
+        tc.Link.from_dict({"dest": "n2", "ip": bad, "port": 4444, "rate_bps": 1000000})
+    with pytest.raises(nb.NodeError, match="IPv4 address string|ip"):
+        nb.NodeSpec.from_dict({"name": "n1", "id": 1, "ip": bad, "port": 4444})

@@ -39,6 +39,7 @@ from worker import secure  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker import shares  # noqa: E402
 from worker import tc  # noqa: E402
+from worker import units  # noqa: E402
 from worker.cgroups import Cgroup  # noqa: E402
 
 STATE_BASE = Path("/run/edgetb")
@@ -138,7 +139,10 @@ class Agent:
             raise BadRequest(f"backend {backend!r} is not available on this agent (netns, docker)")
         br = body.get("bridge") or {}
         try:
-            iface = ipaddress.IPv4Interface(f"{br['gateway']}/{ipaddress.IPv4Network(br['cidr']).prefixlen}")
+            if not isinstance(br, dict) or not isinstance(br.get("cidr"), str):
+                raise ValueError("expected {\"cidr\": \"10.233.0.0/16\", \"gateway\": \"10.233.0.1\"}")
+            gateway = units.ipv4(br["gateway"])
+            iface = ipaddress.IPv4Interface(f"{gateway}/{ipaddress.IPv4Network(br['cidr']).prefixlen}")
         except (KeyError, ValueError, TypeError) as e:
             raise BadRequest(f"bad bridge {br!r}: {e}") from None
         self._fetch_shares(body.get("nodes"))

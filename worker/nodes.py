@@ -12,7 +12,6 @@ Every kernel object the testbed makes carries the `etb` prefix: namespaces `etb-
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import os
 import pwd
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dml_app import net
-from worker import tc
+from worker import tc, units
 from worker.cgroups import Cgroup
 from worker import secure
 
@@ -118,7 +117,7 @@ class NodeSpec:
     def from_dict(cls, d: dict) -> "NodeSpec":
         try:
             spec = cls(name=check_name(d["name"]), id=_num(d, "id", 0, 59999, integer=True),
-                       ip=str(ipaddress.IPv4Address(d["ip"])), port=_num(d, "port", 1, 65535, integer=True),
+                       ip=units.ipv4(d["ip"]), port=_num(d, "port", 1, 65535, integer=True),
                        cpu=_num(d, "cpu", 0, MAX_CPU, lo_open=True, default=1.0),
                        ram_mb=_num(d, "ram_mb", 16, MAX_RAM_MB, integer=True, default=1024),
                        cmd=[str(a) for a in d.get("cmd", [])], working_dir=str(d.get("working_dir", "")),

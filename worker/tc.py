@@ -23,7 +23,6 @@ so HTB meters out single frames; it shapes nothing itself.
 """
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ class Link:
     def from_dict(cls, d: dict) -> "Link":
         dest = str(d.get("dest", d.get("ip")))[:64]
         try:
-            ip = str(ipaddress.IPv4Address(d["ip"]))
+            ip = units.ipv4(d["ip"])
         except (KeyError, ValueError, TypeError) as e:
             raise TcError(f"bad link to {dest}: ip: {e}") from None
         try:

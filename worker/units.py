@@ -7,6 +7,7 @@ prefixes (k = 1000), as tc. Anything else is refused.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 
 _RATE_UNITS_BPS = {
@@ -62,3 +63,11 @@ def format_rate(bps: int) -> str:
         if bps % mult == 0 and bps >= mult:
             return f"{bps // mult}{unit}"
     return f"{bps}bit"
+
+
+def ipv4(value) -> str:
+    """An IPv4 address given as a string ("10.0.0.2"); ValueError for anything else
+    (ipaddress alone would take the integer 1, or true, as 0.0.0.1)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IPv4 address string like \"10.0.0.2\", got {type(value).__name__}")
+    return str(ipaddress.IPv4Address(value))
