@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,65 @@ def agent_fixture(scope: str = "module"):
         with running_agent() as a:
             yield a
     return agent
+
+
+def clean_agent_fixture():
+    """A pytest fixture (assign it to a name) over the module's `agent`: after each test,
+    failed or not, the agent still answers and holds no emulated node."""
+    @pytest.fixture
+    def clean_agent(agent):
+        try:
+            yield agent
+        finally:
+            assert agent.get("/hi")["backends"], "the agent stopped serving"
+            agent.post("/emulated/reset")
+    return clean_agent
+
+
+class CmdlineWatch(threading.Thread):
+    """Every distinct /proc/*/cmdline seen while it runs (a context manager), and, with
+    `token_file`, the first content of that file once it exists (a controller's admin
+    token), so secrets can be looked for in all of them afterwards."""
+
+    def __init__(self, token_file: Path | None = None):
+        super().__init__(daemon=True)
+        self.seen: set[bytes] = set()
+        self.sweeps = 0
+        self.token_file, self.token = token_file, None
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            self.seen.add(f.read())
+                    except OSError:
+                        pass
+            self.sweeps += 1
+            if self.token_file is not None and self.token is None:
+                with contextlib.suppress(OSError):
+                    self.token = self.token_file.read_text().strip() or None
+
+    def leaked(self, secrets_: list[str]) -> list[bytes]:
+        return [c for c in self.seen for s in secrets_ if s and s.encode() in c]
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(10)
+
+
+def linked_pair() -> "Deployment":
+    """Two nodes without an app and one 10 mbit link between them: a valid deploy body."""
+    dep = plan(2, cmd=[])
+    a, b = dep.names
+    dep.links = {a: [link(dep, a, b, 10_000_000)]}
+    return dep
 
 
 # ----------------------------------------------------------------------------- deployments

@@ -14,21 +14,7 @@ pytestmark = ah.need_root()
 agent = ah.agent_fixture()
 
 
-@pytest.fixture
-def api(agent):
-    """The module's agent; after each test it still answers and holds no node."""
-    try:
-        yield agent
-    finally:
-        assert agent.get("/hi")["backends"], "the agent stopped serving"
-        agent.post("/emulated/reset")
-
-
-def _valid():
-    dep = ah.plan(2, cmd=[])
-    a, b = dep.names
-    dep.links = {a: [ah.link(dep, a, b, 10_000_000)]}
-    return dep
+api = ah.clean_agent_fixture()
 
 
 # ----------------------------------------------------------------------------- the token
@@ -36,7 +22,7 @@ def _valid():
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
 def test_requests_without_the_token_get_401_and_change_nothing(api, token):
     """None: no header at all; "": an empty header; else a wrong token."""
-    dep = _valid()
+    dep = ah.linked_pair()
     headers = {} if token is None else {ah.TOKEN_HEADER: token}
     r = api.raw("POST", "/emulated/deploy", json=dep.body(), token=None, headers=headers)
     assert r.status_code == 401, r.text
@@ -49,7 +35,7 @@ def test_requests_without_the_token_get_401_and_change_nothing(api, token):
 
 
 def test_reset_without_token_leaves_a_deployment_alone(api):
-    dep = _valid()
+    dep = ah.linked_pair()
     ah.deploy(api, dep)
     r = api.raw("POST", "/emulated/reset", token=None)
     assert r.status_code == 401
@@ -116,7 +102,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_deploy_is_4xx_with_a_clear_message_and_nothing_made(api, case):
     mutate, words = BAD[case]
-    dep = _valid()
+    dep = ah.linked_pair()
     body = copy.deepcopy(dep.body())
     mutate(body, dep)
     r = api.raw("POST", "/emulated/deploy", json=body)
@@ -128,7 +114,7 @@ def test_bad_deploy_is_4xx_with_a_clear_message_and_nothing_made(api, case):
 
 
 def test_update_tc_for_unknown_or_bad_link_is_400(api):
-    dep = _valid()
+    dep = ah.linked_pair()
     ah.deploy(api, dep)
     a, b = dep.names
     for body, words in (({"links": {"ghost": []}}, "ghost"),

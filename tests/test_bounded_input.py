@@ -245,21 +245,7 @@ def test_read_project_file_directly(tmp_path, scratch):
 agent = ah.agent_fixture()
 
 
-@pytest.fixture
-def api(agent):
-    """The module's agent; afterwards it still answers and holds no node."""
-    try:
-        yield agent
-    finally:
-        assert agent.get("/hi")["backends"], "the agent stopped serving"
-        agent.post("/emulated/reset")
-
-
-def _valid():
-    dep = ah.plan(2, cmd=[])
-    a, b = dep.names
-    dep.links = {a: [ah.link(dep, a, b, 10_000_000)]}
-    return dep
+api = ah.clean_agent_fixture()
 
 
 def test_agent_bodies_over_their_limit_are_413(api):
@@ -282,7 +268,7 @@ AGENT_FIELDS = [(("nodes", 0, f), f) for f in ("cpu", "ram_mb", "id", "port", "g
 
 @pytest.mark.parametrize("where, field", AGENT_FIELDS, ids=[f"{w[0]}.{f}" for w, f in AGENT_FIELDS])
 def test_bad_numbers_in_node_specs_and_links_are_400_naming_the_field(api, where, field):
-    dep = _valid()
+    dep = ah.linked_pair()
     path = tuple(dep.names[0] if k is None else k for k in where)
     for raw in BAD_NUMBERS:
         r = api.raw("POST", "/emulated/deploy", data=with_raw(dep.body(), path, raw), headers=JSON_HDR)

@@ -21,13 +21,7 @@ HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
 agent = ah.agent_fixture()
 
 
-@pytest.fixture
-def clean_agent(agent):
-    """The module's agent, reset after each test whatever happened."""
-    try:
-        yield agent
-    finally:
-        agent.post("/emulated/reset")
+clean_agent = ah.clean_agent_fixture()
 
 
 def _http_nodes(n, **kw):

@@ -7,11 +7,9 @@ Real namespaces, a real agent (tests/agent_helpers.py), real processes; as root.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,13 +31,7 @@ APP_PORT = 4466
 HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
 
 
-@pytest.fixture
-def clean_agent(agent):
-    """The module's agent, its emulated nodes reset after each test whatever happened."""
-    try:
-        yield agent
-    finally:
-        agent.post("/emulated/reset")
+clean_agent = ah.clean_agent_fixture()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -96,33 +88,6 @@ def _probe_nodes(n: int, script: str, **kw) -> ah.Deployment:
     return ah.plan(n, cmd=["python3", "-c", script], cpu=0.2, ram_mb=256, **kw)
 
 
-class CmdlineWatch(threading.Thread):
-    """Every distinct /proc/*/cmdline seen until stopped."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.seen: set[bytes] = set()
-        self.sweeps = 0
-        self.done = threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            for pid in os.listdir("/proc"):
-                if pid.isdigit():
-                    try:
-                        with open(f"/proc/{pid}/cmdline", "rb") as f:
-                            self.seen.add(f.read())
-                    except OSError:
-                        pass
-            self.sweeps += 1
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.join(10)
 
 
 # ----------------------------------------------------------------------------- (a) command lines
@@ -130,7 +95,7 @@ class CmdlineWatch(threading.Thread):
 def test_no_credential_on_any_command_line_from_deploy_to_ready(clean_agent):
     agent = clean_agent
     dep = ah.plan(6, cmd=HTTP_APP, port=APP_PORT, cpu=0.2, ram_mb=128)
-    with CmdlineWatch() as watch:
+    with ah.CmdlineWatch() as watch:
         ah.deploy(agent, dep)
         for name in dep.names:
             _wait_port(dep.ip(name), APP_PORT)
