@@ -73,6 +73,8 @@ def remove_token(path: Path, token: str) -> None:
             os.close(fd)
         if net.same_token(held, token):
             path.unlink()
+            if os.geteuid() == 0:
+                path.parent.rmdir()    # /run/edgetb too, once no agent or controller uses it
     except OSError:
         pass
 

@@ -653,6 +653,7 @@ def main(argv=None) -> int:
         if made is not None:
             with contextlib.suppress(OSError):
                 made.unlink()
+                made.parent.rmdir()   # /run/edgetb too, unless another agent uses it
     return 0
 
 
