@@ -44,8 +44,7 @@ def test_indices_follow_the_ring(size):
         for step in range(size - 1):
             sent = [send_index(r, size, phase, step) for r in range(size)]
             assert sorted(sent) == list(range(size))  # one distinct chunk per node per step
-            for r in range(size):  # what r receives is what its predecessor sends
-                assert recv_index(r, size, phase, step) == sent[(r - 1) % size]
+            for r in range(size):
                 assert recv_index(r, size, phase, step) != sent[r]  # never the chunk it sends
     for r in range(size):
         # the last reduce step hands each node the chunk it owns; it sends it first in the gather
@@ -55,6 +54,44 @@ def test_indices_follow_the_ring(size):
         send_index(0, size, "reduce", size - 1)
     with pytest.raises(ValueError):
         send_index(0, size, "scatter", 0)
+
+
+# Worked out by hand for 3 nodes (ring 0 -> 1 -> 2 -> 0): in the reduce-scatter node r
+# first sends its own chunk r, then passes on the partial sum it just received.
+RING3 = {("reduce", 0): ([0, 1, 2], [2, 0, 1]), ("reduce", 1): ([2, 0, 1], [1, 2, 0]),
+         ("gather", 0): ([1, 2, 0], [0, 1, 2]), ("gather", 1): ([0, 1, 2], [2, 0, 1])}
+
+
+def test_indices_for_three_nodes_by_hand():
+    for (phase, step), (send, recv) in RING3.items():
+        assert [send_index(r, 3, phase, step) for r in range(3)] == send, (phase, step)
+        assert [recv_index(r, 3, phase, step) for r in range(3)] == recv, (phase, step)
+    assert [owned_index(r, 3) for r in range(3)] == [1, 2, 0]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 7])
+def test_indices_simulated_ring_ends_with_every_sum_everywhere(size):
+    # Each node holds, per chunk, the set of ranks whose contribution it has summed.
+    held = [[{r} for _ in range(size)] for r in range(size)]
+    for step in range(size - 1):
+        msgs = [(r, send_index(r, size, "reduce", step), set(held[r][send_index(r, size, "reduce", step)]))
+                for r in range(size)]
+        for src, chunk, part in msgs:
+            dst = (src + 1) % size
+            assert recv_index(dst, size, "reduce", step) == chunk, "the successor expects another chunk"
+            held[dst][chunk] |= part
+    everyone = set(range(size))
+    for r in range(size):
+        assert held[r][owned_index(r, size)] == everyone, f"node {r} does not own a complete sum"
+    for step in range(size - 1):
+        msgs = [(r, send_index(r, size, "gather", step), set(held[r][send_index(r, size, "gather", step)]))
+                for r in range(size)]
+        for src, chunk, part in msgs:
+            dst = (src + 1) % size
+            assert part == everyone, f"node {src} passes on an incomplete chunk {chunk} at gather step {step}"
+            assert recv_index(dst, size, "gather", step) == chunk
+            held[dst][chunk] = part
+    assert all(h == everyone for node in held for h in node)
 
 
 def test_flatten_unflatten_round_trip_keeps_dtypes():
