@@ -96,16 +96,24 @@ def test_top_model_is_the_nested_weighted_average_to_the_bit(tree):
     template = nns.build_model(data["et1"].meta).state_dict()
     leaf = {n: (known_weights(template, n, SEED, TRAININGS[n]), data[n].train_samples) for n in NAMES}
     assert [leaf[n][1] for n in NAMES] == [200, 600, 400, 1000]
+    assert set(got) == set(template)
+    floating = [k for k in template if template[k].is_floating_point()]
+    assert floating
+    for k in floating:
+        assert got[k].dtype == template[k].dtype, k
+        w = {n: leaf[n][0][k].double() for n in NAMES}
+        # float64 references written out here: the two edge means, then their mean
+        # weighted by 800 and 1400 samples; and the flat mean over 2200 samples
+        e12 = (w["et1"] * 200 + w["et2"] * 600) / 800
+        e34 = (w["et3"] * 400 + w["et4"] * 1000) / 1400
+        nested = (e12 * 800 + e34 * 1400) / 2200
+        flat = (w["et1"] * 200 + w["et2"] * 600 + w["et3"] * 400 + w["et4"] * 1000) / 2200
+        assert (got[k].double() - nested).abs().max().item() <= 1e-6, k
+        assert (got[k].double() - flat).abs().max().item() <= 1e-6, k
+        assert not torch.equal(got[k], leaf["et1"][0][k]), k
+    # and, bit for bit, the nodes computed what etree.tree_average computes in float32
     expected, samples = tree_average([[leaf["et1"], leaf["et2"]], [leaf["et3"], leaf["et4"]]])
-    assert samples == 2200
-    assert set(got) == set(expected)
-    for k in expected:
-        assert got[k].dtype == expected[k].dtype
-        assert torch.equal(got[k], expected[k]), k
-    # the nesting is the flat sample-weighted mean (float64 reference, float32 rounding)
-    for k in expected:
-        flat = sum(leaf[n][0][k].double() * leaf[n][1] for n in NAMES) / 2200
-        assert (got[k].double() - flat).abs().max().item() <= 1e-6
+    assert samples == 2200 and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_the_forwarding_node_logs_every_forward(tree):
