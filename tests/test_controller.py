@@ -122,6 +122,20 @@ def test_token_required_from_other_hosts(manager):
 def test_update_tc_refuses_a_bad_file_and_changes_nothing(manager, tmp_path):
     bad = tmp_path / "bad_links.json"
     bad.write_text(json.dumps({"c1": [{"dest": "c2", "bw": "fast"}]}))
+    good = tmp_path / "good_links.json"
+    good.write_text(json.dumps({"c1": [{"dest": "c2", "bw": "10mbit"}]}))
+    manager.tb.links = {"c2": [{"dest": "c3", "bw": "5mbit"}]}
+    ctl = f"127.0.0.1:{manager.server.port}"
+
+    def state():
+        return (json.dumps(manager.tb.links, sort_keys=True), manager.tb.links_file,
+                net.get_json(f"{ctl}/status"), _namespaces())
+
+    before = state()
     with pytest.raises(net.HttpError) as ei:
-        net.call("GET", f"127.0.0.1:{manager.server.port}/update/tc", params={"file": str(bad)})
+        net.call("GET", f"{ctl}/update/tc", params={"file": str(bad)})
     assert ei.value.status == 400 and "fast" in ei.value.message
+    assert state() == before, "a refused links file changed the controller's state"
+    # the state compared is the one /update/tc does change when the file is good
+    net.call("GET", f"{ctl}/update/tc", params={"file": str(good)})
+    assert manager.tb.links == {"c1": [{"dest": "c2", "bw": "10mbit"}]}
