@@ -96,12 +96,36 @@ def test_controller_accepts_docker_and_requires_an_image(tmp_path):
         _testbed(tmp_path, "vmware", "x").validate()
 
 
-def test_controller_sends_image_and_emulator_cpu(tmp_path):
+def test_controller_sends_the_nodes_image(tmp_path):
     tb = _testbed(tmp_path, "docker", "edgetb-node:latest")
     tb.assign_addresses()
     body = tb._node_body(tb.emulated["n1"], "10.245.250.1:3999", "10.245.250.1:4000")
     assert body["image"] == "edgetb-node:latest"
     assert nb.NodeSpec.from_dict(body).image == "edgetb-node:latest"
+
+
+def test_controller_deploy_sends_the_emulator_cpu_and_the_agent_keeps_to_it(tmp_path, monkeypatch):
+    # The whole deploy body the controller posts to the agent (the post itself recorded,
+    # no agent running), then what the agent makes of its cpu.
+    from types import SimpleNamespace
+    from controller import testbed as tbm
+    tb = _testbed(tmp_path, "docker", "edgetb-node:latest")
+    tb.node_info_path = tmp_path / "node_info.json"
+    tb.embedded = (None, SimpleNamespace(port=4000))
+    posted = []
+
+    def post_json(url, body, **kw):
+        posted.append((url, body))
+        return {"nodes": {n["name"]: {"links": 0} for n in body["nodes"]}}
+    monkeypatch.setattr(tbm.net, "post_json", post_json)
+    tb.deploy(say=lambda m: None)
+    assert len(posted) == 1 and posted[0][0].endswith("/emulated/deploy")
+    body = posted[0][1]
+    assert (body["emulator"], body["backend"], body["cpu"]) == ("emu", "docker", 2)
+    assert [n["image"] for n in body["nodes"]] == ["edgetb-node:latest"]
+    cores = sorted(os.sched_getaffinity(0))
+    assert dn.emulator_cores(body["cpu"]) == cores[:2]
+    assert dn.emulator_cores(1) == cores[:1] and dn.emulator_cores(None) == cores
 
 
 def test_agent_refuses_docker_nodes_without_image(tmp_path):
