@@ -3,6 +3,7 @@
 Goodput is compared with the MTU-limited ideal rate * 1448/1514 (TCP payload with
 timestamps per full Ethernet frame, which is what HTB counts).
 """
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_update_tc_changes_live_link_without_restarting_apps(agent, net4):
     pids = {n: ah.cgroup_limits(n)["pids"] for n in net4.names}
     assert all(pids.values()), f"an app is not in its cgroup: {pids}"
     assert_near(measure(net4, b, c, 5_000_000), 5_000_000)
+    kernel = {n: tc.read_back(net4.ns(n), "eth0") for n in net4.names}
+    # a's two links as the kernel holds them: HTB classes 1:10 and 1:11 with their rates
+    assert {kernel[a]["rates_bps"][m] for m in (0x10, 0x11)} == {10_000_000, 16_000_000}, kernel[a]
+    assert kernel[a]["filters"] == 2
 
     answer = agent.post("/update/tc", {"links": {b: [ah.link(net4, b, c, 20_000_000)]}})
     assert answer == {"nodes": {b: {"links": 1}}}
@@ -79,8 +84,13 @@ def test_update_tc_changes_live_link_without_restarting_apps(agent, net4):
     st = agent.get("/status")["nodes"]
     assert all(st[n]["state"] == "running" for n in net4.names), st
     assert {n: ah.cgroup_limits(n)["pids"] for n in net4.names} == pids, "an app was restarted"
-    # the other links of the network are untouched
-    assert st[a]["links"] == 2 and st[b]["links"] == 1
+    # the other links of the network are untouched: read back from the kernel (classes,
+    # filters, every rate) and one of them measured again
+    after = {n: tc.read_back(net4.ns(n), "eth0") for n in net4.names}
+    assert {n: after[n] for n in (a, c, d)} == {n: kernel[n] for n in (a, c, d)}
+    assert 20_000_000 in after[b]["rates_bps"].values() and 5_000_000 not in after[b]["rates_bps"].values()
+    assert after[b]["filters"] == kernel[b]["filters"] == 1
+    assert_near(measure(net4, a, b, 10_000_000), 10_000_000)
 
 
 def test_update_tc_unknown_node_is_refused(agent, net4):
@@ -92,7 +102,7 @@ def test_update_tc_unknown_node_is_refused(agent, net4):
 
 def test_delay_is_refused_without_netem(agent, net4):
     if tc.netem_available():
-        pytest.skip("this kernel has netem; the refusal is for kernels without it")
+        ah.skip("has-it", "this kernel has netem; the refusal is for kernels without it")
     dep = ah.plan(2)
     x, y = dep.names
     dep.links = {x: [ah.link(dep, x, y, 10_000_000, delay_us=10_000)]}
@@ -119,11 +129,15 @@ print(best * 1000)
 
 def test_delay_is_applied_where_netem_exists(agent, net4):
     if not tc.netem_available():
-        pytest.skip("netem not available")
+        ah.skip("netem", "netem not available in this kernel (sch_netem)")
     dep = ah.plan(2)
     x, y = dep.names
     dep.links = {x: [ah.link(dep, x, y, 100_000_000, delay_us=20_000)]}
     ah.deploy(agent, dep)
     ah.wait_listening(dep.ns(y), dep.node(y)["port"])
+    qdiscs = ah.ns_run(dep.ns(x), ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    assert re.search(r"qdisc netem \S+ parent 1:10 .*delay 20(\.0)?ms", qdiscs), qdiscs
     p = ah.ns_run(dep.ns(x), [sys.executable, "-c", _CONNECT_MS, dep.ip(y), str(dep.node(y)["port"])])
-    assert 19 <= float(p.stdout) <= 40, f"connect took {p.stdout.strip()} ms with 20 ms one-way delay"
+    # a floor, not a speed: the SYN cannot arrive before its 20 ms delay, however loaded the
+    # machine; how close to 20 ms it comes is a figure for a benchmark, not a test
+    assert float(p.stdout) >= 19, f"connect took {p.stdout.strip()} ms with 20 ms one-way delay"
