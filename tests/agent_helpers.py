@@ -51,13 +51,42 @@ _ids = itertools.count(random.randrange(1000, 50000, 100), 100)
 
 # ----------------------------------------------------------------------------- preconditions
 
+# Every environment skip of the suite says which requirement it is about, in a tag at the
+# end of its reason that tests/conftest.py reads: "[requires: root]" (root, docker,
+# iperf3: with EDGETB_REQUIRE listing it, the test FAILS instead of skipping) or
+# "[may skip: netem]" (netem, nfs, gpu, this-machine-has-it: what a CI machine may truly
+# lack; it still skips, saying why). Make those reasons only with these helpers.
+REQUIREMENTS = ("root", "docker", "iperf3")
+MAY_SKIP = ("netem", "nfs", "gpu", "has-it")
+
+
+def skip_reason(requirement: str, why: str) -> str:
+    """`why`, tagged with its requirement (one of REQUIREMENTS or MAY_SKIP)."""
+    if requirement in REQUIREMENTS:
+        return f"{why} [requires: {requirement}]"
+    if requirement in MAY_SKIP:
+        return f"{why} [may skip: {requirement}]"
+    raise ValueError(f"unknown requirement {requirement!r}")
+
+
+def need(requirement: str, why: str | None):
+    """pytest.mark.skipif(why is not None) with a tagged reason."""
+    return pytest.mark.skipif(why is not None, reason=skip_reason(requirement, why or ""))
+
+
+def skip(requirement: str, why: str):
+    """pytest.skip with a tagged reason (inside a test or fixture)."""
+    __tracebackhide__ = True    # the skip is reported at the caller's line
+    pytest.skip(skip_reason(requirement, why), allow_module_level=True)
+
+
 def missing_requirements() -> str | None:
-    """Why real-namespace tests cannot run here, or None."""
+    """Why real-namespace tests cannot run here (a tagged reason), or None."""
     if os.geteuid() != 0:
-        return "needs root (namespaces, qdiscs, cgroups)"
+        return skip_reason("root", "needs root (namespaces, qdiscs, cgroups)")
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
-            return f"needs the {tool} command (iproute2)"
+            return skip_reason("root", f"needs the {tool} command (iproute2)")
     return None
 
 
@@ -68,7 +97,7 @@ def need_root():
 
 
 def need_iperf3():
-    return pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+    return need("iperf3", "needs iperf3" if shutil.which("iperf3") is None else None)
 
 
 def new_tag() -> str:
@@ -147,14 +176,16 @@ def _wait_ready(agent: AgentProc, timeout_s: float) -> None:
         delay = min(delay * 2, 0.2)
 
 
-def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> None:
-    """Reset everything it made, then SIGTERM its process group (SIGKILL if it lingers)."""
+def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> list[str]:
+    """Reset everything it made, then SIGTERM its process group (SIGKILL if it lingers);
+    the resets' errors (the caller fails on them once everything is stopped)."""
+    errors = []
     if agent.alive():
         for path in ("/emulated/reset", "/physical/reset"):
             try:
                 agent.post(path, timeout_s=timeout_s)
             except net.HttpError as e:
-                print(f"agent_helpers: {path} on port {agent.port} failed: {e}", file=sys.stderr)
+                errors.append(f"{path} on port {agent.port}: {e}")
     nb.stop_group(agent.proc, timeout_s)
     # Its state dir holds nothing once it reset; leave it only if it still lists nodes.
     state = agent.state_dir / "state.json"
@@ -163,6 +194,7 @@ def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> None:
             shutil.rmtree(agent.state_dir, ignore_errors=True)
     except (OSError, ValueError):
         pass
+    return errors
 
 
 @contextlib.contextmanager
@@ -199,9 +231,12 @@ def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int |
         try:
             yield agent
         finally:
-            _stop_agent(agent)
+            errors = _stop_agent(agent)
+            log = agent.log()
             with contextlib.suppress(OSError):
                 log_path.unlink()
+        # Reached only when the body ended without an exception: one it raised wins.
+        assert not errors, f"the agent's resets failed: {errors}\n{log}"
         return
     raise RuntimeError(f"could not start an agent: {last}")
 
@@ -215,6 +250,7 @@ def agent_fixture(scope: str = "module"):
             pytest.skip(why)
         with running_agent() as a:
             yield a
+        assert_clean()          # the agent is gone: nothing of the testbed may remain
     return agent
 
 
@@ -227,7 +263,8 @@ def clean_agent_fixture():
             yield agent
         finally:
             assert agent.get("/hi")["backends"], "the agent stopped serving"
-            agent.post("/emulated/reset")
+            agent.post("/emulated/reset")     # an error fails the test
+        assert_clean()
     return clean_agent
 
 
@@ -439,19 +476,26 @@ def cgroup_limits(name: str) -> dict:
             | {int(x) for x in (mem / "cgroup.procs").read_text().split()}}
 
 
-def _cgroup_members(names) -> list[str]:
-    out = []
-    for n in names:
-        for d in _cgroup_dirs(n):
-            try:
-                out += [f"{pid} {_cmdline(int(pid))}" for pid in (d / "cgroup.procs").read_text().split()]
-            except OSError:
-                pass
-    return out
+def netns_list() -> list[str]:
+    """The named network namespaces (`ip netns list`: the first field of each line; the
+    suite's one parser of it)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _all_links() -> set[str]:
-    return set(os.listdir("/sys/class/net"))
+CGROUP_BASE = Path("/sys/fs/cgroup")
+MOUNT_MARKS = ("/run/edgetb", "/var/cache/edgetb", "edgetb-node")   # testbed mounts in mountinfo
+
+
+def _node_cgroups() -> list[Path]:
+    """Every node cgroup: /sys/fs/cgroup/edgetb/* (v2) and /sys/fs/cgroup/*/edgetb/* (v1)."""
+    out = {}
+    for g in [CGROUP_BASE / "edgetb", *CGROUP_BASE.glob("*/edgetb")]:
+        with contextlib.suppress(OSError):
+            for p in g.iterdir():
+                if p.is_dir():
+                    out.setdefault(p.resolve(), p)   # cpu and cpu,cpuacct may be one hierarchy
+    return sorted(out.values())
 
 
 def _iptables_rules() -> list[str]:
@@ -474,11 +518,11 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _pids_left(names: set[str], seen: dict[int, str]) -> list[str]:
-    """Processes whose environment marks them as one of these nodes' (node apps and
-    their children), and processes once seen inside a test namespace that still run."""
+def _testbed_processes(seen: dict[int, str]) -> list[tuple[int, str | None, str]]:
+    """(pid, node or None, why) of every process that is in a node cgroup (edgetb/<node>,
+    what launch/unshare/tini chains and apps run in), carries the test-node marker in its
+    environment, or was once seen inside a test namespace and still runs."""
     out = []
-    needles = {f"{MARKER_ENV}={n}".encode() for n in names}
     me = os.getpid()
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == me:
@@ -486,60 +530,104 @@ def _pids_left(names: set[str], seen: dict[int, str]) -> list[str]:
         pid = int(d)
         try:
             if pid in seen and _start_time(pid) == seen[pid]:
-                out.append(f"{pid} {_cmdline(pid)}")
+                out.append((pid, None, "seen in a test namespace"))
                 continue
-            if needles and needles & set(Path(f"/proc/{d}/environ").read_bytes().split(b"\0")):
-                out.append(f"{pid} {_cmdline(pid)}")
-        except OSError:
+            for line in Path(f"/proc/{d}/cgroup").read_text().splitlines():
+                path = line.split(":", 2)[2]
+                if path.startswith("/edgetb/"):
+                    out.append((pid, path.split("/")[2], f"cgroup {path}"))
+                    break
+            else:
+                env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+                marks = [e for e in env if e.startswith(MARKER_ENV.encode() + b"=")]
+                if marks:
+                    out.append((pid, marks[0].split(b"=", 1)[1].decode(errors="replace"), MARKER_ENV))
+        except (OSError, IndexError):
             continue
     return out
 
 
-def leftovers(*deps: Deployment, extra_names: list[str] = ()) -> dict[str, list[str]]:
-    """What the testbed still holds of these deployments (empty lists: nothing).
+def _docker_objects() -> tuple[list, list] | None:
+    """(containers, networks) labelled edgetb=1, or None when no Docker daemon answers."""
+    try:
+        from worker import image
+        c = image.client(timeout_s=10)
+    except Exception:        # no SDK, no daemon: nothing of Docker to check
+        return None
+    try:
+        from worker import docker_nodes as dn
+        flt = {"label": f"{dn.LABEL}=1"}
+        return c.containers.list(all=True, filters=flt), c.networks.list(filters=flt)
+    finally:
+        c.close()
 
-    Scoped to the names the test made: namespaces etb-<node>, host veths etbv<hash of name>, the
-    bridges, cgroups edgetb/<node>, iptables rules naming the bridges, processes marked
-    with a node's name in their environment or once seen inside one of its namespaces.
+
+def leftovers(*deps: Deployment, extra_names: list[str] = (), docker: bool = True) -> dict[str, list[str]]:
+    """What the testbed still holds on this host (empty lists: nothing); the suite's one
+    leftovers check.
+
+    Without deps or names: EVERYTHING of the testbed's kinds, whoever made it (after a
+    workflow test nothing of it should exist at all: tests run one at a time). With
+    deps/extra_names: only what belongs to those nodes and emulators (for checks in the
+    middle of a module whose other deployments legitimately exist).
+
+    Kinds: namespaces etb-*, links etbv*/etbbr*, node cgroups (edgetb/<node>, v1 or v2),
+    iptables rules with the comment edgetb, mounts of /run/edgetb, /var/cache/edgetb and
+    node run dirs, processes (in a node cgroup, marked as a test node, or once seen in a
+    test namespace), node state dirs under /run/edgetb, and, when a Docker daemon answers,
+    containers and networks labelled edgetb=1.
     """
     names = [n for d in deps for n in d.names] + list(extra_names)
+    scoped = bool(names or deps)
+    nameset = set(names)
     bridges = {d.bridge for d in deps}
     veths = {v for d in deps for v in d.veths()}
     seen = {pid: st for d in deps for pid, st in d.pids.items()}
-    nets = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    links = _all_links()
-    state_dirs = [p for p in Path("/run/edgetb").glob("agent-*/nodes/*") if p.name in names] \
-        if Path("/run/edgetb").is_dir() else []
+    emulators = {d.emulator for d in deps}
+
+    nets = [n for n in netns_list() if n.startswith(nb.NS_PREFIX)]
+    links = [l for l in os.listdir("/sys/class/net") if l.startswith((nb.VETH_PREFIX, nb.BRIDGE_PREFIX))]
+    groups = _node_cgroups()
+    rules = _iptables_rules()
+    mounts = [l for l in Path("/proc/self/mountinfo").read_text().splitlines()
+              if any(m in l for m in MOUNT_MARKS)]
+    procs = _testbed_processes(seen)
+    rundirs = list(Path("/run/edgetb").glob("agent-*/nodes/*"))
+    dock = _docker_objects() if docker else None
+    ctrs, dnets = dock or ([], [])
+    if scoped:
+        nets = [n for n in nets if n[len(nb.NS_PREFIX):] in nameset]
+        links = [l for l in links if l in veths | bridges]
+        groups = [g for g in groups if g.name in nameset]
+        rules = [r for r in rules if any(b in r for b in bridges)]
+        mounts = [m for m in mounts if any(f"/nodes/{n}/" in m or m.split()[4].endswith(f"/nodes/{n}")
+                                           for n in nameset)]
+        procs = [p for p in procs if p[1] is None or p[1] in nameset]
+        rundirs = [r for r in rundirs if r.name in nameset]
+        ctrs = [c for c in ctrs if (c.labels or {}).get("edgetb.node") in nameset]
+        dnets = [n for n in dnets if (n.attrs.get("Labels") or {}).get("edgetb.emulator") in emulators]
     return {
-        "namespaces": sorted(nb.NS_PREFIX + n for n in names if nb.NS_PREFIX + n in nets),
-        "links": sorted((veths | bridges) & links),
-        "cgroups": sorted(str(p) for n in names for p in _cgroup_dirs(n) if p.exists()),
-        "iptables": [r for r in _iptables_rules() if any(b in r for b in bridges)],
-        "processes": sorted(set(_pids_left(set(names), seen)) | set(_cgroup_members(names))),
-        "rundirs": sorted(str(p) for p in state_dirs),
+        "namespaces": sorted(nets),
+        "links": sorted(links),
+        "cgroups": sorted(str(g) for g in groups),
+        "iptables": rules,
+        "mounts": mounts,
+        "processes": sorted(f"{pid} [{why}] {_cmdline(pid)}" for pid, _, why in procs),
+        "rundirs": sorted(str(r) for r in rundirs),
+        "containers": sorted(c.name for c in ctrs),
+        "networks": sorted(n.name for n in dnets),
     }
 
 
 def testbed_objects() -> dict[str, list[str]]:
     """Everything of the testbed's kinds on this host, whoever made it (for diagnostics)."""
-    nets = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    base = Path("/sys/fs/cgroup")
-    groups = []
-    for g in (base / "edgetb", base / "cpu" / "edgetb", base / "memory" / "edgetb"):
-        if g.is_dir():
-            groups += [str(p) for p in g.iterdir() if p.is_dir()]
-    return {
-        "namespaces": sorted(n for n in nets if n.startswith(nb.NS_PREFIX)),
-        "links": sorted(l for l in _all_links()
-                        if l.startswith(nb.VETH_PREFIX) or l.startswith(nb.BRIDGE_PREFIX)),
-        "cgroups": sorted(groups),
-        "iptables": _iptables_rules(),
-    }
+    return leftovers()
 
 
 def assert_clean(*deps: Deployment, extra_names: list[str] = ()) -> None:
-    left = leftovers(*deps, extra_names=extra_names)
-    assert not any(left.values()), f"testbed left behind: { {k: v for k, v in left.items() if v} }"
+    """Fails listing what remains: of these deployments, or with none given, of anything."""
+    left = {k: v for k, v in leftovers(*deps, extra_names=extra_names).items() if v}
+    assert not left, f"testbed left behind: {left}"
 
 
 @contextlib.contextmanager
@@ -549,5 +637,5 @@ def deployed(agent: AgentProc, dep: Deployment):
         deploy(agent, dep)
         yield dep
     finally:
-        with contextlib.suppress(net.HttpError):
-            agent.post("/emulated/reset")
+        agent.post("/emulated/reset")         # an error fails the test
+    assert_clean(dep)

@@ -24,8 +24,6 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
 from worker import image  # noqa: E402
 
 TAG = os.environ.get("EDGETB_TEST_IMAGE", image.DEFAULT_TAG)
@@ -34,13 +32,17 @@ _subnets = itertools.count(random.randrange(1, 200))
 
 def why_not() -> str | None:
     """Why docker tests cannot run on this machine, or None."""
-    return ah.missing_requirements() or image.present(TAG)
+    why = ah.missing_requirements()
+    if why:
+        return why
+    why = image.present(TAG)
+    return ah.skip_reason("docker", why) if why else None
 
 
 def need_docker():
     """Module-level mark: skip, saying why, without root, a Docker daemon or the image."""
     why = why_not()
-    return pytest.mark.skipif(why is not None, reason=f"docker tests: {why}")
+    return pytest.mark.skipif(why is not None, reason=f"docker tests: {why}")  # why is tagged
 
 
 def client():
@@ -77,26 +79,19 @@ def deployed(agent: ah.AgentProc, dep: ah.Deployment, **kw):
     try:
         yield deploy(agent, dep, **kw)
     finally:
-        with contextlib.suppress(net.HttpError):
-            agent.post("/emulated/reset", timeout_s=120)
+        agent.post("/emulated/reset", timeout_s=120)     # an error fails the test
+    assert_clean(dep)
 
 
 def docker_leftovers(dep: ah.Deployment) -> dict[str, list[str]]:
-    """Containers etb-<node> and the network etb-<emulator> still in Docker."""
-    c = client()
-    try:
-        names = {dn.container_name(n) for n in dep.names}
-        ctrs = [x.name for x in c.containers.list(all=True) if x.name in names]
-        nets = [x.name for x in c.networks.list(names=[dn.network_name(dep.emulator)])
-                if x.name == dn.network_name(dep.emulator)]
-        return {"containers": sorted(ctrs), "networks": nets}
-    finally:
-        c.close()
+    """Containers etb-<node> and the network etb-<emulator> still in Docker (agent_helpers.leftovers)."""
+    left = ah.leftovers(dep)
+    return {"containers": left["containers"], "networks": left["networks"]}
 
 
-def assert_clean(dep: ah.Deployment) -> None:
-    left = {**ah.leftovers(dep), **docker_leftovers(dep)}
-    assert not any(left.values()), f"testbed left behind: { {k: v for k, v in left.items() if v} }"
+def assert_clean(dep: ah.Deployment | None = None) -> None:
+    """Nothing left of dep (containers and networks included), or with none, of anything."""
+    ah.assert_clean(*([dep] if dep else []))
 
 
 def container_cgroup(pid: int, controller: str) -> Path:

@@ -57,11 +57,16 @@ def sh(*argv, check=True) -> subprocess.CompletedProcess:
 
 
 def missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (namespaces, qdiscs, cgroups)"
-    for tool in ("ip", "tc", "nsenter", "iperf3"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
+    """Why the harness cannot run here (a reason tagged with its requirement), or None."""
+    import agent_helpers as ah
+
+    why = ah.missing_requirements()
+    if why:
+        return why
+    if shutil.which("nsenter") is None:
+        return ah.skip_reason("root", "needs nsenter (util-linux)")
+    if shutil.which("iperf3") is None:
+        return ah.skip_reason("iperf3", "needs iperf3")
     return None
 
 
@@ -99,15 +104,20 @@ class Agent:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, *, reset: bool = True, timeout_s: float = 30) -> None:
-        """Reset what it made (unless told not to), then end its process group."""
+    def stop(self, *, reset: bool = True, timeout_s: float = 30) -> list[str]:
+        """Reset what it made (unless told not to), then end its process group; the
+        resets' errors."""
+        errors = []
         if self.proc is None:
-            return
+            return errors
         if reset and self.alive():
             for path in ("/emulated/reset", "/physical/reset"):
-                with contextlib.suppress(net.HttpError):
+                try:
                     self.post(path, timeout_s=timeout_s)
+                except net.HttpError as e:
+                    errors.append(f"{path} on {self.addr}: {e}")
         nb.stop_group(self.proc, timeout_s)
+        return errors
 
 
 @dataclass
@@ -159,12 +169,19 @@ class Harness:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(check=exc[0] is None)    # an exception from the body wins
 
-    def close(self) -> None:
+    def close(self, *, check: bool = True) -> None:
+        """Remove everything; then, with `check`, fail when a reset reported an error or
+        anything of the testbed remains on this machine (agents_helpers.leftovers)."""
+        import agent_helpers as ah
+
+        errors = []
         for a in reversed(self.agents):
-            with contextlib.suppress(Exception):
-                a.stop()
+            try:
+                errors += a.stop()
+            except Exception as e:       # the rest of the cleanup still runs
+                errors.append(f"stopping the agent on {a.addr}: {e!r}")
             shutil.rmtree(shares.cache_dir(a.port).parent, ignore_errors=True)
             if a.log_path:
                 with contextlib.suppress(OSError):
@@ -176,6 +193,9 @@ class Harness:
             sh("ip", "link", "del", h.veth, check=False)
         nb._bridge_firewall(self.bridge, add=False)
         sh("ip", "link", "del", self.bridge, check=False)
+        if check:
+            assert not errors, f"resets failed: {errors}"
+            ah.assert_clean()
 
     # ------------------------------------------------------------------ parts
     def next_port(self) -> int:
@@ -234,23 +254,19 @@ class Harness:
 
     # ------------------------------------------------------------------ checks
     def leftovers(self, names: list[str]) -> dict[str, list[str]]:
-        """What any worker still holds of these node names: namespaces, containers,
-        cgroups, processes (marked by name), bridges and namespaces inside the hosts."""
+        """What any worker still holds of these node names (agent_helpers.leftovers:
+        namespaces, cgroups, processes, mounts, containers ...), and bridges, veths and
+        iptables rules inside the hosts' namespaces."""
         import agent_helpers as ah
 
-        nets = set(sh("ip", "netns", "list").stdout.split())
-        out = {"namespaces": sorted(n for n in (nb.NS_PREFIX + x for x in names) if n in nets),
-               "cgroups": sorted(str(p) for n in names for p in ah._cgroup_dirs(n) if p.exists()),
-               "processes": sorted(set(ah._pids_left(set(names), {})) | set(ah._cgroup_members(names))),
-               "host links": [], "containers": [], "iptables": []}
+        out = ah.leftovers(extra_names=names)
+        out["host links"], out["host iptables"] = [], []
+        nets = set(ah.netns_list())
         for h in self.hosts:
             if h.ns in nets:
                 links = h.run("ip", "-o", "link", "show").stdout
                 out["host links"] += [f"{h.ns}: {l.split(':')[1].strip()}" for l in links.splitlines()
                                       if nb.BRIDGE_PREFIX in l or nb.VETH_PREFIX in l]
                 rules = h.run("iptables", "-w", "-S", check=False).stdout
-                out["iptables"] += [f"{h.ns}: {r}" for r in rules.splitlines() if "edgetb" in r]
-        if shutil.which("docker"):
-            p = sh("docker", "ps", "-a", "--format", "{{.Names}}", check=False)
-            out["containers"] = sorted(c for c in p.stdout.split() if c in {f"etb-{n}" for n in names})
+                out["host iptables"] += [f"{h.ns}: {r}" for r in rules.splitlines() if "edgetb" in r]
         return out

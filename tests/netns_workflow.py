@@ -19,13 +19,13 @@ for p in (ROOT, ROOT / "dml_tool"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import agent_helpers as ah  # noqa: E402
 from controller.testbed import Testbed  # noqa: E402
 from dml_app import net  # noqa: E402
 
 
 def etb_namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith("etb-")}
+    return {n for n in ah.netns_list() if n.startswith("etb-")}
 
 
 @contextmanager
@@ -62,7 +62,7 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
     finally:
         tb.close()          # nodes first, so no heartbeat arrives at a closing server
         manager.close()
-    assert not etb_namespaces() & {f"etb-{n}" for n in roles}
+    ah.assert_clean()       # nothing of the testbed remains, whoever's (one test at a time)
 
 
 def run_workflow(tb: Testbed, manager, tmp: Path, *, alg: str, dataset: dict, structure: dict,

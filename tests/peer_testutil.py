@@ -27,7 +27,7 @@ from controller.testbed import Testbed  # noqa: E402
 import dataset_conf  # noqa: E402  (dml_tool/, on sys.path through dml_testutil)
 
 
-from netns_workflow import netns_testbed  # noqa: E402
+from netns_workflow import etb_namespaces, netns_testbed  # noqa: E402,F401
 
 
 @contextmanager
@@ -86,11 +86,6 @@ def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
         np.save(root / split / "1_y.npy", rng.integers(0, num_classes, samples).astype(np.int64))
     (root / "meta.json").write_text(json.dumps(meta))
     return root
-
-
-def etb_namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith("etb-")}
 
 
 def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: dict,

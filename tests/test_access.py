@@ -20,7 +20,9 @@ from dml_testutil import NodeProc, scratch  # noqa: E402,F401  (scratch: a fixtu
 from test_controller import make_testbed  # noqa: E402
 
 NOBODY = 65534
-need_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it runs requests as another user")
+import agent_helpers as ah  # noqa: E402
+
+need_root = ah.need("root", "needs root: it runs requests as another user" if os.geteuid() != 0 else None)
 
 
 @pytest.fixture
@@ -230,7 +232,7 @@ def test_a_node_takes_confs_from_the_controller_only(scratch):
         node.stop()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by install.sh")
+@ah.need("root", "needs curl (install.sh installs it)" if shutil.which("curl") is None else None)
 def test_curl_from_the_terminal_still_works(served):
     m = served()
     p = subprocess.run(["curl", "-sS", f"localhost:{m.server.port}/print?msg=hello"],

@@ -1,6 +1,5 @@
 """The controller refuses bad definitions before deploying anything, and guards its API."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from dml_app import net  # noqa: E402
 
 
 def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    import agent_helpers as ah
+    return set(ah.netns_list())
 
 
 def make_testbed(tmp_path, links: dict, *, names=("c1", "c2", "c3"), cpu=0.5, ram_mb=256,

@@ -4,7 +4,6 @@ this agent's, even one labelled edgetb or named etb-."""
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def foreign(client, tag: str):
 
 
 def _ns_list() -> set[str]:
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    return set(ah.netns_list())
 
 
 def test_hi_lists_docker(agent):

@@ -15,11 +15,6 @@ from dml_app import net  # noqa: E402
 PORT = 3350
 
 
-def _leftovers() -> list[str]:
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [l.split()[0] for l in ns.splitlines() if re.match(r"etb-n[1-5]\b", l)]
-
-
 def test_fl_run_auto_end_to_end():
     with ah.CmdlineWatch(access.token_path(PORT)) as watch:
         p = subprocess.run([sys.executable, "controller/fl_run.py", "--auto", "--port", str(PORT)],
@@ -47,4 +42,4 @@ def test_fl_run_auto_end_to_end():
     assert set(summary["bytes_sent"]) == {"n1", "n2", "n3", "n4", "n5"}
     # the summary table is printed, and nothing is left behind
     assert "final accuracy" in out and "bytes sent" in out
-    assert not _leftovers()
+    ah.assert_clean()

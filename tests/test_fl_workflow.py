@@ -30,8 +30,8 @@ class FlManager(Manager):
 
 
 def _etb_namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {l.split()[0] for l in out.splitlines() if l.startswith("etb-")}
+    import agent_helpers as ah
+    return {n for n in ah.netns_list() if n.startswith("etb-")}
 
 
 @pytest.fixture

@@ -76,7 +76,9 @@ from controller import access  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: deploys netns nodes")
+import agent_helpers as ah  # noqa: E402
+
+pytestmark = ah.need("root", "needs root: deploys netns nodes" if os.geteuid() != 0 else None)
 
 PORT = 3372                     # the controller; its embedded agent is PORT + 1 (no other test uses them)
 SUBNET = "10.247.0.0/24"        # no other test uses it

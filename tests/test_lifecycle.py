@@ -44,7 +44,7 @@ def _wait_in_cgroup(name, timeout_s=20):
 
 
 def _ns_list():
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return ah.netns_list()
 
 
 def test_five_nodes_deploy_reach_limits_and_reset(clean_agent):

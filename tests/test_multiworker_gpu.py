@@ -18,6 +18,8 @@ from worker import docker_nodes as dn  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker.agent import Agent, BadRequest  # noqa: E402
 
+import agent_helpers as ah  # noqa: E402
+
 
 def _testbed(tmp_path, backend, emu_gpu, node_gpus):
     tb = Testbed("127.0.0.1", str(tmp_path), None)
@@ -121,7 +123,7 @@ def _no_gpu() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_no_gpu() is not None, reason=str(_no_gpu()))
+@ah.need("gpu", _no_gpu())
 def test_a_docker_node_sees_its_gpu():  # pragma: no cover - needs a GPU and the NVIDIA runtime
     import docker
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import agent_helpers as ah  # noqa: E402
 import multihost  # noqa: E402
 from controller import share  # noqa: E402
 from controller.manager import Manager  # noqa: E402
@@ -102,8 +103,7 @@ def test_nfs_detection_says_why():
             share.mode("nfs")
 
 
-@pytest.mark.skipif(share.nfs_unavailable() is not None,
-                    reason=f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
+@ah.need("nfs", share.nfs_unavailable() and f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
 def test_nfs_export_and_mount_for_real(tmp_path):   # pragma: no cover - needs kernel NFS
     import subprocess
 
@@ -259,10 +259,10 @@ def test_agent_mounts_nfs_shares_once_and_says_why_it_cannot(tmp_path, monkeypat
         agent._nfs_mount({"server": "not-an-ip", "path": "/srv/app"}, "n1")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount)")
+@ah.need("root", "needs root (mount)" if os.geteuid() != 0 else None)
 def test_agent_without_nfs_client_refuses_clearly(tmp_path):
     if share.nfs_unavailable() is None:
-        pytest.skip("this machine has NFS: the refusal is for machines without it")
+        ah.skip("has-it", "this machine has NFS: the refusal is for machines without it")
     from worker import agent as agent_mod
 
     agent = agent_mod.Agent(name="t", port=1, token="x", state_dir=tmp_path / "state")

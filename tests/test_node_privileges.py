@@ -23,8 +23,8 @@ from worker import nodes as nb  # noqa: E402
 
 ROOT = ah.ROOT
 pytestmark = [ah.need_root(),
-              pytest.mark.skipif(subprocess.run(["id", nb.NODE_USER], capture_output=True).returncode != 0,
-                                 reason=f"no user {nb.NODE_USER}: run ./install.sh")]
+              ah.need("root", f"no user {nb.NODE_USER}: run ./install.sh (as root)"
+                      if subprocess.run(["id", nb.NODE_USER], capture_output=True).returncode != 0 else None)]
 
 agent = ah.agent_fixture()
 APP_PORT = 4466
@@ -285,7 +285,7 @@ def test_docker_nodes_run_as_the_node_user_without_capabilities(clean_agent):
 
     why = dt.why_not()
     if why:
-        pytest.skip(f"docker: {why}")
+        pytest.skip(f"docker: {why}")   # why is tagged (dt.why_not)
     dep = dt.plan(2, cmd=["sh", "-c", "touch /run/edgetb-node/log/started; "
                                       "touch /run/edgetb-node/x 2>/dev/null && echo rundir-writable; "
                                       "exec sleep infinity"])

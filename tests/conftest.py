@@ -1,0 +1,77 @@
+"""Suite-wide rules for skips (EDGETB_REQUIRE) and the closing skip summary.
+
+Every environment skip's reason ends in a tag made by agent_helpers.skip_reason:
+"[requires: root|docker|iperf3]" or "[may skip: netem|nfs|gpu|has-it]".
+
+EDGETB_REQUIRE=root,docker,iperf3 (a comma list; .ci/run sets it) turns a skip tagged
+with a listed requirement into a FAILURE naming the requirement and the reason, so a CI
+run cannot go green with those tests silently skipped. With EDGETB_REQUIRE set, a skip
+with no tag at all fails too (nobody said why it may skip); "[may skip: ...]" skips
+(what a machine may truly lack) still skip. Without EDGETB_REQUIRE nothing changes.
+
+The run ends with pytest's short summary of skips and their reasons (-rs, added here so
+the README's command stays as it is).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+_TAG = re.compile(r"\[(requires|may skip): ([\w-]+)\]\s*$")
+
+
+def required() -> set[str]:
+    import agent_helpers as ah
+
+    want = {r.strip() for r in os.environ.get("EDGETB_REQUIRE", "").split(",") if r.strip()}
+    unknown = want - set(ah.REQUIREMENTS)
+    if unknown:
+        raise pytest.UsageError(f"EDGETB_REQUIRE: unknown {sorted(unknown)}; known: {ah.REQUIREMENTS}")
+    return want
+
+
+def classify(reason: str) -> tuple[str | None, str | None]:
+    """(kind, requirement) of a skip reason: ('requires', 'root'), ('may skip', 'gpu') or (None, None)."""
+    m = _TAG.search(reason)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    config._edgetb_required = required()
+    chars = config.option.reportchars or ""
+    if "s" not in chars and "a" not in chars and "A" not in chars:
+        config.option.reportchars = chars + "s"
+
+
+def _enforce(rep, config):
+    """Turn a skip report into a failure when EDGETB_REQUIRE asks for it."""
+    need = getattr(config, "_edgetb_required", set())
+    if not (need and rep.skipped and isinstance(rep.longrepr, tuple)) or hasattr(rep, "wasxfail"):
+        return rep
+    path, line, reason = rep.longrepr
+    reason = reason.removeprefix("Skipped: ")
+    kind, req = classify(reason)
+    if kind == "requires" and req in need:
+        why = f"EDGETB_REQUIRE lists {req}, but this test would skip: {reason}"
+    elif kind is None:
+        why = (f"EDGETB_REQUIRE is set and this skip says no requirement "
+               f"(tag it with agent_helpers.need/skip): {reason}")
+    else:
+        return rep
+    rep.outcome = "failed"
+    rep.longrepr = f"{path}:{line}: {why}"
+    return rep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    return _enforce((yield), item.config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Module-level skips (pytest.skip(allow_module_level=True), importorskip) too."""
+    return _enforce((yield), collector.config)
