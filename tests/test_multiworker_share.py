@@ -89,18 +89,22 @@ def test_nfs_commands_and_volume_options():
         "driver_opts": {"type": "nfs", "o": "addr=10.246.0.1,nfsvers=4,ro", "device": ":/srv/edgetb/dml_app"}}
 
 
-def test_nfs_detection_says_why():
+def test_nfs_detection_says_why(monkeypatch):
     have_all = "nodev\tnfs\nnodev\tnfs4\nnodev\tnfsd\n"
     assert share.nfs_unavailable(have_all, which=lambda t: "/usr/sbin/" + t) is None
     why = share.nfs_unavailable("nodev\tproc\n\text4\n", which=lambda t: None)
     assert "no nfsd in /proc/filesystems" in why and "no mount.nfs" in why and "no exportfs" in why
     how, line = share.mode("http")
     assert how == "http" and "HTTP" in line
-    if share.nfs_unavailable() is not None:
-        how, line = share.mode()
-        assert how == "http" and "NFS not available: " in line
-        with pytest.raises(share.ShareError, match="NFS asked for but not available"):
-            share.mode("nfs")
+    # the fallback and its refusal, whatever this machine has
+    monkeypatch.setattr(share, "nfs_unavailable", lambda: "no nfsd in /proc/filesystems")
+    assert share.mode() == ("http", "share: dml_app/dataset over HTTP from the controller "
+                                    "(NFS not available: no nfsd in /proc/filesystems)")
+    with pytest.raises(share.ShareError, match="NFS asked for but not available: no nfsd"):
+        share.mode("nfs")
+    monkeypatch.setattr(share, "nfs_unavailable", lambda: None)
+    assert share.mode()[0] == share.mode("nfs")[0] == "nfs"
+    assert share.mode("http")[0] == "http"
 
 
 @ah.need("nfs", share.nfs_unavailable() and f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
@@ -169,13 +173,17 @@ def test_http_share_reaches_nodes_caches_and_refuses_corruption(tmp_path):
             node = tb.add_emulated_node(name, "/home/worker/dml_app", ["sh", "-c", "cat marker.txt; exec sleep 300"],
                                         cpu=0.2, ram=128, unit="M", emulator=emu)
             node.mount_nfs(nfs, "/home/worker/dml_app")
+        # over HTTP: by itself where NFS is missing (saying why), asked for where it is not
+        why = share.nfs_unavailable()
+        if why is None:
+            tb.share_mode = "http"
+        expected_line = ("share: dml_app/dataset over HTTP from the controller "
+                         + ("(asked for)" if why is None else f"(NFS not available: {why})"))
         said = []
         manager = tb.start(serve_forever=False, say=said.append)
         try:
             lines = [m for m in said if m.startswith("share:")]
-            assert len(lines) == 1 and "HTTP" in lines[0], said
-            if share.nfs_unavailable():
-                assert "NFS not available: " in lines[0]
+            assert lines == [expected_line], said
             (d1,) = tb.share_store.served
             assert tb.share_store.served == {d1: 1}       # two nodes, one download
             for name in names:
