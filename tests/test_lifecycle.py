@@ -72,8 +72,11 @@ def test_five_nodes_deploy_reach_limits_and_reset(clean_agent):
 
     st = agent.get("/status")["nodes"]
     assert {n: st[n]["state"] for n in dep.names} == {n: "running" for n in dep.names}
-    if ah.shutil.which("iptables") and Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
-        assert ah.leftovers(dep)["iptables"], "no FORWARD accept rule for the bridge"
+    # the agent adds its FORWARD accept rule whenever iptables is there (br_netfilter may
+    # be loaded later, by Docker), and cannot without it
+    have_iptables = ah.shutil.which("iptables") is not None
+    assert bool(ah.leftovers(dep)["iptables"]) == have_iptables, \
+        f"iptables {'present' if have_iptables else 'absent'}, rules: {ah.leftovers(dep)['iptables']}"
 
     dep.record_pids()
     assert dep.pids, "no process seen inside the nodes' namespaces"
