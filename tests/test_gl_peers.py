@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -50,16 +49,13 @@ def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scrat
         assert sorted(conf2["connect"]) == ["gx3"]  # the link to gx5 is not a gossip link
         push_confs(manager, scratch, {n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in PEERS})
 
-        t0 = time.monotonic()
         assert manager.start_training(None) == f"started {', '.join(PEERS)}"
         assert manager.finished.wait(60), "the controller never noticed the end of the gossip"
-        took = time.monotonic() - t0
         summary = manager.summary
         assert "error" not in summary, summary
         run_dir = Path(summary["run_dir"])
         # nobody called /finish: the manager did, after every peer was done
         assert all(manager.heartbeats[n]["state"] == "finished" for n in PEERS)
-        assert took < 40
 
     logs = {n: (run_dir / f"{n}.log").read_text() for n in PEERS}
     sent, received, merged = {}, 0, 0
