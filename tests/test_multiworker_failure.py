@@ -43,13 +43,11 @@ def test_unreachable_worker_is_named_and_the_others_are_rolled_back(tmp_path):
         agent_b = b.start_agent()
         agent_b.stop()                      # host b is up, its agent is not
         tb, names = _testbed(h, tmp_path, [(a.ip, agent_a.port), (b.ip, agent_b.port)], h.tag)
-        t0 = time.monotonic()
         with pytest.raises(DeployError) as ei:
             tb.deploy(say=lambda m: None)
         msg = str(ei.value)
         assert f"emulator {h.tag}e2 ({b.ip}:{agent_b.port})" in msg and "no answer" in msg, msg
         assert f"{h.tag}e1" not in msg.split("removed:")[1], msg
-        assert time.monotonic() - t0 < 30
         assert agent_a.get("/status")["nodes"] == {}
         left = h.leftovers(names)
         assert not any(left.values()), left
