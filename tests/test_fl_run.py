@@ -133,7 +133,9 @@ def test_fedavg_on_loopback(workdir):
 
 def test_round_goes_on_after_the_timeout_without_a_silent_trainer(workdir):
     """A trainer that takes the weights but never uploads costs one timeout per round."""
-    TIMEOUT_S = 4  # long enough for the real trainer's first (cold) round on a busy machine
+    # Far longer than the real trainer's first (cold) round, so that only the silent one is
+    # ever missing; each round lasts exactly this long (the silent trainer never uploads).
+    TIMEOUT_S = 12
     took: list[int] = []
     silent = Flask("silent-trainer")
     net.require_token(silent, TOKEN)
@@ -161,14 +163,13 @@ def test_round_goes_on_after_the_timeout_without_a_silent_trainer(workdir):
         agg.call("POST", "/conf/dataset", json={"test_len": 2, "test_start_index": 1})
         tr.call("POST", "/conf/structure", json={"epoch": 1, "father_node": "a1", "connect": {"a1": agg.address}})
         tr.call("POST", "/conf/dataset", json={"train_len": 2, "train_start_index": 1, "batch_size": 32})
-        t0 = time.monotonic()
         agg.call("GET", "/start")
-        assert ctl.finished.wait(60), agg.output()
-        assert time.monotonic() - t0 >= 2 * TIMEOUT_S  # each round waited for the silent trainer
+        assert ctl.finished.wait(120), agg.output()
         log = (log_dir / "a1.log").read_text()
-        assert len(took) == 2 and all(n > 0 for n in took)
-        waits = re.findall(r"round (\d): no upload from \[(.*)\] within 4 s; aggregating the others", log)
-        assert [r for r, _ in waits] == ["1", "2"] and all("'quiet'" in who for _, who in waits), log
+        assert len(took) == 2 and all(n > 0 for n in took)     # the silent one got the weights twice
+        # each round waited its timeout for the silent trainer, and for it alone
+        waits = re.findall(rf"round (\d): no upload from \[(.*)\] within {TIMEOUT_S} s; aggregating the others", log)
+        assert waits == [("1", "'quiet'"), ("2", "'quiet'")], log
         assert [int(r) for _, r in AGG_LINE.findall(log)] == [1, 2]
         assert "(failed: ['quiet'])" in log
         assert [int(r) for _, r in TRAIN_LINE.findall((log_dir / "t1.log").read_text())] == [1, 2]
