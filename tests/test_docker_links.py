@@ -67,6 +67,75 @@ def test_shaped_link_between_containers_within_3_percent(agent):
         dt.assert_clean(dep)
 
 
+_SEND = """
+import socket, sys, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+while True:
+    try:
+        s = socket.create_connection((ip, port), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.05)
+s.sendall(bytes(n))
+s.close()
+time.sleep(1e6)
+"""
+
+_SINK = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+    c.close()
+"""
+
+
+def _class_bytes(ns: str) -> dict[str, int]:
+    """Bytes sent per HTB class on eth0 in ns ({'1:1': ..., '1:10': ...}), from `tc -s`."""
+    out = ah.ns_run(ns, ["tc", "-s", "class", "show", "dev", "eth0"]).stdout
+    got, cls = {}, None
+    for line in out.splitlines():
+        words = line.split()
+        if words[:2] == ["class", "htb"]:
+            cls = words[2]
+        elif words[:1] == ["Sent"] and cls:
+            got[cls] = int(words[1])
+            cls = None
+    return got
+
+
+def test_agent_installs_links_before_the_app_sends_its_first_byte(agent):
+    """Through the agent: a's app, started by the agent, sends SIZE bytes to b at once;
+    had it run before its link, they would have left unshaped and uncounted by the link's
+    class (and at veth speed, long before the class existed)."""
+    SIZE = 1_000_000
+    dep = dt.plan(2)
+    a, b = dep.names
+    port = dep.node(b)["port"]
+    dep.node(a)["cmd"] = ["python3", "-c", _SEND, dep.ip(b), str(port), str(SIZE)]
+    dep.node(b)["cmd"] = ["python3", "-c", _SINK, str(port)]
+    dep.links = {a: [ah.link(dep, a, b, RATE_BPS)]}
+    try:
+        with dt.deployed(agent, dep) as answer:
+            assert answer["nodes"][a]["links"] == 1
+            deadline = time.monotonic() + 60
+            while (sent := _class_bytes(dep.ns(a))).get("1:10", 0) < SIZE:
+                assert time.monotonic() < deadline, f"a's bytes never all went through its link: {sent}"
+                time.sleep(0.1)
+            # every byte of the app went through the 20 Mbit/s class: payload plus headers,
+            # and nothing of it through the default class
+            assert SIZE <= sent["1:10"] <= SIZE * 1.1, sent
+            assert sent.get("1:1", 0) < SIZE // 100, sent
+            assert tc.read_back(dep.ns(a), "eth0")["rates_bps"][0x10] == RATE_BPS
+    finally:
+        dt.assert_clean(dep)
+
+
 def test_app_starts_only_after_its_links_are_in_place():
     """Below the agent: containers made, nothing of their command has run; links go in;
     only the gate starts the command, which then finds its links there."""
@@ -81,7 +150,13 @@ def test_app_starts_only_after_its_links_are_in_place():
         network = dn.ensure_network(client, dep.emulator, str(dep.network), dep.gateway, lab)
         made = dn.create_nodes(client, specs, network=network, rundir_base=Path(f"/run/edgetb/test-{dep.emulator}"),
                                lab=lab, cores=dn.emulator_cores(2), load={}, extra_env={})
-        time.sleep(1.0)     # time enough for a command that was not held back to run
+        # ready and held: each container's gate shell is up (blocked on its FIFO); a
+        # command not held back would have run before it, in its place
+        deadline = time.monotonic() + 30
+        while not all(any(p[-1].startswith("/bin/sh -c read") for p in client.containers.get(n.container).top()["Processes"])
+                      for n in made):
+            assert time.monotonic() < deadline, "no container reached its gate"
+            time.sleep(0.05)
         for n in made:
             assert not (Path(n.rundir) / "log" / "started").exists(), f"{n.spec.name} started before its gate"
             top = client.containers.get(n.container).top()["Processes"]
