@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
 from netns_workflow import netns_testbed  # noqa: E402
+import agent_helpers as ah  # noqa: E402
+from worker import tc  # noqa: E402
 
 NAMES = ["fa1", "ft2", "ft3", "ft4"]
 
@@ -88,8 +90,15 @@ def test_fl_over_the_http_workflow(fl_testbed):
     assert status["fa1"]["links"] == 3 and status["ft3"]["links"] == 1
     assert all(s["last_heartbeat_s"] is not None for s in status.values())
 
-    # links changed at run time, in place: same app processes, new rate in the kernel
+    # links changed at run time, in place: same app processes, new rate in the kernel,
+    # every other link as it was
     before = status["ft2"]
+    pids = {n: ah.cgroup_limits(n)["pids"] for n in NAMES}
+    assert all(pids.values()), f"an app is not in its cgroup: {pids}"
+    kernel = {n: tc.read_back(f"etb-{n}", "eth0") for n in NAMES}
+    assert sorted(kernel["fa1"]["rates_bps"][m] for m in (0x10, 0x11, 0x12)) == [40_000_000] * 3
+    assert (kernel["ft2"]["rates_bps"][0x10], kernel["ft3"]["rates_bps"][0x10],
+            kernel["ft4"]["rates_bps"][0x10]) == (10_000_000, 16_000_000, 20_000_000)
     links2 = json.loads((tmp / "links.json").read_text())
     links2["ft2"] = [{"dest": "fa1", "bw": "3mbit"}]
     links2.pop("ft4")    # the file is the whole network: ft4's link goes away
@@ -99,9 +108,14 @@ def test_fl_over_the_http_workflow(fl_testbed):
                              capture_output=True, text=True).stdout
     assert "rate 3Mbit" in classes and "rate 10Mbit" not in classes
     after = net.get_json(f"{ctl}/status")["nodes"]
-    assert after["ft2"]["app"] == "running" and after["fa1"]["links"] == 3
+    assert after["ft2"]["app"] == "running"
     assert after["ft2"]["links"] == 1 and after["ft4"]["links"] == 0
     assert after["ft2"]["last_heartbeat_s"] is not None and before["ip"] == after["ft2"]["ip"]
+    assert {n: ah.cgroup_limits(n)["pids"] for n in NAMES} == pids, "an app was restarted"
+    now = {n: tc.read_back(f"etb-{n}", "eth0") for n in NAMES}
+    assert now["fa1"] == kernel["fa1"] and now["ft3"] == kernel["ft3"], "an untouched link changed"
+    assert now["ft2"]["rates_bps"][0x10] == 3_000_000 and now["ft2"]["filters"] == 1
+    assert now["ft4"]["rates_bps"][0x10] == 100 * 10**9, "ft4's removed link is still shaped"
 
     net.get_json(f"{ctl}/emulated/reset")
     assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})
