@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import docker_testutil as dt  # noqa: E402
 import netns_workflow as nw  # noqa: E402
 from controller.manager import Manager  # noqa: E402
+from worker import cgroups  # noqa: E402
 from worker import docker_nodes as dn  # noqa: E402
 
 pytestmark = dt.need_docker()
@@ -74,15 +75,13 @@ def test_fl_on_docker_nodes(tmp_path):
                 pid = ctr.attrs["State"]["Pid"]
                 # what the kernel enforces, read from the container's own cgroups
                 assert _read(dt.container_cgroup(pid, "cpuset") / "cpuset.cpus") == cpusets[name]
-                assert int(_read(dt.container_cgroup(pid, "memory") / "memory.limit_in_bytes")) == RAM_BYTES
-                quota = int(_read(dt.container_cgroup(pid, "cpu") / "cpu.cfs_quota_us"))
-                period = int(_read(dt.container_cgroup(pid, "cpu") / "cpu.cfs_period_us"))
-                assert quota / period == pytest.approx(CPU)
+                lim = cgroups.read_limits(dt.container_cgroup(pid, "cpu"), dt.container_cgroup(pid, "memory"))
+                assert lim["memory_bytes"] == RAM_BYTES     # v1 memory.limit_in_bytes, v2 memory.max
+                assert lim["cpu_quota_us"] / lim["cpu_period_us"] == pytest.approx(CPU)   # cfs_*_us, cpu.max
             # 0.5 cpu each on one core, spread over the emulator's cores
             cores = dn.emulator_cores(2)
             assert all(c in {str(x) for x in cores} for c in cpusets.values()), cpusets
-            if len(cores) >= 2:
-                assert len(set(cpusets.values())) == 2, cpusets
+            assert len(set(cpusets.values())) == min(2, len(cores)), cpusets
 
             dataset = {"da1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
                        **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
