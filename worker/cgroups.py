@@ -2,32 +2,117 @@
 
 The cgroup is also how a node's processes are found at stop and reset: membership is a
 fact the kernel keeps, so nothing is killed by guessing a pid.
+
+v2 (unified, `<root>/cgroup.controllers` exists): one directory `<root>/edgetb/<node>`
+with `cpu.max` ("<quota> <period>") and `memory.max` (bytes). A child only gets those
+files once its parent has the controller in `cgroup.subtree_control`, so `+cpu +memory`
+is enabled on the root and on `edgetb/` (which holds no process itself: "no internal
+processes"), before the node's directory is made. Kill is `cgroup.kill` where the
+kernel has it (5.14+), emptiness is `populated 0` in `cgroup.events`.
+
+v1: `<root>/cpu/edgetb/<node>` (cpu.cfs_quota_us, cpu.cfs_period_us) and
+`<root>/memory/edgetb/<node>` (memory.limit_in_bytes); the cpu hierarchy may be
+mounted as `cpu,cpuacct`.
+
+`root` is injectable (default ROOT) so that tests can run either layout on a tree that
+mirrors it; the file operations with side effects in the kernel go through `_mkdir`,
+`_write` and `_rmdir`, and never create a file the kernel did not make.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "edgetb"
 CFS_PERIOD_US = 100_000
+CONTROLLERS = ("cpu", "memory")
+KILL_WAIT_S = 5.0          # for SIGKILLed members to go
+RMDIR_TRIES = 50           # x 0.05 s: rmdir fails while the kernel still reaps members
 
 
-def _v2() -> bool:
-    return (ROOT / "cgroup.controllers").exists()
+class CgroupError(RuntimeError):
+    pass
+
+
+def is_v2(root: Path | None = None) -> bool:
+    """The unified hierarchy is mounted at root (a v1 or hybrid host has a tmpfs there)."""
+    return (Path(root or ROOT) / "cgroup.controllers").exists()
+
+
+def _v1_mount(root: Path, controller: str) -> Path:
+    """The v1 hierarchy of controller: <root>/cpu, or a co-mount like <root>/cpu,cpuacct."""
+    d = root / controller
+    if d.is_dir():
+        return d
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and controller in p.name.split(","):
+                return p
+    return d   # absent: create() says so
+
+
+# The kernel's files, through these three, so a test can stand in for the kernel.
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass
+
+
+def _write(path: Path, text: str) -> None:
+    """Write to an existing control file (no O_CREAT: a missing file is an error)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _rmdir(path: Path) -> None:
+    path.rmdir()
+
+
+def _ints(text: str) -> set[int]:
+    return {int(x) for x in text.split()}
+
+
+def read_limits(cpu_dir: Path, memory_dir: Path, *, v2: bool | None = None) -> dict:
+    """The limits the kernel enforces at these cgroup directories (on v2 both are the
+    same unified directory): {'cpu_quota_us', 'cpu_period_us', 'memory_bytes'}, quota and
+    memory None when unlimited. `v2` defaults to the layout at ROOT."""
+    if v2 is None:
+        v2 = is_v2()
+    cpu_dir, memory_dir = Path(cpu_dir), Path(memory_dir)
+    if v2:
+        quota, period = (cpu_dir / "cpu.max").read_text().split()
+        mem = (memory_dir / "memory.max").read_text().strip()
+        return {"cpu_quota_us": None if quota == "max" else int(quota), "cpu_period_us": int(period),
+                "memory_bytes": None if mem == "max" else int(mem)}
+    quota = int((cpu_dir / "cpu.cfs_quota_us").read_text())
+    mem = int((memory_dir / "memory.limit_in_bytes").read_text())
+    return {"cpu_quota_us": None if quota < 0 else quota,
+            "cpu_period_us": int((cpu_dir / "cpu.cfs_period_us").read_text()),
+            "memory_bytes": None if mem >= 2**62 else mem}   # v1 "unlimited" is PAGE_COUNTER_MAX pages
 
 
 class Cgroup:
     """One node's cgroup(s). `dirs` are the directories to create/remove."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, root: Path | None = None):
+        if not name or "/" in name or name in (".", ".."):
+            raise CgroupError(f"bad cgroup name {name!r}")
         self.name = name
-        if _v2():
-            self.dirs = {"unified": ROOT / GROUP / name}
+        self.root = Path(root or ROOT)
+        self.v2 = is_v2(self.root)
+        if self.v2:
+            self.dirs = {"unified": self.root / GROUP / name}
         else:
-            self.dirs = {"cpu": ROOT / "cpu" / GROUP / name, "memory": ROOT / "memory" / GROUP / name}
+            self.dirs = {c: _v1_mount(self.root, c) / GROUP / name for c in CONTROLLERS}
 
     @property
     def procs_files(self) -> list[str]:
@@ -36,79 +121,152 @@ class Cgroup:
     def create(self, cpu: float, ram_mb: int) -> None:
         quota = max(1000, int(cpu * CFS_PERIOD_US))
         mem = int(ram_mb) * 1024 * 1024
-        if "unified" in self.dirs:
-            parent = ROOT / GROUP
-            parent.mkdir(exist_ok=True)
-            _enable_v2_controllers(parent)
+        if self.v2:
+            _enable_v2_controllers(self.root)
             d = self.dirs["unified"]
-            d.mkdir(exist_ok=True)
-            (d / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
-            (d / "memory.max").write_text(str(mem))
+            _mkdir(d)
+            _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+            _write(d / "memory.max", str(mem))
         else:
-            for d in self.dirs.values():
-                d.parent.mkdir(exist_ok=True)
-                d.mkdir(exist_ok=True)
+            for c, d in self.dirs.items():
+                if not d.parent.parent.is_dir():
+                    raise CgroupError(f"cgroup v1: no {c} hierarchy at {d.parent.parent} (controller "
+                                      f"disabled or not mounted; a Raspberry Pi needs cgroup_enable={c})")
+                _mkdir(d.parent)
+                _mkdir(d)
             c = self.dirs["cpu"]
-            (c / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            (c / "cpu.cfs_quota_us").write_text(str(quota))
-            (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(mem))
+            _write(c / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(c / "cpu.cfs_quota_us", str(quota))
+            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(mem))
+
+    def limits(self) -> dict:
+        """read_limits of this group, plus its member 'pids'."""
+        if self.v2:
+            d = self.dirs["unified"]
+            out = read_limits(d, d, v2=True)
+        else:
+            out = read_limits(self.dirs["cpu"], self.dirs["memory"], v2=False)
+        return {**out, "pids": self.pids()}
 
     def pids(self) -> set[int]:
         out: set[int] = set()
         for f in self.procs_files:
             try:
-                out.update(int(x) for x in Path(f).read_text().split())
+                out |= _ints(Path(f).read_text())
             except FileNotFoundError:
                 pass
         return out
 
-    def kill_all(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM every member, then SIGKILL what is left after timeout_s."""
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.05)
+    def populated(self) -> bool:
+        """Any process in the group (v2: the kernel's own `populated` flag)."""
+        if self.v2:
+            try:
+                events = (self.dirs["unified"] / "cgroup.events").read_text().split("\n")
+            except FileNotFoundError:
+                return False
+            return "populated 1" in events
+        return bool(self.pids())
 
-    def remove(self) -> None:
-        self.kill_all()
+    def _wait_empty(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.populated():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def kill_all(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM every member, then SIGKILL what is left after timeout_s: on v2 with
+        `cgroup.kill` in one write that also catches what forks meanwhile; otherwise by
+        pid, again and again until the group is empty (a forking app keeps adding)."""
+        pids = self.pids()
+        if not pids:
+            return
+        _signal(pids, signal.SIGTERM)
+        if self._wait_empty(timeout_s):
+            return
+        kill = self.dirs["unified"] / "cgroup.kill" if self.v2 else None
+        if kill is not None and kill.exists():
+            _write(kill, "1")
+            self._wait_empty(KILL_WAIT_S)
+            return
+        deadline = time.monotonic() + KILL_WAIT_S
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            _signal(pids, signal.SIGKILL)
+            time.sleep(0.05)
+
+    def remove(self, timeout_s: float = 5.0) -> list[Path]:
+        """kill_all(timeout_s), remove the node's directories and `edgetb/` once it is
+        empty. Returns the directories left (a member the kernel could not kill yet), and
+        says so on stderr."""
+        self.kill_all(timeout_s)
+        left = []
         for d in self.dirs.values():
-            for _ in range(50):  # rmdir fails while the kernel still reaps members
+            for _ in range(RMDIR_TRIES):
                 try:
-                    d.rmdir()
+                    _rmdir(d)
                     break
                 except FileNotFoundError:
                     break
                 except OSError:
                     time.sleep(0.05)
+            else:
+                left.append(d)
             try:
-                d.parent.rmdir()  # edgetb/ itself, once empty
+                _rmdir(d.parent)  # edgetb/ itself, once empty
             except OSError:
                 pass
+        if left:
+            print(f"cgroups: could not remove {', '.join(map(str, left))}: members {sorted(self.pids())}",
+                  file=sys.stderr)
+        return left
 
     def exists(self) -> bool:
         return any(d.exists() for d in self.dirs.values())
 
 
-def _enable_v2_controllers(parent: Path) -> None:
-    for p in (ROOT, parent):
+def _signal(pids, sig) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _enable_v2_controllers(root: Path) -> None:
+    """+cpu +memory in the root's and edgetb/'s cgroup.subtree_control, so edgetb/<node>
+    gets cpu.max and memory.max. edgetb/ must hold no process of its own."""
+    avail = (root / "cgroup.controllers").read_text().split()
+    missing = [c for c in CONTROLLERS if c not in avail]
+    if missing:
+        raise CgroupError(f"cgroup v2 at {root}: controller(s) {' '.join(missing)} not available "
+                          f"(cgroup.controllers: {' '.join(avail) or 'none'}; bound to a v1 hierarchy, "
+                          f"or not delegated to this container)")
+    parent = root / GROUP
+    for p in (root, parent):
+        if p is parent:
+            _mkdir(parent)
         ctl = p / "cgroup.subtree_control"
-        have = ctl.read_text().split()
-        for c in ("cpu", "memory"):
-            if c not in have:
-                ctl.write_text(f"+{c}")
+        need = [c for c in CONTROLLERS if c not in ctl.read_text().split()]
+        if not need:
+            continue
+        try:
+            _write(ctl, " ".join(f"+{c}" for c in need))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                # Only the true root is exempt from "no internal processes": the root of
+                # a cgroup namespace (a container) is not.
+                raise CgroupError(f"cgroup v2: cannot enable {' '.join(need)} in {ctl}: the cgroup holds "
+                                  f"processes {sorted(_ints((p / 'cgroup.procs').read_text()))} "
+                                  f"(move them to a child cgroup first)") from e
+            raise CgroupError(f"cgroup v2: cannot enable {' '.join(need)} in {ctl}: {e}") from e
 
 
-def leftover_groups() -> list[str]:
+def leftover_groups(root: Path | None = None) -> list[str]:
     """Names of node cgroups present under edgetb/ (after a crash, for reset)."""
-    base = ROOT / GROUP if _v2() else ROOT / "cpu" / GROUP
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir())
+    root = Path(root or ROOT)
+    if is_v2(root):
+        bases = [root / GROUP]
+    else:
+        bases = [_v1_mount(root, c) / GROUP for c in CONTROLLERS]
+    return sorted({p.name for b in bases if b.is_dir() for p in b.iterdir() if p.is_dir()})

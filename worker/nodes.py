@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dml_app import net
 from worker import tc, units
-from worker.cgroups import Cgroup
+from worker.cgroups import Cgroup, CgroupError
 from worker import secure
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -346,7 +346,10 @@ class Runner:
                           expose=python_exposure(uid, gid) if argv[0] == sys.executable else (),
                           tmpfs_mb=max(16, spec.ram_mb // 4))
         cg = Cgroup(spec.name)
-        cg.create(spec.cpu, spec.ram_mb)
+        try:
+            cg.create(spec.cpu, spec.ram_mb)
+        except CgroupError as e:    # e.g. cpu/memory not available to cgroup v2 here: say so (422)
+            raise NodeError(f"node {spec.name}: {e}") from None
         launch.update(cgroup_procs=cg.procs_files, cwd=cwd, env=env)
         fd = os.memfd_create(f"edgetb-launch-{spec.name}")   # close-on-exec here; pass_fds hands it over
         try:
