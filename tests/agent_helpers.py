@@ -38,6 +38,7 @@ from bench import common as bench  # noqa: E402
 from bench.common import ideal as goodput_ideal, wait_listening  # noqa: E402,F401  (used by tests)
 from dml_app import net  # noqa: E402
 from worker import nodes as nb  # noqa: E402
+from worker.cgroups import Cgroup  # noqa: E402
 
 AGENT = ROOT / "worker" / "agent.py"
 IPERF_PORT = 4444
@@ -454,26 +455,15 @@ def iperf(src_ns: str, dst_ns: str, ip: str, port: int = IPERF_PORT, *, seconds:
 
 # ----------------------------------------------------------------------------- what is left
 
-def _cgroup_dirs(name: str) -> list[Path]:
-    base = Path("/sys/fs/cgroup")
-    return [base / "edgetb" / name, base / "cpu" / "edgetb" / name, base / "memory" / "edgetb" / name]
+def cgroup_dirs(name: str) -> list[Path]:
+    """A node's cgroup directories, on whichever layout this machine has."""
+    return list(Cgroup(name).dirs.values())
 
 
 def cgroup_limits(name: str) -> dict:
-    """{'cpu_quota_us', 'cpu_period_us', 'memory_bytes', 'pids'} of a node's cgroup."""
-    base = Path("/sys/fs/cgroup")
-    v2 = base / "edgetb" / name
-    if (base / "cgroup.controllers").exists():
-        quota, period = (v2 / "cpu.max").read_text().split()
-        return {"cpu_quota_us": int(quota), "cpu_period_us": int(period),
-                "memory_bytes": int((v2 / "memory.max").read_text()),
-                "pids": {int(x) for x in (v2 / "cgroup.procs").read_text().split()}}
-    cpu, mem = base / "cpu" / "edgetb" / name, base / "memory" / "edgetb" / name
-    return {"cpu_quota_us": int((cpu / "cpu.cfs_quota_us").read_text()),
-            "cpu_period_us": int((cpu / "cpu.cfs_period_us").read_text()),
-            "memory_bytes": int((mem / "memory.limit_in_bytes").read_text()),
-            "pids": {int(x) for x in (cpu / "cgroup.procs").read_text().split()}
-            | {int(x) for x in (mem / "cgroup.procs").read_text().split()}}
+    """{'cpu_quota_us', 'cpu_period_us', 'memory_bytes', 'pids'} of a node's cgroup, as
+    the kernel has them (worker/cgroups.py reads either layout)."""
+    return Cgroup(name).limits()
 
 
 def netns_list() -> list[str]:

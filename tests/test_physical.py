@@ -91,6 +91,6 @@ def test_physical_node_shaped_on_its_nic(host_and_peer):
     net.post_json(f"{base}/physical/reset", {}, token=token)
     qd = sh("tc", "-n", h["host"], "qdisc", "show", "dev", "eth1").stdout
     assert "htb" not in qd, qd
-    assert not any(d.exists() for d in ah._cgroup_dirs(name))
+    assert not any(d.exists() for d in ah.cgroup_dirs(name))
     assert name not in net.get_json(f"{base}/status", token=token)["nodes"]
     net.post_json(f"{base}/physical/reset", {}, token=token)   # harmless twice
