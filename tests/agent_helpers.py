@@ -39,6 +39,7 @@ from bench.common import ideal as goodput_ideal, wait_listening  # noqa: E402,F4
 from dml_app import net  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker.cgroups import Cgroup  # noqa: E402
+from dml_testutil import free_port  # noqa: E402,F401  (the one free_port of the tests)
 
 AGENT = ROOT / "worker" / "agent.py"
 IPERF_PORT = 4444
@@ -104,12 +105,6 @@ def need_iperf3():
 def new_tag() -> str:
     """A short name prefix unique to this call: a letter and 5 hex digits."""
     return "t" + secrets.token_hex(3)[:5]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the agent
