@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import net  # noqa: E402  (dml_app/net.py, found through the path above)
-from worker.nodes import stop_group  # noqa: E402  (the one way processes are stopped)
+from worker.nodes import NodeSpec, app_env, stop_group  # noqa: E402  (stop_group: the one way processes are stopped)
 
 TOKEN = "test-token-0123456789"
 
@@ -80,16 +80,22 @@ class NodeProc:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_dir = Path(log_dir)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DML_")}
-        env.update({"EDGE_TB_ID": "1", "NET_NODE_NAME": name, "DML_PORT": str(self.port),
-                    "NET_CTL_ADDRESS": ctl_address, "NET_AGENT_ADDRESS": "",
-                    "EDGE_TB_TOKEN": token, "EDGE_TB_PEER_TOKEN": peer_token, "DML_LOG_DIR": str(log_dir),
-                    "DML_DATASET_DIR": str(dataset_dir), "DML_CPU": cpu,
-                    "PYTHONUNBUFFERED": "1"})
+        # The environment the agent gives a node (worker/nodes.app_env): the node's EdgeTB
+        # variables as the controller sends them (controller/testbed.py _node_body), the
+        # agent's credentials, unbuffered output, DML_LOG_DIR and DML_CPU. The node runs as
+        # the test's own user with its whole environment (like a root node; no launcher),
+        # minus any DML_* of the test's own.
+        spec = NodeSpec(name=name, id=1, ip="127.0.0.1", port=self.port, cpu=float(cpu), ram_mb=1024,
+                        cmd=[sys.executable, f"{role}.py"], working_dir=str(DML_APP), root=True,
+                        env={"EDGE_TB_ID": "1", "NET_NODE_NAME": name, "DML_PORT": str(self.port),
+                             "NET_CTL_ADDRESS": ctl_address, "NET_AGENT_ADDRESS": "",
+                             "DML_DATASET_DIR": str(dataset_dir)})
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DML_")}
+        env = app_env(spec, {net.TOKEN_ENV: token, net.PEER_TOKEN_ENV: peer_token}, str(log_dir), base=base)
         self.stderr_path = self.log_dir / f"{name}.stderr"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, f"{role}.py"], cwd=DML_APP, env=env,
+        self.proc = subprocess.Popen(spec.cmd, cwd=spec.working_dir, env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._stderr,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
