@@ -193,6 +193,20 @@ def _stop_agent(agent: AgentProc, timeout_s: float = 30) -> list[str]:
     return errors
 
 
+def launch_agent(prefix: list[str], host: str, port: int, name: str, token: str,
+                 log_path: Path) -> subprocess.Popen:
+    """Start `<prefix> python3 worker/agent.py --port P --host H --name N` in its own
+    process group (session), output to `log_path`, the token in its environment (never on
+    a command line); the Popen. Waiting for it and stopping it are the caller's.
+    `prefix`: e.g. ["nsenter", "--net=/run/netns/X"] (tests/multihost.py), or []."""
+    env = {**os.environ, net.TOKEN_ENV: token}
+    with open(log_path, "wb") as out:
+        return subprocess.Popen([*prefix, sys.executable, str(AGENT), "--port", str(port),
+                                 "--host", host, "--name", name],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(ROOT), env=env, start_new_session=True)
+
+
 @contextlib.contextmanager
 def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int | None = None):
     """Start `python3 worker/agent.py --port P` (token T in its environment, never on a
@@ -206,15 +220,7 @@ def running_agent(*, ready_timeout_s: float = 30, attempts: int = 3, port: int |
     for _ in range(attempts if wanted is None else 1):  # a free port can be taken between probe and bind
         port, token = wanted or free_port(), secrets.token_hex(16)
         log_path = log_dir / f"edgetb-test-agent-{port}.log"
-        out = open(log_path, "wb")
-        env = {**os.environ, net.TOKEN_ENV: token}
-        try:
-            proc = subprocess.Popen([sys.executable, str(AGENT), "--port", str(port),
-                                     "--host", "127.0.0.1", "--name", f"test-{port}"],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(ROOT), env=env, start_new_session=True)
-        finally:
-            out.close()
+        proc = launch_agent([], "127.0.0.1", port, f"test-{port}", token, log_path)
         agent = AgentProc(port=port, token=token, proc=proc, log_path=log_path)
         try:
             _wait_ready(agent, ready_timeout_s)

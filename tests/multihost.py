@@ -44,7 +44,6 @@ from dml_app import net  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker import shares  # noqa: E402
 
-AGENT = ROOT / "worker" / "agent.py"
 CONTROLLER_IP = "10.246.0.1"
 PORTS = range(3380, 3390)        # controller and agents
 
@@ -231,14 +230,11 @@ class Harness:
 
     def _start_agent(self, prefix: list[str], ip: str, port: int | None, *, name: str,
                      ready_timeout_s: float = 30) -> Agent:
+        import agent_helpers as ah
+
         port = port or self.next_port()
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetb-{self.tag}-agent-{port}.log"
-        env = {**os.environ, net.TOKEN_ENV: self.token}   # never on a command line
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(prefix + [sys.executable, str(AGENT), "--port", str(port),
-                                              "--host", ip, "--name", name],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(ROOT), env=env, start_new_session=True)
+        proc = ah.launch_agent(prefix, ip, port, name, self.token, log_path)   # token in its env
         agent = Agent(ip=ip, port=port, token=self.token, proc=proc, log_path=log_path)
         self.agents.append(agent)
         deadline = time.monotonic() + ready_timeout_s
