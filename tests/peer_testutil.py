@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from dml_testutil import ROOT, TOKEN, NodeProc, free_port
+import splitter  # noqa: E402  (dml_tool/splitter.py, on the path dml_testutil sets)
 import net  # noqa: E402  (dml_app/net.py, on sys.path through dml_testutil)
 
 if str(ROOT) not in sys.path:
@@ -80,10 +81,10 @@ def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
     rng = np.random.default_rng(num_classes)
     meta = {"name": f"mnist-random-{num_classes}", "input_shape": [1, 28, 28],
             "num_classes": num_classes, "train_parts": 1, "test_parts": 1}
-    for split in ("train", "test"):
-        (root / split).mkdir(parents=True)
-        np.save(root / split / "1_x.npy", rng.random((samples, 1, 28, 28), dtype=np.float32))
-        np.save(root / split / "1_y.npy", rng.integers(0, num_classes, samples).astype(np.int64))
+    for split in ("train", "test"):     # the parts written by the splitter's own writer
+        x = rng.random((samples, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, num_classes, samples)
+        splitter._write_parts(str(root / split), x, y, [np.arange(samples)])
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 

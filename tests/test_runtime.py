@@ -15,17 +15,20 @@ import torch
 from dml_testutil import TOKEN, NodeProc, StubController, scratch, wait_until  # noqa: F401
 import net
 import runtime
+import splitter
 from runtime import ConfigError, Runtime
 
 
 def make_dataset(root: Path, name: str = "mnist-synthetic", parts: int = 4, n: int = 20) -> Path:
     """A tiny dataset in the splitter's layout (random images; enough for the routes)."""
     rng = np.random.default_rng(0)
-    for split_name in ("train", "test"):
-        (root / split_name).mkdir(parents=True, exist_ok=True)
-        for i in range(1, parts + 1):
-            np.save(root / split_name / f"{i}_x.npy", rng.random((n, 1, 28, 28), dtype=np.float32))
-            np.save(root / split_name / f"{i}_y.npy", rng.integers(0, 10, n).astype(np.int64))
+    for split_name in ("train", "test"):  # the parts written by the splitter's own writer
+        xs, ys = [], []
+        for _ in range(parts):
+            xs.append(rng.random((n, 1, 28, 28), dtype=np.float32))
+            ys.append(rng.integers(0, 10, n))
+        splitter._write_parts(str(root / split_name), np.concatenate(xs), np.concatenate(ys),
+                              [np.arange(i * n, (i + 1) * n) for i in range(parts)])
     (root / "meta.json").write_text(json.dumps({"name": name, "input_shape": [1, 28, 28], "num_classes": 10,
                                                 "train_parts": parts, "test_parts": parts,
                                                 "partition": "iid", "seed": 0}))
