@@ -1,0 +1,69 @@
+"""An app that ignores SIGTERM (issue 8, gaps): the agent's /emulated/reset still ends
+it (SIGKILL after the grace period) and leaves nothing of the testbed behind."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import agent_helpers as ah
+
+agent = ah.agent_fixture()
+clean_agent = ah.clean_agent_fixture()
+
+# Ignores SIGTERM, names itself, and sleeps forever in one process.
+STUBBORN = [sys.executable, "-c",
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "open('/proc/self/comm', 'w').write('etb-stubborn')\n"
+            "while True: time.sleep(3600)\n"]
+
+
+def _status(pid: int) -> dict | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(l.split(":\t", 1) for l in f.read().splitlines() if ":\t" in l)
+    except OSError:
+        return None
+
+
+def _stubborn_pids(dep) -> list[int]:
+    out = []
+    for pid in dep.record_pids():
+        st = _status(pid)
+        if st and st["Name"] == "etb-stubborn" and int(st["SigIgn"], 16) & (1 << 14):   # SIGTERM ignored
+            out.append(pid)
+    return out
+
+
+def test_reset_ends_an_app_that_ignores_sigterm(clean_agent):
+    dep = ah.plan(2, cmd=STUBBORN)
+    try:
+        ah.deploy(clean_agent, dep)
+        deadline = time.monotonic() + 60
+        while len(_stubborn_pids(dep)) < 2:
+            assert time.monotonic() < deadline, "the apps never came up ignoring SIGTERM"
+            time.sleep(0.1)
+        pids = _stubborn_pids(dep)
+        for pid in pids:              # SIGTERM really does nothing to them
+            os.kill(pid, 15)
+        for pid in pids:
+            st = _status(pid)
+            assert st and st["Name"] == "etb-stubborn" and not st["State"].startswith("Z"), (pid, st)
+    finally:
+        clean_agent.post("/emulated/reset")
+    # Right after the reset: no app is alive, no namespace, veth, cgroup or rule remains;
+    # the only processes allowed are dead ones orphaned to PID 1 (the pid namespace's
+    # tini, whose parent the agent SIGKILLed) until init reaps them.
+    for pid in pids:
+        st = _status(pid)
+        assert st is None or st["State"].startswith("Z"), ("the app survived the reset", pid, st)
+    left = ah.leftovers(dep)
+    assert not {k: v for k, v in left.items() if v and k != "processes"}, left
+    for line in left["processes"]:
+        st = _status(int(line.split()[0]))
+        assert st is None or (st["State"].startswith("Z") and st["PPid"] == "1"), (line, st)
+    deadline = time.monotonic() + 60
+    while any(ah.leftovers(dep).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ah.assert_clean(dep)
