@@ -630,3 +630,27 @@ def deployed(agent: AgentProc, dep: Deployment):
     finally:
         agent.post("/emulated/reset")         # an error fails the test
     assert_clean(dep)
+
+
+def proc_status(pid: int) -> dict | None:
+    """/proc/PID/status as {field: value}, None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(l.split(":\t", 1) for l in f.read().splitlines() if ":\t" in l)
+    except OSError:
+        return None
+
+
+def assert_clean_after_kill(*deps: "Deployment", timeout_s: float = 60) -> None:
+    """assert_clean after a reset that had to SIGKILL: at once nothing may remain but dead
+    processes orphaned to PID 1 (a SIGKILLed parent's children, which init here reaps
+    late); then, within timeout_s, nothing at all."""
+    left = leftovers(*deps)
+    assert not {k: v for k, v in left.items() if v and k != "processes"}, left
+    for line in left["processes"]:
+        st = proc_status(int(line.split()[0]))
+        assert st is None or (st["State"].startswith("Z") and st["PPid"] == "1"), (line, st)
+    deadline = time.monotonic() + timeout_s
+    while any(leftovers(*deps).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_clean(*deps)

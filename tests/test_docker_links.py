@@ -70,11 +70,14 @@ def test_shaped_link_between_containers_within_3_percent(agent):
 _SEND = """
 import socket, sys, time
 ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + 120
 while True:
     try:
         s = socket.create_connection((ip, port), timeout=5)
         break
     except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("no sink to send to")
         time.sleep(0.05)
 s.sendall(bytes(n))
 s.close()

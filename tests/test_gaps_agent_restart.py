@@ -6,19 +6,10 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import time
 
 import pytest
 
 import agent_helpers as ah
-
-
-def _status(pid: int) -> dict | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return dict(l.split(":\t", 1) for l in f.read().splitlines() if ":\t" in l)
-    except OSError:
-        return None
 
 
 def test_an_agent_restarted_after_sigkill_removes_what_its_predecessor_left():
@@ -51,15 +42,7 @@ def test_an_agent_restarted_after_sigkill_removes_what_its_predecessor_left():
             # clean: the SIGKILLed agent's own children, dead (zombies) and orphaned to
             # PID 1, waiting for it to reap them. No live process, no namespace, veth,
             # bridge, cgroup or rule.
-            left = ah.leftovers(dep)
-            assert not {k: v for k, v in left.items() if v and k != "processes"}, left
-            for line in left["processes"]:
-                st = _status(int(line.split()[0]))
-                assert st is None or (st["State"].startswith("Z") and st["PPid"] == "1"), (line, st)
-            deadline = time.monotonic() + 60
-            while any(ah.leftovers(dep).values()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            ah.assert_clean(dep)
+            ah.assert_clean_after_kill(dep)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
