@@ -11,7 +11,8 @@ decided by `--seed`. Output (docs/internals.md): OUT/meta.json,
 OUT/train/<i>_x.npy, OUT/train/<i>_y.npy, OUT/test/<i>_x.npy, ... numbered from 1,
 x float32 in [0, 1] shaped (n, 1, 28, 28), y int64.
 
-Importable: `split(...)` does the same and returns the meta dict.
+Importable: `split(...)` does the same and returns the meta dict; `write_dataset(...)`
+writes given images, labels and parts in this layout (the splitter's one writer).
 """
 from __future__ import annotations
 
@@ -233,6 +234,35 @@ def _write_parts(directory: str, x: np.ndarray, y: np.ndarray, parts: Sequence[n
         np.save(os.path.join(directory, f"{i}_y.npy"), y[idx].astype(np.int64), allow_pickle=False)
 
 
+def write_dataset(out: str, *, name: str, num_classes: int, train: tuple, test: tuple,
+                  partition: str = "iid", seed: int = 0, extra: dict | None = None) -> dict:
+    """Write a dataset in the layout of docs/internals.md "Dataset parts" and return its
+    meta dict: OUT/train/<i>_x.npy, OUT/train/<i>_y.npy, OUT/test/... numbered from 1
+    (x float32 shaped (n, *input_shape), y int64, `numpy.save` without pickle) and
+    OUT/meta.json {"name", "input_shape", "num_classes", "train_parts", "test_parts",
+    "partition", "seed", **extra}. `train` and `test` are (x, y, parts): the images, the
+    labels and one array of indices into them per part. Parts left by an earlier, larger
+    split are removed. `split` writes its datasets with it; so may any other source."""
+    shapes = set()
+    for what, (x, y, parts) in (("train", train), ("test", test)):
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
+            raise SplitError(f"{what} images must be a float32 array (n, *input_shape)")
+        if len(y) != len(x) or not len(parts):
+            raise SplitError(f"{what}: {len(x)} images, {len(y)} labels, {len(parts)} parts")
+        shapes.add(tuple(x.shape[1:]))
+    if len(shapes) != 1:
+        raise SplitError(f"train and test images differ in shape: {sorted(shapes)}")
+    for what, (x, y, parts) in (("train", train), ("test", test)):
+        _write_parts(os.path.join(out, what), x, np.asarray(y), parts)
+    meta = {"name": name, "input_shape": list(shapes.pop()), "num_classes": int(num_classes),
+            "train_parts": len(train[2]), "test_parts": len(test[2]), "partition": partition,
+            "seed": seed, **(extra or {})}
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return meta
+
+
 def split(source: str = "mnist-subset", out: str = os.path.join(ROOT, "dataset"), *,
           train_parts: int = 40, test_parts: int = 10, test_fraction: float = 0.2,
           partition: str = "iid", seed: int = 0) -> dict:
@@ -267,19 +297,11 @@ def split(source: str = "mnist-subset", out: str = os.path.join(ROOT, "dataset")
         tparts = partition_dirichlet(y_tr, train_parts, arg, rng)
     vparts = partition_iid(len(y_te), test_parts, rng)
 
-    _write_parts(os.path.join(out, "train"), x_tr, y_tr, tparts)
-    _write_parts(os.path.join(out, "test"), x_te, y_te, vparts)
-    meta = {
-        "name": src.name, "input_shape": [1, 28, 28], "num_classes": 10,
-        "train_parts": train_parts, "test_parts": test_parts, "partition": partition,
-        "seed": seed, "source": source, "test_fraction": used_fraction,
-        "train_samples": int(len(y_tr)), "test_samples": int(len(y_te)),
-        "train_part_sizes": [int(len(p)) for p in tparts],
-    }
-    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
-    return meta
+    return write_dataset(out, name=src.name, num_classes=10, train=(x_tr, y_tr, tparts),
+                         test=(x_te, y_te, vparts), partition=partition, seed=seed, extra={
+                             "source": source, "test_fraction": used_fraction,
+                             "train_samples": int(len(y_tr)), "test_samples": int(len(y_te)),
+                             "train_part_sizes": [int(len(p)) for p in tparts]})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,15 +77,13 @@ def push_confs(manager, work: Path, datasets: dict) -> None:
 
 
 def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
-    """One train and one test part of random images, in the splitter's layout."""
+    """One train and one test part of random images, written by splitter.write_dataset."""
     rng = np.random.default_rng(num_classes)
-    meta = {"name": f"mnist-random-{num_classes}", "input_shape": [1, 28, 28],
-            "num_classes": num_classes, "train_parts": 1, "test_parts": 1}
-    for split in ("train", "test"):     # the parts written by the splitter's own writer
+    data = {}
+    for split in ("train", "test"):
         x = rng.random((samples, 1, 28, 28), dtype=np.float32)
-        y = rng.integers(0, num_classes, samples)
-        splitter._write_parts(str(root / split), x, y, [np.arange(samples)])
-    (root / "meta.json").write_text(json.dumps(meta))
+        data[split] = (x, rng.integers(0, num_classes, samples), [np.arange(samples)])
+    splitter.write_dataset(str(root), name=f"mnist-random-{num_classes}", num_classes=num_classes, **data)
     return root
 
 

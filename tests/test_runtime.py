@@ -22,16 +22,14 @@ from runtime import ConfigError, Runtime
 def make_dataset(root: Path, name: str = "mnist-synthetic", parts: int = 4, n: int = 20) -> Path:
     """A tiny dataset in the splitter's layout (random images; enough for the routes)."""
     rng = np.random.default_rng(0)
-    for split_name in ("train", "test"):  # the parts written by the splitter's own writer
+    data = {}
+    for split_name in ("train", "test"):
         xs, ys = [], []
         for _ in range(parts):
             xs.append(rng.random((n, 1, 28, 28), dtype=np.float32))
             ys.append(rng.integers(0, 10, n))
-        splitter._write_parts(str(root / split_name), np.concatenate(xs), np.concatenate(ys),
-                              [np.arange(i * n, (i + 1) * n) for i in range(parts)])
-    (root / "meta.json").write_text(json.dumps({"name": name, "input_shape": [1, 28, 28], "num_classes": 10,
-                                                "train_parts": parts, "test_parts": parts,
-                                                "partition": "iid", "seed": 0}))
+        data[split_name] = (np.concatenate(xs), np.concatenate(ys), [np.arange(i * n, (i + 1) * n) for i in range(parts)])
+    splitter.write_dataset(str(root), name=name, num_classes=10, **data)   # the splitter's own writer
     return root
 
 

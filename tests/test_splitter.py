@@ -207,3 +207,30 @@ def test_cli_errors_are_clear_and_exit_2(scratch):
 def test_too_many_shards(scratch):
     with pytest.raises(SplitError, match="shards"):
         partition_shards(labels(1), 10, 2, np.random.default_rng(0))
+
+
+def test_write_dataset_is_read_by_the_nodes_and_removes_stale_parts(scratch):
+    """splitter.write_dataset (the writer split uses) for data from elsewhere: the nodes'
+    own loader (dml_app/node_data.py) reads back exactly what was given."""
+    import node_data
+    from splitter import write_dataset
+
+    rng = np.random.default_rng(5)
+    x, y = rng.random((9, 1, 28, 28), dtype=np.float32), rng.integers(0, 3, 9)
+    parts = [np.array([4, 0]), np.array([8, 1, 2]), np.array([3, 5, 6, 7])]
+    out = scratch / "ds"
+    meta = write_dataset(str(out), name="mine", num_classes=3, train=(x, y, parts), test=(x, y, parts[:1]),
+                         partition="by-hand", seed=7, extra={"note": "x"})
+    assert meta == {"name": "mine", "input_shape": [1, 28, 28], "num_classes": 3, "train_parts": 3,
+                    "test_parts": 1, "partition": "by-hand", "seed": 7, "note": "x"}
+    assert node_data.read_meta(str(out)) == meta == json.loads((out / "meta.json").read_text())
+    for i, idx in enumerate(parts, start=1):
+        px, py = node_data.load_part(str(out), "train", i)
+        assert px.dtype == np.float32 and py.dtype == np.int64
+        assert np.array_equal(px, x[idx]) and np.array_equal(py, y[idx])
+    write_dataset(str(out), name="mine", num_classes=3, train=(x, y, parts[:1]), test=(x, y, parts[:1]))
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["1_x.npy", "1_y.npy"]
+    with pytest.raises(SplitError, match="train images must be a float32 array"):
+        write_dataset(str(out), name="m", num_classes=3, train=(x.astype(np.float64), y, parts), test=(x, y, parts))
+    with pytest.raises(SplitError, match="test: 9 images, 8 labels"):
+        write_dataset(str(out), name="m", num_classes=3, train=(x, y, parts), test=(x, y[:8], parts))
