@@ -12,19 +12,39 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flask import Flask, jsonify, request
 
 from controller import access, files, results
-from controller.testbed import ROOT, DefinitionError, Testbed
+from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, fan_out
 from dml_app import net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
 LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
 MAX_ROUND = 10**9
+CONNECT_RETRIES = 5                 # a send repeated only while its connection is refused (~2.5 s)
+
+
+def not_sent(e: net.HttpError) -> bool:
+    """Whether a failed call cannot have reached its peer: the TCP connection was refused
+    or timed out before it was made (requests' NewConnectionError, ConnectTimeout), so
+    sending it again cannot apply it twice. A read timeout or a dropped connection may
+    have delivered it."""
+    return e.status is None and ("NewConnectionError" in e.message or "ConnectTimeout" in e.message)
+
+
+def call_once(method: str, url: str, **kw):
+    """net.call sent once; repeated (up to CONNECT_RETRIES, waits from 0.1 s to 1 s) only
+    where it cannot have arrived (not_sent)."""
+    for attempt in range(CONNECT_RETRIES + 1):
+        try:
+            return net.call(method, url, retries=0, **kw)
+        except net.HttpError as e:
+            if attempt == CONNECT_RETRIES or not not_sent(e):
+                raise
+        time.sleep(min(0.1 * 2 ** attempt, 1.0))
 
 
 def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
@@ -123,7 +143,8 @@ class Manager:
         return self.tb.all_nodes()
 
     def _each(self, fn, names=None) -> dict:
-        """fn(node) for every node in parallel -> {name: result or 'error: ...'}."""
+        """fn(node) for every node in parallel, at most FANOUT at once -> {name: result
+        or 'error: <name>: ...'} (a failure names its node)."""
         nodes = self._nodes()
         names = list(names) if names is not None else list(nodes)
 
@@ -131,9 +152,8 @@ class Manager:
             try:
                 return name, fn(nodes[name])
             except net.HttpError as e:
-                return name, f"error: {e}"
-        with ThreadPoolExecutor(min(16, max(1, len(names)))) as ex:
-            return dict(ex.map(one, names))
+                return name, f"error: {name}: {e}"
+        return dict(fan_out(one, names, FANOUT))
 
     def file_folders(self) -> list[str]:
         """Where files named by a request may be read from (controller/files.py)."""
@@ -155,11 +175,14 @@ class Manager:
             raw = files.read_project_file(self.conf_dir / f"{n}_{kind}.conf", self.file_folders(),
                                           files.CONF_FILE_LIMIT, what=f"{kind} conf")
             confs[n] = net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf")
+        # Apps still starting (a push right after `tc finish`): wait for them, up to the
+        # testbed's readiness deadline (NotReady naming them, HTTP 503), then send once.
+        self.tb.wait_ready(have)
 
         def send(node):
             body = confs[node.name]
-            net.call("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
-                     timeout_s=120, retries=90)
+            call_once("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
+                      timeout_s=120)
             return "ok"
         out = self._each(send, have)
         out.update({n: "skipped: no conf file" for n in missing})
@@ -268,19 +291,22 @@ class Manager:
     def status(self) -> dict:
         now = time.time()
         nodes = {}
-        agents = {}
-        for label, info in self.tb.deployed.items():
+
+        def one(item):
+            label, info = item
             try:
-                agents[label] = net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10)["nodes"]
+                return net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10)["nodes"]
             except net.HttpError as e:
-                agents[label] = {"error": str(e)}
+                return {"error": str(e)}
+        deployed = list(self.tb.deployed.items())
+        agents = dict(zip((label for label, _ in deployed), fan_out(one, deployed)))
         for name, n in self._nodes().items():
             worker = next((l for l, a in agents.items() if name in a), None)
             a = agents.get(worker, {}).get(name, {}) if worker else {}
             hb = self.heartbeats.get(name)
             nodes[name] = {"worker": worker, "ip": n.ip, "port": n.port,
                            "state": (hb or {}).get("state") or a.get("state", "not deployed"),
-                           "app": a.get("state"), "links": a.get("links", 0),
+                           "app": a.get("state"), "ready": a.get("ready"), "links": a.get("links", 0),
                            "round": (hb or {}).get("round"),
                            "last_heartbeat_s": round(now - hb["t"], 1) if hb else None}
         return {"algorithm": self.algorithm, "nodes": nodes,
@@ -302,6 +328,10 @@ class Manager:
         @app.errorhandler(net.HttpError)
         def _upstream(e):
             return jsonify(error=str(e)), upstream_status(e.status)
+
+        @app.errorhandler(NotReady)
+        def _not_ready(e):
+            return jsonify(error=str(e), not_answering=e.not_answering, exited=e.exited), 503
 
         def as_node(name) -> None:
             """A node credential speaks for its own node only."""
@@ -368,11 +398,23 @@ class Manager:
             return jsonify(self.update_links(f))
 
         def agents_call(kind: str, action: str) -> dict:
-            out = {}
-            for label, addr in self.tb.workers():
-                if (kind == "emulated") != label.startswith("emulator"):
-                    continue
-                out[label] = net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120)
+            """POST /<kind>/<action> to every worker of that kind, in parallel; a failure
+            names its worker (the first one raised, after every call has returned)."""
+            workers = [(label, addr) for label, addr in self.tb.workers()
+                       if (kind == "emulated") == label.startswith("emulator")]
+            with self.tb._ready_lock:
+                self.tb.ready_names.clear()      # stopped or removed apps answer no more
+
+            def one(w):
+                label, addr = w
+                try:
+                    return net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120)
+                except net.HttpError as e:
+                    return net.HttpError(e.method, e.url, e.status, f"{label}: {e.message}")
+            out = dict(zip((label for label, _ in workers), fan_out(one, workers)))
+            for v in out.values():
+                if isinstance(v, net.HttpError):
+                    raise v
             return out
 
         @app.route("/emulated/stop", methods=any_)

@@ -6,6 +6,10 @@ naming the file and key of every problem; nothing is deployed unless it passes. 
 then asks every worker's agent to build its part, in parallel, and prints `tc finish`
 only when every agent has read its links back from the kernel. If any worker fails,
 what was already deployed elsewhere is removed and the error names that worker.
+After `tc finish` it waits until every node's app answers on its DML port (each agent's
+`GET /status` says `ready`), printing `apps answering: k/N` while it waits, with a
+deadline that grows with the node count (`ready_timeout_s`); a node that did not answer
+or whose app exited is named and everything is removed again.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,12 @@ DEFAULT_NODE_PORT = 4444
 DEFAULT_SUBNET = "10.233.0.0/16"
 _UNITS_MB = {"M": 1, "MB": 1, "G": 1024, "GB": 1024}
 BACKENDS = ("netns", "docker")
+FANOUT = 32                 # calls in flight at once when the controller calls every node or worker
+READY_BASE_S = 30.0         # the readiness deadline: READY_BASE_S + READY_PER_NODE_S per app
+READY_PER_NODE_S = 0.5
+READY_POLL_S = 0.5          # how often every agent's /status is read while waiting
+READY_SHOW_S = 2.0          # at most one `apps answering: k/N` line this often
+APP_ENDED = ("exited", "dead", "gone", "stopped")   # agent states of an app that will not answer
 
 
 class DefinitionError(ValueError):
@@ -45,6 +57,34 @@ class DefinitionError(ValueError):
 
 class DeployError(RuntimeError):
     pass
+
+
+class NotReady(DeployError):
+    """Apps that did not answer on their DML port by the readiness deadline, or exited
+    first; `not_answering` and `exited` name them."""
+
+    def __init__(self, message: str, not_answering: list[str], exited: list[str]):
+        self.not_answering, self.exited = not_answering, exited
+        super().__init__(message)
+
+
+def fan_out(fn, items, limit: int = FANOUT) -> list:
+    """[fn(item) for item in items], at most `limit` calls at once, in the items' order."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(min(limit, len(items))) as ex:
+        return list(ex.map(fn, items))
+
+
+def _tcp_open(ip: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ip:port (for an agent whose /status
+    does not say `ready`)."""
+    try:
+        with socket.create_connection((ip, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 MAX_CPU = 1024              # cores an emulator or a node may have
@@ -181,6 +221,14 @@ class Testbed:
         self.share_mode: str | None = None
         self.share_store = share.Store()
         self._exports: list[tuple[str, str]] = []    # (path, client) exported over NFS
+        # Readiness: start() (and a conf push) waits until every app answers on its DML
+        # port. ready_timeout_s: the deadline after `tc finish`, None for READY_BASE_S +
+        # READY_PER_NODE_S per app; wait_for_apps=False: do not wait (EdgeTB's behaviour).
+        self.ready_timeout_s: float | None = None
+        self.wait_for_apps = True
+        self.ready_names: set[str] = set()          # apps seen answering since the last deploy
+        self._ready_deadline: float | None = None   # time.monotonic() of this deployment's deadline
+        self._ready_lock = threading.Lock()
 
     def node_token(self, name: str) -> str:
         """The credential node `name` and the controller use with each other."""
@@ -577,6 +625,118 @@ class Testbed:
         if errors:
             self.reset(say=say)
             raise DeployError("deployment failed, everything deployed was removed:\n  " + "\n  ".join(errors))
+        self._ready_deadline = time.monotonic() + self.ready_deadline_s()
+
+    # ------------------------------------------------------------------ readiness
+    def ready_deadline_s(self) -> float:
+        """Seconds after `tc finish` that apps have to answer: ready_timeout_s, or
+        READY_BASE_S + READY_PER_NODE_S for every node that runs an app."""
+        if self.ready_timeout_s is not None:
+            return float(self.ready_timeout_s)
+        return READY_BASE_S + READY_PER_NODE_S * sum(1 for n in self.all_nodes().values() if n.cmd)
+
+    def _app_places(self, names=None) -> dict[str, tuple[str, str]]:
+        """{node: (worker label, agent address)} of the deployed nodes that run an app."""
+        nodes = self.all_nodes()
+        out = {}
+        for label, info in list(self.deployed.items()):
+            for name in info["answer"].get("nodes", {}):
+                if name in nodes and nodes[name].cmd and (names is None or name in names):
+                    out[name] = (label, info["addr"])
+        return out
+
+    def _stdout_log(self, name: str, label: str, addr: str) -> str:
+        """Where node `name`'s app output is on its worker, and its last lines when that
+        worker is this controller's embedded agent."""
+        port = addr.rpartition(":")[2]
+        path = Path(f"/run/edgetb/agent-{port}/nodes/{name}/stdout.log")
+        where = f"see {path} on {label}"
+        if self.embedded is not None and int(port) == self.embedded[1].port:
+            try:
+                tail = path.read_text(errors="replace").strip().splitlines()[-3:]
+            except OSError:
+                tail = []
+            if tail:
+                where += "; it ends: " + " | ".join(line.strip()[:200] for line in tail)
+        return where
+
+    def wait_ready(self, names=None, *, say=None, deadline: float | None = None) -> None:
+        """Wait until every deployed node among `names` (default all) that runs an app
+        answers on its DML port: every agent's `GET /status` is read in parallel every
+        READY_POLL_S. `say` gets `apps answering: k/N` when k changed (at most every
+        READY_SHOW_S) and once all answer. Raises NotReady naming the nodes at the
+        deadline (default this deployment's: ready_deadline_s() after deploy), at once
+        when an app exited. Nothing is removed here: start() resets on failure."""
+        if not self.wait_for_apps:
+            return
+        places = self._app_places(names)
+        with self._ready_lock:
+            if not set(places) - self.ready_names:
+                return
+        if deadline is None:
+            deadline = self._ready_deadline or time.monotonic() + self.ready_deadline_s()
+        total, shown, shown_at = len(places), None, float("-inf")
+        addrs = sorted({addr for _, addr in places.values()})
+        while True:
+            def status(addr):
+                try:
+                    return net.get_json(f"{addr}/status", token=self.token, timeout_s=10)["nodes"]
+                except (net.HttpError, ValueError, KeyError, TypeError) as e:
+                    return e
+            seen = dict(zip(addrs, fan_out(status, addrs)))
+            ready, ended, missing, unsure = set(), {}, [], []
+            for name, (label, addr) in places.items():
+                got = seen[addr]
+                a = got.get(name) if isinstance(got, dict) else None
+                if isinstance(got, dict) and not isinstance(a, dict):
+                    missing.append(name)            # its worker no longer has it (reset)
+                elif a is None:
+                    continue                        # the agent did not answer this time
+                elif a.get("ready") is True:
+                    ready.add(name)
+                elif a.get("state") in APP_ENDED:
+                    ended[name] = a["state"]
+                elif "ready" not in a:              # an agent that does not report readiness
+                    unsure.append(name)
+            nodes = self.all_nodes()
+            for name, ok in zip(unsure, fan_out(lambda n: _tcp_open(nodes[n].ip, nodes[n].port), unsure)):
+                if ok:
+                    ready.add(name)
+            with self._ready_lock:
+                self.ready_names |= ready
+            now = time.monotonic()
+            done = len(ready) == total
+            if say is not None and len(ready) != shown and (done or now - shown_at >= READY_SHOW_S):
+                say(f"apps answering: {len(ready)}/{total}")
+                shown, shown_at = len(ready), now
+            if done:
+                return
+            if ended or missing or now >= deadline:
+                raise self._not_ready(places, ready, ended, missing, seen)
+            time.sleep(min(READY_POLL_S, max(0.0, deadline - now)))
+
+    def _not_ready(self, places, ready, ended, missing, seen) -> NotReady:
+        lines = []
+        for name in sorted(ended):
+            label, addr = places[name]
+            lines.append(f"{name}: its app {ended[name]} before answering on port {self.all_nodes()[name].port} "
+                         f"({self._stdout_log(name, label, addr)})")
+        for name in sorted(missing):
+            lines.append(f"{name}: no longer deployed on {places[name][0]}")
+        silent = sorted(set(places) - ready - set(ended) - set(missing))
+        if not ended and not missing:
+            for name in silent:
+                label, addr = places[name]
+                n = self.all_nodes()[name]
+                why = (f"its agent did not answer /status: {seen[addr]}" if isinstance(seen[addr], Exception)
+                       else f"nothing accepts connections on {n.ip}:{n.port}")
+                lines.append(f"{name}: app not answering ({why}; {self._stdout_log(name, label, addr)})")
+        head = (f"{len(ready)}/{len(places)} apps answer on their DML port"
+                + ("" if ended or missing else f" after the readiness deadline ({self.ready_deadline_s():g} s "
+                                              f"after tc finish; Testbed.ready_timeout_s sets it)"))
+        if silent and (ended or missing):
+            head += f"; not answering yet: {', '.join(silent)}"
+        return NotReady(head + ":\n  " + "\n  ".join(lines), silent, sorted(ended))
 
     def write_node_info(self) -> Path:
         path = Path(self.node_info_path)
@@ -595,6 +755,9 @@ class Testbed:
                 except net.HttpError as e:
                     problems.append(f"{label}: {e}")
         self.deployed.clear()
+        with self._ready_lock:
+            self.ready_names.clear()
+        self._ready_deadline = None
         for p in problems:
             say(f"reset: {p}")
         return problems
@@ -623,7 +786,16 @@ class Testbed:
             self.manager.close()
             self.close()
             raise
-        say("tc finish", flush=True) if say is print else say("tc finish")
+        show = (lambda m: print(m, flush=True)) if say is print else say  # noqa: E731
+        show("tc finish")
+        try:
+            self.wait_ready(say=show)
+        except BaseException as e:
+            self.manager.close()
+            self.close()
+            if isinstance(e, NotReady):
+                raise NotReady(f"{e}\neverything deployed was removed", e.not_answering, e.exited) from None
+            raise
         if serve_forever:
             self.manager.wait_forever()
         return self.manager

@@ -179,6 +179,7 @@ def test_http_share_reaches_nodes_caches_and_refuses_corruption(tmp_path):
             tb.share_mode = "http"
         expected_line = ("share: dml_app/dataset over HTTP from the controller "
                          + ("(asked for)" if why is None else f"(NFS not available: {why})"))
+        tb.wait_for_apps = False      # these apps print and sleep: nothing answers on a DML port
         said = []
         manager = tb.start(serve_forever=False, say=said.append)
         try:
