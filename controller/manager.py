@@ -17,34 +17,13 @@ from pathlib import Path
 from flask import Flask, jsonify, request
 
 from controller import access, files, results
-from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, fan_out
+from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
 from dml_app import net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
 LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
 MAX_ROUND = 10**9
-CONNECT_RETRIES = 5                 # a send repeated only while its connection is refused (~2.5 s)
-
-
-def not_sent(e: net.HttpError) -> bool:
-    """Whether a failed call cannot have reached its peer: the TCP connection was refused
-    or timed out before it was made (requests' NewConnectionError, ConnectTimeout), so
-    sending it again cannot apply it twice. A read timeout or a dropped connection may
-    have delivered it."""
-    return e.status is None and ("NewConnectionError" in e.message or "ConnectTimeout" in e.message)
-
-
-def call_once(method: str, url: str, **kw):
-    """net.call sent once; repeated (up to CONNECT_RETRIES, waits from 0.1 s to 1 s) only
-    where it cannot have arrived (not_sent)."""
-    for attempt in range(CONNECT_RETRIES + 1):
-        try:
-            return net.call(method, url, retries=0, **kw)
-        except net.HttpError as e:
-            if attempt == CONNECT_RETRIES or not not_sent(e):
-                raise
-        time.sleep(min(0.1 * 2 ** attempt, 1.0))
 
 
 def heartbeat_fields(body) -> tuple[str, str | None, int | None]:

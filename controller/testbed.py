@@ -39,6 +39,7 @@ DEFAULT_NODE_PORT = 4444
 DEFAULT_SUBNET = "10.233.0.0/16"
 _UNITS_MB = {"M": 1, "MB": 1, "G": 1024, "GB": 1024}
 BACKENDS = ("netns", "docker")
+CONNECT_RETRIES = 5         # a call repeated only while its connection is refused (~2.5 s)
 FANOUT = 32                 # calls in flight at once when the controller calls every node or worker
 READY_BASE_S = 30.0         # the readiness deadline: READY_BASE_S + READY_PER_NODE_S per app
 READY_PER_NODE_S = 0.5
@@ -75,6 +76,26 @@ def fan_out(fn, items, limit: int = FANOUT) -> list:
         return []
     with ThreadPoolExecutor(min(limit, len(items))) as ex:
         return list(ex.map(fn, items))
+
+
+def not_sent(e: net.HttpError) -> bool:
+    """Whether a failed call cannot have reached its peer: the TCP connection was refused
+    or timed out before it was made (requests' NewConnectionError, ConnectTimeout), so
+    sending it again cannot apply it twice. A read timeout or a dropped connection may
+    have delivered it."""
+    return e.status is None and ("NewConnectionError" in e.message or "ConnectTimeout" in e.message)
+
+
+def call_once(method: str, url: str, **kw):
+    """net.call sent once; repeated (up to CONNECT_RETRIES, waits from 0.1 s to 1 s) only
+    where it cannot have arrived (not_sent)."""
+    for attempt in range(CONNECT_RETRIES + 1):
+        try:
+            return net.call(method, url, retries=0, **kw)
+        except net.HttpError as e:
+            if attempt == CONNECT_RETRIES or not not_sent(e):
+                raise
+        time.sleep(min(0.1 * 2 ** attempt, 1.0))
 
 
 def _tcp_open(ip: str, port: int, timeout_s: float = 1.0) -> bool:
@@ -609,7 +630,7 @@ class Testbed:
         def run(job):
             label, addr, path, body = job
             try:
-                ans = net.post_json(f"{addr}{path}", body, token=self.token, timeout_s=600, retries=2)
+                ans = call_once("POST", f"{addr}{path}", json=body, token=self.token, timeout_s=600).json()
             except net.HttpError as e:
                 with lock:
                     why = f"HTTP {e.status}: {e.message}" if e.status else e.message

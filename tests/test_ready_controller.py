@@ -24,7 +24,7 @@ for p in (ROOT, ROOT / "dml_tool", Path(__file__).resolve().parent):
         sys.path.insert(0, str(p))
 
 import agent_helpers as ah  # noqa: E402
-from controller import manager as mgr  # noqa: E402
+from controller import testbed as tbm  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from controller.testbed import DeployError, NotReady, Testbed  # noqa: E402
 from dml_app import net  # noqa: E402
@@ -206,21 +206,41 @@ def test_a_conf_push_before_the_apps_answer_fails_naming_them(tmp_path, conf_cal
         assert conf_calls == [], "a conf was sent before every app answered"
 
 
+def test_the_agents_ready_is_what_counts(tmp_path, monkeypatch):
+    """The controller takes each agent's `ready` as it is (the agent probes the DML port):
+    an app the agent calls not ready is named even though it listens."""
+    from worker.agent import Agent
+
+    real = Agent.status
+
+    def status(self):
+        out = real(self)
+        for name, n in out["nodes"].items():
+            n["ready"] = name != "rfheld"
+        return out
+    monkeypatch.setattr(Agent, "status", status)
+    with ready_testbed(tmp_path, {"rf1": LISTEN, "rfheld": LISTEN}, ready_timeout_s=3) as tb:
+        with pytest.raises(NotReady) as ei:
+            tb.start(serve_forever=False, say=lambda m: None)
+        assert ei.value.not_answering == ["rfheld"] and ei.value.exited == [], str(ei.value)
+        assert str(ei.value).startswith("1/2 apps answer on their DML port"), str(ei.value)
+
+
 def test_call_once_repeats_only_what_cannot_have_arrived(conf_calls):
     # refused: nothing listens, so the request never left; it is tried again
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(net.HttpError) as ei:
-        mgr.call_once("POST", f"127.0.0.1:{port}/conf/dataset", json={}, timeout_s=5)
-    assert mgr.not_sent(ei.value)
-    assert len(conf_calls) == mgr.CONNECT_RETRIES + 1
+        tbm.call_once("POST", f"127.0.0.1:{port}/conf/dataset", json={}, timeout_s=5)
+    assert tbm.not_sent(ei.value)
+    assert len(conf_calls) == tbm.CONNECT_RETRIES + 1
     # accepted but never answered (a read timeout): it may have arrived, so it is sent once
     conf_calls.clear()
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
         with pytest.raises(net.HttpError) as ei:
-            mgr.call_once("POST", f"127.0.0.1:{srv.getsockname()[1]}/conf/dataset", json={}, timeout_s=0.5)
-    assert not mgr.not_sent(ei.value) and ei.value.status is None
+            tbm.call_once("POST", f"127.0.0.1:{srv.getsockname()[1]}/conf/dataset", json={}, timeout_s=0.5)
+    assert not tbm.not_sent(ei.value) and ei.value.status is None
     assert len(conf_calls) == 1, conf_calls
