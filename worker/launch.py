@@ -226,14 +226,40 @@ def app_chain(spec: dict) -> list[str]:
              t["tini"], "-g", "-p", "SIGKILL", "--"] + list(spec["argv"]))
 
 
-def run_unprivileged(spec: dict) -> None:
+def lock_view(spec: dict) -> None:
+    """The unprivileged node's view (node_view), then read-only but for its own folders."""
     writable = node_view(spec)
     set_readonly("/", True, recursive=True)
     for w in writable:
         set_readonly(w, False)
+
+
+def prepare(spec: dict) -> None:
+    """Everything done for an app before it runs, in this process: join the node's
+    cgroups (first, so everything it forks is limited too), enter its network namespace
+    and a mount namespace of its own, build its view (its binds; the whole locked view
+    for an unprivileged node) and chdir to its working dir. Shared by this launcher
+    (which then execs the app) and the zygote's children (worker/zygote.py)."""
+    for procs in spec.get("cgroup_procs", []):
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    if spec.get("netns"):
+        enter_netns(spec["netns"])
+    else:
+        # A physical node keeps the host's network but not its mount table.
+        private_mounts()
+    if spec.get("root"):
+        for vol in spec.get("binds", []):
+            os.makedirs(vol["target"], exist_ok=True)
+            bind(vol["source"], vol["target"], ro=bool(vol.get("ro")))
+    else:
+        lock_view(spec)
     os.chdir(spec["cwd"])
-    argv = app_chain(spec)
-    os.execve(argv[0], argv, spec["env"])
+
+
+def mount_proc() -> None:
+    """A /proc of this process's PID namespace (what `unshare --mount-proc` does)."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def main() -> None:
@@ -247,23 +273,8 @@ def main() -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"launch.py: cannot read the spec from fd {fd}: {e}")
     try:
-        # Join the cgroups first, so everything the app forks is limited too.
-        for procs in spec.get("cgroup_procs", []):
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-        if spec.get("netns"):
-            enter_netns(spec["netns"])
-        else:
-            # A physical node keeps the host's network but not its mount table.
-            private_mounts()
-        if not spec.get("root"):
-            run_unprivileged(spec)
-            return
-        for vol in spec.get("binds", []):
-            os.makedirs(vol["target"], exist_ok=True)
-            bind(vol["source"], vol["target"], ro=bool(vol.get("ro")))
-        os.chdir(spec["cwd"])
-        argv = spec["argv"]
+        prepare(spec)
+        argv = spec["argv"] if spec.get("root") else app_chain(spec)
         os.execvpe(argv[0], argv, spec["env"])
     except (LaunchError, OSError) as e:
         sys.exit(f"launch.py: node {spec.get('name')}: {e}")

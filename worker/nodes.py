@@ -31,6 +31,7 @@ from dml_app import net
 from worker import tc, units
 from worker.cgroups import Cgroup, CgroupError
 from worker import secure
+from worker import zygote
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 NS_PREFIX = "etb-"
@@ -47,6 +48,7 @@ NODE_BASE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHON
 MAX_CPU = 1024          # cores a node may ask for
 MAX_RAM_MB = 1 << 22    # 4 TiB
 MAX_GPU = 64
+LAUNCHERS = ("auto", "exec")    # auto: runtime roles of netns nodes fork from the zygote
 
 
 class NodeError(RuntimeError):
@@ -161,6 +163,7 @@ class Node:
     container: str | None = None    # docker nodes: container id
     cpuset: str | None = None       # docker nodes: the cores it got
     host_port: int | None = None    # docker nodes: the host port its DML port is published on
+    pid: int | None = None          # docker nodes: the host pid of the container's init
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -277,19 +280,23 @@ def python_exposure(uid: int, gid: int) -> tuple:
 
 def stop_group(p: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
     """End a process started with start_new_session=True: SIGTERM its process group,
-    SIGKILL the group if the leader lingers past timeout_s; returns its exit code."""
+    SIGKILL the group if the leader lingers past timeout_s; returns its exit code. A
+    zygote child (pid 1 of its PID namespace) is signalled itself; its namespace dies with it."""
+    def kill(sig):
+        if isinstance(p, subprocess.Popen):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        else:                       # a zygote child: by its pidfd (worker/zygote.py)
+            p.send_signal(sig)
+
     if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        kill(signal.SIGTERM)
         try:
             p.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill(signal.SIGKILL)
             p.wait(5)
     return p.returncode
 
@@ -297,9 +304,38 @@ def stop_group(p: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
 class Runner:
     """Starts and stops node apps: own process group, cgroup, stdout to a file."""
 
-    def __init__(self):
-        self._procs: dict[str, subprocess.Popen] = {}
+    def __init__(self, launcher: str = "auto"):
+        if launcher not in LAUNCHERS:
+            raise NodeError(f"bad launcher {launcher!r}: one of {', '.join(LAUNCHERS)}")
+        self.launcher = launcher
+        self._procs: dict[str, subprocess.Popen | zygote.ZygoteProc] = {}
         self._lock = threading.Lock()
+        self.zygote = zygote.Zygote()
+
+    def close(self) -> None:
+        """Stop the zygote (apps it started keep running until stopped or reset)."""
+        self.zygote.close()
+
+    def _forks(self, node: Node, argv: list[str]) -> str | None:
+        """Whether the zygote runs this app (worker/zygote.py): a netns node running one of
+        the scripts of a folder identical to the dml_app/ the zygote loads -> its digest."""
+        if self.launcher == "exec" or node.kind != "netns" or not zygote.script_of(argv):
+            return None
+        folder = zygote.host_folder(node.spec.working_dir, node.spec.volumes)
+        try:
+            if folder is None or not os.path.isfile(os.path.join(folder, argv[1])):
+                return None
+            digest = zygote.source_digest(folder)
+            return digest if digest == zygote.source_digest(zygote.DML_APP) else None
+        except OSError:
+            return None
+
+    def _fork(self, digest: str, launch: dict, out) -> zygote.ZygoteProc:
+        if self.zygote.ensure() != digest:      # dml_app/ changed since it started: a fresh one
+            self.zygote.close()
+            if self.zygote.ensure() != digest:
+                raise zygote.ZygoteError("its sources differ from the node's folder")
+        return self.zygote.spawn(launch, out.fileno())
 
     def start(self, node: Node, extra_env: dict) -> None:
         """Start the node's app through worker/launch.py. The launch spec, environment
@@ -351,20 +387,33 @@ class Runner:
         except CgroupError as e:    # e.g. cpu/memory not available to cgroup v2 here: say so (422)
             raise NodeError(f"node {spec.name}: {e}") from None
         launch.update(cgroup_procs=cg.procs_files, cwd=cwd, env=env)
-        fd = os.memfd_create(f"edgetb-launch-{spec.name}")   # close-on-exec here; pass_fds hands it over
-        try:
-            os.write(fd, json.dumps(launch).encode())
-            with open(rundir / "stdout.log", "ab") as out:
-                # -I -S: the launcher needs the standard library alone; starts faster.
-                p = subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)], pass_fds=(fd,),
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        finally:
-            os.close(fd)
+        p = None
+        digest = self._forks(node, argv)
+        if digest:
+            try:
+                with open(rundir / "stdout.log", "ab") as out:
+                    p = self._fork(digest, launch, out)
+            except zygote.ZygoteError as e:   # the exec path below still works: say so, use it
+                print(f"agent: node {spec.name}: {e}; starting it with exec", file=sys.stderr, flush=True)
+        if p is None:
+            p = self._exec(spec.name, launch, rundir)
         with self._lock:
             self._procs[spec.name] = p
         node.pgid = p.pid
         node.state = "running"
+
+    @staticmethod
+    def _exec(name: str, launch: dict, rundir: Path) -> subprocess.Popen:
+        fd = os.memfd_create(f"edgetb-launch-{name}")   # close-on-exec here; pass_fds hands it over
+        try:
+            os.write(fd, json.dumps(launch).encode())
+            with open(rundir / "stdout.log", "ab") as out:
+                # -I -S: the launcher needs the standard library alone; starts faster.
+                return subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)], pass_fds=(fd,),
+                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        finally:
+            os.close(fd)
 
     def stop(self, node: Node, timeout_s: float = 5.0) -> None:
         """SIGTERM the app's process group, SIGKILL after timeout_s; then empty its cgroup."""
