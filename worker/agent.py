@@ -23,8 +23,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -33,14 +31,14 @@ if __package__ in (None, ""):
 from flask import Flask, jsonify, request  # noqa: E402
 
 from dml_app import net  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
+from worker import backends as be  # noqa: E402
 from worker import image  # noqa: E402
+from worker import ready  # noqa: E402
 from worker import secure  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 from worker import shares  # noqa: E402
 from worker import tc  # noqa: E402
 from worker import units  # noqa: E402
-from worker.cgroups import Cgroup  # noqa: E402
 
 STATE_BASE = Path("/run/edgetb")
 # The largest /emulated/deploy, /physical/deploy or /update/tc body. Measured: 300 nodes in
@@ -62,50 +60,50 @@ class Agent:
         self.state_dir = state_dir or STATE_BASE / f"agent-{port}"
         self.state_file = self.state_dir / "state.json"
         self.nodes: dict[str, nb.Node] = {}
-        self.bridges: dict[str, str] = {}          # emulator -> bridge name (netns)
-        self.networks: dict[str, str] = {}         # emulator -> docker network name
         self.tables: dict[str, tc.LinkTable] = {}
         self.runner = nb.Runner()
-        self.docker_runner = dn.DockerRunner(self._docker)
-        self._docker_client = None
+        # One backend per kind of node (worker/backends.py); the agent keeps request checks,
+        # state, locks, links and readiness, and never asks what kind a node is.
+        self.kinds: dict[str, be.Backend] = {
+            kind: cls(be.Host(state_dir=self.state_dir, agent_id=str(self.state_dir), port=port,
+                              node_env=self.node_env, runner=self.runner))
+            for kind, cls in be.BACKENDS.items()}
+        # emulator -> its network's name, per emulated kind (netns: bridge; docker: network)
+        self.nets: dict[str, dict[str, str]] = {k: {} for k, b in self.kinds.items() if b.emulated}
+        self.prober = ready.Prober()
         self.lock = threading.RLock()
         self.build_lock = threading.Lock()
         self.share_cache = shares.cache_dir(port)   # archives of shared folders (kept across resets)
         self.nfs_mounts: list[str] = []             # NFS shares mounted on this worker
         self._recover()
 
-    # -------------------------------------------------------------- docker
     @property
     def agent_id(self) -> str:
         """What labels this agent's containers, networks and volumes: its state dir is
         unique on the machine and the same for an agent restarted after a crash."""
         return str(self.state_dir)
 
-    def _docker(self):
-        """The Docker SDK client (made on first use); NodeError when no daemon answers."""
-        if self._docker_client is None:
-            try:
-                self._docker_client = image.client(timeout_s=120)
-            except image.NoDocker as e:
-                raise nb.NodeError(str(e)) from None
-        return self._docker_client
+    @property
+    def bridges(self) -> dict[str, str]:
+        return self.nets["netns"]
 
-    def _docker_labels(self, **more) -> dict:
-        return dn.labels(self.agent_id, self.port, **more)
+    @property
+    def networks(self) -> dict[str, str]:
+        return self.nets["docker"]
 
-    def _runner(self, n: nb.Node):
-        return self.docker_runner if n.kind == "docker" else self.runner
+    def backend(self, n: nb.Node) -> be.Backend:
+        return self.kinds[n.kind]
 
     # -------------------------------------------------------------- persistence
     def _save(self) -> None:
-        if not self.nodes and not self.bridges and not self.networks and not self.nfs_mounts:
+        if not self.nodes and not any(self.nets.values()) and not self.nfs_mounts:
             # Nothing left: leave no state behind either.
             shutil.rmtree(self.state_dir, ignore_errors=True)
             with contextlib.suppress(OSError):   # /run/edgetb too, unless another agent uses it
                 self.state_dir.parent.rmdir()
             return
-        data = {"nodes": [n.to_json() for n in self.nodes.values()], "bridges": self.bridges,
-                "networks": self.networks, "nfs_mounts": self.nfs_mounts}
+        data = {"nodes": [n.to_json() for n in self.nodes.values()], "nfs_mounts": self.nfs_mounts}
+        data.update({self.kinds[k].state_key: nets for k, nets in self.nets.items()})
         try:
             secure.write_private(self.state_file, json.dumps(data), 0o700)
         except secure.UnsafePath as e:
@@ -118,13 +116,13 @@ class Agent:
         try:
             data = json.loads(self.state_file.read_text())
             self.nodes = {n["spec"]["name"]: nb.Node.from_json(n) for n in data.get("nodes", [])}
-            self.bridges = dict(data.get("bridges", {}))
-            self.networks = dict(data.get("networks", {}))
+            for k in self.nets:
+                self.nets[k] = dict(data.get(self.kinds[k].state_key, {}))
             self.nfs_mounts = [str(m) for m in data.get("nfs_mounts", [])]
         except (ValueError, KeyError, TypeError) as e:
             print(f"agent: ignoring unreadable state file {self.state_file}: {e}", file=sys.stderr)
             return
-        if self.nodes or self.bridges or self.networks or self.nfs_mounts:
+        if self.nodes or any(self.nets.values()) or self.nfs_mounts:
             print(f"agent: removing {len(self.nodes)} node(s) left by a previous agent", file=sys.stderr)
             self.reset("all")
 
@@ -134,9 +132,10 @@ class Agent:
             emulator = nb.check_name(str(body.get("emulator", "")), "emulator name")
         except nb.NodeError as e:
             raise BadRequest(str(e)) from None
-        backend = body.get("backend", "netns")
-        if backend not in ("netns", "docker"):
-            raise BadRequest(f"backend {backend!r} is not available on this agent (netns, docker)")
+        kind = body.get("backend", "netns")
+        if kind not in self.nets:
+            raise BadRequest(f"backend {kind!r} is not available on this agent ({', '.join(self.nets)})")
+        backend = self.kinds[kind]
         br = body.get("bridge") or {}
         try:
             if not isinstance(br, dict) or not isinstance(br.get("cidr"), str):
@@ -148,35 +147,20 @@ class Agent:
         self._fetch_shares(body.get("nodes"))
         specs = self._specs(body.get("nodes"), iface.network)
         gpus = [f"{s.name} ({s.gpu})" for s in specs if s.gpu]
-        if gpus and backend != "docker":
-            raise BadRequest(f"GPUs are given to docker nodes only; {backend} nodes cannot have one: "
-                             f"{', '.join(gpus)}")
+        if gpus and not backend.gpus:
+            raise BadRequest(f"GPUs are given to {', '.join(k for k, b in self.kinds.items() if b.gpus)} "
+                             f"nodes only; {kind} nodes cannot have one: {', '.join(gpus)}")
         links = self._links(body.get("links", {}), specs)
-        if backend == "docker":
-            missing = [s.name for s in specs if not s.image]
-            if missing:
-                raise BadRequest(f"docker nodes need an image: none given for {', '.join(missing)}")
-            try:
-                cores = dn.emulator_cores(net.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True)
-                                          if body.get("cpu") else None)
-            except (TypeError, ValueError) as e:
-                raise BadRequest(f"bad emulator cpu: {e}") from None
+        options = self._check(backend, specs, body)
         # An emulator's network is of one backend: its bridge or its docker network.
-        mine, other = (self.bridges, self.networks) if backend == "netns" else (self.networks, self.bridges)
+        mine = self.nets[kind]
         with self.lock:
-            for s in specs:
-                if s.name in self.nodes:
-                    raise BadRequest(f"node {s.name} is already deployed on this worker (reset first)")
-            if emulator in other:
+            self._not_deployed(specs)
+            if any(emulator in nets for k, nets in self.nets.items() if k != kind):
                 raise BadRequest(f"emulator {emulator} is deployed here with the other backend (reset first)")
             new_net = emulator not in mine
             try:
-                if backend == "netns":
-                    mine[emulator] = nb.bridge_name(emulator)
-                    nb.ensure_bridge(mine[emulator], str(iface))
-                else:
-                    mine[emulator] = dn.ensure_network(self._docker(), emulator, str(iface.network),
-                                                       str(iface.ip), self._docker_labels())
+                mine[emulator] = backend.ensure_network(emulator, iface)
             except Exception:
                 if new_net:
                     self._remove_network(emulator)
@@ -184,20 +168,9 @@ class Agent:
             self._save()
             made: list[nb.Node] = []
             try:
-                if backend == "netns":
-                    made = nb.create_netns_nodes(specs, mine[emulator], iface.network.prefixlen, str(iface.ip),
-                                                 self.state_dir / "nodes")
-                else:
-                    made = dn.create_nodes(self._docker(), specs, network=mine[emulator],
-                                           rundir_base=self.state_dir / "nodes",
-                                           lab=self._docker_labels(emulator=emulator), cores=cores,
-                                           load=dn.cpuset_load(list(self.nodes.values())),
-                                           extra_env=self.node_env)
-                for n in made:
-                    self.nodes[n.spec.name] = n
-                self._save()
-                counts = nb.install_links(made, links, self.tables)
-                self._start_apps(made, body)
+                made = backend.create(specs, emulator=emulator, network=mine[emulator], iface=iface,
+                                      options=options, deployed=list(self.nodes.values()))
+                counts = self._links_then_apps(made, links)
             except Exception:
                 self._remove(made)
                 if new_net:
@@ -205,52 +178,61 @@ class Agent:
                 self._save()
                 raise
             self._save()
-        return {"nodes": {n.spec.name: self._deployed(n, counts[n.spec.name]) for n in made}}
-
-    @staticmethod
-    def _deployed(n: nb.Node, links: int) -> dict:
-        out = {"links": links}
-        if n.kind == "docker":
-            out.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port)
-        return out
+        return {"nodes": {n.spec.name: {"links": counts[n.spec.name], **backend.deployed(n)} for n in made}}
 
     def _remove_network(self, emulator: str) -> None:
-        if emulator in self.bridges:
-            nb.remove_bridge(self.bridges.pop(emulator))
-        if emulator in self.networks:
-            name = self.networks.pop(emulator)
-            try:
-                dn.remove_network(self._docker(), name, self.agent_id)
-            except nb.NodeError as e:   # no daemon: say so, keep cleaning
-                print(f"agent: removing docker network {name}: {e}", file=sys.stderr)
+        for kind, nets in self.nets.items():
+            if emulator in nets:
+                self.kinds[kind].remove_network(nets.pop(emulator))
 
     def deploy_physical(self, body: dict) -> dict:
         self._fetch_shares(body.get("nodes"))
         specs = self._specs(body.get("nodes"), None)
         links = self._links(body.get("links", {}), specs)
+        backend = self.kinds["physical"]
         with self.lock:
+            self._not_deployed(specs)
+            options = self._check(backend, specs, body)
             made = []
             try:
-                nb.check_users(specs)
-                for s in specs:
-                    if s.name in self.nodes:
-                        raise BadRequest(f"node {s.name} is already deployed on this worker")
-                    if not s.nic or not nb.link_exists(s.nic):
-                        raise BadRequest(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
-                    n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
-                                rundir=str(self.state_dir / "nodes" / s.name))
-                    nb.secure_dir(n.rundir, 0o700)
-                    made.append(n)
-                    self.nodes[s.name] = n
-                self._save()
-                counts = nb.install_links(made, links, self.tables)
-                self._start_apps(made, body)
+                made = backend.create(specs, emulator=None, network=None, iface=None, options=options,
+                                      deployed=list(self.nodes.values()))
+                counts = self._links_then_apps(made, links)
             except Exception:
                 self._remove(made)
                 self._save()
                 raise
             self._save()
         return {"nodes": {name: {"links": c} for name, c in counts.items()}}
+
+    def _not_deployed(self, specs: list[nb.NodeSpec]) -> None:
+        for s in specs:
+            if s.name in self.nodes:
+                raise BadRequest(f"node {s.name} is already deployed on this worker (reset first)")
+
+    @staticmethod
+    def _check(backend: be.Backend, specs: list[nb.NodeSpec], body: dict) -> dict:
+        try:
+            return backend.check(specs, body)
+        except be.Refused as e:
+            raise BadRequest(str(e)) from None
+
+    def _links_then_apps(self, made: list[nb.Node], links: dict[str, list[tc.Link]]) -> dict[str, int]:
+        """Record the nodes, install and read back their links, then start their apps (an
+        app never sends unshaped traffic) and watch for them to answer. -> links per node."""
+        for n in made:
+            self.nodes[n.spec.name] = n
+        self._save()
+        counts = nb.install_links(made, links, self.tables)
+        for n in made:
+            self._start(n)
+        return counts
+
+    def _start(self, n: nb.Node) -> None:
+        backend = self.backend(n)
+        backend.start(n, self.node_env(n.spec))
+        if n.state == "running":      # a node without a command stays idle, never ready
+            self.prober.watch(n.spec.name, backend.address(n), lambda: backend.running(n))
 
     def _fetch_shares(self, raw) -> None:
         """Volumes given as a controller share (`{"share": {"sha256", "url"}, "node", "ro"}`,
@@ -328,7 +310,7 @@ class Agent:
         if network is not None and len(set(ips)) != len(ips):
             raise BadRequest(f"duplicate node ips in {ips}")
         with self.lock:
-            taken = {n.spec.id: n.spec.name for n in self.nodes.values() if n.kind == "netns"}
+            taken = {n.spec.id: n.spec.name for n in self.nodes.values() if self.backend(n).emulated}
         for s in specs:
             if network is not None and s.id in taken and taken[s.id] != s.name:
                 raise BadRequest(f"node {s.name}: id {s.id} is already used by node {taken[s.id]}")
@@ -360,10 +342,6 @@ class Agent:
         return {net.TOKEN_ENV: net.node_token(self.token, spec.name),
                 net.PEER_TOKEN_ENV: net.peer_token(self.token)}
 
-    def _start_apps(self, made: list[nb.Node], body: dict) -> None:
-        for n in made:
-            self._runner(n).start(n, self.node_env(n.spec))
-
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
         with self.lock:
@@ -389,8 +367,9 @@ class Agent:
         with self.lock:
             done = []
             for n in self._of(kind):
-                if n.netns is None or Path(f"/run/netns/{n.netns}").exists():
-                    tc.clear(n.netns, n.dev)
+                netns, dev = self.backend(n).namespace(n)
+                if netns is None or Path(f"/run/netns/{netns}").exists():
+                    tc.clear(netns, dev)
                 self.tables.pop(n.spec.name, None)
                 done.append(n.spec.name)
             return {"cleared": done}
@@ -401,9 +380,11 @@ class Agent:
             self._remove(victims)
             gone = []
             if kind in ("emulated", "all"):
-                for emu in list(self.bridges) + list(self.networks):
+                for emu in {e for nets in self.nets.values() for e in nets}:
                     self._remove_network(emu)
-                gone = self._sweep_docker()
+                for backend in self.kinds.values():
+                    if backend.emulated:
+                        gone += backend.sweep()
             if not self.nodes:
                 self._unmount_nfs()
             self._save()
@@ -412,73 +393,51 @@ class Agent:
                 out["swept"] = gone
             return out
 
-    def _sweep_docker(self) -> list[str]:
-        """Containers, networks and volumes with this agent's label that no record names
-        (a predecessor died between making and saving them). Quiet without a daemon."""
-        if self._docker_client is None and not image.daemon_answers():
-            return []
-        try:
-            return dn.sweep(self._docker(), self.agent_id)
-        except Exception as e:  # noqa: BLE001 - a reset keeps going, and says why
-            print(f"agent: docker sweep: {e}", file=sys.stderr)
-            return []
-
     def _remove(self, victims: list[nb.Node]) -> None:
-        boxes = [n for n in victims if n.kind == "docker"]
-        if boxes:
-            try:
-                client = self._docker()
-            except nb.NodeError as e:   # netns names and run dirs still go
-                print(f"agent: removing {len(boxes)} container(s): {e}", file=sys.stderr)
-                client = None
-            dn.remove_nodes(client, boxes, self.agent_id)
-        self._stop_all([n for n in victims if n.kind != "docker"])
+        """Everything of these nodes (their backends' remove), and the agent's records."""
         for n in victims:
-            if n.kind == "docker":
-                self.tables.pop(n.spec.name, None)
-                self.nodes.pop(n.spec.name, None)
-                continue
-            if n.kind == "netns":
-                nb.remove_netns_node(n)
-            else:
-                try:
-                    tc.clear(None, n.dev)
-                except Exception as e:  # the NIC may be gone; say so, keep cleaning
-                    print(f"agent: clearing tc on {n.dev}: {e}", file=sys.stderr)
-                shutil.rmtree(n.rundir, ignore_errors=True)
-            Cgroup(n.spec.name).remove()
+            self.prober.forget(n.spec.name)
+        for kind, group in self._by_kind(victims).items():
+            self.kinds[kind].remove(group)
+        for n in victims:
             self.tables.pop(n.spec.name, None)
             self.nodes.pop(n.spec.name, None)
 
     def _stop_all(self, victims: list[nb.Node]) -> None:
-        """Stop apps in parallel: each may take its SIGTERM grace period."""
-        if victims:
-            with ThreadPoolExecutor(min(16, len(victims))) as ex:
-                list(ex.map(lambda n: self._runner(n).stop(n), victims))
+        for n in victims:
+            self.prober.forget(n.spec.name)
+        for kind, group in self._by_kind(victims).items():
+            self.kinds[kind].stop_many(group)
+
+    @staticmethod
+    def _by_kind(nodes: list[nb.Node]) -> dict[str, list[nb.Node]]:
+        out: dict[str, list[nb.Node]] = {}
+        for n in nodes:
+            out.setdefault(n.kind, []).append(n)
+        return out
 
     def _of(self, kind: str):
-        want = {"emulated": ("netns", "docker"), "physical": ("physical",),
-                "all": ("netns", "docker", "physical")}[kind]
-        return [n for n in list(self.nodes.values()) if n.kind in want]
+        """The nodes a route names: "emulated", "physical" or "all"."""
+        return [n for n in list(self.nodes.values())
+                if kind == "all" or self.backend(n).emulated == (kind == "emulated")]
 
     def status(self) -> dict:
+        """Every node: kind, ip, state, link count, whether its app answers, and what its
+        backend adds. The backends are asked outside the lock (a daemon may be slow)."""
         with self.lock:
-            return {"agent": self.name, "nodes": {n.spec.name: self._node_status(n) for n in self.nodes.values()}}
-
-    def _node_status(self, n: nb.Node) -> dict:
-        out = {"kind": n.kind, "ip": n.spec.ip, "state": n.state,
-               "links": len(self.tables[n.spec.name].links) if n.spec.name in self.tables else 0}
-        if n.kind == "docker":
-            info = self.docker_runner.inspect(n)
-            if info is None:
-                out["state"] = "gone"
-            elif info["status"] != "running":
-                out["state"] = "exited" if info["status"] in ("exited", "dead") else info["status"]
-            out.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port, image=n.spec.image,
-                       health=info and info["health"])
-        elif self.runner.alive(n.spec.name) is False:
-            out["state"] = "exited"
-        return out
+            nodes = list(self.nodes.values())
+            links = {name: len(t.links) for name, t in self.tables.items()}
+        seen: dict[str, dict] = {}
+        for kind, group in self._by_kind(nodes).items():
+            seen.update(self.kinds[kind].inspect(group))
+        out = {}
+        for n in nodes:
+            name = n.spec.name
+            st = {"kind": n.kind, "ip": n.spec.ip, "state": n.state, "links": links.get(name, 0),
+                  **seen.get(name, {})}
+            st["ready"] = st["state"] == "running" and self.prober.ready(name)
+            out[name] = st
+        return {"agent": self.name, "nodes": out}
 
     # -------------------------------------------------------------- image
     def build_image(self, body: dict) -> dict:

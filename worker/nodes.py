@@ -164,6 +164,7 @@ class Node:
     cpuset: str | None = None       # docker nodes: the cores it got
     host_port: int | None = None    # docker nodes: the host port its DML port is published on
     pid: int | None = None          # docker nodes: the host pid of the container's init
+    pid: int | None = None          # docker nodes: the host pid of the container's init
 
     def to_json(self) -> dict:
         d = asdict(self)

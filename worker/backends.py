@@ -1,0 +1,288 @@
+"""Node backends: one interface, one implementation per kind of node, picked by kind.
+
+    BACKENDS = {"netns": Netns, "docker": Docker, "physical": Physical}
+
+The agent (worker/agent.py) checks requests, keeps state (its state file, recovery after
+a crash), holds the locks, installs links and watches readiness; everything that differs
+between kinds of node is here, behind the methods of `Backend`:
+
+    check(specs, body) -> options       what this kind refuses (Refused, a 400), before anything is made
+    ensure_network(emulator, iface)     an emulator's network (netns: a bridge; docker: a docker network)
+    remove_network(name)
+    create(specs, emulator, network, iface, options, deployed) -> [Node]   all or nothing
+    start(node, env) / stop(node, timeout_s)                     the node's app
+    inspect(nodes) -> {name: {"state", ...}}                      what /status shows beside the agent's fields
+    remove(nodes)                       everything of the nodes: app, namespace or container, cgroup, run dir
+    namespace(node) -> (netns | None, dev)   where its links are shaped (worker/tc.py)
+    address(node) -> (ip, port)         where its app answers, seen from the agent (readiness)
+    running(node) -> bool | None        cheap: is its app still running (None: not known)
+    sweep() -> [what went]              what a crashed predecessor made without recording it
+
+Like Mininet's `Mininet(host=..., link=...)` the agent is handed classes; like
+Containernet's `Docker(Host)`, docker nodes differ from netns nodes in how they are made
+and how their namespace is found (the container's, attached as `etb-<node>`), not in how
+links are shaped: every kind hands traffic control the same (netns name or None, device).
+netns and physical nodes run their app through worker.nodes.Runner; docker nodes through
+their container (worker/docker_nodes.py).
+"""
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dml_app import net
+from worker import docker_nodes as dn
+from worker import image
+from worker import nodes as nb
+from worker import tc
+from worker.cgroups import Cgroup
+
+
+STOP_PARALLEL = 16          # apps stopped at once
+
+
+class Refused(ValueError):
+    """A request this kind of node cannot serve (the agent answers 400 with the message)."""
+
+
+@dataclass
+class Host:
+    """What the agent lends its backends."""
+    state_dir: Path                                  # node run dirs under state_dir/nodes
+    agent_id: str                                    # labels docker objects (the state dir)
+    port: int
+    node_env: Callable[[nb.NodeSpec], dict]          # a node's credentials
+    runner: nb.Runner                                # apps of netns and physical nodes
+
+    @property
+    def rundir_base(self) -> Path:
+        return self.state_dir / "nodes"
+
+
+class Backend:
+    """The interface (see the module's docstring); a kind overrides what differs."""
+    kind = ""
+    emulated = True          # deployed through /emulated/deploy, on a network per emulator
+    state_key = ""           # emulated: under which key the agent's state file keeps its networks
+    gpus = False             # may be given GPUs
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    def check(self, specs: list[nb.NodeSpec], body: dict) -> dict:
+        return {}
+
+    def ensure_network(self, emulator: str, iface: ipaddress.IPv4Interface) -> str:
+        raise NotImplementedError
+
+    def remove_network(self, name: str) -> None:
+        raise NotImplementedError
+
+    def create(self, specs: list[nb.NodeSpec], *, emulator: str | None, network: str | None,
+               iface: ipaddress.IPv4Interface | None, options: dict, deployed: list[nb.Node]) -> list[nb.Node]:
+        raise NotImplementedError
+
+    def start(self, node: nb.Node, env: dict) -> None:
+        self.host.runner.start(node, env)
+
+    def stop(self, node: nb.Node, timeout_s: float = 5.0) -> None:
+        self.host.runner.stop(node, timeout_s)
+
+    def stop_many(self, nodes: list[nb.Node]) -> None:
+        """stop() for many, in parallel: each may take its SIGTERM grace period."""
+        if nodes:
+            with ThreadPoolExecutor(min(STOP_PARALLEL, len(nodes))) as ex:
+                list(ex.map(self.stop, nodes))
+
+    def inspect(self, nodes: list[nb.Node]) -> dict[str, dict]:
+        return {n.spec.name: {"state": "exited" if self.host.runner.alive(n.spec.name) is False else n.state}
+                for n in nodes}
+
+    def remove(self, nodes: list[nb.Node]) -> None:
+        raise NotImplementedError
+
+    def namespace(self, node: nb.Node) -> tuple[str | None, str]:
+        return node.netns, node.dev
+
+    def address(self, node: nb.Node) -> tuple[str, int]:
+        return node.spec.ip, node.spec.port
+
+    def running(self, node: nb.Node) -> bool | None:
+        return self.host.runner.alive(node.spec.name)
+
+    def deployed(self, node: nb.Node) -> dict:
+        """What the deploy answer says of a node beside its link count."""
+        return {}
+
+    def sweep(self) -> list[str]:
+        return []
+
+
+class Netns(Backend):
+    """A network namespace on the emulator's bridge (worker/nodes.py), app by the Runner."""
+    kind = "netns"
+    state_key = "bridges"
+
+    def ensure_network(self, emulator, iface):
+        name = nb.bridge_name(emulator)
+        nb.ensure_bridge(name, str(iface))
+        return name
+
+    def remove_network(self, name):
+        nb.remove_bridge(name)
+
+    def create(self, specs, *, emulator, network, iface, options, deployed):
+        return nb.create_netns_nodes(specs, network, iface.network.prefixlen, str(iface.ip),
+                                     self.host.rundir_base)
+
+    def remove(self, nodes):
+        self.stop_many(nodes)
+        for n in nodes:
+            nb.remove_netns_node(n)
+            Cgroup(n.spec.name).remove()
+
+
+class Physical(Backend):
+    """The agent's own host: links on the named NIC, the app by the Runner."""
+    kind = "physical"
+    emulated = False
+
+    def check(self, specs, body):
+        nb.check_users(specs)
+        for s in specs:
+            if not s.nic or not nb.link_exists(s.nic):
+                raise Refused(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
+        return {}
+
+    def create(self, specs, *, emulator, network, iface, options, deployed):
+        made = []
+        for s in specs:
+            n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
+                        rundir=str(self.host.rundir_base / s.name))
+            made.append(n)
+            try:
+                nb.secure_dir(n.rundir, 0o700)
+            except Exception:
+                self.remove(made)
+                raise
+        return made
+
+    def remove(self, nodes):
+        self.stop_many(nodes)
+        for n in nodes:
+            try:
+                tc.clear(None, n.dev)
+            except Exception as e:  # the NIC may be gone; say so, keep cleaning
+                print(f"agent: clearing tc on {n.dev}: {e}", file=sys.stderr)
+            shutil.rmtree(n.rundir, ignore_errors=True)
+            Cgroup(n.spec.name).remove()
+
+    def address(self, node):
+        # The app serves on all the host's addresses: loopback reaches it whatever its NIC.
+        return "127.0.0.1", node.spec.port
+
+
+class Docker(Backend):
+    """A container on the emulator's docker network (worker/docker_nodes.py); its namespace
+    attached as etb-<node>; its app is the container's command, behind a gate."""
+    kind = "docker"
+    state_key = "networks"
+    gpus = True
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        self._client = None
+        self.runner = dn.DockerRunner(self.client)
+
+    def client(self):
+        """The Docker SDK client (made on first use); NodeError when no daemon answers."""
+        if self._client is None:
+            try:
+                self._client = image.client(timeout_s=120)
+            except image.NoDocker as e:
+                raise nb.NodeError(str(e)) from None
+        return self._client
+
+    def labels(self, **more) -> dict:
+        return dn.labels(self.host.agent_id, self.host.port, **more)
+
+    def check(self, specs, body):
+        missing = [s.name for s in specs if not s.image]
+        if missing:
+            raise Refused(f"docker nodes need an image: none given for {', '.join(missing)}")
+        try:
+            cpu = net.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True) if body.get("cpu") else None
+            return {"cores": dn.emulator_cores(cpu)}
+        except (TypeError, ValueError) as e:
+            raise Refused(f"bad emulator cpu: {e}") from None
+
+    def ensure_network(self, emulator, iface):
+        return dn.ensure_network(self.client(), emulator, str(iface.network), str(iface.ip), self.labels())
+
+    def remove_network(self, name):
+        try:
+            dn.remove_network(self.client(), name, self.host.agent_id)
+        except nb.NodeError as e:   # no daemon: say so, keep cleaning
+            print(f"agent: removing docker network {name}: {e}", file=sys.stderr)
+
+    def create(self, specs, *, emulator, network, iface, options, deployed):
+        return dn.create_nodes(self.client(), specs, network=network, rundir_base=self.host.rundir_base,
+                               lab=self.labels(emulator=emulator), cores=options["cores"],
+                               load=dn.cpuset_load(deployed), extra_env=self.host.node_env)
+
+    def start(self, node, env):
+        self.runner.start(node, env)        # its environment was set at create
+
+    def stop(self, node, timeout_s=dn.STOP_TIMEOUT_S):
+        self.runner.stop(node, timeout_s)
+
+    def inspect(self, nodes):
+        try:
+            seen = dn.inspect_many(self.client(), nodes, self.host.agent_id)
+        except nb.NodeError:
+            seen = {}
+        out = {}
+        for n in nodes:
+            info = seen.get(n.spec.name)
+            st = {"state": "gone"} if info is None else {
+                "state": n.state if info["status"] == "running"
+                else "exited" if info["status"] in ("exited", "dead") else info["status"]}
+            st.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port, image=n.spec.image,
+                      health=info and info["health"])
+            out[n.spec.name] = st
+        return out
+
+    def remove(self, nodes):
+        if not nodes:
+            return
+        try:
+            client = self.client()
+        except nb.NodeError as e:   # netns names and run dirs still go
+            print(f"agent: removing {len(nodes)} container(s): {e}", file=sys.stderr)
+            client = None
+        dn.remove_nodes(client, nodes, self.host.agent_id)
+
+    def running(self, node):
+        return dn.init_alive(node)
+
+    def deployed(self, node):
+        return {"container": node.container, "cpuset": node.cpuset, "host_port": node.host_port}
+
+    def sweep(self):
+        """Containers, networks and volumes with this agent's label that no record names
+        (a predecessor died between making and saving them). Quiet without a daemon."""
+        if self._client is None and not image.daemon_answers():
+            return []
+        try:
+            return dn.sweep(self.client(), self.host.agent_id)
+        except Exception as e:  # noqa: BLE001 - a reset keeps going, and says why
+            print(f"agent: docker sweep: {e}", file=sys.stderr)
+            return []
+
+
+BACKENDS: dict[str, type[Backend]] = {"netns": Netns, "docker": Docker, "physical": Physical}
