@@ -246,6 +246,9 @@ class Testbed:
         # port. ready_timeout_s: the deadline after `tc finish`, None for READY_BASE_S +
         # READY_PER_NODE_S per app; wait_for_apps=False: do not wait (EdgeTB's behaviour).
         self.ready_timeout_s: float | None = None
+        # How the embedded agent starts netns node apps: "auto" forks runtime roles from one
+        # preloaded interpreter (worker/zygote.py), "exec" starts a Python per node.
+        self.launcher = "auto"
         self.wait_for_apps = True
         self.ready_names: set[str] = set()          # apps seen answering since the last deploy
         self._ready_deadline: float | None = None   # time.monotonic() of this deployment's deadline
@@ -518,7 +521,7 @@ class Testbed:
                               "network namespaces, qdiscs and cgroups")
         from worker.agent import Agent, make_app
 
-        agent = Agent(name="embedded", port=self.host_port + 1, token=self.token)
+        agent = Agent(name="embedded", port=self.host_port + 1, token=self.token, launcher=self.launcher)
         srv = net.serve(make_app(agent), "0.0.0.0", self.host_port + 1, threads=16)
         self.embedded = (agent, srv)
 
@@ -789,7 +792,7 @@ class Testbed:
         self._nfs_unexport()
         if self.embedded is not None:
             agent, srv = self.embedded
-            agent.reset("all")
+            agent.close()           # everything removed, the zygote stopped
             srv.close()
             self.embedded = None
 

@@ -55,13 +55,14 @@ class BadRequest(Exception):
 class Agent:
     """All node state of one worker; every public method is safe to call twice."""
 
-    def __init__(self, *, name: str, port: int, token: str, state_dir: Path | None = None):
+    def __init__(self, *, name: str, port: int, token: str, state_dir: Path | None = None,
+                 launcher: str = "auto"):
         self.name, self.port, self.token = name, port, token
         self.state_dir = state_dir or STATE_BASE / f"agent-{port}"
         self.state_file = self.state_dir / "state.json"
         self.nodes: dict[str, nb.Node] = {}
         self.tables: dict[str, tc.LinkTable] = {}
-        self.runner = nb.Runner()
+        self.runner = nb.Runner(launcher)          # "exec": never fork apps from the zygote
         # One backend per kind of node (worker/backends.py); the agent keeps request checks,
         # state, locks, links and readiness, and never asks what kind a node is.
         self.kinds: dict[str, be.Backend] = {
@@ -374,6 +375,13 @@ class Agent:
                 done.append(n.spec.name)
             return {"cleared": done}
 
+    def close(self) -> None:
+        """Remove everything, then stop the zygote (the agent is going away)."""
+        try:
+            self.reset("all")
+        finally:
+            self.runner.close()
+
     def reset(self, kind: str) -> dict:
         with self.lock:
             victims = list(self._of(kind))
@@ -589,6 +597,9 @@ def main(argv=None) -> int:
                          f"default: ${net.TOKEN_ENV}, else a new token written to "
                          f"{STATE_BASE}/agent-PORT.token")
     ap.add_argument("--name", default=socket.gethostname(), help="agent name shown in /hi")
+    ap.add_argument("--launcher", choices=nb.LAUNCHERS, default="auto",
+                    help="how netns node apps start: auto (runtime roles fork from one preloaded "
+                         "interpreter, worker/zygote.py; anything else is exec'd) or exec (always exec)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("agent: must run as root (it creates namespaces, qdiscs and cgroups)", file=sys.stderr)
@@ -598,7 +609,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"agent: {e}", file=sys.stderr)
         return 2
-    agent = Agent(name=a.name, port=a.port, token=token)
+    agent = Agent(name=a.name, port=a.port, token=token, launcher=a.launcher)
     srv = net.Server(make_app(agent), a.host, a.port, threads=16)
     # SIGTERM (kill, systemctl stop) ends the agent like Ctrl-C: through the reset below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -608,7 +619,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        agent.reset("all")
+        agent.close()
         if made is not None:
             with contextlib.suppress(OSError):
                 made.unlink()
