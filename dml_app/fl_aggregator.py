@@ -30,6 +30,7 @@ DEFAULT_ROUND_TIMEOUT_S = 600.0
 MAX_ROUNDS = 1_000_000
 MAX_SEED = 2**32 - 1
 MAX_SAMPLES = 10**12          # a trainer's sample count: far beyond any dataset, far below overflow
+SEND_THREADS = 32             # parallel /train sends to trainers
 
 
 def check_structure(conf: dict) -> dict:
@@ -133,7 +134,8 @@ class FlAggregator:
         acc, _ = evaluate(self.model, data.test_x, data.test_y)
         rt.log.info("initial accuracy %.4f; %d rounds over %s", acc, conf["sync"], conf["child_node"])
         t_start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=max(1, len(conf["child_node"])),
+        # Bounded: 299 trainers must not mean 299 threads (each /train answers at once).
+        with ThreadPoolExecutor(max_workers=max(1, min(SEND_THREADS, len(conf["child_node"]))),
                                 thread_name_prefix="send") as pool:
             for r in range(1, conf["sync"] + 1):
                 if rt.stopping.is_set():
