@@ -4,6 +4,11 @@ split the dataset if there is none -> deploy (nodes, links, `tc finish`) -> writ
 dataset and structure confs -> push them -> start -> follow the root's rounds -> collect
 logs and plots at /finish -> print the summary table -> reset. Exit status 0 only when
 the run finished and produced its summary.
+
+`run` is that whole command; `drive` is the workflow on a testbed already deployed (confs,
+pushes, start, `follow` until /finish, the summary), and `structure_writer` the usual
+way to write its structure confs. The benchmarks and the tests drive runs through these
+same functions, so there is one implementation of the workflow.
 """
 from __future__ import annotations
 
@@ -69,8 +74,9 @@ def ensure_dataset(say) -> None:
 
 def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float,
         conf_dir: Path | None = None) -> int:
-    """The --auto workflow; `write_structure()` writes the structure confs into `conf_dir`
-    (default ROOT/dml_file/conf, where the manager reads them)."""
+    """The --auto workflow: split a dataset if there is none, deploy, `drive`, print the
+    summary table, reset; the exit status. `write_structure()` writes the structure confs
+    into `conf_dir` (default ROOT/dml_file/conf, where the manager reads them)."""
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
         ensure_dataset(say)
@@ -83,21 +89,8 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         say(f"deployed {len(testbed.all_nodes())} nodes in {time.time() - t0:.1f} s")
         if conf_dir is not None:
             manager.conf_dir = Path(conf_dir)
-        tool("dataset_conf").write_confs(str(dataset_json), str(manager.conf_dir))
-        write_structure()
-        for kind in ("dataset", "structure"):
-            res = manager.push_conf(kind)
-            bad = {n: r for n, r in res.items() if r != "ok"}
-            if bad:
-                raise RuntimeError(f"pushing {kind} confs: {bad}")
-            say(f"{kind} confs pushed to {len(res)} nodes")
-        say(manager.start_training(root))
-        rounds = None
-        if root is not None:
-            conf = manager.conf_dir / f"{root}_structure.conf"
-            rounds = json.loads(conf.read_text()).get("sync") if conf.exists() else None
-        _follow(manager, testbed, root, timeout_s, rounds)
-        summary = manager.summary
+        summary = drive(testbed, manager, root=root, dataset_json=dataset_json, write_structure=write_structure,
+                        timeout_s=timeout_s, say=say)
         say("")
         say(results.table(summary))
         say(f"logs, plots and summary.json in {summary['run_dir']}")
@@ -112,6 +105,43 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         testbed.close()     # nodes first, so no heartbeat arrives at a closing server
         manager.close()
         say("reset: every node and link removed")
+
+
+def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, write_structure,
+          timeout_s: float, say=print) -> dict:
+    """EdgeTB's steps on a deployed testbed whose `manager` serves: write the dataset confs
+    from `dataset_json` and the structure confs (`write_structure()`) into
+    manager.conf_dir, push both (what GET /conf/dataset and /conf/structure do), start
+    (/start?root=, every node when `root` is None), print the aggregates as they come
+    (`follow`) and return the summary once /finish has run (by the root, or by the
+    manager itself). Raises RuntimeError (a push refused, a node app died), TimeoutError
+    (no /finish within timeout_s), net.HttpError, OSError or ValueError; the caller
+    removes the testbed. The one implementation of the workflow: --auto, the benchmarks
+    and the tests all go through it."""
+    tool("dataset_conf").write_confs(str(dataset_json), str(manager.conf_dir))
+    write_structure()
+    for kind in ("dataset", "structure"):
+        res = manager.push_conf(kind)
+        bad = {n: r for n, r in res.items() if r != "ok"}
+        if bad:
+            raise RuntimeError(f"pushing {kind} confs: {bad}")
+        say(f"{kind} confs pushed to {len(res)} nodes")
+    say(manager.start_training(root))
+    rounds = None
+    if root is not None:
+        conf = manager.conf_dir / f"{root}_structure.conf"
+        rounds = json.loads(conf.read_text()).get("sync") if conf.exists() else None
+    follow(manager, testbed, root, timeout_s, rounds, say=say)
+    return manager.summary
+
+
+def structure_writer(structure_tool: str, structure_json: Path, testbed: Testbed, conf_dir: Path):
+    """`write_structure` for `run`/`drive`: the dml_tool module `structure_tool`
+    ("<alg>_structure_conf") on `structure_json`, the testbed's links file and
+    node_info.json, writing into `conf_dir`."""
+    conf_tool = tool(structure_tool)
+    return lambda: conf_tool.write_confs(str(structure_json), str(testbed.links_file),
+                                         str(testbed.node_info_path), str(conf_dir))
 
 
 def script_main(build, *, description: str, root: str | None, structure_tool: str) -> int:
@@ -130,16 +160,15 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
             return 2
         return 0
     alg = structure_tool.split("_")[0]
-    conf_tool = tool(structure_tool)
     return run(testbed, root=root, dataset_json=DML_TOOL / f"{alg}_dataset.json", timeout_s=args.timeout,
-               write_structure=lambda: conf_tool.write_confs(
-                   str(DML_TOOL / f"{alg}_structure.json"), str(testbed.links_file),
-                   str(testbed.node_info_path), str(ROOT / "dml_file" / "conf")))
+               write_structure=structure_writer(structure_tool, DML_TOOL / f"{alg}_structure.json", testbed,
+                                                ROOT / "dml_file" / "conf"))
 
 
-def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds) -> None:
-    """Print each new aggregate (of the root, or of every node when there is none) until
-    /finish has run; fail on a node app that died."""
+def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds, *, say=print) -> None:
+    """Say each new aggregate (of the root, or of every node when there is none) until
+    /finish has run; fail on a node app that died (RuntimeError) or on no /finish within
+    timeout_s (TimeoutError)."""
     deadline = time.time() + timeout_s
     nodes = testbed.all_nodes()
     watch = [root] if root else list(nodes)
@@ -159,7 +188,7 @@ def _follow(manager, testbed: Testbed, root: str | None, timeout_s: float, round
             for r in recs[seen[name]:]:
                 who = "" if root else f"{name} "
                 layer = f" (layer {r['layer']})" if "layer" in r else ""
-                print(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}", flush=True)
+                say(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}")
             seen[name] = max(seen[name], len(recs))
         dead = [n for n, s in manager.status()["nodes"].items() if s.get("app") == "exited"]
         if dead:

@@ -1,15 +1,16 @@
-"""End-to-end helpers: a netns (or docker) testbed in this process, driven the way a user drives it.
+"""End-to-end helpers: a netns (or docker) testbed in this process, driven the way
+`<alg>_run.py --auto` drives it.
 
-The controller and its embedded agent run in the test process; the conf tools run as
-CLI processes; every step is an HTTP call to the controller, as with curl. Used by the
-algorithms' workflow tests (test_el_workflow.py, test_ps_workflow.py).
+The controller and its embedded agent run in the test process; the workflow (confs,
+pushes, start, follow until /finish) is controller/auto.py's `drive`, the code --auto
+runs. Used by the algorithms' workflow tests (test_fl_workflow.py, test_el_workflow.py,
+test_ps_workflow.py, test_gl_workflow.py, test_ra_workflow.py, the docker and
+multi-worker FL tests).
 """
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,7 @@ for p in (ROOT, ROOT / "dml_tool"):
         sys.path.insert(0, str(p))
 
 import agent_helpers as ah  # noqa: E402
+from controller import auto  # noqa: E402
 from controller.testbed import Testbed  # noqa: E402
 from dml_app import net  # noqa: E402
 
@@ -66,26 +68,22 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
 
 
 def run_workflow(tb: Testbed, manager, tmp: Path, *, alg: str, dataset: dict, structure: dict,
-                 root: str, timeout_s: float) -> dict:
-    """EdgeTB's steps: conf tools (CLI), /conf/dataset, /conf/structure, /start?root=,
-    then wait for the root's /finish; returns the run's summary."""
-    ctl = f"127.0.0.1:{tb.host_port}"
+                 root: str | None, timeout_s: float, said: list | None = None) -> dict:
+    """EdgeTB's workflow through controller/auto.py's `drive`, the --auto path itself:
+    tmp/<alg>_dataset.json and tmp/<alg>_structure.json written from `dataset` and
+    `structure`, their confs written by the conf tools into manager.conf_dir, both pushed,
+    /start?root= (every node when `root` is None), followed until /finish; returns the
+    run's summary. What drive says is appended to `said` when given. A failure shows the
+    end of every node app's output."""
     (tmp / f"{alg}_dataset.json").write_text(json.dumps(dataset))
     (tmp / f"{alg}_structure.json").write_text(json.dumps(structure))
-    out = ["-o", str(tmp / "conf")]
-    for argv in (["dml_tool/dataset_conf.py", "-d", str(tmp / f"{alg}_dataset.json")],
-                 [f"dml_tool/{alg}_structure_conf.py", "-s", str(tmp / f"{alg}_structure.json"),
-                  "-l", str(tmp / "links.json"), "-n", str(tmp / "node_info.json")]):
-        p = subprocess.run([sys.executable] + argv + out, cwd=ROOT, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-    for kind in ("dataset", "structure"):
-        assert set(net.get_json(f"{ctl}/conf/{kind}", timeout_s=180).values()) == {"ok"}
-    assert f"started {root}" in net.call("GET", f"{ctl}/start", params={"root": root}).text
-    deadline = time.monotonic() + timeout_s
-    while not net.get_json(f"{ctl}/status")["finished"]:
-        assert time.monotonic() < deadline, f"{root} never called /finish\n" + node_outputs(tb)
-        manager.finished.wait(1.0)
-    return manager.summary
+    lines = said if said is not None else []
+    try:
+        return auto.drive(tb, manager, root=root, dataset_json=tmp / f"{alg}_dataset.json", timeout_s=timeout_s,
+                          write_structure=auto.structure_writer(f"{alg}_structure_conf", tmp / f"{alg}_structure.json",
+                                                                tb, manager.conf_dir), say=lines.append)
+    except (RuntimeError, TimeoutError, net.HttpError) as e:
+        raise AssertionError(f"{e}\nsaid: {lines}\n{node_outputs(tb)}") from e
 
 
 def node_outputs(tb: Testbed, tail_chars: int = 1500) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -25,29 +24,30 @@ if str(ROOT) not in sys.path:
 
 from controller.testbed import Testbed  # noqa: E402
 
-import dataset_conf  # noqa: E402  (dml_tool/, on sys.path through dml_testutil)
-
 
 from netns_workflow import etb_namespaces, netns_testbed  # noqa: E402,F401
 
 
 @contextmanager
-def loopback_run(manager_class, role: str, names: list[str], work: Path,
+def loopback_run(manager_class, role: str | dict[str, str], names: list[str], work: Path,
                  dataset_dir: Path) -> Iterator[tuple[object, dict[str, NodeProc]]]:
-    """Start one `role` process per name and a `manager_class` serving as their controller;
-    writes work/node_info.json. Everything is stopped on exit, failed or not."""
+    """Start one `role` process per name (or role[name]) and a `manager_class` serving as their controller;
+    writes work/node_info.json (the testbed, manager.tb, reads it and work/links.json, which
+    the test writes). Drive the run with netns_workflow.run_workflow(manager.tb, manager, ...).
+    Everything is stopped on exit, failed or not."""
     ctl_port = free_port()
     procs: dict[str, NodeProc] = {}
     manager = None
     try:
         for name in names:
             # The credentials an agent would give them (derived from the admin token).
-            procs[name] = NodeProc(role, name, log_dir=work / "log", dataset_dir=dataset_dir,
+            procs[name] = NodeProc(role if isinstance(role, str) else role[name], name, log_dir=work / "log", dataset_dir=dataset_dir,
                                    ctl_address=f"127.0.0.1:{ctl_port}",
                                    token=net.node_token(TOKEN, name), peer_token=net.peer_token(TOKEN))
         tb = Testbed("127.0.0.1", str(work), manager_class, host_port=ctl_port, token=TOKEN)
+        tb.node_info_path, tb.links_file = work / "node_info.json", str(work / "links.json")
         for p in procs.values():
-            node = tb.add_emulated_node(p.name, "/home/worker/dml_app", ["python3", f"{role}.py"])
+            node = tb.add_emulated_node(p.name, "/home/worker/dml_app", ["python3", f"{p.role}.py"])
             node.ip, node.port = "127.0.0.1", p.port
         (work / "node_info.json").write_text(json.dumps({
             "emulator": {}, "physical_node": {},
@@ -65,15 +65,6 @@ def loopback_run(manager_class, role: str, names: list[str], work: Path,
             p.stop()
         if manager is not None:
             manager.close()
-
-
-def push_confs(manager, work: Path, datasets: dict) -> None:
-    """Write the dataset confs from `datasets` (structure confs are the caller's), push both."""
-    (work / "dataset.json").write_text(json.dumps(datasets))
-    dataset_conf.write_confs(str(work / "dataset.json"), str(manager.conf_dir))
-    for kind in ("dataset", "structure"):
-        res = manager.push_conf(kind)
-        assert set(res.values()) == {"ok"}, res
 
 
 def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
@@ -120,22 +111,6 @@ def node_addrs(names: list[str]) -> dict:
 def link_dests(links: dict) -> dict[str, list[str]]:
     """links.json's {src: [{"dest": ...}]} as the conf tools hold it: {src: [dest, ...]}."""
     return {src: [link["dest"] for link in lst] for src, lst in links.items()}
-
-
-def http_run(ctl: str, manager, *, timeout_s: float = 120.0) -> tuple[str, float]:
-    """EdgeTB's curl steps against the controller at `ctl`: push both confs, /start without
-    a root, then poll /status until the run has finished BY ITSELF (nobody calls /finish).
-    Returns the /start answer and the seconds from /start to the end."""
-    from dml_app import net
-
-    for kind in ("dataset", "structure"):
-        assert set(net.get_json(f"{ctl}/conf/{kind}", timeout_s=180).values()) == {"ok"}
-    t0 = time.monotonic()
-    started = net.call("GET", f"{ctl}/start").text
-    while not net.get_json(f"{ctl}/status")["finished"]:
-        assert time.monotonic() < t0 + timeout_s, f"the run did not end by itself within {timeout_s:.0f} s"
-        manager.finished.wait(1.0)
-    return started, time.monotonic() - t0
 
 
 def shipped_confs(conf_tool, alg: str, work: Path, names: list[str]) -> dict[str, dict]:

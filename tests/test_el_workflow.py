@@ -1,4 +1,4 @@
-"""E-tree learning end to end on real netns nodes through EdgeTB's HTTP workflow.
+"""E-tree learning end to end on real netns nodes through EdgeTB's workflow (controller/auto.py's).
 
 Five nodes with the default network's shape (a star around e1 and a ring
 e2 -> e3 -> e4 -> e5 -> e2, every link shaped), the shipped tree renamed: e1 on top of

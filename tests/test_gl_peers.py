@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
-from peer_testutil import loopback_run, push_confs, tiny_dataset
-import gl_structure_conf
+from netns_workflow import run_workflow
+from peer_testutil import loopback_run, tiny_dataset
 import net
 import nns
 from controller.gl_run import GlManager
@@ -41,17 +41,14 @@ def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scrat
         (scratch / "node_info.json").write_text(json.dumps(info))
         (scratch / "links.json").write_text(json.dumps(
             {src: [{"dest": d, "bw": "1gbit"} for d in dests] for src, dests in LINKS.items()}))
-        (scratch / "gl.json").write_text(json.dumps(
-            {"sync": SYNC, "seed": 3, "wait_s": 0.5, "node_list": [{"name": n, "epoch": 1} for n in PEERS]}))
-        gl_structure_conf.write_confs(str(scratch / "gl.json"), str(scratch / "links.json"),
-                                      str(scratch / "node_info.json"), str(manager.conf_dir))
+        said = []
+        summary = run_workflow(manager.tb, manager, scratch, alg="gl", root=None, timeout_s=60, said=said,
+                               structure={"sync": SYNC, "seed": 3, "wait_s": 0.5,
+                                          "node_list": [{"name": n, "epoch": 1} for n in PEERS]},
+                               dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in PEERS})
+        assert said[2] == f"started {', '.join(PEERS)}", said
         conf2 = json.loads((manager.conf_dir / "gx2_structure.conf").read_text())
         assert sorted(conf2["connect"]) == ["gx3"]  # the link to gx5 is not a gossip link
-        push_confs(manager, scratch, {n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in PEERS})
-
-        assert manager.start_training(None) == f"started {', '.join(PEERS)}"
-        assert manager.finished.wait(60), "the controller never noticed the end of the gossip"
-        summary = manager.summary
         assert "error" not in summary, summary
         run_dir = Path(summary["run_dir"])
         # nobody called /finish: the manager did, after every peer was done

@@ -1,9 +1,9 @@
-"""Gossip learning through EdgeTB's HTTP workflow on real netns nodes.
+"""Gossip learning through EdgeTB's workflow on real netns nodes.
 
 Four peers g1..g4 (gl_peer.py) on network namespaces with shaped links, the
-controller (GlManager) and its embedded agent in this process, the conf tools run as
-CLI processes, every step an HTTP call to the controller. `/start` without a root
-starts every peer; nobody calls /finish: the controller notices the end by itself.
+controller (GlManager) and its embedded agent in this process, the workflow
+controller/auto.py's (what `gl_run.py --auto` runs). `/start?root=` is refused over
+HTTP; starting without a root starts every peer; nobody calls /finish: the controller notices the end by itself.
 LeNet-5 on the MNIST subset, 1,000 training images per peer.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peer_testutil import http_run, netns_run, run_tools
+from netns_workflow import run_workflow
+from peer_testutil import netns_run
 from controller.gl_run import GlManager
 from dml_app import net
 
@@ -34,18 +35,18 @@ def gl_testbed(tmp_path):
         yield tb, manager, tmp_path
 
 
-def test_gossip_over_the_http_workflow(gl_testbed):
+def test_gossip_through_the_auto_workflow(gl_testbed):
     tb, manager, tmp = gl_testbed
     ctl = f"127.0.0.1:{tb.host_port}"
-    run_tools(tmp, "gl", {"sync": SYNC, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]},
-              {n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 5,
-                   "test_start_index": 1 + 5 * (i % 2), "batch_size": 32} for i, n in enumerate(PEERS)})
     with pytest.raises(net.HttpError, match="no root"):
         net.call("GET", f"{ctl}/start", params={"root": "g1"})
-    started, took = http_run(ctl, manager)
-    assert started == "started g1, g2, g3, g4\n"
-
-    summary = manager.summary
+    said = []
+    summary = run_workflow(tb, manager, tmp, alg="gl", root=None, timeout_s=120, said=said,
+                           structure={"sync": SYNC, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]},
+                           dataset={n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 5,
+                                        "test_start_index": 1 + 5 * (i % 2), "batch_size": 32}
+                                    for i, n in enumerate(PEERS)})
+    assert said[2] == "started g1, g2, g3, g4", said
     assert "error" not in summary and summary["algorithm"] == "gl" and summary["rounds"] == SYNC
     run_dir = Path(summary["run_dir"])
     # summary.json against what the peers themselves logged (4 decimals): each round's
@@ -78,5 +79,5 @@ def test_gossip_over_the_http_workflow(gl_testbed):
     status = net.get_json(f"{ctl}/status")["nodes"]
     assert {s["state"] for s in status.values()} == {"finished"}
     assert status["g4"]["links"] == 2 and status["g2"]["links"] == 1
-    print(f"gossip: {SYNC} rounds in {took:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
+    print(f"gossip: {SYNC} rounds in {summary['wall_seconds']:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
           f"per round {[round(a, 4) for a in accs]}")

@@ -1,4 +1,4 @@
-"""Parameter-server training end to end on real netns nodes through EdgeTB's HTTP workflow.
+"""Parameter-server training end to end on real netns nodes through EdgeTB's workflow (auto.py's).
 
 p1 serves, p2..p5 work, over a star of shaped links (parameters go p1 -> worker,
 gradients worker -> p1, both through the kernel's classes). LeNet-5 on the MNIST

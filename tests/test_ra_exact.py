@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dml_testutil import scratch  # noqa: F401  (fixture)
-from peer_testutil import loopback_run, push_confs, tiny_dataset
+from netns_workflow import run_workflow
+from peer_testutil import loopback_run, tiny_dataset
 import net
 import nns
-import ra_structure_conf
 from controller.ra_run import RaManager
 
 SEED = 7
@@ -49,15 +49,12 @@ def test_one_all_reduce_gives_every_node_the_exact_mean(scratch, size):
         ring = list(reversed(names))  # ring order is the structure's, not the names' order
         links = {n: [{"dest": ring[(i + 1) % size], "bw": "1gbit"}] for i, n in enumerate(ring)}
         (scratch / "links.json").write_text(json.dumps(links))
-        (scratch / "ra.json").write_text(json.dumps({
-            "sync": 1, "seed": SEED, "init": "per_rank",
-            "node_list": [{"name": n, "epoch": 0} for n in ring]}))
-        ra_structure_conf.write_confs(str(scratch / "ra.json"), str(scratch / "links.json"),
-                                      str(scratch / "node_info.json"), str(manager.conf_dir))
-        push_confs(manager, scratch, {n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
-        assert "driving 1 round(s)" in manager.start_training(None)
-        assert manager.finished.wait(60), "the driver never finished the run"
-        summary = manager.summary
+        said = []
+        summary = run_workflow(manager.tb, manager, scratch, alg="ra", root=None, timeout_s=60, said=said,
+                               structure={"sync": 1, "seed": SEED, "init": "per_rank",
+                                          "node_list": [{"name": n, "epoch": 0} for n in ring]},
+                               dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
+        assert "driving 1 round(s)" in said[2], said
         assert "error" not in summary, summary["error"]
 
         got = {}

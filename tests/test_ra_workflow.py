@@ -1,8 +1,8 @@
-"""Ring all-reduce through EdgeTB's HTTP workflow on real netns nodes.
+"""Ring all-reduce through EdgeTB's workflow on real netns nodes.
 
 Three nodes r1 -> r2 -> r3 -> r1 (ra_peer.py) on network namespaces with shaped links,
-the controller (RaManager) and its embedded agent in this process, the conf tools run
-as CLI processes, every step an HTTP call to the controller. `/start` without a root
+the controller (RaManager) and its embedded agent in this process, the workflow
+controller/auto.py's (what `ra_run.py --auto` runs). Starting without a root
 starts every node and the controller drives every round step by step, then collects
 the logs by itself. LeNet-5 on the MNIST subset, 1,000 training images per node. All
 nodes evaluate on the same test parts, so after each all-reduce (identical models)
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from peer_testutil import http_run, netns_run, run_tools
+from netns_workflow import run_workflow
+from peer_testutil import netns_run
 from controller.ra_run import RaManager
 from dml_app import net
 
@@ -35,16 +36,16 @@ def ra_testbed(tmp_path):
         yield tb, manager, tmp_path
 
 
-def test_ring_all_reduce_over_the_http_workflow(ra_testbed):
+def test_ring_all_reduce_through_the_auto_workflow(ra_testbed):
     tb, manager, tmp = ra_testbed
     ctl = f"127.0.0.1:{tb.host_port}"
-    run_tools(tmp, "ra", {"sync": SYNC, "node_list": [{"name": n, "epoch": 1} for n in NODES]},
-              {n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 10,
-                   "test_start_index": 1, "batch_size": 32} for i, n in enumerate(NODES)})
-    started, took = http_run(ctl, manager)
-    assert started.startswith("started r1, r2, r3;") and "r1 -> r2 -> r3 -> r1" in started
-
-    summary = manager.summary
+    said = []
+    summary = run_workflow(tb, manager, tmp, alg="ra", root=None, timeout_s=120, said=said,
+                           structure={"sync": SYNC, "node_list": [{"name": n, "epoch": 1} for n in NODES]},
+                           dataset={n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 10,
+                                        "test_start_index": 1, "batch_size": 32} for i, n in enumerate(NODES)})
+    started = said[2]
+    assert started.startswith("started r1, r2, r3;") and "r1 -> r2 -> r3 -> r1" in started, said
     assert "error" not in summary, summary["error"]
     assert summary["algorithm"] == "ra" and summary["rounds"] == SYNC
     run_dir = Path(summary["run_dir"])
@@ -68,5 +69,5 @@ def test_ring_all_reduce_over_the_http_workflow(ra_testbed):
     status = net.get_json(f"{ctl}/status")["nodes"]
     assert {s["app"] for s in status.values()} == {"running"}
     assert [status[n]["links"] for n in NODES] == [2, 1, 1]
-    print(f"ring all-reduce: {SYNC} rounds in {took:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
+    print(f"ring all-reduce: {SYNC} rounds in {summary['wall_seconds']:.1f} s, final accuracy {summary['final_accuracy']:.4f}, "
           f"per round {accs}")
