@@ -6,6 +6,7 @@ tested as data, and the test that would run a GPU container skips saying so.
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from worker import nodes as nb  # noqa: E402
 from worker.agent import Agent, BadRequest  # noqa: E402
 
 import agent_helpers as ah  # noqa: E402
+import docker_testutil as dt  # noqa: E402
 
 
 def _testbed(tmp_path, backend, emu_gpu, node_gpus):
@@ -124,9 +126,17 @@ def _no_gpu() -> str | None:
 
 
 @ah.need("gpu", _no_gpu())
+@dt.need_docker()
 def test_a_docker_node_sees_its_gpu():  # pragma: no cover - needs a GPU and the NVIDIA runtime
-    import docker
-
-    out = docker.from_env().containers.run("edgetb-node:latest", ["nvidia-smi", "-L"], remove=True,
-                                           device_requests=dn.device_requests(1))
-    assert b"GPU 0" in out
+    """Through a real agent, as the controller deploys: a docker node asking one GPU lists
+    it with nvidia-smi (into its log folder, which the agent keeps on the host)."""
+    dep = dt.plan(1, cmd=["sh", "-c", 'nvidia-smi -L > "$DML_LOG_DIR/gpu.txt" 2>&1; exec sleep infinity'])
+    dep.nodes[0]["gpu"] = 1
+    with ah.running_agent() as agent, dt.deployed(agent, dep):
+        name = dep.nodes[0]["name"]
+        assert agent.get("/status")["nodes"][name]["kind"] == "docker"
+        out = agent.state_dir / "nodes" / name / "log" / "gpu.txt"
+        deadline = time.monotonic() + 60
+        while "GPU 0" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, out.read_text() if out.exists() else f"no {out}"
+            time.sleep(0.2)

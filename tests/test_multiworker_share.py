@@ -107,23 +107,50 @@ def test_nfs_detection_says_why(monkeypatch):
     assert share.mode("http")[0] == "http"
 
 
-@ah.need("nfs", share.nfs_unavailable() and f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
-def test_nfs_export_and_mount_for_real(tmp_path):   # pragma: no cover - needs kernel NFS
-    import subprocess
+def _share_testbed(tmp_path, h, host, agent, app, names) -> Testbed:
+    """A testbed on the harness `h`: an emulator on `host` (its `agent`), one node per
+    name printing app/marker.txt (dml_app/ shared from `app`) and sleeping."""
+    tb = Testbed(multihost.CONTROLLER_IP, str(tmp_path), ShareManager, host_port=h.controller_port,
+                 token=h.token)
+    tb.node_info_path = tmp_path / "node_info.json"
+    nfs = tb.add_nfs("dml_app", str(app))
+    emu = tb.add_emulator(f"{h.tag}e", host.ip, cpu=1, ram=1, agent_port=agent.port, subnet=host.subnet)
+    for name in names:
+        node = tb.add_emulated_node(name, "/home/worker/dml_app", ["sh", "-c", "cat marker.txt; exec sleep 300"],
+                                    cpu=0.2, ram=128, unit="M", emulator=emu)
+        node.mount_nfs(nfs, "/home/worker/dml_app")
+    return tb
 
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    dst.mkdir()
-    (src / "m.txt").write_text("nfs")
-    subprocess.run(share.export_argv(str(src), "127.0.0.1"), check=True)
-    try:
-        subprocess.run(share.mount_argv("127.0.0.1", str(src), str(dst), ro=True), check=True)
+
+@ah.need("nfs", share.nfs_unavailable() and f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
+@pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
+def test_nfs_share_reaches_the_nodes_for_real(tmp_path):   # pragma: no cover - needs kernel NFS
+    """NFS as a user gets it: the controller exports dml_app/ to a worker, whose agent
+    mounts it for its nodes; the node reads the file; reset unmounts it."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "marker.txt").write_text("nfs-v1\n")
+    with multihost.Harness() as h:
+        a = h.add_host()
+        agent = a.start_agent()
+        h.route(a.subnet, a)
+        name = f"{h.tag}n1"
+        tb = _share_testbed(tmp_path, h, a, agent, app, [name])
+        tb.share_mode = "nfs"
+        tb.wait_for_apps = False      # this app prints and sleeps: nothing answers on a DML port
+        said = []
+        manager = tb.start(serve_forever=False, say=said.append)
+        source = f"{multihost.CONTROLLER_IP}:{app}"
         try:
-            assert (dst / "m.txt").read_text() == "nfs"
+            assert [m for m in said if m.startswith("share:")] == [share.mode("nfs")[1]], said
+            _stdout(agent, name, "nfs-v1")
+            assert source in Path("/proc/mounts").read_text(), "the agent mounted no NFS share"
         finally:
-            subprocess.run(share.umount_argv(str(dst)))
-    finally:
-        subprocess.run(share.unexport_argv(str(src), "127.0.0.1"))
+            tb.close()
+            manager.close()
+        assert source not in Path("/proc/mounts").read_text(), "the NFS share is still mounted"
+        left = h.leftovers([name])
+        assert not any(left.values()), left
 
 
 def test_local_workers_still_bind_the_folder(tmp_path):
@@ -163,16 +190,8 @@ def test_http_share_reaches_nodes_caches_and_refuses_corruption(tmp_path):
         a = h.add_host()
         agent = a.start_agent()
         h.route(a.subnet, a)
-        tb = Testbed(multihost.CONTROLLER_IP, str(tmp_path), ShareManager, host_port=h.controller_port,
-                     token=h.token)
-        tb.node_info_path = tmp_path / "node_info.json"
-        nfs = tb.add_nfs("dml_app", str(app))
-        emu = tb.add_emulator(f"{h.tag}e", a.ip, cpu=1, ram=1, agent_port=agent.port, subnet=a.subnet)
         names = [f"{h.tag}n1", f"{h.tag}n2"]
-        for name in names:
-            node = tb.add_emulated_node(name, "/home/worker/dml_app", ["sh", "-c", "cat marker.txt; exec sleep 300"],
-                                        cpu=0.2, ram=128, unit="M", emulator=emu)
-            node.mount_nfs(nfs, "/home/worker/dml_app")
+        tb = _share_testbed(tmp_path, h, a, agent, app, names)
         # over HTTP: by itself where NFS is missing (saying why), asked for where it is not
         why = share.nfs_unavailable()
         if why is None:
