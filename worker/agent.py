@@ -168,12 +168,19 @@ class Agent:
                 raise
             self._save()
             made: list[nb.Node] = []
+            early: dict[str, int] = {}          # nodes whose links and app went in as they were made
+            started: list[nb.Node] = []
+
+            def each(n: nb.Node) -> None:       # from the backend's threads
+                early[n.spec.name] = nb.install_links([n], links, self.tables)[n.spec.name]
+                started.append(n)
+                self._start(n)
             try:
                 made = backend.create(specs, emulator=emulator, network=mine[emulator], iface=iface,
-                                      options=options, deployed=list(self.nodes.values()))
-                counts = self._links_then_apps(made, links)
+                                      options=options, deployed=list(self.nodes.values()), then=each)
+                counts = self._links_then_apps(made, links, early)
             except Exception:
-                self._remove(made)
+                self._remove(made or started)
                 if new_net:
                     self._remove_network(emulator)
                 self._save()
@@ -218,16 +225,20 @@ class Agent:
         except be.Refused as e:
             raise BadRequest(str(e)) from None
 
-    def _links_then_apps(self, made: list[nb.Node], links: dict[str, list[tc.Link]]) -> dict[str, int]:
+    def _links_then_apps(self, made: list[nb.Node], links: dict[str, list[tc.Link]],
+                         early: dict[str, int] | None = None) -> dict[str, int]:
         """Record the nodes, install and read back their links, then start their apps (an
-        app never sends unshaped traffic) and watch for them to answer. -> links per node."""
+        app never sends unshaped traffic) and watch for them to answer; `early`: nodes
+        that had this done as they were made (links per node). -> links per node."""
+        early = dict(early or {})
         for n in made:
             self.nodes[n.spec.name] = n
         self._save()
-        counts = nb.install_links(made, links, self.tables)
-        for n in made:
+        rest = [n for n in made if n.spec.name not in early]
+        counts = {**early, **nb.install_links(rest, links, self.tables)}
+        for n in rest:
             self._start(n)
-        return counts
+        return {n.spec.name: counts[n.spec.name] for n in made}
 
     def _start(self, n: nb.Node) -> None:
         backend = self.backend(n)

@@ -9,7 +9,8 @@ between kinds of node is here, behind the methods of `Backend`:
     check(specs, body) -> options       what this kind refuses (Refused, a 400), before anything is made
     ensure_network(emulator, iface)     an emulator's network (netns: a bridge; docker: a docker network)
     remove_network(name)
-    create(specs, emulator, network, iface, options, deployed) -> [Node]   all or nothing
+    create(specs, emulator, network, iface, options, deployed, then) -> [Node]   all or nothing;
+                                        then(node) as soon as one is made (docker), or never
     start(node, env) / stop(node, timeout_s)                     the node's app
     inspect(nodes) -> {name: {"state", ...}}                      what /status shows beside the agent's fields
     remove(nodes)                       everything of the nodes: app, namespace or container, cgroup, run dir
@@ -84,7 +85,11 @@ class Backend:
         raise NotImplementedError
 
     def create(self, specs: list[nb.NodeSpec], *, emulator: str | None, network: str | None,
-               iface: ipaddress.IPv4Interface | None, options: dict, deployed: list[nb.Node]) -> list[nb.Node]:
+               iface: ipaddress.IPv4Interface | None, options: dict, deployed: list[nb.Node],
+               then: Callable[[nb.Node], None] | None = None) -> list[nb.Node]:
+        """The nodes, all or none. A backend that makes nodes one at a time may call
+        then(node) (from any thread) as soon as one is made: the agent installs its links
+        and starts its app there; nodes it was not called for the agent does after."""
         raise NotImplementedError
 
     def start(self, node: nb.Node, env: dict) -> None:
@@ -136,7 +141,7 @@ class Netns(Backend):
     def remove_network(self, name):
         nb.remove_bridge(name)
 
-    def create(self, specs, *, emulator, network, iface, options, deployed):
+    def create(self, specs, *, emulator, network, iface, options, deployed, then=None):
         return nb.create_netns_nodes(specs, network, iface.network.prefixlen, str(iface.ip),
                                      self.host.rundir_base)
 
@@ -159,7 +164,7 @@ class Physical(Backend):
                 raise Refused(f"physical node {s.name}: no NIC {s.nic!r} on this worker")
         return {}
 
-    def create(self, specs, *, emulator, network, iface, options, deployed):
+    def create(self, specs, *, emulator, network, iface, options, deployed, then=None):
         made = []
         for s in specs:
             n = nb.Node(spec=s, kind="physical", netns=None, dev=s.nic,
@@ -230,10 +235,10 @@ class Docker(Backend):
         except nb.NodeError as e:   # no daemon: say so, keep cleaning
             print(f"agent: removing docker network {name}: {e}", file=sys.stderr)
 
-    def create(self, specs, *, emulator, network, iface, options, deployed):
+    def create(self, specs, *, emulator, network, iface, options, deployed, then=None):
         return dn.create_nodes(self.client(), specs, network=network, rundir_base=self.host.rundir_base,
                                lab=self.labels(emulator=emulator), cores=options["cores"],
-                               load=dn.cpuset_load(deployed), extra_env=self.host.node_env)
+                               load=dn.cpuset_load(deployed), extra_env=self.host.node_env, then=then)
 
     def start(self, node, env):
         self.runner.start(node, env)        # its environment was set at create

@@ -228,9 +228,12 @@ def _remove_ingress(net) -> None:
 # ----------------------------------------------------------------------------- containers
 
 def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base: Path, lab: dict,
-                 cores: list[int], load: dict[int, float], extra_env: dict) -> list[nb.Node]:
+                 cores: list[int], load: dict[int, float], extra_env: dict, then=None) -> list[nb.Node]:
     """Containers for many nodes, each started behind its gate with its namespace attached
-    as etb-<node>. Returns the nodes; on failure removes what it made and raises NodeError."""
+    as etb-<node>, PARALLEL at a time; `then(node)`, if given, is called in the same worker
+    thread as soon as a node's container is there (the agent installs its links and opens
+    its gate: apps start while later containers are still being made). Returns the nodes;
+    on failure (of `then` too) removes all of them and raises."""
     errors = _docker_errors()
     try:    # every container's names, in one call (not one call per node)
         taken = {name.lstrip("/") for c in client.api.containers(all=True) for name in c.get("Names") or []}
@@ -261,6 +264,8 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
     def one(args) -> None:
         n, (_, nano) = args
         _create_one(client, n, nano, network, lab, extra_env)
+        if then is not None:
+            then(n)
 
     try:
         with ThreadPoolExecutor(min(PARALLEL, len(nodes))) as ex:
