@@ -13,50 +13,67 @@ import torch
 StateDict = Mapping[str, torch.Tensor]
 
 
-def fedavg(results: Sequence[tuple[StateDict, int]]) -> dict[str, torch.Tensor]:
-    """FedAvg: the sample-weighted mean of state dicts, key by key.
+class FedAvg:
+    """FedAvg as the uploads arrive: `add(state_dict, n_samples)` folds one result into
+    float64 sums (one copy of the model in memory however many trainers there are),
+    `result()` is the sample-weighted mean, cast back to each key's dtype (integer
+    entries, e.g. BatchNorm's `num_batches_tracked`, rounded). The first result fixes the
+    keys and shapes; a result that differs raises ValueError and changes nothing."""
 
-    `results` is a list of `(state_dict, n_samples)`; every state dict must hold the
-    same keys and shapes. Sums run in float64 so the mean does not depend on the
-    order the uploads arrived in (beyond float64 rounding); each result is cast back
-    to its key's dtype. Integer entries (BatchNorm's `num_batches_tracked`) are
-    rounded.
-    """
-    if not results:
-        raise ValueError("fedavg needs at least one (state_dict, n_samples) pair")
-    total = 0
-    for i, (_, n) in enumerate(results):
+    def __init__(self):
+        self.total = 0
+        self.count = 0
+        self._sums: dict[str, torch.Tensor] | None = None
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def add(self, state_dict: StateDict, n: int) -> None:
+        i = self.count
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"fedavg: result {i} has n_samples={n!r}; expected an int >= 0, "
                              "e.g. [(model.state_dict(), 600), ...]")
-        total += n
-    if total == 0:
-        raise ValueError("fedavg: all results have n_samples=0")
-
-    first = results[0][0]
-    keys = list(first.keys())
-    for i, (sd, _) in enumerate(results[1:], start=1):
-        if set(sd.keys()) != set(keys):
-            missing = sorted(set(keys) - set(sd.keys()))
-            extra = sorted(set(sd.keys()) - set(keys))
+        if self._sums is None:
+            self._sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state_dict.items()}
+            self._dtypes = {k: v.dtype for k, v in state_dict.items()}
+        keys = self._sums
+        if set(state_dict.keys()) != set(keys):
+            missing = sorted(set(keys) - set(state_dict.keys()))
+            extra = sorted(set(state_dict.keys()) - set(keys))
             raise ValueError(f"fedavg: result {i} has different keys "
                              f"(missing {missing[:5]}, extra {extra[:5]})")
-        for k in keys:
-            if tuple(sd[k].shape) != tuple(first[k].shape):
-                raise ValueError(f"fedavg: result {i} key {k!r} has shape {tuple(sd[k].shape)}, "
-                                 f"expected {tuple(first[k].shape)}")
+        for k, acc in keys.items():
+            if tuple(state_dict[k].shape) != tuple(acc.shape):
+                raise ValueError(f"fedavg: result {i} key {k!r} has shape {tuple(state_dict[k].shape)}, "
+                                 f"expected {tuple(acc.shape)}")
+        if n:
+            for k, acc in keys.items():
+                acc += state_dict[k].detach().to("cpu", torch.float64) * n
+        self.total += n
+        self.count += 1
 
-    out: dict[str, torch.Tensor] = {}
-    for k in keys:
-        acc = torch.zeros(first[k].shape, dtype=torch.float64)
-        for sd, n in results:
-            if n:
-                acc += sd[k].detach().to("cpu", torch.float64) * (n / total)
-        dtype = first[k].dtype
-        if not (dtype.is_floating_point or dtype.is_complex):
-            acc = acc.round()
-        out[k] = acc.to(dtype)
-    return out
+    def result(self) -> dict[str, torch.Tensor]:
+        if self._sums is None:
+            raise ValueError("fedavg needs at least one (state_dict, n_samples) pair")
+        if self.total == 0:
+            raise ValueError("fedavg: all results have n_samples=0")
+        out: dict[str, torch.Tensor] = {}
+        for k, acc in self._sums.items():
+            mean = acc / self.total
+            dtype = self._dtypes[k]
+            if not (dtype.is_floating_point or dtype.is_complex):
+                mean = mean.round()
+            out[k] = mean.to(dtype)
+        return out
+
+
+def fedavg(results: Sequence[tuple[StateDict, int]]) -> dict[str, torch.Tensor]:
+    """FedAvg: the sample-weighted mean of state dicts, key by key (FedAvg above, over a
+    list of `(state_dict, n_samples)`). Every state dict must hold the same keys and
+    shapes. Sums run in float64 so the mean does not depend on the order the uploads
+    arrived in (beyond float64 rounding)."""
+    acc = FedAvg()
+    for sd, n in results:
+        acc.add(sd, n)
+    return acc.result()
 
 
 def weighted_mean(values: Sequence[tuple[float, int]]) -> float:

@@ -22,7 +22,7 @@ from werkzeug.exceptions import BadRequest, Conflict
 
 import net
 import nns
-from algorithms import fedavg, select_clients, weighted_mean
+from algorithms import FedAvg, select_clients, weighted_mean
 from learn import evaluate
 from runtime import Runtime, main
 
@@ -61,7 +61,9 @@ def check_structure(conf: dict) -> dict:
 class RoundState:
     number: int
     expected: set[str]
-    results: dict[str, tuple[dict, int, float]] = field(default_factory=dict)
+    results: dict[str, tuple[int, float]] = field(default_factory=dict)   # name -> (samples, loss)
+    # Uploads are folded in as they arrive: one model in memory, not one per trainer.
+    model_sum: FedAvg = field(default_factory=FedAvg)
 
 
 class FlAggregator:
@@ -107,7 +109,8 @@ class FlAggregator:
                 raise Conflict(f"{name} was not asked to train in round {rnd}")
             if name in cur.results:
                 raise Conflict(f"{name} already uploaded for round {rnd}")
-            cur.results[name] = (tensors, samples, loss)
+            cur.model_sum.add(tensors, samples)
+            cur.results[name] = (samples, loss)
             self._cond.notify_all()
         return "ok\n"
 
@@ -171,6 +174,7 @@ class FlAggregator:
                     break
                 self._cond.wait(min(left, 1.0))
             results = dict(cur.results)
+            model_sum = cur.model_sum
             missing = sorted(cur.expected - set(results))
             self._round = None  # late uploads for this round get 409 from now on
         failed = sorted(set(chosen) - set(results))
@@ -180,8 +184,8 @@ class FlAggregator:
 
         rt.set_state("aggregating", r)
         if results:
-            self.model.load_state_dict(fedavg([(sd, n) for sd, n, _ in results.values()]))
-            train_loss = weighted_mean([(l, n) for _, n, l in results.values()])
+            self.model.load_state_dict(model_sum.result())
+            train_loss = weighted_mean([(l, n) for n, l in results.values()])
         else:
             rt.log.warning("round %d: no trainer answered; the global model is unchanged", r)
             train_loss = float("nan")

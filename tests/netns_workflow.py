@@ -34,11 +34,12 @@ def etb_namespaces() -> set[str]:
 def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, *, port: int,
                   subnet: str, cpu: float = 2.0, backend: str = "netns",
                   image: str = "", emulator: str | None = None,
-                  ram_mb: int = 768) -> Iterator[tuple[Testbed, object]]:
+                  ram_mb: int = 768, emu_ram_gb: float = 4,
+                  launcher: str = "auto") -> Iterator[tuple[Testbed, object]]:
     """Deploy one node per {name: role script} on a netns emulator (or one of `backend`,
     nodes running `image`; named `emulator`, default emu-<algorithm>; `ram_mb` per node,
-    the emulator has 4 GiB) with `links`; yield
-    (testbed, manager); remove every node and link afterwards, failed or not."""
+    the emulator has `emu_ram_gb`; apps started by the embedded agent's `launcher`) with
+    `links`; yield (testbed, manager); remove every node and link afterwards, failed or not."""
     import splitter
 
     splitter.split(source="mnist-subset", out=str(tmp / "dataset"), train_parts=40, test_parts=10,
@@ -46,7 +47,8 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
     (tmp / "links.json").write_text(json.dumps(links))
     tb = Testbed("127.0.0.1", str(tmp), manager_class, host_port=port)
     tb.node_info_path = tmp / "node_info.json"
-    emu = tb.add_emulator(emulator or f"emu-{manager_class.algorithm}", "127.0.0.1", cpu=cpu, ram=4, unit="G",
+    tb.launcher = launcher
+    emu = tb.add_emulator(emulator or f"emu-{manager_class.algorithm}", "127.0.0.1", cpu=cpu, ram=emu_ram_gb, unit="G",
                           subnet=subnet, backend=backend)
     shares = {tag: tb.add_nfs(tag, str(path)) for tag, path in
               (("dml_app", ROOT / "dml_app"), ("dataset", tmp / "dataset"))}
