@@ -4,11 +4,13 @@
     sudo python3 controller/ra_run.py           # deploy, print "tc finish", serve :3333
     sudo python3 controller/ra_run.py --auto    # the whole experiment, then exit
 
-Five nodes n1..n5 (dml_app/ra_peer.py) on network-namespace nodes, in the ring order
-of ra_structure.json (n1 -> n2 -> ... -> n5 -> n1 over the links of links.json). There
-is no root: `curl localhost:3333/start` starts every node, then the controller drives
-each round: every node trains; reduce-scatter and all-gather in ring_size - 1 steps
-each, every step a chunk from every node to its successor; every node evaluates. After
+Five nodes n1..n5 (dml_app/ra_peer.py) on network-namespace nodes, on the ring that
+ra_structure.json makes as EdgeTB does (each node sends to the entry before it in
+node_list: [n1, n5, n4, n3, n2] gives n1 -> n2 -> n3 -> n4 -> n5 -> n1 over the links of
+links.json). There is no root: `curl localhost:3333/start` starts every node, then the
+controller drives each round (following the confs' next_name): every node trains;
+reduce-scatter and all-gather in ring_size - 1 steps each, every step a chunk from
+every node to its next_name; every node evaluates. After
 `sync` rounds it collects the logs, plots and summary.json by itself. Edit build() to
 change the testbed.
 """
@@ -44,24 +46,39 @@ class RaManager(Manager):
         self.failure: str | None = None
 
     def ring_plan(self) -> tuple[list[str], int]:
-        """(ring, sync) from the structure confs ra_structure_conf.py wrote; they must agree."""
+        """(ring, sync) from the structure confs (ra_structure_conf.py's or EdgeTB's): the ring
+        follows each node's next_name, in the order the chunks travel, from the node of rank 0
+        (node_list[0]) or, in confs without "rank", the smallest name. Every node with a conf
+        must be on that one ring, and all must agree on sync."""
         confs = {}
         for name in self._nodes():
             p = self.conf_dir / f"{name}_structure.conf"
             if p.exists():
                 confs[name] = json.loads(p.read_text())
-        rings = {json.dumps([c.get("ring"), c.get("sync")]) for c in confs.values()}
-        if not confs or any("ring" not in c for c in confs.values()):
-            raise FileNotFoundError(f"no ring all-reduce structure confs in {self.conf_dir}: "
+        if not confs or any("next_name" not in c for c in confs.values()):
+            raise FileNotFoundError(f"no ring all-reduce structure confs (with next_name) in {self.conf_dir}: "
                                     "run dml_tool/ra_structure_conf.py -s ra_structure.json first")
-        if len(rings) != 1:
-            raise ValueError(f"the structure confs in {self.conf_dir} disagree on the ring or sync: "
+        syncs = {json.dumps(c.get("sync")) for c in confs.values()}
+        if len(syncs) != 1:
+            raise ValueError(f"the structure confs in {self.conf_dir} disagree on sync ({', '.join(sorted(syncs))}): "
                              "run dml_tool/ra_structure_conf.py again")
-        ring, sync = json.loads(rings.pop())
-        missing = [n for n in ring if n not in confs]
-        if missing:
-            raise ValueError(f"ring nodes {missing} are not nodes of this testbed (or have no conf)")
-        return ring, sync
+        first = [n for n, c in confs.items() if c.get("rank") == 0]
+        ring = [first[0] if len(first) == 1 else min(confs)]
+        while True:
+            nxt = confs[ring[-1]]["next_name"]
+            if nxt == ring[0]:
+                break
+            if nxt not in confs or nxt in ring:
+                why = "has no structure conf (or is no node of this testbed)" if nxt not in confs else \
+                    f"is already on the ring {' -> '.join(ring)} there"
+                raise ValueError(f"{ring[-1]}'s next_name {nxt!r} {why}: the next_name of the confs "
+                                 f"in {self.conf_dir} must make one ring")
+            ring.append(nxt)
+        if len(ring) != len(confs):
+            off = sorted(set(confs) - set(ring))
+            raise ValueError(f"the next_name of the confs in {self.conf_dir} make the ring "
+                             f"{' -> '.join(ring + ring[:1])}, which leaves out {', '.join(off)}")
+        return ring, json.loads(syncs.pop())
 
     def start_training(self, root):
         if root is not None:
@@ -82,7 +99,7 @@ class RaManager(Manager):
             self._wait_for(ring, "ready", 0, "the nodes to build their models")
             for r in range(1, sync + 1):
                 t0 = time.monotonic()
-                self._call_all(ring, "/ra/train", {"round": r})
+                self._call_all(ring, "/ra/train", {"round": r, "ring": ring})
                 self._wait_for(ring, "trained", r, f"round {r}'s training")
                 t1 = time.monotonic()
                 for phase in PHASES:

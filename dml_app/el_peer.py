@@ -12,17 +12,22 @@ rounds (`Aggregate: accuracy=..., round=r, layer=L,`) and calls the controller's
 or father that is the node itself (`"self"`) is called in-process.
 
 Every message is POST /el/message: safetensors weights with meta {kind: "down"|"up",
-src, dst, path, layer (the child's layer), round (the father's round), samples (up)}.
-It travels along `path` (the conf's `routes`, from links.json): a node that is not
-`dst` passes it to the next hop and logs `Forward: from=src, to=dst, round=r, layer=l,
-kind=..., next=hop,`; the destination's answer comes back along the path, so a refusal
-(400/409) reaches the sender. GET /el/model answers the model of the node's highest
-layer that has aggregated (meta {layer, round}), 404 before that.
+src, dst, layer (the child's layer), round (the father's round), samples (up), hops}.
+A node sends straight to a node of its `connect`, else to the address `forward` gives
+for it (EdgeTB's next hop); a node that is not `dst` passes the message on the same way
+and logs `Forward: from=src, to=dst, round=r, layer=l, kind=..., next=hop,`. The
+destination's answer comes back along the way, so a refusal (400/409) reaches the
+sender; a message that has passed MAX_HOPS nodes is refused (a loop in hand-written
+`forward` tables). GET /el/model answers the model of the node's highest layer that has
+aggregated (meta {layer, round}), 404 before that.
 
-Structure conf (el_structure_conf.py): {"layers": {"<l>": {"father", "children"?,
-"sync"?, "epoch"?, "lr"?, "round_timeout_s"?}}, "routes": {node: path}, "connect"};
-optional "seed" (top: the initial model) and "test_known_weights_seed" (test only:
-trainers answer etree.known_weights instead of training).
+Structure conf: EdgeTB's (el_structure_conf.py writes it): {"layer": [...],
+"father_node": [...], "child_node": [[...], ...], "sync": [...], "epoch", "connect",
+"forward"}, one list entry per layer from the lowest to the highest, "self" for the node
+itself, "top" as the top's father, sync 0 on layer 1; `epoch` when the node is in layer
+1. Keys of ours, all optional: "lr", "round_timeout_s" ({"<layer>": s}), "seed" (top:
+the initial model) and "test_known_weights_seed" (test only: trainers answer
+etree.known_weights instead of training).
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ from learn import evaluate, train_epochs
 from runtime import WEIGHTS_MIME, Runtime, main
 
 SELF = "self"
+TOP = "top"
+MAX_HOPS = 64                  # nodes a message may pass: more means a forwarding loop
 DEFAULT_LR = 0.05
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 
@@ -61,45 +68,67 @@ def _positive(v: Any, what: str, high: float) -> float:
     return net.number(v, what, 0, high, lo_open=True)
 
 
+def _address(v: Any, where: str) -> str:
+    if not isinstance(v, str) or ":" not in v:
+        raise ValueError(f"{where}: expected 'ip:port', got {v!r}")
+    return v
+
+
 def check_structure(conf: dict, me: str) -> dict:
-    """Validate and normalise an E-tree peer's conf; layers get int keys (ValueError names the key)."""
-    for key in ("layers", "routes", "connect"):
-        if not isinstance(conf.get(key), dict):
-            raise ValueError(f"missing or bad key {key!r} (an E-tree peer needs layers, routes, connect)")
+    """Validate EdgeTB's E-tree conf; add "_layers", {layer: {"father" (None for the top),
+    "children", "sync" | "epoch", "lr", "round_timeout_s"}} (ValueError names the key)."""
+    keys = ("layer", "father_node", "child_node", "sync")
+    for key in keys:
+        if not isinstance(conf.get(key), list):
+            raise ValueError(f"missing or bad key {key!r}: an E-tree conf has the lists "
+                             "layer, father_node, child_node, sync (one entry per layer) and connect")
+    if len({len(conf[k]) for k in keys}) != 1:
+        raise ValueError("layer, father_node, child_node and sync must have one entry per layer each, "
+                         f"got lengths {[len(conf[k]) for k in keys]}")
+    for key in ("connect", "forward"):
+        table = conf.setdefault(key, {}) if key == "forward" else conf.get(key)
+        if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+            raise ValueError(f"{key!r} must map node names to 'ip:port'")
+        for name, addr in table.items():
+            _address(addr, f"{key}[{name!r}]")
     layers: dict[int, dict] = {}
-    for raw_layer, lc in conf["layers"].items():
-        where = f"layers[{raw_layer!r}]"
-        if not str(raw_layer).isdigit() or not 1 <= int(raw_layer) <= MAX_LAYERS or not isinstance(lc, dict):
-            raise ValueError(f"{where}: expected a layer number >= 1 mapping to an object")
-        layer, lc = int(raw_layer), dict(lc)
-        father = lc.get("father")
-        if father is not None and not isinstance(father, str):
-            raise ValueError(f"{where}.father must be a node name, 'self' or null, got {father!r}")
+    numbers = conf["layer"]
+    for i, (layer, father, kids, sync) in enumerate(zip(*(conf[k] for k in keys))):
+        layer = _int(layer, f"layer[{i}]", 1, MAX_LAYERS)
+        if i and layer <= numbers[i - 1]:
+            raise ValueError(f"'layer' must go from the node's lowest layer to its highest, got {numbers}")
+        top = i == len(numbers) - 1
+        if not isinstance(father, str) or not father or (father == TOP and not top):
+            raise ValueError(f"father_node[{i}] (layer {layer}) must be a node name, 'self' or, for the "
+                             f"node's highest layer only, 'top'; got {father!r}")
+        if not isinstance(kids, list) or not all(isinstance(k, str) and k not in ("", TOP) for k in kids) \
+                or len(set(kids)) != len(kids):
+            raise ValueError(f"child_node[{i}] (layer {layer}) must be a list of distinct node names, got {kids!r}")
+        lc: dict[str, Any] = {"father": None if father == TOP else father, "children": kids}
         if layer == 1:
-            lc["epoch"] = _int(lc.get("epoch"), f"{where}.epoch", 1, 10_000)
-            lc["lr"] = _positive(lc.get("lr", DEFAULT_LR), f"{where}.lr", 10.0)
+            if kids or sync != 0:
+                raise ValueError(f"layer 1 trains: its child_node entry is [] and its sync 0, got {kids!r} "
+                                 f"and {sync!r}")
+            lc["epoch"] = _int(conf.get("epoch"), "'epoch' (the node is in layer 1)", 1, 10_000)
+            lc["lr"] = _positive(conf.get("lr", DEFAULT_LR), "'lr'", 10.0)
         else:
-            lc["sync"] = _int(lc.get("sync"), f"{where}.sync", 1)
-            kids = lc.get("children")
-            if not isinstance(kids, list) or not kids or not all(isinstance(k, str) for k in kids) \
-                    or len(set(kids)) != len(kids):
-                raise ValueError(f"{where}.children must be a non-empty list of distinct names, got {kids!r}")
-            lc["round_timeout_s"] = _positive(lc.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
-                                              f"{where}.round_timeout_s", 1e6)
+            if not kids:
+                raise ValueError(f"child_node[{i}] (layer {layer}) is empty: an aggregating layer needs children")
+            lc["sync"] = _int(sync, f"sync[{i}] (layer {layer})", 1)
+            timeouts = conf.get("round_timeout_s", {})
+            if not isinstance(timeouts, dict):
+                raise ValueError("'round_timeout_s' must map layer numbers to seconds")
+            lc["round_timeout_s"] = _positive(timeouts.get(str(layer), DEFAULT_ROUND_TIMEOUT_S),
+                                              f"round_timeout_s[{str(layer)!r}]", 1e6)
         layers[layer] = lc
-    if layers and [l for l, lc in layers.items() if lc["father"] is None] not in ([], [max(layers)]):
-        raise ValueError("only the node's highest layer may have no father (father: null = the top)")
-    peers = {p for lc in layers.values() for p in [lc["father"], *lc.get("children", [])]}
+    peers = {p for lc in layers.values() for p in [lc["father"], *lc["children"]]}
     for peer in sorted(peers - {None, SELF, me}):
-        path = conf["routes"].get(peer)
-        if not isinstance(path, list) or len(path) < 2 or path[0] != me or path[-1] != peer:
-            raise ValueError(f"routes[{peer!r}] must be a path [{me!r}, ..., {peer!r}], got {path!r}")
-        if path[1] not in conf["connect"]:
-            raise ValueError(f"routes[{peer!r}]: no address for the next hop {path[1]!r} in 'connect'")
+        if peer not in conf["connect"] and peer not in conf["forward"]:
+            raise ValueError(f"no way to {peer!r}: it is in neither 'connect' nor 'forward'")
     for key in ("seed", "test_known_weights_seed"):
         if key in conf:
             conf[key] = _int(conf[key], key, 0, MAX_SEED)
-    conf["layers"] = layers
+    conf["_layers"] = layers
     return conf
 
 
@@ -130,7 +159,7 @@ class ElPeer:
     # ------------------------------------------------------------------ confs
     @property
     def layers(self) -> dict[int, dict]:
-        return (self.rt.structure or {}).get("layers", {})
+        return (self.rt.structure or {}).get("_layers", {})
 
     def _is_top(self, layers: dict[int, dict]) -> bool:
         return bool(layers) and layers[max(layers)]["father"] is None
@@ -138,8 +167,8 @@ class ElPeer:
     def _check_structure(self, conf: dict) -> dict:
         conf = check_structure(conf, self.rt.name)
         if self.rt.data is not None:
-            self._check_fit(conf["layers"], self.rt.data)
-        if self._is_top(conf["layers"]):
+            self._check_fit(conf["_layers"], self.rt.data)
+        if self._is_top(conf["_layers"]):
             self.rt.on_start(self.run_top)
         return conf
 
@@ -155,6 +184,18 @@ class ElPeer:
     def _who(self, name: str) -> str:
         return self.rt.name if name == SELF else name
 
+    def _next_hop(self, dst: str) -> tuple[str, str]:
+        """(address, name or address for the log) of the next hop to `dst`: straight over a
+        link of `connect`, else `forward`'s next hop; KeyError when there is neither."""
+        conf = self.rt.structure
+        if dst in conf["connect"]:
+            return conf["connect"][dst], dst
+        if dst in conf["forward"]:
+            addr = conf["forward"][dst]
+            names = [n for n, a in conf["connect"].items() if a == addr]
+            return addr, names[0] if len(names) == 1 else addr
+        raise KeyError(f"no way to {dst}: it is in neither 'connect' nor 'forward'")
+
     # ------------------------------------------------------------------ HTTP
     def message(self):
         """POST /el/message: a model going down, a result going up, or one to forward."""
@@ -162,20 +203,20 @@ class ElPeer:
         if rt.structure is None:
             raise Conflict(f"{rt.name}: /conf/structure must come before E-tree messages")
         tensors, meta = rt.receive_weights()
-        kind, src, dst, path = meta.get("kind"), meta.get("src"), meta.get("dst"), meta.get("path")
+        kind, src, dst = meta.get("kind"), meta.get("src"), meta.get("dst")
         layer, rnd = meta.get("layer"), meta.get("round")
         try:
-            if kind not in ("down", "up") or not isinstance(src, str) or not isinstance(dst, str) \
-                    or not isinstance(path, list):
-                raise ValueError("meta needs kind ('down' or 'up'), src, dst and path")
-            if not 2 <= len(path) <= MAX_LAYERS * 4 or len(set(map(str, path))) != len(path) \
-                    or not all(isinstance(p, str) for p in path):
-                # A node twice on a path would forward in a loop, each hop waiting on the next.
-                raise ValueError(f"meta 'path' must list 2 to {MAX_LAYERS * 4} distinct node names")
+            if kind not in ("down", "up") or not isinstance(src, str) or not isinstance(dst, str):
+                raise ValueError("meta needs kind ('down' or 'up'), src, dst, layer, round")
             layer = meta["layer"] = _int(layer, "meta 'layer'", 1, MAX_LAYERS)
             rnd = meta["round"] = _int(rnd, "meta 'round'", 1)
+            hops = meta["hops"] = _int(meta.get("hops", 0), "meta 'hops'", 0, MAX_HOPS)
             if dst != rt.name:
-                return self._forward(tensors, meta, etree.next_hop(path, rt.name))
+                if hops >= MAX_HOPS:
+                    # a loop in the forward tables: each hop would wait on the next forever
+                    raise ValueError(f"a message from {src} to {dst} has passed {hops} nodes: "
+                                     "is there a loop in the 'forward' tables?")
+                return self._forward(tensors, meta)
             if kind == "down":
                 return self._take_down(src, layer, rnd, tensors)
             samples = _int(meta.get("samples"), "meta 'samples'", 1, MAX_SAMPLES)
@@ -193,16 +234,18 @@ class ElPeer:
         return Response(net.pack_weights(sd, {"layer": layer, "round": rnd, "name": self.rt.name}),
                         mimetype=WEIGHTS_MIME)
 
-    def _forward(self, tensors: dict, meta: dict, hop: str):
+    def _forward(self, tensors: dict, meta: dict):
         rt = self.rt
+        try:
+            addr, hop = self._next_hop(meta["dst"])
+        except KeyError as e:
+            raise BadRequest(f"{rt.name}: cannot forward to {meta['dst']}: {e.args[0]}") from None
         rt.log.info("Forward: from=%s, to=%s, round=%d, layer=%d, kind=%s, next=%s,", meta["src"],
                     meta["dst"], meta["round"], meta["layer"], meta["kind"], hop)
         rt.log_metric("forward", meta["round"], src=meta["src"], dst=meta["dst"],
                       layer=meta["layer"], kind=meta["kind"], next=hop)
         try:
-            rt.send_weights(rt.peer(hop), "/el/message", tensors, meta)
-        except KeyError as e:
-            raise BadRequest(f"{rt.name}: cannot forward to {meta['dst']}: {e.args[0]}") from None
+            rt.send_weights(addr, "/el/message", tensors, {**meta, "hops": meta["hops"] + 1})
         except net.HttpError as e:
             return Response(f"{rt.name}: forwarding to {hop} failed: {e.message}\n",
                             status=e.status or 502, mimetype="text/plain")
@@ -263,11 +306,11 @@ class ElPeer:
                                 father_round, getattr(e, "description", e))
 
     def _send(self, dst: str, kind: str, layer: int, rnd: int, sd: dict, samples: int | None = None) -> None:
-        path = self.rt.structure["routes"][dst]
-        meta = {"kind": kind, "src": self.rt.name, "dst": dst, "path": path, "layer": layer, "round": rnd}
+        addr, _ = self._next_hop(dst)
+        meta = {"kind": kind, "src": self.rt.name, "dst": dst, "layer": layer, "round": rnd, "hops": 0}
         if samples is not None:
             meta["samples"] = samples
-        self.rt.send_weights(self.rt.peer(path[1]), "/el/message", sd, meta)
+        self.rt.send_weights(addr, "/el/message", sd, meta)
 
     def _train(self, model: dict) -> tuple[dict, int]:
         rt, conf, data = self.rt, self.rt.structure, self.rt.data

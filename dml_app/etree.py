@@ -64,13 +64,3 @@ def known_weights(template: Mapping[str, Any], name: str, seed: int, k: int) -> 
             out[key] = t.detach().clone()
     return out
 
-
-def next_hop(path: Sequence[str], me: str) -> str:
-    """The node after `me` on a route; ValueError if `me` is not on it or is its end."""
-    path = list(path)
-    if me not in path:
-        raise ValueError(f"route {'->'.join(path)} does not pass through {me}")
-    i = path.index(me)
-    if i == len(path) - 1:
-        raise ValueError(f"route {'->'.join(path)} ends at {me}: nothing to forward")
-    return path[i + 1]

@@ -3,8 +3,8 @@
 On GET /start (the controller starts every peer) the peer builds the common seeded
 model, then for `sync` rounds:
   1. trains `epoch` local epochs on its train parts (`Train: loss=..., round=r,`);
-  2. gossips: POSTs its model (safetensors) to ONE peer chosen at random from the peers
-     it has links to (`connect`), logging `Gossip: to=<peer>, round=r,` (metrics event
+  2. gossips: POSTs its model (safetensors) to ONE peer chosen at random from its
+     `peers` (the other gossip peers it has links to), logging `Gossip: to=<peer>, round=r,` (metrics event
      "gossip");
   3. waits up to `wait_s` for a model from another peer (at once if one came already),
      averages every model received with its own (gossip.mix, a pure function),
@@ -15,9 +15,11 @@ and evaluated (logged with round=sync). Its state is `finished` whenever it has
 initiated all its gossips and has no received model left to merge, which is what the
 controller (GlManager) watches to end the run by itself.
 
-Structure conf (gl_structure_conf.py): {"epoch", "sync", "connect"}; optional "seed"
-(default 0: the common initial model and each peer's choices), "lr" (0.05) and
-"wait_s" (5).
+Structure conf (gl_structure_conf.py): EdgeTB's {"epoch", "sync", "connect"}, where
+`connect` maps every node this one has a link to (gossip peers or not) to 'ip:port',
+and ours: "peers", the names in `connect` that are gossip peers (without it, as in a
+conf from EdgeTB's tool, every node of `connect` is one); optional "seed" (default 0:
+the common initial model and each peer's choices), "lr" (0.05) and "wait_s" (5).
 """
 from __future__ import annotations
 
@@ -39,8 +41,15 @@ def check_structure(conf: dict) -> dict:
     """Validate and normalise a gossip peer's structure conf (ValueError names the key)."""
     conf = peer_role.check_common(conf, "gossip peer")
     conf["wait_s"] = peer_role.number(conf, "wait_s", float, 0.0, 3600.0, default=DEFAULT_WAIT_S)
-    if not conf["connect"]:
-        raise ValueError("'connect' is empty: a gossip peer needs a link to at least one other peer")
+    peers = conf.setdefault("peers", list(conf["connect"]))
+    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers) or len(set(peers)) != len(peers):
+        raise ValueError(f"'peers' must be a list of distinct node names, got {peers!r}")
+    if not peers:
+        raise ValueError("no gossip peer ('peers', or else 'connect', is empty): a gossip peer needs "
+                         "a link to at least one other peer")
+    missing = [p for p in peers if p not in conf["connect"]]
+    if missing:
+        raise ValueError(f"'connect' has no address for peer(s) {missing} (no link)")
     return conf
 
 
@@ -104,7 +113,7 @@ class GlPeer:
         rt, conf = self.rt, self.rt.structure
         self._ensure_model()
         rng = peer_rng(conf["seed"], rt.name)
-        peers = sorted(conf["connect"])
+        peers = sorted(conf["peers"])
         rt.log.info("gossip: %d rounds, peers %s, wait up to %g s for a model", conf["sync"],
                     peers, conf["wait_s"])
         for r in range(1, conf["sync"] + 1):

@@ -6,7 +6,9 @@ vector is cut into `size` chunks with numpy.array_split's boundaries: the first
 reduced, whatever the tensor sizes (EdgeTB cut each tensor into `size` equal pieces
 and dropped the remainder).
 
-With ranks 0..size-1 around the ring (rank i sends to rank i+1 mod size):
+With ranks 0..size-1 in the order the chunks travel (rank i sends to rank i+1 mod size,
+its successor; ra_peer's rank is its place in the driver's ring, made by following the
+confs' next_name, so rank i + 1 is rank i's next_name):
 * reduce-scatter, steps 0..size-2: rank i sends chunk (i - s) mod size; its successor
   adds it to its own copy. After the last step rank i holds the complete sum of chunk
   (i + 1) mod size and divides it by `size` (the mean).

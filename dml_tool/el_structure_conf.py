@@ -22,19 +22,26 @@ father, its conf says `"self"`. Optional top-level key, for tests only:
 `"test_known_weights_seed": S` makes every trainer skip training and answer known
 weights (dml_app/etree.py:known_weights) so the top's model can be checked exactly.
 
-Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
+Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf), EdgeTB's
+keys with EdgeTB's meaning: one list entry per layer the node sits in, from its lowest
+layer to its highest; "self" where the father or a child is the node itself, "top" as
+the father of the top, `sync` 0 on layer 1 (it trains `epoch` epochs instead):
 
-    {"layers": {"3": {"father": null, "children": ["self", "n2"], "sync": 5},
-                "2": {"father": "self", "children": ["self", "n3"], "sync": 2},
-                "1": {"father": "self", "epoch": 1}},
-     "routes": {"n2": ["n1", "n2"]}, "connect": {"n2": "ip:port", ...}, "seed": 0}
+    {"layer": [1, 2, 3], "father_node": ["self", "self", "top"],
+     "child_node": [[], ["self", "n3"], ["self", "n2"]], "sync": [0, 2, 5], "epoch": 1,
+     "connect": {"n2": "ip:port", ...}, "forward": {"n4": "ip:port of the next hop", ...}}
 
-`routes` holds, for every node this node sends weights to (its children and fathers),
-the path over links.json (dml_tool/routes.py: the direct link if there is one, else the
-fewest hops, then the widest). Nodes on a path between them forward the weights, so
-they get a conf too (with no layers if they are not in the tree). A pair with no path
-is an error naming links.json. Defaults: -l ROOT/links.json, -n ROOT/node_info.json;
-a relative path is looked up from the current folder, then from dml_tool/.
+`connect` maps every node this node has a link to (links.json) to its 'ip:port';
+`forward` maps every other node it reaches to the 'ip:port' of the next hop on a
+shortest path over the links that exist in both directions (dml_tool/routes.py; ties
+go to the smallest next-hop name). `epoch` is written for nodes in layer 1 only. Keys
+of ours beside them: "lr" (a trainer's), "round_timeout_s" ({"<layer>": seconds}),
+"seed" (the top's) and "test_known_weights_seed". Nodes on the way between a father and
+a child forward the weights, so they get a conf too (empty layer lists if they are not
+in the tree). A father or child that a node can reach neither over a link nor through
+`forward` is an error naming links.json. Defaults: -l ROOT/links.json,
+-n ROOT/node_info.json; a relative path is looked up from the current folder, then
+from dml_tool/.
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ TOP_KEYS = AGGREGATOR_KEYS + ("seed",)
 TRAINER_KEYS = ("name", "layer", "epoch", "lr")
 FILE_KEYS = ("node_list", "test_known_weights_seed")
 SELF = "self"
+TOP = "top"     # the father of the top, in EdgeTB's confs
 
 
 @dataclass
@@ -143,59 +151,59 @@ def parse_tree(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str = 
 
 
 def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr], *,
-                graph: rts.Graph | None = None, file: str = "el_structure.json",
-                links_file: str = "links.json", nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
-    """Check the structure against the links and nodes; return {node: structure conf}.
-
-    `graph` gives each link's rate for choosing among equally short routes (routes.py);
-    without it every link counts the same and ties go to the smallest names."""
-    if graph is None:
-        graph = {src: {d: 1.0 for d in dests} for src, dests in links.items()}
+                file: str = "el_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the structure against the links and nodes; return {node: structure conf}."""
     entries = parse_tree(structure, nodes, file=file, nodes_file=nodes_file)
+    known_seed = None
+    if "test_known_weights_seed" in structure:
+        known_seed = cu.get_int(structure, "test_known_weights_seed", file, low=0)
+    hops = rts.next_hops(links, nodes)
     confs: dict[str, dict[str, Any]] = {}
 
     def conf_of(name: str) -> dict[str, Any]:
         if name not in confs:
-            confs[name] = {"layers": {}, "routes": {}, "connect": cu.connect_map(name, links, nodes)}
+            confs[name] = {"layer": [], "father_node": [], "child_node": [], "sync": []}
         return confs[name]
 
     def rel(name: str, other: str) -> str:
         return SELF if name == other else other
 
-    known_seed = None
-    if "test_known_weights_seed" in structure:
-        known_seed = cu.get_int(structure, "test_known_weights_seed", file, low=0)
-    paths: dict[str, dict[str, list[str]]] = {}
-
-    def add_route(src: str, dst: str, why: str) -> None:
+    def need_route(src: str, dst: str, why: str) -> None:
         if src == dst:
             return
-        found = paths.setdefault(src, rts.routes_from(graph, src))
-        if dst not in found:
-            reach = sorted(found)
-            raise cu.ConfError(f"{links_file}: no route from {src!r} to {dst!r}, needed because "
-                               f"{why}; {src} reaches {', '.join(reach) if reach else 'no node'}: "
-                               f"add a link (or a path of links) from {src!r} to {dst!r}")
-        conf_of(src)["routes"][dst] = found[dst]
-        for hop in found[dst][1:-1]:
-            conf_of(hop)  # forwarders need a conf (their links) even outside the tree
+        way = rts.path(links, hops, src, dst)
+        if way is None:
+            raise cu.ConfError(f"{links_file}: no route from {src!r} to {dst!r}, needed because {why}: "
+                               f"{src} has no link to {dst} and no path to it over links that exist in "
+                               f"both directions (it has them with {', '.join(rts.both_ways(links).get(src, [])) or 'no node'}); "
+                               f"add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}, or links both ways")
+        for hop in way[1:-1]:
+            conf_of(hop)  # forwarders need a conf (connect, forward) even outside the tree
 
-    for e in entries:
+    # one list entry per layer, from the node's lowest layer to its highest
+    for e in sorted(entries, key=lambda e: e.layer):
         conf = conf_of(e.name)
-        layer = dict(e.conf)
-        layer["father"] = rel(e.name, e.father.name) if e.father else None
-        if e.layer > 1:
-            layer["children"] = [rel(e.name, k.name) for k in e.children]
-            for k in e.children:
-                add_route(e.name, k.name, f"{e.where} sends its model to its child {k.name!r}")
-                add_route(k.name, e.name, f"{k.name!r} (layer {k.layer}) sends its results "
-                                          f"to its father {e.name!r}")
-        seed = layer.pop("seed", None)
-        if seed is not None:
-            conf["seed"] = seed
-        if e.layer == 1 and known_seed is not None:
-            conf["test_known_weights_seed"] = known_seed
-        conf["layers"][str(e.layer)] = layer
+        conf["layer"].append(e.layer)
+        conf["father_node"].append(rel(e.name, e.father.name) if e.father else TOP)
+        conf["child_node"].append([rel(e.name, k.name) for k in e.children])
+        conf["sync"].append(e.conf.get("sync", 0))
+        if e.layer == 1:
+            conf["epoch"] = e.conf["epoch"]
+            if "lr" in e.conf:
+                conf["lr"] = e.conf["lr"]
+            if known_seed is not None:
+                conf["test_known_weights_seed"] = known_seed
+        if "round_timeout_s" in e.conf:
+            conf.setdefault("round_timeout_s", {})[str(e.layer)] = e.conf["round_timeout_s"]
+        if "seed" in e.conf:
+            conf["seed"] = e.conf["seed"]
+        for k in e.children:
+            need_route(e.name, k.name, f"{e.where} sends its model to its child {k.name!r}")
+            need_route(k.name, e.name, f"{k.name!r} (layer {k.layer}) sends its results to its father {e.name!r}")
+    for name, conf in confs.items():
+        conf["connect"] = cu.connect_map(name, links, nodes)
+        conf["forward"] = {dst: nodes[hop].address for dst, hop in sorted(hops[name].items())}
     return confs
 
 
@@ -203,9 +211,7 @@ def write_confs(structure_path: str, links_path: str = cu.DEFAULT_LINKS,
                 node_info_path: str = cu.DEFAULT_NODE_INFO,
                 out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:
     """Read the three inputs, check them all, then write <node>_structure.conf files."""
-    graph = rts.link_rates(cu.read_json(links_path), cu.short(links_path))
-    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir,
-                                    functools.partial(build_confs, graph=graph))
+    return cu.write_structure_confs(structure_path, links_path, node_info_path, out_dir, build_confs)
 
 
 main = functools.partial(cu.structure_tool_main, prog="el_structure_conf.py", algorithm="E-tree learning",

@@ -7,9 +7,10 @@ gl_structure.json: {"sync": 10, "node_list": [{"name": "n1", "epoch": 1}, ...]};
 listed node is a peer that gossips `sync` times. Optional top-level "seed", "lr",
 "wait_s" (how long a peer waits for a model after gossiping, default 5); per node "lr".
 Written per peer (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
-{"epoch", "sync", "connect", ...} where `connect` maps every OTHER PEER the node has a
-link to (links.json) to its 'ip:port' (node_info.json): the peers it may gossip to. A
-peer without a link to another peer is an error. Defaults: -l ROOT/links.json,
+{"epoch", "sync", "connect", "peers", ...}: `connect` is EdgeTB's, every node the node
+has a link to (links.json, participants or not) -> its 'ip:port' (node_info.json);
+"peers" is ours, the OTHER PEERS of node_list among them, in links.json's order: the
+ones it may gossip to. A peer without a link to another peer is an error. Defaults: -l ROOT/links.json,
 -n ROOT/node_info.json; a relative path is looked up from the current folder, then
 from dml_tool/.
 """
@@ -37,12 +38,13 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     confs: dict[str, dict[str, Any]] = {}
     for p in peers:
         name = p["name"]
-        connect = {d: a for d, a in cu.connect_map(name, links, nodes).items() if d in names}
-        if not connect:
+        connect = cu.connect_map(name, links, nodes)
+        gossip_to = [d for d in connect if d in names]
+        if not gossip_to:
             raise cu.ConfError(f"{links_file}: peer {name!r} ({p['where']}) has no link to another "
                                f"peer of {file}, so it cannot gossip; add e.g. "
                                f"{{\"dest\": \"{sorted(names - {name})[0]}\", \"bw\": ...}} under {name!r}")
-        confs[name] = {**p["conf"], **extra, "connect": connect}
+        confs[name] = {**p["conf"], **extra, "connect": connect, "peers": gossip_to}
     return confs
 
 

@@ -3,16 +3,20 @@
     python3 dml_tool/ra_structure_conf.py -s ra_structure.json [-l links.json]
         [-n node_info.json] [-o DIR]
 
-ra_structure.json: {"sync": 5, "node_list": [{"name": "n1", "epoch": 1}, ...]}, the
-nodes in ring order: each sends its chunks to the next one, the last to the first.
-`epoch` may be 0 (all-reduce without local training). Optional top-level "seed", "lr",
-"init" ("common": every node starts from the same seeded model, the default;
-"per_rank": node k starts from seed + k, i.e. different known weights); per node "lr".
+ra_structure.json: {"sync": 5, "node_list": [{"name": "n1", "epoch": 1}, ...]}. As in
+EdgeTB, node_list[i]'s `next_name` (where it sends its chunks) is node_list[i - 1], and
+node_list[0]'s is the last entry: the ring runs BACKWARDS through the list
+(n1 -> n5 -> n4 -> n3 -> n2 -> n1 for n1..n5). `epoch` may be 0 (all-reduce without
+local training). Optional top-level "seed", "lr", "init" ("common": every node starts
+from the same seeded model, the default; "per_rank": the node at node_list[k] starts
+from seed + k, i.e. different known weights); per node "lr".
 Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
-{"epoch", "sync", "ring", "rank", "successor", "connect", ...}. links.json must have a
-link from every node to its successor (the chunks travel over it), or this fails
-naming the missing link. Defaults: -l ROOT/links.json, -n ROOT/node_info.json; a
-relative path is looked up from the current folder, then from dml_tool/.
+{"epoch", "sync", "next_name", "connect", ...}, EdgeTB's keys, `connect` every link of
+the node; ours beside them: "rank" (the node's index in node_list), "seed", "lr",
+"init". links.json must have a link from every node to its next_name (the chunks travel
+over it), or this fails naming both. Defaults: -l ROOT/links.json,
+-n ROOT/node_info.json; a relative path is looked up from the current folder, then from
+dml_tool/.
 """
 from __future__ import annotations
 
@@ -39,17 +43,18 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         if structure["init"] not in INITS:
             raise cu.ConfError(f"{file}.init: expected one of {', '.join(INITS)}, got {structure['init']!r}")
         extra["init"] = structure["init"]
-    ring = [p["name"] for p in peers]
+    names = [p["name"] for p in peers]
     confs: dict[str, dict[str, Any]] = {}
     for rank, p in enumerate(peers):
-        name, successor = p["name"], ring[(rank + 1) % len(ring)]
+        name, next_name = p["name"], names[rank - 1]  # EdgeTB: entry i sends to entry i - 1
         connect = cu.connect_map(name, links, nodes)
-        if successor not in connect:
-            raise cu.ConfError(f"{links_file}: no link from {name!r} to its ring successor {successor!r} "
-                               f"({p['where']}; the ring is {' -> '.join(ring + ring[:1])}); add "
-                               f"{{\"dest\": \"{successor}\", \"bw\": ...}} under {name!r} or reorder node_list")
-        confs[name] = {**p["conf"], **extra, "ring": ring, "rank": rank, "successor": successor,
-                       "connect": connect}
+        if next_name not in connect:
+            travel = names[:1] + names[:0:-1] + names[:1]
+            raise cu.ConfError(f"{links_file}: no link from {name!r} to its next_name {next_name!r} "
+                               f"({p['where']}; entry i sends to entry i - 1, so the ring is "
+                               f"{' -> '.join(travel)}); add {{\"dest\": \"{next_name}\", \"bw\": ...}} "
+                               f"under {name!r} or reorder node_list")
+        confs[name] = {**p["conf"], **extra, "next_name": next_name, "connect": connect, "rank": rank}
     return confs
 
 

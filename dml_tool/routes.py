@@ -1,67 +1,70 @@
-"""Routes over links.json: how weights travel between two nodes that have no direct link.
+"""Forwarding over links.json as EdgeTB's E-tree confs have it (the `forward` key).
 
-A link in links.json is one direction (sender -> dest). The route from A to B is the
-direct link when there is one; otherwise the path with the fewest hops, and among
-those the widest (the largest bottleneck bandwidth); a remaining tie goes to the
-smallest node names, so a route is reproducible. Pure functions; the structure tools
-turn a missing route into a ConfError naming links.json and what the node reaches.
+A link in links.json is one direction (sender -> dest). A node sends straight to every
+node it has a link to (its `connect`). For any other node D, `forward[D]` is the next
+hop on a shortest path to D over the links that exist in BOTH directions (A -> B and
+B -> A), EdgeTB's rule. Among equally short paths the next hop with the smallest name
+is taken, so the confs are reproducible. Every hop is nearer to D than the node before
+it (a node at k hops from D hands over to one at k - 1, or straight to D over a link
+it has), so a message never loops. Pure functions over {src: [dest, ...]} (what
+conf_utils.load_links returns); the structure tools turn a missing route into a
+ConfError naming links.json.
 """
 from __future__ import annotations
 
-import math
-import sys
-from typing import Any, Mapping
+from collections import deque
+from typing import Iterable, Mapping, Sequence
 
-try:  # imported as dml_tool.routes (the controller's --auto mode)
-    from . import conf_utils as cu
-except ImportError:  # imported by a tool run as a script
-    import conf_utils as cu
-
-if cu.ROOT not in sys.path:
-    sys.path.append(cu.ROOT)
-from worker.units import UnitError, parse_rate  # noqa: E402  (links.json's units, as tc reads them)
-
-Graph = Mapping[str, Mapping[str, float]]   # {src: {dest: rate_bps}}
+Links = Mapping[str, Sequence[str]]   # {src: [dest, ...]}, as conf_utils.load_links returns
 
 
-def link_rates(raw_links: Any, file: str = "links.json") -> dict[str, dict[str, float]]:
-    """links.json -> {src: {dest: bits/s}}; a bad `bw` is a ConfError naming the key.
+def both_ways(links: Links) -> dict[str, list[str]]:
+    """{node: sorted neighbours} over the links that exist in both directions."""
+    adj: dict[str, set[str]] = {}
+    for a, dests in links.items():
+        for b in dests:
+            if a in links.get(b, ()):
+                adj.setdefault(a, set()).add(b)
+    return {a: sorted(bs) for a, bs in adj.items()}
 
-    Only the rates are read here: conf_utils.load_links checks everything else (names,
-    shapes), so malformed entries are passed over."""
-    out: dict[str, dict[str, float]] = {}
-    for src, links in (raw_links.items() if isinstance(raw_links, dict) else ()):
-        out[src] = {}
-        for i, link in enumerate(links if isinstance(links, list) else ()):
-            if not isinstance(link, dict) or "dest" not in link:
+
+def hops_to(adj: Mapping[str, Sequence[str]], dst: str) -> dict[str, int]:
+    """How many both-way hops every node that reaches `dst` is from it (breadth first)."""
+    dist = {dst: 0}
+    queue = deque([dst])
+    while queue:
+        u = queue.popleft()
+        for v in adj.get(u, ()):
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+def next_hops(links: Links, names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """{src: {dst: next hop}} for every src in `names` and every other node of `names`
+    that src has no link to but reaches over both-way links (EdgeTB's `forward`, by name)."""
+    names = list(names)
+    adj = both_ways(links)
+    table: dict[str, dict[str, str]] = {n: {} for n in names}
+    for dst in names:
+        dist = hops_to(adj, dst)
+        for src in names:
+            if src == dst or src not in dist or dst in links.get(src, ()):
                 continue
-            try:
-                out[src][link["dest"]] = float(parse_rate(link.get("bw")))
-            except UnitError as e:
-                raise cu.ConfError(f"{file}: {src}[{i}].bw: {e}") from None
+            table[src][dst] = min(v for v in adj[src] if dist.get(v) == dist[src] - 1)
+    return table
+
+
+def path(links: Links, table: Mapping[str, Mapping[str, str]], src: str, dst: str) -> list[str] | None:
+    """The nodes a message from `src` to `dst` passes, [src, ..., dst], each node sending
+    straight over its own link when it has one, else to its `table` next hop; None when
+    some node on the way has neither."""
+    out = [src]
+    while out[-1] != dst:
+        here = out[-1]
+        hop = dst if dst in links.get(here, ()) else table.get(here, {}).get(dst)
+        if hop is None:
+            return None
+        out.append(hop)
     return out
-
-
-def routes_from(graph: Graph, src: str) -> dict[str, list[str]]:
-    """The route from `src` to every node it can reach: {dst: [src, ..., dst]}.
-
-    Breadth first, so every route has the fewest hops; a node's route is chosen among
-    its predecessors one hop nearer by (widest bottleneck, then smallest names).
-    """
-    best: dict[str, tuple[float, list[str]]] = {src: (math.inf, [src])}
-    level = [src]
-    while level:
-        offers: dict[str, tuple[float, list[str]]] = {}
-        for u in sorted(level):
-            width_u, path_u = best[u]
-            for v, rate in graph.get(u, {}).items():
-                if v in best:
-                    continue
-                offer = (min(width_u, rate), path_u + [v])
-                cur = offers.get(v)
-                if cur is None or offer[0] > cur[0] or (offer[0] == cur[0] and offer[1] < cur[1]):
-                    offers[v] = offer
-        best.update(offers)
-        level = list(offers)
-    return {dst: path for dst, (_, path) in best.items() if dst != src}
-
