@@ -7,7 +7,8 @@
 Every node n1..n5 runs dml_app/el_peer.py; dml_tool/el_structure.json makes the tree
 (n1 on top of n1 and n2, which aggregate n1, n3 and n2, n4, n5) and links.json the
 network: where two nodes of the tree have no direct link (n2 -> n4, n4 -> n2, n2 -> n5)
-the weights travel through the nodes in between (dml_tool/routes.py). Start with
+the weights travel through n1, the next hop of the confs' `forward` (a shortest path over
+links that exist both ways, as EdgeTB; dml_tool/routes.py). Start with
 `curl 'localhost:3333/start?root=n1'`; n1 calls /finish after its last round.
 """
 import sys
