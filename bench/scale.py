@@ -7,7 +7,7 @@ Each size runs the whole workflow (controller/auto.py `drive`) on one netns emul
 this machine: a star of links around the aggregator n1 (100mbit each way), 2 cores and
 --ram-gb shared between the nodes (n1, which takes every upload, gets 0.5 core and 1 GB;
 each trainer 1.5/N of a core and an even share of the rest of the memory, at most 1 GB), every trainer one train part of the shipped MNIST
-subset (100 samples; parts reused past 40; 2 epochs, batch 10, lr 0.1), n1 the 10 test
+subset (100 samples; parts reused past 40; 2 epochs, batch 10, lr 0.05), n1 the 10 test
 parts. `--sizes` run with the zygote
 (worker/zygote.py: runtime roles fork from one preloaded interpreter), `--exec-sizes`
 with one exec'd Python per node (the launcher before the zygote), in the same run.
@@ -98,7 +98,7 @@ def build(n: int, d: Path, ram_gb: float, launcher: str):
              **{t: [{"dest": "n1", "bw": "100mbit"}] for t in trainers}}
     (d / "links.json").write_text(json.dumps(links))
     (d / "structure.json").write_text(json.dumps(
-        {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": 0}] + [{"name": t, "epoch": 2, "lr": 0.1} for t in trainers]}))
+        {"node_list": [{"name": "n1", "trainer_fraction": 1.0, "sync": 0}] + [{"name": t, "epoch": 2} for t in trainers]}))
     (d / "dataset.json").write_text(json.dumps(
         {"n1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
          **{t: {"train_len": 1, "train_start_index": 1 + i % 40, "batch_size": 10} for i, t in enumerate(trainers)}}))

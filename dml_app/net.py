@@ -169,6 +169,13 @@ def require_token(app, token: str, *, peer_token: str | None = None,
         return ("missing or wrong testbed token (header " + TOKEN_HEADER + ")\n", 401)
 
 
+# Open connections a server keeps (waitress's default is 100): every node keeps one to the
+# controller for its heartbeats and one to each peer it sends to, so an aggregator of 299
+# trainers, or a controller of 300 nodes, needs more; past the limit waitress stops
+# accepting until one closes, and a busy one never does.
+CONNECTION_LIMIT = 4096
+
+
 class Server:
     """A waitress WSGI server on its own thread; `close()` stops it."""
 
@@ -185,7 +192,8 @@ class Server:
         # waitress refuses a body of max_request_body_size bytes or more: + 1 takes max_body itself.
         self._srv = create_server(app, host=host, port=port, threads=threads,
                                   ident="edgetb", clear_untrusted_proxy_headers=True,
-                                  max_request_body_size=self.max_body + 1)
+                                  max_request_body_size=self.max_body + 1,
+                                  connection_limit=CONNECTION_LIMIT)
         self._srv.channel_class = _channel_class()
         self.port = int(self._srv.effective_port)
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"http:{port}")
