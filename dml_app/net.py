@@ -183,7 +183,13 @@ class Server:
         """`max_body`: the largest request body waitress takes at all (answered 413 from
         the headers, before the body is read); default: the largest limit the app's
         `limit_bodies` gives any route, DEFAULT_WEIGHTS_LIMIT for an app without."""
+        import logging
+
         from waitress.server import create_server
+
+        # "Task queue depth is N" at every queued request: a busy server says it hundreds
+        # of times a second; the requests are served all the same.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
         if max_body is None:
             limits = body_limits(app)
