@@ -565,8 +565,9 @@ def leftovers(*deps: Deployment, extra_names: list[str] = (), docker: bool = Tru
     Kinds: namespaces etb-*, links etbv*/etbbr*, node cgroups (edgetb/<node>, v1 or v2),
     iptables rules with the comment edgetb, mounts of /run/edgetb, /var/cache/edgetb and
     node run dirs, processes (in a node cgroup, marked as a test node, or once seen in a
-    test namespace), node state dirs under /run/edgetb, and, when a Docker daemon answers,
-    containers and networks labelled edgetb=1.
+    test namespace), node state dirs under /run/edgetb, when a Docker daemon answers,
+    containers and networks labelled edgetb=1, and (unscoped) ARP table thresholds still
+    raised (worker/nodes.py size_neighbour_table).
     """
     names = [n for d in deps for n in d.names] + list(extra_names)
     scoped = bool(names or deps)
@@ -607,6 +608,8 @@ def leftovers(*deps: Deployment, extra_names: list[str] = (), docker: bool = Tru
         "rundirs": sorted(str(r) for r in rundirs),
         "containers": sorted(c.name for c in ctrs),
         "networks": sorted(n.name for n in dnets),
+        # The host's ARP table thresholds, raised for many nodes, are back once no bridge is.
+        "sysctls": [str(nb.NEIGH_SAVED)] if not scoped and nb.NEIGH_SAVED.exists() else [],
     }
 
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,3 +74,33 @@ def test_sixty_trainers_deploy_train_a_round_and_leave_nothing(tmp_path):
     assert s["rounds"] == 1 and 0 <= s["final_accuracy"] <= 1, s
     # Every trainer took part: each one sent its model to the aggregator.
     assert all(s["bytes_sent"][t] > 200_000 for t in names[1:]), s["bytes_sent"]
+
+
+def test_the_arp_table_grows_with_the_nodes_and_shrinks_back(tmp_path):
+    """The kernel's neighbour table is one for all namespaces (1,024 entries by default):
+    deploying raises its thresholds for the node count, the reset of the last bridge
+    puts the host's own values back; on a tree that mirrors /proc/sys, only raised."""
+    from worker import nodes as nb
+
+    sysctl, saved = tmp_path / "neigh", tmp_path / "saved.json"
+    sysctl.mkdir()
+    for k, v in (("gc_thresh1", 128), ("gc_thresh2", 512), ("gc_thresh3", 1024)):
+        (sysctl / k).write_text(f"{v}\n")
+    assert nb.size_neighbour_table(300, sysctl, saved) == {"gc_thresh1": 728, "gc_thresh2": 45812,
+                                                           "gc_thresh3": 91624}
+    assert nb._neigh(sysctl) == {"gc_thresh1": 728, "gc_thresh2": 45812, "gc_thresh3": 91624}
+    assert json.loads(saved.read_text()) == {"gc_thresh1": 128, "gc_thresh2": 512, "gc_thresh3": 1024}
+    (sysctl / "gc_thresh3").write_text("200000\n")           # the host's own larger value stays
+    assert nb.size_neighbour_table(300, sysctl, saved)["gc_thresh3"] == 200000
+    nb.restore_neighbour_table(sysctl, saved)                # (no testbed bridge exists now)
+    assert nb._neigh(sysctl) == {"gc_thresh1": 128, "gc_thresh2": 512, "gc_thresh3": 1024}
+    assert not saved.exists()
+    before = nb._neigh()
+    with ah.running_agent() as agent:
+        dep = ah.deploy_nodes(agent, 3, cmd=[])
+        raised = nb._neigh()
+        assert raised["gc_thresh3"] >= 1024 + 3 * 5 and raised["gc_thresh1"] >= 2 * 3 + 128
+        agent.post("/emulated/reset")
+        ah.assert_clean(dep)
+    assert nb._neigh() == before
+    assert not nb.NEIGH_SAVED.exists()

@@ -27,13 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dml_app import net
+from dml_app import formats, net
 from worker import tc, units
 from worker.cgroups import Cgroup, CgroupError
 from worker import secure
 from worker import zygote
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+NAME_RE = formats.NAME_RE             # the one node-name rule (dml_app/formats.py)
 NS_PREFIX = "etb-"
 VETH_PREFIX = "etbv"
 BRIDGE_PREFIX = "etbbr"
@@ -56,9 +56,10 @@ class NodeError(RuntimeError):
 
 
 def check_name(name: str, what: str = "node name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise NodeError(f"bad {what} {name!r}: use a letter then letters, digits, '-' or '_' (max 32)")
-    return name
+    try:
+        return formats.check_name(name, f"bad {what}", what)
+    except formats.FormatError as e:
+        raise NodeError(str(e)) from None
 
 
 def link_exists(ifname: str) -> bool:
@@ -163,7 +164,6 @@ class Node:
     container: str | None = None    # docker nodes: container id
     cpuset: str | None = None       # docker nodes: the cores it got
     host_port: int | None = None    # docker nodes: the host port its DML port is published on
-    pid: int | None = None          # docker nodes: the host pid of the container's init
     pid: int | None = None          # docker nodes: the host pid of the container's init
 
     def to_json(self) -> dict:
@@ -451,6 +451,51 @@ def remove_bridge(name: str) -> None:
     _bridge_firewall(name, add=False)
     if link_exists(name):
         _run(["ip", "link", "del", name], check=False)
+    restore_neighbour_table()
+
+
+NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+NEIGH_SAVED = Path("/run/edgetb/neigh-gc-thresh.json")   # the host's own values while raised
+
+
+def _neigh(path: Path | None = None) -> dict[str, int]:
+    base = path or NEIGH_SYSCTL
+    return {k: int((base / k).read_text()) for k in ("gc_thresh1", "gc_thresh2", "gc_thresh3")}
+
+
+def size_neighbour_table(nodes: int, sysctl: Path | None = None, saved: Path | None = None) -> dict[str, int]:
+    """Make the kernel's ARP table fit `nodes` nodes. It is one table for every namespace
+    (gc_thresh3: 1,024 entries by default): 300 nodes, each knowing a few neighbours and
+    known by the host and the aggregator, overflow it ("neighbor table overflow", then
+    "No route to host" between nodes). Thresholds are only raised, for up to `nodes`
+    neighbours a node; the host's values are kept in NEIGH_SAVED for
+    restore_neighbour_table. -> the values in force."""
+    sysctl, saved = sysctl or NEIGH_SYSCTL, saved or NEIGH_SAVED
+    have = _neigh(sysctl)
+    want3 = 1024 + nodes * (nodes + 2)
+    want = {"gc_thresh1": max(have["gc_thresh1"], 2 * nodes + 128),
+            "gc_thresh2": max(have["gc_thresh2"], want3 // 2), "gc_thresh3": max(have["gc_thresh3"], want3)}
+    if want != have:
+        if not saved.exists():
+            secure.write_private(saved, json.dumps(have), 0o755)
+        for k in ("gc_thresh3", "gc_thresh2", "gc_thresh1"):    # largest first: each <= the next
+            (sysctl / k).write_text(str(want[k]))
+    return want
+
+
+def restore_neighbour_table(sysctl: Path | None = None, saved: Path | None = None) -> None:
+    """The host's own ARP table thresholds back, once no testbed bridge is left on it."""
+    sysctl, saved = sysctl or NEIGH_SYSCTL, saved or NEIGH_SAVED
+    if not saved.exists() or any(d.startswith(BRIDGE_PREFIX) for d in os.listdir("/sys/class/net")):
+        return
+    try:
+        old = {k: int(v) for k, v in json.loads(saved.read_text()).items()}
+        for k in ("gc_thresh1", "gc_thresh2", "gc_thresh3"):     # smallest first
+            if k in old:
+                (sysctl / k).write_text(str(old[k]))
+    except (OSError, ValueError, AttributeError) as e:
+        print(f"agent: restoring the ARP table thresholds from {saved}: {e}", file=sys.stderr)
+    saved.unlink(missing_ok=True)
 
 
 def _bridge_firewall(bridge: str, *, add: bool) -> None:
@@ -495,6 +540,10 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
                        f"link set {veth} master {bridge} up"]
     try:
         _run(["ip", "-batch", "-"], input="\n".join(host_lines) + "\n")
+        try:
+            size_neighbour_table(sum(1 for ns in os.listdir("/run/netns") if ns.startswith(NS_PREFIX)))
+        except OSError as e:    # a read-only /proc/sys (in a container): work, with the host's table
+            print(f"agent: cannot size the ARP table for these nodes: {e}", file=sys.stderr)
 
         def inside(n: Node) -> None:
             secure_dir(n.rundir, 0o700)
