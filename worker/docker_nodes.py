@@ -264,8 +264,9 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
     def one(args) -> None:
         n, (_, nano) = args
         _create_one(client, n, nano, network, lab, extra_env)
+        n.state = "up"
         if then is not None:
-            then(n)
+            then(n)                     # its app may be "running" from here on
 
     try:
         with ThreadPoolExecutor(min(PARALLEL, len(nodes))) as ex:
@@ -275,8 +276,6 @@ def create_nodes(client, specs: list[nb.NodeSpec], *, network: str, rundir_base:
         if isinstance(e, errors.DockerException):
             raise nb.NodeError(f"docker: {_explain(e)}") from None
         raise
-    for n in nodes:
-        n.state = "up"
     return nodes
 
 
