@@ -68,7 +68,9 @@ def setups(rounds: int) -> dict:
                               {"name": "n5", "layer": 2, "sync": 2, "child_num": 4}]
                 + [{"name": n, "layer": 1, "epoch": 1} for n in NODES]},
                everyone),
-        "ra": (RaManager, [(n, "ra_peer.py") for n in NODES], None, "ra_structure_conf", peers, everyone),
+        # EdgeTB's ring: each entry sends to the one before it, so n1, n8, ..., n2 runs n1 -> n2 -> ... -> n8 -> n1
+        "ra": (RaManager, [(n, "ra_peer.py") for n in NODES], None, "ra_structure_conf",
+               {**peers, "node_list": [{"name": n, "epoch": 1} for n in NODES[:1] + NODES[:0:-1]]}, everyone),
         "ps": (PsManager, [("n1", "ps_server.py")] + [(n, "ps_worker.py") for n in NODES[1:]], "n1",
                "ps_structure_conf",
                {"mode": "sync", "steps": 15 * rounds, "lr": 0.05, "momentum": 0.9, "max_staleness": 4,

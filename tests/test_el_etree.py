@@ -14,7 +14,7 @@ from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
 import conf_utils as cu
 import el_structure_conf as el
 import routes
-from etree import aggregate, known_weights, next_hop, tree_average
+from etree import aggregate, known_weights, tree_average
 
 ROOT = DML_TOOL.parent
 NODES = ["n1", "n2", "n3", "n4", "n5"]
@@ -63,34 +63,44 @@ def test_known_weights_are_reproducible_and_distinct():
     assert a["w"].dtype == torch.float32 and a["steps"].item() == 7
 
 
-def test_next_hop():
-    assert next_hop(["n2", "n3", "n4"], "n2") == "n3"
-    assert next_hop(["n2", "n3", "n4"], "n3") == "n4"
-    with pytest.raises(ValueError, match="ends at n4"):
-        next_hop(["n2", "n3", "n4"], "n4")
-    with pytest.raises(ValueError, match="does not pass through n5"):
-        next_hop(["n2", "n3", "n4"], "n5")
-
-
-# ----------------------------------------------------------------------------- routes
+# ----------------------------------------------------------------------------- routes (EdgeTB's forward)
 
 DEFAULT = json.loads((ROOT / "links.json").read_text())
 
 
-def test_routes_on_the_default_links_prefer_fewest_hops_then_the_widest():
-    g = routes.link_rates(DEFAULT)
-    assert g["n4"]["n1"] == 16e6 and g["n2"]["n1"] == 10e6       # 2mbps is BYTES per second
-    r2 = routes.routes_from(g, "n2")
-    assert r2["n1"] == ["n2", "n1"] and r2["n3"] == ["n2", "n3"]  # direct links first
-    assert r2["n4"] == ["n2", "n3", "n4"]                          # the ring (25mbit) over n1 (10mbit)
-    assert r2["n5"] == ["n2", "n1", "n5"]                          # 3 ring hops lose to 2
-    assert routes.routes_from(g, "n4")["n2"] == ["n4", "n5", "n2"]
+def names_of(links: dict) -> dict[str, list[str]]:
+    return {src: [l["dest"] for l in lst] for src, lst in links.items()}
 
 
-def test_routes_ties_go_to_the_smallest_names_and_unreachable_nodes_are_absent():
-    g = {"a": {"c": 1.0, "b": 1.0}, "b": {"d": 1.0}, "c": {"d": 1.0}, "d": {}, "e": {"a": 1.0}}
-    assert routes.routes_from(g, "a") == {"b": ["a", "b"], "c": ["a", "c"], "d": ["a", "b", "d"]}
-    assert routes.routes_from(g, "d") == {}
+def test_forward_uses_only_links_that_exist_both_ways():
+    links = names_of(DEFAULT)
+    # the default network: n1 <-> every node both ways; the ring n2 -> n3 -> n4 -> n5 -> n2 one way only
+    assert routes.both_ways(links) == {"n1": ["n2", "n3", "n4", "n5"], "n2": ["n1"], "n3": ["n1"],
+                                       "n4": ["n1"], "n5": ["n1"]}
+    table = routes.next_hops(links, NODES)
+    assert table == {"n1": {},                                   # n1 has a link to every node
+                     "n2": {"n4": "n1", "n5": "n1"},            # not over n3, though n2 -> n3 -> n4 exists
+                     "n3": {"n2": "n1", "n5": "n1"},
+                     "n4": {"n2": "n1", "n3": "n1"},
+                     "n5": {"n3": "n1", "n4": "n1"}}
+    assert routes.path(links, table, "n2", "n4") == ["n2", "n1", "n4"]
+    assert routes.path(links, table, "n5", "n2") == ["n5", "n2"]  # its own link, one way or not
+
+
+def test_forward_takes_a_shortest_path_ties_to_the_smallest_name_and_skips_the_unreachable():
+    both = {("a", "c"), ("a", "b"), ("b", "d"), ("c", "d"), ("d", "f"), ("f", "g")}
+    links: dict[str, list[str]] = {}
+    for x, y in both:
+        links.setdefault(x, []).append(y)
+        links.setdefault(y, []).append(x)
+    links["e"] = ["a"]                                           # e -> a, one way: no forwarding through e
+    table = routes.next_hops(links, "abcdefg")
+    assert table["a"] == {"d": "b", "f": "b", "g": "b"}          # b and c are both 2 hops from d: b
+    assert table["c"] == {"b": "a", "f": "d", "g": "d"}
+    assert table["g"] == {"a": "f", "b": "f", "c": "f", "d": "f"}
+    assert table["e"] == {} and "e" not in table["a"]            # nobody reaches e, e reaches no one via forward
+    assert routes.path(links, table, "a", "g") == ["a", "b", "d", "f", "g"]
+    assert routes.path(links, table, "e", "b") is None and routes.path(links, table, "e", "a") == ["e", "a"]
 
 
 # ----------------------------------------------------------------------------- the conf tool
@@ -99,46 +109,89 @@ def info(names=NODES) -> dict[str, cu.NodeAddr]:
     return {n: cu.NodeAddr(n, f"10.0.0.{i + 2}", 4444, "emulated") for i, n in enumerate(names)}
 
 
-def names_of(links: dict) -> dict[str, list[str]]:
-    return {src: [l["dest"] for l in lst] for src, lst in links.items()}
-
-
 def build(structure, links=DEFAULT, nodes=None):
-    return el.build_confs(structure, names_of(links), nodes or info(), graph=routes.link_rates(links))
+    return el.build_confs(structure, names_of(links), nodes or info())
 
 
 SHIPPED = json.loads((DML_TOOL / "el_structure.json").read_text())
+A = {n: f"10.0.0.{i + 2}:4444" for i, n in enumerate(NODES)}
+
+# What EdgeTB's el_structure_conf.py writes for the shipped tree on the default links,
+# by hand: n1 on top of n1@2 and n2@2; n1@2 over n1, n3; n2@2 over n2, n4, n5. Both-way
+# links are only those with n1, so everything else goes through n1.
+SHIPPED_CONFS = {
+    "n1": {"layer": [1, 2, 3], "father_node": ["self", "self", "top"],
+           "child_node": [[], ["self", "n3"], ["self", "n2"]], "sync": [0, 2, 5], "epoch": 1,
+           "connect": {"n2": A["n2"], "n3": A["n3"], "n4": A["n4"], "n5": A["n5"]}, "forward": {}},
+    "n2": {"layer": [1, 2], "father_node": ["self", "n1"], "child_node": [[], ["self", "n4", "n5"]],
+           "sync": [0, 2], "epoch": 1, "connect": {"n1": A["n1"], "n3": A["n3"]},
+           "forward": {"n4": A["n1"], "n5": A["n1"]}},
+    "n3": {"layer": [1], "father_node": ["n1"], "child_node": [[]], "sync": [0], "epoch": 1,
+           "connect": {"n1": A["n1"], "n4": A["n4"]}, "forward": {"n2": A["n1"], "n5": A["n1"]}},
+    "n4": {"layer": [1], "father_node": ["n2"], "child_node": [[]], "sync": [0], "epoch": 1,
+           "connect": {"n1": A["n1"], "n5": A["n5"]}, "forward": {"n2": A["n1"], "n3": A["n1"]}},
+    "n5": {"layer": [1], "father_node": ["n2"], "child_node": [[]], "sync": [0], "epoch": 1,
+           "connect": {"n1": A["n1"], "n2": A["n2"]}, "forward": {"n3": A["n1"], "n4": A["n1"]}},
+}
 
 
-def test_shipped_example_on_the_default_links():
-    confs = build(SHIPPED)
-    assert sorted(confs) == NODES
-    assert confs["n1"]["layers"] == {
-        "3": {"sync": 5, "father": None, "children": ["self", "n2"]},
-        "2": {"sync": 2, "father": "self", "children": ["self", "n3"]},
-        "1": {"epoch": 1, "father": "self"}}
-    assert confs["n2"]["layers"]["2"] == {"sync": 2, "father": "n1", "children": ["self", "n4", "n5"]}
-    assert confs["n4"]["layers"] == {"1": {"epoch": 1, "father": "n2"}}
-    # multi-hop where the tree has no direct link: n2 <-> n4 over the ring, n2 -> n5 via n1
-    assert confs["n2"]["routes"] == {"n1": ["n2", "n1"], "n4": ["n2", "n3", "n4"], "n5": ["n2", "n1", "n5"]}
-    assert confs["n4"]["routes"] == {"n2": ["n4", "n5", "n2"]}
-    assert confs["n3"]["connect"] == {"n1": "10.0.0.2:4444", "n4": "10.0.0.5:4444"}
-    assert "test_known_weights_seed" not in confs["n4"]
+def test_shipped_example_on_the_default_links_is_edgetbs_conf():
+    assert build(SHIPPED) == SHIPPED_CONFS
 
 
-def test_a_forwarder_outside_the_tree_gets_a_conf_and_the_knob_reaches_trainers():
+def test_the_et_example_self_top_sync_zero_and_forward():
+    """et1 sits in all 3 layers; et1 and et3 are linked only through et2 (a chain)."""
+    names = ["et1", "et2", "et3", "et4"]
+    addr = {n: f"10.0.0.{i + 2}:4444" for i, n in enumerate(names)}
+    chain = {"et1": ["et2"], "et2": ["et1", "et3"], "et3": ["et2", "et4"], "et4": ["et3"]}
+    tree = {"node_list": [{"name": "et1", "layer": 3, "sync": 2, "child_num": 2},
+                          {"name": "et1", "layer": 2, "sync": 2, "child_num": 2},
+                          {"name": "et3", "layer": 2, "sync": 3, "child_num": 2},
+                          {"name": "et1", "layer": 1, "epoch": 1}, {"name": "et2", "layer": 1, "epoch": 1},
+                          {"name": "et3", "layer": 1, "epoch": 1}, {"name": "et4", "layer": 1, "epoch": 1}]}
+    confs = el.build_confs(tree, chain, info(names))
+    assert confs == {
+        "et1": {"layer": [1, 2, 3], "father_node": ["self", "self", "top"],
+                "child_node": [[], ["self", "et2"], ["self", "et3"]], "sync": [0, 2, 2], "epoch": 1,
+                "connect": {"et2": addr["et2"]}, "forward": {"et3": addr["et2"], "et4": addr["et2"]}},
+        "et2": {"layer": [1], "father_node": ["et1"], "child_node": [[]], "sync": [0], "epoch": 1,
+                "connect": {"et1": addr["et1"], "et3": addr["et3"]}, "forward": {"et4": addr["et3"]}},
+        "et3": {"layer": [1, 2], "father_node": ["self", "et1"], "child_node": [[], ["self", "et4"]],
+                "sync": [0, 3], "epoch": 1, "connect": {"et2": addr["et2"], "et4": addr["et4"]},
+                "forward": {"et1": addr["et2"]}},
+        "et4": {"layer": [1], "father_node": ["et3"], "child_node": [[]], "sync": [0], "epoch": 1,
+                "connect": {"et3": addr["et3"]}, "forward": {"et1": addr["et3"], "et2": addr["et3"]}},
+    }
+
+
+def test_a_forwarder_outside_the_tree_gets_a_conf_and_our_keys_pass():
     links = {"n1": [{"dest": "n2", "bw": "1mbit"}], "n2": [{"dest": "n1", "bw": "1mbit"},
                                                         {"dest": "n3", "bw": "1mbit"}],
              "n3": [{"dest": "n2", "bw": "1mbit"}]}
-    structure = {"node_list": [{"name": "n1", "layer": 2, "sync": 1, "child_num": 2, "seed": 4},
+    structure = {"node_list": [{"name": "n1", "layer": 2, "sync": 1, "child_num": 2, "seed": 4,
+                                "round_timeout_s": 30},
                                {"name": "n1", "layer": 1, "epoch": 1},
                                {"name": "n3", "layer": 1, "epoch": 2, "lr": 0.1}],
                  "test_known_weights_seed": 9}
     confs = build(structure, links, info(["n1", "n2", "n3"]))
-    assert confs["n2"] == {"layers": {}, "routes": {}, "connect": {"n1": "10.0.0.2:4444", "n3": "10.0.0.4:4444"}}
-    assert confs["n1"]["routes"] == {"n3": ["n1", "n2", "n3"]} and confs["n1"]["seed"] == 4
-    assert confs["n3"]["layers"]["1"] == {"epoch": 2, "lr": 0.1, "father": "n1"}
-    assert confs["n3"]["test_known_weights_seed"] == confs["n1"]["test_known_weights_seed"] == 9
+    assert confs["n2"] == {"layer": [], "father_node": [], "child_node": [], "sync": [],
+                           "connect": {"n1": "10.0.0.2:4444", "n3": "10.0.0.4:4444"}, "forward": {}}
+    assert confs["n1"] == {"layer": [1, 2], "father_node": ["self", "top"], "child_node": [[], ["self", "n3"]],
+                           "sync": [0, 1], "epoch": 1, "test_known_weights_seed": 9,
+                           "round_timeout_s": {"2": 30.0}, "seed": 4,
+                           "connect": {"n2": "10.0.0.3:4444"}, "forward": {"n3": "10.0.0.3:4444"}}
+    assert confs["n3"] == {"layer": [1], "father_node": ["n1"], "child_node": [[]], "sync": [0], "epoch": 2,
+                           "lr": 0.1, "test_known_weights_seed": 9,
+                           "connect": {"n2": "10.0.0.3:4444"}, "forward": {"n1": "10.0.0.3:4444"}}
+
+
+def test_a_top_that_does_not_train_has_no_epoch():
+    links = {"n1": [{"dest": "n2"}, {"dest": "n3"}], "n2": [{"dest": "n1"}], "n3": [{"dest": "n1"}]}
+    confs = build({"node_list": [{"name": "n1", "layer": 2, "sync": 3, "child_num": 2},
+                                 {"name": "n2", "layer": 1, "epoch": 1}, {"name": "n3", "layer": 1, "epoch": 1}]},
+                  links, info(["n1", "n2", "n3"]))
+    assert confs["n1"] == {"layer": [2], "father_node": ["top"], "child_node": [["n2", "n3"]], "sync": [3],
+                           "connect": {"n2": "10.0.0.3:4444", "n3": "10.0.0.4:4444"}, "forward": {}}
 
 
 def entry(name, layer, **kw):
@@ -166,15 +219,17 @@ def test_structure_errors_name_the_entry(node_list, message):
     assert message in str(e.value) and "el_structure.json" in str(e.value)
 
 
-def test_no_route_is_an_error_naming_links_json_and_what_the_node_reaches():
-    links = {"n1": [{"dest": "n2", "bw": "1mbit"}, {"dest": "n3", "bw": "1mbit"}],
-             "n2": [{"dest": "n1", "bw": "1mbit"}], "n3": []}
+def test_no_route_is_an_error_naming_links_json_and_the_both_way_links():
+    # a one-way ring n1 -> n2 -> n3 -> n1: n1 reaches n3 only one way round, which EdgeTB does not forward over
+    links = {"n1": [{"dest": "n2", "bw": "1mbit"}], "n2": [{"dest": "n3", "bw": "1mbit"}],
+             "n3": [{"dest": "n1", "bw": "1mbit"}]}
     structure = {"node_list": [entry("n1", 2, child_num=2), entry("n2", 1), entry("n3", 1)]}
     with pytest.raises(cu.ConfError) as e:
         build(structure, links, info(["n1", "n2", "n3"]))
-    assert str(e.value) == ("links.json: no route from 'n3' to 'n1', needed because 'n3' (layer 1) "
-                            "sends its results to its father 'n1'; n3 reaches no node: add a link "
-                            "(or a path of links) from 'n3' to 'n1'")
+    assert str(e.value) == ("links.json: no route from 'n2' to 'n1', needed because 'n2' (layer 1) sends its "
+                            "results to its father 'n1': n2 has no link to n1 and no path to it over links "
+                            "that exist in both directions (it has them with no node); add "
+                            "{\"dest\": \"n1\", \"bw\": ...} under 'n2', or links both ways")
 
 
 def test_cli_writes_confs_and_reports_errors(scratch):
@@ -185,10 +240,11 @@ def test_cli_writes_confs_and_reports_errors(scratch):
     p = subprocess.run(argv, cwd=scratch, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert sorted(Path(l).name for l in p.stdout.split()) == [f"{n}_structure.conf" for n in NODES]
-    conf = json.loads((scratch / "conf" / "n5_structure.conf").read_text())
-    assert conf["layers"] == {"1": {"epoch": 1, "father": "n2"}} and conf["routes"] == {"n2": ["n5", "n2"]}
-    bad = dict(DEFAULT, n4=[{"dest": "n1", "bw": "5M"}])
+    for n in NODES:
+        assert json.loads((scratch / "conf" / f"{n}_structure.conf").read_text()) == SHIPPED_CONFS[n]
+    bad = dict(DEFAULT, n4=[{"dest": "n9", "bw": "5mbit"}])
     (scratch / "links.json").write_text(json.dumps(bad))
-    p = subprocess.run(argv + ["-l", str(scratch / "links.json")], cwd=scratch, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 2 and "el_structure_conf.py: error: links.json: n4[0].bw: bad bandwidth '5M'" in p.stderr
+    p = subprocess.run(argv + ["-l", str(scratch / "links.json"), "-o", str(scratch / "conf2")], cwd=scratch,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "el_structure_conf.py: error: links.json: n4[0].dest: unknown node 'n9'" in p.stderr
+    assert not (scratch / "conf2").exists()

@@ -4,7 +4,9 @@ A 3-layer tree where et1 is in every layer (its own father and child) and et1 an
 have no direct link (et2 forwards between them both ways). The structure conf's test
 knob `test_known_weights_seed` makes trainers answer known weights instead of training,
 so the top's final model must equal, to the bit, the nested weighted average of what
-the trainers sent in the last round, and et2's log must show every forward.
+the trainers sent in the last round, and et2's log must show every forward. The confs
+are EdgeTB's (per-layer lists, "self", "top", `forward`), compared with ones written
+by hand.
 """
 from __future__ import annotations
 
@@ -63,15 +65,16 @@ def tree(module_scratch):
             (module_scratch / fname).write_text(json.dumps(obj))
         el_structure_conf.write_confs(str(module_scratch / "el.json"), str(module_scratch / "links.json"),
                                       str(module_scratch / "node_info.json"), str(module_scratch / "conf"))
+        confs = {}
         for name, node in nodes.items():
             node.wait_ready()
-            conf = json.loads((module_scratch / "conf" / f"{name}_structure.conf").read_text())
+            confs[name] = conf = json.loads((module_scratch / "conf" / f"{name}_structure.conf").read_text())
             node.call("POST", "/conf/structure", json=conf)
             node.call("POST", "/conf/dataset", json={**DATASET[name], "batch_size": 32})
         nodes["et1"].call("GET", "/start")
         wait_until(lambda: ctl.finished.is_set() or _failed(nodes), 90, "et1 to call /finish")
         assert ctl.finished.is_set(), {n: p.output() for n, p in nodes.items()}
-        yield nodes, ds
+        yield nodes, ds, confs
     finally:
         for node in nodes.values():
             node.stop()
@@ -87,7 +90,7 @@ def _log(node: NodeProc) -> str:
 
 
 def test_top_model_is_the_nested_weighted_average_to_the_bit(tree):
-    nodes, ds = tree
+    nodes, ds, _ = tree
     r = nodes["et1"].call("GET", "/el/model")
     got, meta = net.unpack_weights(r.content)
     assert meta == {"layer": 3, "round": 2, "name": "et1"}
@@ -116,8 +119,30 @@ def test_top_model_is_the_nested_weighted_average_to_the_bit(tree):
     assert samples == 2200 and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_the_confs_are_edgetbs(tree):
+    """What the nodes ran on: EdgeTB's per-layer lists, "self", "top", sync 0 on layer 1, and
+    `forward` to the next hop over the chain (written by hand)."""
+    nodes, _, confs = tree
+    a = {n: f"127.0.0.1:{p.port}" for n, p in nodes.items()}
+    assert confs == {
+        "et1": {"layer": [1, 2, 3], "father_node": ["self", "self", "top"],
+                "child_node": [[], ["self", "et2"], ["self", "et3"]], "sync": [0, 2, 2], "epoch": 1,
+                "test_known_weights_seed": SEED, "connect": {"et2": a["et2"]},
+                "forward": {"et3": a["et2"], "et4": a["et2"]}},
+        "et2": {"layer": [1], "father_node": ["et1"], "child_node": [[]], "sync": [0], "epoch": 1,
+                "test_known_weights_seed": SEED, "connect": {"et1": a["et1"], "et3": a["et3"]},
+                "forward": {"et4": a["et3"]}},
+        "et3": {"layer": [1, 2], "father_node": ["self", "et1"], "child_node": [[], ["self", "et4"]],
+                "sync": [0, 3], "epoch": 1, "test_known_weights_seed": SEED,
+                "connect": {"et2": a["et2"], "et4": a["et4"]}, "forward": {"et1": a["et2"]}},
+        "et4": {"layer": [1], "father_node": ["et3"], "child_node": [[]], "sync": [0], "epoch": 1,
+                "test_known_weights_seed": SEED, "connect": {"et3": a["et3"]},
+                "forward": {"et1": a["et3"], "et2": a["et3"]}},
+    }
+
+
 def test_the_forwarding_node_logs_every_forward(tree):
-    nodes, _ = tree
+    nodes, _, _ = tree
     log = _log(nodes["et2"])
     fwd = re.findall(r"Forward: from=(\w+), to=(\w+), round=(\d+), layer=(2), kind=(\w+), next=(\w+),", log)
     # each top round: et1@3 sends down to et3@2 and et3@2 answers up, both through et2
@@ -129,7 +154,7 @@ def test_the_forwarding_node_logs_every_forward(tree):
 
 
 def test_layers_run_their_sync_rounds(tree):
-    nodes, _ = tree
+    nodes, _, _ = tree
     top = _log(nodes["et1"])
     assert re.findall(r"Aggregate: accuracy=[\d.]+, round=(\d+), layer=3,", top) == ["1", "2"]
     assert re.findall(r"Layer aggregate: layer=2, round=(\d+), children=2, samples=800,", top) == \
@@ -142,7 +167,7 @@ def test_layers_run_their_sync_rounds(tree):
 
 
 def test_bad_messages_are_refused_clearly(tree):
-    nodes, _ = tree
+    nodes, _, _ = tree
     sd = nns.build_model({"name": "mnist", "input_shape": [1, 28, 28]}).state_dict()
 
     def post(node: str, meta: dict, body: bytes | None = None) -> net.HttpError:
@@ -153,19 +178,20 @@ def test_bad_messages_are_refused_clearly(tree):
 
     e = post("et3", {}, b"not safetensors")
     assert e.status == 400 and "safetensors" in e.message
-    e = post("et3", {"kind": "up", "src": "et4", "dst": "et3", "path": ["et4", "et3"], "layer": 1,
-                     "round": 1, "samples": 5})
+    e = post("et3", {"kind": "up", "src": "et4", "dst": "et3", "layer": 1, "round": 1, "samples": 5})
     assert e.status == 409 and "not waiting" in e.message          # that round is over
-    e = post("et4", {"kind": "down", "src": "et2", "dst": "et4", "path": ["et2", "et4"], "layer": 1,
-                     "round": 9})
+    e = post("et4", {"kind": "down", "src": "et2", "dst": "et4", "layer": 1, "round": 9})
     assert e.status == 409 and "not this node's father" in e.message
-    e = post("et2", {"kind": "down", "src": "et1", "dst": "et4", "path": ["et1", "et3", "et4"],
-                     "layer": 1, "round": 1})
-    assert e.status == 400 and "does not pass through et2" in e.message
+    e = post("et2", {"kind": "down", "src": "et1", "dst": "et9", "layer": 1, "round": 1})
+    assert e.status == 400 and "cannot forward to et9: no way to et9" in e.message
+    e = post("et2", {"kind": "down", "src": "et1", "dst": "et4", "layer": 1, "round": 1, "hops": 64})
+    assert e.status == 400 and "has passed 64 nodes" in e.message  # a loop would end here
     # a forward whose destination refuses: the refusal comes back through the forwarder
-    e = post("et2", {"kind": "up", "src": "et1", "dst": "et3", "path": ["et1", "et2", "et3"],
-                     "layer": 1, "round": 1, "samples": 3})
+    e = post("et2", {"kind": "up", "src": "et1", "dst": "et3", "layer": 1, "round": 1, "samples": 3})
     assert e.status == 409 and "forwarding to et3 failed" in e.message
+    # two hops through forward tables (et1 -> et2 -> et3 -> et4): et4 refuses, the answer comes back
+    e = post("et1", {"kind": "down", "src": "et1", "dst": "et4", "layer": 1, "round": 99})
+    assert e.status == 409 and "forwarding to et2 failed" in e.message and "not this node's father" in e.message
     with pytest.raises(net.HttpError) as e:
         nodes["et2"].call("GET", "/start")
     assert e.value.status == 404                                     # only the top starts

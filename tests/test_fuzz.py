@@ -139,11 +139,9 @@ def _confs(addr: dict[str, str]) -> dict[str, tuple[dict, dict]]:
         "zfa": {"trainer_fraction": 1.0, "sync": 1, "child_node": ["zft"], "connect": {"zft": addr["zft"]}},
         "zft": {"epoch": 1, "father_node": "zfa", "connect": {"zfa": addr["zfa"]}},
         "zgl": {"epoch": 1, "sync": 1, "connect": {"zra": addr["zra"]}},
-        "zel": {"layers": {"1": {"father": "self", "epoch": 1},
-                           "2": {"father": None, "sync": 1, "children": ["self"]}},
-                "routes": {}, "connect": {}},
-        "zra": {"epoch": 0, "sync": 1, "ring": ["zra", "zgl"], "rank": 0, "successor": "zgl",
-                "connect": {"zgl": addr["zgl"]}},
+        "zel": {"layer": [1, 2], "father_node": ["self", "top"], "child_node": [[], ["self"]], "sync": [0, 1],
+                "epoch": 1, "connect": {}, "forward": {}},
+        "zra": {"epoch": 0, "sync": 1, "next_name": "zgl", "connect": {"zgl": addr["zgl"]}},
         "zps": {"role": "server", "workers": ["zpw"], "connect": {"zpw": addr["zpw"]}, "steps": 2},
         "zpw": {"role": "worker", "server": "zps", "connect": {"zps": addr["zps"]}},
     }
@@ -323,8 +321,8 @@ def send(host: str, port: int, method: str, target: str, headers: list[tuple[str
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 KEYS = ["round", "phase", "step", "index", "name", "have", "wait_s", "node", "state", "version", "samples",
-        "loss", "kind", "src", "dst", "path", "layer", "epoch", "sync", "connect", "ring", "rank", "successor",
-        "child_node", "father_node", "trainer_fraction", "round_timeout_s", "seed", "lr", "layers", "routes",
+        "loss", "kind", "src", "dst", "hops", "layer", "epoch", "sync", "connect", "ring", "rank", "next_name",
+        "child_node", "father_node", "trainer_fraction", "round_timeout_s", "seed", "lr", "forward", "peers",
         "role", "workers", "server", "steps", "mode", "train_len", "train_start_index", "test_len",
         "test_start_index", "batch_size", "emulator", "backend", "cpu", "bridge", "gateway", "cidr", "nodes",
         "links", "id", "ip", "port", "ram_mb", "cmd", "working_dir", "env", "dest", "rate_bps", "delay_us",

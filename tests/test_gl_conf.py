@@ -28,22 +28,26 @@ def test_the_shipped_example_runs_on_the_shipped_links(scratch):
     for n, conf in confs.items():
         assert conf["sync"] == 10 and conf["epoch"] == 1
         assert sorted(conf["connect"]) == sorted(l["dest"] for l in links[n])
+        assert conf["peers"] == [l["dest"] for l in links[n]]   # every node is a peer here
     assert set(json.loads((DML_TOOL / "gl_structure.json").read_text())) == {"sync", "node_list"}
     dataset = json.loads((DML_TOOL / "gl_dataset.json").read_text())
     assert all(dataset[n]["test_len"] > 0 and dataset[n]["train_len"] > 0 for n in NODES)
 
 
-def test_connect_holds_only_linked_peers_and_options_pass():
+def test_connect_keeps_every_link_as_edgetb_and_peers_the_participants():
     confs = build({"sync": 3, "seed": 4, "wait_s": 0.5, "lr": 0.1,
                    "node_list": [{"name": "n1", "epoch": 2}, {"name": "n2", "epoch": 1, "lr": 0.01},
                                  {"name": "n3", "epoch": 1}]},
-                  {"n1": [{"dest": "n2"}, {"dest": "n4"}], "n2": [{"dest": "n1"}, {"dest": "n3"}],
-                   "n3": [{"dest": "n1"}]})
-    assert set(confs) == {"n1", "n2", "n3"}  # n4 is linked but no peer: no conf, not in connect
+                  {"n1": [{"dest": "n4"}, {"dest": "n2"}], "n2": [{"dest": "n1"}, {"dest": "n5"}, {"dest": "n3"}],
+                   "n3": [{"dest": "n1"}], "n4": [{"dest": "n1"}]})
+    assert set(confs) == {"n1", "n2", "n3"}  # n4 and n5 are linked but no peers: no conf
+    # n4 is outside node_list: EdgeTB keeps the link in connect; "peers" leaves it out
     assert confs["n1"] == {"sync": 3, "seed": 4, "lr": 0.1, "wait_s": 0.5, "epoch": 2,
-                           "connect": {"n2": "10.0.0.3:4444"}}
-    assert confs["n2"]["lr"] == 0.01 and sorted(confs["n2"]["connect"]) == ["n1", "n3"]
-    assert confs["n3"]["connect"] == {"n1": "10.0.0.2:4444"}
+                           "connect": {"n4": "10.0.0.5:4444", "n2": "10.0.0.3:4444"}, "peers": ["n2"]}
+    assert confs["n2"]["lr"] == 0.01
+    assert confs["n2"]["connect"] == {"n1": "10.0.0.2:4444", "n5": "10.0.0.6:4444", "n3": "10.0.0.4:4444"}
+    assert confs["n2"]["peers"] == ["n1", "n3"]
+    assert confs["n3"]["connect"] == {"n1": "10.0.0.2:4444"} and confs["n3"]["peers"] == ["n1"]
 
 
 @pytest.mark.parametrize("structure, links, message", [

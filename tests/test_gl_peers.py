@@ -48,7 +48,8 @@ def test_gossip_initiates_exactly_sync_times_over_links_and_ends_by_itself(scrat
                                dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in PEERS})
         assert said[2] == f"started {', '.join(PEERS)}", said
         conf2 = json.loads((manager.conf_dir / "gx2_structure.conf").read_text())
-        assert sorted(conf2["connect"]) == ["gx3"]  # the link to gx5 is not a gossip link
+        # EdgeTB's connect keeps the link to gx5; "peers" (the gossip links) does not
+        assert sorted(conf2["connect"]) == ["gx3", "gx5"] and conf2["peers"] == ["gx3"]
         assert "error" not in summary, summary
         run_dir = Path(summary["run_dir"])
         # nobody called /finish: the manager did, after every peer was done
@@ -94,8 +95,13 @@ def test_gossip_route_refuses_what_does_not_fit(scratch):
                            headers=hdr).status_code == 400                        # nobody to gossip to
         assert client.post("/conf/structure", json={"epoch": 1, "sync": 2, "wait_s": -1,
                                                     "connect": {"gy2": "127.0.0.1:9"}}, headers=hdr).status_code == 400
+        r = client.post("/conf/structure", json={"epoch": 1, "sync": 2, "connect": {"gy2": "127.0.0.1:9"},
+                                                 "peers": ["gy3"]}, headers=hdr)
+        assert r.status_code == 400 and "no address for peer(s) ['gy3']" in r.get_data(as_text=True)
+        # EdgeTB's conf (no "peers"): every node of connect is a gossip peer
         assert client.post("/conf/structure", json={"epoch": 1, "sync": 2, "connect": {"gy2": "127.0.0.1:9"}},
                            headers=hdr).status_code == 200
+        assert rt.structure["peers"] == ["gy2"]
         assert client.post("/conf/dataset", json={"train_len": 1, "test_len": 1}, headers=hdr).status_code == 200
         wrong = dict(model)
         wrong["classifier.5.bias"] = torch.zeros(3)

@@ -1,4 +1,4 @@
-"""dml_tool/ra_structure_conf.py: ring order, successors and their links."""
+"""dml_tool/ra_structure_conf.py: EdgeTB's ring (node_list[i] sends to node_list[i - 1]) and its links."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
+from dml_testutil import DML_TOOL, ROOT, scratch  # noqa: F401  (fixture)
 from peer_testutil import link_dests, node_addrs, shipped_confs
 import conf_utils as cu
 import ra_structure_conf
@@ -16,44 +16,71 @@ NODES = ["n1", "n2", "n3", "n4", "n5"]
 ADDRS, INFO = node_addrs(NODES)
 
 
-def ring_links(order) -> dict:
-    return {n: [{"dest": order[(i + 1) % len(order)], "bw": "10mbit"}] for i, n in enumerate(order)}
+def links_to(next_names: dict) -> dict:
+    """links.json with exactly one link per node: to the node named."""
+    return {n: [{"dest": d, "bw": "10mbit"}] for n, d in next_names.items()}
 
 
 def build(structure, links) -> dict:
     return ra_structure_conf.build_confs(structure, link_dests(links), ADDRS, file="ra.json")
 
 
+def peers(names) -> dict:
+    return {"sync": 1, "node_list": [{"name": n, "epoch": 1} for n in names]}
+
+
+# EdgeTB's rule, written out by hand: node_list[i] sends to node_list[i - 1], entry 0 to the last.
+RING3 = {"n3": "n5", "n1": "n3", "n5": "n1"}                       # node_list n3, n1, n5
+RING5 = {"n1": "n5", "n2": "n1", "n3": "n2", "n4": "n3", "n5": "n4"}  # node_list n1..n5
+
+
 def test_the_shipped_example_runs_on_the_shipped_links(scratch):
     confs = shipped_confs(ra_structure_conf, "ra", scratch, NODES)
-    assert sorted(confs) == NODES
-    for rank, n in enumerate(NODES):
-        assert confs[n]["ring"] == NODES and confs[n]["rank"] == rank
-        assert confs[n]["successor"] == NODES[(rank + 1) % 5] in confs[n]["connect"]
+    # ra_structure.json lists n1, n5, n4, n3, n2: each sends to the entry before it
+    want = {"n1": "n2", "n5": "n1", "n4": "n5", "n3": "n4", "n2": "n3"}
+    assert {n: c["next_name"] for n, c in confs.items()} == want
+    links = json.loads((ROOT / "links.json").read_text())
+    for n, conf in confs.items():
+        assert conf["next_name"] in conf["connect"]
+        assert sorted(conf["connect"]) == sorted(l["dest"] for l in links[n])   # every link, as EdgeTB
     assert set(json.loads((DML_TOOL / "ra_structure.json").read_text())) == {"sync", "node_list"}
 
 
-def test_ring_order_is_the_node_list_order_and_options_pass():
-    order = ["n3", "n1", "n5"]
-    links = ring_links(order)
-    links["n1"].append({"dest": "n2", "bw": "1mbit"})
+@pytest.mark.parametrize("order, next_names", [(["n3", "n1", "n5"], RING3), (NODES, RING5)])
+def test_next_name_is_the_entry_before_as_in_edgetb(order, next_names):
+    confs = build(peers(order), links_to(next_names))
+    assert {n: c["next_name"] for n, c in confs.items()} == next_names
+    assert [confs[n]["rank"] for n in order] == list(range(len(order)))
+
+
+@pytest.mark.parametrize("order, forward", [(["n3", "n1", "n5"], {"n3": "n1", "n1": "n5", "n5": "n3"}),
+                                            (NODES, {"n1": "n2", "n2": "n3", "n3": "n4", "n4": "n5", "n5": "n1"})])
+def test_links_only_forward_through_node_list_are_refused(order, forward):
+    # links i -> i + 1 (the other way round) are not the links an EdgeTB ring uses
+    with pytest.raises(cu.ConfError) as e:
+        build(peers(order), links_to(forward))
+    assert f"links.json: no link from {order[0]!r} to its next_name {order[-1]!r}" in str(e.value)
+
+
+def test_keys_and_options():
+    links = links_to(RING3)
+    links["n1"].append({"dest": "n2", "bw": "1mbit"})            # a link outside the ring stays in connect
     confs = build({"sync": 2, "seed": 9, "init": "per_rank",
                    "node_list": [{"name": "n3", "epoch": 0}, {"name": "n1", "epoch": 2, "lr": 0.2},
                                  {"name": "n5", "epoch": 1}]}, links)
-    assert confs["n1"] == {"sync": 2, "seed": 9, "init": "per_rank", "epoch": 2, "lr": 0.2, "ring": order,
-                           "rank": 1, "successor": "n5",
-                           "connect": {"n5": "10.0.0.6:4444", "n2": "10.0.0.3:4444"}}
-    assert confs["n5"]["successor"] == "n3" and confs["n3"]["epoch"] == 0  # epoch 0: no local training
+    assert confs["n1"] == {"sync": 2, "seed": 9, "init": "per_rank", "epoch": 2, "lr": 0.2, "next_name": "n3",
+                           "connect": {"n3": "10.0.0.4:4444", "n2": "10.0.0.3:4444"}, "rank": 1}
+    assert confs["n3"]["epoch"] == 0 and confs["n3"]["next_name"] == "n5"  # epoch 0: no local training
 
 
-def test_a_missing_successor_link_is_named():
-    links = ring_links(NODES)
-    links["n4"] = [{"dest": "n1", "bw": "10mbit"}]   # n4 -> n5 missing
+def test_a_missing_link_to_next_name_names_both():
+    links = links_to(RING5)
+    links["n4"] = [{"dest": "n5", "bw": "10mbit"}]   # n4 -> n3 missing
     with pytest.raises(cu.ConfError) as e:
-        build({"sync": 1, "node_list": [{"name": n, "epoch": 1} for n in NODES]}, links)
-    assert str(e.value) == ("links.json: no link from 'n4' to its ring successor 'n5' (ra.json: node_list[3] "
-                            "'n4'; the ring is n1 -> n2 -> n3 -> n4 -> n5 -> n1); add {\"dest\": \"n5\", "
-                            "\"bw\": ...} under 'n4' or reorder node_list")
+        build(peers(NODES), links)
+    assert str(e.value) == ("links.json: no link from 'n4' to its next_name 'n3' (ra.json: node_list[3] "
+                            "'n4'; entry i sends to entry i - 1, so the ring is n1 -> n5 -> n4 -> n3 -> n2 "
+                            "-> n1); add {\"dest\": \"n3\", \"bw\": ...} under 'n4' or reorder node_list")
 
 
 @pytest.mark.parametrize("structure, message", [
@@ -65,17 +92,17 @@ def test_a_missing_successor_link_is_named():
 ])
 def test_bad_rings_are_refused(structure, message):
     with pytest.raises(cu.ConfError) as e:
-        build(structure, ring_links(NODES[:2]))
+        build(structure, links_to({"n1": "n2", "n2": "n1"}))
     assert message in str(e.value)
 
 
 def test_cli_names_the_missing_link(scratch):
     (scratch / "node_info.json").write_text(json.dumps(INFO))
-    (scratch / "links.json").write_text(json.dumps({"n1": [{"dest": "n2", "bw": "1mbit"}]}))
+    (scratch / "links.json").write_text(json.dumps({"n2": [{"dest": "n1", "bw": "1mbit"}]}))
     (scratch / "ra.json").write_text(json.dumps({"sync": 1, "node_list": [{"name": "n1", "epoch": 1},
                                                                           {"name": "n2", "epoch": 1}]}))
     p = subprocess.run([sys.executable, str(DML_TOOL / "ra_structure_conf.py"), "-s", str(scratch / "ra.json"),
                         "-l", str(scratch / "links.json"), "-n", str(scratch / "node_info.json"),
                         "-o", str(scratch / "out")], capture_output=True, text=True)
     assert p.returncode == 2 and not (scratch / "out").exists()
-    assert "ra_structure_conf.py: error: links.json: no link from 'n2' to its ring successor 'n1'" in p.stderr
+    assert "ra_structure_conf.py: error: links.json: no link from 'n1' to its next_name 'n2'" in p.stderr

@@ -46,15 +46,18 @@ def test_one_all_reduce_gives_every_node_the_exact_mean(scratch, size):
     assert float((initial[0]["classifier.5.weight"] - initial[1]["classifier.5.weight"]).abs().max()) > 0.05
 
     with loopback_run(RaManager, "ra_peer", names, scratch, data) as (manager, procs):
-        ring = list(reversed(names))  # ring order is the structure's, not the names' order
-        links = {n: [{"dest": ring[(i + 1) % size], "bw": "1gbit"}] for i, n in enumerate(ring)}
+        node_list = names[1:] + names[:1]   # the ring is the structure's, not the names' order
+        # EdgeTB's ring: node_list[i] sends to node_list[i - 1]; the only links are those
+        links = {n: [{"dest": node_list[i - 1], "bw": "1gbit"}] for i, n in enumerate(node_list)}
         (scratch / "links.json").write_text(json.dumps(links))
         said = []
         summary = run_workflow(manager.tb, manager, scratch, alg="ra", root=None, timeout_s=60, said=said,
                                structure={"sync": 1, "seed": SEED, "init": "per_rank",
-                                          "node_list": [{"name": n, "epoch": 0} for n in ring]},
+                                          "node_list": [{"name": n, "epoch": 0} for n in node_list]},
                                dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
-        assert "driving 1 round(s)" in said[2], said
+        travel = node_list[:1] + node_list[:0:-1] + node_list[:1]   # from node_list[0], backwards
+        assert f"driving 1 round(s) over the ring {' -> '.join(travel)}" in said[2], said
+        ring = node_list
         assert "error" not in summary, summary["error"]
 
         got = {}

@@ -17,8 +17,9 @@ from ra_peer import RaPeer
 from runtime import Runtime
 
 HDR = {net.TOKEN_HEADER: TOKEN}
-CONF = {"epoch": 0, "sync": 1, "ring": ["ry1", "ry2", "ry3"], "rank": 1, "successor": "ry3",
-        "connect": {"ry3": "127.0.0.1:9", "ry1": "127.0.0.1:9"}}
+# EdgeTB's keys only: ry2 sends to ry3; the driver's ring (the order chunks travel) is ry1 -> ry2 -> ry3
+CONF = {"epoch": 0, "sync": 1, "next_name": "ry3", "connect": {"ry3": "127.0.0.1:9", "ry1": "127.0.0.1:9"}}
+RING = ["ry1", "ry2", "ry3"]
 
 
 @pytest.fixture
@@ -52,9 +53,9 @@ def wait_state(rt, state, timeout_s=20):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rank": 0}, "'rank' is 0"), ({"successor": "ry1"}, "'successor' is 'ry1'"),
-    ({"connect": {"ry1": "127.0.0.1:9"}}, "no address for the successor"),
-    ({"ring": ["ry1", "ry3"]}, "does not hold this node"), ({"ring": ["ry2"]}, "at least 2"),
+    ({"next_name": None}, "'next_name' must name"), ({"next_name": "ry2"}, "'next_name' must name"),
+    ({"connect": {"ry1": "127.0.0.1:9"}}, "no address for next_name 'ry3'"),
+    ({"init": "per_rank"}, "init 'per_rank' needs 'rank'"), ({"rank": -1}, "'rank'"),
     ({"init": "zeros"}, "'init'"), ({"epoch": -1}, "'epoch'"), ({"sync": 0}, "'sync'"),
 ])
 def test_bad_structure_confs_are_refused(node, change, message):
@@ -66,18 +67,25 @@ def test_bad_structure_confs_are_refused(node, change, message):
 
 def test_calls_out_of_order_are_refused(node):
     rt, peer, client = node
-    assert post(client, "/ra/train", {"round": 1}).status_code == 409      # before /start
+    assert post(client, "/ra/train", {"round": 1, "ring": RING}).status_code == 409   # before /start
     assert post(client, "/conf/structure", CONF).status_code == 200
     assert post(client, "/conf/dataset", {"train_len": 1, "test_len": 1}).status_code == 200
     assert client.get("/ra/weights", headers=HDR).status_code == 409
     assert client.get("/start", headers=HDR).status_code == 200
     wait_state(rt, "ready")
     assert post(client, "/ra/step", {"round": 1, "phase": "reduce", "step": 0}).status_code == 409
-    assert post(client, "/ra/train", {"round": 2}).status_code == 409      # round 1 comes first
-    assert post(client, "/ra/train", {"round": True}).status_code == 400
-    assert post(client, "/ra/train", {"round": 1}).status_code == 200
+    assert post(client, "/ra/train", {"round": 2, "ring": RING}).status_code == 409   # round 1 comes first
+    assert post(client, "/ra/train", {"round": True, "ring": RING}).status_code == 400
+    for ring, message in ((["ry1", "ry3", "ry2"], "sends from ry2 to ry1, but its next_name is 'ry3'"),
+                          (["ry1", "ry3"], "does not hold this node"), (["ry2"], "2 or more"),
+                          (None, "2 or more"), (["ry1", "ry2", "ry2", "ry3"], "distinct")):
+        r = post(client, "/ra/train", {"round": 1, "ring": ring})
+        assert r.status_code == 400 and message in r.get_data(as_text=True), (ring, r.get_data(as_text=True))
+    assert rt.state == "ready"                                             # nothing changed
+    assert post(client, "/ra/train", {"round": 1, "ring": RING}).status_code == 200
     wait_state(rt, "trained")
-    assert post(client, "/ra/train", {"round": 1}).status_code == 409      # not twice
+    assert peer.pos == 1 and peer.ar.rank == 1 and peer.ar.size == 3
+    assert post(client, "/ra/train", {"round": 1, "ring": RING}).status_code == 409   # not twice
     assert post(client, "/ra/evaluate", {"round": 1}).status_code == 409   # all-reduce not done
     assert post(client, "/ra/step", {"round": 1, "phase": "gather", "step": 0}).status_code == 409
     assert post(client, "/ra/step", {"round": 1, "phase": "spread", "step": 0}).status_code == 400
@@ -87,7 +95,7 @@ def test_calls_out_of_order_are_refused(node):
 
     def send(body):
         return client.post("/ra/chunk", data=body, headers={**HDR, "Content-Type": "application/octet-stream"})
-    assert send(chunk_body(0, n, name="ry3")).status_code == 409           # not the predecessor
+    assert send(chunk_body(0, n, name="ry3")).status_code == 409           # not the node before it
     assert send(chunk_body(1, n)).status_code == 409                       # wrong chunk for this step
     assert send(chunk_body(0, n - 1)).status_code == 409                   # wrong length
     assert send(chunk_body(0, n, step=1)).status_code == 409               # wrong step

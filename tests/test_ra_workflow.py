@@ -41,7 +41,9 @@ def test_ring_all_reduce_through_the_auto_workflow(ra_testbed):
     ctl = f"127.0.0.1:{tb.host_port}"
     said = []
     summary = run_workflow(tb, manager, tmp, alg="ra", root=None, timeout_s=120, said=said,
-                           structure={"sync": SYNC, "node_list": [{"name": n, "epoch": 1} for n in NODES]},
+                           # EdgeTB's ring: node_list[i] sends to node_list[i - 1], so r1, r3, r2
+                           # runs r1 -> r2 -> r3 -> r1 over LINKS
+                           structure={"sync": SYNC, "node_list": [{"name": n, "epoch": 1} for n in ("r1", "r3", "r2")]},
                            dataset={n: {"train_len": 10, "train_start_index": 1 + 10 * i, "test_len": 10,
                                         "test_start_index": 1, "batch_size": 32} for i, n in enumerate(NODES)})
     started = said[2]
