@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
-from dml_app import net
-
-SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+from dml_app import formats, net
 
 
 def new_run_dir(base: Path, algorithm: str) -> Path:
@@ -24,7 +21,7 @@ def new_run_dir(base: Path, algorithm: str) -> Path:
 
 def safe_log_path(run_dir: Path, name: str, suffix: str = ".log") -> Path:
     """The file for node `name`'s log; ValueError for names that could leave run_dir."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name):
+    if not formats.is_name(name):
         raise ValueError(f"bad node name {name!r} for a log file")
     p = (run_dir / f"{name}{suffix}").resolve()
     if p.parent != run_dir.resolve():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import secrets
 import socket
 import sys
@@ -31,10 +30,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from controller import share  # noqa: E402
+from dml_app import formats  # noqa: E402
 from dml_app import net  # noqa: E402
-from worker import units  # noqa: E402
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 DEFAULT_NODE_PORT = 4444
 DEFAULT_SUBNET = "10.233.0.0/16"
 _UNITS_MB = {"M": 1, "MB": 1, "G": 1024, "GB": 1024}
@@ -260,9 +258,12 @@ class Testbed:
 
     # ------------------------------------------------------------------ definition
     def _name(self, name: str, what: str) -> str:
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            self._problems.append(f"{what} name {name!r}: use a letter then letters, digits, '-' or '_'")
-        elif name in self.emulated or name in self.physical or name in self.emulators:
+        try:
+            formats.check_name(name, "testbed definition", f"{what} name")
+        except formats.FormatError as e:
+            self._problems.append(str(e))
+            return name
+        if name in self.emulated or name in self.physical or name in self.emulators:
             self._problems.append(f"duplicate name {name!r}: every node and emulator needs its own")
         return name
 
@@ -326,64 +327,25 @@ class Testbed:
         return node
 
     def load_link(self, path: str) -> None:
+        """Read links.json (relative: to dir_name); validate() checks it (formats.py)."""
         p = Path(path if os.path.isabs(path) else os.path.join(self.dir_name, path))
         self.links_file = str(p)
         try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            self._problems.append(f"{p}: no such file")
-            return
-        except ValueError as e:
-            self._problems.append(f"{p}: not valid JSON ({e})")
+            data = formats.read_json(str(p), str(p))
+        except formats.FormatError as e:
+            self._problems.append(str(e))
             return
         self.links = data if isinstance(data, dict) else {}
         if not isinstance(data, dict):
-            self._problems.append(f"{p}: expected an object {{node: [links]}}")
+            self._problems += formats.link_problems(data, file=str(p))[1]
 
     # ------------------------------------------------------------------ validation
     def all_nodes(self) -> dict[str, _Node]:
         return {**self.emulated, **self.physical}
 
     def link_problems(self, links: dict, where: str) -> list[str]:
-        """Every problem of a links.json document, naming file and key."""
-        out = []
-        nodes = self.all_nodes()
-        for src, lst in links.items():
-            if src not in nodes:
-                out.append(f"{where}: \"{src}\": unknown node (defined: {', '.join(sorted(nodes))})")
-                continue
-            if not isinstance(lst, list):
-                out.append(f"{where}: \"{src}\": expected a list of links")
-                continue
-            seen = set()
-            for i, link in enumerate(lst):
-                key = f"{where}: \"{src}\"[{i}]"
-                if not isinstance(link, dict):
-                    out.append(f"{key}: expected an object like {{\"dest\": \"n2\", \"bw\": \"10mbit\"}}")
-                    continue
-                dest = link.get("dest")
-                if dest not in nodes:
-                    out.append(f"{key}.dest: unknown node {dest!r}")
-                elif dest == src:
-                    out.append(f"{key}.dest: a link from {src} to itself")
-                elif dest in seen:
-                    out.append(f"{key}.dest: second link from {src} to {dest}")
-                seen.add(dest)
-                try:
-                    units.parse_rate(link.get("bw"))
-                except units.UnitError as e:
-                    out.append(f"{key}.bw: {e}")
-                for k, parse in (("delay", units.parse_time_us), ("jitter", units.parse_time_us),
-                                 ("loss", units.parse_loss_pct)):
-                    if k in link:
-                        try:
-                            parse(link[k])
-                        except units.UnitError as e:
-                            out.append(f"{key}.{k}: {e}")
-                extra = set(link) - {"dest", "bw", "delay", "jitter", "loss"}
-                if extra:
-                    out.append(f"{key}: unknown key(s) {', '.join(sorted(extra))}")
-        return out
+        """Every problem of a links.json document (formats.link_problems), naming file and key."""
+        return formats.link_problems(links, file=where, nodes=self.all_nodes())[1]
 
     def validate(self) -> None:
         problems = list(self._problems)
@@ -478,22 +440,12 @@ class Testbed:
         }
 
     def agent_links(self, links: dict, names) -> dict[str, list[dict]]:
-        """links.json entries of the nodes `names`, as the agent takes them."""
+        """links.json entries of the nodes `names`, as the agent takes them (units parsed
+        once, by formats.parse_links; the document was checked by validate())."""
         nodes = self.all_nodes()
-        out: dict[str, list[dict]] = {}
-        for src in names:
-            out[src] = []
-            for link in links.get(src, []):
-                d = nodes[link["dest"]]
-                entry = {"dest": d.name, "ip": d.ip, "port": d.port, "rate_bps": units.parse_rate(link["bw"])}
-                if "delay" in link:
-                    entry["delay_us"] = units.parse_time_us(link["delay"])
-                if "jitter" in link:
-                    entry["jitter_us"] = units.parse_time_us(link["jitter"])
-                if "loss" in link:
-                    entry["loss_pct"] = units.parse_loss_pct(link["loss"])
-                out[src].append(entry)
-        return out
+        parsed = formats.parse_links(links, file=self.links_file, nodes=nodes)
+        return {src: [{"dest": link.dest, "ip": nodes[link.dest].ip, "port": nodes[link.dest].port,
+                       **link.shaping()} for link in parsed.get(src, [])] for src in names}
 
     # ------------------------------------------------------------------ workers
     def agent_address(self, emu: Emulator) -> str:

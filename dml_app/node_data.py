@@ -14,13 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import net
-
-# key: (default, lowest, highest). Parts are counted (a range is loaded as a list of
-# part numbers, so lengths are bounded); a batch larger than any part set is pointless.
-CONF_KEYS = {"train_len": (0, 0, 100_000), "train_start_index": (1, 1, 1_000_000),
-             "test_len": (0, 0, 100_000), "test_start_index": (1, 1, 1_000_000),
-             "batch_size": (32, 1, 1 << 20)}
+import formats
 
 
 class DatasetError(ValueError):
@@ -70,16 +64,10 @@ def read_meta(dataset_dir: str) -> dict[str, Any]:
 
 def normalize_conf(conf: Mapping[str, Any]) -> dict[str, int]:
     """EdgeTB dataset conf -> ints with defaults (absent lengths are 0, starts 1)."""
-    if not isinstance(conf, Mapping):
-        raise DatasetError("dataset conf must be a JSON object")
-    out: dict[str, int] = {}
-    for key, (default, low, high) in CONF_KEYS.items():
-        v = conf.get(key, default)
-        try:
-            out[key] = net.number(v, f"dataset conf key {key!r}", low, high, integer=True)
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
-    return out
+    try:
+        return formats.dataset_conf(conf)
+    except formats.FormatError as e:
+        raise DatasetError(str(e)) from None
 
 
 def load_part(dataset_dir: str, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -41,10 +41,10 @@ from typing import Any, Callable, Iterable, Mapping
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
+import formats
 import net
 from node_data import DatasetError, NodeData, load_node_data, read_meta
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0
 WEIGHTS_MIME = "application/octet-stream"
@@ -75,9 +75,9 @@ class Runtime:
         env = os.environ if env is None else env
         self.role = role
         self.name = env.get("NET_NODE_NAME", "")
-        if not NAME_RE.match(self.name):
+        if not formats.is_name(self.name):
             raise ConfigError(f"NET_NODE_NAME={self.name!r}: expected a node name such as n1 "
-                              "(letters, digits, '_', '-', '.')")
+                              f"({formats.NAME_RULE})")
         self.testbed_id = env.get("EDGE_TB_ID", "")
         # Its own credential (for the controller, which calls it with the same) and the
         # testbed's peer credential (for other nodes); one token serves both when the

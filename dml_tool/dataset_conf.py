@@ -2,7 +2,8 @@
 
     python3 dml_tool/dataset_conf.py -d fl_dataset.json [-o DIR]
 
-FILE maps node names to EdgeTB's keys (parts are 1-based, contiguous):
+FILE maps node names to EdgeTB's keys (parts are 1-based, contiguous; lengths 0..100000,
+starts 1..1000000, batch_size 1..1048576):
     {"n1": {"test_len": 10, "test_start_index": 1, "batch_size": 32},
      "n2": {"train_len": 10, "train_start_index": 1, "batch_size": 32}}
 An optional top-level "defaults" object holds keys every node gets unless its own entry
@@ -20,42 +21,14 @@ try:  # imported as dml_tool.dataset_conf (the controller's --auto mode)
 except ImportError:  # run as a script from any folder
     import conf_utils as cu
 
-DATASET_KEYS = ("train_len", "train_start_index", "test_len", "test_start_index", "batch_size")
-DEFAULTS_KEY = "defaults"
+DATASET_KEYS = tuple(cu.formats.DATASET_KEYS)
+DEFAULTS_KEY = cu.formats.DATASET_DEFAULTS_KEY
 
 
 def build_confs(dataset: Any, file: str = "dataset.json") -> dict[str, dict[str, int]]:
-    """Check a parsed dataset json and return {node: conf}; ConfError names file and key."""
-    if not isinstance(dataset, dict) or not dataset:
-        raise cu.ConfError(f"{file}: expected an object of node name -> "
-                           "{train_len, train_start_index, test_len, test_start_index, batch_size}")
-    defaults = dataset.get(DEFAULTS_KEY, {})
-    if not isinstance(defaults, dict):
-        raise cu.ConfError(f"{file}: {DEFAULTS_KEY!r} must be an object")
-    _check_entry(defaults, f"{file}: {DEFAULTS_KEY}")
-    confs: dict[str, dict[str, int]] = {}
-    for name, entry in dataset.items():
-        if name == DEFAULTS_KEY:
-            continue
-        where = f"{file}: {name}"
-        cu.check_name(name, file)
-        if not isinstance(entry, dict):
-            raise cu.ConfError(f"{where}: expected an object with {', '.join(DATASET_KEYS)}")
-        conf = {**defaults, **entry}
-        _check_entry(conf, where)
-        if not conf.get("train_len") and not conf.get("test_len"):
-            raise cu.ConfError(f"{where}: neither train_len nor test_len is set: the node gets no data")
-        confs[name] = conf
-    if not confs:
-        raise cu.ConfError(f"{file}: no node entries")
-    return confs
-
-
-def _check_entry(entry: dict, where: str) -> None:
-    cu.check_keys(entry, DATASET_KEYS, where)
-    for key in DATASET_KEYS:
-        if key in entry:
-            cu.get_int(entry, key, where, low=0 if key.endswith("_len") else 1)
+    """Check a parsed dataset json and return {node: conf}; ConfError names file and key
+    (formats.parse_dataset: EdgeTB's keys, each an integer in its range)."""
+    return cu.formats.parse_dataset(dataset, file)
 
 
 def write_confs(dataset_json_path: str, out_dir: str = cu.DEFAULT_CONF_DIR) -> list[str]:

@@ -133,7 +133,8 @@ def test_missing_link_aggregator_to_trainer(files):
 @pytest.mark.parametrize("links, message", [
     ({"n1": [{"dest": "n7", "bw": "1mbit"}]}, r"links.json: n1\[0\].dest: unknown node 'n7'"),
     ({"n8": [{"dest": "n1", "bw": "1mbit"}]}, r"links.json: 'n8': unknown node"),
-    ({"n1": [{"dest": "n2"}, {"dest": "n2"}]}, r"links.json: n1\[1\].dest: duplicate link from 'n1' to 'n2'"),
+    ({"n1": [{"dest": "n2", "bw": "1mbit"}, {"dest": "n2", "bw": "2mbit"}]},
+     r"links.json: n1\[1\].dest: duplicate link from 'n1' to 'n2' \(also n1\[0\]\)"),
     ({"n1": [{"bw": "1mbit"}]}, r"links.json: n1\[0\]: missing key 'dest'"),
     ('{"n1": [], "n1": []}', r"links.json: key 'n1' appears twice"),
     ('{"n1": [}', r"links.json: invalid JSON at line 1 column 9"),
@@ -201,9 +202,9 @@ def test_edgetb_dataset_format_unchanged(scratch):
 
 @pytest.mark.parametrize("body, message", [
     ({"n1": {"trian_len": 1}}, r"ds.json: n1: unknown key\(s\) \['trian_len'\]"),
-    ({"n1": {"train_len": -1}}, r"ds.json: n1.train_len: expected an integer >= 0, got -1"),
-    ({"n1": {"train_len": 1, "train_start_index": 0}}, r"n1.train_start_index: expected an integer >= 1"),
-    ({"n1": {"train_len": 1, "batch_size": 0}}, r"n1.batch_size: expected an integer >= 1"),
+    ({"n1": {"train_len": -1}}, r"ds.json: n1.train_len: expected an integer in \[0, 100000\], got -1"),
+    ({"n1": {"train_len": 1, "train_start_index": 0}}, r"n1.train_start_index: expected an integer in \[1, 1000000\]"),
+    ({"n1": {"train_len": 1, "batch_size": 0}}, r"n1.batch_size: expected an integer in \[1, 1048576\]"),
     ({"n1": {"batch_size": 8}}, r"n1: neither train_len nor test_len"),
     ({"../x": {"train_len": 1}}, r"'../x' is not a valid node name"),
     ({"defaults": {"bs": 1}, "n1": {"train_len": 1}}, r"ds.json: defaults: unknown key"),
