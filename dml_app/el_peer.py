@@ -92,11 +92,10 @@ def check_structure(conf: dict, me: str) -> dict:
         for name, addr in table.items():
             _address(addr, f"{key}[{name!r}]")
     layers: dict[int, dict] = {}
-    numbers = conf["layer"]
-    for i, (layer, father, kids, sync) in enumerate(zip(*(conf[k] for k in keys))):
-        layer = _int(layer, f"layer[{i}]", 1, MAX_LAYERS)
-        if i and layer <= numbers[i - 1]:
-            raise ValueError(f"'layer' must go from the node's lowest layer to its highest, got {numbers}")
+    numbers = [_int(layer, f"layer[{i}]", 1, MAX_LAYERS) for i, layer in enumerate(conf["layer"])]
+    if numbers != sorted(set(numbers)):
+        raise ValueError(f"'layer' must go from the node's lowest layer to its highest, got {numbers}")
+    for i, (layer, father, kids, sync) in enumerate(zip(numbers, *(conf[k] for k in keys[1:]))):
         top = i == len(numbers) - 1
         if not isinstance(father, str) or not father or (father == TOP and not top):
             raise ValueError(f"father_node[{i}] (layer {layer}) must be a node name, 'self' or, for the "
