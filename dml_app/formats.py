@@ -37,6 +37,12 @@ class FormatError(ValueError):
         super().__init__(message)
 
 
+def shown(value: Any) -> str:
+    """repr(value) for a message, at most 80 characters (input is not trusted to be short)."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 # ----------------------------------------------------------------------------- numbers
 def _range(lo: float | None, hi: float | None, lo_open: bool) -> str:
     if hi is None:
@@ -44,36 +50,36 @@ def _range(lo: float | None, hi: float | None, lo_open: bool) -> str:
     return f" in {'(' if lo_open else '['}{lo}, {hi}]"
 
 
-def get_int(entry: Mapping[str, Any], key: str, where: str, *, low: int = 0, high: int | None = None,
-            default: int | None = None) -> int:
-    """entry[key] as an integer in [low, high] (a JSON integer, never a bool, string or
-    fraction); `default` when absent, else FormatError "where: missing key 'key'"."""
+def _get(entry: Mapping[str, Any], key: str, where: str, default: Any, expected: str, convert) -> Any:
+    """convert(entry[key]) (net.number's checks), `default` when absent and not None;
+    FormatError "where: missing key 'key'" or "where.key: expected ..., got ..."."""
     if key not in entry:
         if default is None:
             raise FormatError(f"{where}: missing key {key!r}")
         return default
     v = entry[key]
     try:
-        if isinstance(v, float):   # 2.0 is not an integer in a conf file
-            raise ValueError
-        return int(net.number(v, key, low, high, integer=True))
+        return convert(v)
     except ValueError:
-        raise FormatError(f"{where}.{key}: expected an integer{_range(low, high, False)}, got {v!r}") from None
+        raise FormatError(f"{where}.{key}: expected {expected}, got {shown(v)}") from None
+
+
+def get_int(entry: Mapping[str, Any], key: str, where: str, *, low: int = 0, high: int | None = None,
+            default: int | None = None) -> int:
+    """entry[key] as an integer in [low, high] (a JSON integer, never a bool, string or
+    fraction, nor 2.0); `default` when absent, else FormatError."""
+    def convert(v: Any) -> int:
+        if isinstance(v, float):
+            raise ValueError(v)
+        return int(net.number(v, key, low, high, integer=True))
+    return _get(entry, key, where, default, f"an integer{_range(low, high, False)}", convert)
 
 
 def get_number(entry: Mapping[str, Any], key: str, where: str, *, low: float, high: float,
                low_open: bool = False, default: float | None = None) -> float:
     """entry[key] as a finite number in [low, high] ((low, high] with low_open)."""
-    if key not in entry:
-        if default is None:
-            raise FormatError(f"{where}: missing key {key!r}")
-        return default
-    v = entry[key]
-    try:
-        return float(net.number(v, key, low, high, lo_open=low_open))
-    except ValueError:
-        raise FormatError(f"{where}.{key}: expected a number{_range(float(low), float(high), low_open)}, "
-                          f"got {v!r}") from None
+    return _get(entry, key, where, default, f"a number{_range(float(low), float(high), low_open)}",
+                lambda v: float(net.number(v, key, low, high, lo_open=low_open)))
 
 
 def check_keys(entry: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
@@ -100,7 +106,7 @@ def is_name(name: Any) -> bool:
 def check_name(name: Any, where: str, what: str = "node name") -> str:
     """`name` if it is a valid node (or emulator: `what`) name, else FormatError naming `where`."""
     if not is_name(name):
-        raise FormatError(f"{where}: {name!r} is not a valid {what} ({NAME_RULE})")
+        raise FormatError(f"{where}: {shown(name)} is not a valid {what} ({NAME_RULE})")
     return name
 
 
@@ -127,10 +133,10 @@ UnitError = FormatError       # worker/units.py's name for it
 def _amount(text: Any, what: str, example: str, table: Mapping[str, int]) -> float:
     """A tc amount 'NUMBERunit' -> NUMBER * table[unit] (unit case-insensitive, as tc)."""
     if not isinstance(text, str):
-        raise FormatError(f"{what} must be a string like {example!r}, got {text!r}")
+        raise FormatError(f"{what} must be a string like {example!r}, got {shown(text)}")
     m = _AMOUNT.fullmatch(text.strip())
     if not m or m.group(2).lower() not in table:
-        raise FormatError(f"bad {what} {text!r}: use a number and one of {', '.join(table)}"
+        raise FormatError(f"bad {what} {shown(text)}: use a number and one of {', '.join(table)}"
                           + (" (as tc: 'mbit' = megabits/s, 'mbps' = megabytes/s)" if table is RATE_UNITS_BPS
                              else ""))
     return float(m.group(1)) * table[m.group(2).lower()]
@@ -142,7 +148,7 @@ def parse_rate(text: Any) -> int:
     always give a unit), and so is anything outside 8kbit..100gbit."""
     bps = int(round(_amount(text, "bandwidth", "10mbit", RATE_UNITS_BPS)))
     if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
-        raise FormatError(f"bandwidth {text!r} is outside 8kbit..100gbit")
+        raise FormatError(f"bandwidth {shown(text)} is outside 8kbit..100gbit")
     return bps
 
 
@@ -151,7 +157,7 @@ def parse_time_us(text: Any) -> int:
     at most a minute."""
     us = int(round(_amount(text, "time", "10ms", TIME_UNITS_US)))
     if us > MAX_TIME_US:
-        raise FormatError(f"time {text!r} is more than 60s")
+        raise FormatError(f"time {shown(text)} is more than 60s")
     return us
 
 
@@ -159,7 +165,7 @@ def parse_loss_pct(text: Any) -> float:
     """A loss as a percentage: '1%', '1' or 1 -> 1.0; in [0, 100]."""
     m = re.fullmatch(r"(\d{1,3}(?:\.\d{1,9})?)\s*%?", str(text).strip()) if not isinstance(text, bool) else None
     if not m or not 0 <= float(m.group(1)) <= 100:
-        raise FormatError(f"bad loss {text!r}: use a percentage like '1%'")
+        raise FormatError(f"bad loss {shown(text)}: use a percentage like '1%'")
     return float(m.group(1))
 
 
@@ -184,7 +190,7 @@ def port(value: Any, where: str) -> int:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise FormatError(f"{where}: {value!r} is not a port number (1..65535, as 8001 or \"8001\")")
+        raise FormatError(f"{where}: {shown(value)} is not a port number (1..65535, as 8001 or \"8001\")")
     return value
 
 
@@ -193,7 +199,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise FormatError(f"key {k!r} appears twice")
+            raise FormatError(f"key {shown(k)} appears twice")
         out[k] = v
     return out
 
@@ -251,9 +257,9 @@ def _known(nodes: Collection[str], nodes_file: str | None) -> str:
 def _node_ref(name: Any, where: str, nodes: Collection[str] | None, nodes_file: str | None) -> str | None:
     """The problem with a node named in links.json, or None."""
     if nodes is not None and name not in nodes:
-        return f"{where}: unknown node {name!r} {_known(nodes, nodes_file)}"
+        return f"{where}: unknown node {shown(name)} {_known(nodes, nodes_file)}"
     if nodes is None and not is_name(name):
-        return f"{where}: {name!r} is not a valid node name ({NAME_RULE})"
+        return f"{where}: {shown(name)} is not a valid node name ({NAME_RULE})"
     return None
 
 
@@ -308,13 +314,13 @@ def link_problems(raw: Any, *, file: str = "links.json", nodes: Collection[str] 
     problems: list[str] = []
     for src, entries in raw.items():
         if nodes is not None and src not in nodes:
-            problems.append(f"{file}: {src!r}: unknown node {_known(nodes, nodes_file)}")
+            problems.append(f"{file}: {shown(src)}: unknown node {_known(nodes, nodes_file)}")
             continue
         if nodes is None and not is_name(src):
-            problems.append(f"{file}: {src!r} is not a valid node name ({NAME_RULE})")
+            problems.append(f"{file}: {shown(src)} is not a valid node name ({NAME_RULE})")
             continue
         if not isinstance(entries, list):
-            problems.append(f"{file}: {src!r}: expected a list of links")
+            problems.append(f"{file}: {shown(src)}: expected a list of links")
             continue
         seen: dict[str, int] = {}
         links[src] = []
@@ -371,7 +377,7 @@ def parse_node_info(info: Any, file: str = "node_info.json") -> dict[str, NodeAd
                 raise FormatError(f"{where}: expected {{\"ip\": ..., \"port\": ...}}")
             p = port(e["port"], f"{where}.port")
             if not isinstance(e["ip"], str) or not _HOST_RE.match(e["ip"]):
-                raise FormatError(f"{where}.ip: {e['ip']!r} is not an address")
+                raise FormatError(f"{where}.ip: {shown(e['ip'])} is not an address")
             nodes[name] = NodeAddr(name, e["ip"], p, kind)
     if not nodes:
         raise FormatError(f"{file}: lists no nodes (is the controller running? it writes this file at start)")
@@ -482,7 +488,7 @@ def conf_file_name(node: str, kind: str) -> str:
     """`<node>_<kind>.conf`; FormatError for a bad name or kind."""
     check_name(node, f"{kind} conf")
     if kind not in CONF_KINDS:
-        raise FormatError(f"conf kind {kind!r}: expected one of {', '.join(CONF_KINDS)}")
+        raise FormatError(f"conf kind {shown(kind)}: expected one of {', '.join(CONF_KINDS)}")
     return f"{node}_{kind}.conf"
 
 
