@@ -38,19 +38,7 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     if len(node_list) < 2:
         raise cu.ConfError(f"{file}: node_list needs an aggregator and at least one trainer")
 
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(node_list):
-        where = f"{file}: node_list[{i}]"
-        if not isinstance(entry, dict):
-            raise cu.ConfError(f"{where}: expected an object with 'name'")
-        if "name" not in entry:
-            raise cu.ConfError(f"{where}: missing key 'name'")
-        name = entry["name"]
-        if name in seen:
-            raise cu.ConfError(f"{where} {name!r}: duplicate node (also node_list[{seen[name]}])")
-        if name not in nodes:
-            raise cu.ConfError(f"{where} {name!r}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
-        seen[name] = i
+    cu.node_list(structure, nodes, file=file, nodes_file=nodes_file)   # names: valid, known, once
 
     agg = node_list[0]
     agg_name = agg["name"]

@@ -40,18 +40,8 @@ def read_peers(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str, n
     if len(node_list) < min_peers:
         raise cu.ConfError(f"{file}: node_list needs at least {min_peers} peers, it has {len(node_list)}")
     peers: list[dict[str, Any]] = []
-    where_of: dict[str, str] = {}
-    for i, entry in enumerate(node_list):
-        where = f"{file}: node_list[{i}]"
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise cu.ConfError(f"{where}: expected an object with 'name' and 'epoch'")
-        name = cu.check_name(entry["name"], where)
-        where = f"{where} {name!r}"
-        if name in where_of:
-            raise cu.ConfError(f"{where}: listed twice (also {where_of[name]})")
-        if name not in nodes:
-            raise cu.ConfError(f"{where}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
-        where_of[name] = f"node_list[{i}]"
+    for listed in cu.node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' and 'epoch'"):
+        name, entry, where = listed.name, listed.entry, listed.where
         cu.check_keys(entry, NODE_KEYS, where)
         conf = {**common, "epoch": cu.get_int(entry, "epoch", where, low=min_epoch)}
         if "lr" in entry:

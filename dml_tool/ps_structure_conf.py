@@ -62,18 +62,10 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     steps = cu.get_int(structure, "steps" if "steps" in structure else "sync", file, low=1)
 
     server, workers, seen = None, [], {}
-    for i, entry in enumerate(structure["node_list"]):
-        where = f"{file}: node_list[{i}]"
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise cu.ConfError(f"{where}: expected an object with 'name' (and 'role')")
-        name = entry["name"]
-        where = f"{where} {name!r}"
+    for listed in cu.node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' (and 'role')"):
+        name, entry, where = listed.name, listed.entry, listed.where
         cu.check_keys(entry, NODE_KEYS, where)
-        if name not in nodes:
-            raise cu.ConfError(f"{where}: unknown node ({nodes_file} has {cu.name_list(nodes)})")
-        if name in seen:
-            raise cu.ConfError(f"{where}: listed twice (also node_list[{seen[name]}])")
-        seen[name] = i
+        seen[name] = listed.index
         role = entry.get("role", "worker")
         if role == "server":
             if server is not None:

@@ -93,7 +93,7 @@ def _with(entry_index: int, **changes) -> dict:
     (lambda: {"node_list": structure()["node_list"] + [{"name": "n9", "epoch": 1}]},
      r"fl_structure.json: node_list\[5\] 'n9': unknown node \(node_info.json has n1, n2"),
     (lambda: {"node_list": structure()["node_list"] + [{"name": "n3", "epoch": 1}]},
-     r"fl_structure.json: node_list\[5\] 'n3': duplicate node \(also node_list\[2\]\)"),
+     r"fl_structure.json: node_list\[5\] 'n3': duplicate node, listed twice \(also node_list\[2\]\)"),
     (lambda: _with(0, sync=None), r"node_list\[0\] 'n1' \(aggregator\): missing key 'sync'"),
     (lambda: _with(0, trainer_fraction=None), r"'n1' \(aggregator\): missing key 'trainer_fraction'"),
     (lambda: _with(2, epoch=None), r"node_list\[2\] 'n3' \(trainer\): missing key 'epoch'"),
