@@ -114,10 +114,10 @@ def test_controller_deploy_sends_the_emulator_cpu_and_the_agent_keeps_to_it(tmp_
     tb.embedded = (None, SimpleNamespace(port=4000))
     posted = []
 
-    def post_json(url, body, **kw):
-        posted.append((url, body))
-        return {"nodes": {n["name"]: {"links": 0} for n in body["nodes"]}}
-    monkeypatch.setattr(tbm.net, "post_json", post_json)
+    def call_once(method, url, *, json, **kw):       # the one way deploy posts to an agent
+        posted.append((url, json))
+        return SimpleNamespace(json=lambda: {"nodes": {n["name"]: {"links": 0} for n in json["nodes"]}})
+    monkeypatch.setattr(tbm, "call_once", call_once)
     tb.deploy(say=lambda m: None)
     assert len(posted) == 1 and posted[0][0].endswith("/emulated/deploy")
     body = posted[0][1]
