@@ -81,7 +81,7 @@ def not_sent(e: net.HttpError) -> bool:
     or timed out before it was made (requests' NewConnectionError, ConnectTimeout), so
     sending it again cannot apply it twice. A read timeout or a dropped connection may
     have delivered it."""
-    return e.status is None and ("NewConnectionError" in e.message or "ConnectTimeout" in e.message)
+    return e.not_sent
 
 
 def call_once(method: str, url: str, **kw):

@@ -25,12 +25,46 @@ _session_local = threading.local()
 
 
 class HttpError(RuntimeError):
-    """A call that did not get a 2xx answer; `status` is None when nothing answered."""
+    """A call that did not get a 2xx answer; `status` is None when nothing answered.
 
-    def __init__(self, method: str, url: str, status: int | None, message: str):
+    `sent` says whether the request may have reached the peer: False only when the TCP
+    connection was refused or timed out before it was made (nothing left this host), so
+    sending it again cannot apply it twice; True for an answer and for a read timeout or
+    a connection dropped after the request went out. `not_sent` is its negation."""
+
+    def __init__(self, method: str, url: str, status: int | None, message: str, *, sent: bool = True):
         self.method, self.url, self.status, self.message = method, url, status, message
+        self.sent = bool(sent) or status is not None
         where = f"{method} {url}"
         super().__init__(f"{where}: HTTP {status}: {message}" if status else f"{where}: {message}")
+
+    @property
+    def not_sent(self) -> bool:
+        return not self.sent
+
+
+def _not_sent(e: Exception) -> bool:
+    """Whether a requests failure happened before the request left: the connection was
+    refused (or the name did not resolve) or the connect timed out. A read timeout, a
+    reset or a dropped connection may have delivered it."""
+    if isinstance(e, requests.ConnectTimeout):
+        return True
+    if not isinstance(e, requests.ConnectionError) or isinstance(e, requests.Timeout):
+        return False
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    seen: set[int] = set()
+    stack: list = [e]
+    while stack:           # requests wraps urllib3's MaxRetryError, whose .reason says why
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (NewConnectionError, ConnectTimeoutError)):
+            return True
+        stack.extend([getattr(cur, "reason", None), cur.__cause__]
+                     + [a for a in getattr(cur, "args", ()) if isinstance(a, BaseException)])
+    return False
 
 
 def _session() -> requests.Session:
@@ -48,8 +82,10 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
          retries: int = 0, max_bytes: int | None = None) -> requests.Response:
     """One HTTP call; raises HttpError on a connection failure or a non-2xx answer.
 
-    `retries` repeats only connection failures (the peer not listening yet), never an
-    answered request, so a POST is not applied twice; waits grow from 0.1 s to 1 s.
+    `retries` repeats only a call that cannot have reached the peer (connection refused,
+    connect timeout: the peer not listening yet), never one that was answered or may have
+    arrived (read timeout, dropped connection), so a POST is never applied twice; waits
+    grow from 0.1 s to 1 s. The HttpError's `sent` says which case ended the call.
     `max_bytes`: read at most that much of the answer (HttpError beyond), for answers
     from peers that need not be trusted (a node app's log).
     """
@@ -69,11 +105,13 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
                 _read_bounded(r, max_bytes, method, url)
         except (requests.ConnectionError, requests.Timeout) as e:
             last = e
-            continue
+            if _not_sent(e):
+                continue
+            raise HttpError(method, url, None, f"no answer ({type(e).__name__}: {e})", sent=True) from None
         if r.status_code >= 300:
             raise HttpError(method, url, r.status_code, r.text.strip()[:500])
         return r
-    raise HttpError(method, url, None, f"no answer ({type(last).__name__}: {last})")
+    raise HttpError(method, url, None, f"no answer ({type(last).__name__}: {last})", sent=False)
 
 
 def _read_bounded(r: requests.Response, max_bytes: int, method: str, url: str) -> None:
