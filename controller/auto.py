@@ -167,8 +167,9 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
 
 def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds, *, say=print) -> None:
     """Say each new aggregate (of the root, or of every node when there is none) until
-    /finish has run; fail on a node app that died (RuntimeError) or on no /finish within
-    timeout_s (TimeoutError)."""
+    /finish has run; fail at once on a node app that died or a node in state `error`
+    (RuntimeError naming the node and its message), or on no /finish within timeout_s
+    (TimeoutError)."""
     deadline = time.time() + timeout_s
     nodes = testbed.all_nodes()
     watch = [root] if root else list(nodes)
@@ -190,7 +191,11 @@ def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds
                 layer = f" (layer {r['layer']})" if "layer" in r else ""
                 say(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}")
             seen[name] = max(seen[name], len(recs))
-        dead = [n for n, s in manager.status()["nodes"].items() if s.get("app") == "exited"]
+        status = manager.status()["nodes"]
+        failed = {n: s.get("error") or "no message" for n, s in status.items() if s.get("state") == "error"}
+        if failed:
+            raise RuntimeError("node(s) failed: " + "; ".join(f"{n}: {m}" for n, m in sorted(failed.items())))
+        dead = [n for n, s in status.items() if s.get("app") == "exited"]
         if dead:
             raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
                                f"(see their stdout.log under /run/edgetb)")

@@ -43,6 +43,15 @@ def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
     return node, state, rnd
 
 
+def heartbeat_error(body) -> str | None:
+    """The optional 'error' of a /heartbeat body (a failed node's message, state error):
+    a string, cut to 1000 characters; ValueError (HTTP 400) for anything else."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if err is not None and not isinstance(err, str):
+        raise ValueError(f"heartbeat 'error' must be a string, got {str(err)[:40]!r}")
+    return err[:1000] if err else None
+
+
 def upstream_status(status: int | None) -> int:
     """The controller's answer when a node or a worker did not do what a request asked:
     422 when it refused it (a 4xx other than a refused credential: the request's input
@@ -286,7 +295,7 @@ class Manager:
             nodes[name] = {"worker": worker, "ip": n.ip, "port": n.port,
                            "state": (hb or {}).get("state") or a.get("state", "not deployed"),
                            "app": a.get("state"), "ready": a.get("ready"), "links": a.get("links", 0),
-                           "round": (hb or {}).get("round"),
+                           "round": (hb or {}).get("round"), "error": (hb or {}).get("error"),
                            "last_heartbeat_s": round(now - hb["t"], 1) if hb else None}
         return {"algorithm": self.algorithm, "nodes": nodes,
                 "finished": self.finished.is_set(), "run_dir": str(self.run_dir) if self.run_dir else None}
@@ -333,9 +342,10 @@ class Manager:
         @app.route("/heartbeat", methods=["POST"])
         def heartbeat():
             name, state, rnd = heartbeat_fields(request.get_json(silent=True))
+            error = heartbeat_error(request.get_json(silent=True))
             as_node(name)
             if name in self._nodes():
-                self.heartbeats[name] = {"t": time.time(), "state": state, "round": rnd}
+                self.heartbeats[name] = {"t": time.time(), "state": state, "round": rnd, "error": error}
                 self.on_heartbeat(name, state, rnd)
             return "ok\n"
 

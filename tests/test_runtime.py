@@ -104,8 +104,8 @@ def test_weights_that_are_not_safetensors_get_400_and_the_node_keeps_serving(tra
 def test_conf_routes_refuse_bad_confs_clearly(trainer):
     cases = [
         ("/conf/dataset", {"train_len": 3, "train_start_index": 3}, "train parts 3..5 asked, the dataset has 4"),
-        ("/conf/dataset", {"train_len": "2"}, "'train_len' must be an integer"),
-        ("/conf/dataset", {"test_len": 1, "batch_size": 0}, "'batch_size' must be an integer in [1, "),
+        ("/conf/dataset", {"train_len": "2"}, "dataset conf.train_len: expected an integer in [0, 100000], got '2'"),
+        ("/conf/dataset", {"test_len": 1, "batch_size": 0}, "batch_size: expected an integer in [1, "),
         ("/conf/dataset", {"test_len": 1}, "a trainer needs train parts"),
         ("/conf/structure", {"father_node": "n1", "connect": {"n1": "x:1"}}, "missing key 'epoch'"),
         ("/conf/structure", {"epoch": 1, "father_node": "n1", "connect": {}}, "no address for father_node"),
