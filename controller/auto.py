@@ -131,6 +131,8 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     if root is not None:
         conf = manager.conf_dir / f"{root}_structure.conf"
         rounds = json.loads(conf.read_text()).get("sync") if conf.exists() else None
+        if isinstance(rounds, list):   # E-tree: one sync per layer of the root, the top's last
+            rounds = rounds[-1] if rounds else None
     follow(manager, testbed, root, timeout_s, rounds, say=say)
     return manager.summary
 
