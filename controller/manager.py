@@ -276,6 +276,111 @@ class Manager:
         self.tb.links = links
         return out
 
+    # ------------------------------------------------------------------ faults (issue 11)
+    NODE_FAULTS = ("kill", "pause", "resume", "restart")
+    LINK_FAULTS = ("down", "up")
+    _links_lock = threading.Lock()      # link_rate's read-modify-write of tb.links
+
+    def _agent_of(self, node) -> tuple[str, str]:
+        """(worker label, agent address) of a deployed node; ValueError otherwise."""
+        if not isinstance(node, str) or node not in self._nodes():
+            raise ValueError(f"unknown node {str(node)[:64]!r}")
+        for label, info in list(self.tb.deployed.items()):
+            if node in info["answer"]["nodes"]:
+                return label, info["addr"]
+        raise ValueError(f"node {node} is not deployed")
+
+    def _has_link(self, src: str, dest: str) -> bool:
+        return any(isinstance(l, dict) and l.get("dest") == dest for l in self.tb.links.get(src) or [])
+
+    def _link_pairs(self, src, dest, both: bool) -> list[tuple[str, str]]:
+        for n in (src, dest):
+            self._agent_of(n)
+        if not isinstance(both, bool):
+            raise ValueError(f"both: expected true or false, got {str(both)[:16]!r}")
+        pairs = [(src, dest)] + ([(dest, src)] if both else [])
+        for s, d in pairs:
+            if not self._has_link(s, d):
+                raise ValueError(f"no link from {s} to {d} in the links (links.json)")
+        return pairs
+
+    def _agent_post(self, node: str, route: str, body: dict) -> tuple[bool, str, dict]:
+        label, addr = self._agent_of(node)
+        try:
+            return True, label, net.post_json(f"{addr}{route}", body, token=self.tb.token, timeout_s=120)
+        except net.HttpError as e:
+            return False, label, {"error": f"{label}: {e.message}", "status": e.status}
+
+    def node_fault(self, node: str, action: str) -> dict:
+        """kill, pause, resume or restart one node's app, live, through its agent
+        (POST /node/fault). -> {"ok", "detail", "node", "action", "state"?}; ValueError
+        for an unknown node or action. A restart returns once the app is started again
+        (its readiness shows in /status)."""
+        if action not in self.NODE_FAULTS:
+            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.NODE_FAULTS)}")
+        self._agent_of(node)
+        if action != "resume":
+            with self.tb._ready_lock:
+                self.tb.ready_names.discard(node)    # /conf/* waits for it to answer again
+        ok, label, ans = self._agent_post(node, "/node/fault", {"node": node, "action": action})
+        out = {"ok": ok, "node": node, "action": action}
+        if ok:
+            out.update(state=ans.get("state"), detail=f"{node}: {action} done on {label} (app {ans.get('state')})")
+        else:
+            out.update(detail=f"{node}: {action} failed: {ans['error']}", status=ans["status"])
+        return out
+
+    def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
+        """Take the link src -> dest (and dest -> src when both) down (0 bytes pass) or up
+        (its rate as links.json has it now), through the agents (POST /link/fault).
+        -> {"ok", "detail", "links": [{"src", "dest", "ok", ...}]}; ValueError for an
+        unknown node, a link links.json does not have, or a bad action."""
+        if action not in self.LINK_FAULTS:
+            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.LINK_FAULTS)}")
+        done = []
+        for s, d in self._link_pairs(src, dest, both):
+            ok, label, ans = self._agent_post(s, "/link/fault", {"node": s, "dest": d, "action": action})
+            done.append({"src": s, "dest": d, "ok": ok, "worker": label, **ans})
+        ok = all(x["ok"] for x in done)
+        detail = "; ".join(f"{x['src']}->{x['dest']} {action}" + ("" if x["ok"] else f" failed: {x['error']}")
+                           for x in done)
+        out = {"ok": ok, "detail": detail, "links": done}
+        if not ok:
+            out["status"] = next(x["status"] for x in done if not x["ok"])
+        return out
+
+    def link_rate(self, src: str, dest: str, bw: str, both: bool = False) -> dict:
+        """Change the rate of src -> dest (and dest -> src when both) in place to bw (tc
+        units as links.json: "10mbit", "5mbps"), through the agents' /update/tc; a link
+        that is down stays down with its new rate. -> {"ok", "detail", "links"};
+        ValueError for an unknown node or link, or a bad bw (the message names it)."""
+        if not isinstance(bw, str):
+            raise ValueError(f"bw: expected a tc rate string like \"10mbit\", got {str(bw)[:32]!r}")
+        with self._links_lock:
+            pairs = self._link_pairs(src, dest, both)
+            new = {k: [dict(l) if isinstance(l, dict) else l for l in v] if isinstance(v, list) else v
+                   for k, v in self.tb.links.items()}
+            for s, d in pairs:
+                for l in new[s]:
+                    if isinstance(l, dict) and l.get("dest") == d:
+                        l["bw"] = bw
+            problems = self.tb.link_problems(new, "link_rate")
+            if problems:
+                raise ValueError("; ".join(problems))
+            done = []
+            for s in dict.fromkeys(s for s, _ in pairs):
+                ok, label, ans = self._agent_post(s, "/update/tc", {"links": self.tb.agent_links(new, [s])})
+                done.append({"src": s, "ok": ok, "worker": label, **ans})
+            ok = all(x["ok"] for x in done)
+            if ok:
+                self.tb.links = new
+        detail = ", ".join(f"{s}->{d}" for s, d in pairs) + f" at {bw}" + (
+            "" if ok else ": " + "; ".join(x["error"] for x in done if not x["ok"]))
+        out = {"ok": ok, "detail": detail, "links": done}
+        if not ok:
+            out["status"] = next(x["status"] for x in done if not x["ok"])
+        return out
+
     def status(self) -> dict:
         now = time.time()
         nodes = {}
@@ -385,6 +490,34 @@ class Manager:
             if not f:
                 raise ValueError("say which links file: /update/tc?file=links.json")
             return jsonify(self.update_links(f))
+
+        def fault_answer(out: dict):
+            return jsonify(out), 200 if out["ok"] else upstream_status(out.get("status"))
+
+        def direction() -> bool:
+            d = request.args.get("dir", "one")
+            if d not in ("one", "both"):
+                raise ValueError(f"dir: {d[:16]!r} is not one or both")
+            return d == "both"
+
+        @app.route("/fault/node", methods=any_)
+        def fault_node():
+            """/fault/node?node=n3&action=kill|pause|resume|restart"""
+            return fault_answer(self.node_fault(request.args.get("node", ""), request.args.get("action", "")))
+
+        @app.route("/fault/link", methods=any_)
+        def fault_link():
+            """/fault/link?src=n1&dest=n2&action=down|up[&dir=both]"""
+            a = request.args
+            return fault_answer(self.link_fault(a.get("src", ""), a.get("dest", ""), a.get("action", ""),
+                                                both=direction()))
+
+        @app.route("/fault/rate", methods=any_)
+        def fault_rate():
+            """/fault/rate?src=n1&dest=n2&bw=2mbit[&dir=both]"""
+            a = request.args
+            return fault_answer(self.link_rate(a.get("src", ""), a.get("dest", ""), a.get("bw", ""),
+                                               both=direction()))
 
         def agents_call(kind: str, action: str) -> dict:
             """POST /<kind>/<action> to every worker of that kind, in parallel; a failure

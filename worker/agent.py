@@ -52,6 +52,14 @@ class BadRequest(Exception):
     pass
 
 
+class NotFound(BadRequest):
+    """A request that names a node (or link) this agent does not have: 404."""
+
+
+NODE_ACTIONS = ("kill", "pause", "resume", "restart")
+LINK_ACTIONS = ("down", "up")
+
+
 class Agent:
     """All node state of one worker; every public method is safe to call twice."""
 
@@ -367,6 +375,76 @@ class Agent:
                 out[name] = {"links": tc.verify(table)}
             return {"nodes": out}
 
+    # -------------------------------------------------------------- faults (issue 11)
+    @staticmethod
+    def _fault_body(body: dict, keys: tuple[str, ...], actions: tuple[str, ...]) -> dict:
+        extra = sorted(set(body) - set(keys))
+        if extra:
+            raise BadRequest(f"unknown key(s) {', '.join(repr(k[:32]) for k in extra)}: expected {', '.join(keys)}")
+        out = {}
+        for k in keys:
+            v = body.get(k)
+            if not isinstance(v, str):
+                raise BadRequest(f"{k}: expected a string, got {type(v).__name__}")
+            if k == "action":
+                if v not in actions:
+                    raise BadRequest(f"action: {v[:32]!r} is not one of {', '.join(actions)}")
+            else:
+                try:
+                    nb.check_name(v, k)
+                except nb.NodeError as e:
+                    raise BadRequest(str(e)) from None
+            out[k] = v
+        return out
+
+    def node_fault(self, body: dict) -> dict:
+        """kill, pause, resume or restart one node's app, through its backend."""
+        b = self._fault_body(body, ("node", "action"), NODE_ACTIONS)
+        name, action = b["node"], b["action"]
+        with self.lock:
+            n = self.nodes.get(name)
+            if n is None:
+                raise NotFound(f"node {name} is not deployed on this worker")
+            backend = self.backend(n)
+            if action == "kill":
+                backend.kill(n)
+            elif action == "pause":
+                backend.pause(n)
+            elif action == "resume":
+                backend.resume(n)
+            else:
+                self.prober.forget(name)        # ready again only once the new app answers
+
+                def relink(node: nb.Node) -> None:
+                    old = self.tables.get(name)
+                    table = tc.LinkTable(dev=node.dev, netns=node.netns)
+                    tc.install(table, list(old.links.values()) if old else [])
+                    for key in old.down if old else ():
+                        tc.set_down(table, old.links[key].dest, True)
+                    self.tables[name] = table
+                    tc.verify(table)
+                backend.restart(n, self.node_env(n.spec), relink)
+                if n.state == "running":
+                    self.prober.watch(name, backend.address(n), lambda: backend.running(n))
+            self._save()
+            st = backend.inspect([n]).get(name, {})
+        return {"node": name, "action": action, "state": st.get("state", n.state)}
+
+    def link_fault(self, body: dict) -> dict:
+        """Take the link from node to dest down (0 bytes pass) or up (its rate again)."""
+        b = self._fault_body(body, ("node", "dest", "action"), LINK_ACTIONS)
+        name, dest, action = b["node"], b["dest"], b["action"]
+        with self.lock:
+            if name not in self.nodes:
+                raise NotFound(f"node {name} is not deployed on this worker")
+            table = self.tables.get(name)
+            if table is None or table.key_of(dest) is None:
+                raise NotFound(f"node {name} has no link to {dest} on this worker")
+            changed = tc.set_down(table, dest, action == "down")
+            link = table.links[table.key_of(dest)]
+        return {"node": name, "dest": dest, "action": action, "changed": changed,
+                "down": action == "down", "rate_bps": link.rate_bps}
+
     # -------------------------------------------------------------- stop / clear / reset
     def stop(self, kind: str) -> dict:
         with self.lock:
@@ -500,7 +578,7 @@ def make_app(agent: Agent) -> Flask:
 
     @app.errorhandler(BadRequest)
     def _bad(e):
-        return jsonify(error=str(e)), 400
+        return jsonify(error=str(e)), 404 if isinstance(e, NotFound) else 400
 
     @app.errorhandler(nb.NodeError)
     @app.errorhandler(shares.ShareError)
@@ -533,6 +611,14 @@ def make_app(agent: Agent) -> Flask:
     @app.post("/update/tc")
     def update_tc():
         return jsonify(agent.update_tc(body()))
+
+    @app.post("/node/fault")
+    def node_fault():
+        return jsonify(agent.node_fault(body()))
+
+    @app.post("/link/fault")
+    def link_fault():
+        return jsonify(agent.link_fault(body()))
 
     @app.post("/emulated/stop")
     def emulated_stop():

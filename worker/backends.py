@@ -12,6 +12,10 @@ between kinds of node is here, behind the methods of `Backend`:
     create(specs, emulator, network, iface, options, deployed, then) -> [Node]   all or nothing;
                                         then(node) as soon as one is made (docker), or never
     start(node, env) / stop(node, timeout_s)                     the node's app
+    kill(node) / pause(node) / resume(node) / restart(node, env, then)   faults (issue 11):
+                                        SIGKILL by cgroup (docker: kill), freeze/thaw (cgroup
+                                        freezer; docker: pause/unpause), stop + start again
+                                        with the same spec and credentials
     inspect(nodes) -> {name: {"state", ...}}                      what /status shows beside the agent's fields
     remove(nodes)                       everything of the nodes: app, namespace or container, cgroup, run dir
     namespace(node) -> (netns | None, dev)   where its links are shaped (worker/tc.py)
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +46,7 @@ from worker import docker_nodes as dn
 from worker import image
 from worker import nodes as nb
 from worker import tc
-from worker.cgroups import Cgroup
+from worker.cgroups import Cgroup, CgroupError
 
 
 STOP_PARALLEL = 16          # apps stopped at once
@@ -96,7 +101,52 @@ class Backend:
         self.host.runner.start(node, env)
 
     def stop(self, node: nb.Node, timeout_s: float = 5.0) -> None:
+        Cgroup(node.spec.name).thaw_quietly()    # a paused app would ignore even SIGKILL (v1)
         self.host.runner.stop(node, timeout_s)
+
+    # -------------------------------------------------------------- faults (issue 11)
+    def _app_group(self, node: nb.Node) -> Cgroup:
+        cg = Cgroup(node.spec.name)
+        if node.state not in ("running", "paused") or not cg.exists():
+            raise nb.NodeError(f"node {node.spec.name} has no app running (state {node.state})")
+        return cg
+
+    def kill(self, node: nb.Node) -> None:
+        """SIGKILL every process of the node's app at once (its cgroup), as a crash would:
+        no SIGTERM, no handler. The group stays (stop/reset remove it); /status says exited."""
+        if not self._app_group(node).kill_now():
+            raise nb.NodeError(f"node {node.spec.name}: processes left after SIGKILL")
+        node.state = "running"      # what ran; inspect() says exited now that nothing is alive
+
+    def pause(self, node: nb.Node) -> None:
+        """Freeze the node's app (cgroup freezer): its processes stop where they are."""
+        cg = self._app_group(node)
+        if self.running(node) is False:
+            raise nb.NodeError(f"node {node.spec.name}: its app has exited")
+        try:
+            cg.freeze(True)
+        except CgroupError as e:
+            raise nb.NodeError(f"node {node.spec.name}: pause: {e}") from None
+        node.state = "paused"
+
+    def resume(self, node: nb.Node) -> None:
+        if node.state != "paused":
+            raise nb.NodeError(f"node {node.spec.name} is not paused (state {node.state})")
+        try:
+            Cgroup(node.spec.name).freeze(False)
+        except CgroupError as e:
+            raise nb.NodeError(f"node {node.spec.name}: resume: {e}") from None
+        node.state = "running"
+
+    def restart(self, node: nb.Node, env: dict, then: Callable[[nb.Node], None] | None = None) -> None:
+        """The app again, same node, same spec and credentials (stop, then start: a runtime
+        role forks from the zygote again). then(node) before the app starts, where the
+        node's namespace changed (docker) and its links must go in again; netns and
+        physical nodes keep theirs."""
+        if not node.spec.cmd:
+            raise nb.NodeError(f"node {node.spec.name} has no app to restart")
+        self.stop(node)
+        self.start(node, env)
 
     def stop_many(self, nodes: list[nb.Node]) -> None:
         """stop() for many, in parallel: each may take its SIGTERM grace period."""
@@ -244,7 +294,63 @@ class Docker(Backend):
         self.runner.start(node, env)        # its environment was set at create
 
     def stop(self, node, timeout_s=dn.STOP_TIMEOUT_S):
+        if node.state == "paused":
+            self.resume(node)               # docker refuses to stop a paused container
         self.runner.stop(node, timeout_s)
+
+    def _container(self, node):
+        errors = dn._docker_errors()
+        try:
+            return self.client().containers.get(node.container or dn.container_name(node.spec.name))
+        except errors.NotFound:
+            raise nb.NodeError(f"node {node.spec.name}: its container is gone") from None
+
+    def _docker(self, node, what: str, fn):
+        errors = dn._docker_errors()
+        try:
+            return fn(self._container(node))
+        except errors.DockerException as e:
+            raise nb.NodeError(f"node {node.spec.name}: docker {what}: {dn._explain(e)}") from None
+
+    def kill(self, node):
+        if node.state not in ("running", "paused"):
+            raise nb.NodeError(f"node {node.spec.name} has no app running (state {node.state})")
+        self._docker(node, "kill", lambda c: c.kill())       # SIGKILL to its init: everything goes
+        node.state = "running"                               # inspect() says exited
+
+    def pause(self, node):
+        if node.state != "running" or self.running(node) is False:
+            raise nb.NodeError(f"node {node.spec.name} has no app running (state {node.state})")
+        self._docker(node, "pause", lambda c: c.pause())     # the daemon's freezer
+        node.state = "paused"
+
+    def resume(self, node):
+        if node.state != "paused":
+            raise nb.NodeError(f"node {node.spec.name} is not paused (state {node.state})")
+        self._docker(node, "unpause", lambda c: c.unpause())
+        node.state = "running"
+
+    def restart(self, node, env, then=None):
+        """Stop the container and start it again: its command waits at the gate again, in a
+        new network namespace, which is attached as etb-<node> again; then(node) puts its
+        links back before the gate opens."""
+        self.stop(node)
+
+        def again(c):
+            c.start()
+            c.reload()
+            return c.attrs["State"]["Pid"]
+        pid = self._docker(node, "start", again)
+        if not pid:
+            raise nb.NodeError(f"node {node.spec.name}: container exited at once after restart")
+        subprocess.run(["ip", "netns", "del", node.netns], capture_output=True)
+        p = subprocess.run(["ip", "netns", "attach", node.netns, str(pid)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise nb.NodeError(f"node {node.spec.name}: ip netns attach {node.netns} {pid}: {p.stderr.strip()}")
+        node.pid = pid
+        if then is not None:
+            then(node)
+        self.start(node, env)
 
     def inspect(self, nodes):
         try:

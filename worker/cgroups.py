@@ -12,7 +12,13 @@ kernel has it (5.14+), emptiness is `populated 0` in `cgroup.events`.
 
 v1: `<root>/cpu/edgetb/<node>` (cpu.cfs_quota_us, cpu.cfs_period_us) and
 `<root>/memory/edgetb/<node>` (memory.limit_in_bytes); the cpu hierarchy may be
-mounted as `cpu,cpuacct`.
+mounted as `cpu,cpuacct`. Where the v1 `freezer` hierarchy is mounted, also
+`<root>/freezer/edgetb/<node>` (optional: only pause/resume need it).
+
+Freezing (pause/resume, `freeze(True|False)`): v2 writes `cgroup.freeze` and waits for
+`frozen 1|0` in `cgroup.events`; v1 writes FROZEN/THAWED to `freezer.state` and waits
+until it reads back so (FREEZING is the kernel still at work). A v1 frozen task does not
+die of SIGKILL, so kill_all thaws first.
 
 `root` is injectable (default ROOT) so that tests can run either layout on a tree that
 mirrors it; the file operations with side effects in the kernel go through `_mkdir`,
@@ -31,6 +37,8 @@ ROOT = Path("/sys/fs/cgroup")
 GROUP = "edgetb"
 CFS_PERIOD_US = 100_000
 CONTROLLERS = ("cpu", "memory")
+FREEZER = "freezer"        # v1 only, optional
+FREEZE_WAIT_S = 10.0       # for the kernel to (un)freeze every member
 KILL_WAIT_S = 5.0          # for SIGKILLed members to go
 RMDIR_TRIES = 50           # x 0.05 s: rmdir fails while the kernel still reaps members
 
@@ -113,6 +121,9 @@ class Cgroup:
             self.dirs = {"unified": self.root / GROUP / name}
         else:
             self.dirs = {c: _v1_mount(self.root, c) / GROUP / name for c in CONTROLLERS}
+            fz = _v1_mount(self.root, FREEZER)
+            if fz.is_dir():
+                self.dirs[FREEZER] = fz / GROUP / name
 
     @property
     def procs_files(self) -> list[str]:
@@ -175,6 +186,67 @@ class Cgroup:
             time.sleep(0.05)
         return True
 
+    # ------------------------------------------------------------ freezer
+    def can_freeze(self) -> bool:
+        return "unified" in self.dirs or FREEZER in self.dirs
+
+    def _freeze_file(self) -> Path:
+        if self.v2:
+            return self.dirs["unified"] / "cgroup.freeze"
+        if FREEZER not in self.dirs:
+            raise CgroupError(f"cgroup v1: no freezer hierarchy under {self.root} (pause needs it)")
+        return self.dirs[FREEZER] / "freezer.state"
+
+    def frozen(self) -> bool:
+        """Whether the kernel holds the group frozen (False if it is gone)."""
+        try:
+            if self.v2:
+                return "frozen 1" in (self.dirs["unified"] / "cgroup.events").read_text().split("\n")
+            if FREEZER not in self.dirs:
+                return False
+            return (self.dirs[FREEZER] / "freezer.state").read_text().strip() == "FROZEN"
+        except FileNotFoundError:
+            return False
+
+    def freeze(self, on: bool, timeout_s: float = FREEZE_WAIT_S) -> None:
+        """Freeze (on) or thaw every member, and wait until the kernel says it is done;
+        CgroupError when there is no freezer, no group, or the deadline passes."""
+        f = self._freeze_file()
+        if not f.exists():
+            raise CgroupError(f"cgroup {self.name}: no {f} (the node has no app group)")
+        _write(f, ("1" if on else "0") if self.v2 else ("FROZEN" if on else "THAWED"))
+        deadline = time.monotonic() + timeout_s
+        while self.frozen() != on:
+            if time.monotonic() >= deadline:
+                raise CgroupError(f"cgroup {self.name}: not {'frozen' if on else 'thawed'} after {timeout_s:g} s")
+            if not on and not self.v2:
+                _write(f, "THAWED")
+            time.sleep(0.01)
+
+    def thaw_quietly(self) -> None:
+        """Thaw if frozen (before stopping: a v1 frozen task ignores even SIGKILL)."""
+        try:
+            if self.can_freeze() and self.frozen():
+                self.freeze(False)
+        except (CgroupError, OSError) as e:
+            print(f"cgroups: thawing {self.name}: {e}", file=sys.stderr)
+
+    def kill_now(self, timeout_s: float = KILL_WAIT_S) -> bool:
+        """SIGKILL every member at once (thawed first), until the group is empty or
+        timeout_s passes; the group stays. -> whether it is empty."""
+        self.thaw_quietly()
+        kill = self.dirs["unified"] / "cgroup.kill" if self.v2 else None
+        if kill is not None and kill.exists():
+            _write(kill, "1")
+            return self._wait_empty(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while (pids := self.pids()):
+            if time.monotonic() >= deadline:
+                return False
+            _signal(pids, signal.SIGKILL)
+            time.sleep(0.02)
+        return True
+
     def kill_all(self, timeout_s: float = 5.0) -> None:
         """SIGTERM every member, then SIGKILL what is left after timeout_s: on v2 with
         `cgroup.kill` in one write that also catches what forks meanwhile; otherwise by
@@ -182,6 +254,7 @@ class Cgroup:
         pids = self.pids()
         if not pids:
             return
+        self.thaw_quietly()
         _signal(pids, signal.SIGTERM)
         if self._wait_empty(timeout_s):
             return
@@ -268,5 +341,5 @@ def leftover_groups(root: Path | None = None) -> list[str]:
     if is_v2(root):
         bases = [root / GROUP]
     else:
-        bases = [_v1_mount(root, c) / GROUP for c in CONTROLLERS]
+        bases = [_v1_mount(root, c) / GROUP for c in (*CONTROLLERS, FREEZER)]
     return sorted({p.name for b in bases if b.is_dir() for p in b.iterdir() if p.is_dir()})

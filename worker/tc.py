@@ -9,6 +9,13 @@ physical node):
         tbf M:      leaf that only cuts GSO/TSO super-packets into frames (see below)
         [netem M:]  instead: delay/jitter/loss leaf, only where a link asks for it
       u32 filter    ip dst A/32 + tcp/udp dport P -> 1:M
+        [pfifo M: limit 0]  instead, while the link is down (set_down): drops every packet
+
+A link taken down keeps its class and filter; its leaf becomes a pfifo of limit 0, which
+drops every packet enqueued (this kernel has no act_gact, so no `action drop`, and no
+netem). HTB counts a class's bytes when it dequeues, so a down link's class counters stay
+still. The table remembers which links are down: a rate change (/update/tc) changes the
+class and leaves the link down; up puts back the leaf its link has now.
 
 A whole table is installed with ONE `tc -batch` process per namespace (a process per
 rule costs ~3 ms each; 100 full-mesh nodes are 19,800 rules). Live changes touch only
@@ -144,6 +151,11 @@ class LinkTable:
     netns: str | None
     minors: dict[tuple[str, int], int] = field(default_factory=dict)
     links: dict[tuple[str, int], Link] = field(default_factory=dict)
+    down: set[tuple[str, int]] = field(default_factory=set)   # links taken down (set_down)
+
+    def key_of(self, dest: str) -> tuple[str, int] | None:
+        """The installed link whose dest (node name) is dest, or None."""
+        return next((k for k, l in self.links.items() if l.dest == dest), None)
 
     def next_minor(self) -> int:
         return max(self.minors.values(), default=FIRST_LINK_MINOR - 1) + 1
@@ -157,6 +169,7 @@ def install_lines(table: LinkTable, links: list[Link]) -> list[str]:
              f"rate {UNSHAPED_RATE} ceil {UNSHAPED_RATE} quantum 200000"]
     table.minors.clear()
     table.links.clear()
+    table.down.clear()
     for link in links:
         if link.key in table.minors:
             raise TcError(f"two links from one node to {link.dest} ({link.ip}:{link.port})")
@@ -191,7 +204,9 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
             minor = table.minors[key]
             if old is None or old.rate_bps != link.rate_bps:
                 lines.append(_class_line("change", dev, minor, link.rate_bps))
-            if old is None:                      # unshaped since a change: no leaf
+            if key in table.down:                # its drop leaf stays; up puts this link's leaf
+                pass
+            elif old is None:                    # unshaped since a change: no leaf
                 lines.append(_leaf_line(dev, minor, link))
             elif old.needs_netem and link.needs_netem:
                 if (old.delay_us, old.jitter_us, old.loss_pct) != (link.delay_us, link.jitter_us, link.loss_pct):
@@ -209,11 +224,70 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
     for key in list(table.links):
         if key not in wanted:
             table.links.pop(key)
+            table.down.discard(key)              # no link, nothing to be down
             minor = table.minors[key]
             lines.append(_del_leaf_line(dev, minor))
             lines.append(f"class change dev {dev} parent {ROOT_HANDLE} classid 1:{minor:x} htb "
                          f"rate {UNSHAPED_RATE} ceil {UNSHAPED_RATE} quantum 200000")
     return lines
+
+
+def _drop_line(dev: str, minor: int) -> str:
+    return f"qdisc add dev {dev} parent 1:{minor:x} handle {minor:x}: pfifo limit 0"
+
+
+def down_lines(table: LinkTable, dest: str, down: bool) -> list[str]:
+    """The batch that takes the link to dest (a node name) down (its leaf becomes a
+    pfifo of limit 0) or up again (the leaf of the link as it is now); nothing when it is
+    so already. TcError when the table has no link to dest."""
+    key = table.key_of(dest)
+    if key is None:
+        raise TcError(f"no link to {dest[:64]} on {table.netns or 'host'}/{table.dev}")
+    if (key in table.down) == down:
+        return []
+    minor = table.minors[key]
+    lines = [_del_leaf_line(table.dev, minor),
+             _drop_line(table.dev, minor) if down else _leaf_line(table.dev, minor, table.links[key])]
+    if down:
+        table.down.add(key)
+    else:
+        table.down.discard(key)
+    return lines
+
+
+def set_down(table: LinkTable, dest: str, down: bool) -> bool:
+    """Take the link to dest down or up; -> whether anything changed. On failure the
+    table's record is put back as it was."""
+    was = set(table.down)
+    lines = down_lines(table, dest, down)
+    if lines and not down:
+        _refuse_netem_if_missing([table.links[table.key_of(dest)]])
+    try:
+        run_batch(table.netns, lines)
+    except Exception:
+        table.down = was
+        raise
+    return bool(lines)
+
+
+def class_bytes(netns: str | None, dev: str) -> dict[int, int]:
+    """Bytes sent so far by each HTB class on dev, by class minor (netlink stats)."""
+    import os
+    import struct
+
+    fd, idx = _netlink_fd_in(netns, dev)
+    try:
+        if not idx:
+            raise TcError(f"no device {dev} in {netns or 'host'}")
+        out = {}
+        for handle, at, buf in _dump(fd, _RTM_GETTCLASS, idx, 0):
+            if _TCA_STATS2 in at:
+                st = _attrs(buf, *at[_TCA_STATS2])
+                if _TCA_STATS_BASIC in st:
+                    (out[handle & 0xFFFF],) = struct.unpack_from("Q", buf, st[_TCA_STATS_BASIC][0])
+    finally:
+        os.close(fd)
+    return out
 
 
 def run_batch(netns: str | None, lines: list[str]) -> None:
@@ -324,6 +398,7 @@ _RTM_GETTCLASS, _RTM_GETTFILTER = 42, 46
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _TCA_KIND, _TCA_OPTIONS = 1, 2
+_TCA_STATS2, _TCA_STATS_BASIC = 7, 1        # struct gnet_stats_basic: u64 bytes, u32 packets
 _TCA_HTB_PARMS, _TCA_HTB_RATE64 = 1, 6
 _TCA_U32_CLASSID = 1
 

@@ -1,0 +1,346 @@
+"""Fault actions for real (issue 11 item 1): node kill / pause / resume / restart and link
+down / up / rate, through a real agent's /node/fault and /link/fault, and through the
+controller's Manager.node_fault / link_fault / link_rate and its /fault/* routes.
+
+Real namespaces and processes: SIGKILL to a node's cgroup, the cgroup freezer (docker:
+pause/unpause), links measured with iperf3 and the HTB class byte counters. Every wait
+is a readiness check with a deadline; every test leaves nothing (ah.assert_clean).
+"""
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+import agent_helpers as ah  # noqa: E402
+import docker_testutil as dt  # noqa: E402
+from dml_app import net  # noqa: E402
+from worker import tc, units  # noqa: E402
+from worker.cgroups import Cgroup  # noqa: E402
+
+pytestmark = [ah.need_root()]
+
+APP_PORT = 4456
+HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
+TOLERANCE = 0.03
+DEADLINE_S = 60
+
+agent = ah.agent_fixture()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def until(what: str, fn, timeout_s: float = DEADLINE_S):
+    """fn() until it returns something true (returned), or fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def status(agent) -> dict:
+    return agent.get("/status")["nodes"]
+
+
+def answers(ip: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP app at ip:port answers a GET within timeout_s (a frozen app accepts
+    the connection in the kernel and never answers)."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def env_of(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
+
+
+def fault(agent, route: str, body: dict, status_: int = 200):
+    r = agent.raw("POST", route, json=body)
+    assert r.status_code == status_, (route, body, r.status_code, r.text)
+    return r.json()
+
+
+# ----------------------------------------------------------------------------- agent: nodes
+
+@pytest.fixture
+def http3(agent):
+    dep = ah.plan(3, cmd=HTTP_APP, port=APP_PORT, ram_mb=96)
+    with ah.deployed(agent, dep):
+        until("apps ready", lambda: all(s["ready"] for s in status(agent).values() if s))
+        yield dep
+
+
+def test_bad_fault_requests_are_refused(agent, http3):
+    a = http3.names[0]
+    for body, code, word in [({"node": a}, 400, "action"),
+                             ({"node": a, "action": "explode"}, 400, "action"),
+                             ({"node": 7, "action": "kill"}, 400, "node"),
+                             ({"node": "../x", "action": "kill"}, 400, "node"),
+                             ({"node": a, "action": "kill", "x": 1}, 400, "unknown key"),
+                             ({"node": "nobody", "action": "kill"}, 404, "nobody")]:
+        r = agent.raw("POST", "/node/fault", json=body)
+        assert r.status_code == code and word in r.json()["error"], (body, r.status_code, r.text)
+    for body, code, word in [({"node": a, "dest": "nobody", "action": "down"}, 404, "no link"),
+                             ({"node": a, "dest": http3.names[1], "action": "sideways"}, 400, "action"),
+                             ({"node": "nobody", "dest": a, "action": "down"}, 404, "nobody")]:
+        r = agent.raw("POST", "/link/fault", json=body)
+        assert r.status_code == code and word in r.json()["error"], (body, r.status_code, r.text)
+    # the admin token first, as every route
+    r = agent.raw("POST", "/node/fault", token=None, json={"node": a, "action": "kill"})
+    assert r.status_code in (401, 403)
+    assert all(s["state"] == "running" for s in status(agent).values())
+
+
+def test_kill_pause_resume_restart_netns(agent, http3):
+    a, b, c = http3.names
+    ip = {n: http3.ip(n) for n in http3.names}
+    pids_b = Cgroup(b).pids()
+    pids_c = Cgroup(c).pids()
+    assert pids_b and pids_c
+
+    # kill: a's app is gone (SIGKILL, no handler), /status says exited; b and c untouched
+    before = Cgroup(a).pids()
+    old_env = env_of(min(before))
+    assert fault(agent, "/node/fault", {"node": a, "action": "kill"})["state"] == "exited"
+    assert not Cgroup(a).pids()
+    assert all(ah.proc_status(p) is None or ah.proc_status(p)["State"].startswith("Z") for p in before)
+    st = status(agent)
+    assert (st[a]["state"], st[a]["ready"]) == ("exited", False)
+    assert all(st[n]["state"] == "running" and st[n]["ready"] for n in (b, c))
+    assert Cgroup(b).pids() == pids_b and Cgroup(c).pids() == pids_c
+    assert not answers(ip[a], APP_PORT) and answers(ip[b], APP_PORT)
+
+    # restart: a new process answers on the same ip:port with the same credentials
+    assert fault(agent, "/node/fault", {"node": a, "action": "restart"})["state"] == "running"
+    until("restarted app ready", lambda: status(agent)[a]["ready"])
+    assert answers(ip[a], APP_PORT)
+    new = Cgroup(a).pids()
+    assert new and not (new & before)
+    new_env = env_of(min(new))
+    for k in (net.TOKEN_ENV, net.PEER_TOKEN_ENV):
+        assert new_env[k] == old_env[k] == (net.node_token(agent.token, a) if k == net.TOKEN_ENV
+                                            else net.peer_token(agent.token))
+
+    # pause: b's processes are frozen (the freezer says so, /proc too) and b does not answer
+    assert fault(agent, "/node/fault", {"node": b, "action": "pause"})["state"] == "paused"
+    cg = Cgroup(b)
+    assert cg.frozen()
+    states = {p: ah.proc_status(p)["State"] for p in cg.pids()}
+    assert states and all(s[0] in "DT" for s in states.values()), states
+    assert not answers(ip[b], APP_PORT, timeout_s=1.0)
+    assert status(agent)[b]["state"] == "paused" and not status(agent)[b]["ready"]
+    assert answers(ip[c], APP_PORT)
+    # pausing twice or resuming a running node is refused, naming why
+    r = agent.raw("POST", "/node/fault", json={"node": c, "action": "resume"})
+    assert r.status_code == 422 and "not paused" in r.json()["error"]
+
+    # resume: it answers again, the same processes
+    assert fault(agent, "/node/fault", {"node": b, "action": "resume"})["state"] == "running"
+    assert not cg.frozen() and cg.pids() == pids_b
+    assert answers(ip[b], APP_PORT)
+    assert status(agent)[b]["ready"]
+
+    # a paused node is still removed by the reset (thawed first): ah.deployed checks it
+    fault(agent, "/node/fault", {"node": c, "action": "pause"})
+
+
+# ----------------------------------------------------------------------------- agent: links
+
+@pytest.fixture
+def iperf3(agent):
+    """n1 -> n2 and n1 -> n3 at 20 mbit (iperf3 servers on every node)."""
+    if ah.missing_requirements() or not __import__("shutil").which("iperf3"):
+        pytest.skip("iperf3: not installed")
+    dep = ah.plan(3)
+    a, b, c = dep.names
+    dep.links = {a: [ah.link(dep, a, b, 20_000_000), ah.link(dep, a, c, 20_000_000)],
+                 b: [ah.link(dep, b, a, 20_000_000)]}
+    with ah.deployed(agent, dep):
+        yield dep
+
+
+def measure(dep, src, dst, rate_bps, seconds=3):
+    return ah.iperf(dep.ns(src), dep.ns(dst), dep.ip(dst), dep.node(dst)["port"], seconds=seconds,
+                    rate_hint_bps=rate_bps)
+
+
+def assert_near(got_bps, rate_bps):
+    ideal = ah.goodput_ideal(rate_bps)
+    assert abs(got_bps / ideal - 1) <= TOLERANCE, \
+        f"goodput {got_bps / 1e6:.3f} Mbit/s vs ideal {ideal / 1e6:.3f} Mbit/s ({got_bps / ideal:.3f})"
+
+
+def class_bytes(dep, src) -> dict[int, int]:
+    return tc.class_bytes(dep.ns(src), nb_dev())
+
+
+def nb_dev() -> str:
+    from worker import nodes as nb
+    return nb.NODE_DEV
+
+
+def try_send(dep, src, dst) -> bool:
+    """One short iperf3 attempt from src to dst (connect timeout 1 s): whether it sent."""
+    p = ah.ns_run(dep.ns(src), ["iperf3", "-c", dep.ip(dst), "-p", str(dep.node(dst)["port"]), "-t", "1",
+                                "--connect-timeout", "1000"], check=False, timeout_s=20)
+    return p.returncode == 0
+
+
+def test_link_down_carries_nothing_others_keep_rate_up_restores(agent, iperf3):
+    dep = iperf3
+    a, b, c = dep.names
+    minor_b = tc.FIRST_LINK_MINOR        # the first link of a: to b
+    assert_near(measure(dep, a, b, 20e6), 20e6)
+
+    ans = fault(agent, "/link/fault", {"node": a, "dest": b, "action": "down"})
+    assert ans["changed"] and ans["down"]
+    assert not fault(agent, "/link/fault", {"node": a, "dest": b, "action": "down"})["changed"]
+    before = class_bytes(dep, a)[minor_b]
+    assert not try_send(dep, a, b)
+    assert class_bytes(dep, a)[minor_b] == before            # 0 bytes through a -> b
+    assert_near(measure(dep, a, c, 20e6), 20e6)               # a -> c keeps its rate
+    assert_near(measure(dep, b, a, 20e6), 20e6)               # the other direction too (one way down)
+
+    # a rate change while down keeps it down, and up brings the new rate
+    links = {a: [ah.link(dep, a, b, 8_000_000), ah.link(dep, a, c, 20_000_000)]}
+    agent.post("/update/tc", {"links": links})
+    assert not try_send(dep, a, b)
+    assert class_bytes(dep, a)[minor_b] == before
+    assert fault(agent, "/link/fault", {"node": a, "dest": b, "action": "up"})["changed"]
+    assert tc.read_back(dep.ns(a), nb_dev())["rates_bps"][minor_b] == 8_000_000
+    assert_near(measure(dep, a, b, 8e6), 8e6)
+    assert class_bytes(dep, a)[minor_b] > before
+    assert_near(measure(dep, a, c, 20e6), 20e6)
+
+
+# ----------------------------------------------------------------------------- agent: docker
+
+@dt.need_docker()
+def test_docker_kill_pause_resume(agent):
+    dep = dt.plan(2, cmd=HTTP_APP, port=APP_PORT)
+    a, b = dep.names
+    with dt.deployed(agent, dep):
+        until("containers ready", lambda: all(s["ready"] for s in status(agent).values()))
+        cli = dt.client()
+        ctr = cli.containers.get(f"etb-{a}")
+
+        assert fault(agent, "/node/fault", {"node": a, "action": "pause"})["state"] == "paused"
+        ctr.reload()
+        assert ctr.status == "paused"
+        assert not answers(dep.ip(a), APP_PORT, timeout_s=1.0) and answers(dep.ip(b), APP_PORT)
+        assert fault(agent, "/node/fault", {"node": a, "action": "resume"})["state"] == "running"
+        assert answers(dep.ip(a), APP_PORT)
+
+        assert fault(agent, "/node/fault", {"node": a, "action": "kill"})["state"] == "exited"
+        ctr.reload()
+        assert ctr.status == "exited"
+        st = status(agent)
+        assert st[a]["state"] == "exited" and not st[a]["ready"]
+        assert st[b]["state"] == "running" and st[b]["ready"] and answers(dep.ip(b), APP_PORT)
+
+        # restart: the container again, its links back in its new namespace, then the app
+        assert fault(agent, "/node/fault", {"node": a, "action": "restart"})["state"] == "running"
+        until("restarted container ready", lambda: status(agent)[a]["ready"])
+        assert answers(dep.ip(a), APP_PORT)
+        fault(agent, "/node/fault", {"node": b, "action": "pause"})   # the reset copes with it
+
+
+# ----------------------------------------------------------------------------- controller
+
+def test_controller_fault_methods_and_routes(tmp_path):
+    from controller.manager import Manager
+    from netns_workflow import netns_testbed, node_outputs
+
+    class FlManager(Manager):
+        algorithm = "fl"
+
+    names = ["fx1", "fx2", "fx3"]
+    links = {"fx1": [{"dest": "fx2", "bw": "20mbit"}, {"dest": "fx3", "bw": "20mbit"}],
+             "fx2": [{"dest": "fx1", "bw": "20mbit"}], "fx3": [{"dest": "fx1", "bw": "20mbit"}]}
+    roles = {n: "fl_aggregator.py" if n == "fx1" else "fl_trainer.py" for n in names}
+    with netns_testbed(tmp_path, FlManager, roles, links, port=3392, subnet="10.236.0.0/24",
+                       ram_mb=512) as (tb, m):
+        info = {n: tb.all_nodes()[n] for n in names}
+
+        def hi(n, timeout_s=5.0):
+            try:
+                net.get_json(f"http://{info[n].ip}:{info[n].port}/hi", token=net.node_token(tb.token, n),
+                             timeout_s=timeout_s)
+                return True
+            except net.HttpError:
+                return False
+
+        def app(n):
+            return m.status()["nodes"][n]
+
+        # bad input: ValueError naming it
+        for call, word in [(lambda: m.node_fault("nobody", "kill"), "unknown node"),
+                           (lambda: m.node_fault("fx2", "explode"), "action"),
+                           (lambda: m.link_fault("fx2", "fx3", "down"), "no link"),
+                           (lambda: m.link_fault("fx1", "fx3", "down", both="yes"), "both"),
+                           (lambda: m.link_fault("fx1", "fx2", "sideways"), "action"),
+                           (lambda: m.link_rate("fx1", "fx2", "10 parsecs"), "fx1"),
+                           (lambda: m.link_rate("fx1", "fx2", 10), "bw")]:
+            with pytest.raises(ValueError, match=word):
+                call()
+
+        # kill, then restart: the same credentials open the new app on the same ip:port
+        out = m.node_fault("fx3", "kill")
+        assert out["ok"] and out["state"] == "exited", out
+        assert app("fx3")["app"] == "exited" and not hi("fx3", 2)
+        assert hi("fx2") and app("fx2")["ready"]
+        out = m.node_fault("fx3", "restart")
+        assert out["ok"], out
+        until("fx3 ready after restart", lambda: app("fx3")["ready"], timeout_s=120)
+        assert hi("fx3"), node_outputs(tb)
+
+        # pause / resume
+        assert m.node_fault("fx2", "pause")["ok"]
+        assert app("fx2")["app"] == "paused" and not hi("fx2", 1.0)
+        assert m.node_fault("fx2", "resume")["ok"] and hi("fx2")
+
+        # links: down both ways, up, rate in place
+        out = m.link_fault("fx1", "fx2", "down", both=True)
+        assert out["ok"] and [(x["src"], x["dest"]) for x in out["links"]] == [("fx1", "fx2"), ("fx2", "fx1")], out
+        for ns, leaf in (("etb-fx1", "pfifo"), ("etb-fx2", "pfifo")):
+            shown = ah.ns_run(ns, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+            assert f"{leaf} 10: " in shown and "limit 0p" in shown, shown
+        out = m.link_rate("fx1", "fx2", "5mbit", both=True)
+        assert out["ok"], out
+        assert tc.read_back("etb-fx1", "eth0")["rates_bps"][tc.FIRST_LINK_MINOR] == 5_000_000
+        assert "limit 0p" in ah.ns_run("etb-fx1", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert m.link_fault("fx1", "fx2", "up", both=True)["ok"]
+        assert "limit 0p" not in ah.ns_run("etb-fx1", ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert tb.links["fx1"][0]["bw"] == "5mbit" and tb.links["fx2"][0]["bw"] == "5mbit"
+
+        # the curl-able routes, admin credential as every route
+        base = f"http://127.0.0.1:{tb.host_port}"
+        got = net.get_json(f"{base}/fault/link?src=fx1&dest=fx3&action=down", token=tb.token)
+        assert got["ok"]
+        got = net.get_json(f"{base}/fault/rate?src=fx1&dest=fx3&bw={units.parse_rate('1mbps')}bit",
+                           token=tb.token)
+        assert got["ok"]
+        assert net.get_json(f"{base}/fault/link?src=fx1&dest=fx3&action=up", token=tb.token)["ok"]
+        assert tc.read_back("etb-fx1", "eth0")["rates_bps"][tc.FIRST_LINK_MINOR + 1] == 8_000_000
+        assert net.get_json(f"{base}/fault/node?node=fx2&action=pause", token=tb.token)["ok"]
+        assert net.get_json(f"{base}/fault/node?node=fx2&action=resume", token=tb.token)["ok"]
+        for q, code in [("/fault/node?node=zz&action=kill", 400), ("/fault/node?node=fx2&action=nap", 400),
+                        ("/fault/link?src=fx1&dest=fx2&action=down&dir=sideways", 400)]:
+            with pytest.raises(net.HttpError) as e:
+                net.get_json(base + q, token=tb.token)
+            assert e.value.status == code, (q, e.value)
+        with pytest.raises(net.HttpError) as e:
+            net.get_json(f"{base}/fault/node?node=fx2&action=kill", token=net.node_token(tb.token, "fx2"))
+        assert e.value.status in (401, 403)
+        assert app("fx2")["ready"]
