@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from controller import results
+from controller import results, scenario
 from controller.testbed import ROOT, DefinitionError, DeployError, Testbed
 from dml_app import net
 
@@ -43,7 +43,25 @@ def common_args(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=1200, help="--auto: give up after this many seconds")
     ap.add_argument("--log-limit-mb", type=_log_limit_mb, default=None, metavar="MB",
                     help="the largest node log POST /log takes, in MiB (default 16); larger ones get 413")
+    ap.add_argument("--scenario", default=None, metavar="FILE",
+                    help="timed faults (JSON, controller/scenario.py; README: Faults and scenarios) run from "
+                         "the start of training; checked whole before anything is deployed")
     return ap
+
+
+def load_scenario(testbed: Testbed, path: str | None) -> None:
+    """Check the scenario file `path` against the testbed (its nodes, its links.json and its
+    manager's fault actions) and set it as testbed.scenario, which the manager runs at each
+    /start; scenario.ScenarioError listing every problem. Nothing is deployed yet."""
+    if path is None:
+        return
+    p = Path(path)
+    events = scenario.load(str(p), nodes=testbed.all_nodes(), links=testbed.links)
+    missing = scenario.missing_methods(testbed.manager_class)
+    if missing:
+        raise scenario.ScenarioError([f"the manager {testbed.manager_class.__name__} has no fault actions "
+                                      f"({', '.join(missing)})"], f"scenario {path}")
+    testbed.scenario = events
 
 
 def _log_limit_mb(text: str) -> int:
@@ -73,11 +91,17 @@ def ensure_dataset(say) -> None:
 
 
 def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structure, timeout_s: float,
-        conf_dir: Path | None = None) -> int:
+        conf_dir: Path | None = None, scenario_file: str | None = None) -> int:
     """The --auto workflow: split a dataset if there is none, deploy, `drive`, print the
     summary table, reset; the exit status. `write_structure()` writes the structure confs
-    into `conf_dir` (default ROOT/dml_file/conf, where the manager reads them)."""
+    into `conf_dir` (default ROOT/dml_file/conf, where the manager reads them).
+    `scenario_file` (--scenario) is checked before anything is deployed (exit 2)."""
     say = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        load_scenario(testbed, scenario_file)
+    except scenario.ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         ensure_dataset(say)
         t0 = time.time()
@@ -156,13 +180,15 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
     testbed = with_log_limit(build(args.port, args.links), args.log_limit_mb)
     if not args.auto:
         try:
+            load_scenario(testbed, args.scenario)
             testbed.start()
-        except (DefinitionError, DeployError) as e:
+        except (DefinitionError, DeployError, scenario.ScenarioError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
     alg = structure_tool.split("_")[0]
     return run(testbed, root=root, dataset_json=DML_TOOL / f"{alg}_dataset.json", timeout_s=args.timeout,
+               scenario_file=args.scenario,
                write_structure=structure_writer(structure_tool, DML_TOOL / f"{alg}_structure.json", testbed,
                                                 ROOT / "dml_file" / "conf"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from controller import access, files, results
+from controller import access, files, results, scenario
 from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
 from dml_app import net
 
@@ -84,6 +84,10 @@ class Manager:
         self.finished = threading.Event()
         self._finish_lock = threading.Lock()
         self._stop = threading.Event()
+        # Scenario (controller/scenario.py): the events run at each start, set by --scenario
+        # (testbed.scenario) or POST /scenario; the scheduler of the run under way.
+        self.scenario: list | None = getattr(testbed, "scenario", None)
+        self.scheduler: scenario.Scheduler | None = None
         self.access = access.Access(testbed.token, names=self._names,
                                     port=lambda: self.tb.host_port,
                                     token_file=access.token_path(testbed.host_port))
@@ -106,6 +110,7 @@ class Manager:
         access.write_token(self.access.token_file, self.tb.token)
 
     def close(self) -> None:
+        self.stop_scenario(resume_paused=False)
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -207,7 +212,36 @@ class Manager:
                 status = None
             raise net.HttpError("GET", "/start", status,
                                 "start failed: " + "; ".join(f"{k}: {e}" for k, e in sorted(bad.items())))
+        self.start_scenario()
         return f"started {', '.join(targets)}"
+
+    # ------------------------------------------------------------------ scenario
+    def set_scenario(self, doc) -> list:
+        """Validate a scenario document (controller/scenario.py) against this testbed and
+        keep it for the next /start; scenario.Busy (409) while a run is under way,
+        ScenarioError (400) listing every problem. None clears it."""
+        if self.started_at is not None and not self.finished.is_set():
+            raise scenario.Busy("a run is under way: set the scenario before /start (or after /finish)")
+        if doc is None:
+            self.scenario = None
+            return []
+        missing = scenario.missing_methods(self)
+        if missing:
+            raise scenario.ScenarioError([f"this controller has no fault actions ({', '.join(missing)})"])
+        self.scenario = scenario.parse(doc, nodes=self._nodes(), links=self.tb.links)
+        return self.scenario
+
+    def start_scenario(self) -> None:
+        if self.scenario and self.started_at is not None:
+            self.stop_scenario(resume_paused=False)
+            self.scheduler = scenario.Scheduler(list(self.scenario), self)
+            self.scheduler.start(self.started_at)
+            print(f"controller: scenario of {len(self.scenario)} event(s) started", flush=True)
+
+    def stop_scenario(self, *, resume_paused: bool = True) -> list | None:
+        """Stop the scenario under way (at /finish, reset, close); its events' records."""
+        sched = self.scheduler
+        return sched.stop(resume_paused=resume_paused) if sched is not None else None
 
     def finish(self) -> dict:
         """Collect every node's log and metrics, draw the plots, write summary.json."""
@@ -215,6 +249,7 @@ class Manager:
             if self.summary is not None:
                 return self.summary
             wall = time.time() - (self.started_at or time.time())
+            events = self.stop_scenario()      # first: a paused node is resumed to give its log
             self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
             def collect(node):
                 base = f"{node.ip}:{node.port}"
@@ -240,7 +275,9 @@ class Manager:
             summary = self.summarize(metrics, wall, sent)
             if missing:
                 summary["logs_missing"] = missing
-            results.draw(self.run_dir, metrics, self.root)
+            if events is not None:
+                summary["events"] = events
+            results.draw(self.run_dir, metrics, self.root, events=events, t0=self.started_at)
             summary["run_dir"] = str(self.run_dir)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.summary = summary
@@ -422,6 +459,23 @@ class Manager:
         def _upstream(e):
             return jsonify(error=str(e)), upstream_status(e.status)
 
+        @app.errorhandler(scenario.Busy)
+        def _busy(e):
+            return jsonify(error=str(e)), 409
+
+        @app.route("/scenario", methods=["GET", "POST", "DELETE"])
+        def scenario_():
+            """GET: the scenario and the events fired so far; POST (JSON body, a scenario
+            document): set it for the next /start; DELETE: clear it. 409 during a run."""
+            if request.method == "POST":
+                doc = net.parse_json_body(request.get_data(), want_object=False, what="scenario")
+                return jsonify(events=[e.as_dict() for e in self.set_scenario(doc)])
+            if request.method == "DELETE":
+                self.set_scenario(None)
+                return jsonify(events=[])
+            return jsonify(events=[e.as_dict() for e in self.scenario or []],
+                           fired=list(self.scheduler.records) if self.scheduler else [])
+
         @app.errorhandler(NotReady)
         def _not_ready(e):
             return jsonify(error=str(e), not_answering=e.not_answering, exited=e.exited), 503
@@ -524,6 +578,7 @@ class Manager:
             names its worker (the first one raised, after every call has returned)."""
             workers = [(label, addr) for label, addr in self.tb.workers()
                        if (kind == "emulated") == label.startswith("emulator")]
+            self.stop_scenario(resume_paused=False)    # the nodes go away: no more events
             with self.tb._ready_lock:
                 self.tb.ready_names.clear()      # stopped or removed apps answer no more
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -59,8 +60,46 @@ def parse_metrics(text: str) -> list[dict]:
     return out
 
 
-def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None) -> list[str]:
-    """accuracy.png (aggregating nodes), loss.png (training nodes), summary.png (both)."""
+def event_rounds(events: list[dict] | None, metrics: dict[str, list[dict]], t0: float | None) -> list[tuple[float, str, bool]]:
+    """Where each scenario event falls on the round axis: (round, label, ok). The time of
+    each round is when its first record (aggregate or train, any node; their "t") came;
+    an event's time t0 + t is placed by linear interpolation between those (round 0 at
+    t0), after the last round at the last round. Events or times that are not finite
+    numbers are left out."""
+    if not events or t0 is None or not isinstance(t0, (int, float)) or not math.isfinite(t0):
+        return []
+    first: dict[int, float] = {}
+    for recs in metrics.values():
+        for r in recs:
+            t = r.get("t")
+            if r.get("event") in ("aggregate", "train") and "round" in r and isinstance(t, (int, float)) \
+                    and not isinstance(t, bool) and math.isfinite(t):
+                first[r["round"]] = min(first.get(r["round"], t), t)
+    pts = [(t0, 0)]
+    for t, rnd in sorted((t, rnd) for rnd, t in first.items() if t >= t0):
+        if rnd > pts[-1][1]:            # rounds only go up along the time axis
+            pts.append((t, rnd))
+    out = []
+    for e in events:
+        t = e.get("t")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            continue
+        when = t0 + t
+        x = float(pts[-1][1])
+        for (ta, ra), (tb, rb) in zip(pts, pts[1:]):
+            if when <= tb:
+                x = ra + (rb - ra) * (max(when, ta) - ta) / (tb - ta) if tb > ta else float(rb)
+                break
+        what = e.get("node") or "->".join(map(str, e.get("link") or []))
+        out.append((x, f"{e.get('action')} {what}"[:24], bool(e.get("ok"))))
+    return out
+
+
+def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None, *,
+         events: list[dict] | None = None, t0: float | None = None) -> list[str]:
+    """accuracy.png (aggregating nodes), loss.png (training nodes), summary.png (both);
+    scenario events (summary.json's "events", times after t0) as dashed vertical marks
+    with a short label (red: the action failed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,12 +131,21 @@ def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None) -> lis
         if loss:
             ax.legend(fontsize=8, ncol=2)
 
+    marks = event_rounds(events, metrics, t0)
+
+    def mark(ax):
+        for x, label, ok in marks:
+            ax.axvline(x, color="tab:gray" if ok else "tab:red", linestyle="--", linewidth=1, alpha=.8)
+            ax.text(x, 0.98, " " + label, transform=ax.get_xaxis_transform(), rotation=90, va="top",
+                    ha="right", fontsize=7, color="dimgray" if ok else "tab:red")
+
     files = []
     for fname, fns in (("accuracy.png", [plot_acc]), ("loss.png", [plot_loss]),
                        ("summary.png", [plot_acc, plot_loss])):
         fig, axes = plt.subplots(1, len(fns), figsize=(6 * len(fns), 4.2), squeeze=False)
         for fn, ax in zip(fns, axes[0]):
             fn(ax)
+            mark(ax)
         fig.tight_layout()
         fig.savefig(run_dir / fname, dpi=110)
         plt.close(fig)
@@ -140,6 +188,13 @@ def table(summary: dict) -> str:
     lines.append(f"{'node':<8} {'bytes sent':>12}")
     lines += [f"{n:<8} {b:>12,}" for n, b in sorted(summary["bytes_sent"].items())]
     lines.append("")
+    if summary.get("events"):
+        lines.append(f"{'t (s)':>8}  {'at':>6}  event")
+        for e in summary["events"]:
+            what = e.get("node") or ("<->" if e.get("dir") == "both" else "->").join(map(str, e.get("link") or []))
+            lines.append(f"{e['t']:>8.1f}  {e['at']:>6g}  {e['action']} {what}{' ' + e['bw'] if e.get('bw') else ''}: "
+                         f"{'ok' if e['ok'] else 'FAILED'} {' '.join(str(e.get('detail', '')).split())[:80]}")
+        lines.append("")
     fa = summary["final_accuracy"]
     lines.append(f"algorithm {summary['algorithm']}: {summary['rounds']} rounds, final accuracy "
                  f"{fa:.4f}, wall time {summary['wall_seconds']:.1f} s" if fa is not None else
