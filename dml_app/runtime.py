@@ -23,7 +23,11 @@ Inside the role: `rt.structure` (dict), `rt.data` (node_data.NodeData), `rt.set_
 `rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`,
 `rt.spawn()`, `rt.log` (a logging.Logger to <name>.log and stderr), `rt.stopping` (an Event).
 States reported in heartbeats and /stats: idle, training, uploading, aggregating,
-finished, error (an exception in a spawned task); roles may add their own.
+finished, error (an exception in a spawned task, or `rt.fail(message)`); roles may add
+their own. `error` is final: the first failure's message (`rt.error`) goes with every
+heartbeat and /stats answer, and the controller's `--auto` ends the run on it.
+A conf pushed while a task of the run is going (a started root, a trainer training)
+is refused with 409: a role reads its conf once, at the start of its work.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0
+MAX_ERROR_CHARS = 1000        # a failure's message in heartbeats and /stats
 WEIGHTS_MIME = "application/octet-stream"
 CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what sets each attribute
 
@@ -101,6 +106,8 @@ class Runtime:
         self.data: NodeData | None = None
         self.state = "idle"
         self.round = 0
+        self.error: str | None = None      # the first failure's message; state is then 'error'
+        self._active = 0                   # spawned tasks running (the run is under way)
         self.stopping = threading.Event()  # roles may wait on it to give up early
         self._lock = threading.Lock()
         self._bytes_sent = 0
@@ -169,6 +176,7 @@ class Runtime:
 
         @app.post("/conf/dataset")
         def _conf_dataset():
+            self._refuse_mid_run("/conf/dataset")
             conf = self._json_body()
             try:
                 data = load_node_data(self.dataset_dir, conf)
@@ -187,6 +195,7 @@ class Runtime:
 
         @app.post("/conf/structure")
         def _conf_structure():
+            self._refuse_mid_run("/conf/structure")
             conf = self._json_body()
             if self._structure_fn is not None:
                 try:
@@ -225,7 +234,18 @@ class Runtime:
         @app.get("/stats")
         def _stats():
             return jsonify(node=self.name, bytes_sent=self.bytes_sent,
-                           bytes_received=self.bytes_received, state=self.state, round=self.round)
+                           bytes_received=self.bytes_received, state=self.state, round=self.round,
+                           error=self.error)
+
+    @property
+    def running(self) -> bool:
+        """Whether a task of the run is going (the root's start, a trainer's training)."""
+        return self._active > 0
+
+    def _refuse_mid_run(self, route: str) -> None:
+        if self.running:
+            raise Conflict(f"{self.name}: {route} refused: the run is under way (state {self.state}, "
+                           f"round {self.round}); push confs before /start")
 
     def _json_body(self) -> dict[str, Any]:
         """The request's JSON object (bounded: net.parse_json_body); HTTP 400 otherwise."""
@@ -303,21 +323,42 @@ class Runtime:
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "") -> threading.Thread:
         """Run fn(*args) on a daemon thread; an exception is logged and sets state 'error'."""
+        task = name or getattr(fn, "__name__", "task")
+
         def _run() -> None:
             try:
                 fn(*args)
-            except Exception:
-                self.log.exception("%s failed", name or getattr(fn, "__name__", "task"))
-                self.set_state("error")
+            except Exception as e:
+                self.log.exception("%s failed", task)
+                self.fail(f"{task} failed: {type(e).__name__}: {e}")
+            finally:
+                with self._lock:
+                    self._active -= 1
 
+        with self._lock:
+            self._active += 1
         t = threading.Thread(target=_run, daemon=True, name=name or getattr(fn, "__name__", "task"))
         t.start()
         return t
 
     def set_state(self, state: str, round: int | None = None) -> None:
-        self.state = state
+        """The node's state (heartbeats, /stats); once 'error' (fail()) it stays 'error'."""
         if round is not None:
             self.round = round
+        if self.error is None:
+            self.state = state
+
+    def fail(self, message: str) -> None:
+        """End this node's part in the run with `message`: state 'error' for good, the
+        message logged and sent with every heartbeat (the first failure's is kept)."""
+        message = str(message)[:MAX_ERROR_CHARS]
+        with self._lock:
+            first = self.error is None
+            if first:
+                self.error = message
+                self.state = "error"
+        if first:
+            self.log.error("node failed: %s", message)
 
     def peer(self, node: str) -> str:
         """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""
@@ -431,7 +472,8 @@ class Runtime:
         while not self.stopping.is_set():
             try:
                 net.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S,
-                         json={"node": self.name, "state": self.state, "round": self.round})
+                         json={"node": self.name, "state": self.state, "round": self.round,
+                               **({"error": self.error} if self.error else {})})
                 if self._hb_failing:
                     self.log.info("heartbeats reach the controller again")
                 self._hb_failing = False
