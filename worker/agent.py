@@ -142,7 +142,7 @@ class Agent:
         except nb.NodeError as e:
             raise BadRequest(str(e)) from None
         kind = body.get("backend", "netns")
-        if kind not in self.nets:
+        if not isinstance(kind, str) or kind not in self.nets:
             raise BadRequest(f"backend {kind!r} is not available on this agent ({', '.join(self.nets)})")
         backend = self.kinds[kind]
         br = body.get("bridge") or {}
