@@ -151,8 +151,62 @@ def test_kill_pause_resume_restart_netns(agent, http3):
     assert answers(ip[b], APP_PORT)
     assert status(agent)[b]["ready"]
 
-    # a paused node is still removed by the reset (thawed first): ah.deployed checks it
+    # a paused node can be killed (thawed first: a v1-frozen task ignores SIGKILL) and restarted
     fault(agent, "/node/fault", {"node": c, "action": "pause"})
+    assert fault(agent, "/node/fault", {"node": c, "action": "kill"})["state"] == "exited"
+    assert not Cgroup(c).pids() and not Cgroup(c).frozen()
+    r = agent.raw("POST", "/node/fault", json={"node": c, "action": "pause"})
+    assert r.status_code == 422 and "exited" in r.json()["error"]
+    assert fault(agent, "/node/fault", {"node": c, "action": "restart"})["state"] == "running"
+    until("c ready after restart", lambda: status(agent)[c]["ready"])
+
+    # a paused node is still removed by the reset (thawed first): ah.deployed checks it
+    fault(agent, "/node/fault", {"node": a, "action": "pause"})
+
+
+def test_freezer_files_on_either_layout(tmp_path, monkeypatch):
+    """v1: the freezer hierarchy joins a node's groups where mounted (its cgroup.procs too,
+    so the launcher puts the app there), FROZEN/THAWED in freezer.state; v2: cgroup.freeze,
+    done when cgroup.events says frozen (a stand-in kernel answers here)."""
+    from worker import cgroups
+
+    v1 = tmp_path / "v1"
+    for h in ("cpu,cpuacct", "memory"):
+        (v1 / h).mkdir(parents=True)
+    assert "freezer" not in Cgroup("n1", root=v1).dirs and not Cgroup("n1", root=v1).can_freeze()
+    (v1 / "freezer").mkdir()
+    cg = Cgroup("n1", root=v1)
+    assert cg.dirs["freezer"] == v1 / "freezer" / "edgetb" / "n1"
+    assert str(v1 / "freezer" / "edgetb" / "n1" / "cgroup.procs") in cg.procs_files
+    cg.dirs["freezer"].mkdir(parents=True)
+    (cg.dirs["freezer"] / "freezer.state").write_text("THAWED\n")
+    cg.freeze(True)
+    assert cg.frozen() and (cg.dirs["freezer"] / "freezer.state").read_text() == "FROZEN"
+    cg.freeze(False)
+    assert not cg.frozen()
+    assert "n1" in cgroups.leftover_groups(v1)
+
+    v2 = tmp_path / "v2"
+    (v2 / "edgetb" / "n2").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    d = v2 / "edgetb" / "n2"
+    (d / "cgroup.freeze").write_text("0\n")
+    (d / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    real = cgroups._write
+
+    def kernel(path, text):
+        real(path, text)
+        if path.name == "cgroup.freeze":
+            (path.parent / "cgroup.events").write_text(f"populated 1\nfrozen {text}\n")
+    monkeypatch.setattr(cgroups, "_write", kernel)
+    cg = Cgroup("n2", root=v2)
+    cg.freeze(True)
+    assert cg.frozen() and (d / "cgroup.freeze").read_text() == "1"
+    cg.freeze(False)
+    assert not cg.frozen()
+    monkeypatch.setattr(cgroups, "_write", real)      # a kernel that never says frozen: deadline
+    with pytest.raises(cgroups.CgroupError, match="not frozen"):
+        cg.freeze(True, timeout_s=0.2)
 
 
 # ----------------------------------------------------------------------------- agent: links
