@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from controller import results, scenario  # noqa: E402
-from controller.scenario import Event, ScenarioError, Scheduler  # noqa: E402
+from controller.scenario import ScenarioError, Scheduler  # noqa: E402
 from test_controller import manager  # noqa: E402,F401  (a fixture: a real Manager on loopback)
 from test_gaps_controller import node_stub  # noqa: E402,F401
 from test_bounded_input import ctl, http  # noqa: E402
@@ -283,10 +283,50 @@ def test_the_route_sets_checks_and_refuses_during_a_run(manager, node_stub):
 def test_run_script_refuses_a_bad_scenario_before_deploying(tmp_path):
     f = tmp_path / "bad.json"
     f.write_text(json.dumps([{"at": -5, "node": "n9", "action": "kill"},
-                             {"at": 1, "link": ["n2", "n3"], "action": "down"}]))
+                             {"at": 1, "link": ["n3", "n2"], "action": "down"}]))
     p = subprocess.run([sys.executable, str(ROOT / "controller" / "fl_run.py"), "--auto", "--port", "3391",
                         "--scenario", str(f)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.stdout, p.stderr)
-    for words in (str(f), "events[0].at", "'n9' is not a node", "n2 -> n3 is not a link of links.json"):
+    for words in (str(f), "events[0].at", "'n9' is not a node", "n3 -> n2 is not a link of links.json"):
         assert words in p.stderr, p.stderr
     assert "deployed" not in p.stdout and "tc finish" not in p.stdout
+
+
+# ----------------------------------------------------------------------------- for real
+RNAMES = ["sa1", "st2", "st3", "st4"]
+
+
+def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
+    """FL on netns nodes (the --auto workflow's drive): a trainer frozen at 1 s for 6 s
+    (cgroup freezer), a link's rate changed in place at 2 s; the run completes, and
+    summary.json lists the events with ok=true at their times (each fired at or after its
+    offset), the table shows them; netns_testbed checks nothing is left."""
+    from controller.fl_run import FlManager
+    from netns_workflow import netns_testbed, run_workflow
+
+    links = {"sa1": [{"dest": n, "bw": "40mbit"} for n in RNAMES[1:]],
+             **{n: [{"dest": "sa1", "bw": "20mbit"}] for n in RNAMES[1:]}}
+    roles = {n: "fl_aggregator.py" if n == "sa1" else "fl_trainer.py" for n in RNAMES}
+    with netns_testbed(tmp_path, FlManager, roles, links, port=3430, subnet="10.249.0.0/24") as (tb, m):
+        doc = {"events": [{"at": 1, "node": "st2", "action": "pause", "for": 6},
+                          {"at": 2, "link": ["st3", "sa1"], "action": "rate", "bw": "10mbit"}]}
+        r = http("POST", ctl(m, "/scenario"), json=doc)
+        assert r.status_code == 200 and len(r.json()["events"]) == 3, r.text
+        summary = run_workflow(tb, m, tmp_path, alg="fl", root="sa1", timeout_s=300, dataset={
+            "sa1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
+            **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
+               for i, n in enumerate(RNAMES[1:])}}, structure={"node_list": [
+                {"name": "sa1", "trainer_fraction": 1.0, "sync": 5}] + [{"name": n, "epoch": 2} for n in RNAMES[1:]]})
+        assert summary["rounds"] == 5 and summary.get("error") is None, summary
+        assert all(math.isfinite(p["accuracy"]) and 0 <= p["accuracy"] <= 1 for p in summary["accuracy_per_round"])
+        evs = summary["events"]
+        assert [(e["action"], e.get("node") or e.get("link"), e["ok"]) for e in evs] == [
+            ("pause", "st2", True), ("rate", ["st3", "sa1"], True), ("resume", "st2", True)], evs
+        assert evs[2]["source"] == "events[0].for", "the run ended before the resume was due"
+        for e in evs:
+            assert math.isfinite(e["t"]) and e["at"] <= e["t"] < e["at"] + 60, e
+        run_dir = Path(summary["run_dir"])
+        assert json.loads((run_dir / "summary.json").read_text())["events"] == evs
+        assert m.tb.links["st3"][0]["bw"] == "10mbit"
+        assert "resume st2: ok" in results.table(summary)
+        assert not m.scheduler.alive()
