@@ -19,6 +19,13 @@ its routes and hooks:
     rt.on_start(start)                            # root roles: GET /start runs it in a thread
     rt.run()                                      # serve until SIGTERM
 
+Waiting on peers lives here, once: `rt.fan_out(peers, fn, deadline_s=)` runs fn(peer) for
+many peers in parallel (bounded) and returns per peer a `Reply` (what came back, or why
+not: dead, refused, timeout, error); `rt.broadcast_weights()` is that for one set of
+weights; `rt.gather(expected)` collects what peers send back (uploads) until all came,
+a deadline, or stop, and says per peer what is missing and why. A role keeps its maths
+and its choice of what to do with the answers it got.
+
 Inside the role: `rt.structure` (dict), `rt.data` (node_data.NodeData), `rt.set_state()`,
 `rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`,
 `rt.spawn()`, `rt.log` (a logging.Logger to <name>.log and stderr), `rt.stopping` (an Event).
@@ -40,6 +47,9 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from flask import Flask, Response, jsonify, request
@@ -54,6 +64,103 @@ HEARTBEAT_PERIOD_S = 2.0
 MAX_ERROR_CHARS = 1000        # a failure's message in heartbeats and /stats
 WEIGHTS_MIME = "application/octet-stream"
 CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what sets each attribute
+
+
+FAN_OUT_LIMIT = 32           # parallel calls of one fan_out (299 peers are not 299 threads)
+MAX_DEADLINE_S = 1e6
+
+# Why a peer gave nothing (Reply.why, Gather's missing): its port refused the connection
+# (nothing listens: the app is dead or not up), it answered with an HTTP error, nothing
+# came back in time (a read timeout, a dropped connection, the deadline), or the call
+# failed before it was made (a bad address, weights that do not pack).
+DEAD, REFUSED, TIMEOUT, ERROR = "dead", "refused", "timeout", "error"
+
+
+@dataclass
+class Reply:
+    """What one peer gave back to a fan_out call: `ok` with `value` (fn's return), or why
+    not (`why` one of dead, refused, timeout, error; `status` the HTTP status of a
+    refusal; `message` the reason in words)."""
+    peer: str
+    ok: bool
+    value: Any = None
+    why: str | None = None
+    status: int | None = None
+    message: str = ""
+
+
+def reply_for(peer: str, e: Exception) -> Reply:
+    """The Reply for a call to `peer` that raised `e`."""
+    if isinstance(e, net.HttpError):
+        if e.status is not None:
+            return Reply(peer, False, why=REFUSED, status=e.status, message=str(e))
+        return Reply(peer, False, why=DEAD if e.not_sent else TIMEOUT, message=str(e))
+    return Reply(peer, False, why=ERROR, message=f"{type(e).__name__}: {e}")
+
+
+class Gather:
+    """What `expected` peers send back (e.g. uploads to a route), until each one either
+    arrived or was given up on (`drop`), the deadline passed, or the node stops.
+
+    The route handler calls `add(peer, fold)`: checked (an open gather, an expected peer,
+    once), then fold() runs under the gather's lock (aggregate as things arrive: one model
+    in memory, not one per peer) and its value is kept. `close()` makes later adds fail
+    (409 for the route) and returns (arrived {peer: value}, missing {peer: why})."""
+
+    def __init__(self, expected: Iterable[str], stopping: threading.Event | None = None, *, tag: Any = None):
+        self.expected = set(expected)
+        self.tag = tag
+        self.arrived: dict[str, Any] = {}
+        self.missing: dict[str, str] = {}       # given up on: peer -> why
+        self.closed = False
+        self._stopping = stopping
+        self._cond = threading.Condition()
+
+    def add(self, peer: str, fold: Callable[[], Any] | None = None) -> Any:
+        with self._cond:
+            if self.closed:
+                raise Conflict(f"{self.tag or 'this round'} is closed")
+            if peer not in self.expected:
+                raise Conflict(f"{peer} was not asked in {self.tag or 'this round'}")
+            if peer in self.arrived:
+                raise Conflict(f"{peer} already sent for {self.tag or 'this round'}")
+            value = fold() if fold is not None else None
+            self.arrived[peer] = value
+            self.missing.pop(peer, None)
+            self._cond.notify_all()
+            return value
+
+    def drop(self, peer: str, why: str) -> None:
+        """Stop waiting for `peer` (its request failed: dead, refused, ...)."""
+        with self._cond:
+            if peer in self.expected and peer not in self.arrived:
+                self.missing[peer] = why
+                self._cond.notify_all()
+
+    def pending(self) -> set[str]:
+        with self._cond:
+            return self.expected - set(self.arrived) - set(self.missing)
+
+    def wait(self, deadline_s: float) -> bool:
+        """Wait until nothing is pending, `deadline_s` seconds passed or the node stops;
+        True when nothing is pending."""
+        deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
+        end = time.monotonic() + deadline_s
+        with self._cond:
+            while self.expected - set(self.arrived) - set(self.missing):
+                left = end - time.monotonic()
+                if left <= 0 or (self._stopping is not None and self._stopping.is_set()):
+                    return False
+                self._cond.wait(min(left, 1.0))
+            return True
+
+    def close(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Close (later adds get 409): (arrived, missing), every pending peer `timeout`."""
+        with self._cond:
+            self.closed = True
+            for p in self.expected - set(self.arrived) - set(self.missing):
+                self.missing[p] = TIMEOUT
+            return dict(self.arrived), dict(self.missing)
 
 
 class ConfigError(RuntimeError):
@@ -360,6 +467,61 @@ class Runtime:
         if first:
             self.log.error("node failed: %s", message)
 
+    # ------------------------------------------------------------------ many peers
+
+    def fan_out(self, peers: Iterable[str], fn: Callable[[str], Any], *, deadline_s: float,
+                limit: int = FAN_OUT_LIMIT) -> dict[str, Reply]:
+        """fn(peer) for every peer, at most `limit` at once, for at most `deadline_s` seconds
+        in all: {peer: Reply}, in the peers' order. A call that raised gives why it failed
+        (net.HttpError: dead if its connection was refused, refused with the status of an
+        HTTP error, timeout if nothing came back; anything else: error); a call still
+        going at the deadline, or not begun when the node stops, gives timeout (its
+        thread ends on its own timeout; its answer is ignored). fn must bound its own
+        calls (net.call's timeout_s)."""
+        deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
+        limit = net.number(limit, "limit", 1, 1024, integer=True)
+        peers = list(dict.fromkeys(peers))
+        out: dict[str, Reply] = {}
+        if not peers:
+            return out
+        pool = ThreadPoolExecutor(max_workers=min(limit, len(peers)), thread_name_prefix="fan-out")
+
+        def one(peer: str) -> Reply:
+            if self.stopping.is_set():
+                return Reply(peer, False, why=TIMEOUT, message="the node is stopping")
+            try:
+                return Reply(peer, True, value=fn(peer))
+            except Exception as e:   # every failure is an answer for the role to weigh
+                return reply_for(peer, e)
+        try:
+            futs = {p: pool.submit(one, p) for p in peers}
+            wait_futures(list(futs.values()), timeout=deadline_s)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for p, f in futs.items():
+            if f.done() and not f.cancelled():
+                out[p] = f.result()
+            else:
+                out[p] = Reply(p, False, why=TIMEOUT, message=f"no answer within the deadline of {deadline_s:g} s")
+        return out
+
+    def broadcast_weights(self, peers: Mapping[str, str], path: str, state_dict: Mapping[str, Any],
+                          meta: Mapping[str, Any] | None = None, *, deadline_s: float,
+                          timeout_s: float | None = None) -> dict[str, Reply]:
+        """POST the same weights (packed once) to every peer {name: 'ip:port'} at `path`,
+        through fan_out: {name: Reply}. A send is repeated only when it cannot have
+        arrived (connection refused); each call is bounded by `timeout_s` (default the
+        deadline)."""
+        body = net.pack_weights(state_dict, meta)
+        per_call = min(deadline_s, timeout_s) if timeout_s is not None else deadline_s
+        return self.fan_out(peers, lambda n: self.post_weights_body(peers[n], path, body,
+                                                                    timeout_s=max(per_call, 0.1)),
+                            deadline_s=deadline_s)
+
+    def gather(self, expected: Iterable[str], *, tag: Any = None) -> Gather:
+        """A Gather of what `expected` peers send back; the node's stop ends its waits."""
+        return Gather(expected, self.stopping, tag=tag)
+
     def peer(self, node: str) -> str:
         """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""
         connect = (self.structure or {}).get("connect") or {}
@@ -409,9 +571,14 @@ class Runtime:
         Raises net.HttpError when the peer does not answer 2xx. Bytes count as sent
         once the peer answered, whatever it answered.
         """
+        return self.post_weights_body(peer, path, net.pack_weights(state_dict, meta),
+                                      timeout_s=timeout_s, retries=retries)
+
+    def post_weights_body(self, peer: str, path: str, body: bytes, *, timeout_s: float = 300.0,
+                          retries: int = 2) -> Any:
+        """send_weights with the safetensors body packed already (one pack, many peers)."""
         if not PEER_RE.match(peer):
             raise ValueError(f"peer {peer!r}: expected 'ip:port'")
-        body = net.pack_weights(state_dict, meta)
         try:
             r = net.call("POST", f"http://{peer}{path}", token=self.peer_token, data=body,
                          headers={"Content-Type": WEIGHTS_MIME}, timeout_s=timeout_s,

@@ -1,0 +1,131 @@
+"""The runtime's many-peer helpers on real HTTP: rt.fan_out (bounded, with a deadline,
+per peer what came back or why not), rt.broadcast_weights and rt.gather."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from flask import Flask, request
+from werkzeug.exceptions import Conflict
+
+from dml_testutil import TOKEN, free_port, scratch  # noqa: F401
+import net
+from runtime import Gather, Runtime
+
+
+@pytest.fixture
+def rt(scratch):
+    r = Runtime("peers", env={"NET_NODE_NAME": "p1", "DML_PORT": "0", net.TOKEN_ENV: TOKEN,
+                              "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "none")})
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def peer():
+    """A peer with /ok, /busy (409) and /hold (answers only once released); counts bodies."""
+    app = Flask("peer")
+    net.require_token(app, TOKEN)
+    release = threading.Event()
+    got: list[tuple[str, int]] = []
+
+    @app.post("/ok")
+    def ok():
+        got.append(("ok", len(request.get_data())))
+        return "fine"
+
+    @app.post("/busy")
+    def busy():
+        return "not now", 409
+
+    @app.post("/hold")
+    def hold():
+        got.append(("hold", len(request.get_data())))
+        release.wait(60)
+        return "late"
+
+    srv = net.Server(app, "127.0.0.1", 0).start()
+    yield f"127.0.0.1:{srv.port}", got, release
+    release.set()
+    srv.close()
+
+
+def test_fan_out_says_per_peer_what_came_back_or_why_not(rt, peer):
+    addr, got, release = peer
+    dead = f"127.0.0.1:{free_port()}"       # nothing listens there
+    route = {"a": f"{addr}/ok", "b": f"{addr}/busy", "c": f"{dead}/ok", "d": f"{addr}/hold", "e": "bad addr"}
+
+    def call(name):
+        if " " in route[name]:
+            raise ValueError("not an address")
+        return net.call("POST", route[name], token=TOKEN, data=b"x", timeout_s=30, retries=2).text
+
+    out = rt.fan_out(list(route), call, deadline_s=2)
+    release.set()
+    assert list(out) == list(route)
+    assert out["a"].ok and out["a"].value == "fine" and out["a"].why is None
+    assert not out["b"].ok and out["b"].why == "refused" and out["b"].status == 409 and "not now" in out["b"].message
+    assert out["c"].why == "dead", out["c"]
+    assert out["d"].why == "timeout" and "deadline" in out["d"].message, out["d"]
+    assert out["e"].why == "error" and "ValueError" in out["e"].message
+    # a peer whose own call times out (nothing comes back: it may have arrived) is `timeout`
+    release.clear()
+    out = rt.fan_out(["d"], lambda n: net.call("POST", f"{addr}/hold", token=TOKEN, data=b"y", timeout_s=0.3),
+                     deadline_s=60)
+    release.set()
+    assert out["d"].why == "timeout" and out["d"].status is None and "ReadTimeout" in out["d"].message
+    assert [g for g in got if g[0] == "hold"] == [("hold", 1), ("hold", 1)]     # each sent once
+    with pytest.raises(ValueError):
+        rt.fan_out(["a"], call, deadline_s=float("nan"))
+    assert rt.fan_out([], call, deadline_s=1) == {}
+
+
+def test_fan_out_is_bounded(rt):
+    running, peak, lock = [0], [0], threading.Lock()
+    gate = threading.Barrier(3, timeout=30)
+
+    def work(n):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            gate.wait()          # 3 at a time meet here; a 4th at once would be left waiting
+        finally:
+            with lock:
+                running[0] -= 1
+        return n
+    out = rt.fan_out([f"n{i}" for i in range(9)], work, deadline_s=60, limit=3)
+    assert all(r.ok for r in out.values()) and peak[0] == 3, (out, peak)
+
+
+def test_broadcast_weights_packs_once_and_reports_each_peer(rt, peer):
+    addr, got, release = peer
+    release.set()
+    sd = {"w": torch.ones(4, 3)}
+    out = rt.broadcast_weights({"a": addr, "c": f"127.0.0.1:{free_port()}"}, "/ok", sd, {"round": 1},
+                               deadline_s=30)
+    assert out["a"].ok and out["c"].why == "dead"
+    size = len(net.pack_weights(sd, {"round": 1}))
+    assert ("ok", size) in got and rt.bytes_sent == size
+
+
+def test_gather_takes_each_expected_peer_once_until_closed():
+    g = Gather(["a", "b", "c"], tag="round 4")
+    assert g.add("a", lambda: 10) == 10
+    with pytest.raises(Conflict, match="already sent for round 4"):
+        g.add("a", lambda: 11)
+    with pytest.raises(Conflict, match="z was not asked in round 4"):
+        g.add("z")
+    g.drop("b", "dead")
+    assert g.pending() == {"c"} and g.wait(0) is False
+    t = threading.Thread(target=lambda: g.add("c", lambda: 30))
+    t.start()
+    assert g.wait(60) is True
+    t.join()
+    assert g.close() == ({"a": 10, "c": 30}, {"b": "dead"})
+    with pytest.raises(Conflict, match="round 4 is closed"):
+        g.add("b")
+    g2 = Gather(["x", "y"])
+    g2.add("y")
+    assert g2.close() == ({"y": None}, {"x": "timeout"})
