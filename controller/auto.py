@@ -195,13 +195,16 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
 
 def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds, *, say=print) -> None:
     """Say each new aggregate (of the root, or of every node when there is none) until
-    /finish has run; fail at once on a node app that died or a node in state `error`
-    (RuntimeError naming the node and its message), or on no /finish within timeout_s
-    (TimeoutError)."""
+    /finish has run; fail at once on a node in state `error` (RuntimeError naming the
+    node and its message), on the root's app exiting (or any app's, for algorithms
+    without a root), or on no /finish within timeout_s (TimeoutError). Another node's
+    app exiting (a killed trainer) is said once; the root's algorithm decides what it
+    means for the run."""
     deadline = time.time() + timeout_s
     nodes = testbed.all_nodes()
     watch = [root] if root else list(nodes)
     seen = {n: 0 for n in watch}
+    gone: set[str] = set()
     of = f"/{rounds}" if rounds else ""
     while not manager.finished.wait(1.0):
         if time.time() > deadline:
@@ -223,7 +226,11 @@ def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds
         failed = {n: s.get("error") or "no message" for n, s in status.items() if s.get("state") == "error"}
         if failed:
             raise RuntimeError("node(s) failed: " + "; ".join(f"{n}: {m}" for n, m in sorted(failed.items())))
-        dead = [n for n, s in status.items() if s.get("app") == "exited"]
+        exited = {n for n, s in status.items() if s.get("app") == "exited"}
+        for n in sorted(exited - gone - set(watch)):
+            say(f"{n}: node app exited; the run goes on without it")
+        gone |= exited
+        dead = sorted(exited & set(watch))
         if dead:
             raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
                                f"(see their stdout.log under /run/edgetb)")

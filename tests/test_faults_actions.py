@@ -284,6 +284,7 @@ def test_link_down_carries_nothing_others_keep_rate_up_restores(agent, iperf3):
 def test_docker_kill_pause_resume(agent):
     dep = dt.plan(2, cmd=HTTP_APP, port=APP_PORT)
     a, b = dep.names
+    dep.links = {a: [ah.link(dep, a, b, 10_000_000)]}
     with dt.deployed(agent, dep):
         until("containers ready", lambda: all(s["ready"] for s in status(agent).values()))
         cli = dt.client()
@@ -296,6 +297,8 @@ def test_docker_kill_pause_resume(agent):
         assert fault(agent, "/node/fault", {"node": a, "action": "resume"})["state"] == "running"
         assert answers(dep.ip(a), APP_PORT)
 
+        # (a stopped container has no eth0 any more: its link is taken down before)
+        assert fault(agent, "/link/fault", {"node": a, "dest": b, "action": "down"})["changed"]
         assert fault(agent, "/node/fault", {"node": a, "action": "kill"})["state"] == "exited"
         ctr.reload()
         assert ctr.status == "exited"
@@ -303,10 +306,18 @@ def test_docker_kill_pause_resume(agent):
         assert st[a]["state"] == "exited" and not st[a]["ready"]
         assert st[b]["state"] == "running" and st[b]["ready"] and answers(dep.ip(b), APP_PORT)
 
-        # restart: the container again, its links back in its new namespace, then the app
+        # restart: the container again, its links back in its new namespace (a down link
+        # still down), then the app
+        old_ns = os.stat(f"/run/netns/{dep.ns(a)}").st_ino
         assert fault(agent, "/node/fault", {"node": a, "action": "restart"})["state"] == "running"
         until("restarted container ready", lambda: status(agent)[a]["ready"])
         assert answers(dep.ip(a), APP_PORT)
+        assert os.stat(f"/run/netns/{dep.ns(a)}").st_ino != old_ns
+        assert status(agent)[a]["links"] == 1
+        assert tc.read_back(dep.ns(a), "eth0")["rates_bps"][tc.FIRST_LINK_MINOR] == 10_000_000
+        assert "limit 0p" in ah.ns_run(dep.ns(a), ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert fault(agent, "/link/fault", {"node": a, "dest": b, "action": "up"})["changed"]
+        assert "limit 0p" not in ah.ns_run(dep.ns(a), ["tc", "qdisc", "show", "dev", "eth0"]).stdout
         fault(agent, "/node/fault", {"node": b, "action": "pause"})   # the reset copes with it
 
 
