@@ -126,6 +126,7 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        manager.stop_scenario(resume_paused=False)   # no event fires at nodes being removed
         testbed.close()     # nodes first, so no heartbeat arrives at a closing server
         manager.close()
         say("reset: every node and link removed")

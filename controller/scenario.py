@@ -238,11 +238,12 @@ def _availability(avail: Any, mode: str, nodes: Collection[str], problems: list[
 
 def check_sequence(events: list[Event], problems: list[str]) -> None:
     """Play the events in order: a node is up, paused or dead; a link direction up or down.
-    pause needs up; resume needs paused; kill needs up; restart needs dead or up (not
-    paused: resume it first); down needs up; up needs down."""
+    pause needs up; resume needs paused; kill needs up or paused; restart takes any state
+    (a dead node starts again, a live or paused one is stopped and started); down needs up;
+    up needs down."""
     node_state: dict[str, str] = {}
     link_down: set[tuple[str, str]] = set()
-    need = {"pause": ("up",), "resume": ("paused",), "kill": ("up",), "restart": ("dead", "up")}
+    need = {"pause": ("up",), "resume": ("paused",), "kill": ("up", "paused"), "restart": ("dead", "up", "paused")}
     after = {"pause": "paused", "resume": "up", "kill": "dead", "restart": "up"}
     for ev in events:
         if ev.node is not None:

@@ -96,13 +96,17 @@ def test_a_file_with_many_problems_lists_them_all():
 def test_the_sequence_is_played_in_order():
     ok = [{"at": 1, "node": "n1", "action": "pause"}, {"at": 2, "node": "n1", "action": "resume"},
           {"at": 3, "node": "n1", "action": "kill"}, {"at": 4, "node": "n1", "action": "restart"},
-          {"at": 5, "link": ["n1", "n2"], "action": "down"}, {"at": 6, "link": ["n1", "n2"], "action": "up"}]
-    assert len(parse(ok)) == 6
+          {"at": 5, "link": ["n1", "n2"], "action": "down"}, {"at": 6, "link": ["n1", "n2"], "action": "up"},
+          {"at": 7, "node": "n2", "action": "pause"}, {"at": 8, "node": "n2", "action": "kill"},
+          {"at": 9, "node": "n2", "action": "restart"}, {"at": 10, "node": "n2", "action": "restart"},
+          {"at": 11, "node": "n2", "action": "pause"}, {"at": 12, "node": "n2", "action": "restart"}]
+    assert len(parse(ok)) == 12
     for bad, words in [
         ([{"at": 1, "node": "n1", "action": "pause"}, {"at": 2, "node": "n1", "action": "pause"}], "n1 is paused"),
         ([{"at": 1, "node": "n1", "action": "kill"}, {"at": 2, "node": "n1", "action": "pause"}], "n1 is dead"),
         ([{"at": 1, "node": "n1", "action": "pause", "for": 5}, {"at": 3, "node": "n1", "action": "kill"}],
-         "kill n1 at 3 s, but n1 is paused"),
+         "events[0].for: resume n1 at 6 s, but n1 is dead"),
+        ([{"at": 1, "node": "n1", "action": "kill"}, {"at": 2, "node": "n1", "action": "kill"}], "n1 is dead"),
         ([{"at": 1, "link": ["n1", "n2"], "action": "down", "for": 9},
           {"at": 2, "link": ["n2", "n1"], "action": "down", "dir": "both"}], "down n1->n2 at 2 s, but that link is down"),
         ({"availability": {"n2": [[0, 5]]}, "events": [{"at": 6, "node": "n2", "action": "pause"}]}, "n2 is paused"),
@@ -330,3 +334,22 @@ def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
         assert m.tb.links["st3"][0]["bw"] == "10mbit"
         assert "resume st2: ok" in results.table(summary)
         assert not m.scheduler.alive()
+
+
+def test_a_good_scenario_file_reaches_the_manager_of_a_run_script(tmp_path):
+    """--scenario's path without deploying: fl_run's testbed, auto.load_scenario, then the
+    manager the testbed makes at start() holds the events for /start."""
+    from controller import auto
+    from controller.fl_run import build
+    f = tmp_path / "good.json"
+    f.write_text(json.dumps({"events": [{"at": 5, "link": ["n2", "n1"], "action": "down", "for": 2}],
+                             "availability": {"n3": [[0, 4], [6, None]]}}))
+    tb = build(port=0)
+    auto.load_scenario(tb, str(f))
+    m = tb.manager_class(tb)
+    try:
+        assert [(e.at, e.label()) for e in m.scenario] == [(4, "pause n3"), (5, "down n2->n1"), (6, "resume n3"),
+                                                          (7, "up n2->n1")]
+        assert m.scheduler is None      # nothing fires before /start
+    finally:
+        m.close()
