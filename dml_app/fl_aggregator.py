@@ -2,20 +2,31 @@
 
 On GET /start it builds the model, then for `sync` rounds: picks
 max(1, round(trainer_fraction * len(child_node))) trainers with a seeded RNG, POSTs the
-global weights to each one's /train, waits for their /combine uploads (or the round
-timeout), averages them weighted by sample counts, evaluates on its test parts and logs
-`Aggregate: accuracy=..., round=k,`. At the end it calls the controller's /finish.
+global weights to each one's /train, waits for their /combine uploads (until every
+chosen trainer uploaded or failed, or the round timeout), averages them weighted by
+sample counts, evaluates on its test parts and logs `Aggregate: accuracy=..., round=k,`.
+At the end it calls the controller's /finish.
+
+Failures: a trainer that is dead (refused), refuses the weights or does not upload in
+time is left out of the round; the round is aggregated when at least `min_fraction` of
+the chosen trainers uploaded, otherwise it is tried again (trainers chosen anew; at
+most `round_retries` times) and then the run fails (state error with the reason; the
+controller's --auto ends on it). Every trainer is asked again each round, so a
+restarted one rejoins. Each attempt's participants go to the metrics as an event
+{"event": "participants", "round", "attempt", "chosen", "participants", "missing",
+"accepted"}. The waiting, deadlines and failure accounting are the runtime's
+(`rt.broadcast_weights`, `rt.gather`); this role keeps FedAvg and its choices.
 
 Structure conf (fl_structure_conf.py): {"trainer_fraction", "sync", "child_node",
-"connect"}, optional "seed" (default 0) and "round_timeout_s" (default 600).
+"connect"}, optional "seed" (default 0), "round_timeout_s" (default 600),
+"min_fraction" (in (0, 1], default 0.5) and "round_retries" (0..100, default 2).
 """
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
@@ -24,13 +35,15 @@ import net
 import nns
 from algorithms import FedAvg, select_clients, weighted_mean
 from learn import evaluate
-from runtime import Runtime, main
+from runtime import Gather, Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
+DEFAULT_MIN_FRACTION = 0.5
+DEFAULT_ROUND_RETRIES = 2
+MAX_ROUND_RETRIES = 100
 MAX_ROUNDS = 1_000_000
 MAX_SEED = 2**32 - 1
 MAX_SAMPLES = 10**12          # a trainer's sample count: far beyond any dataset, far below overflow
-SEND_THREADS = 32             # parallel /train sends to trainers
 
 
 def check_structure(conf: dict) -> dict:
@@ -44,6 +57,10 @@ def check_structure(conf: dict) -> dict:
     conf["seed"] = net.number(conf.get("seed", 0), "'seed'", 0, MAX_SEED, integer=True)
     conf["round_timeout_s"] = net.number(conf.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
                                          "'round_timeout_s'", 0.1, 1e6)
+    conf["min_fraction"] = net.number(conf.get("min_fraction", DEFAULT_MIN_FRACTION), "'min_fraction'",
+                                      0, 1, lo_open=True)
+    conf["round_retries"] = net.number(conf.get("round_retries", DEFAULT_ROUND_RETRIES), "'round_retries'",
+                                       0, MAX_ROUND_RETRIES, integer=True)
     children, connect = conf["child_node"], conf["connect"]
     if not isinstance(children, list) or not children or not all(isinstance(c, str) for c in children):
         raise ValueError(f"'child_node' must be a non-empty list of node names, got {children!r}")
@@ -57,21 +74,18 @@ def check_structure(conf: dict) -> dict:
     return conf
 
 
-@dataclass
-class RoundState:
-    number: int
-    expected: set[str]
-    results: dict[str, tuple[int, float]] = field(default_factory=dict)   # name -> (samples, loss)
-    # Uploads are folded in as they arrive: one model in memory, not one per trainer.
-    model_sum: FedAvg = field(default_factory=FedAvg)
+def needed(min_fraction: float, chosen: int) -> int:
+    """Uploads a round needs: at least min_fraction of the chosen trainers, and one."""
+    return max(1, math.ceil(min_fraction * chosen - 1e-9))
 
 
 class FlAggregator:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.model: torch.nn.Module | None = None
-        self._cond = threading.Condition()
-        self._round: RoundState | None = None
+        self.conf: dict | None = None          # the structure conf of the run, read once at start
+        self._lock = threading.Lock()
+        self._round: tuple[int, Gather, FedAvg] | None = None   # the open round's uploads
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run_rounds)
@@ -99,19 +113,15 @@ class FlAggregator:
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: upload from {name[:64]}: {e}") from None
         self._check_shapes(tensors)
-        with self._cond:
+        with self._lock:
             cur = self._round
-            if cur is None or rnd != cur.number:
-                now = cur.number if cur else "none"
-                self.rt.log.warning("late upload from %s for round %s (now %s): dropped", name, rnd, now)
-                raise Conflict(f"round {rnd} is not open (current round: {now})")
-            if name not in cur.expected:
-                raise Conflict(f"{name} was not asked to train in round {rnd}")
-            if name in cur.results:
-                raise Conflict(f"{name} already uploaded for round {rnd}")
-            cur.model_sum.add(tensors, samples)
-            cur.results[name] = (samples, loss)
-            self._cond.notify_all()
+        if cur is None or rnd != cur[0]:
+            now = cur[0] if cur else "none"
+            self.rt.log.warning("late upload from %s for round %s (now %s): dropped", name, rnd, now)
+            raise Conflict(f"round {rnd} is not open (current round: {now})")
+        _, gather, model_sum = cur
+        # Folded in as it arrives (under the gather's lock): one model in memory, not one per trainer.
+        gather.add(name, lambda: (model_sum.add(tensors, samples), (samples, loss))[1])
         return "ok\n"
 
     def _check_shapes(self, tensors: dict) -> None:
@@ -129,66 +139,86 @@ class FlAggregator:
     # ------------------------------------------------------------------ the rounds
 
     def run_rounds(self) -> None:
-        rt, conf, data = self.rt, self.rt.structure, self.rt.data
-        assert conf is not None and data is not None
+        rt, data = self.rt, self.rt.data
+        assert rt.structure is not None and data is not None
+        conf = self.conf = dict(rt.structure)   # this run's conf (a push mid-run gets 409 anyway)
         torch.manual_seed(conf["seed"])
         self.model = nns.build_model(data.meta)
         rng = random.Random(conf["seed"])
         acc, _ = evaluate(self.model, data.test_x, data.test_y)
-        rt.log.info("initial accuracy %.4f; %d rounds over %s", acc, conf["sync"], conf["child_node"])
+        rt.log.info("initial accuracy %.4f; %d rounds over %s (min_fraction %g, round_timeout_s %g, "
+                    "round_retries %d)", acc, conf["sync"], conf["child_node"], conf["min_fraction"],
+                    conf["round_timeout_s"], conf["round_retries"])
         t_start = time.monotonic()
-        # Bounded: 299 trainers must not mean 299 threads (each /train answers at once).
-        with ThreadPoolExecutor(max_workers=max(1, min(SEND_THREADS, len(conf["child_node"]))),
-                                thread_name_prefix="send") as pool:
-            for r in range(1, conf["sync"] + 1):
-                if rt.stopping.is_set():
-                    return
-                self._one_round(r, select_clients(conf["child_node"], conf["trainer_fraction"], rng), pool)
+        for r in range(1, conf["sync"] + 1):
+            if rt.stopping.is_set():
+                return
+            if not self._round_with_retries(r, rng):
+                return
         rt.log.info("training done: %d rounds in %.1f s", conf["sync"], time.monotonic() - t_start)
         rt.finish()
 
-    def _one_round(self, r: int, chosen: list[str], pool: ThreadPoolExecutor) -> None:
-        rt, conf = self.rt, self.rt.structure
+    def _round_with_retries(self, r: int, rng: random.Random) -> bool:
+        """Round r, tried up to 1 + round_retries times; False when the run failed or stops."""
+        rt, conf = self.rt, self.conf
+        attempts = 1 + conf["round_retries"]
+        shortfalls = []
+        for attempt in range(1, attempts + 1):
+            t0 = time.monotonic()
+            chosen = select_clients(conf["child_node"], conf["trainer_fraction"], rng)
+            results, missing, model_sum = self._attempt(r, chosen)
+            need = needed(conf["min_fraction"], len(chosen))
+            ok = len(results) >= need
+            rt.log_metric("participants", r, attempt=attempt, chosen=sorted(chosen),
+                          participants=sorted(results), missing=missing, accepted=ok)
+            if ok:
+                self._aggregate(r, chosen, results, model_sum, t0)
+                return True
+            if rt.stopping.is_set():
+                return False
+            shortfalls.append(f"attempt {attempt}: {len(results)}/{len(chosen)} uploaded, missing "
+                              + ", ".join(f"{n} ({why})" for n, why in sorted(missing.items())))
+            rt.log.warning("round %d: %d/%d trainers uploaded, min_fraction %g needs %d; %s", r,
+                           len(results), len(chosen), conf["min_fraction"], need,
+                           "trying the round again" if attempt < attempts else "giving up")
+        rt.fail(f"round {r}: fewer than min_fraction {conf['min_fraction']:g} of the chosen trainers "
+                f"uploaded in {attempts} attempt(s): " + "; ".join(shortfalls))
+        return False
+
+    def _attempt(self, r: int, chosen: list[str]) -> tuple[dict, dict, FedAvg]:
+        """Send the global weights to `chosen`, gather their uploads until all came or
+        failed, or round_timeout_s: (results {name: (samples, loss)}, missing {name: why}, sum)."""
+        rt, conf = self.rt, self.conf
         t0 = time.monotonic()
         rt.set_state("training", r)
-        with self._cond:
-            self._round = RoundState(r, set(chosen))
+        gather = rt.gather(chosen, tag=f"round {r}", addresses={n: conf["connect"][n] for n in chosen})
+        model_sum = FedAvg()
+        with self._lock:
+            self._round = (r, gather, model_sum)
         weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-        sends = {n: pool.submit(rt.send_weights, conf["connect"][n], "/train", weights,
-                                {"round": r, "name": rt.name}) for n in chosen}
-        for n, fut in sends.items():
-            try:
-                fut.result()
-            except (net.HttpError, ValueError) as e:
-                rt.log.warning("round %d: trainer %s failed to take the weights: %s", r, n, e)
-                with self._cond:
-                    self._round.expected.discard(n)
-                    self._cond.notify_all()
-
-        deadline = time.monotonic() + conf["round_timeout_s"]
-        with self._cond:
-            cur = self._round
-            while len(cur.results) < len(cur.expected) and not rt.stopping.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 1.0))
-            results = dict(cur.results)
-            model_sum = cur.model_sum
-            missing = sorted(cur.expected - set(results))
-            self._round = None  # late uploads for this round get 409 from now on
-        failed = sorted(set(chosen) - set(results))
-        if missing:
+        sent = rt.broadcast_weights({n: conf["connect"][n] for n in chosen}, "/train", weights,
+                                    {"round": r, "name": rt.name}, deadline_s=conf["round_timeout_s"])
+        for n, rep in sent.items():
+            if not rep.ok:
+                rt.log.warning("round %d: trainer %s failed to take the weights (%s): %s", r, n, rep.why,
+                               rep.message)
+                gather.drop(n, rep.why)
+        gather.wait(max(0.0, conf["round_timeout_s"] - (time.monotonic() - t0)))
+        with self._lock:
+            self._round = None      # late uploads for this round get 409 from now on
+        results, missing = gather.close()
+        late = sorted(n for n, why in missing.items() if why == "timeout" and sent[n].ok)
+        if late:
             rt.log.warning("round %d: no upload from %s within %g s; aggregating the others",
-                           r, missing, conf["round_timeout_s"])
+                           r, late, conf["round_timeout_s"])
+        return results, missing, model_sum
 
+    def _aggregate(self, r: int, chosen: list[str], results: dict, model_sum: FedAvg, t0: float) -> None:
+        rt = self.rt
         rt.set_state("aggregating", r)
-        if results:
-            self.model.load_state_dict(model_sum.result())
-            train_loss = weighted_mean([(l, n) for n, l in results.values()])
-        else:
-            rt.log.warning("round %d: no trainer answered; the global model is unchanged", r)
-            train_loss = float("nan")
+        failed = sorted(set(chosen) - set(results))
+        self.model.load_state_dict(model_sum.result())
+        train_loss = weighted_mean([(l, n) for n, l in results.values()])
         acc, test_loss = evaluate(self.model, rt.data.test_x, rt.data.test_y)
         rt.log_aggregate(acc, r)
         rt.log.info("round %d: %d/%d trainers%s, train loss %.4f, test loss %.4f, %.1f s", r,

@@ -68,6 +68,7 @@ CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what s
 
 FAN_OUT_LIMIT = 32           # parallel calls of one fan_out (299 peers are not 299 threads)
 MAX_DEADLINE_S = 1e6
+PROBE_PERIOD_S = 1.0         # how often a gather asks its pending peers whether they live
 
 # Why a peer gave nothing (Reply.why, Gather's missing): its port refused the connection
 # (nothing listens: the app is dead or not up), it answered with an HTTP error, nothing
@@ -107,9 +108,14 @@ class Gather:
     in memory, not one per peer) and its value is kept. `close()` makes later adds fail
     (409 for the route) and returns (arrived {peer: value}, missing {peer: why})."""
 
-    def __init__(self, expected: Iterable[str], stopping: threading.Event | None = None, *, tag: Any = None):
+    def __init__(self, expected: Iterable[str], stopping: threading.Event | None = None, *, tag: Any = None,
+                 probe: Callable[[set[str]], Mapping[str, str]] | None = None,
+                 probe_period_s: float = PROBE_PERIOD_S):
         self.expected = set(expected)
         self.tag = tag
+        # probe(pending) -> {peer: why} of those found gone (a dead app does not upload:
+        # no use waiting for the deadline); called every probe_period_s while waiting.
+        self._probe, self._probe_period_s = probe, probe_period_s
         self.arrived: dict[str, Any] = {}
         self.missing: dict[str, str] = {}       # given up on: peer -> why
         self.closed = False
@@ -146,13 +152,21 @@ class Gather:
         True when nothing is pending."""
         deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
         end = time.monotonic() + deadline_s
-        with self._cond:
-            while self.expected - set(self.arrived) - set(self.missing):
+        next_probe = time.monotonic() + self._probe_period_s
+        while True:
+            with self._cond:
+                if not self.expected - set(self.arrived) - set(self.missing):
+                    return True
                 left = end - time.monotonic()
                 if left <= 0 or (self._stopping is not None and self._stopping.is_set()):
                     return False
-                self._cond.wait(min(left, 1.0))
-            return True
+                self._cond.wait(min(left, 1.0, max(0.0, next_probe - time.monotonic())))
+            if self._probe is not None and time.monotonic() >= next_probe:
+                pending = self.pending()
+                if pending:
+                    for peer, why in self._probe(pending).items():
+                        self.drop(peer, why)
+                next_probe = time.monotonic() + self._probe_period_s
 
     def close(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Close (later adds get 409): (arrived, missing), every pending peer `timeout`."""
@@ -518,9 +532,23 @@ class Runtime:
                                                                     timeout_s=max(per_call, 0.1)),
                             deadline_s=deadline_s)
 
-    def gather(self, expected: Iterable[str], *, tag: Any = None) -> Gather:
-        """A Gather of what `expected` peers send back; the node's stop ends its waits."""
-        return Gather(expected, self.stopping, tag=tag)
+    def gather(self, expected: Iterable[str], *, tag: Any = None,
+               addresses: Mapping[str, str] | None = None) -> Gather:
+        """A Gather of what `expected` peers send back; the node's stop ends its waits.
+        With `addresses` {peer: 'ip:port'}, pending peers are asked GET /hi every
+        PROBE_PERIOD_S while it waits, and one whose port refuses (its app is dead) is
+        dropped as `dead` at once instead of being waited for until the deadline."""
+        probe = None
+        if addresses is not None:
+            addrs = dict(addresses)
+
+            def probe(pending: set[str]) -> dict[str, str]:
+                got = self.fan_out(sorted(p for p in pending if p in addrs),
+                                   lambda n: net.call("GET", f"http://{addrs[n]}/hi", token=self.peer_token,
+                                                      timeout_s=PROBE_PERIOD_S * 2, retries=1),
+                                   deadline_s=PROBE_PERIOD_S * 3)
+                return {n: DEAD for n, rep in got.items() if rep.why == DEAD}
+        return Gather(expected, self.stopping, tag=tag, probe=probe)
 
     def peer(self, node: str) -> str:
         """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""

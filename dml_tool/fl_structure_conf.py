@@ -9,7 +9,8 @@ trainers. Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/con
 the aggregator {"trainer_fraction", "sync", "child_node", "connect"} and each trainer
 {"epoch", "father_node", "connect"}, where `connect` maps every node it has a link to
 (links.json) to its 'ip:port' (node_info.json, written by the controller at start).
-Optional keys pass through: aggregator "seed", "round_timeout_s"; trainer "lr".
+Optional keys pass through: aggregator "seed", "round_timeout_s", "min_fraction",
+"round_retries"; trainer "lr".
 Defaults: -l ROOT/links.json, -n ROOT/node_info.json; a relative path is looked up
 from the current folder, then from dml_tool/.
 """
@@ -23,7 +24,8 @@ try:  # imported as dml_tool.fl_structure_conf (the controller's --auto mode)
 except ImportError:  # run as a script from any folder
     import conf_utils as cu
 
-AGGREGATOR_KEYS = ("name", "trainer_fraction", "sync", "seed", "round_timeout_s")
+AGGREGATOR_KEYS = ("name", "trainer_fraction", "sync", "seed", "round_timeout_s", "min_fraction",
+                   "round_retries")
 TRAINER_KEYS = ("name", "epoch", "lr")
 
 
@@ -54,6 +56,10 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         agg_conf["seed"] = cu.get_int(agg, "seed", where, low=0)
     if "round_timeout_s" in agg:
         agg_conf["round_timeout_s"] = cu.get_number(agg, "round_timeout_s", where, low=0.1, high=1e6)
+    if "min_fraction" in agg:
+        agg_conf["min_fraction"] = cu.get_number(agg, "min_fraction", where, low=0.0, high=1.0, low_open=True)
+    if "round_retries" in agg:
+        agg_conf["round_retries"] = cu.get_int(agg, "round_retries", where, low=0, high=100)
     confs: dict[str, dict[str, Any]] = {agg_name: agg_conf}
 
     for i, entry in enumerate(node_list[1:], start=1):

@@ -78,8 +78,12 @@ def test_fedavg_on_loopback(workdir):
 
         # metrics mirror the log lines
         recs = [json.loads(l) for l in (log_dir / "n1.metrics.jsonl").read_text().splitlines()]
-        assert [(r["event"], r["round"], round(r["accuracy"], 4)) for r in recs] == \
+        assert [(r["event"], r["round"], round(r["accuracy"], 4)) for r in recs if r["event"] != "participants"] == \
             [("aggregate", r, a) for r, a in accs]
+        # and each round's participants, the dead trainer missing as dead (its port refuses)
+        parts = [r for r in recs if r["event"] == "participants"]
+        assert [(r["round"], r["attempt"], r["participants"], r["missing"], r["accepted"]) for r in parts] == \
+            [(r, 1, sorted(TRAINERS), {DEAD: "dead"}, True) for r in range(1, SYNC + 1)], parts
 
         for name in TRAINERS:
             log = (log_dir / f"{name}.log").read_text()
