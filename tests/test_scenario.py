@@ -302,7 +302,8 @@ RNAMES = ["sa1", "st2", "st3", "st4"]
 
 def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
     """FL on netns nodes (the --auto workflow's drive): a trainer frozen at 1 s for 6 s
-    (cgroup freezer), a link's rate changed in place at 2 s; the run completes, and
+    (cgroup freezer), a link's rate changed in place at 2 s, another trainer's uplink down
+    from 3 s to 5 s; the run completes, and
     summary.json lists the events with ok=true at their times (each fired at or after its
     offset), the table shows them; netns_testbed checks nothing is left."""
     from controller.fl_run import FlManager
@@ -313,9 +314,10 @@ def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
     roles = {n: "fl_aggregator.py" if n == "sa1" else "fl_trainer.py" for n in RNAMES}
     with netns_testbed(tmp_path, FlManager, roles, links, port=3430, subnet="10.249.0.0/24") as (tb, m):
         doc = {"events": [{"at": 1, "node": "st2", "action": "pause", "for": 6},
-                          {"at": 2, "link": ["st3", "sa1"], "action": "rate", "bw": "10mbit"}]}
+                          {"at": 2, "link": ["st3", "sa1"], "action": "rate", "bw": "10mbit"},
+                          {"at": 3, "link": ["st4", "sa1"], "action": "down", "for": 2}]}
         r = http("POST", ctl(m, "/scenario"), json=doc)
-        assert r.status_code == 200 and len(r.json()["events"]) == 3, r.text
+        assert r.status_code == 200 and len(r.json()["events"]) == 5, r.text
         summary = run_workflow(tb, m, tmp_path, alg="fl", root="sa1", timeout_s=300, dataset={
             "sa1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
             **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
@@ -325,8 +327,9 @@ def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
         assert all(math.isfinite(p["accuracy"]) and 0 <= p["accuracy"] <= 1 for p in summary["accuracy_per_round"])
         evs = summary["events"]
         assert [(e["action"], e.get("node") or e.get("link"), e["ok"]) for e in evs] == [
-            ("pause", "st2", True), ("rate", ["st3", "sa1"], True), ("resume", "st2", True)], evs
-        assert evs[2]["source"] == "events[0].for", "the run ended before the resume was due"
+            ("pause", "st2", True), ("rate", ["st3", "sa1"], True), ("down", ["st4", "sa1"], True),
+            ("up", ["st4", "sa1"], True), ("resume", "st2", True)], evs
+        assert evs[4]["source"] == "events[0].for", "the run ended before the resume was due"
         for e in evs:
             assert math.isfinite(e["t"]) and e["at"] <= e["t"] < e["at"] + 60, e
         run_dir = Path(summary["run_dir"])
@@ -334,6 +337,12 @@ def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
         assert m.tb.links["st3"][0]["bw"] == "10mbit"
         assert "resume st2: ok" in results.table(summary)
         assert not m.scheduler.alive()
+        # the plots' marks: each event on the round axis, in order, within the run's rounds
+        metrics = {n: results.parse_metrics((run_dir / f"{n}.metrics.jsonl").read_text()) for n in RNAMES}
+        marks = results.event_rounds(evs, metrics, m.started_at)
+        xs = [x for x, _, _ in marks]
+        assert len(marks) == 5 and xs == sorted(xs) and all(0 <= x <= 5 for x in xs), marks
+        assert [label for _, label, _ in marks][0] == "pause st2"
 
 
 def test_a_good_scenario_file_reaches_the_manager_of_a_run_script(tmp_path):
