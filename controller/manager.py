@@ -187,9 +187,10 @@ class Manager:
             raise ValueError("say which node starts: /start?root=NAME")
         if root is not None and root not in nodes:
             raise ValueError(f"unknown root node {root!r}")
-        before = (self.root, self.summary, self.started_at)
+        before = (self.root, self.summary, self.started_at, self.run_dir)
         self.root = root
         self.summary = None
+        self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
         self.finished.clear()
         self.started_at = time.time()
         targets = [root] if root else list(nodes)
@@ -202,7 +203,7 @@ class Manager:
         bad = {k: v for k, v in self._each(start, targets).items() if isinstance(v, net.HttpError)}
         if bad:
             if len(bad) == len(targets):      # nothing started: the run is as it was
-                self.root, self.summary, self.started_at = before
+                self.root, self.summary, self.started_at, self.run_dir = before
                 if self.summary is not None:
                     self.finished.set()
             # Refused by every node that failed (a 4xx: not a root role, confs missing,
@@ -250,7 +251,8 @@ class Manager:
                 return self.summary
             wall = time.time() - (self.started_at or time.time())
             events = self.stop_scenario()      # first: a paused node is resumed to give its log
-            self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            if self.run_dir is None:         # else a node's POST /log of this run made it
+                self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
             def collect(node):
                 base = f"{node.ip}:{node.port}"
                 tok = self.tb.node_token(node.name)
