@@ -14,6 +14,7 @@ rules and the worker's gradient, with no HTTP and no threads (the roles hold the
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -25,6 +26,8 @@ import net
 from algorithms import StateDict
 
 MODES = ("sync", "async")
+MAX_PUSH_IDS = 4096           # push ids remembered (per server) to answer a resent push
+MAX_PUSH_ID_CHARS = 64
 
 
 class Rejected(ValueError):
@@ -113,6 +116,9 @@ class ParameterServer:
     pending: dict[str, tuple[dict, int]] = field(default_factory=dict)   # sync: this step's gradients
     pending_since: float | None = None
     buf: dict[str, torch.Tensor] | None = None
+    # (worker, push id) -> whether that push changed the model: a push sent again (its
+    # answer was lost) is answered from here, not applied twice. The last MAX_PUSH_IDS.
+    push_ids: "OrderedDict[tuple[str, str], bool]" = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if not self.workers:
@@ -131,9 +137,28 @@ class ParameterServer:
             diff = sorted(set(got.items()) ^ set(self.grad_shapes.items()))[:3]
             raise ValueError(f"the gradient does not match the model (keys or shapes differ: {diff})")
 
+    def seen(self, worker: str, push_id: str | None) -> bool | None:
+        """The outcome (True: it changed the model) of an accepted push with this id, or
+        None when there was none."""
+        return None if push_id is None else self.push_ids.get((worker, push_id))
+
     def push(self, worker: str, version: int, grad: dict, samples: int, *,
-             now: float | None = None) -> bool:
-        """Take one worker's gradient computed on `version`; True if the model changed."""
+             now: float | None = None, push_id: str | None = None) -> bool:
+        """Take one worker's gradient computed on `version`; True if the model changed.
+        A `push_id` already accepted from this worker is not applied again: its first
+        outcome is returned (`seen`)."""
+        prev = self.seen(worker, push_id)
+        if prev is not None:
+            return prev
+        applied = self._push(worker, version, grad, samples, now=now)
+        if push_id is not None:
+            self.push_ids[(worker, push_id)] = applied
+            while len(self.push_ids) > MAX_PUSH_IDS:
+                self.push_ids.popitem(last=False)
+        return applied
+
+    def _push(self, worker: str, version: int, grad: dict, samples: int, *,
+              now: float | None = None) -> bool:
         if self.done:
             raise Finished(f"training finished at version {self.version} ({self.config.steps} steps)")
         if worker not in self.workers:

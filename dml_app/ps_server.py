@@ -9,8 +9,10 @@ On GET /start (the root) it builds the seeded model (version 0) and starts every
   /ps/params, so they travel over the server -> worker link, and answers
   {"version": v, "sent": true}. When it does not, the server waits up to `wait_s`
   (at most 10 s) for a new version, else answers {"version": v, "sent": false}.
-* POST /ps/push, a gradient (safetensors, meta {name, version, samples, loss}): 200
-  {"applied", "version"}; 409 with the reason when refused (async: older than
+* POST /ps/push, a gradient (safetensors, meta {name, version, samples, loss, push_id?}):
+  200 {"applied", "version"}; a push_id this worker's push was already accepted with is
+  not applied again (a worker resending a push whose answer it lost): 200 {"applied"
+  (the first outcome), "version", "duplicate": true}; 409 with the reason when refused (async: older than
   `max_staleness` versions; sync: not of the current version, or pushed twice); 400
   for a gradient that does not fit the model; 410 once training is over.
 * GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending"};
@@ -39,7 +41,7 @@ import net
 import nns
 from algorithms import weighted_mean
 from learn import evaluate
-from ps import Finished, ParameterServer, PsConfig, Rejected
+from ps import MAX_PUSH_ID_CHARS, Finished, ParameterServer, PsConfig, Rejected
 from runtime import WEIGHTS_MIME, Runtime, main
 
 MAX_WAIT_S = 10.0
@@ -136,11 +138,19 @@ class PsServer:
             loss = net.number(meta["loss"], "gradient metadata 'loss'") if "loss" in meta else float("nan")
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: gradient from {name[:64]}: {e}") from None
+        push_id = meta.get("push_id")
+        if push_id is not None and (not isinstance(push_id, str) or not 0 < len(push_id) <= MAX_PUSH_ID_CHARS):
+            raise BadRequest(f"{self.rt.name}: gradient from {name[:64]}: 'push_id' must be a string "
+                             f"of 1 to {MAX_PUSH_ID_CHARS} characters")
         with self._cond:
             ps = self._running()
             before = ps.version
+            prev = ps.seen(name, push_id)
+            if prev is not None:
+                self.rt.log.info("push %s from %s again: applied once already, not again", push_id, name)
+                return jsonify(applied=prev, version=ps.version, duplicate=True)
             try:
-                applied = ps.push(name, version, tensors, samples)
+                applied = ps.push(name, version, tensors, samples, push_id=push_id)
             except Finished as e:
                 raise Gone(str(e)) from None
             except Rejected as e:

@@ -17,6 +17,7 @@ Structure conf (ps_structure_conf.py): {"role": "worker", "server": name, "conne
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -29,6 +30,7 @@ from ps import batch_gradient, batches
 from runtime import Runtime, main
 
 PULL_WAIT_S = 5.0
+PUSH_RESENDS = 2         # a push whose answer was lost is sent again (same push_id)
 SERVER_GONE_S = 60.0     # give up when the server does not answer (or has not started) for this long
 
 
@@ -71,12 +73,25 @@ class PsWorker:
                 self._params = (version, tensors)
         return "ok\n"
 
+    def _push(self, server: str, grad: dict, meta: dict) -> None:
+        """POST a gradient; resent (same push_id, so the server applies it once) when its
+        answer was lost (a read timeout, a dropped connection), at most PUSH_RESENDS times."""
+        for attempt in range(PUSH_RESENDS + 1):
+            try:
+                self.rt.send_weights(server, "/ps/push", grad, meta)
+                return
+            except net.HttpError as e:
+                if e.status is not None or attempt == PUSH_RESENDS:
+                    raise
+                self.rt.log.warning("push %s: no answer (%s); sending it again", meta["push_id"], e.message)
+
     def loop(self) -> None:
         rt, data = self.rt, self.rt.data
         server = rt.peer(rt.structure["server"])
         model = nns.build_model(data.meta)
         stream = batches(data.train_samples, data.batch_size, seed=zlib.crc32(rt.name.encode()))
         have, silent_since = -1, None
+        run_id, pushes = os.urandom(6).hex(), 0     # push ids: this process's, numbered
         while not rt.stopping.is_set():
             try:
                 ans = net.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
@@ -101,9 +116,10 @@ class PsWorker:
             loss, grad = batch_gradient(model, data.train_x[idx], data.train_y[idx])
             rt.log_train(loss, have)
             rt.set_state("uploading", have)
+            pushes += 1
             try:
-                rt.send_weights(server, "/ps/push", grad, {"name": rt.name, "version": have,
-                                                           "samples": len(idx), "loss": loss})
+                self._push(server, grad, {"name": rt.name, "version": have, "samples": len(idx),
+                                          "loss": loss, "push_id": f"{run_id}-{pushes}"})
             except net.HttpError as e:
                 if e.status == 410:
                     break

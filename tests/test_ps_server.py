@@ -190,3 +190,30 @@ def test_async_versions_count_accepted_pushes_and_stale_gradients_are_refused(ma
     assert re.findall(r"Step: version=(\d+), from=(\w+), staleness=(\d),", log) == \
         [("1", "pa1", "0"), ("2", "pa2", "1"), ("3", "pa2", "1")]
     assert json.loads(srv.call("GET", "/stats").text)["bytes_sent"] > 3 * 200_000   # 3 pulls of LeNet
+
+
+def test_a_push_sent_again_with_its_id_is_applied_once(make_server, data):
+    """A worker that lost the answer to a push sends it again with the same push_id: the
+    server answers with the first outcome and does not apply it twice."""
+    _, d = data
+    srv, fakes, _ = make_server(["pi1", "pi2"], mode="async", steps=10, lr=0.05, max_staleness=5)
+    v0 = pull(srv, fakes["pi1"], -1)
+    g1, g2 = gradients(v0, d.meta, d.train_x, d.train_y, 2)
+
+    def push_id(grad, pid, name="pi1"):
+        return srv.call("POST", "/ps/push", data=net.pack_weights(grad, {
+            "name": name, "version": 0, "samples": 32, "loss": 1.0, "push_id": pid}),
+            headers={"Content-Type": "application/octet-stream"}).json()
+
+    assert push_id(g1, "a-1") == {"applied": True, "version": 1}
+    assert push_id(g1, "a-1") == {"applied": True, "version": 1, "duplicate": True}
+    assert push_id(g2, "a-1", name="pi2") == {"applied": True, "version": 2}   # ids are per worker
+    v2 = pull(srv, fakes["pi1"], 0)
+    for k in g1:   # each gradient applied once: p - lr * g1 - lr * g2
+        assert torch.allclose(v2[k], v0[k].add(g1[k], alpha=-0.05).add(g2[k], alpha=-0.05))
+    status = srv.call("GET", "/ps/status").json()
+    assert (status["version"], status["accepted"]) == (2, 2)
+    for bad in ("", "x" * 65, 7):
+        with pytest.raises(net.HttpError) as e:
+            push_id(g1, bad)
+        assert e.value.status == 400 and "'push_id' must be a string" in e.value.message
