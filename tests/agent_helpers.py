@@ -445,6 +445,27 @@ def unreachable_from(ns: str, ips: list[str], port: int, *, timeout_s: float = 1
     return [l for l in p.stdout.splitlines() if l.strip()] or ([p.stderr.strip()] if p.returncode else [])
 
 
+LINK_TOLERANCE = 0.03     # goodput against the MTU-limited ideal of a link's rate
+
+
+def measure(dep: "Deployment", src: str, dst: str, rate_bps: int | None = None, seconds: float = 3) -> float:
+    """iperf3 goodput (bits/s) from node src to node dst's app port, in their namespaces."""
+    return iperf(dep.ns(src), dep.ns(dst), dep.ip(dst), dep.node(dst)["port"], seconds=seconds,
+                 rate_hint_bps=rate_bps)
+
+
+def assert_near(got_bps: float, rate_bps: int, tolerance: float = LINK_TOLERANCE) -> None:
+    ideal = goodput_ideal(rate_bps)
+    assert abs(got_bps / ideal - 1) <= tolerance, \
+        f"goodput {got_bps / 1e6:.3f} Mbit/s vs ideal {ideal / 1e6:.3f} Mbit/s ({got_bps / ideal:.3f})"
+
+
+def need_node_user():
+    """Skip mark for tests of unprivileged nodes: the edgetb-node user install.sh makes."""
+    missing = subprocess.run(["id", nb.NODE_USER], capture_output=True).returncode != 0
+    return need("root", f"no user {nb.NODE_USER}: run ./install.sh (as root)" if missing else None)
+
+
 def iperf(src_ns: str, dst_ns: str, ip: str, port: int = IPERF_PORT, *, seconds: float = 3,
           omit_s: int = 1, rate_hint_bps: float | None = None, attempts: int = 3) -> float:
     """Receiver goodput in bits/s of a TCP iperf3 run from src_ns to ip:port (a server in

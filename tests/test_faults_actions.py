@@ -27,7 +27,6 @@ pytestmark = [ah.need_root()]
 
 APP_PORT = 4456
 HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
-TOLERANCE = 0.03
 DEADLINE_S = 60
 
 agent = ah.agent_fixture()
@@ -224,15 +223,7 @@ def iperf3(agent):
         yield dep
 
 
-def measure(dep, src, dst, rate_bps, seconds=3):
-    return ah.iperf(dep.ns(src), dep.ns(dst), dep.ip(dst), dep.node(dst)["port"], seconds=seconds,
-                    rate_hint_bps=rate_bps)
-
-
-def assert_near(got_bps, rate_bps):
-    ideal = ah.goodput_ideal(rate_bps)
-    assert abs(got_bps / ideal - 1) <= TOLERANCE, \
-        f"goodput {got_bps / 1e6:.3f} Mbit/s vs ideal {ideal / 1e6:.3f} Mbit/s ({got_bps / ideal:.3f})"
+measure, assert_near = ah.measure, ah.assert_near      # (tests/agent_helpers.py)
 
 
 def class_bytes(dep, src) -> dict[int, int]:

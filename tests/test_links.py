@@ -17,7 +17,6 @@ from worker import tc, units  # noqa: E402
 
 pytestmark = [ah.need_root(), ah.need_iperf3()]
 
-TOLERANCE = 0.03
 SECONDS = 3
 
 agent = ah.agent_fixture()
@@ -35,15 +34,7 @@ def net4(agent):
         yield dep
 
 
-def measure(dep, src, dst, rate_bps=None, seconds=SECONDS):
-    return ah.iperf(dep.ns(src), dep.ns(dst), dep.ip(dst), dep.node(dst)["port"], seconds=seconds,
-                    rate_hint_bps=rate_bps)
-
-
-def assert_near(got_bps, rate_bps):
-    ideal = ah.goodput_ideal(rate_bps)
-    assert abs(got_bps / ideal - 1) <= TOLERANCE, \
-        f"goodput {got_bps / 1e6:.3f} Mbit/s vs ideal {ideal / 1e6:.3f} Mbit/s ({got_bps / ideal:.3f})"
+measure, assert_near = ah.measure, ah.assert_near      # (tests/agent_helpers.py)
 
 
 def test_deploy_reports_links(agent, net4):

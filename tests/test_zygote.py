@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,9 +25,7 @@ from dml_app import net  # noqa: E402
 from worker import nodes as nb  # noqa: E402
 
 ROOT = ah.ROOT
-pytestmark = [ah.need_root(),
-              ah.need("root", f"no user {nb.NODE_USER}: run ./install.sh (as root)"
-                      if subprocess.run(["id", nb.NODE_USER], capture_output=True).returncode != 0 else None)]
+pytestmark = [ah.need_root(), ah.need_node_user()]
 
 agent = ah.agent_fixture()
 clean_agent = ah.clean_agent_fixture()
