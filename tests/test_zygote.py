@@ -195,3 +195,36 @@ def test_a_forked_app_that_fails_says_why_in_its_stdout_log(clean_agent):
         time.sleep(0.1)
     log = (clean_agent.state_dir / "nodes" / node["name"] / "stdout.log").read_text()
     assert "NET_NODE_NAME='bad name!'" in log, log
+
+
+def _memory_holds(pid: int, needles: list[bytes]) -> list[bytes]:
+    """Which needles are anywhere in the writable memory of process pid (read as root)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if "w" not in perms:
+                continue
+            lo, hi = (int(x, 16) for x in addr.split("-"))
+            try:
+                mem.seek(lo)
+                chunk = mem.read(hi - lo)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found |= {n for n in needles if n in chunk}
+    return sorted(found)
+
+
+def test_no_node_credential_stays_in_the_zygote(clean_agent):
+    """Every child copies the zygote's memory: had the zygote read a node's spec, the nodes
+    forked after it would hold that node's credential. Only the child reads its spec."""
+    dep = _trainers([ROOT / "dml_app"] * 3)
+    ah.deploy(clean_agent, dep)
+    for name in dep.names:
+        _hi(clean_agent, dep, name)
+    zygote = int(ah.proc_status(_app_pid(dep.names[0]))["PPid"])
+    assert "worker/zygote.py" in Path(f"/proc/{zygote}/cmdline").read_bytes().decode()
+    tokens = [net.node_token(clean_agent.token, n).encode() for n in dep.names]
+    assert _memory_holds(zygote, tokens) == []
+    # The check can fail: the last node's own app does hold its credential.
+    assert _memory_holds(_app_pid(dep.names[-1]), tokens) == [tokens[-1]]

@@ -257,6 +257,14 @@ def prepare(spec: dict) -> None:
     os.chdir(spec["cwd"])
 
 
+def read_spec(fd: int) -> dict:
+    """The launch spec from the memfd the agent wrote it to; the fd is closed here, so the
+    app never inherits it."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.fdopen(fd, "rb") as f:
+        return json.loads(f.read())
+
+
 def mount_proc() -> None:
     """A /proc of this process's PID namespace (what `unshare --mount-proc` does)."""
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -267,9 +275,7 @@ def main() -> None:
         sys.exit("usage: launch.py --spec-fd N  (the spec is JSON in file descriptor N)")
     fd = int(sys.argv[2])
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(fd, "rb") as f:      # closed here: the app never inherits it
-            spec = json.loads(f.read())
+        spec = read_spec(fd)
     except (OSError, ValueError) as e:
         sys.exit(f"launch.py: cannot read the spec from fd {fd}: {e}")
     try:

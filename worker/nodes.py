@@ -302,6 +302,19 @@ def stop_group(p: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
     return p.returncode
 
 
+def spec_fd(launch: dict) -> int:
+    """A memfd holding the launch spec (its environment, credentials included): handed to
+    worker/launch.py (pass_fds) or to a zygote child (SCM_RIGHTS), never on a command line.
+    Close-on-exec here; the caller closes it."""
+    fd = os.memfd_create(f"edgetb-launch-{launch['name']}", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, json.dumps(launch).encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Runner:
     """Starts and stops node apps: own process group, cgroup, stdout to a file."""
 
@@ -336,7 +349,11 @@ class Runner:
             self.zygote.close()
             if self.zygote.ensure() != digest:
                 raise zygote.ZygoteError("its sources differ from the node's folder")
-        return self.zygote.spawn(launch, out.fileno())
+        fd = spec_fd(launch)
+        try:
+            return self.zygote.spawn(fd, out.fileno())
+        finally:
+            os.close(fd)
 
     def start(self, node: Node, extra_env: dict) -> None:
         """Start the node's app through worker/launch.py. The launch spec, environment
@@ -405,9 +422,8 @@ class Runner:
 
     @staticmethod
     def _exec(name: str, launch: dict, rundir: Path) -> subprocess.Popen:
-        fd = os.memfd_create(f"edgetb-launch-{name}")   # close-on-exec here; pass_fds hands it over
+        fd = spec_fd(launch)
         try:
-            os.write(fd, json.dumps(launch).encode())
             with open(rundir / "stdout.log", "ab") as out:
                 # -I -S: the launcher needs the standard library alone; starts faster.
                 return subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)], pass_fds=(fd,),

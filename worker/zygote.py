@@ -29,8 +29,9 @@ is exec'd through worker/launch.py as before.
 
 Protocol (a SOCK_SEQPACKET socket pair; the agent holds one end, the zygote inherits
 the other as `--sock-fd N`): the zygote first sends `{"ready": true, "digest": hex,
-"pid": pid}`. The agent sends `{"op": "spawn", "spec": {launch spec}}` with the
-stdout.log fd attached (SCM_RIGHTS) and gets `{"pid": host pid}` with a pidfd of the
+"pid": pid}`. The agent sends `{"op": "spawn"}` with two fds attached (SCM_RIGHTS): a
+memfd holding the launch spec, which only the child reads (so no node's credentials stay
+in the zygote, whose memory later children copy), and stdout.log and gets `{"pid": host pid}` with a pidfd of the
 child attached, or `{"error": "..."}`; `{"op": "exit_code", "pid": p}` answers
 `{"code": c}` (null while it runs). The zygote exits when the agent's end closes (its
 children keep running, to be ended by the agent's cgroup cleanup like any app).
@@ -221,12 +222,14 @@ class Zygote:
                 self._start()
             return self.digest
 
-    def spawn(self, spec: dict, stdout_fd: int) -> ZygoteProc:
+    def spawn(self, spec_fd: int, stdout_fd: int) -> ZygoteProc:
+        """A child running the launch spec in memfd `spec_fd` (which only the child reads:
+        no node's credentials stay in the zygote's memory, which later children copy)."""
         with self._lock:
             if self._sock is None:
                 raise ZygoteError("the zygote is not running")
             try:
-                _send(self._sock, {"op": "spawn", "spec": spec}, [stdout_fd])
+                _send(self._sock, {"op": "spawn"}, [spec_fd, stdout_fd])
                 msg, fds = _recv(self._sock, 60)
             except (OSError, EOFError, TimeoutError, ValueError) as e:
                 self.close_locked()
@@ -363,7 +366,7 @@ def retitle(argv: list[str], env: dict) -> None:
     _overwrite(env_start, env_end, [f"{k}={v}" for k, v in env.items()], ctypes)
 
 
-def _child(spec: dict, out_fd: int, keep: set[int]) -> None:
+def _child(spec_fd: int, out_fd: int) -> None:
     """In the forked child: become the node's app (module docstring). Never returns."""
     code = 1
     try:
@@ -372,6 +375,7 @@ def _child(spec: dict, out_fd: int, keep: set[int]) -> None:
         os.dup2(devnull, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
+        spec = launch.read_spec(spec_fd)           # read here, never in the zygote
         os.closerange(3, 1 << 16)                  # the agent's socket and the pidns fd go
         for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(s, signal.SIG_DFL)
@@ -440,12 +444,12 @@ def serve(sock: socket.socket) -> None:
             reap()
             _send(sock, {"code": codes.get(int(msg.get("pid", 0)))})
             continue
-        if msg.get("op") != "spawn" or len(fds) != 1:
+        if msg.get("op") != "spawn" or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            _send(sock, {"error": "expected {op: spawn, spec} with one fd"})
+            _send(sock, {"error": "expected {op: spawn} with two fds (spec, stdout)"})
             continue
-        out_fd = fds[0]
+        spec_fd, out_fd = fds
         try:
             # Each child is pid 1 of a new PID namespace: reset where our children go to
             # our own namespace, then unshare a fresh one for the next fork.
@@ -453,11 +457,13 @@ def serve(sock: socket.socket) -> None:
             _ok(libc.unshare(CLONE_NEWPID), "unshare pid", ctypes)
             pid = os.fork()
         except OSError as e:
+            os.close(spec_fd)
             os.close(out_fd)
             _send(sock, {"error": f"fork: {e}"})
             continue
         if pid == 0:
-            _child(msg["spec"], out_fd, set())
+            _child(spec_fd, out_fd)
+        os.close(spec_fd)
         os.close(out_fd)
         try:
             pidfd = os.pidfd_open(pid)
