@@ -84,7 +84,8 @@ def source_digest(folder: str | Path) -> str:
         for p in files:
             h.update(str(p.relative_to(folder)).encode() + b"\0")
             h.update(p.read_bytes() + b"\0")
-        _digests.clear() if len(_digests) > 64 else None
+        if len(_digests) > 64:               # folders come and go with shares: stay bounded
+            _digests.clear()
         _digests[key] = h.hexdigest()
     return _digests[key]
 
