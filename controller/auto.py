@@ -197,10 +197,10 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
 def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds, *, say=print) -> None:
     """Say each new aggregate (of the root, or of every node when there is none) until
     /finish has run; fail at once on a node in state `error` (RuntimeError naming the
-    node and its message), on the root's app exiting (or any app's, for algorithms
+    node and its message), on the root's app exiting (or every app's, for algorithms
     without a root), or on no /finish within timeout_s (TimeoutError). Another node's
-    app exiting (a killed trainer) is said once; the root's algorithm decides what it
-    means for the run."""
+    app exiting (a killed trainer, a killed peer) is said once; the algorithm decides
+    what it means for the run."""
     deadline = time.time() + timeout_s
     nodes = testbed.all_nodes()
     watch = [root] if root else list(nodes)
@@ -228,10 +228,13 @@ def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds
         if failed:
             raise RuntimeError("node(s) failed: " + "; ".join(f"{n}: {m}" for n, m in sorted(failed.items())))
         exited = {n for n, s in status.items() if s.get("app") == "exited"}
-        for n in sorted(exited - gone - set(watch)):
+        # The root's exit ends the run; any other node's (a rootless run's peers too) is
+        # said once and its algorithm carries on without it, unless none is left.
+        fatal = {root} if root else set(nodes)
+        for n in sorted(exited - gone - ({root} if root else set())):
             say(f"{n}: node app exited; the run goes on without it")
         gone |= exited
-        dead = sorted(exited & set(watch))
+        dead = sorted(exited & fatal) if root or exited >= fatal else []
         if dead:
             raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
                                f"(see their stdout.log under /run/edgetb)")
