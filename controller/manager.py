@@ -78,6 +78,7 @@ class Manager:
         self.server: net.Server | None = None
         self.heartbeats: dict[str, dict] = {}
         self.started_at: float | None = None
+        self.pushed: set[str] = set()      # conf kinds pushed to the nodes (push_conf)
         self.root: str | None = None
         self.run_dir: Path | None = None
         self.summary: dict | None = None
@@ -179,6 +180,7 @@ class Manager:
             return "ok"
         out = self._each(send, have)
         out.update({n: "skipped: no conf file" for n in missing})
+        self.pushed.add(kind)      # a restarted node gets it again (_rejoin)
         return out
 
     def start_training(self, root: str | None) -> str:
@@ -365,9 +367,42 @@ class Manager:
         out = {"ok": ok, "node": node, "action": action}
         if ok:
             out.update(state=ans.get("state"), detail=f"{node}: {action} done on {label} (app {ans.get('state')})")
+            if action == "restart":
+                rejoin = self._rejoin(node)
+                out["detail"] += f"; {rejoin}" if rejoin else ""
         else:
             out.update(detail=f"{node}: {action} failed: {ans['error']}", status=ans["status"])
         return out
+
+    def _rejoin(self, node: str) -> str:
+        """A restarted app starts with nothing: once it answers, give it again the confs
+        pushed so far in this deployment (its own conf files), then on_rejoin. Returns
+        what was done, in words ("" when nothing was pushed yet)."""
+        kinds = [k for k in ("dataset", "structure") if k in self.pushed]
+        if not kinds:
+            return ""
+        try:
+            self.tb.wait_ready([node], deadline=time.monotonic() + self.tb.ready_deadline_s())
+            n = self._nodes()[node]
+            for kind in kinds:
+                raw = files.read_project_file(self.conf_dir / f"{node}_{kind}.conf", self.file_folders(),
+                                              files.CONF_FILE_LIMIT, what=f"{kind} conf")
+                call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", token=self.tb.node_token(node), timeout_s=120,
+                          json=net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf"))
+            more = self.on_rejoin(node)
+        except (net.HttpError, NotReady, OSError, ValueError) as e:
+            return f"rejoin failed: {e}"
+        return f"{' and '.join(kinds)} conf pushed again" + (f", {more}" if more else "")
+
+    def on_rejoin(self, node: str) -> str:
+        """After a restarted node got its confs again: what the algorithm does to take it
+        back (e.g. start it). Rootless algorithms start it when the run is under way;
+        others wait for their root to call it in. Returns what was done, in words."""
+        if self.needs_root or self.started_at is None or self.finished.is_set():
+            return ""
+        n = self._nodes()[node]
+        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30)
+        return "started"
 
     def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
         """Take the link src -> dest (and dest -> src when both) down (0 bytes pass) or up
