@@ -40,6 +40,13 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
 fi
 "$py" -m pip install -q "${extra[@]}" -r requirements.txt
 "$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib, docker; print("install.sh: ready (torch", torch.__version__ + ")")'
+# The dashboard's browser, with EDGETB_BROWSER=1 (on by default with EDGETB_DOCKER=1, as CI
+# runs): Debian's chromium, which the page tests drive headless and the controller uses
+# for the run folder's dashboard.png (controller/browser.py; without it /finish just
+# skips the picture).
+if [ "${EDGETB_BROWSER:-${EDGETB_DOCKER:-0}}" = 1 ]; then
+  apt_need chromium:chromium
+fi
 # Docker nodes, with EDGETB_DOCKER=1 (CI sets it): docker.io and debootstrap from Debian,
 # dockerd started in the background unless a daemon answers (readiness polled, bounded),
 # and the node image built unless present (worker/image.py; offline, about 75 s, where
