@@ -7,11 +7,14 @@
 Five peers n1..n5 (dml_app/gl_peer.py) on network-namespace nodes, links from
 links.json; a peer gossips only to the peers it has links to. There is no root:
 `curl localhost:3333/start` starts every peer, and the controller itself notices when
-every peer is done (heartbeats, then each node's /stats) and collects the logs, plots
-and summary.json; nobody needs to call /finish. Edit build() to change the testbed.
+every live peer is done (heartbeats, then each node's /stats) and collects the logs,
+plots and summary.json; nobody needs to call /finish. A peer killed by a fault action,
+or whose app exited, is dead: the run ends when the others are done, and summary.json
+says "dead_peers". Edit build() to change the testbed.
 """
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +26,13 @@ from controller.testbed import single_machine  # noqa: E402
 from dml_app import net  # noqa: E402
 
 DONE_STATES = ("finished", "error")   # a gl_peer that will not gossip any more
+STALE_S = 6.0    # a peer silent this long (3 heartbeats) may be dead: ask /stats and the agent
 
 
 class GlManager(Manager):
-    """No root; the run ends by itself once every peer has gossiped `sync` times and merged
-    every model it received."""
+    """No root; the run ends by itself once every live peer has gossiped `sync` times and
+    merged every model it received. Dead peers (killed by node_fault, app exited, or no
+    agent knows the app and its port refuses) are left out and listed as dead_peers."""
 
     algorithm = "gl"
     needs_root = False
@@ -36,40 +41,85 @@ class GlManager(Manager):
         super().__init__(testbed)
         self._confirming = threading.Lock()
         self.failed_peers: list[str] = []
+        self.killed: set[str] = set()               # by node_fault("kill"), until a restart
+        self.dead_peers: dict[str, str] = {}        # at the end: peer -> why it counts as dead
 
     def start_training(self, root):
         if root is not None:
             raise ValueError("gossip learning has no root: start every peer with /start")
-        self.failed_peers = []
+        self.failed_peers, self.dead_peers = [], {}
         return super().start_training(None)
 
+    def node_fault(self, node: str, action: str) -> dict:
+        """The base's fault action; a killed peer counts as dead at once, a restarted one
+        (rejoined and started by the base) as live again."""
+        if action == "restart":
+            self.killed.discard(node)   # before: the rejoined peer's heartbeats count from the start
+        out = super().node_fault(node, action)
+        if action == "kill" and out["ok"]:
+            self.killed.add(node)
+        return out
+
     def on_heartbeat(self, node, state, round_) -> None:
-        """When every peer's last heartbeat says it is done, confirm and finish (once)."""
+        """When every peer's last heartbeat says it is done, or is silent (stale) or killed,
+        confirm and finish (once; a later heartbeat retries)."""
         if state not in DONE_STATES or self.started_at is None or self.finished.is_set():
             return
-        if all((self.heartbeats.get(n) or {}).get("state") in DONE_STATES for n in self._nodes()):
+        now = time.time()
+
+        def may_be_over(n: str) -> bool:
+            hb = self.heartbeats.get(n)
+            if n in self.killed or (hb or {}).get("state") in DONE_STATES:
+                return True
+            return now - (hb["t"] if hb else self.started_at) > STALE_S
+        if all(may_be_over(n) for n in self._nodes()):
             if self._confirming.acquire(blocking=False):  # one confirmation at a time
                 threading.Thread(target=self._confirm_and_finish, daemon=True, name="gl-finish").start()
 
+    def _stats_state(self, n) -> str:
+        """A node's state from its /stats now; 'unreachable' when its port refuses (nothing
+        listens), 'no answer' otherwise (a paused app: not dead, it may resume)."""
+        try:
+            return net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name), timeout_s=10)["state"]
+        except net.HttpError as e:
+            return "unreachable" if e.not_sent else "no answer"
+
     def _confirm_and_finish(self) -> None:
         """Heartbeats may be 2 s old: a model may have reached a peer since. Ask each node's
-        /stats now; a peer merging a late model says so, and a later heartbeat retries."""
+        /stats now (a peer merging a late model says so) and, for the silent ones, their
+        agent; finish when every live peer is done."""
         try:
-            states = self._each(lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
-                                                       timeout_s=10)["state"])
-            if self.finished.is_set() or not all(s in DONE_STATES for s in states.values()):
+            states = self._each(self._stats_state)
+            apps = {}
+            if any(s not in DONE_STATES for s in states.values()):
+                apps = {n: st.get("app") for n, st in self.status()["nodes"].items()}
+            dead = {}
+            for n, s in states.items():
+                if n in self.killed:
+                    dead[n] = "killed"
+                elif apps.get(n) == "exited":
+                    dead[n] = "app exited"
+                elif s == "unreachable" and apps.get(n) is None:   # no agent knows it (a bare process)
+                    dead[n] = "not answering (port refused)"
+            live = {n: s for n, s in states.items() if n not in dead}
+            if self.finished.is_set() or not live or not all(s in DONE_STATES for s in live.values()):
                 return
-            self.failed_peers = sorted(n for n, s in states.items() if s == "error")
-            note = f" ({', '.join(self.failed_peers)} in error)" if self.failed_peers else ""
-            print(f"controller: every peer is done{note}; collecting logs", flush=True)
+            self.dead_peers = dict(sorted(dead.items()))
+            self.failed_peers = sorted(n for n, s in live.items() if s == "error")
+            notes = [f"{', '.join(self.failed_peers)} in error"] if self.failed_peers else []
+            notes += [f"dead: {', '.join(f'{n} ({why})' for n, why in self.dead_peers.items())}"] if dead else []
+            print(f"controller: every live peer is done{' (' + '; '.join(notes) + ')' if notes else ''}; "
+                  f"collecting logs", flush=True)
             self.finish()
         finally:
             self._confirming.release()
 
     def summarize(self, metrics: dict, wall: float, sent: dict) -> dict:
         summary = super().summarize(metrics, wall, sent)
-        summary["gossips_sent"] = {n: sum(1 for r in recs if r.get("event") == "gossip")
+        # gossips that got there (a failed send to a dead peer is in the metrics with ok false)
+        summary["gossips_sent"] = {n: sum(1 for r in recs if r.get("event") == "gossip" and r.get("ok", True))
                                    for n, recs in sorted(metrics.items())}
+        summary["dead_peers"] = sorted(self.dead_peers)
         if self.failed_peers:
             summary["error"] = f"peer(s) {', '.join(self.failed_peers)} stopped with an error (see their logs)"
         return summary

@@ -4,8 +4,15 @@ On GET /start (the controller starts every peer) the peer builds the common seed
 model, then for `sync` rounds:
   1. trains `epoch` local epochs on its train parts (`Train: loss=..., round=r,`);
   2. gossips: POSTs its model (safetensors) to ONE peer chosen at random from its
-     `peers` (the other gossip peers it has links to), logging `Gossip: to=<peer>, round=r,` (metrics event
-     "gossip");
+     `peers` (the other gossip peers it has links to) that are not down, logging
+     `Gossip: to=<peer>, round=r,` (metrics event "gossip", with ok); a send that fails
+     (the peer's port refuses: dead; an HTTP error: refused; no answer within
+     `gossip_timeout_s`: timeout) is skipped and another live peer is chosen for the
+     round, until one took the model or none is left. A peer found dead or silent is
+     down: not chosen again until it answers again (a GET /hi each round, or a model
+     from it: a restarted peer comes back). Each round writes the metrics event
+     "participants" {participants: [the peer that took the model], missing: {peer
+     tried: why}, down: [...]};
   3. waits up to `wait_s` for a model from another peer (at once if one came already),
      averages every model received with its own (gossip.mix, a pure function),
      evaluates on its test parts and logs `Aggregate: accuracy=..., round=r,`; the next
@@ -19,7 +26,9 @@ Structure conf (gl_structure_conf.py): EdgeTB's {"epoch", "sync", "connect"}, wh
 `connect` maps every node this one has a link to (gossip peers or not) to 'ip:port',
 and ours: "peers", the names in `connect` that are gossip peers (without it, as in a
 conf from EdgeTB's tool, every node of `connect` is one); optional "seed" (default 0:
-the common initial model and each peer's choices), "lr" (0.05) and "wait_s" (5).
+the common initial model and each peer's choices), "lr" (0.05), "wait_s" (5) and
+"gossip_timeout_s" (30: the bound of one send). The waiting and the failure accounting
+are the runtime's (rt.fan_out, Reply); this role keeps its choice of whom to tell.
 """
 from __future__ import annotations
 
@@ -31,16 +40,21 @@ from werkzeug.exceptions import BadRequest, Conflict
 import net
 import nns
 import peer_role
-from gossip import check_compatible, choose_peer, mix, peer_rng
-from runtime import Runtime, main
+from gossip import check_compatible, gossip_round, mix, peer_rng
+from runtime import DEAD, TIMEOUT, Runtime, main
 
 DEFAULT_WAIT_S = 5.0
+DEFAULT_GOSSIP_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 2.0          # a GET /hi to a down peer: is it back?
+DOWN_WHYS = (DEAD, TIMEOUT)    # not chosen again until it answers; a refusal (4xx/5xx) is per round
 
 
 def check_structure(conf: dict) -> dict:
     """Validate and normalise a gossip peer's structure conf (ValueError names the key)."""
     conf = peer_role.check_common(conf, "gossip peer")
     conf["wait_s"] = peer_role.number(conf, "wait_s", float, 0.0, 3600.0, default=DEFAULT_WAIT_S)
+    conf["gossip_timeout_s"] = peer_role.number(conf, "gossip_timeout_s", float, 0.1, 3600.0,
+                                                default=DEFAULT_GOSSIP_TIMEOUT_S)
     peers = conf.setdefault("peers", list(conf["connect"]))
     if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers) or len(set(peers)) != len(peers):
         raise ValueError(f"'peers' must be a list of distinct node names, got {peers!r}")
@@ -62,6 +76,7 @@ class GlPeer:
         self._inbox: list[tuple[dict, str, int]] = []   # (weights, sender, sender's round)
         self._initiating = True     # False once the peer has gossiped `sync` times
         self._late_merging = False  # a thread merges models that came after that
+        self._down: set[str] = set()  # peers found dead or silent: not chosen until they answer
         rt.on_structure(check_structure)
         rt.on_dataset(peer_role.check_data)
         rt.on_start(self.run)
@@ -99,6 +114,9 @@ class GlPeer:
         with self._cond:
             self._inbox.append((tensors, sender, rnd))
             rt.log.info("Receive: from=%s, round=%d,", sender, rnd)
+            if sender in self._down:
+                self._down.discard(sender)
+                rt.log.info("%s is back (a model from it): it may be chosen again", sender)
             if not self._initiating and not self._late_merging:
                 # Said before answering: the sender becomes `finished` only after this.
                 self._late_merging = True
@@ -122,7 +140,8 @@ class GlPeer:
             rt.set_state("training", r)
             peer_role.train_round(rt, self.model, r)
             rt.set_state("gossiping", r)
-            self._gossip(choose_peer(peers, rng), r)
+            self._readmit(r)
+            self._gossip(peers, rng, r)
             rt.set_state("waiting", r)
             with self._cond:
                 self._cond.wait_for(lambda: self._inbox or rt.stopping.is_set(), timeout=conf["wait_s"])
@@ -138,17 +157,52 @@ class GlPeer:
                 rt.set_state("finished", conf["sync"])
         rt.log.info("gossip done: %d rounds initiated", conf["sync"])
 
-    def _gossip(self, peer: str, r: int) -> None:
+    def _gossip(self, peers: list[str], rng, r: int) -> None:
+        """Tell one live peer (gossip.gossip_round chooses; a failed send is skipped and
+        another chosen); each send bounded by gossip_timeout_s through rt.fan_out."""
+        rt, timeout_s = self.rt, self.rt.structure["gossip_timeout_s"]
+        body = net.pack_weights(self.model.state_dict(), {"name": rt.name, "round": r,
+                                                          "samples": rt.data.train_samples})
+
+        def send(peer: str) -> str | None:
+            rt.log.info("Gossip: to=%s, round=%d,", peer, r)
+            rep = rt.fan_out([peer], lambda n: rt.post_weights_body(rt.peer(n), "/gossip", body, timeout_s=timeout_s),
+                             deadline_s=timeout_s + 1.0)[peer]
+            if rep.ok:
+                rt.log_metric("gossip", r, to=peer, ok=True)
+                return None
+            rt.log.warning("round %d: gossip to %s failed (%s): %s; skipping it", r, peer, rep.why, rep.message)
+            rt.log_metric("gossip", r, to=peer, ok=False, why=rep.why)
+            if rep.why in DOWN_WHYS:
+                with self._cond:
+                    self._down.add(peer)
+            return rep.why
+
+        with self._cond:
+            down = set(self._down)
+        to, missing = gossip_round(peers, down, rng, send)
+        if to is None:
+            rt.log.warning("round %d: no live peer took the model (down: %s)", r,
+                           ", ".join(sorted(set(down) | set(missing))) or "none")
+        with self._cond:
+            down = sorted(self._down)
+        rt.log_metric("participants", r, participants=[to] if to else [], missing=missing, down=down)
+
+    def _readmit(self, r: int) -> None:
+        """Ask the down peers GET /hi (bounded); one that answers may be chosen again."""
         rt = self.rt
-        rt.log.info("Gossip: to=%s, round=%d,", peer, r)
-        ok = True
-        try:
-            rt.send_weights(rt.peer(peer), "/gossip", self.model.state_dict(),
-                            {"name": rt.name, "round": r, "samples": rt.data.train_samples})
-        except net.HttpError as e:
-            ok = False
-            rt.log.warning("round %d: gossip to %s failed: %s", r, peer, e)
-        rt.log_metric("gossip", r, to=peer, ok=ok)
+        with self._cond:
+            down = sorted(self._down)
+        if not down:
+            return
+        got = rt.fan_out(down, lambda n: net.call("GET", f"http://{rt.peer(n)}/hi", token=rt.peer_token,
+                                                  timeout_s=PROBE_TIMEOUT_S),
+                         deadline_s=PROBE_TIMEOUT_S + 1.0)
+        back = [n for n, rep in got.items() if rep.ok]
+        if back:
+            with self._cond:
+                self._down.difference_update(back)
+            rt.log.info("round %d: %s answer again: back among the peers to choose", r, ", ".join(back))
 
     def _merge(self, r: int) -> None:
         """Average every model received so far into ours, then evaluate (one Aggregate line)."""

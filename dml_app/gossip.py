@@ -1,11 +1,13 @@
 """Gossip learning as pure functions: mixing two models and choosing whom to tell.
 
 No HTTP, no threads: gl_peer.py calls these and the tests check them exactly.
+`gossip_round` is a round's choice under failures: the sending itself (bounded, with
+its reason for failing) is the caller's `send`.
 """
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -53,3 +55,25 @@ def choose_peer(peers: Sequence[str], rng: random.Random) -> str:
 def peer_rng(seed: int, name: str) -> random.Random:
     """A peer's own random stream: reproducible from the run's seed, distinct per peer."""
     return random.Random(f"gossip:{seed}:{name}")
+
+
+def gossip_round(peers: Sequence[str], down: Collection[str], rng: random.Random,
+                 send: Callable[[str], str | None]) -> tuple[str | None, dict[str, str]]:
+    """One round's gossip: choose a peer at random among `peers` not `down`; send(peer)
+    returns None when the model got there, else why not (a short word: dead, refused,
+    timeout, error); on a failure choose again among those not tried yet, until one
+    took it or none is left. -> (the peer that took it or None, {peer tried: why}).
+
+    Without failures this is exactly one choose_peer(peers, rng), so a run's choices do
+    not depend on whether it could have failed. Which failures make a peer `down` for
+    later rounds is the caller's choice."""
+    left = sorted(set(peers) - set(down))
+    missing: dict[str, str] = {}
+    while left:
+        peer = choose_peer(left, rng)
+        why = send(peer)
+        if why is None:
+            return peer, missing
+        missing[peer] = why
+        left.remove(peer)
+    return None, missing
