@@ -3,18 +3,32 @@ the ring, every step of it driven by the controller (RaManager, controller/ra_ru
 
 Routes (JSON bodies unless said; a call out of order gets 409 and changes nothing):
   GET  /start        build the initial model (state `ready`, round 0)
-  POST /ra/train     {"round": r, "ring": [...]}: `ring` lists the nodes in the order the
-                     chunks travel (each sends to the next, the last to the first; the
-                     driver follows the confs' next_name to make it), and this node's
-                     next one in it must be its next_name. Answered at once; trains
-                     `epoch` epochs on the train parts (`Train: loss=..., round=r,`;
-                     epoch 0 skips training), then flattens the model for the all-reduce
-                     (state `trained`)
-  POST /ra/step      {"round": r, "phase": "reduce"|"gather", "step": s}: sends this
-                     step's chunk to next_name (safetensors, through the shaped link)
-                     and answers once that node has applied it
+  POST /ra/train     {"round": r, "ring": [...], "home"?: [...], "successor"?: {...}}:
+                     `home` (default: `ring`) lists every member in the order the chunks
+                     travel (each sends to the next, the last to the first; the driver
+                     follows the confs' next_name to make it), and this node's next one
+                     in it must be its next_name. `ring` is this round's ring: `home`
+                     without the members that died, in the same order. Where this node's
+                     next one in `ring` (its successor) is not its next_name, `successor`
+                     {"name", "address": "ip:port"} says where to send (checked: the
+                     ring's next node, and `connect`'s address if it has one). Answered
+                     at once; trains `epoch` epochs on the train parts (`Train: loss=...,
+                     round=r,`; epoch 0 skips training), then keeps the flattened model
+                     (the trained vector) and readies the all-reduce (state `trained`)
+  POST /ra/reform    {"round": r, "attempt": a, "ring": [...], "successor"?: {...}}: a
+                     member died during round r's all-reduce: start it again (attempt a,
+                     above the current one) from the trained vector, on `ring`, the
+                     current ring without some members in the same order (`successor`
+                     as for /ra/train). Allowed once trained, at any step (state `trained`)
+  POST /ra/step      {"round": r, "phase": "reduce"|"gather", "step": s, "attempt"?: a
+                     (default 0), "timeout_s"?: t (default 300)}: sends this step's chunk
+                     to the successor (safetensors, through the shaped link) and answers
+                     once that node has applied it; a send that fails within t seconds
+                     gives 502 {"successor", "why" (runtime's dead/refused/timeout/error),
+                     "error"}
   POST /ra/chunk     the predecessor's chunk (safetensors; meta {round, phase, step,
-                     index, name}): added (reduce) or taken (gather), see ring.AllReduce
+                     index, name, attempt}): added (reduce) or taken (gather), see
+                     ring.AllReduce; a chunk of another attempt is refused (409)
   POST /ra/evaluate  {"round": r}: the mean becomes the model; evaluates on the test parts,
                      logs `Aggregate: accuracy=..., round=r,` (state `ready` again)
   GET  /ra/weights   the current model as safetensors (for checks; not counted as sent)
@@ -24,7 +38,8 @@ Structure conf: EdgeTB's (ra_structure_conf.py writes it): {"epoch", "sync",
 Optional keys of ours: "seed" (default 0), "lr" (0.05), "init": "common" (default:
 every node starts from the model seeded with `seed`) or "per_rank" (with "rank" k, the
 node's index in node_list: the model seeded with `seed + k`, i.e. different,
-reproducible weights, as the exactness test uses).
+reproducible weights, as the exactness test uses). "step_timeout_s" is the driver's
+(controller/ra_run.py: the deadline of one all-reduce step).
 """
 from __future__ import annotations
 
@@ -37,11 +52,13 @@ from werkzeug.exceptions import BadRequest, Conflict
 import net
 import nns
 import peer_role
-from ring import PHASES, AllReduce, Entry, flatten, unflatten
-from runtime import WEIGHTS_MIME, Runtime, main
+from ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
+from runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
 
 INITS = ("common", "per_rank")
 MAX_RING = 100_000           # steps and chunk indices are below the ring's size
+MAX_ATTEMPTS = MAX_RING      # a round's all-reduce starts again at most once per lost member
+SEND_TIMEOUT_S = 300.0       # a step's chunk delivery, unless the driver says less
 BUSY = ("trained", "reducing", "gathering")    # the states of a round's all-reduce
 STATE_OF = {"reduce": "reducing", "gather": "gathering"}
 
@@ -67,14 +84,18 @@ class RaPeer:
         self.model: torch.nn.Module | None = None
         self.layout: list[Entry] = []
         self.ar: AllReduce | None = None
+        self.trained: torch.Tensor | None = None   # this round's trained vector, kept for a re-formed ring
+        self.attempt = 0              # this round's all-reduce attempt (a re-formed ring is the next)
         self.ring: list[str] = []     # this round's ring, in the order the chunks travel
         self.pos = 0                  # this node's place in it
+        self.successor = ("", "")     # (name, 'ip:port') this node sends its chunks to
         self._lock = threading.Lock()
         rt.on_structure(self.check_structure)
         rt.on_dataset(lambda data: peer_role.check_data(data, needs_train=False))
         rt.on_start(self.start)
         rt.declare_model(nns.build_model)     # a chunk is a slice of the flattened model
         rt.route("/ra/train", methods=["POST"])(self.train)
+        rt.route("/ra/reform", methods=["POST"])(self.reform)
         rt.route("/ra/step", methods=["POST"])(self.step)
         rt.route("/ra/chunk", methods=["POST"], weights=True)(self.chunk)
         rt.route("/ra/evaluate", methods=["POST"])(self.evaluate)
@@ -114,21 +135,53 @@ class RaPeer:
     def _round_arg(self, body: dict) -> int:
         return _int(body.get("round"), "'round'", 1)
 
-    def _ring_arg(self, body: dict) -> tuple[list[str], int]:
-        """The ring of a /ra/train body and this node's place in it; 400 unless this node
-        is in it once and its next node there is its next_name."""
-        ring, me = body.get("ring"), self.rt.name
-        if (not isinstance(ring, list) or not 2 <= len(ring) <= MAX_RING
-                or not all(isinstance(n, str) for n in ring) or len(set(ring)) != len(ring)):
-            raise BadRequest("'ring' must list 2 or more distinct node names in the order the chunks travel")
+    @staticmethod
+    def _names(value, what: str) -> list[str]:
+        if (not isinstance(value, list) or not 2 <= len(value) <= MAX_RING
+                or not all(isinstance(n, str) for n in value) or len(set(value)) != len(value)):
+            raise BadRequest(f"'{what}' must list 2 or more distinct node names in the order the chunks travel")
+        return list(value)
+
+    def _ring_arg(self, body: dict, within: list[str] | None = None) -> tuple[list[str], int, tuple[str, str]]:
+        """The ring of a /ra/train or /ra/reform body, this node's place in it and its
+        successor (name, address); 400 unless this node is in it once, it is `within`
+        (/ra/reform: the current ring) or the body's `home` (whose next node after this
+        one must be its next_name) without some members in the same order, and a successor
+        other than next_name comes with its address."""
+        me, conf = self.rt.name, self.rt.structure or {}
+        ring = self._names(body.get("ring"), "ring")
+        nxt = conf.get("next_name")
+        if within is None:
+            home = self._names(body.get("home", ring), "home")
+            if me not in home:
+                raise BadRequest(f"{me}: 'home' does not hold this node")
+            after = home[(home.index(me) + 1) % len(home)]
+            if after != nxt:
+                raise BadRequest(f"{me}: the ring sends from {me} to {after}, but its next_name is {nxt!r}")
+            within = home
         if me not in ring:
             raise BadRequest(f"{me}: 'ring' does not hold this node")
+        if not is_subring(ring, within):
+            raise BadRequest(f"{me}: 'ring' {' -> '.join(ring)} is not the ring {' -> '.join(within)} "
+                             "without some members in the same order")
         pos = ring.index(me)
-        nxt = (self.rt.structure or {}).get("next_name")
-        if ring[(pos + 1) % len(ring)] != nxt:
-            raise BadRequest(f"{me}: the ring sends from {me} to {ring[(pos + 1) % len(ring)]}, but its "
-                             f"next_name is {nxt!r}")
-        return list(ring), pos
+        succ = ring[(pos + 1) % len(ring)]
+        given = body.get("successor")
+        if given is not None and (not isinstance(given, dict) or given.get("name") != succ):
+            raise BadRequest(f"{me}: 'successor' must be {{\"name\": {succ!r}, \"address\": \"ip:port\"}}, "
+                             "the node after this one in 'ring'")
+        known = (conf.get("connect") or {}).get(succ)     # next_name's is always there
+        offered = given.get("address") if given else None
+        if known:
+            if offered is not None and offered != known:
+                raise BadRequest(f"{me}: 'successor' gives {succ} at {str(offered)[:64]}, but 'connect' has {known}")
+            address = known
+        elif isinstance(offered, str) and PEER_RE.match(offered):
+            address = offered
+        else:
+            raise BadRequest(f"{me}: its successor {succ} is not its next_name {nxt!r} and 'connect' has no "
+                             f"address for it: 'successor' must give it as 'ip:port', got {str(offered)[:64]!r}")
+        return ring, pos, (succ, address)
 
     def _expect(self, r: int, what: str) -> None:
         """409 unless this node is in round r's all-reduce (call with the lock held)."""
@@ -148,8 +201,8 @@ class RaPeer:
             if self.model is None or self.rt.state != "ready" or self.rt.round != r - 1:
                 raise Conflict(f"{self.rt.name}: cannot train round {r}: node is {self.rt.state} "
                                f"in round {self.rt.round} (training needs ready in round {r - 1})")
-            ring, pos = self._ring_arg(body)
-            self.ring, self.pos = ring, pos
+            self.ring, self.pos, self.successor = self._ring_arg(body)
+            self.attempt, self.trained = 0, None
             self.rt.set_state("training", r)
         self.rt.spawn(self._train, r, name=f"train-{r}")
         return jsonify(node=self.rt.name, round=r, state="training")
@@ -160,34 +213,63 @@ class RaPeer:
             peer_role.train_round(rt, self.model, r)
         vector, layout = flatten(self.model.state_dict())
         with self._lock:
+            self.trained, self.layout = vector, layout   # AllReduce works on its own copy
             self.ar = AllReduce(vector, self.pos, len(self.ring))
-            self.layout = layout
             rt.set_state("trained", r)
+
+    def reform(self):
+        """POST /ra/reform {"round": r, "attempt": a, "ring": [...]}: round r's all-reduce
+        again, from the trained vector, on the ring without the members that died."""
+        rt = self.rt
+        body = _json()
+        r = self._round_arg(body)
+        attempt = _int(body.get("attempt"), "'attempt'", 1, MAX_ATTEMPTS)
+        with self._lock:
+            self._expect(r, "re-form the ring")
+            if attempt <= self.attempt:
+                raise Conflict(f"{rt.name}: round {r}'s all-reduce is at attempt {self.attempt}; "
+                               f"attempt {attempt} is not a later one")
+            ring, pos, successor = self._ring_arg(body, within=self.ring)
+            self.ar = AllReduce(self.trained, pos, len(ring))
+            self.ring, self.pos, self.successor, self.attempt = ring, pos, successor, attempt
+            rt.set_state("trained", r)
+        rt.log.info("round %d: all-reduce attempt %d on the ring %s (sending to %s)", r, attempt,
+                    " -> ".join(ring), successor[0])
+        return jsonify(node=rt.name, round=r, attempt=attempt, successor=successor[0], state="trained")
 
     def step(self):
         """POST /ra/step: send this step's chunk to next_name (answered after delivery)."""
-        rt, conf = self.rt, self.rt.structure
+        rt = self.rt
         body = _json()
         r, phase = self._round_arg(body), body.get("phase")
         if phase not in PHASES:
             raise BadRequest(f"expected {{'round', 'phase' ({'|'.join(PHASES)}), 'step' (int)}}, "
                              f"got phase {str(phase)[:40]!r}")
         step = _int(body.get("step"), "'step'", 0, MAX_RING)
+        attempt = _int(body.get("attempt", 0), "'attempt'", 0, MAX_ATTEMPTS)
+        try:
+            timeout_s = net.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, SEND_TIMEOUT_S)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         with self._lock:
             self._expect(r, f"send {phase} step {step}")
+            if attempt != self.attempt:
+                raise Conflict(f"{rt.name}: round {r}'s all-reduce is at attempt {self.attempt}, not {attempt}")
             try:
                 index, chunk = self.ar.outgoing(phase, step)
             except ValueError as e:
                 raise Conflict(f"{rt.name}: {e}") from None
             rt.set_state(STATE_OF[phase], r)
-        meta = {"round": r, "phase": phase, "step": step, "index": index, "name": rt.name}
+            succ, address = self.successor
+        meta = {"round": r, "phase": phase, "step": step, "index": index, "name": rt.name, "attempt": attempt}
         try:
-            rt.send_weights(rt.peer(conf["next_name"]), "/ra/chunk", {"chunk": chunk}, meta)
-        except net.HttpError as e:
-            rt.log.warning("round %d: %s step %d: chunk %d to %s failed: %s", r, phase, step, index,
-                           conf["next_name"], e)
-            return Response(f"{rt.name}: sending chunk {index} to {conf['next_name']} failed: {e}\n",
-                            status=502, mimetype="text/plain")
+            rt.send_weights(address, "/ra/chunk", {"chunk": chunk}, meta, timeout_s=timeout_s)
+        except Exception as e:   # noqa: BLE001  (the driver decides what a lost successor means)
+            why = reply_for(succ, e)
+            rt.log.warning("round %d: %s step %d: chunk %d to %s failed (%s): %s", r, phase, step, index,
+                           succ, why.why, why.message)
+            return jsonify(node=rt.name, successor=succ, why=why.why,
+                           error=f"sending chunk {index} to {succ} failed: {why.message[:300]}"), 502
         return jsonify(node=rt.name, round=r, phase=phase, step=step, index=index,
                        elements=int(chunk.numel()))
 
@@ -203,8 +285,12 @@ class RaPeer:
         r = _int(meta.get("round"), "chunk metadata 'round'", 1)
         step = _int(meta.get("step"), "chunk metadata 'step'", 0, MAX_RING)
         index = _int(meta.get("index"), "chunk metadata 'index'", 0, MAX_RING)
+        attempt = _int(meta.get("attempt", 0), "chunk metadata 'attempt'", 0, MAX_ATTEMPTS)
         with self._lock:
             self._expect(r, f"take a {phase} chunk")
+            if attempt != self.attempt:    # a late chunk of a ring that has re-formed since
+                raise Conflict(f"{rt.name}: round {r}'s all-reduce is at attempt {self.attempt}; "
+                               f"a chunk of attempt {attempt} is too late")
             predecessor = self.ring[self.pos - 1]
             if meta.get("name") != predecessor:
                 raise Conflict(f"{rt.name}: chunks come from the node before it in the ring, "
@@ -226,7 +312,7 @@ class RaPeer:
             except ValueError as e:
                 raise Conflict(f"{rt.name}: {e}") from None
             self.model.load_state_dict(unflatten(mean, self.layout))
-            self.ar = None
+            self.ar, self.trained = None, None
             rt.set_state("evaluating", r)
         acc = peer_role.evaluate_round(rt, self.model, r)
         rt.set_state("ready", r)

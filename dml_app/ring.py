@@ -19,6 +19,8 @@ confs' next_name, so rank i + 1 is rank i's next_name):
 `AllReduce` does this bookkeeping for one node and refuses anything out of order (a
 chunk of the wrong step, index or length), so a driver bug cannot silently corrupt a
 model. The caller moves the chunks (ra_peer.py: safetensors over the shaped links).
+When a member dies, the survivors start a new AllReduce of their own vectors on the
+ring without it (`is_subring` says a ring is such a re-formed one).
 """
 from __future__ import annotations
 
@@ -68,6 +70,17 @@ def recv_index(rank: int, size: int, phase: str, step: int) -> int:
 def owned_index(rank: int, size: int) -> int:
     """The chunk whose complete sum rank `rank` holds after the reduce-scatter."""
     return (rank + 1) % size
+
+
+def is_subring(ring: list[str], home: list[str]) -> bool:
+    """Whether `ring` is `home` with some members left out and the rest in the same cyclic
+    order (the ring the survivors of `home` re-form), each member once."""
+    if len(set(ring)) != len(ring) or not set(ring) <= set(home):
+        return False
+    at = [home.index(n) for n in ring]
+    k = at.index(min(at))
+    at = at[k:] + at[:k]
+    return all(a < b for a, b in zip(at, at[1:]))
 
 
 # ----------------------------------------------------------------------------- flattening

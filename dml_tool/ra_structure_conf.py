@@ -9,12 +9,14 @@ node_list[0]'s is the last entry: the ring runs BACKWARDS through the list
 (n1 -> n5 -> n4 -> n3 -> n2 -> n1 for n1..n5). `epoch` may be 0 (all-reduce without
 local training). Optional top-level "seed", "lr", "init" ("common": every node starts
 from the same seeded model, the default; "per_rank": the node at node_list[k] starts
-from seed + k, i.e. different known weights); per node "lr".
+from seed + k, i.e. different known weights), "step_timeout_s" (the longest the
+controller waits for one all-reduce step before it leaves out a member that has not
+answered; default 60); per node "lr".
 Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
 {"epoch", "sync", "next_name", "connect", ...}, EdgeTB's keys, `connect` every link of
 the node; ours beside them: "rank" (the node's index in node_list), "seed", "lr",
-"init". links.json must have a link from every node to its next_name (the chunks travel
-over it), or this fails naming both. Defaults: -l ROOT/links.json,
+"init", "step_timeout_s". links.json must have a link from every node to its
+next_name (the chunks travel over it), or this fails naming both. Defaults: -l ROOT/links.json,
 -n ROOT/node_info.json; a relative path is looked up from the current folder, then from
 dml_tool/.
 """
@@ -36,13 +38,15 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                 *, file: str = "ra_structure.json", links_file: str = "links.json",
                 nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
     """Check the ring against the links and nodes; return {node: structure conf}."""
-    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("init",),
+    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("init", "step_timeout_s"),
                           min_epoch=0)
     extra = {}
     if "init" in structure:
         if structure["init"] not in INITS:
             raise cu.ConfError(f"{file}.init: expected one of {', '.join(INITS)}, got {structure['init']!r}")
         extra["init"] = structure["init"]
+    if "step_timeout_s" in structure:
+        extra["step_timeout_s"] = cu.get_number(structure, "step_timeout_s", file, low=0.1, high=3600.0)
     names = [p["name"] for p in peers]
     confs: dict[str, dict[str, Any]] = {}
     for rank, p in enumerate(peers):
