@@ -4,20 +4,39 @@ node is in (its structure conf lists them) and forwarding for others.
 Layer 1 trains: it takes a model, trains `epoch` local epochs (`Train: loss=..., round=k,`,
 k counting this node's trainings) and sends it up with its number of train samples.
 Layer l > 1 aggregates: for `sync` rounds it sends its model down to its children,
-waits for their results (or `round_timeout_s`) and averages them weighted by samples
-(etree.aggregate); then it sends the model up with the sum of its children's samples.
+gathers their results until every child answered or was given up on, or
+`round_timeout_s`, and averages them weighted by samples (etree.aggregate); then it
+sends the model up with the sum of its children's samples.
 The top starts on GET /start from its seeded initial model, evaluates after each of its
 rounds (`Aggregate: accuracy=..., round=r, layer=L,`) and calls the controller's
 /finish at the end. Other layers log `Layer aggregate: layer=l, round=k, ...`. A child
 or father that is the node itself (`"self"`) is called in-process.
 
+Failures, at every aggregating layer (the top's included), as FL's aggregator: a child
+that does not take the model (dead, refused, unreachable through a dead relay) is left
+out of the round at once; a pending child is probed every second (GET /el/hi relayed
+along the same hops) and dropped as `dead` when it, or a node on the way to it, no
+longer listens; one that sends nothing within `round_timeout_s` is `timeout`. A dead
+aggregator below takes its whole subtree with it: it is the child reported missing.
+The round is aggregated when at least `min_fraction` of the children answered,
+otherwise it is tried again (at most `round_retries` times) and then the node fails
+(state error with the reason; --auto ends the run on it). Every child is asked again
+each round, so a restarted one rejoins. Each attempt writes a metrics event
+{"event": "participants", "round", "layer", "attempt", "children", "participants",
+"missing" {child: why}, "accepted"}. The waiting and probing are the runtime's
+(`rt.fan_out`, `Gather`); this role keeps the E-tree maths and its choices.
+
 Every message is POST /el/message: safetensors weights with meta {kind: "down"|"up",
-src, dst, layer (the child's layer), round (the father's round), samples (up), hops}.
+src, dst, layer (the child's layer), round (the father's round), samples (up), hops,
+timeout_s (how long the sender waits for the answer)}.
 A node sends straight to a node of its `connect`, else to the address `forward` gives
 for it (EdgeTB's next hop); a node that is not `dst` passes the message on the same way
-and logs `Forward: from=src, to=dst, round=r, layer=l, kind=..., next=hop,`. The
-destination's answer comes back along the way, so a refusal (400/409) reaches the
-sender; a message that has passed MAX_HOPS nodes is refused (a loop in hand-written
+(waiting at most 0.8 x the message's timeout_s, so its answer comes back before the
+sender gives up) and logs `Forward: from=src, to=dst, round=r, layer=l, kind=..., next=hop,`.
+The destination's answer comes back along the way, so a refusal (400/409) reaches the
+sender; a relay whose next hop refuses the connection (a dead node) answers 502, one
+whose next hop does not answer in time 504; nothing is sent again once it may have
+arrived. A message that has passed MAX_HOPS nodes is refused (a loop in hand-written
 `forward` tables). GET /el/model answers the model of the node's highest layer that has
 aggregated (meta {layer, round}), 404 before that.
 
@@ -25,33 +44,41 @@ Structure conf: EdgeTB's (el_structure_conf.py writes it): {"layer": [...],
 "father_node": [...], "child_node": [[...], ...], "sync": [...], "epoch", "connect",
 "forward"}, one list entry per layer from the lowest to the highest, "self" for the node
 itself, "top" as the top's father, sync 0 on layer 1; `epoch` when the node is in layer
-1. Keys of ours, all optional: "lr", "round_timeout_s" ({"<layer>": s}), "seed" (top:
-the initial model) and "test_known_weights_seed" (test only: trainers answer
-etree.known_weights instead of training).
+1. Keys of ours, all optional: "lr", per aggregating layer {"<layer>": value}:
+"round_timeout_s" (default 600), "min_fraction" (in (0, 1], default 0.5) and
+"round_retries" (0..100, default 2); "seed" (top: the initial model) and
+"test_known_weights_seed" (test only: trainers answer etree.known_weights instead of
+training).
 """
 from __future__ import annotations
 
 import threading
+import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flask import Response
+from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
 import etree
 import net
 import nns
+from fl_aggregator import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, needed
 from learn import evaluate, train_epochs
-from runtime import WEIGHTS_MIME, Runtime, main
+from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
 
 SELF = "self"
 TOP = "top"
 MAX_HOPS = 64                  # nodes a message may pass: more means a forwarding loop
 DEFAULT_LR = 0.05
 DEFAULT_ROUND_TIMEOUT_S = 600.0
+UP_TIMEOUT_S = 300.0           # a result going up: one model's transfer, bounded
+MAX_TIMEOUT_S = 1e6
+RELAY_SHARE = 0.8              # a relay waits this share of its sender's wait: its answer comes first
+RELAY_DEAD = 502               # a relay's answer when its next hop refused the connection (dead)
+RELAY_TIMEOUT = 504            # ... when its next hop did not answer in time
+PROBE_TIMEOUT_S = 2 * PROBE_PERIOD_S   # one liveness probe of a pending child, relays included
 
 
 MAX_LAYERS = 64
@@ -92,6 +119,7 @@ def check_structure(conf: dict, me: str) -> dict:
         for name, addr in table.items():
             _address(addr, f"{key}[{name!r}]")
     layers: dict[int, dict] = {}
+    quorum: dict[int, dict] = {}
     numbers = [_int(layer, f"layer[{i}]", 1, MAX_LAYERS) for i, layer in enumerate(conf["layer"])]
     if numbers != sorted(set(numbers)):
         raise ValueError(f"'layer' must go from the node's lowest layer to its highest, got {numbers}")
@@ -114,11 +142,14 @@ def check_structure(conf: dict, me: str) -> dict:
             if not kids:
                 raise ValueError(f"child_node[{i}] (layer {layer}) is empty: an aggregating layer needs children")
             lc["sync"] = _int(sync, f"sync[{i}] (layer {layer})", 1)
-            timeouts = conf.get("round_timeout_s", {})
-            if not isinstance(timeouts, dict):
-                raise ValueError("'round_timeout_s' must map layer numbers to seconds")
-            lc["round_timeout_s"] = _positive(timeouts.get(str(layer), DEFAULT_ROUND_TIMEOUT_S),
-                                              f"round_timeout_s[{str(layer)!r}]", 1e6)
+            lc["round_timeout_s"] = _positive(_per_layer(conf, "round_timeout_s", layer, DEFAULT_ROUND_TIMEOUT_S),
+                                              f"round_timeout_s[{str(layer)!r}]", MAX_TIMEOUT_S)
+            quorum[layer] = {
+                "min_fraction": net.number(_per_layer(conf, "min_fraction", layer, DEFAULT_MIN_FRACTION),
+                                           f"min_fraction[{str(layer)!r}]", 0, 1, lo_open=True),
+                "round_retries": net.number(_per_layer(conf, "round_retries", layer, DEFAULT_ROUND_RETRIES),
+                                            f"round_retries[{str(layer)!r}]", 0, MAX_ROUND_RETRIES,
+                                            integer=True)}
         layers[layer] = lc
     peers = {p for lc in layers.values() for p in [lc["father"], *lc["children"]]}
     for peer in sorted(peers - {None, SELF, me}):
@@ -128,32 +159,53 @@ def check_structure(conf: dict, me: str) -> dict:
         if key in conf:
             conf[key] = _int(conf[key], key, 0, MAX_SEED)
     conf["_layers"] = layers
+    conf["_quorum"] = quorum      # {layer: {"min_fraction", "round_retries"}} of the aggregating layers
     return conf
 
 
-@dataclass
-class Box:
-    """The results one aggregating (layer, round) waits for."""
-    expected: set[str]
-    shapes: dict[str, tuple]
-    results: dict[str, tuple[dict, int]] = field(default_factory=dict)
+def _per_layer(conf: dict, key: str, layer: int, default: Any) -> Any:
+    """conf[key][str(layer)], or `default`: our per-layer keys map layer numbers to values."""
+    table = conf.get(key, {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{key!r} must map layer numbers (\"2\") to values, got {str(table)[:64]}")
+    return table.get(str(layer), default)
+
+
+def why_not(rep: Reply) -> str:
+    """Why a child gave nothing, seen through relays: a relay's 502 means a node on the
+    way (or the child) no longer listens, its 504 that it did not answer in time."""
+    if rep.why == REFUSED and rep.status == RELAY_DEAD:
+        return DEAD
+    if rep.why == REFUSED and rep.status == RELAY_TIMEOUT:
+        return TIMEOUT
+    return rep.why or TIMEOUT
+
+
+def _arg(name: str, default: float, lo: float, hi: float, *, integer: bool = False) -> int | float:
+    """A number from the query string (BadRequest naming it otherwise)."""
+    raw = request.args.get(name)
+    try:
+        return net.number(default if raw is None else float(raw), f"query {name!r}", lo, hi, integer=integer)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 class ElPeer:
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self._cond = threading.Condition()
-        self._boxes: dict[tuple[int, int], Box] = {}
+        self._lock = threading.Lock()
+        # the open (layer, round)s: their Gather and the shapes their results must have
+        self._open: dict[tuple[int, int], tuple[Gather, dict[str, tuple]]] = {}
         self._rounds: dict[int, int] = {}                # layer -> rounds run so far
         self._train_lock = threading.Lock()
         self._trainings = 0
         self._latest: tuple[int, int, dict] | None = None  # (layer, round, model)
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="el-send")
         rt.on_structure(self._check_structure)
         rt.on_dataset(self._check_data)
         rt.declare_model(nns.build_model)
         rt.route("/el/message", methods=["POST"], weights=True)(self.message)
         rt.route("/el/model", methods=["GET"])(self.model)
+        rt.route("/el/hi", methods=["GET"])(self.hi)
 
     # ------------------------------------------------------------------ confs
     @property
@@ -210,6 +262,8 @@ class ElPeer:
             layer = meta["layer"] = _int(layer, "meta 'layer'", 1, MAX_LAYERS)
             rnd = meta["round"] = _int(rnd, "meta 'round'", 1)
             hops = meta["hops"] = _int(meta.get("hops", 0), "meta 'hops'", 0, MAX_HOPS)
+            meta["timeout_s"] = net.number(meta.get("timeout_s", UP_TIMEOUT_S), "meta 'timeout_s'", 0.1,
+                                           MAX_TIMEOUT_S)
             if dst != rt.name:
                 if hops >= MAX_HOPS:
                     # a loop in the forward tables: each hop would wait on the next forever
@@ -243,12 +297,59 @@ class ElPeer:
                     meta["dst"], meta["round"], meta["layer"], meta["kind"], hop)
         rt.log_metric("forward", meta["round"], src=meta["src"], dst=meta["dst"],
                       layer=meta["layer"], kind=meta["kind"], next=hop)
-        try:
-            rt.send_weights(addr, "/el/message", tensors, {**meta, "hops": meta["hops"] + 1})
+        onward = max(0.1, meta["timeout_s"] * RELAY_SHARE)
+        try:   # send_weights repeats only a send that cannot have arrived (connection refused)
+            rt.send_weights(addr, "/el/message", tensors, {**meta, "hops": meta["hops"] + 1, "timeout_s": onward},
+                            timeout_s=onward)
         except net.HttpError as e:
-            return Response(f"{rt.name}: forwarding to {hop} failed: {e.message}\n",
-                            status=e.status or 502, mimetype="text/plain")
+            return self._relay_failed(hop, e)
         return "forwarded\n"
+
+    def _relay_failed(self, hop: str, e: net.HttpError) -> Response:
+        """A relay's answer when the next hop gave no 2xx: its refusal passed on as it is;
+        502 when its connection was refused (dead), 504 when no answer came in time."""
+        if e.status is not None:
+            status, what = e.status, e.message
+        elif e.not_sent:
+            status, what = RELAY_DEAD, f"{hop} does not listen (dead?): {e.message}"
+        else:
+            status, what = RELAY_TIMEOUT, f"no answer from {hop} in time: {e.message}"
+        return Response(f"{self.rt.name}: forwarding to {hop} failed: {what}\n", status=status,
+                        mimetype="text/plain")
+
+    def hi(self):
+        """GET /el/hi?dst=&hops=&timeout_s=: whether `dst` lives, asked along the message
+        hops (an aggregator's probe of a pending child): 200 from dst itself, else the
+        next hop's answer passed back (502: a node on the way or dst does not listen)."""
+        rt = self.rt
+        dst = request.args.get("dst", rt.name)
+        if dst == rt.name:
+            return jsonify(node=rt.name, state=rt.state, round=rt.round)
+        hops = _arg("hops", 0, 0, MAX_HOPS - 1, integer=True)
+        timeout_s = _arg("timeout_s", PROBE_TIMEOUT_S, 0.1, MAX_TIMEOUT_S)
+        if rt.structure is None:
+            raise Conflict(f"{rt.name}: /conf/structure must come before E-tree messages")
+        try:
+            addr, hop = self._next_hop(dst)
+        except KeyError as e:
+            raise BadRequest(f"{rt.name}: cannot reach {dst[:64]}: {e.args[0]}") from None
+        try:
+            r = self._ask_hi(addr, dst, hops + 1, max(0.1, timeout_s * RELAY_SHARE))
+        except net.HttpError as e:
+            return self._relay_failed(hop, e)
+        return Response(r.content, mimetype="application/json")
+
+    def _ask_hi(self, addr: str, dst: str, hops: int, timeout_s: float):
+        return net.call("GET", f"http://{addr}/el/hi", token=self.rt.peer_token, timeout_s=timeout_s, retries=1,
+                        params={"dst": dst, "hops": hops, "timeout_s": timeout_s}, max_bytes=4096)
+
+    def _probe(self, pending: set[str]) -> dict[str, str]:
+        """Gather's probe: {child: dead} of the pending children that, or a node on the
+        way to which, no longer listens (a frozen or slow one is waited for)."""
+        kids = sorted(pending - {self.rt.name})
+        got = self.rt.fan_out(kids, lambda k: self._ask_hi(self._next_hop(k)[0], k, 0, PROBE_TIMEOUT_S),
+                              deadline_s=PROBE_TIMEOUT_S * 1.5)
+        return {k: DEAD for k, rep in got.items() if why_not(rep) == DEAD}
 
     def _take_down(self, src: str, layer: int, rnd: int, tensors: dict):
         lc = self.layers.get(layer)
@@ -263,20 +364,16 @@ class ElPeer:
         return "ok\n"
 
     def _deliver(self, layer: int, rnd: int, child: str, sd: dict, samples: int) -> None:
-        with self._cond:
-            box = self._boxes.get((layer, rnd))
-            if box is None:
-                raise Conflict(f"{self.rt.name}: layer {layer} round {rnd} is not waiting for results")
-            if child not in box.expected:
-                raise Conflict(f"{self.rt.name}: {child} is not expected in layer {layer} round {rnd}")
-            if child in box.results:
-                raise Conflict(f"{self.rt.name}: {child} already answered layer {layer} round {rnd}")
-            got = {k: tuple(v.shape) for k, v in sd.items()}
-            if got != box.shapes:
-                raise BadRequest(f"{self.rt.name}: weights from {child} do not match the model sent "
-                                 f"(keys or shapes differ: {sorted(set(got.items()) ^ set(box.shapes.items()))[:3]})")
-            box.results[child] = (sd, samples)
-            self._cond.notify_all()
+        with self._lock:
+            cur = self._open.get((layer, rnd))
+        if cur is None:
+            raise Conflict(f"{self.rt.name}: layer {layer} round {rnd} is not waiting for results")
+        gather, shapes = cur
+        got = {k: tuple(v.shape) for k, v in sd.items()}
+        if got != shapes:
+            raise BadRequest(f"{self.rt.name}: weights from {child} do not match the model sent "
+                             f"(keys or shapes differ: {sorted(set(got.items()) ^ set(shapes.items()))[:3]})")
+        gather.add(child, lambda: (sd, samples))   # 409 when closed, not asked, or sent already
 
     # ------------------------------------------------------------------ the layers
     def run_top(self) -> None:
@@ -285,31 +382,37 @@ class ElPeer:
         torch.manual_seed(conf.get("seed", 0))
         model = nns.build_model(rt.data.meta).state_dict()
         rt.log.info("top of %d layers: %d rounds", top, self.layers[top]["sync"])
-        self._aggregate_rounds(top, model)
-        if not rt.stopping.is_set():
+        if self._aggregate_rounds(top, model) is not None:   # None: failed (rt.fail said why) or stopping
             rt.finish()
 
     def _on_down(self, layer: int, model: dict, father_round: int) -> None:
         if layer == 1:
             result, samples = self._train(model)
         else:
-            result, samples = self._aggregate_rounds(layer, model)
+            done = self._aggregate_rounds(layer, model)
+            if done is None:          # this node failed (too few children) or stops
+                return
+            result, samples = done
         father = self._who(self.layers[layer]["father"])
         try:
             if father == self.rt.name:
                 self._deliver(layer + 1, father_round, father, result, samples)
             else:
                 self._send(father, "up", layer, father_round, result, samples)
-        except (net.HttpError, HTTPException) as e:  # e.g. the father's round timed out (409)
+        except (net.HttpError, HTTPException, KeyError) as e:  # the father's round closed (409), it is dead...
             self.rt.log.warning("layer %d: result for %s's round %d not taken: %s", layer, father,
                                 father_round, getattr(e, "description", e))
 
-    def _send(self, dst: str, kind: str, layer: int, rnd: int, sd: dict, samples: int | None = None) -> None:
+    def _send(self, dst: str, kind: str, layer: int, rnd: int, sd: dict, samples: int | None = None, *,
+              timeout_s: float = UP_TIMEOUT_S) -> None:
+        """POST one message to `dst` (straight or through its next hop), answered within
+        timeout_s; sent again only when it cannot have arrived (send_weights)."""
         addr, _ = self._next_hop(dst)
-        meta = {"kind": kind, "src": self.rt.name, "dst": dst, "layer": layer, "round": rnd, "hops": 0}
+        meta = {"kind": kind, "src": self.rt.name, "dst": dst, "layer": layer, "round": rnd, "hops": 0,
+                "timeout_s": timeout_s}
         if samples is not None:
             meta["samples"] = samples
-        self.rt.send_weights(addr, "/el/message", sd, meta)
+        self.rt.send_weights(addr, "/el/message", sd, meta, timeout_s=timeout_s)
 
     def _train(self, model: dict) -> tuple[dict, int]:
         rt, conf, data = self.rt, self.rt.structure, self.rt.data
@@ -330,21 +433,21 @@ class ElPeer:
             rt.log_train(loss, k)
             return {k_: v.detach().clone() for k_, v in net_.state_dict().items()}, data.train_samples
 
-    def _aggregate_rounds(self, layer: int, model: dict) -> tuple[dict, int]:
-        """`sync` rounds of this layer from `model`; (its final model, its samples)."""
+    def _aggregate_rounds(self, layer: int, model: dict) -> tuple[dict, int] | None:
+        """`sync` rounds of this layer from `model`: (its final model, its samples); None
+        when the node failed (a round without enough children) or stops."""
         rt, lc = self.rt, self.layers[layer]
         samples = 0
         for _ in range(lc["sync"]):
             if rt.stopping.is_set():
-                break
-            with self._cond:
+                return None
+            with self._lock:
                 rnd = self._rounds[layer] = self._rounds.get(layer, 0) + 1
-            results = self._one_round(layer, rnd, model)
+            results = self._round_with_retries(layer, rnd, model)
+            if results is None:
+                return None
             rt.set_state("aggregating", rnd)
-            if results:
-                model, samples = etree.aggregate(results)
-            else:
-                rt.log.warning("layer %d round %d: no child answered; the model is unchanged", layer, rnd)
+            model, samples = etree.aggregate(results)
             if self._latest is None or self._latest[0] <= layer:
                 self._latest = (layer, rnd, model)
             if lc["father"] is None:
@@ -355,36 +458,63 @@ class ElPeer:
                 rt.log_metric("layer_aggregate", rnd, layer=layer, children=len(results), samples=samples)
         return model, samples
 
-    def _one_round(self, layer: int, rnd: int, model: dict) -> list[tuple[dict, int]]:
-        """Send `model` to every child of (layer, rnd) and collect their results in conf order."""
-        rt, lc = self.rt, self.layers[layer]
+    def _round_with_retries(self, layer: int, rnd: int, model: dict) -> list[tuple[dict, int]] | None:
+        """Round rnd of `layer`, tried up to 1 + round_retries times until at least
+        min_fraction of the children answered: their results in conf order; None when
+        the node failed (rt.fail says why) or stops."""
+        rt, lc, q = self.rt, self.layers[layer], self.rt.structure["_quorum"][layer]
         kids = [self._who(c) for c in lc["children"]]
-        box = Box(set(kids), {k: tuple(v.shape) for k, v in model.items()})
-        with self._cond:
-            self._boxes[layer, rnd] = box
+        need = needed(q["min_fraction"], len(kids))
+        attempts = 1 + q["round_retries"]
+        shortfalls = []
+        for attempt in range(1, attempts + 1):
+            results, missing = self._attempt(layer, rnd, kids, model)
+            ok = len(results) >= need
+            rt.log_metric("participants", rnd, layer=layer, attempt=attempt, children=kids,
+                          participants=sorted(results), missing=missing, accepted=ok)
+            if ok:
+                if missing:
+                    rt.log.warning("layer %d round %d: aggregating %d/%d children without %s", layer, rnd,
+                                   len(results), len(kids), ", ".join(f"{n} ({w})" for n, w in sorted(missing.items())))
+                return [results[k] for k in kids if k in results]
+            if rt.stopping.is_set():
+                return None
+            shortfalls.append(f"attempt {attempt}: {len(results)}/{len(kids)} answered, missing "
+                              + ", ".join(f"{n} ({why})" for n, why in sorted(missing.items())))
+            rt.log.warning("layer %d round %d: %d/%d children answered, min_fraction %g needs %d; %s", layer, rnd,
+                           len(results), len(kids), q["min_fraction"], need,
+                           "trying the round again" if attempt < attempts else "giving up")
+        rt.fail(f"layer {layer} round {rnd}: fewer than min_fraction {q['min_fraction']:g} of the children "
+                f"answered in {attempts} attempt(s): " + "; ".join(shortfalls))
+        return None
+
+    def _attempt(self, layer: int, rnd: int, kids: list[str], model: dict) -> tuple[dict, dict]:
+        """Send `model` to every child of (layer, rnd) and gather their results until all
+        came or were given up on, or round_timeout_s: ({child: (model, samples)}, {child: why})."""
+        rt, timeout_s = self.rt, self.layers[layer]["round_timeout_s"]
+        t0 = time.monotonic()
+        gather = Gather(kids, rt.stopping, tag=f"{rt.name}: layer {layer} round {rnd}", probe=self._probe)
+        with self._lock:
+            self._open[layer, rnd] = (gather, {k: tuple(v.shape) for k, v in model.items()})
         rt.set_state("waiting", rnd)
-        sends = {}
-        for kid in kids:
-            if kid == rt.name:
-                rt.spawn(self._on_down, layer - 1, model, rnd, name=f"layer{layer - 1}-r{rnd}")
-            else:
-                sends[kid] = self._pool.submit(self._send, kid, "down", layer - 1, rnd, model)
-        for kid, fut in sends.items():
-            try:
-                fut.result()
-            except (net.HttpError, KeyError, ValueError) as e:
-                rt.log.warning("layer %d round %d: child %s did not take the model: %s", layer, rnd, kid, e)
-                with self._cond:
-                    box.expected.discard(kid)
-        with self._cond:
-            self._cond.wait_for(lambda: len(box.results) >= len(box.expected) or rt.stopping.is_set(),
-                                timeout=lc["round_timeout_s"])
-            del self._boxes[layer, rnd]  # late results get 409 from now on
-            missing = sorted(box.expected - set(box.results))
-        if missing:
-            rt.log.warning("layer %d round %d: no result from %s within %g s; aggregating the others",
-                           layer, rnd, missing, lc["round_timeout_s"])
-        return [box.results[k] for k in kids if k in box.results]
+        if rt.name in kids:
+            rt.spawn(self._on_down, layer - 1, model, rnd, name=f"layer{layer - 1}-r{rnd}")
+        sent = rt.fan_out([k for k in kids if k != rt.name],
+                          lambda k: self._send(k, "down", layer - 1, rnd, model, timeout_s=timeout_s),
+                          deadline_s=timeout_s)
+        for kid, rep in sent.items():
+            if not rep.ok:
+                rt.log.warning("layer %d round %d: child %s did not take the model (%s): %s", layer, rnd, kid,
+                               why_not(rep), rep.message)
+                gather.drop(kid, why_not(rep))
+        gather.wait(max(0.0, timeout_s - (time.monotonic() - t0)))
+        with self._lock:
+            del self._open[layer, rnd]   # late results get 409 from now on
+        results, missing = gather.close()
+        late = sorted(k for k, why in missing.items() if why == TIMEOUT and sent.get(k, Reply(k, True)).ok)
+        if late:
+            rt.log.warning("layer %d round %d: no result from %s within %g s", layer, rnd, late, timeout_s)
+        return results, missing
 
     def _evaluate(self, model: dict, layer: int, rnd: int) -> None:
         net_ = nns.build_model(self.rt.data.meta)

@@ -16,7 +16,9 @@ el_structure.json, EdgeTB's format, read BREADTH FIRST:
 The first entry is the top; every entry of layer l > 1 takes the next `child_num`
 entries of layer l - 1 as its children, in list order. Layer-1 entries are trainers
 (`epoch`, optional `lr`); the others aggregate after `sync` rounds of their children
-(optional `round_timeout_s`; the top may set `seed`, the initial model's seed). A node
+(optional `round_timeout_s`, `min_fraction`, `round_retries`: the round's deadline, the
+share of the children that must answer, the retries of a round without them; the top
+may set `seed`, the initial model's seed). A node
 may appear in several layers (at most once per layer); where it is its own child or
 father, its conf says `"self"`. Optional top-level key, for tests only:
 `"test_known_weights_seed": S` makes every trainer skip training and answer known
@@ -36,7 +38,7 @@ the father of the top, `sync` 0 on layer 1 (it trains `epoch` epochs instead):
 shortest path over the links that exist in both directions (dml_tool/routes.py; ties
 go to the smallest next-hop name). `epoch` is written for nodes in layer 1 only. Keys
 of ours beside them: "lr" (a trainer's), "round_timeout_s" ({"<layer>": seconds}),
-"seed" (the top's) and "test_known_weights_seed". Nodes on the way between a father and
+"min_fraction" ({"<layer>": share}), "round_retries" ({"<layer>": count}), "seed" (the top's) and "test_known_weights_seed". Nodes on the way between a father and
 a child forward the weights, so they get a conf too (empty layer lists if they are not
 in the tree). A father or child that a node can reach neither over a link nor through
 `forward` is an error naming links.json. Defaults: -l ROOT/links.json,
@@ -57,7 +59,7 @@ except ImportError:  # run as a script from any folder
     import conf_utils as cu
     import routes as rts
 
-AGGREGATOR_KEYS = ("name", "layer", "sync", "child_num", "round_timeout_s")
+AGGREGATOR_KEYS = ("name", "layer", "sync", "child_num", "round_timeout_s", "min_fraction", "round_retries")
 TOP_KEYS = AGGREGATOR_KEYS + ("seed",)
 TRAINER_KEYS = ("name", "layer", "epoch", "lr")
 FILE_KEYS = ("node_list", "test_known_weights_seed")
@@ -122,6 +124,10 @@ def parse_tree(structure: Any, nodes: Mapping[str, cu.NodeAddr], *, file: str = 
                     "child_num": cu.get_int(raw, "child_num", where, low=1)}
             if "round_timeout_s" in raw:
                 conf["round_timeout_s"] = cu.get_number(raw, "round_timeout_s", where, low=0.1, high=1e6)
+            if "min_fraction" in raw:
+                conf["min_fraction"] = cu.get_number(raw, "min_fraction", where, low=0.0, high=1.0, low_open=True)
+            if "round_retries" in raw:
+                conf["round_retries"] = cu.get_int(raw, "round_retries", where, low=0, high=100)
             if "seed" in raw:
                 conf["seed"] = cu.get_int(raw, "seed", where, low=0)
         entries.append(Entry(i, name, layer, conf))
@@ -194,8 +200,9 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                 conf["lr"] = e.conf["lr"]
             if known_seed is not None:
                 conf["test_known_weights_seed"] = known_seed
-        if "round_timeout_s" in e.conf:
-            conf.setdefault("round_timeout_s", {})[str(e.layer)] = e.conf["round_timeout_s"]
+        for key in ("round_timeout_s", "min_fraction", "round_retries"):   # per layer: a node may aggregate in several
+            if key in e.conf:
+                conf.setdefault(key, {})[str(e.layer)] = e.conf[key]
         if "seed" in e.conf:
             conf["seed"] = e.conf["seed"]
         for k in e.children:
