@@ -8,6 +8,8 @@ n1 runs dml_app/ps_server.py (the model and its version), n2..n5 dml_app/ps_work
 (pull parameters, push the gradient of a batch), over links.json; the mode (sync or
 async), steps and learning rate come from dml_tool/ps_structure.json. Start with
 `curl 'localhost:3333/start?root=n1'`; the server calls /finish after its last step.
+A worker restarted by a fault action (/fault/node?action=restart) is started again and
+rejoins (PsManager.on_rejoin).
 """
 import sys
 from pathlib import Path
@@ -17,13 +19,23 @@ sys.path.insert(0, str(ROOT))
 
 from controller import auto  # noqa: E402
 from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
+from controller.testbed import call_once, single_machine  # noqa: E402
 
 
 class PsManager(Manager):
     """The root is the server: its `Aggregate: accuracy=..., round=V,` lines count versions."""
     algorithm = "ps"
     needs_root = True
+
+    def on_rejoin(self, node: str) -> str:
+        """A restarted worker (its confs pushed again) is started while the run is under
+        way: the server starts its workers only once, at the beginning, and takes one
+        back at its first pull. A restarted server cannot rejoin (the model was its)."""
+        if node == self.root or self.started_at is None or self.finished.is_set():
+            return ""
+        n = self._nodes()[node]
+        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30)
+        return "started (it pulls the current version from the server)"
 
 
 def build(port: int = 3333, links: str = "links.json"):

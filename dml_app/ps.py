@@ -4,16 +4,17 @@ rules and the worker's gradient, with no HTTP and no threads (the roles hold the
 * `sgd_step`: torch.optim.SGD's update (momentum without dampening or Nesterov), so one
   step here equals one `optimizer.step()` on the same gradient.
 * `ParameterServer.push`: in `sync` mode, gradients of the current version are collected
-  until every worker has pushed one; then their average (weighted by batch samples:
-  with equal batches, the plain mean) is applied as one SGD step and the version goes
-  up by one. In `async` mode each gradient is applied on arrival (version + 1), unless
-  it was computed on a version more than `max_staleness` behind the current one.
+  (`pending`); the server role decides when the step is due (every live worker pushed,
+  or the version's deadline: `step_timeout_s` after it was served, `serve`/`time_left`)
+  and `apply_pending` applies the average of what came (weighted by batch samples:
+  with equal batches, the plain mean) as one SGD step; the version goes up by one. In
+  `async` mode each gradient is applied on arrival (version + 1), unless it was
+  computed on a version more than `max_staleness` behind the current one.
   Refusals raise `Rejected` (the server answers HTTP 409 with the message); after
   `steps` updates every push raises `Finished` (HTTP 410).
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -76,6 +77,7 @@ _CHECKS = {  # key: net.number's (lo, hi, integer, lo_open, hi_open)
     "max_staleness": (0, 10_000_000, True, False, False),
     "eval_every": (1, 10_000_000, True, False, False),
     "step_timeout_s": (0, 1e6, False, True, False),     # seconds
+    "step_retries": (0, 100, True, False, False),
     "seed": (0, 2**32 - 1, True, False, False),
 }
 
@@ -90,7 +92,11 @@ class PsConfig:
     momentum: float = 0.0
     max_staleness: int = 0            # async: the oldest gradient taken is this many versions behind
     eval_every: int = 10              # evaluate every this many versions (and at the last)
-    step_timeout_s: float = 600.0     # sync: apply the gradients that came if a step takes longer
+    # sync: a version waits for its gradients at most this long after it was served, then
+    # the average of those that came is applied; with none, it waits again, at most
+    # step_retries more times, and then the run fails.
+    step_timeout_s: float = 600.0
+    step_retries: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -114,7 +120,7 @@ class ParameterServer:
     accepted: int = 0
     rejected: int = 0
     pending: dict[str, tuple[dict, int]] = field(default_factory=dict)   # sync: this step's gradients
-    pending_since: float | None = None
+    served_at: float | None = None    # sync: when the current version was served (its deadline's start)
     buf: dict[str, torch.Tensor] | None = None
     # (worker, push id) -> whether that push changed the model: a push sent again (its
     # answer was lost) is answered from here, not applied twice. The last MAX_PUSH_IDS.
@@ -130,6 +136,18 @@ class ParameterServer:
     def done(self) -> bool:
         return self.version >= self.config.steps
 
+    def serve(self, now: float) -> None:
+        """Sync: the current version is served from `now` (time.monotonic()); its deadline
+        is step_timeout_s later, whenever its gradients come."""
+        self.served_at = now
+
+    def time_left(self, now: float) -> float:
+        """Sync: seconds until the current version's deadline (negative past it); the full
+        step_timeout_s before it was served."""
+        if self.served_at is None:
+            return self.config.step_timeout_s
+        return self.served_at + self.config.step_timeout_s - now
+
     def check_gradient(self, grad: Mapping[str, torch.Tensor]) -> None:
         """ValueError unless `grad` has exactly the model's floating keys and shapes."""
         got = {k: tuple(v.shape) for k, v in grad.items()}
@@ -143,22 +161,22 @@ class ParameterServer:
         return None if push_id is None else self.push_ids.get((worker, push_id))
 
     def push(self, worker: str, version: int, grad: dict, samples: int, *,
-             now: float | None = None, push_id: str | None = None) -> bool:
-        """Take one worker's gradient computed on `version`; True if the model changed.
-        A `push_id` already accepted from this worker is not applied again: its first
-        outcome is returned (`seen`)."""
+             push_id: str | None = None) -> bool:
+        """Take one worker's gradient computed on `version`; True if the model changed
+        (async; sync only collects it: `apply_pending`). A `push_id` already accepted
+        from this worker is not applied again: its first outcome is returned (`seen`)."""
         prev = self.seen(worker, push_id)
         if prev is not None:
             return prev
-        applied = self._push(worker, version, grad, samples, now=now)
+        applied = self._push(worker, version, grad, samples)
         if push_id is not None:
             self.push_ids[(worker, push_id)] = applied
             while len(self.push_ids) > MAX_PUSH_IDS:
                 self.push_ids.popitem(last=False)
         return applied
 
-    def _push(self, worker: str, version: int, grad: dict, samples: int, *,
-              now: float | None = None) -> bool:
+    def check_push(self, worker: str, version: int, grad: Mapping[str, torch.Tensor]) -> None:
+        """What every push must pass (Finished, Rejected, ValueError), without taking it."""
         if self.done:
             raise Finished(f"training finished at version {self.version} ({self.config.steps} steps)")
         if worker not in self.workers:
@@ -166,6 +184,13 @@ class ParameterServer:
         if not 0 <= version <= self.version:
             raise Rejected(f"version {version} was never served (current version {self.version})")
         self.check_gradient(grad)
+        if self.config.mode == "sync" and version != self.version:
+            self.rejected += 1
+            raise Rejected(f"gradient from {worker} for version {version}: sync mode takes only "
+                           f"gradients of the current version {self.version}")
+
+    def _push(self, worker: str, version: int, grad: dict, samples: int) -> bool:
+        self.check_push(worker, version, grad)
         if self.config.mode == "async":
             staleness = self.version - version
             if staleness > self.config.max_staleness:
@@ -176,25 +201,17 @@ class ParameterServer:
             self.accepted += 1
             self._apply(grad)
             return True
-        if version != self.version:
-            self.rejected += 1
-            raise Rejected(f"gradient from {worker} for version {version}: sync mode takes only "
-                           f"gradients of the current version {self.version}")
         if worker in self.pending:
             self.rejected += 1
             raise Rejected(f"{worker} already pushed a gradient for version {version}")
         self.accepted += 1
         self.pending[worker] = (grad, samples)
-        if self.pending_since is None:
-            self.pending_since = time.monotonic() if now is None else now
-        if len(self.pending) < len(self.workers):
-            return False
-        self.apply_pending()
-        return True
+        return False
 
     def apply_pending(self) -> list[str]:
-        """Sync: apply the average of the gradients pushed for this version (all of them, or
-        those that came before a step timeout); returns the workers that contributed."""
+        """Sync: apply the average of the gradients pushed for this version (every live
+        worker's, or those that came by the deadline) as one step; returns the workers
+        that contributed, in the conf's order ([] and no step when none came)."""
         if not self.pending:
             return []
         names = [w for w in self.workers if w in self.pending]    # the conf's order: reproducible
@@ -206,7 +223,7 @@ class ParameterServer:
                                          momentum=self.config.momentum, buf=self.buf)
         self.version += 1
         self.pending = {}
-        self.pending_since = None
+        self.served_at = None
 
 
 def batch_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:

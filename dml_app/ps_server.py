@@ -15,8 +15,25 @@ On GET /start (the root) it builds the seeded model (version 0) and starts every
   (the first outcome), "version", "duplicate": true}; 409 with the reason when refused (async: older than
   `max_staleness` versions; sync: not of the current version, or pushed twice); 400
   for a gradient that does not fit the model; 410 once training is over.
-* GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending"};
-  GET /ps/model: the current parameters (safetensors, meta {version}), for inspection.
+* GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending",
+  "gone"}; GET /ps/model: the current parameters (safetensors, meta {version}), for
+  inspection.
+
+Sync mode under failures: each version's gradients are a runtime Gather (rt.gather) of
+the workers; the step is applied as soon as every live worker pushed, else at the
+version's deadline, `step_timeout_s` after the version was served (it became current),
+with the average of the gradients that came. A worker is not waited for ("gone") once
+it is found dead (its /ps/params refused the connection, or the Gather's /hi probe found
+its port closed) or it missed a deadline without having pulled that version (its pulls
+stopped); it is waited for again from the version after its next pull (a restarted
+worker, started again by the controller, rejoins so). A version with no gradient at its
+deadline waits again, at most `step_retries` more deadlines, then the run fails (state
+error, naming the workers and why). Each version applied without every worker, or
+after more than one deadline, goes to the metrics as {"event": "participants", "round":
+V (the version the step made), "participants", "missing" {worker: why}, "attempt" (the
+deadlines it took), "waited_s" (from served to applied)}; versions every worker took
+part in write nothing, so the metrics stay small over many steps. Async mode is as
+before (no waiting: each gradient is applied on arrival).
 
 It evaluates on its test parts every `eval_every` versions and at the last one, logging
 `Aggregate: accuracy=..., round=V,` where the round V is the VERSION (the number of SGD
@@ -25,7 +42,7 @@ update is logged as `Step: version=V, ...`.
 
 Structure conf (ps_structure_conf.py): {"role": "server", "workers": [...], "connect",
 "mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "step_timeout_s",
-"seed"} (ps.PsConfig holds the defaults).
+"step_retries", "seed"} (ps.PsConfig holds the defaults).
 """
 from __future__ import annotations
 
@@ -42,12 +59,14 @@ import nns
 from algorithms import weighted_mean
 from learn import evaluate
 from ps import MAX_PUSH_ID_CHARS, Finished, ParameterServer, PsConfig, Rejected
-from runtime import WEIGHTS_MIME, Runtime, main
+from runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
 
 MAX_WAIT_S = 10.0
 MAX_VERSION = 10_000_000      # PsConfig's largest `steps`
 MAX_SAMPLES = 10**12          # a batch's sample count: far beyond any dataset, far below overflow
 MAX_WAITERS = 4          # long polls held at once: the node serves 8 requests at a time
+PARAMS_TIMEOUT_S = 60.0  # sending one worker its parameters (LeNet: ~250 kB) may take this long
+START_DEADLINE_S = 60.0  # starting every worker (their GET /start, in parallel)
 
 
 def check_structure(conf: dict) -> dict:
@@ -73,6 +92,15 @@ class PsServer:
         self._evals: list[tuple[int, dict]] = []            # (version, params) to evaluate
         self._losses: dict[str, tuple[float, int]] = {}      # sync: this step's losses
         self._waiters = threading.BoundedSemaphore(MAX_WAITERS)
+        # sync: the current version's gradients (None between versions), how many
+        # deadlines it has had, the workers not waited for (-> why) until they pull
+        # again, and the last version each worker was sent.
+        self._gather: Gather | None = None
+        self._attempt = 1
+        self._opened = 0.0                 # when the current version was first served
+        self._skipped: set[str] = set()    # gone when it was served: dropped at once
+        self._gone: dict[str, str] = {}
+        self._pulled: dict[str, int] = {}
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run)
@@ -119,10 +147,30 @@ class PsServer:
         if version == have:
             return jsonify(version=version, sent=False)
         try:
-            self.rt.send_weights(self.rt.peer(name), "/ps/params", params, {"version": version})
+            self.rt.send_weights(self.rt.peer(name), "/ps/params", params, {"version": version},
+                                 timeout_s=PARAMS_TIMEOUT_S)
         except net.HttpError as e:
+            self._lost(name, reply_for(name, e).why, f"its /ps/params failed: {e}")
             return jsonify(error=f"sending version {version} to {name} failed: {e}"), 502
+        with self._cond:
+            self._pulled[name] = version
+            why = self._gone.pop(name, None)
+            if why is not None and ps.config.mode == "sync":
+                self.rt.log.info("%s pulled version %d (it was not waited for: %s): waited for again "
+                                 "from the next version", name, version, why)
         return jsonify(version=version, sent=True)
+
+    def _lost(self, worker: str, why: str, what: str) -> None:
+        """Sync: stop waiting for `worker` (found dead: `why`) until it pulls again."""
+        with self._cond:
+            if self.ps is None or self.ps.config.mode != "sync" or worker in self._gone:
+                return
+            if why == DEAD:
+                self._gone[worker] = why
+                self.rt.log.warning("%s is not waited for until it pulls again: %s", worker, what)
+            gather = self._gather
+        if gather is not None and why == DEAD:
+            gather.drop(worker, why)
 
     def push(self):
         tensors, meta = self.rt.receive_weights()
@@ -150,7 +198,10 @@ class PsServer:
                 self.rt.log.info("push %s from %s again: applied once already, not again", push_id, name)
                 return jsonify(applied=prev, version=ps.version, duplicate=True)
             try:
-                applied = ps.push(name, version, tensors, samples, push_id=push_id)
+                if ps.config.mode == "async":
+                    applied = ps.push(name, version, tensors, samples, push_id=push_id)
+                else:
+                    applied = self._sync_push(ps, name, version, tensors, samples, loss, push_id)
             except Finished as e:
                 raise Gone(str(e)) from None
             except Rejected as e:
@@ -158,11 +209,32 @@ class PsServer:
                 raise Conflict(str(e)) from None
             except ValueError as e:
                 raise BadRequest(f"{self.rt.name}: {e}") from None
-            self._losses[name] = (loss, samples)
-            if applied:
-                self._applied(f"from={name}, staleness={before - version}," if ps.config.mode == "async"
-                              else f"gradients={len(self._losses)},")
+            if ps.config.mode == "async":
+                self._losses[name] = (loss, samples)
+                self._applied(f"from={name}, staleness={before - version},")
             return jsonify(applied=applied, version=ps.version)
+
+    def _sync_push(self, ps: ParameterServer, name: str, version: int, grad: dict, samples: int,
+                   loss: float, push_id: str | None) -> bool:
+        """(lock held) Add a gradient to the current version's Gather; the step is applied
+        here when no live worker is left to wait for. True when it was."""
+        ps.check_push(name, version, grad)
+        gather = self._gather
+        if gather is None:
+            raise Rejected(f"gradient from {name} for version {version}: the version is not open "
+                           f"(between steps)")
+        try:
+            gather.add(name, lambda: (ps.push(name, version, grad, samples, push_id=push_id),
+                                      self._losses.__setitem__(name, (loss, samples))))
+        except Conflict as e:     # closed at its deadline, or pushed twice
+            ps.rejected += 1
+            raise Rejected(f"gradient from {name} for version {version}: {e.description}") from None
+        if gather.pending():
+            return False
+        self._close(gather)
+        if push_id is not None:
+            ps.push_ids[(name, push_id)] = True    # a resend of this push is told it was applied
+        return True
 
     def status(self):
         with self._cond:
@@ -171,7 +243,7 @@ class PsServer:
                 return jsonify(version=None, done=False, started=False)
             return jsonify(mode=ps.config.mode, version=ps.version, steps=ps.config.steps, done=ps.done,
                            accepted=ps.accepted, rejected=ps.rejected, pending=sorted(ps.pending),
-                           started=True)
+                           gone=dict(sorted(self._gone.items())), started=True)
 
     def model(self):
         """GET /ps/model: the current parameters (meta {version}); an inspection, not counted."""
@@ -196,6 +268,87 @@ class PsServer:
             self._evals.append((ps.version, ps.params))
         self._cond.notify_all()
 
+    # ------------------------------------------------------------------ sync steps
+    def _open(self) -> Gather:
+        """(lock held) Serve the current version: a Gather of every worker's gradient,
+        the gone ones dropped at once (not waited for; taken if they come)."""
+        ps, conf = self.ps, self.rt.structure
+        gather = self.rt.gather(ps.workers, tag=f"version {ps.version}",
+                                addresses={w: conf["connect"][w] for w in ps.workers})
+        for w, why in self._gone.items():
+            gather.drop(w, why)
+        self._gather, self._attempt, self._skipped = gather, 1, set(self._gone)
+        self._opened = time.monotonic()
+        ps.serve(self._opened)
+        self._cond.notify_all()
+        return gather
+
+    def _close(self, gather: Gather) -> None:
+        """(lock held) Close the version's Gather and apply the average of what came;
+        workers missing without having pulled the version (or found dead) are gone."""
+        ps = self.ps
+        waited = time.monotonic() - self._opened
+        arrived, missing = gather.close()
+        self._gather = None
+        version = ps.version
+        names = ps.apply_pending()
+        for w, why in missing.items():       # of those waited for (not skipped at the open)
+            if w not in self._skipped and (why == DEAD or self._pulled.get(w) != version):
+                self._gone[w] = why
+                self.rt.log.warning("%s is not waited for until it pulls again (version %d: %s%s)", w,
+                                    version, why, "" if why == DEAD else ", it did not pull the version")
+        if missing or self._attempt > 1:
+            self.rt.log_metric("participants", ps.version, participants=sorted(names),
+                               missing=dict(sorted(missing.items())), attempt=self._attempt,
+                               waited_s=round(waited, 3))
+            self.rt.log.warning("version %d: applied the average of %s after %.1f s; missing %s",
+                                version, names, waited, ", ".join(f"{w} ({y})" for w, y in sorted(missing.items())))
+        self._applied(f"gradients={len(names)},")
+
+    def _sync_steps(self) -> bool:
+        """Serve version after version until the last step; False when the run failed
+        (no gradient at all in 1 + step_retries deadlines) or stops."""
+        rt, ps = self.rt, self.ps
+
+        def left() -> float:
+            return ps.time_left(time.monotonic())
+        while not rt.stopping.is_set():
+            with self._cond:
+                if ps.done:
+                    return True
+                gather = self._gather or self._open()
+            gather.wait(max(0.0, left()))   # every live worker pushed, the rest found dead, or the deadline
+            with self._cond:
+                if self._gather is not gather or rt.stopping.is_set():
+                    continue                    # a push completed it
+                if gather.arrived and (left() <= 0 or not gather.pending()):
+                    self._close(gather)
+                    continue
+                if left() > 0:
+                    # nobody left to wait for and nothing came: a restarted worker may
+                    # still push before the deadline (its push completes the version)
+                    self._cond.wait_for(lambda: self._gather is not gather or rt.stopping.is_set()
+                                        or left() <= 0, timeout=max(0.0, left()))
+                    continue
+                # the deadline passed with no gradient at all: wait again, or fail
+                missing = {w: gather.missing.get(w, TIMEOUT) for w in ps.workers}
+                if self._attempt > ps.config.step_retries:
+                    gather.close()
+                    self._gather = None
+                    rt.log_metric("participants", ps.version, participants=[], missing=missing,
+                                  attempt=self._attempt, waited_s=round(time.monotonic() - self._opened, 3))
+                    rt.fail(f"version {ps.version}: no gradient from any worker in {self._attempt} "
+                            f"deadline(s) of step_timeout_s {ps.config.step_timeout_s:g} s: "
+                            + ", ".join(f"{w} ({why})" for w, why in sorted(missing.items())))
+                    return False
+                rt.log.warning("version %d: no gradient within step_timeout_s %g s (%s); waiting again "
+                               "(%d/%d)", ps.version, ps.config.step_timeout_s,
+                               ", ".join(f"{w} ({why})" for w, why in sorted(missing.items())),
+                               self._attempt, ps.config.step_retries)
+                self._attempt += 1
+                ps.serve(time.monotonic())
+        return False
+
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
         rt, conf = self.rt, self.rt.structure
@@ -206,44 +359,53 @@ class PsServer:
             self.ps = ParameterServer({k: v.detach().clone() for k, v in model.state_dict().items()},
                                       list(conf["workers"]), config,
                                       grad_keys=[k for k, _ in model.named_parameters()])
+            if config.mode == "sync":
+                self._open()    # before any worker begins: version 0 is served from here
         rt.set_state("serving", 0)
         acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
         rt.log.info("%s parameter server: %d steps, %d workers, lr %g, momentum %g%s; initial "
                     "accuracy %.4f", config.mode, config.steps, len(conf["workers"]), config.lr,
-                    config.momentum, f", max_staleness {config.max_staleness}"
-                    if config.mode == "async" else "", acc)
-        for w in conf["workers"]:
-            try:
-                net.call("GET", f"http://{rt.peer(w)}/start", token=rt.peer_token, timeout_s=30, retries=5)
-            except net.HttpError as e:
-                rt.log.warning("worker %s did not begin: %s", w, e)
-        while not rt.stopping.is_set():
+                    config.momentum, f", max_staleness {config.max_staleness}" if config.mode == "async"
+                    else f", step_timeout_s {config.step_timeout_s:g}, step_retries {config.step_retries}", acc)
+        begun = rt.fan_out(conf["workers"], lambda w: net.call("GET", f"http://{rt.peer(w)}/start",
+                                                               token=rt.peer_token, timeout_s=30, retries=5),
+                           deadline_s=START_DEADLINE_S)
+        for w, rep in begun.items():
+            if not rep.ok:
+                rt.log.warning("worker %s did not begin (%s): %s", w, rep.why, rep.message)
+                if rep.why == DEAD:
+                    self._lost(w, DEAD, "its /start was refused")
+        evaluator = rt.spawn(self._evaluate, model, name="evaluate")
+        if config.mode == "sync":
+            ok = self._sync_steps()
+        else:
             with self._cond:
-                self._cond.wait_for(lambda: self._evals or self.ps.done, timeout=1.0)
+                while not (self.ps.done or rt.stopping.is_set()):
+                    self._cond.wait(1.0)     # stopping does not notify: look again each second
+            ok = self.ps.done
+        with self._cond:
+            self._cond.notify_all()     # the evaluator ends once its queue is empty
+        evaluator.join()
+        if ok and not rt.stopping.is_set():
+            rt.log.info("training done: version %d, %d gradients accepted, %d refused",
+                        self.ps.version, self.ps.accepted, self.ps.rejected)
+            rt.finish()
+
+    def _evaluate(self, model: torch.nn.Module) -> None:
+        """Evaluate the queued versions until the last step's (or the run ends)."""
+        rt = self.rt
+        while not rt.stopping.is_set() and rt.error is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._evals or self.ps.done or rt.stopping.is_set()
+                                    or rt.error is not None, timeout=1.0)
                 evals, self._evals = self._evals, []
                 done = self.ps.done and not evals
-                self._step_timeout()
             for version, params in evals:
                 model.load_state_dict(params)
                 acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
                 rt.log_aggregate(acc, version)
             if done:
-                break
-        if not rt.stopping.is_set():
-            rt.log.info("training done: version %d, %d gradients accepted, %d refused",
-                        self.ps.version, self.ps.accepted, self.ps.rejected)
-            rt.finish()
-
-    def _step_timeout(self) -> None:
-        """Sync (lock held): a step open longer than step_timeout_s is applied with what came."""
-        ps = self.ps
-        if ps.pending_since is None or time.monotonic() - ps.pending_since < ps.config.step_timeout_s:
-            return
-        missing = sorted(set(ps.workers) - set(ps.pending))
-        names = ps.apply_pending()
-        self.rt.log.warning("version %d: no gradient from %s within %g s; applied the average of %s",
-                            ps.version - 1, missing, ps.config.step_timeout_s, names)
-        self._applied(f"gradients={len(names)},")
+                return
 
 
 if __name__ == "__main__":

@@ -10,8 +10,16 @@ The server starts the loop with the runtime's GET /start (once both confs are in
      epoch, `batch_size` from the dataset conf) and log `Train: loss=..., round=V,`
      (V = the version it was computed on);
   3. POST it to the server's /ps/push (safetensors, meta {name, version, samples,
-     loss}). A 409 (a stale gradient in async mode) is logged and the loop goes on
-     with newer parameters; a 410 from either route means training is over.
+     loss, push_id}). A 409 (a stale gradient in async mode; in sync mode a version
+     closed at its deadline) is logged and the loop goes on with newer parameters; a
+     410 from either route means training is over.
+
+Faults: a pull the server could not answer with parameters (502: sending them failed,
+e.g. a link down) or that got no answer is asked again, and a push with no answer (after
+its resends) is given up: the loop pulls again. Only a server silent (or not started)
+for SERVER_GONE_S ends the worker with an error. A worker started again (the
+controller restarts a node and GETs its /start) begins with a pull of the current
+version: the server takes it back.
 
 Structure conf (ps_structure_conf.py): {"role": "worker", "server": name, "connect"}.
 """
@@ -101,8 +109,9 @@ class PsWorker:
             except net.HttpError as e:
                 if e.status == 410:
                     break
-                silent_since = silent_since or time.monotonic()   # 409: the server has not started
-                if e.status not in (None, 409) or time.monotonic() - silent_since > SERVER_GONE_S:
+                # no answer, 409 (not started yet) or 502 (it could not send us the parameters)
+                silent_since = silent_since or time.monotonic()
+                if e.status not in (None, 409, 502) or time.monotonic() - silent_since > SERVER_GONE_S:
                     raise
                 rt.stopping.wait(1.0)
                 continue
@@ -123,9 +132,10 @@ class PsWorker:
             except net.HttpError as e:
                 if e.status == 410:
                     break
-                if e.status != 409:
+                if e.status not in (None, 409):
                     raise
-                rt.log.warning("gradient of version %d refused: %s", have, e.message)
+                rt.log.warning("gradient of version %d %s: %s", have,
+                               "refused" if e.status else "lost (no answer)", e.message)
         rt.log.info("training over: last version %d", have)
         rt.set_state("finished", have)
 

@@ -17,8 +17,10 @@ ps_structure.json:
   the number of workers): a gradient computed more than this many versions ago is refused;
 * `eval_every` (default steps / 10): the server evaluates every this many versions
   (its `Aggregate: accuracy=..., round=V,` lines count versions), and at the last;
-* optional `seed` (the initial model) and `step_timeout_s` (sync: apply what came if a
-  step takes longer; default 600);
+* optional `seed` (the initial model), `step_timeout_s` (sync: how long a version
+  waits for the workers' gradients after it was served, then the average of those that
+  came is applied; default 600) and `step_retries` (sync: with no gradient at all by
+  the deadline, wait again this many times, then the run fails; default 2);
 * `node_list`: exactly one node with "role": "server"; every other node is a worker
   ("role": "worker" may be written). The batch size is each node's dataset conf's.
 
@@ -42,7 +44,7 @@ except ImportError:  # run as a script from any folder
 
 MODES = ("sync", "async")
 FILE_KEYS = ("mode", "steps", "sync", "lr", "momentum", "max_staleness", "eval_every", "seed",
-             "step_timeout_s", "node_list")
+             "step_timeout_s", "step_retries", "node_list")
 NODE_KEYS = ("name", "role")
 
 
@@ -86,10 +88,10 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, default=len(workers)),
         "eval_every": cu.get_int(structure, "eval_every", file, low=1, default=max(1, steps // 10)),
     }
-    for key, low, high in (("seed", 0, None), ("step_timeout_s", 0.1, 1e6)):
+    for key, low, high in (("seed", 0, None), ("step_timeout_s", 0.1, 1e6), ("step_retries", 0, 100)):
         if key in structure:
-            conf[key] = (cu.get_int(structure, key, file, low=low) if high is None
-                         else cu.get_number(structure, key, file, low=low, high=high))
+            conf[key] = (cu.get_number(structure, key, file, low=low, high=high) if key == "step_timeout_s"
+                         else cu.get_int(structure, key, file, low=low, high=high))
     confs = {server: conf}
     for w in workers:
         where = f"{file}: node_list[{seen[w]}] {w!r} (worker)"

@@ -63,7 +63,9 @@ def make_server(mode="sync", workers=("w1", "w2", "w3"), **kw) -> ParameterServe
     return ParameterServer(tensors(0), list(workers), PsConfig(mode=mode, lr=0.1, **kw))
 
 
-def test_sync_applies_the_average_once_every_worker_pushed():
+def test_sync_collects_and_applies_the_average_of_what_came():
+    """Sync pushes are collected; the role decides when the step is due (every live
+    worker pushed, or the deadline) and apply_pending makes it."""
     s = make_server(steps=5)
     p0 = s.params
     gs = [tensors(20 + i) for i in range(3)]
@@ -71,7 +73,8 @@ def test_sync_applies_the_average_once_every_worker_pushed():
     assert s.version == 0 and sorted(s.pending) == ["w1", "w2"] and s.params is p0
     with pytest.raises(Rejected, match="w1 already pushed a gradient for version 0"):
         s.push("w1", 0, gs[0], 32)
-    assert s.push("w3", 0, gs[2], 32) is True
+    assert s.push("w3", 0, gs[2], 32) is False and s.version == 0
+    assert s.apply_pending() == ["w1", "w2", "w3"]
     assert s.version == 1 and s.pending == {}
     # float64 reference written out here: p - lr * (mean of the three equal-weight gradients)
     for k in p0:
@@ -87,11 +90,31 @@ def test_sync_applies_the_average_once_every_worker_pushed():
 def test_sync_step_timeout_applies_what_came_in_conf_order():
     s = make_server()
     g3, g1 = tensors(3), tensors(1)
-    s.push("w3", 0, g3, 10, now=100.0)
-    s.push("w1", 0, g1, 30, now=101.0)
-    assert s.pending_since == 100.0
-    assert s.apply_pending() == ["w1", "w3"] and s.version == 1 and s.pending_since is None
-    assert s.apply_pending() == []
+    s.push("w3", 0, g3, 10)
+    s.push("w1", 0, g1, 30)
+    p0 = s.params
+    assert s.apply_pending() == ["w1", "w3"] and s.version == 1
+    for k in p0:      # weighted by samples: (30 g1 + 10 g3) / 40
+        ref = p0[k].double() - 0.1 * (30 * g1[k].double() + 10 * g3[k].double()) / 40
+        assert (s.params[k].double() - ref).abs().max().item() <= 1e-6, k
+    assert s.apply_pending() == [] and s.version == 1     # nothing came: no step
+
+
+def test_the_sync_deadline_counts_from_when_the_version_was_served():
+    """The deadline of a version is step_timeout_s after it was served (ps.serve), not
+    after its first gradient came: a gradient pushed late in the version's window leaves
+    only the rest of the window; the next version's window starts when it is served."""
+    s = make_server(step_timeout_s=10)
+    assert s.time_left(now=5.0) == 10           # not served yet: the whole window
+    s.serve(now=100.0)
+    assert s.time_left(now=100.0) == 10
+    s.push("w1", 0, tensors(1), 32)             # the first gradient at 108 s ...
+    assert s.time_left(now=108.0) == 2          # ... leaves 2 s, not 10
+    assert s.time_left(now=111.0) == -1         # past the deadline
+    s.apply_pending()
+    assert s.served_at is None and s.time_left(now=111.0) == 10
+    s.serve(now=111.5)                          # version 1 served: its own window
+    assert s.time_left(now=120.0) == 1.5
 
 
 def test_async_each_push_is_a_version_and_stale_ones_are_refused():
@@ -133,6 +156,7 @@ def test_pushes_are_checked_and_the_end_is_final():
     ({"steps": 2.5}, "'steps'"), ({"lr": 0}, "'lr' must be a number in (0, 10]"),
     ({"momentum": 1.0}, "'momentum'"), ({"max_staleness": -1}, "'max_staleness'"),
     ({"eval_every": True}, "'eval_every'"), ({"step_timeout_s": 0}, "'step_timeout_s'"),
+    ({"step_retries": -1}, "'step_retries' must be an integer in [0, 100]"), ({"step_retries": 101}, "'step_retries'"),
 ])
 def test_config_errors_name_the_key(kw, message):
     with pytest.raises(ValueError) as e:
@@ -181,9 +205,11 @@ def test_confs_for_the_server_and_its_workers_with_defaults():
                            "momentum": 0.0, "max_staleness": 2, "eval_every": 2,
                            "connect": {"n2": "10.0.0.3:4444", "n3": "10.0.0.4:4444"}}
     assert confs["n3"] == {"role": "worker", "server": "n1", "connect": {"n1": "10.0.0.2:4444"}}
-    async_ = ps_structure_conf.build_confs(structure(mode="async", max_staleness=1, seed=3, step_timeout_s=5),
+    async_ = ps_structure_conf.build_confs(structure(mode="async", max_staleness=1, seed=3, step_timeout_s=5,
+                                                     step_retries=4),
                                            STAR, INFO)["n1"]
     assert (async_["mode"], async_["max_staleness"], async_["seed"], async_["step_timeout_s"]) == ("async", 1, 3, 5.0)
+    assert async_["step_retries"] == 4
     edgetb = {k: v for k, v in structure().items() if k != "steps"} | {"sync": 9}
     assert ps_structure_conf.build_confs(edgetb, STAR, INFO)["n1"]["steps"] == 9
 
