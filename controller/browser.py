@@ -61,6 +61,7 @@ class Browser:
         self._id = 0
         self._buf = b""
         self.proc = None
+        self.page_errors: list[str] = []     # uncaught exceptions in the page (first 100)
         self.profile = tempfile.mkdtemp(prefix="edgetb-chromium-")
         cmd_r, self._cmd_w = os.pipe()      # we write commands, chromium reads on its fd 3
         self._ans_r, ans_w = os.pipe()      # chromium writes answers on its fd 4
@@ -95,6 +96,7 @@ class Browser:
             self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                                                              "deviceScaleFactor": 1, "mobile": False},
                       session=True, deadline=deadline)
+            self.call("Runtime.enable", {}, session=True, deadline=deadline)   # page errors reported
         except BaseException:
             self.close()
             raise
@@ -120,6 +122,9 @@ class Browser:
             raise BrowserError(f"{method}: chromium closed its pipe ({e})") from None
         while True:
             answer = self._next(deadline, method)
+            if answer.get("method") == "Runtime.exceptionThrown" and len(self.page_errors) < 100:
+                d = answer.get("params", {}).get("exceptionDetails", {})
+                self.page_errors.append(d.get("exception", {}).get("description") or d.get("text") or str(d)[:300])
             if answer.get("id") == self._id:
                 if "error" in answer:
                     raise BrowserError(f"{method}: {answer['error'].get('message', answer['error'])}")
