@@ -1,4 +1,15 @@
-"""A run's results folder: every node's log and metrics, plots, summary.json."""
+"""A run's results folder: every node's log and metrics, plots, summary.json.
+
+summary.json's "participants" (issue 11): every node's `participants` metrics events
+(written by a role that leaves peers out of a round: FL per attempt, the parameter
+server per sync version with someone missing, ...) as {"node", "round", ...the event's
+fields but t and event} in time order, and "missing_nodes" {node: {"first_round",
+"last_round", "why" (at its first round), "rounds_missed" (distinct rounds)}} over all of
+them. Kept small for hundreds of nodes: at most MAX_PARTICIPANT_ENTRIES entries (the
+first and the last halves; "participants_left_out" counts the rest; missing_nodes still
+counts every event), each with at most MAX_ENTRY_KEYS fields, lists and objects of at
+most MAX_NAMES items (a cut one gets "<key>_count": its size), strings of at most
+MAX_TEXT characters; at most MAX_MISSING_NODES nodes in missing_nodes."""
 from __future__ import annotations
 
 import json
@@ -58,6 +69,118 @@ def parse_metrics(text: str) -> list[dict]:
                 del rec[key]
         out.append(rec)
     return out
+
+
+MAX_PARTICIPANT_ENTRIES = 200
+MAX_ENTRY_KEYS = 16
+MAX_NAMES = 64
+MAX_TEXT = 200
+MAX_MISSING_NODES = 1000
+MAX_TABLE_ROUNDS = 20           # results.table: lines of rounds with someone missing
+
+
+def _scalar(v):
+    """A JSON scalar as summary.json keeps it (strings cut), or None for anything else."""
+    if isinstance(v, str):
+        return v[:MAX_TEXT]
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    return None
+
+
+def _entry(node: str, rec: dict) -> dict:
+    """A participants event as a bounded summary entry {"node", "round", ...fields}."""
+    out = {"node": node, "round": rec["round"]}
+    for k, v in rec.items():
+        if k in ("t", "event", "node", "round") or not isinstance(k, str):
+            continue
+        if len(out) >= MAX_ENTRY_KEYS + 2:
+            break
+        k = k[:64]
+        if isinstance(v, list):
+            out[k] = [_scalar(x) for x in v[:MAX_NAMES]]
+            if len(v) > MAX_NAMES:
+                out[f"{k}_count"] = len(v)
+        elif isinstance(v, dict):
+            out[k] = {str(n)[:64]: _scalar(x) for n, x in list(v.items())[:MAX_NAMES]}
+            if len(v) > MAX_NAMES:
+                out[f"{k}_count"] = len(v)
+        else:
+            out[k] = _scalar(v)
+    return out
+
+
+def participant_entries(metrics: dict[str, list[dict]]) -> list[dict]:
+    """Every node's participants events as entries {"node", "round", ...}, in time order
+    (records without a finite time last, in their node's order); not yet cut to size."""
+    timed = []
+    for node, recs in metrics.items():
+        for i, r in enumerate(recs):
+            if r.get("event") != "participants" or "round" not in r:
+                continue
+            t = r.get("t")
+            ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            timed.append(((0, t) if ok else (1, 0.0), node, i, _entry(node, r)))
+    timed.sort(key=lambda x: x[:3])
+    return [e for *_, e in timed]
+
+
+def missing_nodes(entries: list[dict]) -> dict[str, dict]:
+    """{node: {"first_round", "last_round", "why", "rounds_missed"}} of every node some
+    entry's "missing" {node: why} names: why at its first round; rounds_missed counts
+    distinct rounds (one round tried again, or reported by several nodes, counts once)."""
+    rounds: dict[str, set] = {}
+    out: dict[str, dict] = {}
+    for e in entries:
+        missing, rnd = e.get("missing"), e.get("round")
+        if not isinstance(missing, dict) or isinstance(rnd, bool) or not isinstance(rnd, int):
+            continue
+        for node, why in missing.items():
+            if node not in out:
+                if len(out) >= MAX_MISSING_NODES:
+                    continue
+                out[node] = {"first_round": rnd, "last_round": rnd, "why": why, "rounds_missed": 0}
+                rounds[node] = set()
+            m = out[node]
+            if rnd < m["first_round"]:
+                m["first_round"], m["why"] = rnd, why
+            m["last_round"] = max(m["last_round"], rnd)
+            rounds[node].add(rnd)
+    for node, m in out.items():
+        m["rounds_missed"] = len(rounds[node])
+    return dict(sorted(out.items()))
+
+
+def bounded_entries(entries: list[dict]) -> tuple[list[dict], int]:
+    """(at most MAX_PARTICIPANT_ENTRIES entries: the first and last halves, the number left out)."""
+    if len(entries) <= MAX_PARTICIPANT_ENTRIES:
+        return list(entries), 0
+    half = MAX_PARTICIPANT_ENTRIES // 2
+    return entries[:half] + entries[-half:], len(entries) - 2 * half
+
+
+def add_participants(summary: dict, entries: list[dict]) -> dict:
+    """Add a manager's own participants entries (e.g. a ring's re-formed rounds) to a
+    summary that may have some already: the list is kept in order and bounded again, and
+    missing_nodes merged (rounds_missed adds up). Returns the summary."""
+    new = [e for e in entries if isinstance(e, dict)]
+    merged, left = bounded_entries(list(summary.get("participants") or []) + new)
+    summary["participants"] = merged
+    left += summary.get("participants_left_out", 0)
+    if left:
+        summary["participants_left_out"] = left
+    have = dict(summary.get("missing_nodes") or {})
+    for node, m in missing_nodes(new).items():
+        if node in have and isinstance(have[node], dict):
+            h = have[node]
+            if m["first_round"] < h.get("first_round", m["first_round"] + 1):
+                h["first_round"], h["why"] = m["first_round"], m["why"]
+            h["last_round"] = max(h.get("last_round", m["last_round"]), m["last_round"])
+            h["rounds_missed"] = h.get("rounds_missed", 0) + m["rounds_missed"]
+        elif len(have) < MAX_MISSING_NODES:
+            have[node] = m
+    summary["missing_nodes"] = dict(sorted(have.items()))
+    return summary
 
 
 def event_rounds(events: list[dict] | None, metrics: dict[str, list[dict]], t0: float | None) -> list[tuple[float, str, bool]]:
@@ -171,13 +294,51 @@ def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
         per_round = [{"round": k, "accuracy": sum(v) / len(v)} for k, v in sorted(by_round.items())]
         finals = [recs[-1]["accuracy"] for recs in aggs.values()]
         final = sum(finals) / len(finals) if finals else None
-    return {"algorithm": algorithm,
-            "rounds": max((p["round"] for p in per_round), default=0),
-            "final_accuracy": final,
-            "wall_seconds": round(wall_seconds, 2),
-            "accuracy_per_round": per_round,
-            "bytes_sent": bytes_sent,
-            "nodes": sorted(metrics)}
+    entries = participant_entries(metrics)
+    kept, left = bounded_entries(entries)
+    out = {"algorithm": algorithm,
+           "rounds": max((p["round"] for p in per_round), default=0),
+           "final_accuracy": final,
+           "wall_seconds": round(wall_seconds, 2),
+           "accuracy_per_round": per_round,
+           "bytes_sent": bytes_sent,
+           "nodes": sorted(metrics),
+           "participants": kept,
+           "missing_nodes": missing_nodes(entries)}
+    if left:
+        out["participants_left_out"] = left
+    return out
+
+
+def _missing_lines(summary: dict) -> list[str]:
+    """The table's lines on who was missing: one per round with someone missing (at most
+    MAX_TABLE_ROUNDS), then missing_nodes; [] when nobody was."""
+    by_round: dict = {}
+    for e in summary.get("participants") or []:
+        missing = e.get("missing") if isinstance(e, dict) else None
+        if isinstance(missing, dict) and missing:
+            by_round.setdefault(e.get("round"), {}).update(missing)
+    nodes = summary.get("missing_nodes") or {}
+    if not by_round and not nodes:
+        return []
+    lines = [f"{'round':>5}  missing (why)"]
+    for rnd, missing in list(by_round.items())[:MAX_TABLE_ROUNDS]:
+        text = ", ".join(f"{n} ({why})" for n, why in sorted(missing.items(), key=lambda x: str(x[0])))
+        lines.append(f"{str(rnd):>5}  {text[:100]}{'...' if len(text) > 100 else ''}")
+    if len(by_round) > MAX_TABLE_ROUNDS:
+        lines.append(f"  ... and {len(by_round) - MAX_TABLE_ROUNDS} more round(s) with someone missing")
+    if summary.get("participants_left_out"):
+        lines.append(f"  ({summary['participants_left_out']} participants entries left out of summary.json)")
+    if nodes:
+        lines.append(f"{'node':<8} {'first':>6} {'last':>6} {'missed':>6}  why")
+        for n, m in list(nodes.items())[:MAX_TABLE_ROUNDS]:
+            if isinstance(m, dict):
+                lines.append(f"{str(n)[:8]:<8} {str(m.get('first_round')):>6} {str(m.get('last_round', '')):>6} "
+                             f"{str(m.get('rounds_missed')):>6}  {str(m.get('why'))[:40]}")
+        if len(nodes) > MAX_TABLE_ROUNDS:
+            lines.append(f"  ... and {len(nodes) - MAX_TABLE_ROUNDS} more node(s)")
+    lines.append("")
+    return lines
 
 
 def table(summary: dict) -> str:
@@ -195,6 +356,7 @@ def table(summary: dict) -> str:
             lines.append(f"{e['t']:>8.1f}  {e['at']:>6g}  {e['action']} {what}{' ' + e['bw'] if e.get('bw') else ''}: "
                          f"{'ok' if e['ok'] else 'FAILED'} {' '.join(str(e.get('detail', '')).split())[:80]}")
         lines.append("")
+    lines += _missing_lines(summary)
     fa = summary["final_accuracy"]
     lines.append(f"algorithm {summary['algorithm']}: {summary['rounds']} rounds, final accuracy "
                  f"{fa:.4f}, wall time {summary['wall_seconds']:.1f} s" if fa is not None else
