@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import auto  # noqa: E402
+from controller import auto, results  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
 from dml_app import net  # noqa: E402
@@ -321,8 +321,8 @@ class RaManager(Manager):
         summary = super().summarize(metrics, wall, sent)
         if self.failure:
             summary["error"] = self.failure
-        summary.setdefault("participants", []).extend(self.participants)
-        return summary
+        # entries cut to size as the nodes' own participants events are (a ring of hundreds)
+        return results.add_participants(summary, [results._entry("controller", e) for e in self.participants])
 
 
 def build(port: int = 3333, links: str = "links.json"):

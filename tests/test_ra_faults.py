@@ -214,6 +214,10 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
         (2, ["f1", "f2", "f4"], {"f3": "dead", "f5": "dead"}, 2),
         (3, ["f1", "f2"], {"f3": "dead", "f5": "dead", "f4": "timeout"}, 2)], parts
     assert all(p["ring"] == p["participants"] for p in parts)
+    assert summary["missing_nodes"] == {
+        "f3": {"first_round": 1, "last_round": 3, "why": "dead", "rounds_missed": 3},
+        "f4": {"first_round": 3, "last_round": 3, "why": "timeout", "rounds_missed": 1},
+        "f5": {"first_round": 2, "last_round": 3, "why": "dead", "rounds_missed": 2}}, summary["missing_nodes"]
     saved = json.loads((tmp / "runs").glob("*-ra/summary.json").__next__().read_text())
     assert saved["participants"] == summary["participants"] and saved["rounds"] == SYNC
 
