@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 import agent_helpers as ah
 from dml_testutil import TOKEN, free_port, scratch, wait_until  # noqa: F401  (fixture)
 from netns_workflow import run_workflow
-from peer_testutil import netns_run, tiny_dataset
+from peer_testutil import loopback_run, netns_run, tiny_dataset
 import net
 from controller.gl_run import GlManager
 from gl_peer import GlPeer
@@ -113,11 +115,56 @@ def test_a_dead_peer_is_skipped_marked_down_and_taken_back_when_it_answers(scrat
         peer._readmit(4)
         assert peer._down == set()
         assert "round 4: gz2 answer again" in (scratch / "log" / "gz1.log").read_text()
+        # a model from a down peer takes it back too
+        peer._down.add("gz3")
+        model = peer.model.state_dict()
+        r = rt.app.test_client().post("/gossip", data=net.pack_weights(model, {"name": "gz3", "round": 3}),
+                                      headers={**hdr, "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200 and peer._down == set()
+        wait_until(lambda: rt.state == "finished", 30, "gz1 to merge the late model")
     finally:
         for r in (rt, live, back):
             if r is not None:
                 r.close()
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- bare processes, one killed
+
+@pytest.mark.timeout(180)
+def test_a_peer_killed_from_outside_is_found_dead_and_the_run_ends(scratch):
+    """Four gl_peer processes on loopback (no agent: nothing tells the controller), one
+    SIGKILLed mid-run by the test: its heartbeats stop and its port refuses, so
+    GlManager counts it dead and ends the run when the other three are done."""
+    names, victim, sync = ["gk1", "gk2", "gk3", "gk4"], "gk2", 20
+    data = tiny_dataset(scratch / "dataset", num_classes=10)
+    with loopback_run(GlManager, "gl_peer", names, scratch, data) as (manager, procs):
+        (scratch / "links.json").write_text(json.dumps(
+            {n: [{"dest": d, "bw": "1gbit"} for d in names if d != n] for n in names}))
+        metrics = scratch / "log" / f"{victim}.metrics.jsonl"
+
+        def killer():
+            wait_until(lambda: metrics.exists() and '"round": 3' in metrics.read_text(), 60, f"{victim} round 3",
+                       period_s=0.01)
+            os.killpg(procs[victim].proc.pid, signal.SIGKILL)
+            procs[victim].proc.wait(10)
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        summary = run_workflow(manager.tb, manager, scratch, alg="gl", root=None, timeout_s=90,
+                               structure={"sync": sync, "seed": 1, "wait_s": 0.2,
+                                          "node_list": [{"name": n, "epoch": 1} for n in names]},
+                               dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
+        t.join(10)
+    assert summary["dead_peers"] == [victim] and manager.dead_peers == {victim: "not answering (port refused)"}
+    assert "error" not in summary, summary
+    survivors = [n for n in names if n != victim]
+    assert summary["gossips_sent"] == {n: sync for n in survivors}, summary["gossips_sent"]
+    run_dir = Path(summary["run_dir"])
+    for n in survivors:
+        recs = [json.loads(l) for l in (run_dir / f"{n}.metrics.jsonl").read_text().splitlines()]
+        parts = [r for r in recs if r["event"] == "participants"]
+        assert [len(p["participants"]) for p in parts] == [1] * sync, parts
+        assert all(set(p["missing"]) <= {victim} for p in parts), parts
 
 
 # ----------------------------------------------------------------------------- netns, one peer killed
