@@ -187,14 +187,24 @@ class Browser:
     def close(self) -> None:
         """Kill the browser's process group, reap it, remove its profile. Idempotent."""
         if self.proc is not None:
+            pgid = self.proc.pid
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+            # the group's other processes (renderers, zygotes) die asynchronously: wait,
+            # bounded, until none is left, so a caller sees nothing of the browser after
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
             self.proc = None
         for fd in ("_cmd_w", "_ans_r"):
             if getattr(self, fd, None) is not None:

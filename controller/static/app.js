@@ -23,20 +23,28 @@
 
   // ------------------------------------------------------------------ data
   const S = {
-    state: null, stateMsgs: 0, metricsSeen: false, runKey: null,
+    state: null, stateMsgs: 0, backlog: false, runKey: null,
     seq: -1, acc: [], loss: [], events: [], fidelity: null,
   };
   const finite = (v) => typeof v === "number" && isFinite(v);
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 
-  function resetRecords() { S.seq = -1; S.acc = []; S.loss = []; S.events = []; S.metricsSeen = false; }
+  // The stream (re)sends everything so far after it opens: state, metrics, then events.
+  function resetRecords() { S.seq = -1; S.acc = []; S.loss = []; S.events = []; S.backlog = false; }
 
   function onState(st) {
     if (!st || typeof st !== "object" || !Array.isArray(st.nodes)) return;
     const run = st.run || {};
     const key = `${run.algorithm}|${run.started}`;
-    if (S.runKey !== null && run.started != null && key !== S.runKey) resetRecords();   // a new run
-    if (run.started != null || S.runKey === null) S.runKey = key;
+    if (S.runKey !== null && finite(run.started) && key !== S.runKey) {
+      // a new run: its records may already be here (the stream sends them as they come,
+      // the state once a second), so drop only what is older than its start
+      const keep = (r) => r.t >= run.started - 2;
+      S.acc = S.acc.filter(keep); S.loss = S.loss.filter(keep);
+      S.events = S.events.filter((e) => !finite(e.t) || keep(e));
+      S.fidelity = null;
+    }
+    if (finite(run.started) || S.runKey === null) S.runKey = key;
     S.state = st;
     S.stateMsgs++;
     schedule();
@@ -44,7 +52,6 @@
 
   function onMetrics(m) {
     if (!m || !Array.isArray(m.records)) return;
-    if (finite(m.seq) && m.seq < S.seq) resetRecords();       // the controller's numbering restarted
     for (const r of m.records) {
       if (!r || !(finite(r.seq) && r.seq > S.seq)) continue;
       S.seq = r.seq;
@@ -56,7 +63,6 @@
     }
     if (S.acc.length > MAX_RECORDS) S.acc.splice(0, S.acc.length - MAX_RECORDS);
     if (S.loss.length > MAX_RECORDS) S.loss.splice(0, S.loss.length - MAX_RECORDS);
-    S.metricsSeen = true;
     schedule();
   }
 
@@ -64,6 +70,7 @@
     if (!m || !Array.isArray(m.events)) return;
     S.events.push(...m.events.filter((e) => e && typeof e === "object"));
     if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
+    S.backlog = true;             // events come after all metrics so far
     schedule();
   }
 
@@ -72,6 +79,11 @@
     S.fidelity = f;
     schedule();
   }
+
+  // What the page received and how long drawing took: for scripts and the page's tests
+  // (window.edgetbDashboard.stats), nothing else reads it.
+  const stats = { streams: 0, messages: {}, maxBytes: {}, bytes: 0, draws: 0, drawMaxMs: 0, drawLastMs: 0 };
+  window.edgetbDashboard = { stats };
 
   // ------------------------------------------------------------------ the one stream
   let es = null, retry = null;
@@ -84,9 +96,13 @@
     clearTimeout(retry);
     if (es) es.close();
     es = new EventSource("/api/stream");
+    stats.streams++;
     setConn("", "connecting");
     es.addEventListener("open", () => { resetRecords(); setConn("live", "live"); });   // it resends all so far
     const on = (name, fn) => es.addEventListener(name, (e) => {
+      stats.messages[name] = (stats.messages[name] || 0) + 1;
+      stats.maxBytes[name] = Math.max(stats.maxBytes[name] || 0, e.data.length);
+      stats.bytes += e.data.length;
       let data;
       try { data = JSON.parse(e.data); } catch (_) { return; }
       fn(data);
@@ -182,12 +198,20 @@
     timer = null;
     lastDraw = Date.now();
     if (!S.state) return;
+    const t0 = performance.now();
+    try { drawAll(); } finally {
+      stats.draws++;
+      stats.drawLastMs = performance.now() - t0;
+      stats.drawMaxMs = Math.max(stats.drawMaxMs, stats.drawLastMs);
+    }
+  }
+  function drawAll() {
     drawHeader();
     drawCards();
     if (view === "live") { drawGraph(); drawCharts(); drawNodes(); drawLinks(); }
     if (view === "fidelity") drawFidelity();
     drawFidelityBadge();
-    if (view === "live" && (S.metricsSeen || S.stateMsgs >= 2)) document.body.dataset.ready = "1";
+    if (view === "live" && (S.backlog || S.stateMsgs >= 2)) document.body.dataset.ready = "1";
   }
 
   function drawHeader() {
