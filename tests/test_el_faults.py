@@ -86,11 +86,11 @@ def _log(tb, name: str) -> str:
 
 
 def _run(tmp: Path, tag: str, *, victim: str | None = None, structure: dict | None = None,
-         expect_error: bool = False):
+         expect_error: bool = False, restart_after: int | None = None):
     """One E-tree run; `victim` SIGKILLed through the manager once the top's aggregate of
-    round KILL_AFTER is in its metrics. -> (summary or the AssertionError of a failed
-    run, {node: metrics of the live nodes}, {node: log}, wall seconds, seconds from the
-    kill to the end)."""
+    round KILL_AFTER is in its metrics (and restarted once that of `restart_after` is).
+    -> (summary or the AssertionError of a failed run, {node: metrics of the live
+    nodes}, {node: log}, wall seconds, seconds from the kill to the end)."""
     work = tmp / tag
     work.mkdir()
     outcome: dict = {}
@@ -98,14 +98,19 @@ def _run(tmp: Path, tag: str, *, victim: str | None = None, structure: dict | No
                        subnet=SUBNET, emulator="emu-elf", ram_mb=512) as (tb, manager):
         stop = threading.Event()
 
+        def after(rnd: int) -> bool:
+            wait_until(lambda: stop.is_set() or any(r["event"] == "aggregate" and r["round"] >= rnd
+                                                    for r in _metrics(tb, "h1") or []),
+                       150, f"h1's aggregate of round {rnd}", period_s=0.2)
+            return not stop.is_set()
+
         def killer():
             try:
-                wait_until(lambda: stop.is_set() or any(r["event"] == "aggregate" and r["round"] >= KILL_AFTER
-                                                        for r in _metrics(tb, "h1") or []),
-                           150, f"h1's aggregate of round {KILL_AFTER}", period_s=0.2)
-                if not stop.is_set():
+                if after(KILL_AFTER):
                     outcome["t"] = time.monotonic()
                     outcome["kill"] = manager.node_fault(victim, "kill")
+                if restart_after is not None and after(restart_after):
+                    outcome["restart"] = manager.node_fault(victim, "restart")
             except Exception as e:      # shown by the test
                 outcome["error"] = e
         t = threading.Thread(target=killer, daemon=True)
@@ -127,10 +132,13 @@ def _run(tmp: Path, tag: str, *, victim: str | None = None, structure: dict | No
         logs = {n: _log(tb, n) for n in NAMES if metrics[n] is not None}
         status = manager.status()["nodes"]
     assert "error" not in outcome, outcome
-    if victim:
+    if victim and restart_after is None:
         assert outcome["kill"]["ok"], outcome
         assert status[victim]["app"] == "exited", status[victim]
         assert metrics[victim] is None
+    elif victim:
+        assert outcome["kill"]["ok"] and outcome["restart"]["ok"], outcome
+        assert "structure conf pushed again" in outcome["restart"]["detail"], outcome
     took = end - t0
     print(f"\n{tag}: {took:.1f} s" + (f", {end - outcome['t']:.1f} s after the kill" if victim else ""))
     return summary, metrics, logs, took, (end - outcome["t"]) if victim else None
@@ -210,6 +218,25 @@ def test_a_killed_middle_aggregator_is_reported_at_the_top_and_the_run_completes
     assert all(p["participants"] == ["h4", "h5", "h6"] for p in _parts(m["h2"], 2))
     assert "not taken" in logs["h7"] and "h3" in logs["h7"]
     assert summary["final_accuracy"] > 0.5, summary
+
+
+@pytest.mark.timeout(240)
+def test_a_restarted_trainer_is_asked_again_and_takes_part(tmp_path):
+    """h6 killed after the top's round 2, restarted (the controller pushes its confs
+    again) after round 3: h2 asks it every round, so once it is back it takes part
+    again, up to the last round."""
+    sync = 12
+    summary, m, logs, _, _ = _run(tmp_path, "restart-h6", victim="h6", restart_after=KILL_AFTER + 1,
+                                  structure=_structure(h1={"sync": sync}))
+    assert summary["rounds"] == sync, summary
+    parts = _parts(m["h2"], 2)
+    assert [p["round"] for p in parts] == list(range(1, sync + 1)) and all(p["accepted"] for p in parts), parts
+    took = ["h6" in p["participants"] for p in parts]
+    gone = took.index(False)                  # the first round without h6: at the kill
+    back = took.index(True, gone)             # and the first with it again
+    assert gone in (KILL_AFTER, KILL_AFTER + 1) and all(took[back:]), parts
+    assert all(parts[i]["missing"] and set(parts[i]["missing"]) == {"h6"} for i in range(gone, back)), parts
+    print(f"h6 missing in rounds {gone + 1}..{back}, back from round {back + 1} of {sync}")
 
 
 @pytest.mark.timeout(240)
