@@ -155,10 +155,15 @@ class FaultyRa(RaManager):
     def __init__(self, testbed):
         super().__init__(testbed)
         self.done: list[tuple] = []
+        self.states: dict[str, str] = {}       # each node's state when its fault came
 
     def _fault(self, key) -> None:
         action, node = self.plan.pop(key, (None, None))
         if action:
+            if action != "resume":        # a paused node answers nothing
+                n = self.tb.all_nodes()[node]
+                self.states[node] = net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(node),
+                                                 timeout_s=10)["state"]
             out = self.node_fault(node, action)
             self.done.append((key, action, node, out["ok"], out["detail"]))
 
@@ -198,6 +203,7 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
     wall = time.monotonic() - t0
     out = capsys.readouterr().out
     assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [(k, *v, True) for k, v in plan.items()], manager.done
+    assert manager.states == {"f3": "reducing", "f5": "trained", "f4": "gathering"}, manager.states
     assert "error" not in summary, summary["error"]
     # a dead port refuses at once; the frozen node cost one step deadline (4 x the slowest
     # step seen + 5 s), not the 20 s cap, nor call_timeout_s
@@ -249,6 +255,52 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
     assert set(summary["logs_missing"]) == {"f3", "f5"}
     print(f"\nring of 5, f3 killed mid reduce-scatter, f5 after round 2's training, f4 frozen mid all-gather "
           f"of round 3: {SYNC} rounds in {wall:.1f} s\n" + "\n".join(reformed))
+
+
+@pytest.fixture
+def training_ring(tmp_path):
+    names = ["g1", "g2", "g3", "g4"]
+    links = {n: [{"dest": names[(i + 1) % 4], "bw": "50mbit"}] for i, n in enumerate(names)}
+    with netns_run(FaultyRa, "ra_peer", names, tmp_path, links=links, port=3456,
+                   subnet="10.247.20.0/24", emulator="emu-rat") as (tb, manager):
+        yield tb, manager, tmp_path
+
+
+@pytest.mark.timeout(240)
+def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training_ring, capsys):
+    """Real training (LeNet-5 on the MNIST subset); g3 SIGKILLed while it trains round 2.
+    The three others' all-reduce of round 2 and round 3 goes on without it: the same
+    model everywhere after each round."""
+    tb, manager, tmp = training_ring
+    manager.plan = {(2, "trained"): ("kill", "g3")}
+    t0 = time.monotonic()
+    summary = run_workflow(tb, manager, tmp, alg="ra", root=None, timeout_s=150,
+                           structure={"sync": 3, "node_list": [{"name": n, "epoch": 1} for n in ("g1", "g4", "g3", "g2")]},
+                           dataset={n: {"train_len": 4, "train_start_index": 1 + 4 * i, "test_len": 2,
+                                        "test_start_index": 1, "batch_size": 32} for i, n in enumerate(["g1", "g2", "g3", "g4"])})
+    wall = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [((2, "trained"), "kill", "g3", True)], manager.done
+    assert manager.states == {"g3": "training"}, manager.states
+    assert "error" not in summary, summary["error"]
+    assert wall < 90, wall
+    assert "controller: g3 lost during round 2's training (dead); the ring goes on without it" in out, out
+    assert "controller: round 2: ring re-formed without g3 (dead): g1 -> g2 -> g4 -> g1 (attempt 2)" in out, out
+    parts = [(p["round"], p["participants"], p["missing"], p["attempts"]) for p in summary["participants"]]
+    assert parts == [(1, ["g1", "g2", "g3", "g4"], {}, 1), (2, ["g1", "g2", "g4"], {"g3": "dead"}, 2),
+                     (3, ["g1", "g2", "g4"], {"g3": "dead"}, 1)], parts
+    nodes = tb.all_nodes()
+    weights = [net.unpack_weights(net.call("GET", f"{nodes[n].ip}:{nodes[n].port}/ra/weights",
+                                           token=tb.node_token(n), timeout_s=30).content)[0] for n in ("g1", "g2", "g4")]
+    assert all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in weights[0])
+    accs = {}
+    for n in ("g1", "g2", "g4"):
+        log = (tmp / "runs").glob(f"*-ra/{n}.log").__next__().read_text()
+        accs[n] = re.findall(r"Aggregate: accuracy=(\d\.\d{4}), round=(\d),", log)
+        assert len(re.findall(r"Train: loss=", log)) == 3
+    assert accs["g1"] == accs["g2"] == accs["g4"] and [r for _, r in accs["g1"]] == ["1", "2", "3"], accs
+    print(f"\nring of 4 training, g3 killed while training round 2: 3 rounds in {wall:.1f} s, accuracy "
+          f"{[a for a, _ in accs['g1']]}")
 
 
 # ----------------------------------------------------------------------------- too few left
