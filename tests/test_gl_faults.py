@@ -171,9 +171,10 @@ def test_a_peer_killed_from_outside_is_found_dead_and_the_run_ends(scratch):
 
 PEERS = ["f1", "f2", "f3", "f4", "f5"]
 VICTIM = "f3"
-KILL_AT_ROUND = 4          # killed once its heartbeat says round 4 (its rounds 1..3 are done)
-SYNC = 8
-ACC_TOLERANCE = 0.05       # survivors' mean final accuracy vs the no-fault run (observed: see the report)
+KILL_AT_ROUND = 3          # killed once its heartbeat says round 3 (its rounds 1..2 are done)
+SYNC = 10
+ACC_TOLERANCE = 0.05       # survivors' mean final accuracy vs the no-fault run (observed 0.000..0.035:
+                           # which models meet depends on timing, so even two no-fault runs differ ~0.01)
 # every peer links to every other: a dead peer leaves each survivor three to choose from
 LINKS = {n: [{"dest": d, "bw": "40mbit"} for d in PEERS if d != n] for n in PEERS}
 STRUCTURE = {"sync": SYNC, "seed": 2, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]}
@@ -272,6 +273,9 @@ def test_gossip_goes_on_without_a_killed_peer_and_reports_it(tmp_path, capsys):
     missing_after = {(n, p["round"]): p["missing"][VICTIM] for n in survivors for p in m[n]
                      if p["event"] == "participants" and VICTIM in p["missing"]}
     assert DEAD in missing_after.values(), missing_after
+    # summary.json's participants (controller/results.py) say the same
+    assert summary["missing_nodes"][VICTIM]["why"] in (DEAD, TIMEOUT), summary["missing_nodes"]
+    assert set(summary["missing_nodes"]) == {VICTIM}, summary["missing_nodes"]
     # the survivors learn as well as without the fault (the same seed)
     acc = sum(_final(m[n]) for n in survivors) / len(survivors)
     base_acc = sum(_final(base_m[n]) for n in survivors) / len(survivors)
