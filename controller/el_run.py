@@ -10,6 +10,10 @@ network: where two nodes of the tree have no direct link (n2 -> n4, n4 -> n2, n2
 the weights travel through n1, the next hop of the confs' `forward` (a shortest path over
 links that exist both ways, as EdgeTB; dml_tool/routes.py). Start with
 `curl 'localhost:3333/start?root=n1'`; n1 calls /finish after its last round.
+A node that fails mid-run (a fault action: /fault/node, or a --scenario file) is
+left out by its aggregator, which goes on with the children that answered while at
+least min_fraction of them do (dml_app/el_peer.py); summary.json's "participants" and
+"missing_nodes" say who was missing, when and why.
 """
 import sys
 from pathlib import Path

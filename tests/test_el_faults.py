@@ -198,6 +198,7 @@ def test_a_killed_trainer_behind_a_relay_is_left_out_and_reported(tmp_path):
     # the rounds after k found h6 dead at once through the relay h5 (502), not at the deadline
     assert "child h6 did not take the model (dead): " in logs["h2"] and "h5: forwarding to h6 failed" in logs["h2"]
     assert all(p["missing"] == {} for p in _parts(m["h1"], 3)), _parts(m["h1"], 3)
+    assert list(summary["missing_nodes"]) == [victim], summary["missing_nodes"]   # summary.json says it too
     assert abs(acc[-1] - base_acc[-1]) <= ACC_TOLERANCE, (acc, base_acc)
     print(f"E-tree, 5 trainers, {victim} killed after round {KILL_AFTER}: accuracy {acc[-1]:.4f} vs "
           f"{base_acc[-1]:.4f} without the fault (|diff| {abs(acc[-1] - base_acc[-1]):.4f}); "
@@ -218,6 +219,7 @@ def test_a_killed_middle_aggregator_is_reported_at_the_top_and_the_run_completes
     assert all(p["participants"] == ["h4", "h5", "h6"] for p in _parts(m["h2"], 2))
     assert "not taken" in logs["h7"] and "h3" in logs["h7"]
     assert summary["final_accuracy"] > 0.5, summary
+    assert list(summary["missing_nodes"]) == ["h3"], summary["missing_nodes"]
 
 
 @pytest.mark.timeout(240)
