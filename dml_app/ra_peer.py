@@ -268,8 +268,9 @@ class RaPeer:
             why = reply_for(succ, e)
             rt.log.warning("round %d: %s step %d: chunk %d to %s failed (%s): %s", r, phase, step, index,
                            succ, why.why, why.message)
-            return jsonify(node=rt.name, successor=succ, why=why.why,
-                           error=f"sending chunk {index} to {succ} failed: {why.message[:300]}"), 502
+            # short: the driver reads this from the first 500 characters of the answer
+            return jsonify(successor=succ, why=why.why,
+                           error=f"sending chunk {index} to {succ} failed: {why.message[:160]}"), 502
         return jsonify(node=rt.name, round=r, phase=phase, step=step, index=index,
                        elements=int(chunk.numel()))
 
