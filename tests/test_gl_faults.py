@@ -5,11 +5,14 @@
 * A real GlPeer whose peers are a closed port and a live peer: the dead one is tried
   once, skipped, marked down and not tried again until it answers /hi; the round's
   participants event says so.
+* Four bare gl_peer processes, one SIGKILLed from outside: the controller finds it dead
+  by its silence and refused port and ends the run.
 * Five peers on real netns nodes driven as `gl_run.py --auto` drives them, one of them
-  SIGKILLed (Manager.node_fault(.., "kill")) after its round 3: the run ends by itself
-  when the four live peers are done, each of them ran every round, the victim is in
-  summary.json's dead_peers and in the survivors' participants events as missing, and
-  the survivors' final accuracy stays close to the same run without the fault.
+  SIGKILLed (Manager.node_fault(.., "kill")) once its heartbeat says round 3 of 10: the
+  run ends by itself when the four live peers are done, each of them ran every round,
+  the victim is in summary.json's dead_peers and in the survivors' participants events
+  as missing, the survivors' final accuracy stays close to the same run without the
+  fault, and the reset leaves nothing (netns_testbed checks it after each run).
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import json
 import os
 import random
 import signal
+import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,67 +71,105 @@ def test_gossip_round_skips_failures_and_chooses_another():
 
 # ----------------------------------------------------------------------------- one real peer
 
-def _runtime(scratch: Path, name: str, data: Path) -> Runtime:
-    return Runtime("gl_peer", env={"NET_NODE_NAME": name, "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+def _runtime(scratch: Path, name: str, data: Path, port: int = 0) -> Runtime:
+    return Runtime("gl_peer", env={"NET_NODE_NAME": name, "EDGE_TB_TOKEN": TOKEN, "DML_PORT": str(port),
                                    "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(data)})
 
 
-def test_a_dead_peer_is_skipped_marked_down_and_taken_back_when_it_answers(scratch):
-    """gz1's peers: gz2 (a port where nothing listens) and gz3 (a live gl_peer), with a
-    seed whose first choice is gz2. Round 1 tries gz2 (dead, at once), skips it and
-    gives the model to gz3; rounds 2 and 3 go to gz3 without trying gz2 (down); once a
-    node listens on gz2's port, the next round's GET /hi takes it back."""
+HDR = {net.TOKEN_HEADER: TOKEN}
+
+
+@contextmanager
+def _peer_with(scratch: Path, gz2: str, *, sync: int, gossip_timeout_s: float):
+    """gz1, a GlPeer (not serving: the test runs its rounds) whose peers are gz2 at the
+    address `gz2` and gz3, a live gl_peer on loopback; the seed is one whose first choice
+    is gz2. Yields (gz1's runtime, its GlPeer, the dataset folder)."""
     threads = torch.get_num_threads()
     data = tiny_dataset(scratch / "ds", num_classes=10)
-    dead_port = free_port()
     seed = next(s for s in range(100) if choose_peer(["gz2", "gz3"], peer_rng(s, "gz1")) == "gz2")
     live = _runtime(scratch, "gz3", data)
     GlPeer(live)
     rt = _runtime(scratch, "gz1", data)
     peer = GlPeer(rt)
-    back = None
     try:
         live.start_serving("127.0.0.1")
-        hdr = {net.TOKEN_HEADER: TOKEN}
-        structure = {"epoch": 1, "sync": 3, "seed": seed, "wait_s": 0, "gossip_timeout_s": 5,
-                     "connect": {"gz2": f"127.0.0.1:{dead_port}", "gz3": f"127.0.0.1:{live.port}"}}
+        structure = {"epoch": 1, "sync": sync, "seed": seed, "wait_s": 0, "gossip_timeout_s": gossip_timeout_s,
+                     "connect": {"gz2": gz2, "gz3": f"127.0.0.1:{live.port}"}}
         for r, path, body in ((live, "/conf/structure", {**structure, "connect": {"gz1": "127.0.0.1:9"}}),
                               (live, "/conf/dataset", {"train_len": 1, "test_len": 1}),
                               (rt, "/conf/structure", structure),
                               (rt, "/conf/dataset", {"train_len": 1, "test_len": 1})):
-            assert r.app.test_client().post(path, json=body, headers=hdr).status_code == 200
+            assert r.app.test_client().post(path, json=body, headers=HDR).status_code == 200
+        yield rt, peer, data
+    finally:
+        rt.close()
+        live.close()
+        torch.set_num_threads(threads)
+
+
+def _events(scratch: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (scratch / "log" / "gz1.metrics.jsonl").read_text().splitlines())
+            if r["event"] == event]
+
+
+def test_a_dead_peer_is_skipped_marked_down_and_taken_back_when_it_answers(scratch):
+    """gz2 is a port where nothing listens. Round 1 tries gz2 (dead, at once), skips it
+    and gives the model to gz3; rounds 2 and 3 go to gz3 without trying gz2 (down); once
+    a node listens on gz2's port, the next round's GET /hi takes it back; a model from a
+    down peer takes it back too."""
+    dead_port = free_port()
+    back = None
+    with _peer_with(scratch, f"127.0.0.1:{dead_port}", sync=3, gossip_timeout_s=20) as (rt, peer, data):
         t0 = time.monotonic()
         peer.run()
         took = time.monotonic() - t0
-        recs = [json.loads(l) for l in (scratch / "log" / "gz1.metrics.jsonl").read_text().splitlines()]
-        assert [(r["to"], r["ok"], r.get("why")) for r in recs if r["event"] == "gossip"] == \
+        assert [(r["to"], r["ok"], r.get("why")) for r in _events(scratch, "gossip")] == \
             [("gz2", False, DEAD), ("gz3", True, None), ("gz3", True, None), ("gz3", True, None)]
-        assert [(r["round"], r["participants"], r["missing"], r["down"]) for r in recs
-                if r["event"] == "participants"] == \
+        assert [(r["round"], r["participants"], r["missing"], r["down"]) for r in _events(scratch, "participants")] == \
             [(1, ["gz3"], {"gz2": DEAD}, ["gz2"]), (2, ["gz3"], {}, ["gz2"]), (3, ["gz3"], {}, ["gz2"])]
         assert "Receive: from=gz1, round=3," in (scratch / "log" / "gz3.log").read_text()
-        assert took < 30, took      # a dead peer costs no wait
+        assert took < 10, took      # a dead peer costs no wait (gossip_timeout_s is 20)
         # gz2 comes back: a node listens on its port; the next round's /hi takes it back
         assert peer._down == {"gz2"}
-        back = Runtime("gl_peer", env={"NET_NODE_NAME": "gz2", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": str(dead_port),
-                                       "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(data)})
-        GlPeer(back)
-        back.start_serving("127.0.0.1")
-        peer._readmit(4)
-        assert peer._down == set()
-        assert "round 4: gz2 answer again" in (scratch / "log" / "gz1.log").read_text()
+        try:
+            back = _runtime(scratch, "gz2", data, port=dead_port)
+            GlPeer(back)
+            back.start_serving("127.0.0.1")
+            peer._readmit(4)
+            assert peer._down == set()
+            assert "round 4: gz2 answer again" in (scratch / "log" / "gz1.log").read_text()
+        finally:
+            if back is not None:
+                back.close()
         # a model from a down peer takes it back too
         peer._down.add("gz3")
-        model = peer.model.state_dict()
-        r = rt.app.test_client().post("/gossip", data=net.pack_weights(model, {"name": "gz3", "round": 3}),
-                                      headers={**hdr, "Content-Type": "application/octet-stream"})
+        r = rt.app.test_client().post("/gossip", data=net.pack_weights(peer.model.state_dict(),
+                                                                       {"name": "gz3", "round": 3}),
+                                      headers={**HDR, "Content-Type": "application/octet-stream"})
         assert r.status_code == 200 and peer._down == set()
         wait_until(lambda: rt.state == "finished", 30, "gz1 to merge the late model")
+
+
+def test_a_silent_peer_costs_one_bounded_wait_then_is_down(scratch):
+    """gz2 accepts connections and never answers (a frozen app): round 1's send to it
+    ends after gossip_timeout_s as a timeout and the model goes to gz3; round 2's GET /hi
+    finds it still silent (bounded too), so it is not tried again."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)               # the kernel takes the connections; nobody reads them
+    try:
+        with _peer_with(scratch, f"127.0.0.1:{silent.getsockname()[1]}", sync=2, gossip_timeout_s=1) as (rt, peer, _):
+            t0 = time.monotonic()
+            peer.run()
+            took = time.monotonic() - t0
+            assert [(r["to"], r["ok"], r.get("why")) for r in _events(scratch, "gossip")] == \
+                [("gz2", False, TIMEOUT), ("gz3", True, None), ("gz3", True, None)]
+            assert [(r["participants"], r["missing"], r["down"]) for r in _events(scratch, "participants")] == \
+                [(["gz3"], {"gz2": TIMEOUT}, ["gz2"]), (["gz3"], {}, ["gz2"])]
+            # one send's bound (1 s, the fan_out deadline 2 s) and one /hi's (2 s, 3 s)
+            assert 1.0 <= took < 10, took
     finally:
-        for r in (rt, live, back):
-            if r is not None:
-                r.close()
-        torch.set_num_threads(threads)
+        silent.close()
 
 
 # ----------------------------------------------------------------------------- bare processes, one killed
@@ -180,7 +223,6 @@ LINKS = {n: [{"dest": d, "bw": "40mbit"} for d in PEERS if d != n] for n in PEER
 STRUCTURE = {"sync": SYNC, "seed": 2, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]}
 DATASET = {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1 + 5 * (i % 2),
                "batch_size": 32} for i, n in enumerate(PEERS)}
-
 
 
 def _run(tmp: Path, tag: str, *, kill: bool, capsys) -> tuple[dict, dict, list, float | None, str, float]:
