@@ -284,8 +284,9 @@ class PsServer:
         return gather
 
     def _close(self, gather: Gather) -> None:
-        """(lock held) Close the version's Gather and apply the average of what came;
-        workers missing without having pulled the version (or found dead) are gone."""
+        """(lock held) Close the version's Gather, apply the average of what came and
+        serve the next version; workers missing without having pulled the version (or
+        found dead) are gone."""
         ps = self.ps
         waited = time.monotonic() - self._opened
         arrived, missing = gather.close()
@@ -304,6 +305,8 @@ class PsServer:
             self.rt.log.warning("version %d: applied the average of %s after %.1f s; missing %s",
                                 version, names, waited, ", ".join(f"{w} ({y})" for w, y in sorted(missing.items())))
         self._applied(f"gradients={len(names)},")
+        if not ps.done:
+            self._open()       # at once: a worker woken by this step may push before the driver runs
 
     def _sync_steps(self) -> bool:
         """Serve version after version until the last step; False when the run failed

@@ -1,0 +1,209 @@
+"""The parameter server under real faults (issue 11): netns nodes, the --auto workflow
+(auto.drive), real SIGKILL to a worker's cgroup through the controller
+(Manager.node_fault), real PyTorch on the MNIST subset.
+
+* sync, 4 workers, one killed mid-run and restarted later: every step is applied; the
+  versions after the kill wait for the 3 live workers only (applied well within the
+  deadline, the Gather's probe finds the dead one at once), with their mean; the
+  restarted worker is started by the controller (PsManager.on_rejoin), pulls, and is
+  waited for again; accuracy close to the no-fault run's;
+* async, one worker killed: the run completes;
+* the sync deadline counts from when the version was served (a real server process,
+  fake workers): a gradient pushed late in the window leaves only the rest of it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dml_testutil import wait_until  # noqa: E402
+from netns_workflow import netns_testbed, run_workflow  # noqa: E402
+import net  # noqa: E402
+
+from controller.ps_run import PsManager  # noqa: E402
+
+NAMES = [f"k{i}" for i in range(1, 6)]
+SERVER, WORKERS = NAMES[0], NAMES[1:]
+VICTIM = "k3"
+LINKS = {SERVER: [{"dest": w, "bw": "200mbit"} for w in WORKERS], **{w: [{"dest": SERVER, "bw": "100mbit"}] for w in WORKERS}}
+DATASET = {SERVER: {"test_len": 10, "test_start_index": 1, "batch_size": 32},
+           **{w: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32} for i, w in enumerate(WORKERS)}}
+SYNC = {"mode": "sync", "steps": 150, "lr": 0.05, "momentum": 0.9, "eval_every": 30, "step_timeout_s": 10}
+ASYNC = {"mode": "async", "steps": 240, "lr": 0.1, "momentum": 0.0, "eval_every": 60, "max_staleness": 3}
+KILL_AT, RESTART_AT = 30, 75      # server versions at which the victim is killed, then restarted
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _ps_run(tmp: Path, conf: dict, faults=(), *, port: int, subnet: str):
+    """A PS run of SERVER and WORKERS on netns nodes; `faults` [(version, node, action)]
+    fired in order (Manager.node_fault) once the server's version reached each one.
+    Returns (summary, the server's metrics, the server's log, the victim's log, fired)."""
+    roles = {SERVER: "ps_server.py", **{w: "ps_worker.py" for w in WORKERS}}
+    fired, errors = [], []
+    with netns_testbed(tmp, PsManager, roles, LINKS, port=port, subnet=subnet) as (tb, m):
+        srv = tb.all_nodes()[SERVER]
+
+        def version() -> int:
+            try:
+                v = net.get_json(f"http://{srv.ip}:{srv.port}/ps/status", token=tb.node_token(SERVER),
+                                 timeout_s=5).get("version")
+            except net.HttpError:
+                return -1
+            return v if isinstance(v, int) else -1
+
+        def injector():
+            try:
+                for at, node, action in faults:
+                    wait_until(lambda: version() >= at, 150, f"the server at version {at}", period_s=0.05)
+                    v = version()
+                    out = m.node_fault(node, action)
+                    fired.append({"version": v, "after": version(), "node": node, "action": action,
+                                  "ok": out["ok"], "detail": out["detail"]})
+            except Exception as e:     # shown by the test
+                errors.append(e)
+        t = threading.Thread(target=injector, daemon=True)
+        if faults:
+            t.start()
+        structure = {**conf, "node_list": [{"name": SERVER, "role": "server"}] + [{"name": w} for w in WORKERS]}
+        summary = run_workflow(tb, m, tmp, alg="ps", dataset=DATASET, structure=structure, root=SERVER,
+                               timeout_s=180)
+        if faults:
+            t.join(60)
+    assert not errors and not t.is_alive(), errors
+    run_dir = Path(summary["run_dir"])
+    return (summary, _metrics(run_dir / f"{SERVER}.metrics.jsonl"), (run_dir / f"{SERVER}.log").read_text(),
+            (run_dir / f"{VICTIM}.log").read_text(), fired)
+
+
+@pytest.mark.timeout(400)
+def test_sync_goes_on_without_a_killed_worker_and_takes_it_back(tmp_path):
+    base, base_recs, base_log, _, _ = _ps_run(tmp_path / "nofault", SYNC, port=3484, subnet="10.251.0.0/24")
+    steps = SYNC["steps"]
+    assert base["rounds"] == steps and "error" not in base, base
+    assert base["participants"] == [] and base["missing_nodes"] == {}       # nobody ever missing
+    assert re.findall(r"Step: version=\d+, (gradients=\d),", base_log) == ["gradients=4"] * steps
+
+    summary, recs, log, victim_log, fired = _ps_run(
+        tmp_path / "kill", SYNC, [(KILL_AT, VICTIM, "kill"), (RESTART_AT, VICTIM, "restart")],
+        port=3484, subnet="10.251.0.0/24")
+    assert [(f["node"], f["action"], f["ok"]) for f in fired] == [(VICTIM, "kill", True), (VICTIM, "restart", True)], fired
+    assert "started" in fired[1]["detail"], fired     # PsManager.on_rejoin started the worker again
+    assert summary["rounds"] == steps and "error" not in summary, summary
+    others = [w for w in WORKERS if w != VICTIM]
+
+    # every step applied once, in order; each with 4 gradients, or 3 while the victim was out
+    applied = [(int(v), int(g)) for v, g in re.findall(r"Step: version=(\d+), gradients=(\d),", log)]
+    assert [v for v, _ in applied] == list(range(1, steps + 1)), applied
+    out = [v for v, g in applied if g == 3]
+    assert all(g in (3, 4) for _, g in applied) and out, applied
+    first, last = out[0], out[-1]
+    assert out == list(range(first, last + 1)), out     # one stretch: from the kill to the rejoin
+    assert KILL_AT <= fired[0]["version"] < first <= fired[0]["after"] + 2, (first, fired)
+    assert fired[1]["version"] <= last < steps, (last, fired)
+
+    # the participants events: exactly the versions made without the victim, each by the
+    # 3 live workers' mean, the victim dead, applied within the deadline (one attempt)
+    parts = [r for r in recs if r["event"] == "participants"]
+    assert [r["round"] for r in parts] == out, parts
+    for r in parts:
+        assert r["participants"] == others and r["missing"] == {VICTIM: "dead"} and r["attempt"] == 1, r
+        assert r["waited_s"] < SYNC["step_timeout_s"], r
+    # after the first (where it was found dead), the victim is not waited for at all
+    waits = [r["waited_s"] for r in parts]
+    assert max(waits[1:]) < 3.0, waits
+    assert f"{VICTIM} pulled version" in log and "waited for again" in log
+    # the restarted worker computed gradients again, on versions after its restart
+    rounds_after = [int(v) for v in re.findall(r"Train: loss=[\d.]+, round=(\d+),", victim_log)]
+    assert rounds_after and min(rounds_after) >= fired[1]["version"] and max(rounds_after) >= last, rounds_after
+
+    # summary.json says the same
+    assert [(p["node"], p["round"]) for p in summary["participants"]] == [(SERVER, v) for v in out]
+    assert summary["missing_nodes"] == {VICTIM: {"first_round": first, "last_round": last, "why": "dead",
+                                                 "rounds_missed": len(out)}}, summary["missing_nodes"]
+
+    # identical to the no-fault run until the kill (the same seeds, the same batches, the
+    # mean in the conf's order), then close to it
+    acc = {p["round"]: p["accuracy"] for p in summary["accuracy_per_round"]}
+    base_acc = {p["round"]: p["accuracy"] for p in base["accuracy_per_round"]}
+    assert acc[SYNC["eval_every"]] == base_acc[SYNC["eval_every"]]
+    assert abs(summary["final_accuracy"] - base["final_accuracy"]) <= 0.05, (acc, base_acc)
+    print(f"\nPS sync, {VICTIM} killed at version {fired[0]['version']} and restarted at {fired[1]['version']}: "
+          f"versions {first}..{last} without it (waited at most {max(waits):.2f} s, step_timeout_s "
+          f"{SYNC['step_timeout_s']}); final accuracy {summary['final_accuracy']:.4f} vs "
+          f"{base['final_accuracy']:.4f} without the fault; wall {summary['wall_seconds']:.1f} s vs "
+          f"{base['wall_seconds']:.1f} s")
+
+
+@pytest.mark.timeout(300)
+def test_async_completes_with_a_killed_worker(tmp_path):
+    summary, recs, log, _, fired = _ps_run(tmp_path, ASYNC, [(60, VICTIM, "kill")], port=3484,
+                                           subnet="10.251.0.0/24")
+    steps = ASYNC["steps"]
+    assert fired[0]["ok"] and summary["rounds"] == steps and "error" not in summary, (fired, summary)
+    applied = re.findall(r"Step: version=(\d+), from=(\w+), staleness=\d,", log)
+    assert [int(v) for v, _ in applied] == list(range(1, steps + 1))
+    by_victim = [int(v) for v, w in applied if w == VICTIM]
+    assert by_victim and max(by_victim) <= fired[0]["after"] + 1, (by_victim, fired)   # none after the kill
+    assert not [r for r in recs if r["event"] == "participants"]      # async waits for nobody
+    accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
+    assert accs[-1] > accs[0], accs
+    print(f"\nPS async, {VICTIM} killed at version {fired[0]['version']}: {steps} steps, accuracy {accs}")
+
+
+# ----------------------------------------------------------------------------- the deadline
+from dml_testutil import module_scratch  # noqa: E402,F401  (test_ps_server's fixtures need it)
+from test_ps_server import data, gradients, make_server, pull, push  # noqa: E402,F401
+
+
+@pytest.mark.timeout(120)
+def test_the_sync_deadline_counts_from_when_the_version_was_served(make_server, data):
+    """A real server, two fake workers (alive: they answer, but one never pushes): the
+    first gradient pushed 2 s into a 3 s window is applied about 1 s later, at the
+    version's deadline, not 3 s after that push (the old rule); the event says who was
+    missing and why (timeout). The silent worker, which did not even pull, is not waited
+    for in the next version; once it pulls again it is, from the version after."""
+    _, d = data
+    srv, fakes, _ = make_server(["pd1", "pd2"], mode="sync", steps=4, lr=0.1, step_timeout_s=3)
+    params = pull(srv, fakes["pd1"], -1)           # version 0 was served before this pull
+    g = gradients(params, d.meta, d.train_x, d.train_y, 1)[0]
+    time.sleep(2.0)
+    t_push = time.monotonic()
+    assert push(srv, "pd1", 0, g).json() == {"applied": False, "version": 0}
+    wait_until(lambda: srv.call("GET", "/ps/status").json()["version"] == 1, 10, "version 1")
+    t_applied = time.monotonic()
+    assert t_applied - t_push < 2.5, t_applied - t_push          # the old rule: >= 3 s after the push
+    recs = [json.loads(line) for line in srv.call("GET", "/metrics").text.splitlines() if line.strip()]
+    parts = [r for r in recs if r["event"] == "participants"]
+    assert [(r["round"], r["participants"], r["missing"], r["attempt"]) for r in parts] == \
+        [(1, ["pd1"], {"pd2": "timeout"}, 1)], parts
+    assert 3.0 <= parts[0]["waited_s"] < 4.5, parts               # served -> applied: the deadline
+    # the step is pd1's gradient alone: p - lr * g
+    new, _ = net.unpack_weights(srv.call("GET", "/ps/model").content)
+    for k in g:
+        assert torch.allclose(new[k], params[k] - 0.1 * g[k], atol=1e-6), k
+    # pd2 had not pulled version 0: not waited for in version 1, so pd1's gradient
+    # completes version 1 at once
+    assert srv.call("GET", "/ps/status").json()["gone"] == {"pd2": "timeout"}
+
+    def step(worker, have, offset, applied, version):
+        p = pull(srv, fakes[worker], have)
+        gr = gradients(p, d.meta, d.train_x[offset:], d.train_y[offset:], 1)[0]
+        assert push(srv, worker, have + 1, gr).json() == {"applied": applied, "version": version}
+    step("pd1", 0, 32, True, 2)
+    # pd2 pulls again (during version 2): waited for again from version 3 on
+    pull(srv, fakes["pd2"], -1)
+    assert srv.call("GET", "/ps/status").json()["gone"] == {}
+    step("pd1", 1, 64, True, 3)                     # version 2 did not wait for it
+    step("pd1", 2, 96, False, 3)                    # version 3 does
+    step("pd2", 2, 128, True, 4)
