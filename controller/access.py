@@ -10,7 +10,13 @@ Three kinds of caller (docs/security.md):
 * **node**: a request carrying a node credential (dml_app/net.py node_token). It opens
   only NODE_ROUTES, and only for that node: the routes check `who().node` against the
   node the request names.
-* anyone else: 401, with where the admin token is.
+* **dashboard session**: a browser that signed in with the admin token (POST /login,
+  form field `token`) holds an HttpOnly, SameSite=Strict cookie `edgetb_<port>`: an
+  expiry, a nonce and their HMAC under the admin token (nothing stored, valid until it
+  expires or the controller's token changes). It opens only DASHBOARD_ROUTES, which
+  are read-only (the page, its files, /api/*, /runs/*): never a route that deploys,
+  starts, changes or resets anything.
+* anyone else: 401, with where the admin token is (for GET / a small sign-in page).
 
 Before that, the request must be meant for this controller: a `Host` that is not one of
 its names or addresses (DNS rebinding) and a browser request from another site (its
@@ -31,6 +37,16 @@ from dml_app import net
 
 # What a node credential opens; each route checks the node it speaks for.
 NODE_ROUTES = frozenset({"/heartbeat", "/log", "/finish", "/print"})
+# What a dashboard session cookie opens: the page and the read-only data it shows.
+DASHBOARD_EXACT = frozenset({"/", "/api/state", "/api/metrics", "/api/events", "/api/fidelity",
+                             "/api/runs", "/api/stream"})
+DASHBOARD_PREFIXES = ("/static/", "/runs/")
+LOGIN_ROUTE = "/login"
+SESSION_S = 12 * 3600         # a dashboard session lasts this long
+
+
+def dashboard_route(path: str) -> bool:
+    return path in DASHBOARD_EXACT or path.startswith(DASHBOARD_PREFIXES)
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
@@ -214,8 +230,29 @@ class Access:
                 return f"cross-site browser request (Origin {origin[:100]!r}) refused"
         return None
 
-    def caller(self, environ, headers) -> Caller | tuple[str, int]:
-        """The Caller, or (message, HTTP status) when refused."""
+    # ---------------------------------------------------------------- sessions
+    @property
+    def cookie_name(self) -> str:
+        """One cookie per controller port (browsers send a host's cookies to every port)."""
+        return f"edgetb_{self._port()}"
+
+    def new_session(self, now: float | None = None) -> str:
+        """A cookie value: '<expiry>.<nonce>.<HMAC(admin, "session:<expiry>.<nonce>")>'."""
+        expiry = int((now or time.time()) + SESSION_S)
+        body = f"{expiry}.{os.urandom(12).hex()}"
+        return f"{body}.{net._mac(self.admin_token, 'session:' + body)}"
+
+    def session_ok(self, value: str | None, now: float | None = None) -> bool:
+        if not value or len(value) > 200 or value.count(".") != 2:
+            return False
+        expiry, nonce, mac = value.split(".")
+        if not expiry.isdigit() or int(expiry) < (now or time.time()):
+            return False
+        return net.same_token(mac, net._mac(self.admin_token, f"session:{expiry}.{nonce}"))
+
+    def caller(self, environ, headers, cookies=None) -> Caller | tuple[str, int]:
+        """The Caller, or (message, HTTP status) when refused. `cookies`: the request's
+        (a dashboard session, see the module's docstring)."""
         why = self.refuse_site(headers)
         if why:
             return why + "\n", 403
@@ -239,6 +276,8 @@ class Access:
                 uid = None
             if uid is not None and uid in self.uids:
                 return Caller("admin", how="loopback")
+        if cookies and self.session_ok(cookies.get(self.cookie_name)):
+            return Caller("admin", how="session")
         who = ", ".join(sorted(_user(u) for u in self.uids))
         return (f"no credential: from this machine without a token only {who} may call the controller; "
                 f"others send the admin token in header {net.TOKEN_HEADER} "
@@ -249,14 +288,31 @@ class Access:
 
         @app.before_request
         def _guard():
-            got = self.caller(request.environ, request.headers)
+            if request.path == LOGIN_ROUTE:
+                # Signing in needs no credential but the one in its body; the site rules hold.
+                why = self.refuse_site(request.headers)
+                return (why + "\n", 403) if why else None
+            got = self.caller(request.environ, request.headers, request.cookies)
             if isinstance(got, tuple):
+                if got[1] == 401 and request.path == "/" and request.method == "GET":
+                    return self.login_page(), 401, {"Content-Type": "text/html; charset=utf-8"}
                 return got
             if got.kind == "node" and request.path not in NODE_ROUTES:
                 return (f"a node credential opens only {', '.join(sorted(NODE_ROUTES))} "
                         f"on the controller, not {request.path[:100]}\n", 403)
+            if got.how == "session" and not dashboard_route(request.path):
+                return (f"a dashboard session opens only the dashboard's read-only routes, not "
+                        f"{request.path[:100]}: send the admin token in header {net.TOKEN_HEADER}\n", 403)
             g.caller = got
             return None
+
+
+    def login_page(self) -> str:
+        import html
+
+        from controller.dashboard import LOGIN_PAGE
+
+        return LOGIN_PAGE.replace("{token_file}", html.escape(str(self.token_file)))
 
 
 def who():

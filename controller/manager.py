@@ -3,7 +3,11 @@
 Routes answer GET (EdgeTB users type `curl localhost:3333/start?root=n1`) and POST.
 Every request is checked first (controller/access.py): the admin token opens every
 route, a node's credential only its own /heartbeat, /log, /print and (the root's)
-/finish, and a request without a token only from root or the sudo user on loopback.
+/finish, a dashboard session cookie (POST /login) only the dashboard's read-only routes,
+and a request without a token only from root or the sudo user on loopback.
+
+The live dashboard's routes (/, /static/*, /api/*, /runs/*, /login) are thin hooks into
+controller/dashboard.py, which holds their data and documents them.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, make_response, redirect, request
 
-from controller import access, files, results, scenario
+from controller import access, dashboard, files, results, scenario
 from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
 from dml_app import net
 
@@ -69,12 +73,13 @@ class Manager:
     conf_dir = CONF_DIR      # where the dml_tool scripts write the node confs
     runs_dir = RUNS_DIR      # where /finish makes each run's folder
     log_limit_bytes = LOG_LIMIT_BYTES   # the largest body POST /log takes (413 beyond)
+    screenshot_s = dashboard.SCREENSHOT_TIMEOUT_S   # dashboard.png at /finish: the browser's bound (0: none)
     file_roots: tuple = ()   # folders besides ROOT, the testbed's dir_name and conf_dir that
                              # requests may name files in (/update/tc?file=)
 
     def __init__(self, testbed: Testbed):
         self.tb = testbed
-        self.app = Flask(f"edgetb-{self.algorithm}")
+        self.app = Flask(f"edgetb-{self.algorithm}", static_folder=None)   # /static/ is the dashboard's
         self.server: net.Server | None = None
         self.heartbeats: dict[str, dict] = {}
         self.started_at: float | None = None
@@ -96,6 +101,7 @@ class Manager:
         # After the access check: JSON routes take 1 MiB, /log log_limit_bytes (read at
         # each request); the server refuses more than the largest from the headers.
         self.body_limits = net.limit_bodies(self.app, routes={"/log": lambda: self.log_limit_bytes})
+        self.dashboard = dashboard.Dashboard(self)
         self._routes()
 
     def _names(self) -> set[str]:
@@ -104,7 +110,9 @@ class Manager:
 
     # ------------------------------------------------------------------ serving
     def serve(self) -> None:
-        self.server = net.serve(self.app, "0.0.0.0", self.tb.host_port, threads=16)
+        # Each dashboard stream holds a thread while it is open: room for all of them.
+        self.server = net.serve(self.app, "0.0.0.0", self.tb.host_port, threads=16 + dashboard.STREAMS_MAX)
+        self.dashboard.start()
         self.tb.host_port = self.server.port
         # The admin token, for the users that loopback does not trust (docs/security.md).
         self.access.token_file = access.token_path(self.server.port)
@@ -112,6 +120,7 @@ class Manager:
 
     def close(self) -> None:
         self.stop_scenario(resume_paused=False)
+        self.dashboard.close()          # its streams end before the server waits for them
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -195,6 +204,7 @@ class Manager:
         self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
         self.finished.clear()
         self.started_at = time.time()
+        dash_before = self.dashboard.new_run()
         targets = [root] if root else list(nodes)
 
         def start(n):
@@ -206,6 +216,7 @@ class Manager:
         if bad:
             if len(bad) == len(targets):      # nothing started: the run is as it was
                 self.root, self.summary, self.started_at, self.run_dir = before
+                self.dashboard.restore(dash_before)
                 if self.summary is not None:
                     self.finished.set()
             # Refused by every node that failed (a 4xx: not a root role, confs missing,
@@ -283,6 +294,10 @@ class Manager:
                 summary["events"] = events
             results.draw(self.run_dir, metrics, self.root, events=events, t0=self.started_at)
             summary["run_dir"] = str(self.run_dir)
+            summary["link_fidelity"] = self.dashboard.fidelity_report()
+            # The page as it ends, while the nodes still answer (a reset comes after /finish).
+            why = self.dashboard.screenshot(self.run_dir)
+            summary["dashboard"] = "dashboard.png" if why is None else f"no screenshot: {why}"
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.summary = summary
             self.finished.set()
@@ -537,13 +552,19 @@ class Manager:
 
         @app.route("/heartbeat", methods=["POST"])
         def heartbeat():
-            name, state, rnd = heartbeat_fields(request.get_json(silent=True))
-            error = heartbeat_error(request.get_json(silent=True))
+            """A node's state; with "metrics" (its new records, dml_app/runtime.py) the
+            answer is {"ack": the last of its records stored}."""
+            body = request.get_json(silent=True)
+            name, state, rnd = heartbeat_fields(body)
+            error = heartbeat_error(body)
+            live = self.dashboard.parse_heartbeat(body)
             as_node(name)
+            ack = None
             if name in self._nodes():
                 self.heartbeats[name] = {"t": time.time(), "state": state, "round": rnd, "error": error}
+                ack = self.dashboard.heartbeat_metrics(name, live)
                 self.on_heartbeat(name, state, rnd)
-            return "ok\n"
+            return jsonify(ack=ack) if live is not None else "ok\n"
 
         @app.route("/conf/dataset", methods=any_)
         def conf_dataset():
@@ -670,6 +691,95 @@ class Manager:
         @app.route("/status", methods=["GET"])
         def status():
             return jsonify(self.status())
+
+        # ---------------------------------------------------------- dashboard (issue 12)
+        dash = self.dashboard
+
+        def no_cache(resp):
+            resp.headers["Cache-Control"] = "no-cache"
+            resp.headers["X-Content-Type-Options"] = "nosniff"
+            return resp
+
+        def api(obj):
+            dash.watched()
+            return no_cache(jsonify(obj))
+
+        @app.route("/", methods=["GET"])
+        def dashboard_page():
+            try:
+                data, mime = dash.static_file("index.html")
+            except FileNotFoundError:
+                return ("the dashboard page is not installed (controller/static/index.html is missing); "
+                        "the data is at /api/state, /api/metrics, /api/events, /api/fidelity, /api/runs\n", 404)
+            resp = no_cache(make_response(data))
+            resp.headers["Content-Type"] = mime
+            resp.headers["X-Frame-Options"] = "DENY"
+            return resp
+
+        @app.route("/static/<path:rel>", methods=["GET"])
+        def dashboard_static(rel):
+            data, mime = dash.static_file(rel)
+            resp = no_cache(make_response(data))
+            resp.headers["Content-Type"] = mime
+            return resp
+
+        @app.route("/api/state", methods=["GET"])
+        def api_state():
+            dash.watched()
+            return no_cache(Response(dash.state_json(), mimetype="application/json"))
+
+        @app.route("/api/metrics", methods=["GET"])
+        def api_metrics():
+            raw = request.args.get("after", "0")
+            if not raw.isdigit() or len(raw) > 19:
+                raise ValueError(f"after: expected a record sequence number (0 or more), got {raw[:32]!r}")
+            return api(dash.metrics_page(int(raw)))
+
+        @app.route("/api/events", methods=["GET"])
+        def api_events():
+            return api({"events": dash.events()})
+
+        @app.route("/api/fidelity", methods=["GET"])
+        def api_fidelity():
+            return api(dash.fidelity_report())
+
+        @app.route("/api/runs", methods=["GET"])
+        def api_runs():
+            return api(dash.runs())
+
+        @app.route("/runs/<name>/<file>", methods=["GET"])
+        def run_file(name, file):
+            data, mime = dash.run_file(name, file)
+            resp = no_cache(make_response(data))
+            resp.headers["Content-Type"] = mime
+            return resp
+
+        @app.route("/api/stream", methods=["GET"])
+        def api_stream():
+            """Server-Sent Events for one page; only for a client asking for an event
+            stream (EventSource sends Accept: text/event-stream), at most STREAMS_MAX."""
+            if "text/event-stream" not in request.headers.get("Accept", ""):
+                return ("this is a Server-Sent Events stream: send Accept: text/event-stream "
+                        "(a browser's EventSource does); for one answer use /api/state\n", 406)
+            body = dash.open_stream()
+            if body is None:
+                return (f"too many dashboard streams open (at most {dashboard.STREAMS_MAX}): "
+                        f"close a page, or poll /api/state\n", 503, {"Retry-After": "10"})
+            return Response(body, mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        @app.route("/login", methods=["POST"])
+        def login():
+            """The admin token (form field `token`) -> a dashboard session cookie."""
+            given = request.form.get("token", "")
+            if not net.same_token(given.strip(), self.tb.token):
+                return (f"wrong admin token (it is in {self.access.token_file} on the controller's "
+                        f"machine)\n", 401)
+            html = "text/html" in request.headers.get("Accept", "")
+            resp = redirect("/", code=303) if html else jsonify(ok=True)
+            resp.set_cookie(self.access.cookie_name, self.access.new_session(), max_age=access.SESSION_S,
+                            httponly=True, samesite="Strict", path="/")
+            return resp
 
         @app.route("/share/<digest>", methods=["GET"])
         def share_archive(digest):

@@ -38,6 +38,7 @@ is refused with 409: a role reads its conf once, at the start of its work.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -61,6 +62,16 @@ from node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0
+# Metrics records go to the controller live, with the heartbeats (its dashboard): each
+# record gets a sequence number; a heartbeat carries those the controller has not
+# acknowledged yet (at most HB_RECORDS_MAX, HB_BYTES_MAX of JSON), the controller answers
+# the last one it stored ("ack") and drops what it already has, so an answer that was
+# lost makes the next heartbeat send them again without storing them twice. At most
+# HB_PENDING_MAX wait (the oldest are dropped and counted: the metrics file keeps all).
+HB_RECORDS_MAX = 500
+HB_BYTES_MAX = 256 * 1024
+HB_RECORD_MAX_BYTES = 64 * 1024     # a record larger than this is not sent live (the file has it)
+HB_PENDING_MAX = 20_000
 MAX_ERROR_CHARS = 1000        # a failure's message in heartbeats and /stats
 WEIGHTS_MIME = "application/octet-stream"
 CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what sets each attribute
@@ -240,6 +251,12 @@ class Runtime:
         self._dataset_fn: Callable[[NodeData], None] | None = None
         self._server: net.Server | None = None
         self._hb_failing = False
+        # Live metrics (see HB_RECORDS_MAX): (seq, JSON text) not acknowledged yet; `boot`
+        # tells the controller that a restarted app numbers from 1 again.
+        self._hb_boot = os.urandom(8).hex()
+        self._hb_seq = 0
+        self._hb_pending: collections.deque[tuple[int, str]] = collections.deque()
+        self._hb_dropped = 0
         self._model_fn: Callable[[dict], Any] | None = None
         self._weights_limits: dict[str, int] = {}    # meta.json (as JSON) -> bytes
 
@@ -566,6 +583,57 @@ class Runtime:
         line = json.dumps(rec, allow_nan=True)
         with self._metrics_lock, open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+            self._queue_live(rec)
+
+    def _queue_live(self, rec: dict) -> None:
+        """Queue a record for the controller (under the metrics lock): strict JSON (a
+        NaN loss becomes null: the controller takes finite numbers only), bounded."""
+        self._hb_seq += 1
+        try:
+            text = json.dumps(_finite(rec), allow_nan=False)
+        except (TypeError, ValueError):
+            text = ""
+        if not text or len(text) > HB_RECORD_MAX_BYTES:
+            self._hb_dropped += 1
+            return
+        self._hb_pending.append((self._hb_seq, text))
+        while len(self._hb_pending) > HB_PENDING_MAX:
+            self._hb_pending.popleft()
+            self._hb_dropped += 1
+
+    def _live_metrics(self) -> dict | None:
+        """The next heartbeat's metrics: {"boot", "records": [[seq, record], ...],
+        "dropped"}, oldest first, bounded; None when nothing waits."""
+        with self._metrics_lock:
+            if not self._hb_pending and not self._hb_dropped:
+                return None
+            out, size = [], 0
+            for seq, text in self._hb_pending:
+                if len(out) >= HB_RECORDS_MAX or (out and size + len(text) > HB_BYTES_MAX):
+                    break
+                out.append((seq, text))
+                size += len(text) + 16
+            dropped = self._hb_dropped
+        return {"boot": self._hb_boot, "dropped": dropped,
+                "records": [[seq, json.loads(text)] for seq, text in out]}
+
+    def _metrics_acked(self, answer, sent: dict | None) -> None:
+        """Forget what the controller acknowledged (its answer {"ack": seq}); an answer
+        without one (an older controller) acknowledges nothing."""
+        if sent is None:
+            return
+        try:
+            ack = answer.json().get("ack") if answer.headers.get("content-type", "").startswith(
+                "application/json") else None
+            ack = net.number(ack, "ack", 0, 2**62, integer=True) if ack is not None else None
+        except (ValueError, AttributeError):
+            ack = None
+        if ack is None:
+            return
+        with self._metrics_lock:
+            while self._hb_pending and self._hb_pending[0][0] <= ack:
+                self._hb_pending.popleft()
+            self._hb_dropped -= min(self._hb_dropped, sent.get("dropped", 0))
 
     def log_train(self, loss: float, round: int) -> None:
         """EdgeTB's `Train: loss=..., round=...,` line plus a metrics record."""
@@ -665,10 +733,15 @@ class Runtime:
             self.log.info("NET_CTL_ADDRESS not set: no heartbeats")
             return
         while not self.stopping.is_set():
+            live = self._live_metrics()
             try:
-                net.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S,
-                         json={"node": self.name, "state": self.state, "round": self.round,
-                               **({"error": self.error} if self.error else {})})
+                # Sent once (no retries): a lost answer only means the same records again
+                # with the next heartbeat, which the controller drops by their seq.
+                r = net.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S * (2 if live else 1),
+                             json={"node": self.name, "state": self.state, "round": self.round,
+                                   **({"error": self.error} if self.error else {}),
+                                   **({"metrics": live} if live else {})})
+                self._metrics_acked(r, live)
                 if self._hb_failing:
                     self.log.info("heartbeats reach the controller again")
                 self._hb_failing = False
@@ -726,6 +799,19 @@ class Runtime:
 
 def round_s(t: float) -> float:
     return round(t, 3)
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    """value with every NaN or infinite float replaced by None (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 16:
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
 
 
 def _read_text(path: str) -> str:

@@ -23,6 +23,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -46,6 +48,7 @@ STATE_BASE = Path("/run/edgetb")
 # 11.4 MiB of JSON as the controller sends it; 32 MiB leaves room for 32-character node
 # names. Every other route takes net.JSON_LIMIT (1 MiB).
 DEPLOY_LIMIT = 32 << 20
+USAGE_PARALLEL = 4        # nodes read at once by /usage (each a netlink dump in its namespace)
 
 
 class BadRequest(Exception):
@@ -536,6 +539,51 @@ class Agent:
             out[name] = st
         return {"agent": self.name, "nodes": out}
 
+    # -------------------------------------------------------------- usage (the dashboard)
+    def usage(self) -> dict:
+        """What every node uses now and what each of its links carried so far, for the
+        controller's dashboard sampler (one call per sample, whatever the link count):
+        {"nodes": {name: {"state", "cpu_ns", "mem_bytes", "t"}},
+         "links": {name: {"t", "links": [[dest, bytes, packets, rate_bps, down], ...]}}}
+        with counters as the kernel keeps them (HTB class bytes and packets since the class
+        was made) and t this agent's monotonic clock at each read, so rates are deltas over
+        the agent's own time. No lock is held while reading (a deploy holds it for long):
+        nodes and tables are snapshots, and a node gone meanwhile is left out."""
+        nodes = list(self.nodes.values())
+        tables = dict(self.tables)
+
+        def one(n: nb.Node):
+            name = n.spec.name
+            backend = self.backend(n)
+            alive = backend.running(n) if n.state in ("running", "paused") else None
+            state = "exited" if alive is False else n.state
+            try:
+                use = backend.usage(n) if state in ("running", "paused") else {"cpu_ns": None, "mem_bytes": None}
+            except (OSError, ValueError, nb.NodeError):
+                use = {"cpu_ns": None, "mem_bytes": None}
+            node = {"state": state, **use, "t": round(time.monotonic(), 6)}
+            table = tables.get(name)
+            if table is None:
+                return name, node, None
+            try:
+                netns, dev = table.netns, table.dev
+                stats = tc.class_stats(netns, dev)
+                t = round(time.monotonic(), 6)
+                links = [[l.dest, *stats.get(minor, (0, 0)), l.rate_bps, key in table.down]
+                         for key, minor in list(table.minors.items())
+                         if (l := table.links.get(key)) is not None]
+            except (tc.TcError, OSError, RuntimeError):     # the namespace went meanwhile
+                return name, node, None
+            return name, node, {"t": t, "links": links}
+
+        out_nodes, out_links = {}, {}
+        with ThreadPoolExecutor(min(USAGE_PARALLEL, max(1, len(nodes)))) as ex:
+            for name, node, links in ex.map(one, nodes):
+                out_nodes[name] = node
+                if links is not None:
+                    out_links[name] = links
+        return {"agent": self.name, "nodes": out_nodes, "links": out_links}
+
     # -------------------------------------------------------------- image
     def build_image(self, body: dict) -> dict:
         """The node image for docker nodes (dml_app/Dockerfile, or offline): worker/image.py."""
@@ -648,6 +696,11 @@ def make_app(agent: Agent) -> Flask:
     @app.get("/status")
     def status():
         return jsonify(agent.status())
+
+    @app.get("/usage")
+    def usage():
+        """cpu/memory of every node and the byte counters of every link (Agent.usage)."""
+        return jsonify(agent.usage())
 
     return app
 

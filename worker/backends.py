@@ -21,6 +21,7 @@ between kinds of node is here, behind the methods of `Backend`:
     namespace(node) -> (netns | None, dev)   where its links are shaped (worker/tc.py)
     address(node) -> (ip, port)         where its app answers, seen from the agent (readiness)
     running(node) -> bool | None        cheap: is its app still running (None: not known)
+    usage(node) -> {"cpu_ns", "mem_bytes"}   cheap: what its app uses now (its cgroup; docker: the container's)
     sweep() -> [what went]              what a crashed predecessor made without recording it
 
 Like Mininet's `Mininet(host=..., link=...)` the agent is handed classes; like
@@ -46,6 +47,7 @@ from worker import docker_nodes as dn
 from worker import image
 from worker import nodes as nb
 from worker import tc
+from worker import cgroups
 from worker.cgroups import Cgroup, CgroupError
 
 
@@ -173,6 +175,11 @@ class Backend:
     def deployed(self, node: nb.Node) -> dict:
         """What the deploy answer says of a node beside its link count."""
         return {}
+
+    def usage(self, node: nb.Node) -> dict:
+        """cpu time and memory its app uses now: {'cpu_ns', 'mem_bytes'} (None: unknown);
+        from the node's cgroup (worker/cgroups.py), cheap enough to read every second."""
+        return Cgroup(node.spec.name).usage()
 
     def sweep(self) -> list[str]:
         return []
@@ -383,6 +390,13 @@ class Docker(Backend):
 
     def deployed(self, node):
         return {"container": node.container, "cpuset": node.cpuset, "host_port": node.host_port}
+
+    def usage(self, node):
+        # The container's cgroup (the runtime's, found from its init's /proc/<pid>/cgroup),
+        # not the daemon's stats API (a second per call).
+        if not node.pid or self.running(node) is False:
+            return {"cpu_ns": None, "mem_bytes": None}
+        return cgroups.pid_usage(node.pid)
 
     def sweep(self):
         """Containers, networks and volumes with this agent's label that no record names

@@ -13,7 +13,9 @@ kernel has it (5.14+), emptiness is `populated 0` in `cgroup.events`.
 v1: `<root>/cpu/edgetb/<node>` (cpu.cfs_quota_us, cpu.cfs_period_us) and
 `<root>/memory/edgetb/<node>` (memory.limit_in_bytes); the cpu hierarchy may be
 mounted as `cpu,cpuacct`. Where the v1 `freezer` hierarchy is mounted, also
-`<root>/freezer/edgetb/<node>` (optional: only pause/resume need it).
+`<root>/freezer/edgetb/<node>` (optional: only pause/resume need it). Where `cpuacct` is a
+hierarchy of its own (not co-mounted with cpu), also `<root>/cpuacct/edgetb/<node>`, so
+that the cpu time a node uses can be read (`usage()`, the controller's dashboard).
 
 Freezing (pause/resume, `freeze(True|False)`): v2 writes `cgroup.freeze` and waits for
 `frozen 1|0` in `cgroup.events`; v1 writes FROZEN/THAWED to `freezer.state` and waits
@@ -38,6 +40,7 @@ GROUP = "edgetb"
 CFS_PERIOD_US = 100_000
 CONTROLLERS = ("cpu", "memory")
 FREEZER = "freezer"        # v1 only, optional
+CPUACCT = "cpuacct"        # v1 only, optional: cpu time used (the dashboard), where not co-mounted with cpu
 FREEZE_WAIT_S = 10.0       # for the kernel to (un)freeze every member
 KILL_WAIT_S = 5.0          # for SIGKILLed members to go
 RMDIR_TRIES = 50           # x 0.05 s: rmdir fails while the kernel still reaps members
@@ -108,6 +111,71 @@ def read_limits(cpu_dir: Path, memory_dir: Path, *, v2: bool | None = None) -> d
             "memory_bytes": None if mem >= 2**62 else mem}   # v1 "unlimited" is PAGE_COUNTER_MAX pages
 
 
+def _stat_value(text: str, key: str) -> int | None:
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key and v.strip().isdigit():
+            return int(v)
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def read_usage(cpu_dir: Path, memory_dir: Path, *, v2: bool) -> dict:
+    """{'cpu_ns', 'mem_bytes'} of the cgroup at these directories (on v2 the same unified
+    one): v2 cpu.stat usage_usec and memory.current; v1 cpuacct.usage and
+    memory.usage_in_bytes; memory less the inactive file cache (as `docker stats` does).
+    A value the kernel does not give here is None."""
+    cpu_dir, memory_dir = Path(cpu_dir), Path(memory_dir)
+    try:
+        mstat = (memory_dir / "memory.stat").read_text()
+    except OSError:
+        mstat = ""
+    if v2:
+        try:
+            usec = _stat_value((cpu_dir / "cpu.stat").read_text(), "usage_usec")
+        except OSError:
+            usec = None
+        cpu = usec * 1000 if usec is not None else None
+        mem = _read_int(memory_dir / "memory.current")
+        inactive = _stat_value(mstat, "inactive_file")
+    else:
+        cpu = _read_int(cpu_dir / "cpuacct.usage")
+        mem = _read_int(memory_dir / "memory.usage_in_bytes")
+        inactive = _stat_value(mstat, "total_inactive_file")
+    if mem is not None and inactive is not None:
+        mem = max(0, mem - inactive)
+    return {"cpu_ns": cpu, "mem_bytes": mem}
+
+
+def pid_usage(pid: int, root: Path | None = None) -> dict:
+    """read_usage of the cgroup(s) a process is in (a container's init: its cgroup, made
+    by the container runtime, wherever that is), from /proc/<pid>/cgroup."""
+    root = Path(root or ROOT)
+    try:
+        lines = Path(f"/proc/{int(pid)}/cgroup").read_text().splitlines()
+    except (OSError, ValueError):
+        return {"cpu_ns": None, "mem_bytes": None}
+    where: dict[str, str] = {}
+    for line in lines:
+        _, ctrls, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        for c in ctrls.split(",") if ctrls else ["unified"]:
+            where[c] = path.lstrip("/")
+    if is_v2(root):
+        d = root / where.get("unified", "")
+        return read_usage(d, d, v2=True)
+    acct = where.get(CPUACCT)
+    cpu_dir = _v1_mount(root, CPUACCT) / acct if acct is not None else root / "nonexistent"
+    mem_dir = _v1_mount(root, "memory") / where.get("memory", "")
+    return read_usage(cpu_dir, mem_dir, v2=False)
+
+
 class Cgroup:
     """One node's cgroup(s). `dirs` are the directories to create/remove."""
 
@@ -124,6 +192,9 @@ class Cgroup:
             fz = _v1_mount(self.root, FREEZER)
             if fz.is_dir():
                 self.dirs[FREEZER] = fz / GROUP / name
+            acct = _v1_mount(self.root, CPUACCT)
+            if acct.is_dir() and acct.resolve() != _v1_mount(self.root, "cpu").resolve():
+                self.dirs[CPUACCT] = acct / GROUP / name
 
     @property
     def procs_files(self) -> list[str]:
@@ -149,6 +220,16 @@ class Cgroup:
             _write(c / "cpu.cfs_period_us", str(CFS_PERIOD_US))
             _write(c / "cpu.cfs_quota_us", str(quota))
             _write(self.dirs["memory"] / "memory.limit_in_bytes", str(mem))
+
+    def usage(self) -> dict:
+        """What the group's processes use now: {'cpu_ns': cpu time so far (None when the
+        kernel keeps none here), 'mem_bytes': memory less inactive file cache (None when
+        unknown)}; both None once the group is gone."""
+        if self.v2:
+            d = self.dirs["unified"]
+            return read_usage(d, d, v2=True)
+        cpu = self.dirs.get(CPUACCT) or self.dirs["cpu"]   # co-mounted: cpu,cpuacct holds cpuacct.usage
+        return read_usage(cpu, self.dirs["memory"], v2=False)
 
     def limits(self) -> dict:
         """read_limits of this group, plus its member 'pids'."""
@@ -341,5 +422,5 @@ def leftover_groups(root: Path | None = None) -> list[str]:
     if is_v2(root):
         bases = [root / GROUP]
     else:
-        bases = [_v1_mount(root, c) / GROUP for c in (*CONTROLLERS, FREEZER)]
+        bases = [_v1_mount(root, c) / GROUP for c in (*CONTROLLERS, FREEZER, CPUACCT)]
     return sorted({p.name for b in bases if b.is_dir() for p in b.iterdir() if p.is_dir()})

@@ -272,6 +272,12 @@ def set_down(table: LinkTable, dest: str, down: bool) -> bool:
 
 def class_bytes(netns: str | None, dev: str) -> dict[int, int]:
     """Bytes sent so far by each HTB class on dev, by class minor (netlink stats)."""
+    return {minor: b for minor, (b, _) in class_stats(netns, dev).items()}
+
+
+def class_stats(netns: str | None, dev: str) -> dict[int, tuple[int, int]]:
+    """(bytes, packets) sent so far by each HTB class on dev, by class minor, in one
+    netlink dump (gnet_stats_basic: bytes u64, packets u32, which wraps at 2^32)."""
     import os
     import struct
 
@@ -284,7 +290,7 @@ def class_bytes(netns: str | None, dev: str) -> dict[int, int]:
             if _TCA_STATS2 in at:
                 st = _attrs(buf, *at[_TCA_STATS2])
                 if _TCA_STATS_BASIC in st:
-                    (out[handle & 0xFFFF],) = struct.unpack_from("Q", buf, st[_TCA_STATS_BASIC][0])
+                    out[handle & 0xFFFF] = struct.unpack_from("QI", buf, st[_TCA_STATS_BASIC][0])
     finally:
         os.close(fd)
     return out
