@@ -17,27 +17,36 @@ the top has aggregated round 2:
     and the run completes on h2's subtree;
 (c) the trainer h5, which is also the relay to h6: h2 is left with 1 of 3 children
     (min_fraction 0.5 needs 2), tries the round again once (round_retries 1), then
-    fails; the run ends at once with h2's message naming h5 and h6 as dead.
+    fails; the run ends at once with h2's message naming h5 and h6 as dead;
+(d) h6 killed, then restarted: asked again every round, it takes part again.
+
+And, in-process: min_fraction and round_retries are checked per layer and passed through
+by the conf tool; a relay whose next hop is dead answers 502, one whose next hop does not
+answer 504 within its share of the sender's wait, for messages and probes alike.
 """
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agent_helpers as ah  # noqa: E402
-from dml_testutil import wait_until  # noqa: E402
+from dml_testutil import TOKEN, free_port, scratch, wait_until  # noqa: E402,F401  (fixture)
 from netns_workflow import netns_testbed, run_workflow  # noqa: E402
+from peer_testutil import node_addrs, tiny_dataset  # noqa: E402
 
+import el_peer  # noqa: E402
+import el_structure_conf  # noqa: E402
 from controller.el_run import ElManager  # noqa: E402
 from dml_app import net  # noqa: E402
-
-pytestmark = [ah.need_root()]
+from runtime import DEAD, REFUSED, TIMEOUT, Reply, Runtime  # noqa: E402
 
 NAMES = [f"h{i}" for i in range(1, 8)]
 TRAINERS = ["h3", "h4", "h5", "h6", "h7"]
@@ -170,6 +179,7 @@ def _accs(recs: list[dict]) -> list[float]:
     return [r["accuracy"] for r in recs if r["event"] == "aggregate"]
 
 
+@ah.need_root()
 @pytest.mark.timeout(400)
 def test_a_killed_trainer_behind_a_relay_is_left_out_and_reported(tmp_path):
     base, base_m, _, _, _ = _run(tmp_path, "nofault")
@@ -200,11 +210,13 @@ def test_a_killed_trainer_behind_a_relay_is_left_out_and_reported(tmp_path):
     assert all(p["missing"] == {} for p in _parts(m["h1"], 3)), _parts(m["h1"], 3)
     assert list(summary["missing_nodes"]) == [victim], summary["missing_nodes"]   # summary.json says it too
     assert abs(acc[-1] - base_acc[-1]) <= ACC_TOLERANCE, (acc, base_acc)
+    assert acc[:KILL_AFTER] == base_acc[:KILL_AFTER], (acc, base_acc)    # the same seeds: identical until the kill
     print(f"E-tree, 5 trainers, {victim} killed after round {KILL_AFTER}: accuracy {acc[-1]:.4f} vs "
           f"{base_acc[-1]:.4f} without the fault (|diff| {abs(acc[-1] - base_acc[-1]):.4f}); "
           f"rounds 1..{k}: {acc[:k]} vs {base_acc[:k]}")
 
 
+@ah.need_root()
 @pytest.mark.timeout(240)
 def test_a_killed_middle_aggregator_is_reported_at_the_top_and_the_run_completes(tmp_path):
     summary, m, logs, _, _ = _run(tmp_path, "kill-h3", victim="h3")
@@ -222,6 +234,7 @@ def test_a_killed_middle_aggregator_is_reported_at_the_top_and_the_run_completes
     assert list(summary["missing_nodes"]) == ["h3"], summary["missing_nodes"]
 
 
+@ah.need_root()
 @pytest.mark.timeout(240)
 def test_a_restarted_trainer_is_asked_again_and_takes_part(tmp_path):
     """h6 killed after the top's round 2, restarted (the controller pushes its confs
@@ -241,6 +254,7 @@ def test_a_restarted_trainer_is_asked_again_and_takes_part(tmp_path):
     print(f"h6 missing in rounds {gone + 1}..{back}, back from round {back + 1} of {sync}")
 
 
+@ah.need_root()
 @pytest.mark.timeout(240)
 def test_too_few_children_retries_the_round_then_fails_clearly(tmp_path):
     err, m, logs, took, after_kill = _run(tmp_path, "kill-h5", victim="h5", expect_error=True,
@@ -261,3 +275,90 @@ def test_too_few_children_retries_the_round_then_fails_clearly(tmp_path):
     assert not any(r["event"] == "aggregate" and r["round"] >= failed for r in m["h1"])
     # bounded: dead children are found in seconds, not at the 30 s round deadline
     assert after_kill < 30, after_kill
+
+
+# ----------------------------------------------------------------------------- in-process
+
+ET = {"layer": [1, 2, 3], "father_node": ["self", "self", "top"], "child_node": [[], ["self", "x2"], ["self", "x3"]],
+      "sync": [0, 2, 2], "epoch": 1, "connect": {"x2": "127.0.0.1:9", "x3": "127.0.0.1:10"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"min_fraction": {"2": 0}}, "min_fraction['2'] must be a number in (0, 1], got 0"),
+    ({"min_fraction": {"3": 1.5}}, "min_fraction['3'] must be a number in (0, 1], got 1.5"),
+    ({"min_fraction": {"2": float("nan")}}, "min_fraction['2'] must be a number in (0, 1], got NaN"),
+    ({"min_fraction": {"2": "0.5"}}, "min_fraction['2'] must be a number"),
+    ({"min_fraction": 0.5}, "'min_fraction' must map layer numbers"),
+    ({"round_retries": {"2": -1}}, "round_retries['2'] must be an integer in [0, 100], got -1"),
+    ({"round_retries": {"3": 1.5}}, "round_retries['3'] must be an integer"),
+    ({"round_retries": {"3": 101}}, "round_retries['3'] must be an integer in [0, 100], got 101"),
+])
+def test_min_fraction_and_round_retries_are_checked_per_layer(change, message):
+    with pytest.raises(ValueError) as e:
+        el_peer.check_structure({**ET, **change}, "x1")
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_min_fraction_and_round_retries_defaults_and_the_conf_tool():
+    conf = el_peer.check_structure({**ET, "min_fraction": {"3": 1}, "round_retries": {"2": 0}}, "x1")
+    assert conf["_quorum"] == {2: {"min_fraction": 0.5, "round_retries": 0}, 3: {"min_fraction": 1.0, "round_retries": 2}}
+    nodes, _ = node_addrs(["n1", "n2", "n3"])
+    links = {"n1": ["n2", "n3"], "n2": ["n1"], "n3": ["n1"]}
+    tree = {"node_list": [{"name": "n1", "layer": 3, "sync": 1, "child_num": 1, "min_fraction": 1, "round_retries": 0},
+                          {"name": "n1", "layer": 2, "sync": 1, "child_num": 2, "min_fraction": 0.75},
+                          {"name": "n2", "layer": 1, "epoch": 1}, {"name": "n3", "layer": 1, "epoch": 1}]}
+    confs = el_structure_conf.build_confs(tree, links, nodes)
+    assert confs["n1"]["min_fraction"] == {"2": 0.75, "3": 1.0} and confs["n1"]["round_retries"] == {"3": 0}
+    assert "min_fraction" not in confs["n2"]
+    for bad in ({"min_fraction": 0}, {"min_fraction": 2}, {"round_retries": -1}, {"round_retries": 101}):
+        broken = json.loads(json.dumps(tree))
+        broken["node_list"][1].update(bad)
+        with pytest.raises(Exception) as e:
+            el_structure_conf.build_confs(broken, links, nodes)
+        assert list(bad)[0] in str(e.value) and "node_list[1]" in str(e.value), str(e.value)
+
+
+def test_why_not_reads_a_relays_answer():
+    assert el_peer.why_not(Reply("c", False, why=REFUSED, status=502)) == DEAD
+    assert el_peer.why_not(Reply("c", False, why=REFUSED, status=504)) == TIMEOUT
+    assert el_peer.why_not(Reply("c", False, why=REFUSED, status=409)) == REFUSED
+    assert el_peer.why_not(Reply("c", False, why=DEAD)) == DEAD
+
+
+def test_a_relay_answers_502_for_a_dead_next_hop_and_504_in_bounded_time(scratch):
+    """A forwarder r1 (in no layer) between a sender and x2 (a port where nothing
+    listens) or x3 (a port that takes the connection and never answers): a message or a
+    probe gets 502 (dead) or 504 within RELAY_SHARE of the wait the sender gave it."""
+    threads = torch.get_num_threads()
+    tiny_dataset(scratch / "ds", num_classes=10)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                 # the kernel takes connections; nobody ever answers
+    rt = Runtime("el_peer", env={"NET_NODE_NAME": "r1", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")})
+    try:
+        el_peer.ElPeer(rt)
+        client, hdr = rt.app.test_client(), {net.TOKEN_HEADER: TOKEN}
+        conf = {"layer": [], "father_node": [], "child_node": [], "sync": [],
+                "connect": {"x2": f"127.0.0.1:{free_port()}", "x3": f"127.0.0.1:{silent.getsockname()[1]}"}}
+        assert client.post("/conf/structure", json=conf, headers=hdr).status_code == 200
+        body = lambda dst: net.pack_weights({"w": torch.zeros(2)}, {"kind": "down", "src": "x0", "dst": dst,  # noqa: E731
+                                                                    "layer": 1, "round": 1, "timeout_s": 2})
+        for dst, status, words in (("x2", 502, "x2 does not listen"), ("x3", 504, "no answer from x3 in time")):
+            t0 = time.monotonic()
+            r = client.post("/el/message", data=body(dst), headers={**hdr, "Content-Type": "application/octet-stream"})
+            took = time.monotonic() - t0
+            text = r.get_data(as_text=True)
+            assert r.status_code == status and f"r1: forwarding to {dst} failed: {words}" in text, text
+            assert took < 2, took            # within its share (0.8 x 2 s) of the sender's wait
+            t0 = time.monotonic()
+            r = client.get(f"/el/hi?dst={dst}&timeout_s=1", headers=hdr)
+            assert r.status_code == status and words in r.get_data(as_text=True), r.get_data(as_text=True)
+            assert time.monotonic() - t0 < 1.5
+        assert client.get("/el/hi", headers=hdr).get_json()["node"] == "r1"
+        assert client.get("/el/hi?dst=x2&hops=64", headers=hdr).status_code == 400      # a loop ends
+        assert client.get("/el/hi?dst=x2&timeout_s=nan", headers=hdr).status_code == 400
+    finally:
+        rt.close()
+        silent.close()
+        torch.set_num_threads(threads)
