@@ -82,8 +82,9 @@ def _ps_run(tmp: Path, conf: dict, faults=(), *, port: int, subnet: str):
             t.join(60)
     assert not errors and not t.is_alive(), errors
     run_dir = Path(summary["run_dir"])
+    victim_log = run_dir / f"{VICTIM}.log"       # none when it was dead at the end (logs_missing)
     return (summary, _metrics(run_dir / f"{SERVER}.metrics.jsonl"), (run_dir / f"{SERVER}.log").read_text(),
-            (run_dir / f"{VICTIM}.log").read_text(), fired)
+            victim_log.read_text() if victim_log.exists() else None, fired)
 
 
 @pytest.mark.timeout(400)
@@ -156,6 +157,7 @@ def test_async_completes_with_a_killed_worker(tmp_path):
     by_victim = [int(v) for v, w in applied if w == VICTIM]
     assert by_victim and max(by_victim) <= fired[0]["after"] + 1, (by_victim, fired)   # none after the kill
     assert not [r for r in recs if r["event"] == "participants"]      # async waits for nobody
+    assert VICTIM in summary["logs_missing"]          # dead at the end: its log could not be fetched
     accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
     assert accs[-1] > accs[0], accs
     print(f"\nPS async, {VICTIM} killed at version {fired[0]['version']}: {steps} steps, accuracy {accs}")
