@@ -41,7 +41,7 @@
       // the state once a second), so drop only what is older than its start
       const keep = (r) => r.t >= run.started - 2;
       S.acc = S.acc.filter(keep); S.loss = S.loss.filter(keep);
-      S.events = S.events.filter((e) => !finite(e.t) || keep(e));
+      S.events = [];      // the stream sends the new run's events as they fire
       S.fidelity = null;
     }
     if (finite(run.started) || S.runKey === null) S.runKey = key;
@@ -399,7 +399,7 @@
         cy.add([...pairs.values()].map((p) => ({ group: "edges", data: { id: p.id, source: p.a, target: p.b, color: "#cbd5e1", w: 1, label: "" } })));
       });
       cy.fit(undefined, 24);
-      if (cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(); }     // a few nodes: not giant
+      if (cy.zoom() > 1.8) { cy.zoom(1.8); cy.center(); }     // a few nodes: not giant
     }
     const byName = new Map(nodes.map((n) => [n.name, n]));
     const match = new Set(nodes.filter((n) => nodeMatches(n, q)).map((n) => n.name));
@@ -408,7 +408,7 @@
     const ranked = [...pairs.values()].filter((p) => !q || match.has(p.a) || match.has(p.b))
       .sort((x, y) => (y.down - x.down) || (y.load - x.load) || natural(x.id, y.id));
     const shown = new Map(ranked.slice(0, topn).map((p, i) => [p.id, i]));
-    const labelAll = shown.size <= 60;
+    const labelAll = shown.size <= 12;      // else only the busiest links carry a label
     cy.batch(() => {
       cy.nodes().forEach((el) => {
         const n = byName.get(el.id());
@@ -424,7 +424,7 @@
         const t = p.top;
         el.data({
           color: loadColor(p.load, p.down), w: 1 + 4 * Math.min(1, p.load),
-          label: labelAll || i < LABELLED_EDGES ? `${fmtShort(t.achieved_bps)}/${fmtShort(t.rate_bps)}` : "",
+          label: labelAll || (i < LABELLED_EDGES && p.load >= 0.05) ? `${fmtShort(t.achieved_bps)}/${fmtShort(t.rate_bps)}` : "",
           tip: p.dirs.map((l) => `${l.src} → ${l.dst}: ${fmtRate(l.achieved_bps)} of ${fmtRate(l.rate_bps)}` +
             (finite(l.load) ? ` (${Math.round(l.load * 100)}%)` : "") + (l.down ? " DOWN" : "")).join("\n"),
         });
@@ -473,8 +473,10 @@
       labels: ["mean", "min", "max"], rounds: rows.map((r) => r.round), band: true };
   }
 
+  // An event's place on the time axis: its "t" (when it fired: seconds after the start of
+  // training, as summary.json has it; a unix time is taken too), else its planned "at".
   function eventX(e, t0) {
-    if (finite(e.t)) return e.t - t0;
+    if (finite(e.t)) return e.t > 1e9 ? e.t - t0 : e.t;
     return finite(e.at) ? e.at : null;
   }
   function eventLabel(e) {
@@ -559,7 +561,7 @@
       : perNodeSeries(accRecs, t0, accNodes.length ? accNodes : (rs.length ? rs : ["accuracy"]));
     const ua = chart("acc", acc, "accuracy", (u, mn, mx) => [0, 1]);
     ua._t0 = t0;
-    $("acc-title").textContent = rs.length ? `Accuracy of ${rs.join(", ")}` : "Accuracy per node";
+    $("acc-title").textContent = rs.length ? `Accuracy of ${rs.join(", ")}` : run.started == null ? "Accuracy" : "Accuracy per node";
     $("acc-note").textContent = accRecs.length ? `${accRecs.length} point(s)` + (acc.band ? `, ${accNodes.length} nodes: mean and range` : "") : "waiting for the first aggregate";
     const lossNodes = [...new Set(S.loss.map((r) => r.node))].sort(natural);
     const loss = lossNodes.length > PER_NODE_SERIES ? bandSeries(S.loss, t0)
