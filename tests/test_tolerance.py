@@ -6,13 +6,18 @@
 * a conf pushed while the run is under way is refused with 409 and the run goes on;
 * FL with four real trainer processes, one SIGKILLed mid-run: all rounds complete, the
   rounds after the kill have 3 participants, accuracy close to the no-fault run;
+* FL on netns nodes, a trainer killed and then restarted through the controller: it
+  rejoins, takes part in every later round, and summary.json's participants and
+  missing_nodes say so;
   with too few trainers left (min_fraction not met) the round is retried, then the run
   fails with a clear message, in bounded time.
 """
 from __future__ import annotations
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +265,87 @@ def test_the_conf_tool_passes_min_fraction_and_round_retries(scratch):
         with pytest.raises(Exception) as ei:
             fl_structure_conf.build_confs({"node_list": [{**base, **bad}, {"name": "n2", "epoch": 1}]}, links, nodes)
         assert list(bad)[0] in str(ei.value), str(ei.value)
+
+
+# ----------------------------------------------------------------------------- FL: a trainer restarted
+REJOIN_NODES = ["rj1", "rj2", "rj3", "rj4", "rj5"]
+REJOIN_SYNC = 10
+
+
+@pytest.mark.timeout(300)
+def test_fl_trainer_killed_then_restarted_rejoins_and_catches_up(tmp_path):
+    """FL on netns nodes (the --auto workflow's drive): a trainer SIGKILLed after round 2
+    (Manager.node_fault kill: its cgroup) and restarted after the next round (node_fault
+    restart: the controller pushes its confs again). It is missing (dead) while down,
+    takes part in every round after it came back (it gets the global weights with each
+    round's /train: caught up), all rounds complete, summary.json's participants and
+    missing_nodes say so, the table shows it; netns_testbed checks nothing is left."""
+    from controller import results
+    from netns_workflow import netns_testbed, run_workflow as run_netns
+
+    agg, trainers, victim = REJOIN_NODES[0], REJOIN_NODES[1:], REJOIN_NODES[2]
+    links = {agg: [{"dest": n, "bw": "40mbit"} for n in trainers], **{n: [{"dest": agg, "bw": "20mbit"}] for n in trainers}}
+    roles = {n: "fl_aggregator.py" if n == agg else "fl_trainer.py" for n in REJOIN_NODES}
+    fired, errors = [], []
+    with netns_testbed(tmp_path, FlManager, roles, links, port=3488, subnet="10.251.8.0/24") as (tb, m):
+        node = tb.all_nodes()[agg]
+
+        def aggregated() -> int:
+            try:
+                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=tb.node_token(agg), timeout_s=5).text
+            except net.HttpError:
+                return 0
+            return max((r["round"] for r in map(json.loads, text.splitlines()) if r.get("event") == "aggregate"),
+                       default=0)
+
+        def injector():
+            try:
+                for after, action in ((2, "kill"), (3, "restart")):
+                    _wait(lambda: aggregated() >= after, 150, f"round {after}'s aggregate", period_s=0.05)
+                    out = m.node_fault(victim, action)
+                    fired.append({"round": aggregated(), "action": action, "ok": out["ok"], "detail": out["detail"]})
+            except Exception as e:      # shown by the test
+                errors.append(e)
+        t = threading.Thread(target=injector, daemon=True)
+        t.start()
+        summary = run_netns(tb, m, tmp_path, alg="fl", root=agg, timeout_s=240, dataset={
+            agg: {"test_len": 10, "test_start_index": 1, "batch_size": 64},
+            **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32} for i, n in enumerate(trainers)}},
+            structure={"node_list": [{"name": agg, "trainer_fraction": 1.0, "sync": REJOIN_SYNC, "round_timeout_s": 60}]
+                       + [{"name": n, "epoch": 2} for n in trainers]})
+        t.join(60)
+    assert not errors and not t.is_alive(), errors
+    assert [(f["action"], f["ok"]) for f in fired] == [("kill", True), ("restart", True)], fired
+    assert "conf pushed again" in fired[1]["detail"], fired
+    assert summary["rounds"] == REJOIN_SYNC and "error" not in summary, summary
+    assert [p["round"] for p in summary["accuracy_per_round"]] == list(range(1, REJOIN_SYNC + 1))
+
+    parts = summary["participants"]
+    assert [(p["node"], p["round"], p["attempt"], p["accepted"]) for p in parts] == \
+        [(agg, r, 1, True) for r in range(1, REJOIN_SYNC + 1)], parts
+    took_part = [p["round"] for p in parts if victim in p["participants"]]
+    out = [p["round"] for p in parts if victim in p["missing"]]
+    # in up to round 2 (or 3, had it uploaded round 3 before the kill), out while down,
+    # in again every round after it came back: a rejoin, up to the last round
+    assert out and took_part == [r for r in range(1, REJOIN_SYNC + 1) if r not in out], (took_part, out)
+    first, last = out[0], out[-1]
+    assert out == list(range(first, last + 1)) and first in (3, 4) and last < REJOIN_SYNC, out
+    assert last >= fired[1]["round"] - 1 and took_part[-1] == REJOIN_SYNC, (out, fired)
+    whys = [p["missing"][victim] for p in parts if victim in p["missing"]]
+    # dead (its port refused the /train or the probe), or timeout when the kill cut a /train
+    # on its way (connection reset: it may have arrived); refused while it came back (no confs yet)
+    assert whys[0] in ("dead", "timeout") and set(whys) <= {"dead", "refused", "timeout"}, whys
+    for p in parts:
+        assert sorted(p["participants"] + list(p["missing"])) == trainers, p
+    assert summary["missing_nodes"] == {victim: {"first_round": first, "last_round": last, "why": whys[0],
+                                                 "rounds_missed": len(out)}}, summary["missing_nodes"]
+    table = results.table(summary)
+    assert f"{first:>5}  {victim} ({whys[0]})" in table and f"{victim:<8} {first:>6} {last:>6}" in table, table
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text())["missing_nodes"] == summary["missing_nodes"]
+    # the restarted trainer trained the rounds after its return (its log starts at the restart)
+    trained = [int(x) for x in re.findall(r"Train: loss=[\d.]+, round=(\d+),", (run_dir / f"{victim}.log").read_text())]
+    assert trained == list(range(last + 1, REJOIN_SYNC + 1)), trained
+    print(f"\nFL, {victim} killed after round {fired[0]['round']} and restarted after round {fired[1]['round']}: "
+          f"missing in rounds {first}..{last}, back from round {last + 1}; final accuracy "
+          f"{summary['final_accuracy']:.4f}, wall {summary['wall_seconds']:.1f} s")
