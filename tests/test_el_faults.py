@@ -196,10 +196,11 @@ def test_a_killed_trainer_behind_a_relay_is_left_out_and_reported(tmp_path):
     parts = _parts(m["h2"], 2)
     assert [p["round"] for p in parts] == list(range(1, SYNC + 1)) and all(p["accepted"] for p in parts), parts
     # h6 took part up to round k (killed after the top's round 2: k is 2, or 3 when its
-    # result of round 3 was in before the kill); every later round had h4 and h5, h6 dead
-    # (in round k + 1 maybe `timeout`: killed while a message to it was on its way)
+    # result of round 3 was in before the kill, later on a slow machine); every later
+    # round had h4 and h5, h6 dead (in round k + 1 maybe `timeout`: killed while a
+    # message to it was on its way)
     k = max(p["round"] for p in parts if victim in p["participants"])
-    assert k in (KILL_AFTER, KILL_AFTER + 1), parts
+    assert KILL_AFTER <= k < SYNC - 1, parts      # at least two rounds without it
     for p in parts:
         if p["round"] <= k:
             assert p["participants"] == ["h4", "h5", "h6"] and p["missing"] == {}, p
@@ -224,12 +225,12 @@ def test_a_killed_middle_aggregator_is_reported_at_the_top_and_the_run_completes
     parts = _parts(m["h1"], 3)
     assert [p["round"] for p in parts] == list(range(1, SYNC + 1)) and all(p["accepted"] for p in parts), parts
     k = max(p["round"] for p in parts if "h3" in p["participants"])
-    assert k in (KILL_AFTER, KILL_AFTER + 1), parts
+    assert KILL_AFTER <= k < SYNC - 1, parts      # at least two rounds without it
     for p in parts[k:]:          # the subtree under h3 (h3 and h7) is gone with it
         assert p["participants"] == ["h2"] and p["missing"] == {"h3": _dead(p["round"] - k)} and p["layer"] == 3, p
-    # h2's subtree went on undisturbed; h7 could not hand its result to its dead father
+    # h2's subtree went on undisturbed; h7, below the dead h3, got no model after it
     assert all(p["participants"] == ["h4", "h5", "h6"] for p in _parts(m["h2"], 2))
-    assert "not taken" in logs["h7"] and "h3" in logs["h7"]
+    assert logs["h7"].count("Train: loss=") in (k, k + 1), logs["h7"]
     assert summary["final_accuracy"] > 0.5, summary
     assert list(summary["missing_nodes"]) == ["h3"], summary["missing_nodes"]
 
@@ -249,7 +250,7 @@ def test_a_restarted_trainer_is_asked_again_and_takes_part(tmp_path):
     took = ["h6" in p["participants"] for p in parts]
     gone = took.index(False)                  # the first round without h6: at the kill
     back = took.index(True, gone)             # and the first with it again
-    assert gone in (KILL_AFTER, KILL_AFTER + 1) and all(took[back:]), parts
+    assert gone >= KILL_AFTER and all(took[back:]), parts
     assert all(parts[i]["missing"] and set(parts[i]["missing"]) == {"h6"} for i in range(gone, back)), parts
     print(f"h6 missing in rounds {gone + 1}..{back}, back from round {back + 1} of {sync}")
 
