@@ -216,8 +216,10 @@ PEERS = ["f1", "f2", "f3", "f4", "f5"]
 VICTIM = "f3"
 KILL_AT_ROUND = 3          # killed once its heartbeat says round 3 (its rounds 1..2 are done)
 SYNC = 10
-ACC_TOLERANCE = 0.05       # survivors' mean final accuracy vs the no-fault run (observed 0.000..0.035:
-                           # which models meet depends on timing, so even two no-fault runs differ ~0.01)
+# survivors' mean final accuracy vs the no-fault run: observed differences -0.0125, -0.0060,
+# +0.0020, -0.0080 (and up to -0.035 with 8 rounds); which models meet depends on timing,
+# so even two no-fault runs differ by ~0.01
+ACC_TOLERANCE = 0.04
 # every peer links to every other: a dead peer leaves each survivor three to choose from
 LINKS = {n: [{"dest": d, "bw": "40mbit"} for d in PEERS if d != n] for n in PEERS}
 STRUCTURE = {"sync": SYNC, "seed": 2, "wait_s": 2, "node_list": [{"name": n, "epoch": 1} for n in PEERS]}
