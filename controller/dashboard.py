@@ -182,16 +182,18 @@ class Dashboard:
         self.agent_errors: dict[str, str] = {}
         self.fidelity = Fidelity()
         self.rounds_target: int | None = None
-        self._state_cache: tuple[int, str] | None = None
+        self._state_cache: tuple[int, float, str] | None = None
         self._last_read = 0.0
         self.streams = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None    # the sampler's agent calls (kept: keep-alive)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self._thread is None:
+            self._pool = ThreadPoolExecutor(SAMPLE_FANOUT, thread_name_prefix="dashboard-agents")
             self._thread = threading.Thread(target=self._sampler, daemon=True, name="dashboard-sampler")
             self._thread.start()
 
@@ -203,6 +205,8 @@ class Dashboard:
             self.changed.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(AGENT_TIMEOUT_S + 2)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def watched(self) -> None:
         """An API read: keep sampling for WATCH_S."""
@@ -376,7 +380,9 @@ class Dashboard:
             except (net.HttpError, ValueError) as e:
                 return label, None, str(e)[:300]
         got = []
-        if agents:
+        if agents and self._pool is not None:
+            got = list(self._pool.map(one, agents, timeout=AGENT_TIMEOUT_S * 2 * (1 + len(agents) // SAMPLE_FANOUT)))
+        elif agents:        # sample() called without start() (tests)
             with ThreadPoolExecutor(min(SAMPLE_FANOUT, len(agents))) as ex:
                 got = list(ex.map(one, agents))
         usage, links, errors = {}, {}, {}
@@ -498,10 +504,10 @@ class Dashboard:
     def state_json(self) -> str:
         """The state as JSON, made once per sample for every stream."""
         cached = self._state_cache
-        if cached is not None and cached[0] == self.sample_no:
-            return cached[1]
+        if cached is not None and cached[0] == self.sample_no and time.monotonic() - cached[1] < SAMPLE_S:
+            return cached[2]
         text = _dumps(self.state())
-        self._state_cache = (self.sample_no, text)
+        self._state_cache = (self.sample_no, time.monotonic(), text)
         return text
 
     def fidelity_report(self) -> dict:

@@ -35,6 +35,8 @@ their own. `error` is final: the first failure's message (`rt.error`) goes with 
 heartbeat and /stats answer, and the controller's `--auto` ends the run on it.
 A conf pushed while a task of the run is going (a started root, a trainer training)
 is refused with 409: a role reads its conf once, at the start of its work.
+Every metrics record (`rt.log_metric`, log_train, log_aggregate) also goes to the
+controller live, with the next heartbeat, once (see HB_RECORDS_MAX): its dashboard.
 """
 from __future__ import annotations
 
