@@ -5,7 +5,8 @@
 
 gl_structure.json: {"sync": 10, "node_list": [{"name": "n1", "epoch": 1}, ...]}; every
 listed node is a peer that gossips `sync` times. Optional top-level "seed", "lr",
-"wait_s" (how long a peer waits for a model after gossiping, default 5); per node "lr".
+"wait_s" (how long a peer waits for a model after gossiping, default 5), "gossip_timeout_s"
+(the longest one send may take before the peer tries another, default 30); per node "lr".
 Written per peer (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
 {"epoch", "sync", "connect", "peers", ...}: `connect` is EdgeTB's, every node the node
 has a link to (links.json, participants or not) -> its 'ip:port' (node_info.json);
@@ -30,10 +31,11 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                 *, file: str = "gl_structure.json", links_file: str = "links.json",
                 nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
     """Check the structure against the links and nodes; return {peer: structure conf}."""
-    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("wait_s",))
+    peers = ps.read_peers(structure, nodes, file=file, nodes_file=nodes_file, extra_top_keys=("wait_s", "gossip_timeout_s"))
     extra = {}
-    if "wait_s" in structure:
-        extra["wait_s"] = cu.get_number(structure, "wait_s", file, low=0.0, high=3600.0)
+    for key, low in (("wait_s", 0.0), ("gossip_timeout_s", 0.1)):
+        if key in structure:
+            extra[key] = cu.get_number(structure, key, file, low=low, high=3600.0)
     names = {p["name"] for p in peers}
     confs: dict[str, dict[str, Any]] = {}
     for p in peers:

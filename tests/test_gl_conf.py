@@ -35,14 +35,14 @@ def test_the_shipped_example_runs_on_the_shipped_links(scratch):
 
 
 def test_connect_keeps_every_link_as_edgetb_and_peers_the_participants():
-    confs = build({"sync": 3, "seed": 4, "wait_s": 0.5, "lr": 0.1,
+    confs = build({"sync": 3, "seed": 4, "wait_s": 0.5, "gossip_timeout_s": 7, "lr": 0.1,
                    "node_list": [{"name": "n1", "epoch": 2}, {"name": "n2", "epoch": 1, "lr": 0.01},
                                  {"name": "n3", "epoch": 1}]},
                   {"n1": [{"dest": "n4"}, {"dest": "n2"}], "n2": [{"dest": "n1"}, {"dest": "n5"}, {"dest": "n3"}],
                    "n3": [{"dest": "n1"}], "n4": [{"dest": "n1"}]})
     assert set(confs) == {"n1", "n2", "n3"}  # n4 and n5 are linked but no peers: no conf
     # n4 is outside node_list: EdgeTB keeps the link in connect; "peers" leaves it out
-    assert confs["n1"] == {"sync": 3, "seed": 4, "lr": 0.1, "wait_s": 0.5, "epoch": 2,
+    assert confs["n1"] == {"sync": 3, "seed": 4, "lr": 0.1, "wait_s": 0.5, "gossip_timeout_s": 7.0, "epoch": 2,
                            "connect": {"n4": "10.0.0.5:4444", "n2": "10.0.0.3:4444"}, "peers": ["n2"]}
     assert confs["n2"]["lr"] == 0.01
     assert confs["n2"]["connect"] == {"n1": "10.0.0.2:4444", "n5": "10.0.0.6:4444", "n3": "10.0.0.4:4444"}
@@ -61,6 +61,7 @@ def test_connect_keeps_every_link_as_edgetb_and_peers_the_participants():
     ({"sync": 2, "node_list": [{"name": "n1", "epoch": 0}, PAIR[1]]}, {}, "epoch"),
     ({"sync": 2, "node_list": [{"name": "n1"}, PAIR[1]]}, {}, "missing key 'epoch'"),
     ({"sync": 2, "wait_s": -1, "node_list": PAIR}, {}, "wait_s"),
+    ({"sync": 2, "gossip_timeout_s": 0, "node_list": PAIR}, {}, "gossip_timeout_s"),
     ({"sync": 2, "init": "per_rank", "node_list": PAIR}, {}, "unknown key(s) ['init']"),
     ({"sync": 2, "node_list": [{**PAIR[0], "father_node": "n2"}, PAIR[1]]}, {}, "unknown key(s) ['father_node']"),
     ([1, 2], {}, "expected {\"sync\": R"),
