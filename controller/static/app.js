@@ -355,12 +355,13 @@
       const h = adj.get(n).filter((x) => hubSet.has(x)).sort(natural)[0];
       (h ? members.get(h) : orphans).push(n);
     }
-    const radius = (h) => { const m = members.get(h).length; return m ? 70 + 30 * Math.floor(m / Math.max(6, Math.floor((2 * Math.PI * 70) / 26))) : 20; };
+    const R0 = 110;       // the first ring: links long enough for their labels
+    const radius = (h) => { const m = members.get(h).length; return m ? R0 + 30 * Math.floor(m / Math.max(6, Math.floor((2 * Math.PI * R0) / 26))) : 20; };
     // a hub linked to other hubs (a tree's top) goes in the middle
     const top = hubs.slice().sort((x, y) => adj.get(y).filter((z) => hubSet.has(z)).length - adj.get(x).filter((z) => hubSet.has(z)).length)[0];
     const centre = hubs.length === 1 || adj.get(top).some((z) => hubSet.has(z)) ? top : null;
     let rTop = 0;
-    if (centre) { pos[centre] = { x: 0, y: 0 }; rTop = members.get(centre).length ? ring(members.get(centre), 0, 0, 70) : 0; }
+    if (centre) { pos[centre] = { x: 0, y: 0 }; rTop = members.get(centre).length ? ring(members.get(centre), 0, 0, R0) : 0; }
     const others = hubs.filter((h) => h !== centre).sort(natural);
     if (others.length) {
       const sizes = others.map((h) => 2 * radius(h) + 50);
@@ -372,7 +373,7 @@
         acc += sizes[i];
         const x = R * Math.cos(a), y = R * Math.sin(a);
         pos[h] = { x, y };
-        if (members.get(h).length) ring(members.get(h), x, y, 70);
+        if (members.get(h).length) ring(members.get(h), x, y, R0);
       });
       rTop = R + Math.max(...sizes) / 2;
     }
