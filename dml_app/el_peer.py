@@ -79,6 +79,7 @@ RELAY_SHARE = 0.8              # a relay waits this share of its sender's wait: 
 RELAY_DEAD = 502               # a relay's answer when its next hop refused the connection (dead)
 RELAY_TIMEOUT = 504            # ... when its next hop did not answer in time
 PROBE_TIMEOUT_S = 2 * PROBE_PERIOD_S   # one liveness probe of a pending child, relays included
+MAX_PROBE_TIMEOUT_S = 30.0     # what a probe may ask a relay to wait: a request thread, not a round
 
 
 MAX_LAYERS = 64
@@ -326,7 +327,7 @@ class ElPeer:
         if dst == rt.name:
             return jsonify(node=rt.name, state=rt.state, round=rt.round)
         hops = _arg("hops", 0, 0, MAX_HOPS - 1, integer=True)
-        timeout_s = _arg("timeout_s", PROBE_TIMEOUT_S, 0.1, MAX_TIMEOUT_S)
+        timeout_s = _arg("timeout_s", PROBE_TIMEOUT_S, 0.1, MAX_PROBE_TIMEOUT_S)
         if rt.structure is None:
             raise Conflict(f"{rt.name}: /conf/structure must come before E-tree messages")
         try:
