@@ -100,6 +100,26 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
+def _record(rec, i: int) -> dict:
+    """A metrics record from a node, its known fields checked; ValueError otherwise."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"heartbeat metrics record {i}: not an object")
+    rec = dict(rec)
+    ev = rec.get("event")
+    if not isinstance(ev, str) or not 0 < len(ev) <= 64:
+        raise ValueError(f"heartbeat metrics record {i}: 'event' must be a string of 1..64 characters")
+    if "round" in rec:
+        rec["round"] = net.number(rec["round"], f"heartbeat metrics record {i} round", 0, 10**9, integer=True)
+    if "t" in rec:
+        rec["t"] = net.number(rec["t"], f"heartbeat metrics record {i} t", 0, 1e11)
+    for k in ("accuracy", "loss"):
+        if rec.get(k) is not None:
+            rec[k] = net.number(rec[k], f"heartbeat metrics record {i} {k}", -1e300, 1e300)
+    if rec.get("layer") is not None:
+        rec["layer"] = net.number(rec["layer"], f"heartbeat metrics record {i} layer", 0, 64, integer=True)
+    return rec
+
+
 class Fidelity:
     """Per link (and rate): streaks of samples where the link was saturated; those that
     lasted FIDELITY_MIN_S or more count. goodput = their bits / their seconds."""
@@ -169,6 +189,7 @@ class Dashboard:
         self.first_seq = 1
         self.next_seq = 1
         self.records_dropped = 0       # by this store (RECORDS_MAX) in this run
+        self.records_refused = 0       # records whose fields were not right (parse_heartbeat)
         self.node_seq: dict[str, tuple[str, int]] = {}    # node -> (boot, last seq stored)
         self.nodes_dropped: dict[str, int] = {}           # records nodes could not send live
         # samples
@@ -251,7 +272,10 @@ class Dashboard:
     def parse_heartbeat(self, body) -> dict | None:
         """The 'metrics' of a /heartbeat body, checked: {"boot": str, "records": [[seq,
         {event, round?, t?, accuracy?, loss?, layer?, ...}], ...], "dropped": int} or None;
-        ValueError (400) naming what is wrong. Nothing is stored here."""
+        ValueError (400) naming what is wrong in its shape; a record whose fields are not
+        what they should be (an event that is not a short string, a round, t, accuracy,
+        loss or layer that is not a number in range) becomes None: skipped when stored,
+        acknowledged all the same. Nothing is stored here."""
         live = body.get("metrics") if isinstance(body, dict) else None
         if live is None:
             return None
@@ -263,29 +287,22 @@ class Dashboard:
         if not isinstance(recs, list) or len(recs) > HB_RECORDS_MAX:
             raise ValueError(f"heartbeat metrics 'records' must be a list of at most {HB_RECORDS_MAX} [seq, record]")
         dropped = net.number(live.get("dropped", 0), "heartbeat metrics 'dropped'", 0, MAX_SEQ, integer=True)
-        out, last = [], 0
+        out, last, refused = [], 0, 0
         for i, item in enumerate(recs):
-            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], dict):
+            if not isinstance(item, list) or len(item) != 2:
                 raise ValueError(f"heartbeat metrics record {i}: expected [seq, {{...}}]")
             seq = net.number(item[0], f"heartbeat metrics record {i} seq", 1, MAX_SEQ, integer=True)
             if seq <= last:
                 raise ValueError(f"heartbeat metrics record {i}: seq {seq} does not follow {last}")
             last = seq
-            rec = dict(item[1])
-            ev = rec.get("event")
-            if not isinstance(ev, str) or not 0 < len(ev) <= 64:
-                raise ValueError(f"heartbeat metrics record {i}: 'event' must be a string of 1..64 characters")
-            if "round" in rec:
-                rec["round"] = net.number(rec["round"], f"heartbeat metrics record {i} round", 0, 10**9, integer=True)
-            if "t" in rec:
-                rec["t"] = net.number(rec["t"], f"heartbeat metrics record {i} t", 0, 1e11)
-            for k in ("accuracy", "loss"):
-                if rec.get(k) is not None:
-                    rec[k] = net.number(rec[k], f"heartbeat metrics record {i} {k}", -1e300, 1e300)
-            if rec.get("layer") is not None:
-                rec["layer"] = net.number(rec["layer"], f"heartbeat metrics record {i} layer", 0, 64, integer=True)
-            out.append((seq, rec))
-        return {"boot": boot, "records": out, "dropped": dropped}
+            try:
+                out.append((seq, _record(item[1], i)))
+            except ValueError:
+                # A role's odd record is left out (and counted), not the node's heartbeats:
+                # its seq is acknowledged all the same, so it is not sent again.
+                out.append((seq, None))
+                refused += 1
+        return {"boot": boot, "records": out, "dropped": dropped, "refused": refused}
 
     def heartbeat_metrics(self, node: str, live: dict | None) -> int | None:
         """Store the records of a checked heartbeat (parse_heartbeat) that this controller
@@ -300,11 +317,14 @@ class Dashboard:
             for seq, rec in live["records"]:
                 if seq <= last:
                     continue                # sent again after a lost answer: stored already
+                last = seq
+                if rec is None:
+                    self.records_refused += 1
+                    continue
                 rec.pop("seq", None)
                 rec["node"] = node          # a node speaks for itself only
                 self.records.append({"seq": self.next_seq, **rec})
                 self.next_seq += 1
-                last = seq
                 added += 1
             self.node_seq[node] = (live["boot"], last)
             self.nodes_dropped[node] = live["dropped"]
@@ -496,7 +516,8 @@ class Dashboard:
         out = {"t": round(now, 3), "run": run, "nodes": nodes, "links": links, "links_total": total,
                "sample_s": round(self.sample_s, 3), "sample_no": sample_no,
                "sample_cost_s": self.sample_cost_s, "agent_errors": dict(self.agent_errors),
-               "metrics_seq": self.next_seq - 1, "metrics_dropped": self.records_dropped + sum(self.nodes_dropped.values())}
+               "metrics_seq": self.next_seq - 1, "metrics_refused": self.records_refused,
+               "metrics_dropped": self.records_dropped + sum(self.nodes_dropped.values())}
         if cut:
             out["links_cut"] = True
         return out

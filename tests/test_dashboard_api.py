@@ -256,22 +256,28 @@ def test_heartbeat_metrics_are_stored_once_and_acked(served):
     # a node speaks for itself: the record's node is the sender
     assert _hb(base, c1, "c1", [[2, {"event": "x", "node": "c2", "round": 0}]], boot="b2").json() == {"ack": 2}
     assert net.get_json(base + "/api/metrics?after=5")["records"][0]["node"] == "c1"
-    # bad metrics: 400 naming the field, nothing stored, the heartbeat itself not taken
+    # a malformed metrics object: 400, nothing stored, the heartbeat itself not taken
     m.heartbeats.pop("c1")
-    for bad in ([["1", {"event": "x"}]], [[9, {"event": "x", "accuracy": "high"}]], [[9, {"event": 5}]],
-                [[9, {"event": "x", "round": -1}]], [[3, {"event": "x"}], [3, {"event": "y"}]], "nope"):
+    for bad in ([["1", {"event": "x"}]], [[3, {"event": "x"}], [3, {"event": "y"}]], [[3]], "nope"):
         with pytest.raises(net.HttpError) as ei:
             _hb(base, c1, "c1", bad, boot="b2")
         assert ei.value.status == 400, bad
     assert "c1" not in m.heartbeats and len(net.get_json(base + "/api/metrics")["records"]) == 6
+    # records with wrong fields are left out (and counted), acknowledged, the heartbeat taken
+    bad = [[3, {"event": "x", "accuracy": "high"}], [4, {"event": 5}], [5, {"event": "x", "round": -1}],
+           [6, {"event": "x", "round": 2}]]
+    assert _hb(base, c1, "c1", bad, boot="b2").json() == {"ack": 6}
+    assert m.heartbeats["c1"]["state"] == "training"
+    assert [r["event"] for r in net.get_json(base + "/api/metrics?after=6")["records"]] == ["x"]
+    assert net.get_json(base + "/api/state")["metrics_refused"] == 3
     # a heartbeat without metrics answers as before
     r = net.call("POST", base + "/heartbeat", token=c1, json={"node": "c1", "state": "idle"})
     assert r.text == "ok\n"
     # a new run starts with no records; seq numbers go on
     m.dashboard.new_run()
     assert net.get_json(base + "/api/metrics")["records"] == []
-    assert _hb(base, c1, "c1", [rec(3)], boot="b2").json() == {"ack": 3}
-    assert net.get_json(base + "/api/metrics")["records"][0]["seq"] == 7
+    assert _hb(base, c1, "c1", [rec(7)], boot="b2").json() == {"ack": 7}
+    assert net.get_json(base + "/api/metrics")["records"][0]["seq"] == 8
 
 
 def test_runtime_sends_records_live_and_forgets_them_once_acked(tmp_path):
