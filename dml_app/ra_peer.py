@@ -49,6 +49,7 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
+import formats
 import net
 import nns
 import peer_role
@@ -138,8 +139,9 @@ class RaPeer:
     @staticmethod
     def _names(value, what: str) -> list[str]:
         if (not isinstance(value, list) or not 2 <= len(value) <= MAX_RING
-                or not all(isinstance(n, str) for n in value) or len(set(value)) != len(value)):
-            raise BadRequest(f"'{what}' must list 2 or more distinct node names in the order the chunks travel")
+                or not all(formats.is_name(n) for n in value) or len(set(value)) != len(value)):
+            raise BadRequest(f"'{what}' must list 2 or more distinct node names in the order the chunks travel "
+                             f"(a name: {formats.NAME_RULE})")
         return list(value)
 
     def _ring_arg(self, body: dict, within: list[str] | None = None) -> tuple[list[str], int, tuple[str, str]]:
@@ -162,8 +164,8 @@ class RaPeer:
         if me not in ring:
             raise BadRequest(f"{me}: 'ring' does not hold this node")
         if not is_subring(ring, within):
-            raise BadRequest(f"{me}: 'ring' {' -> '.join(ring)} is not the ring {' -> '.join(within)} "
-                             "without some members in the same order")
+            raise BadRequest(f"{me}: 'ring' {' -> '.join(ring)[:300]} is not the ring "
+                             f"{' -> '.join(within)[:300]} without some members in the same order")
         pos = ring.index(me)
         succ = ring[(pos + 1) % len(ring)]
         given = body.get("successor")
