@@ -20,7 +20,8 @@ longer listens; one that sends nothing within `round_timeout_s` is `timeout`. A 
 aggregator below takes its whole subtree with it: it is the child reported missing.
 The round is aggregated when at least `min_fraction` of the children answered,
 otherwise it is tried again (at most `round_retries` times) and then the node fails
-(state error with the reason; --auto ends the run on it). Every child is asked again
+(state error with the reason; --auto ends the run on it; a father that asks it again
+gets 409 with that reason). Every child is asked again
 each round, so a restarted one rejoins. Each attempt writes a metrics event
 {"event": "participants", "round", "layer", "attempt", "children", "participants",
 "missing" {child: why}, "accepted"}. The waiting and probing are the runtime's
@@ -356,6 +357,8 @@ class ElPeer:
         lc = self.layers.get(layer)
         if lc is None or lc["father"] is None or self._who(lc["father"]) != src:
             raise Conflict(f"{self.rt.name}: {src} is not this node's father in layer {layer}")
+        if self.rt.error is not None:   # failed (too few children below): the father hears why
+            raise Conflict(f"{self.rt.name} has failed: {self.rt.error}")
         if self.rt.data is not None:
             want = {k: tuple(v.shape) for k, v in nns.build_model(self.rt.data.meta).state_dict().items()}
             if {k: tuple(v.shape) for k, v in tensors.items()} != want:
