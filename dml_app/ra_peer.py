@@ -21,11 +21,11 @@ Routes (JSON bodies unless said; a call out of order gets 409 and changes nothin
                      current ring without some members in the same order (`successor`
                      as for /ra/train). Allowed once trained, at any step (state `trained`)
   POST /ra/step      {"round": r, "phase": "reduce"|"gather", "step": s, "attempt"?: a
-                     (default 0), "timeout_s"?: t (default 300)}: sends this step's chunk
-                     to the successor (safetensors, through the shaped link) and answers
-                     once that node has applied it; a send that fails within t seconds
-                     gives 502 {"successor", "why" (runtime's dead/refused/timeout/error),
-                     "error"}
+                     (default 0), "timeout_s"?: t (default 300, at most 3600)}: sends
+                     this step's chunk to the successor (safetensors, through the shaped
+                     link) and answers once that node has applied it; a send that fails
+                     within t seconds gives 502 {"successor", "why" (runtime's
+                     dead/refused/timeout/error), "error"}
   POST /ra/chunk     the predecessor's chunk (safetensors; meta {round, phase, step,
                      index, name, attempt}): added (reduce) or taken (gather), see
                      ring.AllReduce; a chunk of another attempt is refused (409)
@@ -59,7 +59,8 @@ from runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
 INITS = ("common", "per_rank")
 MAX_RING = 100_000           # steps and chunk indices are below the ring's size
 MAX_ATTEMPTS = MAX_RING      # a round's all-reduce starts again at most once per lost member
-SEND_TIMEOUT_S = 300.0       # a step's chunk delivery, unless the driver says less
+SEND_TIMEOUT_S = 300.0       # a step's chunk delivery, unless the driver says otherwise
+MAX_SEND_TIMEOUT_S = 3600.0  # as the structure's step_timeout_s (ra_structure_conf.py)
 BUSY = ("trained", "reducing", "gathering")    # the states of a round's all-reduce
 STATE_OF = {"reduce": "reducing", "gather": "gathering"}
 
@@ -250,7 +251,7 @@ class RaPeer:
         step = _int(body.get("step"), "'step'", 0, MAX_RING)
         attempt = _int(body.get("attempt", 0), "'attempt'", 0, MAX_ATTEMPTS)
         try:
-            timeout_s = net.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, SEND_TIMEOUT_S)
+            timeout_s = net.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, MAX_SEND_TIMEOUT_S)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         with self._lock:

@@ -71,6 +71,9 @@ def test_keys_and_options():
     assert confs["n1"] == {"sync": 2, "seed": 9, "init": "per_rank", "epoch": 2, "lr": 0.2, "next_name": "n3",
                            "connect": {"n3": "10.0.0.4:4444", "n2": "10.0.0.3:4444"}, "rank": 1}
     assert confs["n3"]["epoch"] == 0 and confs["n3"]["next_name"] == "n5"  # epoch 0: no local training
+    # the controller's step deadline (controller/ra_run.py) rides in every conf
+    confs = build({**peers(["n3", "n1", "n5"]), "step_timeout_s": 7.5}, links_to(RING3))
+    assert {c["step_timeout_s"] for c in confs.values()} == {7.5}
 
 
 def test_a_missing_link_to_next_name_names_both():
@@ -88,6 +91,10 @@ def test_a_missing_link_to_next_name_names_both():
     ({"sync": 1, "init": "zeros", "node_list": [{"name": "n1", "epoch": 1}, {"name": "n2", "epoch": 1}]},
      "ra.json.init: expected one of common, per_rank"),
     ({"sync": 1, "wait_s": 1, "node_list": []}, "unknown key(s) ['wait_s']"),
+    ({"sync": 1, "step_timeout_s": 0, "node_list": [{"name": "n1", "epoch": 1}, {"name": "n2", "epoch": 1}]},
+     "step_timeout_s"),
+    ({"sync": 1, "step_timeout_s": "NaN", "node_list": [{"name": "n1", "epoch": 1}, {"name": "n2", "epoch": 1}]},
+     "step_timeout_s"),
     ({"sync": 1, "node_list": [{"name": "n1", "epoch": -1}, {"name": "n2", "epoch": 1}]}, "epoch"),
 ])
 def test_bad_rings_are_refused(structure, message):
