@@ -209,3 +209,31 @@ def test_the_sync_deadline_counts_from_when_the_version_was_served(make_server, 
     step("pd1", 1, 64, True, 3)                     # version 2 did not wait for it
     step("pd1", 2, 96, False, 3)                    # version 3 does
     step("pd2", 2, 128, True, 4)
+
+
+@pytest.mark.timeout(120)
+def test_a_version_with_no_gradient_waits_again_then_the_run_fails_clearly(make_server, data):
+    """No gradient by a version's deadline: it is served again (another step_timeout_s),
+    a gradient in that second window is applied (attempt 2 in the event); a version
+    that gets none in 1 + step_retries windows ends the run: state error, naming the
+    version and every worker with why."""
+    _, d = data
+    srv, fakes, ctl = make_server(["pr1", "pr2"], mode="sync", steps=5, lr=0.1, step_timeout_s=2, step_retries=2)
+    params = pull(srv, fakes["pr1"], -1)
+    g = gradients(params, d.meta, d.train_x, d.train_y, 1)[0]
+    time.sleep(3.0)                                 # past the first deadline (2 s), inside the second
+    assert push(srv, "pr1", 0, g).json() == {"applied": False, "version": 0}
+    wait_until(lambda: srv.call("GET", "/ps/status").json()["version"] == 1, 10, "version 1")
+    # version 1: pr2 never pulled (not waited for), pr1 pushes nothing: 3 empty windows
+    wait_until(lambda: srv.call("GET", "/stats").json()["state"] == "error", 30, "the server to fail")
+    stats = srv.call("GET", "/stats").json()
+    assert stats["error"] == ("version 1: no gradient from any worker in 3 deadline(s) of step_timeout_s 2 s: "
+                              "pr1 (timeout), pr2 (timeout)"), stats
+    recs = [json.loads(line) for line in srv.call("GET", "/metrics").text.splitlines() if line.strip()]
+    parts = [(r["round"], r["participants"], r["missing"], r["attempt"]) for r in recs if r["event"] == "participants"]
+    assert parts == [(1, ["pr1"], {"pr2": "timeout"}, 2), (1, [], {"pr1": "timeout", "pr2": "timeout"}, 3)], parts
+    waited = [r["waited_s"] for r in recs if r["event"] == "participants"]
+    assert 4.0 <= waited[0] < 5.0 and 6.0 <= waited[1] < 7.5, waited     # 2 and 3 windows of 2 s
+    assert not ctl.finished.is_set()
+    log = srv.call("GET", "/log").text
+    assert "version 0: no gradient within step_timeout_s 2 s (pr1 (timeout), pr2 (timeout)); waiting again (1/2)" in log
