@@ -219,6 +219,20 @@ def test_the_page_follows_a_real_fl_run_and_a_shaped_link(tmp_path):
         # the loaded link was the most loaded one: first in the table
         assert all((snap["links"][0]["src"], snap["links"][0]["dst"]) == ("pt2", "pa1")
                    for t, _, snap in seen if t0 + 3.5 < t < t1)
+
+        # ---- the Link fidelity tab judges that link; the Runs tab shows this run's plots
+        page.evaluate("document.querySelector('nav [data-view=fidelity]').click()")
+        row = "document.querySelector('#fidelity tbody tr[data-src=pt2][data-dst=pa1]')"
+        page.wait_for(f"!!{row}", 20)   # the stream sends the fidelity object every 5 s at most
+        cells = page.evaluate(f"[...{row}.cells].map((c) => c.textContent)")
+        assert cells[1] == "20.0 Mbit/s" and cells[2] == "19.1 Mbit/s" and cells[-1] == "ok", cells
+        page.evaluate("document.querySelector('nav [data-view=runs]').click()")
+        page.wait_for("document.querySelectorAll('#run-plots img').length > 0 && "
+                      "[...document.querySelectorAll('#run-plots img')].every((i) => i.complete && i.naturalWidth > 0)", 20)
+        runs = page.evaluate("[[...document.querySelectorAll('#runs tbody tr')].map((r) => r.cells[0].textContent),"
+                             " [...document.querySelectorAll('#run-plots figcaption')].map((f) => f.textContent)]")
+        assert runs[0][0] == run_dir.name, runs
+        assert {"accuracy.png", "dashboard.png"} <= set(runs[1]), runs
         assert not page.page_errors, page.page_errors
 
 
@@ -229,6 +243,55 @@ def _snapshot_when(page: Page, cond, timeout_s: float) -> dict:
         if cond(snap) or time.monotonic() > deadline:
             return snap
         time.sleep(0.3)
+
+
+# ----------------------------------------------------------------------------- a remote browser
+
+def _own_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (a remote browser's way in)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global", "up"],
+                         capture_output=True, text=True, timeout=10).stdout
+    for link in json.loads(out or "[]"):
+        if link.get("ifname", "").startswith(("etb", "docker", "veth")):
+            continue
+        for a in link.get("addr_info", []):
+            return a["local"]
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_a_browser_off_loopback_signs_in_and_gets_the_page(tmp_path):
+    """Off loopback nothing opens without the admin token: the controller answers its
+    sign-in form; the token posted there gives an HttpOnly cookie (never a token in the
+    URL) and then the page, its stream and its data."""
+    from test_controller import make_testbed
+
+    addr = _own_address()
+    if addr is None:
+        ah.skip("has-it", "this machine has no address besides loopback")
+    tb = make_testbed(tmp_path, {})
+    m = Manager(tb)
+    m.runs_dir = tmp_path / "runs"
+    m.serve()
+    try:
+        token = m.access.token_file.read_text().strip()
+        url = f"http://{addr}:{m.server.port}/"
+        with Page(width=1400, height=900) as page:
+            page.open(url)
+            page.wait_for("!!document.querySelector('form input[name=token]')", 20)
+            assert page.evaluate("document.body.dataset.ready || ''") == ""
+            page.evaluate(f"document.querySelector('form input[name=token]').value = {json.dumps(token)};"
+                          "document.querySelector('form').submit()")
+            page.wait_for(browser.READY_JS, 30)
+            snap = page.evaluate(SNAPSHOT_JS)
+            assert snap["nodes"] == "3" and snap["stats"]["streams"] == 1 and "live" in snap["conn"], snap
+            assert page.evaluate("location.href") == url
+            cookies = page.call("Network.getCookies", {"urls": [url]}, session=True)["cookies"]
+            assert [c["httpOnly"] for c in cookies] == [True], cookies
+            assert token not in json.dumps(cookies) and token not in page.evaluate("document.cookie + location.href")
+            assert not page.page_errors, page.page_errors
+    finally:
+        m.close()
 
 
 # ----------------------------------------------------------------------------- 100 nodes
