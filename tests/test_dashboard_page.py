@@ -289,6 +289,24 @@ def test_a_browser_off_loopback_signs_in_and_gets_the_page(tmp_path):
             cookies = page.call("Network.getCookies", {"urls": [url]}, session=True)["cookies"]
             assert [c["httpOnly"] for c in cookies] == [True], cookies
             assert token not in json.dumps(cookies) and token not in page.evaluate("document.cookie + location.href")
+
+            # the session gone while the page is open (cookie cleared, its stream's connection
+            # cut): the stream's reconnection is refused and the page asks for the token itself
+            page.call("Network.clearBrowserCookies", {}, session=True)
+            subprocess.run(["ss", "-K", "dst", addr, "dport", "=", f":{m.server.port}"], check=True,
+                           capture_output=True, timeout=10)
+            page.wait_for("!document.getElementById('login').hidden", 30)
+            assert page.evaluate("document.getElementById('conn').textContent") == "sign in"
+            page.evaluate("document.getElementById('login-token').value = 'not-the-token';"
+                          "document.getElementById('login-form').requestSubmit()")
+            page.wait_for("document.getElementById('login-msg').textContent.includes('refused')", 10)
+            page.evaluate(f"document.getElementById('login-token').value = {json.dumps(token)};"
+                          "document.getElementById('login-form').requestSubmit()")
+            page.wait_for("document.getElementById('login').hidden && "
+                          "document.getElementById('conn').textContent === 'live'", 20)
+            snap = page.evaluate(SNAPSHOT_JS)
+            assert snap["nodes"] == "3" and snap["stats"]["streams"] == 2, snap
+            assert page.evaluate("document.getElementById('login-token').value") == ""
             assert not page.page_errors, page.page_errors
     finally:
         m.close()

@@ -330,8 +330,9 @@
     const deg = (n) => adj.get(n)?.length || 0;
     const degs = nodes.map((n) => deg(n.name)).sort((a, b) => a - b);
     const median = degs.length ? degs[Math.floor(degs.length / 2)] : 0;
-    let hubs = nodes.filter((n) => rs.includes(n.name) || /aggregat|server|coordinat/i.test(n.role || "")).map((n) => n.name);
-    if (!hubs.length) hubs = nodes.filter((n) => deg(n.name) >= 3 && deg(n.name) >= 4 * Math.max(1, median)).map((n) => n.name);
+    // (degree counts too: a tree's inner nodes, whatever their role script)
+    const hubs = nodes.filter((n) => rs.includes(n.name) || /aggregat|server|coordinat/i.test(n.role || "") ||
+      (deg(n.name) >= 3 && deg(n.name) >= 4 * Math.max(1, median))).map((n) => n.name);
     const pos = {}, hubSet = new Set(hubs);
     const ring = (names, cx, cy0, r0) => {      // concentric rings, 26 px apart on each
       let i = 0, r = r0;
@@ -348,7 +349,7 @@
       return r;
     };
     const sorted = nodes.map((n) => n.name).sort(natural);
-    if (!hubs.length) { ring(sorted, 0, 0, Math.max(80, (sorted.length * 26) / (2 * Math.PI))); return pos; }
+    if (!hubs.length) { ring(sorted, 0, 0, Math.max(80, (sorted.length * 26) / (2 * Math.PI))); return { pos, hubs: hubSet }; }
     const members = new Map(hubs.map((h) => [h, []])), orphans = [];
     for (const n of sorted) {
       if (hubSet.has(n)) continue;
@@ -378,7 +379,7 @@
       rTop = R + Math.max(...sizes) / 2;
     }
     if (orphans.length) ring(orphans, 0, 0, rTop + 60);
-    return pos;
+    return { pos, hubs: hubSet };
   }
 
   function drawGraph() {
@@ -388,11 +389,9 @@
     const names = new Set(nodes.map((n) => n.name));
     for (const [k, p] of pairs) if (!names.has(p.a) || !names.has(p.b)) pairs.delete(k);
     const key = nodes.map((n) => n.name).sort().join(",") + "#" + [...pairs.keys()].sort().join(",") + "#" + roots().join(",");
-    const hubs = new Set(roots());
-    for (const n of nodes) if (/aggregat|server|coordinat/i.test(n.role || "")) hubs.add(n.name);
     if (key !== graphKey) {          // the node or link set changed: lay out again
       graphKey = key;
-      const pos = layout(nodes, pairs);
+      const { pos, hubs } = layout(nodes, pairs);
       cy.batch(() => {
         cy.elements().remove();
         cy.add(nodes.map((n) => ({ group: "nodes", data: { id: n.name, color: stateColor(n.state), size: hubs.has(n.name) ? 26 : 14 },
