@@ -67,6 +67,26 @@ def loopback_run(manager_class, role: str | dict[str, str], names: list[str], wo
             manager.close()
 
 
+@contextmanager
+def ra_node(work: Path, name: str):
+    """One ra_peer in-process (no server): (runtime, RaPeer, Flask test client) on a tiny
+    dataset in work/ds; closed, and torch's thread count put back, on exit."""
+    import torch
+    from ra_peer import RaPeer
+    from runtime import Runtime
+
+    threads = torch.get_num_threads()
+    tiny_dataset(work / "ds", num_classes=10)
+    rt = Runtime("ra_peer", env={"NET_NODE_NAME": name, "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+                                 "DML_LOG_DIR": str(work / "log"), "DML_DATASET_DIR": str(work / "ds")})
+    peer = RaPeer(rt)
+    try:
+        yield rt, peer, rt.app.test_client()
+    finally:
+        rt.close()
+        torch.set_num_threads(threads)
+
+
 def tiny_dataset(root: Path, *, num_classes: int, samples: int = 12) -> Path:
     """One train and one test part of random images, written by splitter.write_dataset."""
     rng = np.random.default_rng(num_classes)

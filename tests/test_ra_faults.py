@@ -26,11 +26,9 @@ import torch
 
 from dml_testutil import TOKEN, scratch, wait_until  # noqa: F401  (fixture)
 from netns_workflow import run_workflow
-from peer_testutil import loopback_run, netns_run, tiny_dataset
+from peer_testutil import loopback_run, netns_run, ra_node, tiny_dataset
 import net
 import peer_role
-from ra_peer import RaPeer
-from runtime import Runtime
 from controller.ra_run import RaManager
 
 HDR = {net.TOKEN_HEADER: TOKEN}
@@ -46,16 +44,8 @@ HOME = ["rz1", "rz2", "rz3", "rz4"]
 
 @pytest.fixture
 def node(scratch):
-    threads = torch.get_num_threads()
-    tiny_dataset(scratch / "ds", num_classes=10)
-    rt = Runtime("ra_peer", env={"NET_NODE_NAME": "rz2", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
-                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")})
-    peer = RaPeer(rt)
-    try:
-        yield rt, peer, rt.app.test_client()
-    finally:
-        rt.close()
-        torch.set_num_threads(threads)
+    with ra_node(scratch, "rz2") as it:
+        yield it
 
 
 def post(client, path, body):

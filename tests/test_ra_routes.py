@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
-from peer_testutil import tiny_dataset
+from peer_testutil import ra_node
 import net
-from ra_peer import RaPeer
-from runtime import Runtime
 
 HDR = {net.TOKEN_HEADER: TOKEN}
 # EdgeTB's keys only: ry2 sends to ry3; the driver's ring (the order chunks travel) is ry1 -> ry2 -> ry3
@@ -24,16 +22,8 @@ RING = ["ry1", "ry2", "ry3"]
 
 @pytest.fixture
 def node(scratch):
-    threads = torch.get_num_threads()
-    tiny_dataset(scratch / "ds", num_classes=10)
-    rt = Runtime("ra_peer", env={"NET_NODE_NAME": "ry2", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
-                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")})
-    peer = RaPeer(rt)
-    try:
-        yield rt, peer, rt.app.test_client()
-    finally:
-        rt.close()
-        torch.set_num_threads(threads)
+    with ra_node(scratch, "ry2") as it:
+        yield it
 
 
 def post(client, path, body):
