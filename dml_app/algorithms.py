@@ -5,12 +5,24 @@ mixing, E-tree partial sums, ring chunking) add their functions here.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Mapping, Sequence
 
 import torch
 
 StateDict = Mapping[str, torch.Tensor]
+
+# An aggregator's quorum (FL's aggregator, every E-tree aggregator): a round counts when at
+# least min_fraction of the peers asked answered, else it is tried again round_retries times.
+DEFAULT_MIN_FRACTION = 0.5
+DEFAULT_ROUND_RETRIES = 2
+MAX_ROUND_RETRIES = 100
+
+
+def needed(min_fraction: float, asked: int) -> int:
+    """Answers a round needs: at least min_fraction of the `asked` peers, and one."""
+    return max(1, math.ceil(min_fraction * asked - 1e-9))
 
 
 class FedAvg:

@@ -65,7 +65,7 @@ from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 import etree
 import net
 import nns
-from fl_aggregator import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, needed
+from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, needed
 from learn import evaluate, train_epochs
 from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
 

@@ -23,7 +23,6 @@ Structure conf (fl_structure_conf.py): {"trainer_fraction", "sync", "child_node"
 """
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
@@ -33,14 +32,12 @@ from werkzeug.exceptions import BadRequest, Conflict
 
 import net
 import nns
-from algorithms import FedAvg, select_clients, weighted_mean
+from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,
+                        select_clients, weighted_mean)
 from learn import evaluate
 from runtime import Gather, Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
-DEFAULT_MIN_FRACTION = 0.5
-DEFAULT_ROUND_RETRIES = 2
-MAX_ROUND_RETRIES = 100
 MAX_ROUNDS = 1_000_000
 MAX_SEED = 2**32 - 1
 MAX_SAMPLES = 10**12          # a trainer's sample count: far beyond any dataset, far below overflow
@@ -72,11 +69,6 @@ def check_structure(conf: dict) -> dict:
     if missing:
         raise ValueError(f"'connect' has no address for trainer(s) {missing}")
     return conf
-
-
-def needed(min_fraction: float, chosen: int) -> int:
-    """Uploads a round needs: at least min_fraction of the chosen trainers, and one."""
-    return max(1, math.ceil(min_fraction * chosen - 1e-9))
 
 
 class FlAggregator:
