@@ -517,3 +517,35 @@ def test_fidelity_judges_saturated_streaks_only():
     for _ in range(5):                    # a down link is never saturated
         f.add("e", "f", 10_000_000, 1.0, ideal, True)
     assert {l["src"] for l in f.report()["links"]} == {"a", "c"}
+
+
+def test_usage_reads_cgroup_v1_and_v2_layouts(tmp_path):
+    """worker/cgroups.py read_usage on both layouts (files as the kernel writes them), and
+    pid_usage of a live process (how a docker container's init is read) on this host."""
+    from worker import cgroups
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    (v2 / "memory.current").write_text("104857600\n")
+    (v2 / "memory.stat").write_text("anon 50000000\nfile 60000000\ninactive_file 4857600\n")
+    assert cgroups.read_usage(v2, v2, v2=True) == {"cpu_ns": 2_500_000_000, "mem_bytes": 100_000_000}
+    cpu, mem = tmp_path / "cpuacct", tmp_path / "memory"
+    cpu.mkdir()
+    mem.mkdir()
+    (cpu / "cpuacct.usage").write_text("123456789\n")
+    (mem / "memory.usage_in_bytes").write_text("2097152\n")
+    (mem / "memory.stat").write_text("cache 0\ntotal_inactive_file 1048576\n")
+    assert cgroups.read_usage(cpu, mem, v2=False) == {"cpu_ns": 123456789, "mem_bytes": 2**20}
+    assert cgroups.read_usage(tmp_path / "gone", tmp_path / "gone", v2=False) == {"cpu_ns": None, "mem_bytes": None}
+    # a v1 host with cpuacct mounted on its own: node groups get a cpuacct directory too
+    for c in ("cpu", "cpuacct", "memory", "freezer"):
+        (tmp_path / "v1" / c).mkdir(parents=True)
+    assert cgroups.Cgroup("n1", root=tmp_path / "v1").dirs["cpuacct"] == tmp_path / "v1" / "cpuacct" / "edgetb" / "n1"
+    co = tmp_path / "co"
+    (co / "cpu,cpuacct").mkdir(parents=True)
+    (co / "memory").mkdir()
+    assert "cpuacct" not in cgroups.Cgroup("n1", root=co).dirs        # co-mounted: the cpu directory has it
+    if Path("/proc/self/cgroup").exists() and (cgroups.is_v2() or Path("/sys/fs/cgroup/cpuacct").is_dir()):
+        got = cgroups.pid_usage(os.getpid())
+        assert got["cpu_ns"] and got["cpu_ns"] > 0 and got["mem_bytes"] and got["mem_bytes"] > 0, got
