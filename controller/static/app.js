@@ -5,7 +5,8 @@
  * Drawing is at most once a second and bounded (tables capped, graph edges limited to
  * the most loaded), so 300 nodes and 2000 links stay light. Charts: uPlot; graph:
  * cytoscape (vendored under /static/vendor/). The page sets body[data-ready="1"] once
- * the first state and metrics are drawn (controller/browser.py waits for it). */
+ * the first state and metrics are drawn (controller/browser.py waits for it), and
+ * body[data-finished="1"] while the state says the run is finished. */
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -212,6 +213,8 @@
     if (view === "fidelity") drawFidelity();
     drawFidelityBadge();
     if (view === "live" && (S.backlog || S.stateMsgs >= 2)) document.body.dataset.ready = "1";
+    // a screenshot at the end may wait for this too (the run's state as finished)
+    document.body.dataset.finished = S.state.run && S.state.run.finished ? "1" : "";
   }
 
   function drawHeader() {
