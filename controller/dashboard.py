@@ -206,6 +206,7 @@ class Dashboard:
         self._state_cache: tuple[int, float, str] | None = None
         self._last_read = 0.0
         self.streams = 0
+        self.finishing = False         # /finish is taking the page's picture: show the run as finished
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -511,7 +512,7 @@ class Dashboard:
         if cut:
             links = sorted(links, key=lambda l: -(l["wire_bps"] or 0))[:LINKS_MAX]
         run = {"algorithm": m.algorithm, "root": m.root, "started": m.started_at,
-               "finished": m.finished.is_set(), "run_dir": str(m.run_dir) if m.run_dir else None,
+               "finished": m.finished.is_set() or self.finishing, "run_dir": str(m.run_dir) if m.run_dir else None,
                "rounds": self.rounds_target}
         out = {"t": round(now, 3), "run": run, "nodes": nodes, "links": links, "links_total": total,
                "sample_s": round(self.sample_s, 3), "sample_no": sample_no,
@@ -610,17 +611,26 @@ class Dashboard:
             return f"no controller/browser.py ({e})"
         port = self.m.server.port if self.m.server is not None else self.m.tb.host_port
         out: dict = {}
+        # The page shows the run as finished (body[data-finished]) and is drawn (ready):
+        # the state says finished from here, though /finish returns only after the picture.
+        ready = getattr(browser, "READY_JS", "!!(document.body && document.body.dataset.ready === '1')")
+        wait_for = f"({ready}) && document.body.dataset.finished === '1'"
 
         def run():
             try:
                 out["why"] = browser.screenshot(f"http://127.0.0.1:{port}/", Path(run_dir) / "dashboard.png",
-                                                timeout_s=timeout)
+                                                timeout_s=timeout, wait_for=wait_for)
             except Exception as e:  # noqa: BLE001 - finish must go on whatever the browser did
                 out["why"] = f"{type(e).__name__}: {e}"
         self.watched()
-        t = threading.Thread(target=run, daemon=True, name="dashboard-screenshot")
-        t.start()
-        t.join(timeout + 5)
+        self.finishing = True
+        self._state_cache = None
+        try:
+            t = threading.Thread(target=run, daemon=True, name="dashboard-screenshot")
+            t.start()
+            t.join(timeout + 5)
+        finally:
+            self.finishing = False
         if t.is_alive():
             return f"no screenshot within {timeout:g} s"
         why = out.get("why")
