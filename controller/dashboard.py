@@ -33,7 +33,6 @@ that is full achieves R x 1448/1514, the ideal the fidelity check compares with.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat as stat_
