@@ -556,3 +556,39 @@ def test_usage_reads_cgroup_v1_and_v2_layouts(tmp_path):
     if Path("/proc/self/cgroup").exists() and (cgroups.is_v2() or Path("/sys/fs/cgroup/cpuacct").is_dir()):
         got = cgroups.pid_usage(os.getpid())
         assert got["cpu_ns"] and got["cpu_ns"] > 0 and got["mem_bytes"] and got["mem_bytes"] > 0, got
+
+
+# ----------------------------------------------------------------------------- docker nodes
+
+agent = ah.agent_fixture()
+
+
+def _usage(agent) -> dict:
+    return agent.get("/usage")
+
+
+@pytest.mark.timeout(300)
+def test_agent_usage_of_docker_nodes(agent):
+    """GET /usage reads a container's cgroup: a node spinning at its 0.5 cpu limit shows
+    about half a core, an idle one about none; both their memory; their links' counters."""
+    import docker_testutil as dt
+
+    why = dt.why_not()
+    if why:
+        pytest.skip(f"docker: {why}")
+    dep = dt.plan(2, cpu=0.5, ram_mb=256)
+    dep.nodes[0]["cmd"] = ["python3", "-c", "while True: pass"]
+    a, b = dep.names
+    dep.links = {a: [ah.link(dep, a, b, 10_000_000)]}
+    with dt.deployed(agent, dep):
+        first = _usage(agent)
+        time.sleep(2)
+        second = _usage(agent)
+        for n in (a, b):
+            assert first["nodes"][n]["state"] == "running" and second["nodes"][n]["mem_bytes"] > 0, second
+        pct = {n: (second["nodes"][n]["cpu_ns"] - first["nodes"][n]["cpu_ns"]) / 1e9
+               / (second["nodes"][n]["t"] - first["nodes"][n]["t"]) * 100 for n in (a, b)}
+        print(f"\ndocker nodes: spinning {pct[a]:.1f} % of a core (limit 50 %), sleeping {pct[b]:.1f} %")
+        assert 35 <= pct[a] <= 55 and pct[b] < 5, pct
+        (link,) = second["links"][a]["links"]
+        assert link[0] == b and link[3] == 10_000_000 and link[4] is False and link[1] >= 0
