@@ -65,7 +65,7 @@ from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 import etree
 import net
 import nns
-from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, needed
+from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
 from learn import evaluate, train_epochs
 from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
 
@@ -464,33 +464,17 @@ class ElPeer:
 
     def _round_with_retries(self, layer: int, rnd: int, model: dict) -> list[tuple[dict, int]] | None:
         """Round rnd of `layer`, tried up to 1 + round_retries times until at least
-        min_fraction of the children answered: their results in conf order; None when
-        the node failed (rt.fail says why) or stops."""
+        min_fraction of the children answered (rt.quorum): their results in conf order;
+        None when the node failed (rt.fail says why) or stops."""
         rt, lc, q = self.rt, self.layers[layer], self.rt.structure["_quorum"][layer]
         kids = [self._who(c) for c in lc["children"]]
-        need = needed(q["min_fraction"], len(kids))
-        attempts = 1 + q["round_retries"]
-        shortfalls = []
-        for attempt in range(1, attempts + 1):
-            results, missing = self._attempt(layer, rnd, kids, model)
-            ok = len(results) >= need
-            rt.log_metric("participants", rnd, layer=layer, attempt=attempt, children=kids,
-                          participants=sorted(results), missing=missing, accepted=ok)
-            if ok:
-                if missing:
-                    rt.log.warning("layer %d round %d: aggregating %d/%d children without %s", layer, rnd,
-                                   len(results), len(kids), ", ".join(f"{n} ({w})" for n, w in sorted(missing.items())))
-                return [results[k] for k in kids if k in results]
-            if rt.stopping.is_set():
-                return None
-            shortfalls.append(f"attempt {attempt}: {len(results)}/{len(kids)} answered, missing "
-                              + ", ".join(f"{n} ({why})" for n, why in sorted(missing.items())))
-            rt.log.warning("layer %d round %d: %d/%d children answered, min_fraction %g needs %d; %s", layer, rnd,
-                           len(results), len(kids), q["min_fraction"], need,
-                           "trying the round again" if attempt < attempts else "giving up")
-        rt.fail(f"layer {layer} round {rnd}: fewer than min_fraction {q['min_fraction']:g} of the children "
-                f"answered in {attempts} attempt(s): " + "; ".join(shortfalls))
-        return None
+        got = rt.quorum(rnd, lambda _k: (kids, *self._attempt(layer, rnd, kids, model)),
+                        min_fraction=q["min_fraction"], retries=q["round_retries"],
+                        what=f"layer {layer} round {rnd}", peers="children", asked_as="children", layer=layer)
+        if got is None:
+            return None
+        results = got[1]
+        return [results[k] for k in kids if k in results]
 
     def _attempt(self, layer: int, rnd: int, kids: list[str], model: dict) -> tuple[dict, dict]:
         """Send `model` to every child of (layer, rnd) and gather their results until all

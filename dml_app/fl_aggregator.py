@@ -32,7 +32,7 @@ from werkzeug.exceptions import BadRequest, Conflict
 
 import net
 import nns
-from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,
+from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
                         select_clients, weighted_mean)
 from learn import evaluate
 from runtime import Gather, Runtime, main
@@ -151,31 +151,21 @@ class FlAggregator:
         rt.finish()
 
     def _round_with_retries(self, r: int, rng: random.Random) -> bool:
-        """Round r, tried up to 1 + round_retries times; False when the run failed or stops."""
+        """Round r, tried up to 1 + round_retries times (rt.quorum); False when the run
+        failed or stops."""
         rt, conf = self.rt, self.conf
-        attempts = 1 + conf["round_retries"]
-        shortfalls = []
-        for attempt in range(1, attempts + 1):
+
+        def attempt(_k):
             t0 = time.monotonic()
             chosen = select_clients(conf["child_node"], conf["trainer_fraction"], rng)
-            results, missing, model_sum = self._attempt(r, chosen)
-            need = needed(conf["min_fraction"], len(chosen))
-            ok = len(results) >= need
-            rt.log_metric("participants", r, attempt=attempt, chosen=sorted(chosen),
-                          participants=sorted(results), missing=missing, accepted=ok)
-            if ok:
-                self._aggregate(r, chosen, results, model_sum, t0)
-                return True
-            if rt.stopping.is_set():
-                return False
-            shortfalls.append(f"attempt {attempt}: {len(results)}/{len(chosen)} uploaded, missing "
-                              + ", ".join(f"{n} ({why})" for n, why in sorted(missing.items())))
-            rt.log.warning("round %d: %d/%d trainers uploaded, min_fraction %g needs %d; %s", r,
-                           len(results), len(chosen), conf["min_fraction"], need,
-                           "trying the round again" if attempt < attempts else "giving up")
-        rt.fail(f"round {r}: fewer than min_fraction {conf['min_fraction']:g} of the chosen trainers "
-                f"uploaded in {attempts} attempt(s): " + "; ".join(shortfalls))
-        return False
+            return (chosen, *self._attempt(r, chosen), t0)
+        got = rt.quorum(r, attempt, min_fraction=conf["min_fraction"], retries=conf["round_retries"],
+                        what=f"round {r}", peers="chosen trainers", asked_as="chosen")
+        if got is None:
+            return False
+        chosen, results, _missing, model_sum, t0 = got
+        self._aggregate(r, chosen, results, model_sum, t0)
+        return True
 
     def _attempt(self, r: int, chosen: list[str]) -> tuple[dict, dict, FedAvg]:
         """Send the global weights to `chosen`, gather their uploads until all came or

@@ -23,8 +23,10 @@ Waiting on peers lives here, once: `rt.fan_out(peers, fn, deadline_s=)` runs fn(
 many peers in parallel (bounded) and returns per peer a `Reply` (what came back, or why
 not: dead, refused, timeout, error); `rt.broadcast_weights()` is that for one set of
 weights; `rt.gather(expected)` collects what peers send back (uploads) until all came,
-a deadline, or stop, and says per peer what is missing and why. A role keeps its maths
-and its choice of what to do with the answers it got.
+a deadline, or stop, and says per peer what is missing and why; `rt.quorum(round,
+attempt, min_fraction=, retries=)` tries a round until enough peers answered, records
+each attempt's participants and fails the node clearly when they never do. A role keeps
+its maths and its choice of what to do with the answers it got.
 
 Inside the role: `rt.structure` (dict), `rt.data` (node_data.NodeData), `rt.set_state()`,
 `rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`,
@@ -60,6 +62,7 @@ from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
 import formats
 import net
+from algorithms import needed
 from node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -568,6 +571,40 @@ class Runtime:
                                    deadline_s=PROBE_PERIOD_S * 3)
                 return {n: DEAD for n, rep in got.items() if rep.why == DEAD}
         return Gather(expected, self.stopping, tag=tag, probe=probe)
+
+    def quorum(self, round: int, attempt: Callable[[int], tuple], *, min_fraction: float, retries: int,
+               what: str, peers: str, asked_as: str = "asked", **fields: Any) -> tuple | None:
+        """One round of an aggregator, tried until enough peers answered: attempt(k) for
+        k = 1 .. 1 + retries returns (asked [names], arrived {name: value}, missing {name:
+        why}, *more); it is accepted when arrived has at least min_fraction of asked (and
+        one: algorithms.needed). Each attempt is a `participants` metrics event (round,
+        attempt, `asked_as`: asked, participants, missing, accepted, **fields). Returns the
+        accepted attempt's tuple; None when the node stops, or after rt.fail naming, per
+        attempt, who was missing and why (`what` names the round, `peers` the kind of peer)."""
+        shortfalls = []
+        attempts = 1 + retries
+        for k in range(1, attempts + 1):
+            got = attempt(k)
+            asked, arrived, missing = got[0], got[1], got[2]
+            need = needed(min_fraction, len(asked))
+            ok = len(arrived) >= need
+            self.log_metric("participants", round, attempt=k, **{asked_as: sorted(asked)},
+                            participants=sorted(arrived), missing=missing, accepted=ok, **fields)
+            gone = ", ".join(f"{n} ({why})" for n, why in sorted(missing.items()))
+            if ok:
+                if missing:
+                    self.log.warning("%s: going on with %d/%d %s, without %s", what, len(arrived), len(asked),
+                                     peers, gone)
+                return got
+            if self.stopping.is_set():
+                return None
+            shortfalls.append(f"attempt {k}: {len(arrived)}/{len(asked)} answered, missing {gone}")
+            self.log.warning("%s: %d/%d %s answered, min_fraction %g needs %d; %s", what, len(arrived),
+                             len(asked), peers, min_fraction, need,
+                             "trying the round again" if k < attempts else "giving up")
+        self.fail(f"{what}: fewer than min_fraction {min_fraction:g} of the {peers} answered in {attempts} "
+                  f"attempt(s): " + "; ".join(shortfalls))
+        return None
 
     def peer(self, node: str) -> str:
         """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""
