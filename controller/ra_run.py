@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,29 +35,9 @@ from controller.testbed import single_machine  # noqa: E402
 from dml_app import net  # noqa: E402
 
 PHASES = ("reduce", "gather")   # as dml_app/ring.py
-# Why a member gave nothing, as dml_app/runtime.py says it (Reply.why). runtime.reply_for
-# itself cannot classify these calls: it checks runtime's own `net` module, imported
-# bare, whose HttpError is not the class of dml_app.net that the controller calls with.
-DEAD, REFUSED, TIMEOUT, ERROR = "dead", "refused", "timeout", "error"
+# Why a member gave nothing: net.reply_for's classification (the nodes' runtime uses it too).
+DEAD, REFUSED, TIMEOUT, ERROR = net.DEAD, net.REFUSED, net.TIMEOUT, net.ERROR
 LOST = (DEAD, TIMEOUT, ERROR)      # a member given up on (REFUSED: an answer, i.e. a bug)
-
-
-class Got(NamedTuple):
-    """One member's answer to a driver call: ok and the value, or why not (and its words)."""
-    ok: bool
-    value: Any = None
-    why: str | None = None
-    status: int | None = None
-    message: str = ""
-
-
-def got_for(e: Exception) -> Got:
-    """runtime.reply_for's classification of a failed call (see DEAD above)."""
-    if isinstance(e, net.HttpError):
-        if e.status is not None:
-            return Got(False, why=REFUSED, status=e.status, message=e.message)
-        return Got(False, why=DEAD if e.not_sent else TIMEOUT, message=str(e))
-    return Got(False, why=ERROR, message=f"{type(e).__name__}: {e}")
 
 
 class RingLost(Exception):
@@ -201,13 +180,13 @@ class RaManager(Manager):
         node = self._nodes()[succ]
         return {"successor": {"name": succ, "address": f"{node.ip}:{node.port}"}}
 
-    def _calls(self, names: list[str], fn) -> dict[str, Got]:
-        """fn(node) on every named node at once (Manager._each) -> {name: Got}."""
-        def one(node) -> Got:
+    def _calls(self, names: list[str], fn) -> dict[str, net.Reply]:
+        """fn(node) on every named node at once (Manager._each) -> {name: net.Reply}."""
+        def one(node) -> net.Reply:
             try:
-                return Got(True, fn(node))
+                return net.Reply(node.name, True, fn(node))
             except Exception as e:   # noqa: BLE001  (every failure is an answer to weigh)
-                return got_for(e)
+                return net.reply_for(node.name, e)
         return self._each(one, names)
 
     def _post(self, names: list[str], path: str, body, timeout_s: float, missing: dict[str, str],

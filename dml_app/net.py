@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import requests
@@ -41,6 +42,36 @@ class HttpError(RuntimeError):
     @property
     def not_sent(self) -> bool:
         return not self.sent
+
+
+# Why a peer gave nothing (Reply.why; a Gather's missing): its port refused the connection
+# (nothing listens: the app is dead or not up), it answered with an HTTP error, nothing
+# came back in time (a read timeout, a dropped connection, a deadline), or the call failed
+# before it was made (a bad address, weights that do not pack).
+DEAD, REFUSED, TIMEOUT, ERROR = "dead", "refused", "timeout", "error"
+
+
+@dataclass
+class Reply:
+    """What one peer gave back to a call: `ok` with `value`, or why not (`why` one of
+    dead, refused, timeout, error; `status` the HTTP status of a refusal; `message` the
+    reason in words: a refusal's is the peer's own answer)."""
+    peer: str
+    ok: bool
+    value: Any = None
+    why: str | None = None
+    status: int | None = None
+    message: str = ""
+
+
+def reply_for(peer: str, e: Exception) -> Reply:
+    """The Reply for a call to `peer` that raised `e` (the node runtime's fan_out and the
+    controller's drivers classify failures this one way)."""
+    if isinstance(e, HttpError):
+        if e.status is not None:
+            return Reply(peer, False, why=REFUSED, status=e.status, message=e.message)
+        return Reply(peer, False, why=DEAD if e.not_sent else TIMEOUT, message=str(e))
+    return Reply(peer, False, why=ERROR, message=f"{type(e).__name__}: {e}")
 
 
 def _not_sent(e: Exception) -> bool:

@@ -54,7 +54,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from flask import Flask, Response, jsonify, request
@@ -86,33 +85,10 @@ FAN_OUT_LIMIT = 32           # parallel calls of one fan_out (299 peers are not 
 MAX_DEADLINE_S = 1e6
 PROBE_PERIOD_S = 1.0         # how often a gather asks its pending peers whether they live
 
-# Why a peer gave nothing (Reply.why, Gather's missing): its port refused the connection
-# (nothing listens: the app is dead or not up), it answered with an HTTP error, nothing
-# came back in time (a read timeout, a dropped connection, the deadline), or the call
-# failed before it was made (a bad address, weights that do not pack).
-DEAD, REFUSED, TIMEOUT, ERROR = "dead", "refused", "timeout", "error"
-
-
-@dataclass
-class Reply:
-    """What one peer gave back to a fan_out call: `ok` with `value` (fn's return), or why
-    not (`why` one of dead, refused, timeout, error; `status` the HTTP status of a
-    refusal; `message` the reason in words)."""
-    peer: str
-    ok: bool
-    value: Any = None
-    why: str | None = None
-    status: int | None = None
-    message: str = ""
-
-
-def reply_for(peer: str, e: Exception) -> Reply:
-    """The Reply for a call to `peer` that raised `e`."""
-    if isinstance(e, net.HttpError):
-        if e.status is not None:
-            return Reply(peer, False, why=REFUSED, status=e.status, message=str(e))
-        return Reply(peer, False, why=DEAD if e.not_sent else TIMEOUT, message=str(e))
-    return Reply(peer, False, why=ERROR, message=f"{type(e).__name__}: {e}")
+# Why a peer gave nothing, and the Reply of one call: net.py's (the controller's drivers
+# classify their calls the same way).
+DEAD, REFUSED, TIMEOUT, ERROR = net.DEAD, net.REFUSED, net.TIMEOUT, net.ERROR
+Reply, reply_for = net.Reply, net.reply_for
 
 
 class Gather:
