@@ -1,0 +1,217 @@
+"""Issue 11: every algorithm under a scenario of the other fault actions (pause, link
+down, rate), on real netns nodes driven as `<alg>_run.py --auto --scenario FILE` drives
+them (Manager.set_scenario, then controller/auto.py's drive).
+
+One short run per algorithm (fl, el, gl, ra, ps), five nodes, the same shape of scenario:
+
+* ``rate``: one link's rate changed in place at RATE_AT s;
+* ``pause`` with ``for``: a non-root node frozen (cgroup freezer) from PAUSE_AT for
+  PAUSE_FOR s, then resumed;
+* ``down`` with ``for``: another node's link (one direction) carries nothing from DOWN_AT
+  for DOWN_FOR s, then up again.
+
+What a user would notice, asserted per algorithm: the run completes all its rounds (or
+steps) in bounded time (the faults cost seconds: each algorithm's deadline is set to a
+few seconds in its structure); summary.json "events" lists every event, each ok, at a
+time close to its "at" and before the run ended; the paused node's absence shows where
+the algorithm records it (summary "missing_nodes", from the roles' participants events)
+or the run simply went on (gossip: it is waited for, nobody is called dead); the final
+accuracy is above a stated floor; and nothing is left after the reset (netns_testbed
+checks it after each run).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import agent_helpers as ah
+from netns_workflow import netns_testbed, run_workflow, node_outputs
+from controller.el_run import ElManager
+from controller.fl_run import FlManager
+from controller.gl_run import GlManager
+from controller.ps_run import PsManager
+from controller.ra_run import RaManager
+
+PORT, SUBNET = 3496, "10.252.4.0/24"     # the controller; its embedded agent takes PORT + 1
+RATE_AT = 1.0
+PAUSE_AT, PAUSE_FOR = 3.0, 5.0
+DOWN_AT, DOWN_FOR = 4.0, 5.0
+LAST_EVENT = max(PAUSE_AT + PAUSE_FOR, DOWN_AT + DOWN_FOR)
+EVENT_LATE_S = 3.0          # an event fires within this of its "at" (one thread; a fault call takes < 1 s)
+
+
+def star(center: str, others: list[str], out: str = "40mbit", back: str = "20mbit") -> dict:
+    return {center: [{"dest": n, "bw": out} for n in others], **{n: [{"dest": center, "bw": back}] for n in others}}
+
+
+def mesh(names: list[str], bw: str = "40mbit") -> dict:
+    return {n: [{"dest": d, "bw": bw} for d in names if d != n] for n in names}
+
+
+@dataclass
+class Case:
+    manager: type
+    roles: dict[str, str]
+    links: dict
+    structure: dict
+    dataset: dict
+    root: str | None
+    rounds: int                 # summary["rounds"] at the end: rounds, top rounds or steps
+    paused: str                 # the node paused
+    down: tuple[str, str]       # the link taken down (src -> dest)
+    rate: tuple[str, str]       # the link whose rate changes
+    min_accuracy: float         # the final accuracy's floor (the no-fault run's, measured, minus a margin)
+    timeout_s: float            # the run's bound (auto.drive's timeout)
+    notes: dict = field(default_factory=dict)
+
+
+def _fl() -> Case:
+    names = [f"fl{i}" for i in range(1, 6)]
+    agg, trainers = names[0], names[1:]
+    return Case(
+        FlManager, {n: "fl_aggregator.py" if n == agg else "fl_trainer.py" for n in names}, star(agg, trainers),
+        # a trainer that does not upload within round_timeout_s is left out (min_fraction 0.5 of 4)
+        {"node_list": [{"name": agg, "trainer_fraction": 1.0, "sync": 10, "round_timeout_s": 3}]
+         + [{"name": n, "epoch": 1} for n in trainers]},
+        {agg: {"test_len": 10, "test_start_index": 1, "batch_size": 64},
+         **{n: {"train_len": 8, "train_start_index": 1 + 8 * i, "batch_size": 32} for i, n in enumerate(trainers)}},
+        root=agg, rounds=10, paused="fl3", down=("fl4", agg), rate=(agg, "fl5"), min_accuracy=0.6, timeout_s=120)
+
+
+def _el() -> Case:
+    names = [f"el{i}" for i in range(1, 6)]
+    top, trainers = names[0], names[1:]
+    return Case(
+        ElManager, {n: "el_peer.py" for n in names}, star(top, trainers),
+        {"node_list": [{"name": top, "layer": 2, "sync": 8, "child_num": 4, "round_timeout_s": 3, "seed": 1}]
+         + [{"name": n, "layer": 1, "epoch": 1} for n in trainers]},
+        {"defaults": {"batch_size": 32}, top: {"test_len": 10, "test_start_index": 1},
+         **{n: {"train_len": 8, "train_start_index": 1 + 8 * i} for i, n in enumerate(trainers)}},
+        root=top, rounds=8, paused="el3", down=("el4", top), rate=(top, "el5"), min_accuracy=0.6, timeout_s=120)
+
+
+def _gl() -> Case:
+    names = [f"gl{i}" for i in range(1, 6)]
+    return Case(
+        GlManager, {n: "gl_peer.py" for n in names}, mesh(names),
+        # a send to a frozen peer ends after gossip_timeout_s and the model goes to another
+        {"sync": 8, "seed": 2, "wait_s": 1, "gossip_timeout_s": 2,
+         "node_list": [{"name": n, "epoch": 1} for n in names]},
+        {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1 + 5 * (i % 2),
+             "batch_size": 32} for i, n in enumerate(names)},
+        root=None, rounds=8, paused="gl3", down=("gl4", "gl5"), rate=("gl1", "gl2"), min_accuracy=0.4,
+        timeout_s=120)
+
+
+def _ra() -> Case:
+    names = [f"ra{i}" for i in range(1, 6)]
+    # EdgeTB's rule: node_list[i] sends to node_list[i - 1]; this order runs ra1 -> ra2 -> ... -> ra5 -> ra1
+    order = [names[0]] + names[:0:-1]
+    return Case(
+        RaManager, {n: "ra_peer.py" for n in names},
+        {n: [{"dest": names[(i + 1) % 5], "bw": "100mbit"}] for i, n in enumerate(names)},
+        {"sync": 6, "seed": 3, "step_timeout_s": 3, "node_list": [{"name": n, "epoch": 1} for n in order]},
+        {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1,
+             "batch_size": 32} for i, n in enumerate(names)},
+        root=None, rounds=6, paused="ra3", down=("ra4", "ra5"), rate=("ra1", "ra2"), min_accuracy=0.4,
+        timeout_s=120)
+
+
+def _ps() -> Case:
+    names = [f"ps{i}" for i in range(1, 6)]
+    srv, workers = names[0], names[1:]
+    return Case(
+        PsManager, {n: "ps_server.py" if n == srv else "ps_worker.py" for n in names}, star(srv, workers),
+        {"mode": "sync", "steps": 90, "lr": 0.05, "momentum": 0.9, "eval_every": 30, "step_timeout_s": 2,
+         "node_list": [{"name": srv, "role": "server"}] + [{"name": w} for w in workers]},
+        {srv: {"test_len": 10, "test_start_index": 1, "batch_size": 32},
+         **{w: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32} for i, w in enumerate(workers)}},
+        root=srv, rounds=90, paused="ps3", down=("ps4", srv), rate=(srv, "ps5"), min_accuracy=0.6, timeout_s=120)
+
+
+CASES = {"fl": _fl, "el": _el, "gl": _gl, "ra": _ra, "ps": _ps}
+
+
+def scenario(c: Case) -> dict:
+    return {"events": [
+        {"at": RATE_AT, "link": list(c.rate), "action": "rate", "bw": "10mbit"},
+        {"at": PAUSE_AT, "node": c.paused, "action": "pause", "for": PAUSE_FOR},
+        {"at": DOWN_AT, "link": list(c.down), "action": "down", "for": DOWN_FOR}]}
+
+
+def expected_events(c: Case) -> list[tuple]:
+    """(at, action, node or link) in firing order."""
+    return sorted([(RATE_AT, "rate", list(c.rate)), (PAUSE_AT, "pause", c.paused),
+                   (PAUSE_AT + PAUSE_FOR, "resume", c.paused), (DOWN_AT, "down", list(c.down)),
+                   (DOWN_AT + DOWN_FOR, "up", list(c.down))], key=lambda e: e[0])
+
+
+@ah.need_root()
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("alg", list(CASES))
+def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_path):
+    c = CASES[alg]()
+    with netns_testbed(tmp_path, c.manager, c.roles, c.links, port=PORT, subnet=SUBNET, emulator=f"emu-fs{alg}",
+                       ram_mb=512) as (tb, manager):
+        set_ = manager.set_scenario(scenario(c))     # what --scenario FILE and POST /scenario do
+        assert len(set_) == 5, set_
+        said: list[str] = []
+        t0 = time.monotonic()
+        summary = run_workflow(tb, manager, tmp_path, alg=alg, root=c.root, timeout_s=c.timeout_s, said=said,
+                               dataset=c.dataset, structure=c.structure)
+        took = time.monotonic() - t0
+        outputs = node_outputs(tb)
+        links_after = {s: {l["dest"]: l["bw"] for l in v} for s, v in manager.tb.links.items()}
+    # (netns_testbed has removed everything here and checked that nothing is left)
+    on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    report = (f"\n{alg}: wall {summary['wall_seconds']:.1f} s ({took:.1f} s with the pushes), rounds "
+              f"{summary['rounds']}, final accuracy {summary['final_accuracy']:.4f} (floor {c.min_accuracy}), "
+              f"missing_nodes {summary['missing_nodes']}, events "
+              + ", ".join(f"{e['action']} {e.get('node') or '->'.join(e['link'])}@{e['t']:.1f}s"
+                          f"{'' if e['ok'] else ' FAILED ' + e['detail']}" for e in summary["events"])
+              + (f", dead_peers {summary.get('dead_peers')}" if alg == "gl" else ""))
+    print(report)
+    ctx = f"{report}\nsaid: {said}\n{outputs}"
+
+    # the run completes all its rounds, in bounded time, with no error
+    assert "error" not in summary, ctx
+    assert summary["rounds"] == c.rounds, ctx
+    # every event fired, ok, in order, close to its time, while the run was under way
+    evs = summary["events"]
+    assert on_disk["events"] == evs, (on_disk["events"], evs)
+    assert [(e["at"], e["action"], e.get("node") or e.get("link")) for e in evs] == expected_events(c), ctx
+    for e in evs:
+        assert e["ok"] is True and e["at"] <= e["t"] <= e["at"] + EVENT_LATE_S, (e, ctx)
+        assert e["t"] < summary["wall_seconds"], (e, ctx)     # fired before the end: the run saw it
+    assert summary["wall_seconds"] > LAST_EVENT, ctx
+    # the rate change stayed (links.json as the testbed holds it), the other links as deployed
+    assert links_after[c.rate[0]][c.rate[1]] == "10mbit", links_after
+    assert links_after[c.down[0]][c.down[1]] == next(l["bw"] for l in c.links[c.down[0]]
+                                                      if l["dest"] == c.down[1]), links_after
+    # the final accuracy is sane
+    assert c.min_accuracy <= summary["final_accuracy"] <= 1.0, ctx
+    check_missing[alg](c, summary, ctx)
+
+
+def _check_fl(c: Case, s: dict, ctx: str) -> None:
+    """FL: the paused trainer misses the rounds it was frozen in (no upload within
+    round_timeout_s: timeout), every round was accepted at its first attempt."""
+    assert c.paused in s["missing_nodes"] and s["missing_nodes"][c.paused]["why"] == "timeout", ctx
+    assert all(p["accepted"] for p in s["participants"]), ctx
+
+
+def _check_missing(c: Case, s: dict, ctx: str) -> None:
+    assert c.paused in s["missing_nodes"] and s["missing_nodes"][c.paused]["why"] == "timeout", ctx
+
+
+def _check_gl(c: Case, s: dict, ctx: str) -> None:
+    """Gossip: a paused peer is waited for, not called dead; every peer ran all its rounds."""
+    assert s["dead_peers"] == [], ctx
+    assert s["gossips_sent"] == {n: c.rounds for n in c.roles}, ctx
+
+
+check_missing = {"fl": _check_fl, "el": _check_missing, "gl": _check_gl, "ra": _check_missing, "ps": _check_missing}
