@@ -212,6 +212,9 @@ class Runtime:
         self.agent_address = env.get("NET_AGENT_ADDRESS", "")
         self.log_dir = os.path.abspath(env.get("DML_LOG_DIR", "") or "./log")
         self.dataset_dir = os.path.abspath(env.get("DML_DATASET_DIR", "") or "../dataset")
+        # The agent's nodes get a log dir of their own per deployment and DML_LOG_APPEND=1:
+        # an app restarted by a fault action goes on with the lines of its first life.
+        self.log_append = env.get("DML_LOG_APPEND", "") == "1"
         self.cpu = _env_float(env, "DML_CPU", 1.0)
         self.torch_threads = max(1, math.floor(self.cpu))
 
@@ -265,8 +268,10 @@ class Runtime:
         os.makedirs(self.log_dir, exist_ok=True)
         self.log_path = os.path.join(self.log_dir, f"{self.name}.log")
         self.metrics_path = os.path.join(self.log_dir, f"{self.name}.metrics.jsonl")
-        # Fresh files per start: lines of an earlier experiment would mix into this one's plots.
-        open(self.metrics_path, "w").close()
+        # Fresh files per start (a node run by hand): lines of an earlier experiment would
+        # mix into this one's plots; appended to after a restart in a deployment.
+        mode = "a" if self.log_append else "w"
+        open(self.metrics_path, mode).close()
         self.log = logging.getLogger(f"edgetb.{self.name}")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
@@ -274,7 +279,7 @@ class Runtime:
             self.log.removeHandler(h)
             h.close()
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-        fh = logging.FileHandler(self.log_path, mode="w", encoding="utf-8")
+        fh = logging.FileHandler(self.log_path, mode=mode, encoding="utf-8")
         sh = logging.StreamHandler(sys.stderr)
         for h in (fh, sh):
             h.setFormatter(fmt)

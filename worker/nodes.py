@@ -181,7 +181,8 @@ def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
     """The environment a node app gets, whatever runs it: `base` (the agent's own for a
     process it starts, nothing for a container; only NODE_BASE_ENV of it for a node that
     is not root), the node's (EdgeTB's variables), the agent's (its credentials),
-    unbuffered output, and where logs go and how much cpu it has unless already set."""
+    unbuffered output, and where logs go (appended to by a restarted app) and how much
+    cpu it has unless already set."""
     base = dict(base or {})
     if not spec.root:
         base = {k: v for k, v in base.items() if k in NODE_BASE_ENV or k.startswith("LC_")}
@@ -190,6 +191,7 @@ def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
     env.update(extra_env)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("DML_LOG_DIR", log_dir)
+    env.setdefault("DML_LOG_APPEND", "1")    # log_dir is the node's own, new each deployment
     env.setdefault("DML_CPU", f"{spec.cpu:g}")
     return env
 
