@@ -65,7 +65,8 @@ class Case:
     down: tuple[str, str]       # the link taken down (src -> dest)
     rate: tuple[str, str]       # the link whose rate changes
     min_accuracy: float         # the final accuracy's floor (the no-fault run's, measured, minus a margin)
-    timeout_s: float            # the run's bound (auto.drive's timeout)
+    max_wall_s: float           # what the run may take with the faults (measured without: see each case)
+    timeout_s: float            # auto.drive's timeout (a hang fails here, not at pytest's timeout)
     notes: dict = field(default_factory=dict)
 
 
@@ -79,7 +80,8 @@ def _fl() -> Case:
          + [{"name": n, "epoch": 1} for n in trainers]},
         {agg: {"test_len": 10, "test_start_index": 1, "batch_size": 64},
          **{n: {"train_len": 8, "train_start_index": 1 + 8 * i, "batch_size": 32} for i, n in enumerate(trainers)}},
-        root=agg, rounds=10, paused="fl3", down=("fl4", agg), rate=(agg, "fl5"), min_accuracy=0.6, timeout_s=120)
+        root=agg, rounds=10, paused="fl3", down=("fl4", agg), rate=(agg, "fl5"), min_accuracy=0.6,
+        max_wall_s=40, timeout_s=120)
 
 
 def _el() -> Case:
@@ -91,7 +93,8 @@ def _el() -> Case:
          + [{"name": n, "layer": 1, "epoch": 1} for n in trainers]},
         {"defaults": {"batch_size": 32}, top: {"test_len": 10, "test_start_index": 1},
          **{n: {"train_len": 8, "train_start_index": 1 + 8 * i} for i, n in enumerate(trainers)}},
-        root=top, rounds=8, paused="el3", down=("el4", top), rate=(top, "el5"), min_accuracy=0.6, timeout_s=120)
+        root=top, rounds=8, paused="el3", down=("el4", top), rate=(top, "el5"), min_accuracy=0.6,
+        max_wall_s=40, timeout_s=120)
 
 
 def _gl() -> Case:
@@ -104,7 +107,7 @@ def _gl() -> Case:
         {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1 + 5 * (i % 2),
              "batch_size": 32} for i, n in enumerate(names)},
         root=None, rounds=8, paused="gl3", down=("gl4", "gl5"), rate=("gl1", "gl2"), min_accuracy=0.6,
-        timeout_s=120)
+        max_wall_s=40, timeout_s=120)
 
 
 def _ra() -> Case:
@@ -118,7 +121,7 @@ def _ra() -> Case:
         {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1,
              "batch_size": 32} for i, n in enumerate(names)},
         root=None, rounds=6, paused="ra3", down=("ra4", "ra5"), rate=("ra1", "ra2"), min_accuracy=0.6,
-        timeout_s=120)
+        max_wall_s=40, timeout_s=120)
 
 
 def _ps() -> Case:
@@ -130,7 +133,8 @@ def _ps() -> Case:
          "node_list": [{"name": srv, "role": "server"}] + [{"name": w} for w in workers]},
         {srv: {"test_len": 10, "test_start_index": 1, "batch_size": 32},
          **{w: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32} for i, w in enumerate(workers)}},
-        root=srv, rounds=120, paused="ps3", down=("ps4", srv), rate=(srv, "ps5"), min_accuracy=0.6, timeout_s=120)
+        root=srv, rounds=120, paused="ps3", down=("ps4", srv), rate=(srv, "ps5"), min_accuracy=0.6,
+        max_wall_s=90, timeout_s=120)
 
 
 CASES = {"fl": _fl, "el": _el, "gl": _gl, "ra": _ra, "ps": _ps}
@@ -187,7 +191,12 @@ def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_pat
     for e in evs:
         assert e["ok"] is True and e["at"] <= e["t"] <= e["at"] + EVENT_LATE_S, (e, ctx)
         assert e["t"] < summary["wall_seconds"], (e, ctx)     # fired before the end: the run saw it
-    assert summary["wall_seconds"] > LAST_EVENT, ctx
+    assert LAST_EVENT < summary["wall_seconds"] <= c.max_wall_s, ctx      # the faults cost seconds
+    # whoever was left out is the paused node or an end of the down link, as a timeout
+    # (frozen, or cut off: nobody refused or died), and only for a few rounds (fl, el, ps)
+    # or to the end (ra: a member left out stays out)
+    for n, m in summary["missing_nodes"].items():
+        assert n in (c.paused, *c.down) and m["why"] == "timeout", ctx
     # the rate change stayed (links.json as the testbed holds it), the other links as deployed
     assert links_after[c.rate[0]][c.rate[1]] == "10mbit", links_after
     assert links_after[c.down[0]][c.down[1]] == next(l["bw"] for l in c.links[c.down[0]]
@@ -197,15 +206,23 @@ def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_pat
     check_missing[alg](c, summary, ctx)
 
 
-def _check_fl(c: Case, s: dict, ctx: str) -> None:
-    """FL: the paused trainer misses the rounds it was frozen in (no upload within
-    round_timeout_s: timeout), every round was accepted at its first attempt."""
-    assert c.paused in s["missing_nodes"] and s["missing_nodes"][c.paused]["why"] == "timeout", ctx
-    assert all(p["accepted"] for p in s["participants"]), ctx
-
-
 def _check_missing(c: Case, s: dict, ctx: str) -> None:
-    assert c.paused in s["missing_nodes"] and s["missing_nodes"][c.paused]["why"] == "timeout", ctx
+    """FL, E-tree (at the top aggregator) and the sync PS: the paused node misses the
+    rounds (versions) it was frozen in, as timeout, each round's deadline being a few
+    seconds: at most PAUSE_FOR / deadline + 1 of them; then it is back, up to the end.
+    FL and E-tree: every round was aggregated at its first attempt (2 of 4 trainers
+    needed) and the last one had all four trainers."""
+    m = s["missing_nodes"].get(c.paused)
+    assert m is not None and m["why"] == "timeout", ctx
+    assert m["rounds_missed"] <= 3 and m["last_round"] < c.rounds, ctx
+    parts = [p for p in s["participants"] if p["node"] == c.root]
+    if c.manager is PsManager:       # the server writes a participants event only for a version made without someone
+        assert parts and all(p["attempt"] == 1 and p["waited_s"] <= c.structure["step_timeout_s"] + 1.5
+                             for p in parts), ctx
+        return
+    assert [p["round"] for p in parts] == list(range(1, c.rounds + 1)), ctx
+    assert all(p["accepted"] and p["attempt"] == 1 for p in parts), ctx
+    assert sorted(parts[-1]["participants"]) == sorted(n for n in c.roles if n != c.root), ctx
 
 
 def _check_ra(c: Case, s: dict, ctx: str) -> None:
@@ -230,4 +247,4 @@ def _check_gl(c: Case, s: dict, ctx: str) -> None:
     assert s["gossips_sent"] == {n: c.rounds for n in c.roles}, ctx
 
 
-check_missing = {"fl": _check_fl, "el": _check_missing, "gl": _check_gl, "ra": _check_ra, "ps": _check_missing}
+check_missing = {"fl": _check_missing, "el": _check_missing, "gl": _check_gl, "ra": _check_ra, "ps": _check_missing}
