@@ -585,6 +585,8 @@ class Manager:
                 raise PermissionError(f"no run has started: node {me} cannot finish one")
             if me is not None and self.root is not None and me != self.root:
                 raise PermissionError(f"only the root node {self.root} or the admin may finish the run, not {me}")
+            if me is not None and me in self.heartbeats:   # it finished: its last heartbeat may predate that
+                self.heartbeats[me] = {**self.heartbeats[me], "state": "finished"}
             return jsonify(self.finish())
 
         @app.route("/log", methods=["POST"])

@@ -55,10 +55,10 @@ _ids = itertools.count(random.randrange(1000, 50000, 100), 100)
 
 # Every environment skip of the suite says which requirement it is about, in a tag at the
 # end of its reason that tests/conftest.py reads: "[requires: root]" (root, docker,
-# iperf3: with EDGETB_REQUIRE listing it, the test FAILS instead of skipping) or
+# iperf3, browser: with EDGETB_REQUIRE listing it, the test FAILS instead of skipping) or
 # "[may skip: netem]" (netem, nfs, gpu, this-machine-has-it: what a CI machine may truly
 # lack; it still skips, saying why). Make those reasons only with these helpers.
-REQUIREMENTS = ("root", "docker", "iperf3")
+REQUIREMENTS = ("root", "docker", "iperf3", "browser")
 MAY_SKIP = ("netem", "nfs", "gpu", "has-it")
 
 
@@ -100,6 +100,14 @@ def need_root():
 
 def need_iperf3():
     return need("iperf3", "needs iperf3" if shutil.which("iperf3") is None else None)
+
+
+def need_browser():
+    """pytest.mark.skipif for tests that drive Debian's chromium (the dashboard's)."""
+    from controller import browser
+
+    return need("browser", None if os.access(browser.CHROMIUM, os.X_OK) else
+                f"no {browser.CHROMIUM}: run ./install.sh with EDGETB_BROWSER=1")
 
 
 def new_tag() -> str:

@@ -1,9 +1,9 @@
 """Suite-wide rules for skips (EDGETB_REQUIRE) and the closing skip summary.
 
 Every environment skip's reason ends in a tag made by agent_helpers.skip_reason:
-"[requires: root|docker|iperf3]" or "[may skip: netem|nfs|gpu|has-it]".
+"[requires: root|docker|iperf3|browser]" or "[may skip: netem|nfs|gpu|has-it]".
 
-EDGETB_REQUIRE=root,docker,iperf3 (a comma list; .ci/run sets it) turns a skip tagged
+EDGETB_REQUIRE=root,docker,iperf3,browser (a comma list; .ci/run sets it) turns a skip tagged
 with a listed requirement into a FAILURE naming the requirement and the reason, so a CI
 run cannot go green with those tests silently skipped. With EDGETB_REQUIRE set, a skip
 with no tag at all fails too (nobody said why it may skip); "[may skip: ...]" skips
@@ -11,6 +11,9 @@ with no tag at all fails too (nobody said why it may skip); "[may skip: ...]" sk
 
 The run ends with pytest's short summary of skips and their reasons (-rs, added here so
 the README's command stays as it is).
+
+The controller's dashboard.png at /finish (a headless browser, 2-3 s) is off for the
+suite's many runs (EDGETB_SCREENSHOT=0); the dashboard's own tests turn it on.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import os
 import re
 
 import pytest
+
+os.environ.setdefault("EDGETB_SCREENSHOT", "0")
 
 _TAG = re.compile(r"\[(requires|may skip): ([\w-]+)\]\s*$")
 

@@ -38,8 +38,12 @@ from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
 from netns_workflow import netns_testbed, run_workflow  # noqa: E402
 
-pytestmark = [ah.need_root(), pytest.mark.skipif(not os.access(browser.CHROMIUM, os.X_OK),
-                                                  reason="no chromium: run ./install.sh with EDGETB_BROWSER=1")]
+pytestmark = [ah.need_root(), ah.need_browser()]
+
+
+@pytest.fixture(autouse=True)
+def screenshots_on(monkeypatch):
+    monkeypatch.setenv("EDGETB_SCREENSHOT", "1")    # tests/conftest.py turns them off for the rest
 
 
 class FlManager(Manager):
