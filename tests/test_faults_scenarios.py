@@ -5,10 +5,10 @@ them (Manager.set_scenario, then controller/auto.py's drive).
 One short run per algorithm (fl, el, gl, ra, ps), five nodes, the same shape of scenario:
 
 * ``rate``: one link's rate changed in place at RATE_AT s;
-* ``pause`` with ``for``: a non-root node frozen (cgroup freezer) from PAUSE_AT for
-  PAUSE_FOR s, then resumed;
-* ``down`` with ``for``: another node's link (one direction) carries nothing from DOWN_AT
-  for DOWN_FOR s, then up again.
+* ``pause`` with ``for``: a non-root node frozen (cgroup freezer) at 3 s for PAUSE_FOR
+  s, then resumed;
+* ``down`` with ``for``: another node's link (one direction) carries nothing from 4 s
+  for DOWN_FOR s, then up again (ring all-reduce: the link at 2 s, the pause at 7 s).
 
 What a user would notice, asserted per algorithm: the run completes all its rounds (or
 steps) in bounded time (the faults cost seconds: each algorithm's deadline is set to a
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,9 +38,7 @@ from controller.ra_run import RaManager
 
 PORT, SUBNET = 3496, "10.252.4.0/24"     # the controller; its embedded agent takes PORT + 1
 RATE_AT = 1.0
-PAUSE_AT, PAUSE_FOR = 3.0, 5.0
-DOWN_AT, DOWN_FOR = 4.0, 5.0
-LAST_EVENT = max(PAUSE_AT + PAUSE_FOR, DOWN_AT + DOWN_FOR)
+PAUSE_FOR = DOWN_FOR = 5.0
 EVENT_LATE_S = 3.0          # an event fires within this of its "at" (one thread; a fault call takes < 1 s)
 
 
@@ -64,10 +62,15 @@ class Case:
     paused: str                 # the node paused
     down: tuple[str, str]       # the link taken down (src -> dest)
     rate: tuple[str, str]       # the link whose rate changes
-    min_accuracy: float         # the final accuracy's floor (the no-fault run's, measured, minus a margin)
+    min_accuracy: float         # the floor of the last round's accuracy and of summary "final_accuracy"
     max_wall_s: float           # what the run may take with the faults (measured without: see each case)
     timeout_s: float            # auto.drive's timeout (a hang fails here, not at pytest's timeout)
-    notes: dict = field(default_factory=dict)
+    min_final: float | None = None   # a lower floor for "final_accuracy" only (ra: see _ra)
+    pause_at: float = 3.0       # the pause from pause_at for PAUSE_FOR s
+    down_at: float = 4.0        # the link down from down_at for DOWN_FOR s
+
+    def last_event(self) -> float:
+        return max(self.pause_at + PAUSE_FOR, self.down_at + DOWN_FOR)
 
 
 def _fl() -> Case:
@@ -117,11 +120,19 @@ def _ra() -> Case:
     return Case(
         RaManager, {n: "ra_peer.py" for n in names},
         {n: [{"dest": names[(i + 1) % 5], "bw": "100mbit"}] for i, n in enumerate(names)},
-        {"sync": 6, "seed": 3, "step_timeout_s": 3, "node_list": [{"name": n, "epoch": 1} for n in order]},
+        {"sync": 10, "seed": 3, "step_timeout_s": 3, "node_list": [{"name": n, "epoch": 1} for n in order]},
         {n: {"train_len": 8, "train_start_index": 1 + 8 * i, "test_len": 5, "test_start_index": 1,
              "batch_size": 32} for i, n in enumerate(names)},
-        root=None, rounds=6, paused="ra3", down=("ra4", "ra5"), rate=("ra1", "ra2"), min_accuracy=0.6,
-        max_wall_s=40, timeout_s=120)
+        root=None, rounds=10, paused="ra3", down=("ra4", "ra5"), rate=("ra1", "ra2"), min_accuracy=0.6,
+        max_wall_s=40, timeout_s=120,
+        # the link down first, while the ring runs (a step ra4 -> ra5 misses its deadline:
+        # ra5 is left out), then the pause (the ring of 4 takes ~1 s a round, so ra3 is
+        # frozen in a round's training or its all-reduce)
+        down_at=2.0, pause_at=7.0,
+        # summary "final_accuracy" without a root is the mean of every node's LAST accuracy,
+        # a member left out in round 2 included (its round-2 model: ~0.3), so with two of
+        # five left out early it reads ~0.74 where the last round's mean is ~0.95
+        min_final=0.4)
 
 
 def _ps() -> Case:
@@ -143,15 +154,15 @@ CASES = {"fl": _fl, "el": _el, "gl": _gl, "ra": _ra, "ps": _ps}
 def scenario(c: Case) -> dict:
     return {"events": [
         {"at": RATE_AT, "link": list(c.rate), "action": "rate", "bw": "10mbit"},
-        {"at": PAUSE_AT, "node": c.paused, "action": "pause", "for": PAUSE_FOR},
-        {"at": DOWN_AT, "link": list(c.down), "action": "down", "for": DOWN_FOR}]}
+        {"at": c.pause_at, "node": c.paused, "action": "pause", "for": PAUSE_FOR},
+        {"at": c.down_at, "link": list(c.down), "action": "down", "for": DOWN_FOR}]}
 
 
 def expected_events(c: Case) -> list[tuple]:
     """(at, action, node or link) in firing order."""
-    return sorted([(RATE_AT, "rate", list(c.rate)), (PAUSE_AT, "pause", c.paused),
-                   (PAUSE_AT + PAUSE_FOR, "resume", c.paused), (DOWN_AT, "down", list(c.down)),
-                   (DOWN_AT + DOWN_FOR, "up", list(c.down))], key=lambda e: e[0])
+    return sorted([(RATE_AT, "rate", list(c.rate)), (c.pause_at, "pause", c.paused),
+                   (c.pause_at + PAUSE_FOR, "resume", c.paused), (c.down_at, "down", list(c.down)),
+                   (c.down_at + DOWN_FOR, "up", list(c.down))], key=lambda e: e[0])
 
 
 @ah.need_root()
@@ -173,7 +184,8 @@ def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_pat
     # (netns_testbed has removed everything here and checked that nothing is left)
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     report = (f"\n{alg}: wall {summary['wall_seconds']:.1f} s ({took:.1f} s with the pushes), rounds "
-              f"{summary['rounds']}, final accuracy {summary['final_accuracy']:.4f} (floor {c.min_accuracy}), "
+              f"{summary['rounds']}, final accuracy {summary['final_accuracy']:.4f}, last round's "
+              f"{summary['accuracy_per_round'][-1]['accuracy']:.4f} (floor {c.min_accuracy}), "
               f"missing_nodes {summary['missing_nodes']}, events "
               + ", ".join(f"{e['action']} {e.get('node') or '->'.join(e['link'])}@{e['t']:.1f}s"
                           f"{'' if e['ok'] else ' FAILED ' + e['detail']}" for e in summary["events"])
@@ -191,7 +203,7 @@ def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_pat
     for e in evs:
         assert e["ok"] is True and e["at"] <= e["t"] <= e["at"] + EVENT_LATE_S, (e, ctx)
         assert e["t"] < summary["wall_seconds"], (e, ctx)     # fired before the end: the run saw it
-    assert LAST_EVENT < summary["wall_seconds"] <= c.max_wall_s, ctx      # the faults cost seconds
+    assert c.last_event() < summary["wall_seconds"] <= c.max_wall_s, ctx      # the faults cost seconds
     # whoever was left out is the paused node or an end of the down link, as a timeout
     # (frozen, or cut off: nobody refused or died), and only for a few rounds (fl, el, ps)
     # or to the end (ra: a member left out stays out)
@@ -201,8 +213,10 @@ def test_a_pause_and_a_link_down_cost_seconds_and_the_run_completes(alg, tmp_pat
     assert links_after[c.rate[0]][c.rate[1]] == "10mbit", links_after
     assert links_after[c.down[0]][c.down[1]] == next(l["bw"] for l in c.links[c.down[0]]
                                                       if l["dest"] == c.down[1]), links_after
-    # the final accuracy is sane
-    assert c.min_accuracy <= summary["final_accuracy"] <= 1.0, ctx
+    # the accuracy is sane: far above chance (0.1), under the ~0.9-0.95 measured by a margin
+    assert c.min_accuracy <= summary["accuracy_per_round"][-1]["accuracy"] <= 1.0, ctx
+    min_final = c.min_accuracy if c.min_final is None else c.min_final
+    assert min_final <= summary["final_accuracy"] <= 1.0, ctx
     check_missing[alg](c, summary, ctx)
 
 
@@ -226,11 +240,13 @@ def _check_missing(c: Case, s: dict, ctx: str) -> None:
 
 
 def _check_ra(c: Case, s: dict, ctx: str) -> None:
-    """Ring all-reduce: the controller drives the rounds. A node paused while it trains (or
-    while /ra/train is answered) is waited for: /stats unanswered 3 times in a row, 30 s
-    each, would lose it, a 5 s pause does not; paused in an all-reduce step, it misses the
-    step's deadline (step_timeout_s) and is left out, as timeout, for the rest of the run.
-    Either way every round accounts for all five nodes, and one left out stays out."""
+    """Ring all-reduce: the controller drives the rounds. A step that misses its deadline
+    (step_timeout_s) loses a member as timeout: the link ra4 -> ra5 down loses ra5 (the
+    successor the chunk did not reach), ra3 frozen in an all-reduce is lost; a member
+    lost stays out for the rest of the run (the ring re-formed without it). A node paused
+    while it trains (or while /ra/train is answered) is waited for instead (/stats
+    unanswered 3 times in a row, 30 s each, would lose it; 5 s does not). Every round
+    accounts for all five nodes."""
     parts = s["participants"]
     assert [p["round"] for p in parts] == list(range(1, c.rounds + 1)), ctx
     everyone = sorted(c.roles)
@@ -239,6 +255,7 @@ def _check_ra(c: Case, s: dict, ctx: str) -> None:
     for n, m in s["missing_nodes"].items():
         assert m["why"] == "timeout" and m["last_round"] == c.rounds, ctx      # out to the end
     assert len(parts[-1]["participants"]) >= 3, ctx       # at most the paused node and one end of the down link
+    assert set(s["missing_nodes"]) & set(c.down), ctx     # the link was down during steps (from 2 s to 7 s)
 
 
 def _check_gl(c: Case, s: dict, ctx: str) -> None:
