@@ -279,7 +279,8 @@ def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None, *,
 def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
               wall_seconds: float, bytes_sent: dict[str, int]) -> dict:
     """summary.json: the root's accuracy per round; with no root (gossip, ring), the
-    mean over the nodes of each round's accuracy, and of their last accuracies."""
+    mean over the nodes of each round's accuracy, and of the last accuracies of the
+    nodes that reached the last round."""
     aggs = {n: [r for r in recs if r.get("event") == "aggregate" and "accuracy" in r and "round" in r]
             for n, recs in metrics.items()}
     aggs = {n: v for n, v in aggs.items() if v}
@@ -292,7 +293,10 @@ def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
             for r in recs:
                 by_round.setdefault(r["round"], []).append(r["accuracy"])
         per_round = [{"round": k, "accuracy": sum(v) / len(v)} for k, v in sorted(by_round.items())]
-        finals = [recs[-1]["accuracy"] for recs in aggs.values()]
+        # the nodes that reached the last round: one left out earlier (a lost ring member,
+        # a dead peer) would bring a stale accuracy into the final one
+        last = max((recs[-1]["round"] for recs in aggs.values()), default=None)
+        finals = [recs[-1]["accuracy"] for recs in aggs.values() if recs[-1]["round"] == last]
         final = sum(finals) / len(finals) if finals else None
     entries = participant_entries(metrics)
     kept, left = bounded_entries(entries)

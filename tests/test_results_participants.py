@@ -82,3 +82,15 @@ def test_a_manager_adds_its_own_entries():
     s["participants"].append({"node": "n5", "round": 3, "dead_peers": ["n2"]})
     s["participants"].append("junk")
     assert "    2  n2 (dead), n4 (timeout)" in results.table(s)
+
+
+def test_a_rootless_final_accuracy_leaves_out_nodes_that_dropped_out():
+    """Without a root (ring, gossip) the final accuracy is the mean over the nodes that
+    reached the last round: a member lost in round 1 does not bring its stale 0.1 in."""
+    agg = lambda rnd, acc: {"t": float(rnd), "event": "aggregate", "round": rnd, "accuracy": acc}  # noqa: E731
+    metrics = {"r1": [agg(1, 0.5), agg(2, 0.7), agg(3, 0.9)],
+               "r2": [agg(1, 0.4), agg(2, 0.6), agg(3, 0.8)],
+               "r3": [agg(1, 0.1)]}
+    s = results.summarize("ra", metrics, None, 1.0, {})
+    assert s["rounds"] == 3 and abs(s["final_accuracy"] - 0.85) < 1e-12, s
+    assert [round(p["accuracy"], 6) for p in s["accuracy_per_round"]] == [round(1.0 / 3, 6), 0.65, 0.85]
