@@ -89,7 +89,9 @@ class NodeProc:
                         cmd=[sys.executable, f"{role}.py"], working_dir=str(DML_APP), root=True,
                         env={"EDGE_TB_ID": "1", "NET_NODE_NAME": name, "DML_PORT": str(self.port),
                              "NET_CTL_ADDRESS": ctl_address, "NET_AGENT_ADDRESS": "",
-                             "DML_DATASET_DIR": str(dataset_dir)})
+                             "DML_DATASET_DIR": str(dataset_dir),
+                             # a test may reuse log_dir for another run: fresh files, as by hand
+                             "DML_LOG_APPEND": "0"})
         base = {k: v for k, v in os.environ.items() if not k.startswith("DML_")}
         env = app_env(spec, {net.TOKEN_ENV: token, net.PEER_TOKEN_ENV: peer_token}, str(log_dir), base=base)
         self.stderr_path = self.log_dir / f"{name}.stderr"
