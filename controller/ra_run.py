@@ -139,7 +139,7 @@ class RaManager(Manager):
                 ring = self._members(home, missing, r)
                 self._post(ring, "/ra/train", lambda n: {"round": r, "ring": ring, "home": home,
                                                          **self._successor(n, ring)},
-                           self.call_timeout_s, missing, r)
+                           self.quick_s, missing, r)
                 self._wait_for([n for n in ring if n not in missing], "trained", r,
                                f"round {r}'s training", missing)
                 t1 = time.monotonic()
@@ -217,7 +217,7 @@ class RaManager(Manager):
         waiting, silent = list(names), {}
         while waiting:
             got = self._calls(waiting, lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
-                                                              timeout_s=self.call_timeout_s))
+                                                              timeout_s=self.quick_s))
             lost = {}
             for n, g in got.items():
                 silent[n] = 0 if g.ok else silent.get(n, 0) + 1
@@ -235,6 +235,13 @@ class RaManager(Manager):
                 return
             if waiting:
                 time.sleep(self.poll_s)
+
+    @property
+    def quick_s(self) -> float:
+        """The bound of a call a live member answers at once (/ra/train, /ra/reform, /stats):
+        call_timeout_s, or the run's step_timeout_s when that is shorter, so a frozen
+        member is given up on in stats_misses x that, not minutes."""
+        return min(self.call_timeout_s, self.step_cap_s)
 
     def step_deadline(self) -> float:
         """One step's deadline: the cap, or step_factor x the slowest step seen + step_slack_s."""
@@ -259,7 +266,7 @@ class RaManager(Manager):
                       f"{' -> '.join(ring + ring[:1])} (attempt {attempt + 1})", flush=True)
                 self._post(ring, "/ra/reform", lambda n: {"round": r, "attempt": attempt, "ring": ring,
                                                           **self._successor(n, ring)},
-                           self.call_timeout_s, missing, r)
+                           self.quick_s, missing, r)
                 if any(n in missing for n in ring):
                     continue       # lost while re-forming: again, without it
             try:
