@@ -117,6 +117,8 @@ class Manager:
         # The admin token, for the users that loopback does not trust (docs/security.md).
         self.access.token_file = access.token_path(self.server.port)
         access.write_token(self.access.token_file, self.tb.token)
+        print(f"controller: serving on port {self.server.port}; live dashboard at "
+              f"http://localhost:{self.server.port}/", flush=True)
 
     def close(self) -> None:
         self.stop_scenario(resume_paused=False)
