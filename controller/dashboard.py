@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from controller import browser
 from dml_app import net
 
 SAMPLE_S = 1.0                 # sampling interval (stretched when one sample costs more than half of it)
@@ -599,21 +600,16 @@ class Dashboard:
 
     # ------------------------------------------------------------------ finish
     def screenshot(self, run_dir: Path) -> str | None:
-        """dashboard.png of the page into run_dir through controller/browser.py (helper
-        B's); None when saved, else why not. Never raises, never waits past its timeout."""
+        """dashboard.png of the page into run_dir through controller/browser.py; None when
+        saved, else why not (no chromium, ...). Never raises, never waits past its timeout."""
         timeout = float(getattr(self.m, "screenshot_s", SCREENSHOT_TIMEOUT_S))
         if os.environ.get("EDGETB_SCREENSHOT", "1") == "0" or timeout <= 0:
             return "screenshots are off (EDGETB_SCREENSHOT=0 or Manager.screenshot_s = 0)"
-        try:
-            from controller import browser
-        except ImportError as e:
-            return f"no controller/browser.py ({e})"
         port = self.m.server.port if self.m.server is not None else self.m.tb.host_port
         out: dict = {}
         # The page shows the run as finished (body[data-finished]) and is drawn (ready):
         # the state says finished from here, though /finish returns only after the picture.
-        ready = getattr(browser, "READY_JS", "!!(document.body && document.body.dataset.ready === '1')")
-        wait_for = f"({ready}) && document.body.dataset.finished === '1'"
+        wait_for = f"({browser.READY_JS}) && document.body.dataset.finished === '1'"
 
         def run():
             try:
