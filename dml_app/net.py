@@ -21,6 +21,7 @@ import requests
 TOKEN_HEADER = "X-Testbed-Token"
 TOKEN_ENV = "EDGE_TB_TOKEN"              # a node's own credential; an agent's admin token
 PEER_TOKEN_ENV = "EDGE_TB_PEER_TOKEN"    # what the nodes of one testbed show each other
+SERVICE_KEY_ENV = "EDGE_TB_SERVICE_KEY"  # a node's key for checking its clients' credentials
 
 _session_local = threading.local()
 
@@ -186,7 +187,12 @@ def token_from_env() -> str:
 #   node_token(admin, n)  the node's own credential: n calls the controller with it (its
 #                         heartbeat, log, finish) and the controller calls n with it;
 #                         it speaks for n alone and opens nothing on an agent;
-#   peer_token(admin)     what the nodes of one testbed show each other (role routes).
+#   peer_token(admin)     what the nodes of one testbed show each other (role routes);
+#   service_key(admin, s) node s's key for the credentials of its clients:
+#   client_token(admin, s, c)  what node c shows node s's client routes (a serverless
+#                         worker to its server); s checks it with its key alone
+#                         (token_client), so it knows which node calls, and can mint
+#                         credentials only for its own routes.
 def _mac(admin: str, label: str) -> str:
     return hmac.new(admin.encode(), label.encode(), hashlib.sha256).hexdigest()[:40]
 
@@ -197,6 +203,26 @@ def node_token(admin: str, node: str) -> str:
 
 def peer_token(admin: str) -> str:
     return f"peer.{_mac(admin, 'peer')}"
+
+
+def service_key(admin: str, node: str) -> str:
+    return _mac(admin, "service:" + node)
+
+
+def client_token(admin: str, server: str, client: str) -> str:
+    return f"svc.{client}.{_mac(service_key(admin, server), 'client:' + client)}"
+
+
+def token_client(key: str, given: str | None) -> str | None:
+    """The node a client credential speaks for, checked with the server's service key;
+    None when it is not a valid one."""
+    if not key or not given or not given.startswith("svc.") or len(given) > 200:
+        return None
+    name = given[4:].rpartition(".")[0]
+    if not name:
+        return None
+    want = f"svc.{name}.{_mac(key, 'client:' + name)}"
+    return name if same_token(given, want) else None
 
 
 def same_token(given: str | None, want: str | None) -> bool:
@@ -213,27 +239,41 @@ def token_node(admin: str, given: str | None) -> str | None:
 
 
 def require_token(app, token: str, *, peer_token: str | None = None,
-                  owner_only: Iterable[str] = ()) -> None:
+                  owner_only: Iterable[str] = (), client_key: str | None = None,
+                  client_routes: Iterable[str] | None = None) -> None:
     """Answer 401 to any request without a credential this server knows, before any
     handler runs.
 
     `token` opens every route (an agent's admin token; a node's own credential, which
     the controller holds too). `peer_token` (nodes: what the testbed's other nodes show)
-    opens every route except the `owner_only` ones. The controller has its own, finer
-    check (controller/access.py).
+    opens every route except the `owner_only` ones and the client routes. A client
+    credential (client_token, checked with `client_key`) opens only the paths in
+    `client_routes` (a set the caller may fill later), and `flask.g.client` is then the
+    node it speaks for (None for the others). The controller has its own, finer check
+    (controller/access.py).
     """
-    from flask import request
+    from flask import g, request
 
     owner_only = frozenset(owner_only)
+    clients = client_routes if client_routes is not None else set()
 
     @app.before_request
     def _check_token():
+        g.client = None
         given = request.headers.get(TOKEN_HEADER, "")
         if same_token(given, token):
             return None
+        if request.path in clients and client_key:
+            node = token_client(client_key, given)
+            if node is not None:
+                g.client = node
+                return None
         if peer_token and same_token(given, peer_token):
             if request.path in owner_only:
                 return (f"{request.path} takes the controller's credential, not a peer's\n", 403)
+            if request.path in clients:
+                return (f"{request.path} takes a worker credential of this node's clients (the "
+                        f"api_key its invoker passed), not the testbed's peer credential\n", 403)
             return None
         return ("missing or wrong testbed token (header " + TOKEN_HEADER + ")\n", 401)
 

@@ -204,6 +204,9 @@ class Runtime:
         if not self.token:
             raise ConfigError(f"{net.TOKEN_ENV} is not set: the testbed token is required")
         self.peer_token = env.get(net.PEER_TOKEN_ENV, "") or self.token
+        # Checks the credentials of this node's clients (route(..., clients=True)).
+        self.service_key = env.get(net.SERVICE_KEY_ENV, "")
+        self._client_routes: set[str] = set()
         port_raw = env.get("DML_PORT", "4444")
         if not port_raw.isdigit() or not 0 <= int(port_raw) <= 65535:
             raise ConfigError(f"DML_PORT={port_raw!r} is not a port number")
@@ -248,7 +251,8 @@ class Runtime:
         self._setup_logging()
         self.app = Flask(f"edgetb-{self.name}")
         net.require_token(self.app, self.token, peer_token=self.peer_token,
-                          owner_only=CONF_ROUTE.values())
+                          owner_only=CONF_ROUTE.values(), client_key=self.service_key,
+                          client_routes=self._client_routes)
         # JSON routes take 1 MiB; weights routes (route(..., weights=True)) what the model needs.
         self.body_limits = net.limit_bodies(self.app, json_errors=False)
         self._add_builtin_routes()
@@ -381,17 +385,29 @@ class Runtime:
     # ------------------------------------------------------------------ role API
 
     def route(self, rule: str, *, weights: bool = False, max_body: int | None = None,
-              **options: Any) -> Callable:
+              clients: bool = False, **options: Any) -> Callable:
         """Flask's `app.route`: the handler runs after the token check and the body limit.
 
         A route's body is at most net.JSON_LIMIT (1 MiB) unless `weights=True` (the
         route takes model weights: see `weights_limit`) or `max_body` (bytes) says
-        otherwise; a larger body gets 413 before the handler runs."""
+        otherwise; a larger body gets 413 before the handler runs. `clients=True`: a
+        client credential (net.client_token for this node, e.g. a serverless worker's
+        api_key) opens the route, the testbed's peer credential does not; `client()`
+        says which node called. `rule` is then a fixed path."""
+        if clients:
+            self._client_routes.add(rule)
         if weights:
             self.body_limits.set(rule, self.weights_limit)
         elif max_body is not None:
             self.body_limits.set(rule, int(max_body))
         return self.app.route(rule, **options)
+
+    @staticmethod
+    def client() -> str | None:
+        """On a clients=True route: the node whose client credential the request
+        carried, or None when it came with this node's own credential (the controller)."""
+        from flask import g
+        return getattr(g, "client", None)
 
     def declare_model(self, build: Callable[[dict], Any]) -> Callable[[dict], Any]:
         """The role's model, `build(meta.json) -> torch.nn.Module`: it sizes the body limit

@@ -360,10 +360,12 @@ class Agent:
 
     def node_env(self, spec: nb.NodeSpec) -> dict:
         """A node's credentials, derived from the admin token as the controller derives
-        them: its own (for the controller) and the testbed's peer credential. The admin
-        token itself never reaches a node."""
+        them: its own (for the controller), the testbed's peer credential and its service
+        key (to check its clients' credentials). The admin token itself never reaches a
+        node."""
         return {net.TOKEN_ENV: net.node_token(self.token, spec.name),
-                net.PEER_TOKEN_ENV: net.peer_token(self.token)}
+                net.PEER_TOKEN_ENV: net.peer_token(self.token),
+                net.SERVICE_KEY_ENV: net.service_key(self.token, spec.name)}
 
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
