@@ -1,0 +1,164 @@
+"""Write each node's serverless parameter-server structure conf.
+
+    python3 dml_tool/sl_structure_conf.py -s sl_structure.json [-l links.json]
+        [-n node_info.json] [-o DIR]
+
+sl_structure.json:
+
+    {"steps": 240, "lr": 0.1, "max_staleness": 4, "eval_every": 40,
+     "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 2},
+     "data": [{"train_start_index": 1, "train_len": 10}, {"train_start_index": 11, "train_len": 10}],
+     "rounds": 20, "concurrency": 4, "deadline_s": 60,
+     "node_list": [{"name": "n1", "role": "server"}, {"name": "n2", "role": "action"}, ...]}
+
+* `node_list`: exactly one node with "role": "server" (runs dml_app/ps_server.py in
+  serverless mode) and at least one "role": "action" node (the default role; runs
+  dml_app/sl_action.py: the action containers the invoker keeps);
+* the server's async rule: `steps` (the versions it applies before it stops), `lr`,
+  optional `momentum` (default 0: stale gradients act like extra momentum),
+  `max_staleness` (default `concurrency`), `eval_every` (default steps / 10), `seed`;
+  `mode` may be given and must be "async" (the workers come and go: no sync rounds);
+* the invocations, which the controller's invoker (controller/invoker.py) makes:
+  `params`, what every activation is invoked with: `batch_sz_train` (1..4096),
+  `epoch_n` (1..100), `update_intv` (1..10000: push a gradient every this many
+  batches), optional `lr` (the action's local SGD rate) and `seed`; the invoker adds
+  `apihost`, `dataset_url` and `device`;
+  `data`, the data part of each worker function: a list of {"train_start_index",
+  "train_len"} (EdgeTB's 1-based train parts), one activation per entry per round,
+  served by the controller as a content-addressed bundle (GET /data/<sha256>);
+  `rounds` (an upper bound: the run fails if the server is not done after them),
+  `concurrency` (activations at once, at most one per action node; default every action
+  node), `deadline_s` (per activation, default 120), `retries` (an activation whose
+  node stopped answering is retried on another node as a new activation; default 1).
+
+Parameters go server -> action and gradients action -> server, so links.json needs a
+link each way between the server and every action node (the invoker's own calls to the
+action nodes' port 8080 are not links, as OpenWhisk's invoker talks to its containers).
+Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf): the server
+{"role": "server", "serverless": true, "mode": "async", "actions", "steps", "lr",
+"momentum", "max_staleness", "eval_every", "seed"?, "invoker": {"pool", "params",
+"data", "rounds", "concurrency", "deadline_s", "retries"}} ("invoker" is read by the
+controller's SlManager at /start, the server ignores it) and each action node
+{"role": "action", "server", "connect"}. Defaults: -l ROOT/links.json, -n
+ROOT/node_info.json; a relative path is looked up from the current folder, then from
+dml_tool/.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+try:  # imported as dml_tool.sl_structure_conf (the controller's --auto mode)
+    from . import conf_utils as cu
+except ImportError:  # run as a script from any folder
+    import conf_utils as cu
+
+FILE_KEYS = ("mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "seed", "params", "data",
+             "rounds", "concurrency", "deadline_s", "retries", "node_list")
+NODE_KEYS = ("name", "role")
+PARAM_KEYS = ("batch_sz_train", "epoch_n", "update_intv", "lr", "seed")
+PART_KEYS = ("train_start_index", "train_len")
+MAX_DATA_PARTS = 1024          # worker functions per round
+MAX_ROUNDS = 100_000
+
+
+def _params(p: Any, file: str) -> dict[str, Any]:
+    """The invocation parameters every activation gets (ranges as the action checks them)."""
+    where = f"{file}.params"
+    if not isinstance(p, dict):
+        raise cu.ConfError(f"{where}: expected an object {{\"batch_sz_train\", \"epoch_n\", \"update_intv\"}}")
+    cu.check_keys(p, PARAM_KEYS, where)
+    out = {"batch_sz_train": cu.get_int(p, "batch_sz_train", where, low=1, high=4096),
+           "epoch_n": cu.get_int(p, "epoch_n", where, low=1, high=100),
+           "update_intv": cu.get_int(p, "update_intv", where, low=1, high=10_000)}
+    if "lr" in p:
+        out["lr"] = cu.get_number(p, "lr", where, low=0.0, high=10.0, low_open=True)
+    if "seed" in p:
+        out["seed"] = cu.get_int(p, "seed", where, low=0, high=2**31 - 1)
+    return out
+
+
+def _data(d: Any, file: str) -> list[dict[str, int]]:
+    """The data part of each worker function: [{"train_start_index", "train_len"}, ...]."""
+    where = f"{file}.data"
+    if not isinstance(d, list) or not 1 <= len(d) <= MAX_DATA_PARTS:
+        raise cu.ConfError(f"{where}: expected a list of 1..{MAX_DATA_PARTS} objects "
+                           "{\"train_start_index\": 1, \"train_len\": 10} (one per worker function)")
+    out = []
+    for i, part in enumerate(d):
+        w = f"{where}[{i}]"
+        if not isinstance(part, dict):
+            raise cu.ConfError(f"{w}: expected an object {{\"train_start_index\", \"train_len\"}}")
+        cu.check_keys(part, PART_KEYS, w)
+        out.append({"train_start_index": cu.get_int(part, "train_start_index", w, low=1, high=1_000_000),
+                    "train_len": cu.get_int(part, "train_len", w, low=1, high=100_000)})
+    return out
+
+
+def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
+                *, file: str = "sl_structure.json", links_file: str = "links.json",
+                nodes_file: str = "node_info.json") -> dict[str, dict[str, Any]]:
+    """Check the structure against the links and nodes; return {node: structure conf}."""
+    if not isinstance(structure, dict) or not isinstance(structure.get("node_list"), list):
+        raise cu.ConfError(f"{file}: expected {{\"steps\": N, \"lr\": ..., \"params\": {{...}}, \"data\": [...], "
+                           "\"node_list\": [{\"name\": \"n1\", \"role\": \"server\"}, {\"name\": \"n2\"}, ...]}")
+    cu.check_keys(structure, FILE_KEYS, file)
+    if structure.get("mode", "async") != "async":
+        raise cu.ConfError(f"{file}.mode: serverless workers come and go, so the server's rule is "
+                           f"\"async\"; got {structure.get('mode')!r}")
+    steps = cu.get_int(structure, "steps", file, low=1, high=10**9)
+
+    server, actions, seen = None, [], {}
+    for listed in cu.node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' (and 'role')"):
+        name, entry, where = listed.name, listed.entry, listed.where
+        cu.check_keys(entry, NODE_KEYS, where)
+        seen[name] = listed.index
+        role = entry.get("role", "action")
+        if role == "server":
+            if server is not None:
+                raise cu.ConfError(f"{where}: a second server (node_list[{seen[server]}] {server!r} is one)")
+            server = name
+        elif role == "action":
+            actions.append(name)
+        else:
+            raise cu.ConfError(f"{where}.role: expected 'server' or 'action', got {role!r}")
+    if server is None or not actions:
+        raise cu.ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one "
+                           "action node")
+    if "params" not in structure or "data" not in structure:
+        raise cu.ConfError(f"{file}: give the invocations' 'params' ({{\"batch_sz_train\", \"epoch_n\", "
+                           f"\"update_intv\"}}) and 'data' (the data part of each worker function)")
+    concurrency = cu.get_int(structure, "concurrency", file, low=1, high=len(actions), default=len(actions))
+    invoker = {"pool": actions, "params": _params(structure["params"], file), "data": _data(structure["data"], file),
+               "rounds": cu.get_int(structure, "rounds", file, low=1, high=MAX_ROUNDS),
+               "concurrency": concurrency,
+               "deadline_s": cu.get_number(structure, "deadline_s", file, low=1.0, high=3600.0, default=120.0),
+               "retries": cu.get_int(structure, "retries", file, low=0, high=10, default=1)}
+    conf: dict[str, Any] = {
+        "role": "server", "serverless": True, "mode": "async", "actions": actions, "steps": steps,
+        "lr": cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True),
+        "momentum": cu.get_number(structure, "momentum", file, low=0.0, high=0.999, default=0.0),
+        "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, high=10**6, default=concurrency),
+        "eval_every": cu.get_int(structure, "eval_every", file, low=1, high=10**9, default=max(1, steps // 10)),
+    }
+    if "seed" in structure:
+        conf["seed"] = cu.get_int(structure, "seed", file, low=0, high=2**31 - 1)
+    conf["invoker"] = invoker
+    confs = {server: conf}
+    for a in actions:
+        where = f"{file}: node_list[{seen[a]}] {a!r} (action)"
+        for src, dst, carries in ((a, server, "gradients"), (server, a, "parameters")):
+            if dst not in links.get(src, []):
+                raise cu.ConfError(f"{links_file}: no link from {src!r} to {dst!r} ({where}): it carries "
+                                   f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
+        confs[a] = {"role": "action", "server": server, "connect": cu.connect_map(a, links, nodes)}
+    return confs
+
+
+# write_confs(structure, links, node_info, out_dir) and main(argv), as every conf tool has
+write_confs, main = cu.structure_tool(build_confs, prog="sl_structure_conf.py",
+                                      algorithm="a serverless parameter server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
