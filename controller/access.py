@@ -9,7 +9,7 @@ Three kinds of caller (docs/security.md):
   the kernel's socket tables (/proc/net/tcp, tcp6), never from anything the client says.
 * **node**: a request carrying a node credential (dml_app/net.py node_token). It opens
   only NODE_ROUTES, and only for that node: the routes check `who().node` against the
-  node the request names.
+  node the request names; and GET /data/<sha256>, the data bundles any node may read.
 * **dashboard session**: a browser that signed in with the admin token (POST /login,
   form field `token`) holds an HttpOnly, SameSite=Strict cookie `edgetb_<port>`: an
   expiry, a nonce and their HMAC under the admin token (nothing stored, valid until it
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import threading
 import time
@@ -37,6 +38,14 @@ from dml_app import net
 
 # What a node credential opens; each route checks the node it speaks for.
 NODE_ROUTES = frozenset({"/heartbeat", "/log", "/finish", "/print"})
+# ... and the data bundles (controller/share.py DataStore): any node may read any bundle,
+# named by its sha256 alone: "/data/" + 64 lowercase hex digits, nothing else under it.
+NODE_DATA_RE = re.compile(r"/data/[0-9a-f]{64}")
+
+
+def node_route(path: str) -> bool:
+    """Whether a node credential opens `path` (the routes then check the node itself)."""
+    return path in NODE_ROUTES or NODE_DATA_RE.fullmatch(path) is not None
 # What a dashboard session cookie opens: the page and the read-only data it shows.
 DASHBOARD_EXACT = frozenset({"/", "/api/state", "/api/metrics", "/api/events", "/api/fidelity",
                              "/api/runs", "/api/stream"})
@@ -297,9 +306,9 @@ class Access:
                 if got[1] == 401 and request.path == "/" and request.method == "GET":
                     return self.login_page(), 401, {"Content-Type": "text/html; charset=utf-8"}
                 return got
-            if got.kind == "node" and request.path not in NODE_ROUTES:
-                return (f"a node credential opens only {', '.join(sorted(NODE_ROUTES))} "
-                        f"on the controller, not {request.path[:100]}\n", 403)
+            if got.kind == "node" and not node_route(request.path):
+                return (f"a node credential opens only {', '.join(sorted(NODE_ROUTES))} and "
+                        f"/data/<sha256> on the controller, not {request.path[:100]}\n", 403)
             if got.how == "session" and not dashboard_route(request.path):
                 return (f"a dashboard session opens only the dashboard's read-only routes, not "
                         f"{request.path[:100]}: send the admin token in header {net.TOKEN_HEADER}\n", 403)

@@ -2,8 +2,8 @@
 
 Routes answer GET (EdgeTB users type `curl localhost:3333/start?root=n1`) and POST.
 Every request is checked first (controller/access.py): the admin token opens every
-route, a node's credential only its own /heartbeat, /log, /print and (the root's)
-/finish, a dashboard session cookie (POST /login) only the dashboard's read-only routes,
+route, a node's credential only its own /heartbeat, /log, /print, (the root's) /finish
+and the data bundles GET /data/<sha256>, a dashboard session cookie (POST /login) only the dashboard's read-only routes,
 and a request without a token only from root or the sudo user on loopback.
 
 The live dashboard's routes (/, /static/*, /api/*, /runs/*, /login) are thin hooks into
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, make_response, redirect, request
 
-from controller import access, dashboard, files, results, scenario
+from controller import access, dashboard, files, results, scenario, share
 from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
 from dml_app import net
 
@@ -102,6 +102,7 @@ class Manager:
         # each request); the server refuses more than the largest from the headers.
         self.body_limits = net.limit_bodies(self.app, routes={"/log": lambda: self.log_limit_bytes})
         self.dashboard = dashboard.Dashboard(self)
+        self.data_store = share.DataStore()   # GET /data/<sha256> (serverless data parts)
         self._routes()
 
     def _names(self) -> set[str]:
@@ -793,3 +794,12 @@ class Manager:
             if data is None:
                 return jsonify(error=f"no shared archive {digest[:80]!r} on this controller"), 404
             return data, 200, {"Content-Type": "application/x-tar"}
+
+        @app.route("/data/<digest>", methods=["GET"])
+        def data_bundle(digest):
+            # A content-addressed data bundle (share.DataStore: a serverless worker's data
+            # part); a node credential opens it (access.node_route), any node any bundle.
+            data = self.data_store.get(digest)
+            if data is None:
+                return jsonify(error=f"no data bundle {digest[:80]!r} on this controller"), 404
+            return data, 200, {"Content-Type": "application/octet-stream"}

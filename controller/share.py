@@ -110,6 +110,67 @@ class Store:
             return data
 
 
+class DataStore:
+    """Content-addressed data bundles (the serverless workers' data parts, whose bytes
+    are dml_app/node_data.pack_train_parts), by sha256, kept in memory and served on
+    `GET /data/<sha256>` to any node credential (controller/access.py). Bounded: at most
+    `max_bytes` in all and `max_bundles` bundles; adding past either raises ValueError
+    (nothing is evicted: a URL handed to a worker keeps working for the whole run).
+    Adding the same bytes again is free. `served` counts downloads per bundle."""
+
+    def __init__(self, max_bytes: int = 1 << 30, max_bundles: int = 4096):
+        self.max_bytes, self.max_bundles = int(max_bytes), int(max_bundles)
+        self.bundles: dict[str, bytes] = {}
+        self.served: dict[str, int] = {}
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes) -> str:
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"a data bundle is bytes, not {type(data).__name__}")
+        data = bytes(data)
+        digest = sha256(data)
+        with self._lock:
+            if digest in self.bundles:
+                return digest
+            if len(self.bundles) >= self.max_bundles:
+                raise ValueError(f"data store full: {len(self.bundles)} bundles (limit {self.max_bundles})")
+            if self.total + len(data) > self.max_bytes:
+                raise ValueError(f"data store full: {self.total} + {len(data)} bytes is over its "
+                                 f"limit of {self.max_bytes} bytes")
+            self.bundles[digest] = data
+            self.total += len(data)
+        return digest
+
+    def get(self, digest: str) -> bytes | None:
+        if not SHA_RE.match(digest or ""):
+            return None
+        with self._lock:
+            data = self.bundles.get(digest)
+            if data is not None:
+                self.served[digest] = self.served.get(digest, 0) + 1
+            return data
+
+
+DATA_ROUTE = "/data/"       # + sha256: where the controller serves a DataStore's bundles
+
+
+def publish_parts(store: DataStore, dataset_dir: str | Path, parts) -> list[str]:
+    """Pack each (start, count) range of train parts of `dataset_dir` into one bundle
+    (node_data.pack_train_parts: the same parts give the same bytes, hence the same
+    name), add it to `store` and return the URL paths, "/data/<sha256>" per range, in
+    order. A worker's `dataset_url` is f"http://{NET_CTL_ADDRESS}{path}"."""
+    dml_app = str(ROOT / "dml_app")
+    if dml_app not in sys.path:        # node_data imports its siblings as top-level modules
+        sys.path.append(dml_app)       # (appended: nothing of the controller's is shadowed)
+    import node_data
+
+    out = []
+    for start, count in parts:
+        out.append(DATA_ROUTE + store.add(node_data.pack_train_parts(str(dataset_dir), int(start), int(count))))
+    return out
+
+
 # ----------------------------------------------------------------------------- NFS
 
 def nfs_unavailable(proc_filesystems: str | None = None, which=shutil.which) -> str | None:
