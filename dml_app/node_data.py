@@ -4,6 +4,12 @@
 `<i>_y.npy` are the numbered parts (from 1). A node's dataset conf picks a contiguous
 range of parts with EdgeTB's keys. Parts are loaded with `allow_pickle=False`: a part
 file is data, never code.
+
+A serverless worker (sl_action.py) has no dataset folder: it fetches its train parts as
+one bundle over HTTP. `pack_train_parts` makes that bundle (safetensors of {"x": float32
+[N, *input_shape], "y": int64 [N]}, with what nns.build_model needs in its metadata; the
+same parts give the same bytes, so the bundle's sha256 names it) and `unpack_parts`
+reads and checks one (ValueError when it is not a bundle). Never pickle.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 import formats
+import net
 
 
 class DatasetError(ValueError):
@@ -116,3 +123,68 @@ def load_node_data(dataset_dir: str, conf: Mapping[str, Any]) -> NodeData:
     vx, vy, vparts = _load_range(dataset_dir, "test", c["test_start_index"], c["test_len"], shape)
     return NodeData(meta=meta, conf=c, train_x=tx, train_y=ty, test_x=vx, test_y=vy,
                     train_parts=tparts, test_parts=vparts)
+
+
+# ----------------------------------------------------------------------------- data bundles
+
+BUNDLE_KEYS = ("x", "y")
+MAX_BUNDLE_CLASSES = 100_000
+
+
+def pack_train_parts(dataset_dir: str, start: int, count: int) -> bytes:
+    """Train parts start..start+count-1 as one safetensors bundle: {"x": float32 [N,
+    *input_shape], "y": int64 [N]}, metadata (net.pack_weights: one JSON object) with
+    meta.json's name, input_shape and num_classes plus train_start_index, train_len and
+    samples. Deterministic: the same parts give the same bytes (and sha256)."""
+    import torch
+
+    meta = read_meta(dataset_dir)
+    conf = normalize_conf({"train_start_index": start, "train_len": count})
+    if conf["train_len"] < 1:
+        raise DatasetError(f"a data bundle needs at least one train part, got train_len {count!r}")
+    n_parts = meta.get("train_parts")
+    last = conf["train_start_index"] + conf["train_len"] - 1
+    if isinstance(n_parts, int) and last > n_parts:
+        raise DatasetError(f"train parts {conf['train_start_index']}..{last} asked, the dataset has "
+                           f"{n_parts} train parts")
+    shape = [int(d) for d in meta["input_shape"]]
+    x, y, _ = _load_range(dataset_dir, "train", conf["train_start_index"], conf["train_len"], shape)
+    info = {"name": str(meta["name"]), "input_shape": shape,
+            "num_classes": int(meta.get("num_classes", int(y.max()) + 1 if len(y) else 1)),
+            "train_start_index": conf["train_start_index"], "train_len": conf["train_len"],
+            "samples": int(len(y))}
+    return net.pack_weights({"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                             "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}, info)
+
+
+def unpack_parts(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A bundle of pack_train_parts -> (x float32 [N, *input_shape], y int64 [N], meta);
+    ValueError naming what is wrong: not safetensors, other tensors, dtypes or shapes
+    that do not match the metadata, labels outside 0..num_classes-1."""
+    try:
+        tensors, meta = net.unpack_weights(body)
+    except ValueError as e:
+        raise ValueError(f"data bundle: {e}") from None
+    if sorted(tensors) != sorted(BUNDLE_KEYS):
+        raise ValueError(f"data bundle: expected the tensors x and y, got {sorted(tensors)[:8]}")
+    import torch
+
+    x, y = tensors["x"], tensors["y"]
+    if x.dtype != torch.float32 or y.dtype != torch.int64:
+        raise ValueError(f"data bundle: x must be float32 and y int64, got {x.dtype} and {y.dtype}")
+    if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0] or y.shape[0] < 1:
+        raise ValueError(f"data bundle: x {list(x.shape)} and y {list(y.shape)} are not N inputs "
+                         f"and N labels (N >= 1)")
+    shape = meta.get("input_shape")
+    if not isinstance(shape, list) or list(x.shape[1:]) != shape:
+        raise ValueError(f"data bundle: inputs shaped {list(x.shape[1:])}, its metadata says {shape!r}")
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ValueError("data bundle: metadata has no dataset 'name'")
+    classes = net.number(meta.get("num_classes"), "data bundle 'num_classes'", 1, MAX_BUNDLE_CLASSES,
+                         integer=True)
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ValueError(f"data bundle: labels {int(y.min())}..{int(y.max())} outside 0..{classes - 1}")
+    if not torch.isfinite(x).all():
+        raise ValueError("data bundle: inputs hold NaN or infinite values")
+    meta = dict(meta, num_classes=classes, samples=int(y.shape[0]))
+    return x.numpy(), y.numpy(), meta
