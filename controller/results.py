@@ -276,6 +276,72 @@ def draw(run_dir: Path, metrics: dict[str, list[dict]], root: str | None, *,
     return files
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def draw_activations(run_dir: Path, records: list[dict], *, t0: float | None = None) -> list[str]:
+    """activations.png (serverless runs): every activation as a bar on its node's line,
+    from its start to its end (seconds after t0, else after the first start), blue when
+    cold (its container got /init first: that part drawn hatched), orange when warm,
+    outlined red when it did not succeed; [] when no record has finite times."""
+    acts = [r for r in records if isinstance(r, dict) and _finite(r.get("start")) and _finite(r.get("end"))
+            and r["end"] >= r["start"]]
+    if not acts:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    base = t0 if _finite(t0) else min(r["start"] for r in acts)
+    nodes = sorted({str(r.get("node")) for r in acts})
+    row = {n: i for i, n in enumerate(nodes)}
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(nodes)))
+    for r in acts:
+        y, x0, width = row[str(r.get("node"))], r["start"] - base, r["end"] - r["start"]
+        cold = bool(r.get("cold"))
+        ok = r.get("status") == "success"
+        ax.barh(y, width, left=x0, height=0.6, color="tab:blue" if cold else "tab:orange", alpha=.85,
+                edgecolor="black" if ok else "tab:red", linewidth=0.5 if ok else 1.5)
+        init = r.get("init_s")
+        if cold and _finite(init) and 0 < init <= width:
+            ax.barh(y, init, left=x0, height=0.6, color="none", edgecolor="white", hatch="///", linewidth=0)
+    ax.set_yticks(range(len(nodes)), nodes)
+    ax.set_xlabel("seconds since the start" if _finite(t0) else "seconds since the first activation")
+    ax.set_title(f"Activations over time ({sum(bool(r.get('cold')) for r in acts)} cold, "
+                 f"{sum(not r.get('cold') for r in acts)} warm)")
+    ax.grid(axis="x", alpha=.3)
+    ax.legend(handles=[Patch(color="tab:blue", label="cold (/init, hatched, then /run)"),
+                       Patch(color="tab:orange", label="warm (/run only)"),
+                       Patch(facecolor="white", edgecolor="tab:red", label="not a success")],
+              fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(run_dir / "activations.png", dpi=110)
+    plt.close(fig)
+    return ["activations.png"]
+
+
+def _serverless_lines(summary: dict) -> list[str]:
+    """The table's lines on a serverless run's activations; [] for other runs."""
+    sl = summary.get("serverless")
+    if not isinstance(sl, dict):
+        return []
+
+    def stat(key: str) -> str:
+        s = sl.get(key) or {}
+        parts = [f"{k} {s[k]:.3f} s" for k in ("mean", "p50", "max") if _finite(s.get(k))]
+        return ", ".join(parts) or "-"
+    moved = sl.get("bytes_moved") or {}
+    mb = lambda k: f"{moved[k] / 1e6:.2f} MB" if _finite(moved.get(k)) else "-"  # noqa: E731
+    return [f"activations {sl.get('activations')} ({sl.get('cold')} cold, {sl.get('warm')} warm), "
+            f"{sl.get('errors')} error(s), {sl.get('retries')} retried, {sl.get('rounds_invoked')} invocation round(s)",
+            f"  cold start overhead: {stat('cold_start_s')}",
+            f"  warm start overhead: {stat('warm_start_s')}",
+            f"  bytes moved: data {mb('data_down')}, parameters {mb('params_down')}, gradients {mb('gradients_up')}",
+            ""]
+
+
 def summarize(algorithm: str, metrics: dict[str, list[dict]], root: str | None,
               wall_seconds: float, bytes_sent: dict[str, int]) -> dict:
     """summary.json: the root's accuracy per round; with no root (gossip, ring), the
@@ -361,6 +427,7 @@ def table(summary: dict) -> str:
                          f"{'ok' if e['ok'] else 'FAILED'} {' '.join(str(e.get('detail', '')).split())[:80]}")
         lines.append("")
     lines += _missing_lines(summary)
+    lines += _serverless_lines(summary)
     fa = summary["final_accuracy"]
     lines.append(f"algorithm {summary['algorithm']}: {summary['rounds']} rounds, final accuracy "
                  f"{fa:.4f}, wall time {summary['wall_seconds']:.1f} s" if fa is not None else

@@ -62,9 +62,12 @@ MAX_DATA_PARTS = 1024          # worker functions per round
 MAX_ROUNDS = 100_000
 
 
-def _params(p: Any, file: str) -> dict[str, Any]:
+INVOKER_KEYS = ("pool", "params", "data", "rounds", "concurrency", "deadline_s", "retries")
+
+
+def _params(p: Any, where: str) -> dict[str, Any]:
     """The invocation parameters every activation gets (ranges as the action checks them)."""
-    where = f"{file}.params"
+    where = f"{where}.params"
     if not isinstance(p, dict):
         raise cu.ConfError(f"{where}: expected an object {{\"batch_sz_train\", \"epoch_n\", \"update_intv\"}}")
     cu.check_keys(p, PARAM_KEYS, where)
@@ -78,9 +81,9 @@ def _params(p: Any, file: str) -> dict[str, Any]:
     return out
 
 
-def _data(d: Any, file: str) -> list[dict[str, int]]:
+def _data(d: Any, where: str) -> list[dict[str, int]]:
     """The data part of each worker function: [{"train_start_index", "train_len"}, ...]."""
-    where = f"{file}.data"
+    where = f"{where}.data"
     if not isinstance(d, list) or not 1 <= len(d) <= MAX_DATA_PARTS:
         raise cu.ConfError(f"{where}: expected a list of 1..{MAX_DATA_PARTS} objects "
                            "{\"train_start_index\": 1, \"train_len\": 10} (one per worker function)")
@@ -93,6 +96,30 @@ def _data(d: Any, file: str) -> list[dict[str, int]]:
         out.append({"train_start_index": cu.get_int(part, "train_start_index", w, low=1, high=1_000_000),
                     "train_len": cu.get_int(part, "train_len", w, low=1, high=100_000)})
     return out
+
+
+def invoker_settings(raw: Any, where: str) -> dict[str, Any]:
+    """The invoker's settings {"pool", "params", "data", "rounds", "concurrency",
+    "deadline_s", "retries"} checked (ConfError naming `where` and the key): what
+    build_confs writes under the server conf's "invoker" and what the controller's
+    SlManager reads back at /start (a conf file may have been edited in between)."""
+    if not isinstance(raw, dict):
+        raise cu.ConfError(f"{where}: expected an object with {', '.join(INVOKER_KEYS)}")
+    cu.check_keys(raw, INVOKER_KEYS, where)
+    pool = raw.get("pool")
+    if not isinstance(pool, list) or not pool or len(set(map(str, pool))) != len(pool):
+        raise cu.ConfError(f"{where}.pool: expected a list of distinct action node names")
+    for name in pool:
+        cu.check_name(name, f"{where}.pool")
+    for key in ("params", "data", "rounds"):
+        if key not in raw:
+            raise cu.ConfError(f"{where}: missing {key!r} (the invocations' 'params', the 'data' part of each "
+                               f"worker function and an upper bound of 'rounds')")
+    return {"pool": list(pool), "params": _params(raw["params"], where), "data": _data(raw["data"], where),
+            "rounds": cu.get_int(raw, "rounds", where, low=1, high=MAX_ROUNDS),
+            "concurrency": cu.get_int(raw, "concurrency", where, low=1, high=len(pool), default=len(pool)),
+            "deadline_s": cu.get_number(raw, "deadline_s", where, low=1.0, high=3600.0, default=120.0),
+            "retries": cu.get_int(raw, "retries", where, low=0, high=10, default=1)}
 
 
 def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
@@ -125,15 +152,9 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     if server is None or not actions:
         raise cu.ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one "
                            "action node")
-    if "params" not in structure or "data" not in structure:
-        raise cu.ConfError(f"{file}: give the invocations' 'params' ({{\"batch_sz_train\", \"epoch_n\", "
-                           f"\"update_intv\"}}) and 'data' (the data part of each worker function)")
-    concurrency = cu.get_int(structure, "concurrency", file, low=1, high=len(actions), default=len(actions))
-    invoker = {"pool": actions, "params": _params(structure["params"], file), "data": _data(structure["data"], file),
-               "rounds": cu.get_int(structure, "rounds", file, low=1, high=MAX_ROUNDS),
-               "concurrency": concurrency,
-               "deadline_s": cu.get_number(structure, "deadline_s", file, low=1.0, high=3600.0, default=120.0),
-               "retries": cu.get_int(structure, "retries", file, low=0, high=10, default=1)}
+    invoker = invoker_settings({"pool": actions, **{k: structure[k] for k in INVOKER_KEYS[1:] if k in structure}},
+                               file)
+    concurrency = invoker["concurrency"]
     conf: dict[str, Any] = {
         "role": "server", "serverless": True, "mode": "async", "actions": actions, "steps": steps,
         "lr": cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True),
