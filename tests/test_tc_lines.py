@@ -28,6 +28,49 @@ def test_every_link_gets_class_segmenting_leaf_and_filter():
     assert len(lines) == 2 + 3 * 2
 
 
+def test_own_port_shapes_the_nodes_answers_by_the_same_class():
+    t = tc.LinkTable(dev="eth0", netns="x", own_port=5555)
+    lines = tc.install_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**9)])
+    for minor, ip in ((0x10, "10.0.0.1"), (0x11, "10.0.0.2")):
+        assert f"filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip dst {ip}/32 " \
+               f"match ip dport 4444 0xffff flowid 1:{minor:x}" in lines
+        assert f"filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip dst {ip}/32 " \
+               f"match ip sport 5555 0xffff flowid 1:{minor:x}" in lines
+    assert len(lines) == 2 + 4 * 2
+    assert t.answers == {"10.0.0.1": 0x10, "10.0.0.2": 0x11}
+
+
+def test_answers_to_one_ip_go_by_its_first_link():
+    # nodes of one host share its ip: answers (to an ephemeral port) cannot tell them apart
+    t = tc.LinkTable(dev="eth0", netns=None, own_port=5555)
+    lines = tc.install_lines(t, [tc.Link(dest="p1", ip="10.0.0.1", port=4444, rate_bps=10**6),
+                                 tc.Link(dest="p2", ip="10.0.0.1", port=4445, rate_bps=10**7)])
+    sport = [l for l in lines if "sport" in l]
+    assert sport == ["filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip dst 10.0.0.1/32 "
+                     "match ip sport 5555 0xffff flowid 1:10"]
+
+
+def test_bad_own_port_is_refused():
+    for bad in (0, 65536, True, "4444", float("nan")):
+        with pytest.raises(ValueError):
+            tc.LinkTable(dev="eth0", netns="x", own_port=bad)
+
+
+def test_change_gives_a_new_link_both_filters_and_down_shares_the_leaf():
+    t = tc.LinkTable(dev="eth0", netns="x", own_port=5555)
+    tc.install_lines(t, [L("10.0.0.1", 10**6)])
+    lines = tc.change_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**7)])
+    assert [l for l in lines if l.startswith("filter")] == [
+        "filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip dst 10.0.0.2/32 match ip dport 4444 0xffff flowid 1:11",
+        "filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip dst 10.0.0.2/32 match ip sport 5555 0xffff flowid 1:11"]
+    # gone and back: both filters stayed, nothing to add
+    tc.change_lines(t, [L("10.0.0.1", 10**6)])
+    assert not [l for l in tc.change_lines(t, [L("10.0.0.1", 10**6), L("10.0.0.2", 10**7)]) if l.startswith("filter")]
+    # down swaps the one leaf both filters lead to (answers drop too); filters untouched
+    assert tc.down_lines(t, "10.0.0.2", True) == ["qdisc del dev eth0 parent 1:11 handle 11:",
+                                                  "qdisc add dev eth0 parent 1:11 handle 11: pfifo limit 0"]
+
+
 def test_two_links_to_one_destination_are_refused():
     with pytest.raises(tc.TcError, match="two links"):
         tc.install_lines(tc.LinkTable(dev="eth0", netns="x"), [L("10.0.0.1", 10**6), L("10.0.0.1", 10**7)])
@@ -90,6 +133,14 @@ def test_read_back_counts_and_rates_in_a_namespace():
         assert got["classes"] == 302 and got["filters"] == 301 and got["rates_bps"][1] == 100 * 10**9
         tc.clear(ns, "eth0")
         assert tc.read_back(ns, "eth0") == {"classes": 0, "filters": 0, "rates_bps": {}}
+        # with the node's own port: an answers' filter per link, counted by verify
+        t = tc.LinkTable(dev="eth0", netns=ns, own_port=4444)
+        tc.install(t, links)
+        assert tc.read_back(ns, "eth0")["filters"] == 2 * 301 and tc.verify(t) == 301
+        subprocess.run(["tc", "-n", ns, "filter", "del", "dev", "eth0", "parent", "1:", "prio", "1"], check=True)
+        with pytest.raises(tc.TcError, match="602 filters"):
+            tc.verify(t)
+        tc.clear(ns, "eth0")
         with pytest.raises(tc.TcError, match="no device"):
             tc.read_back(ns, "eth7")
     finally:

@@ -422,7 +422,7 @@ class Agent:
 
                 def relink(node: nb.Node) -> None:
                     old = self.tables.get(name)
-                    table = tc.LinkTable(dev=node.dev, netns=node.netns)
+                    table = tc.LinkTable(dev=node.dev, netns=node.netns, own_port=node.spec.port)
                     tc.install(table, list(old.links.values()) if old else [])
                     for key in old.down if old else ():
                         tc.set_down(table, old.links[key].dest, True)

@@ -593,7 +593,9 @@ def install_links(nodes: list[Node], links: dict[str, list[tc.Link]],
                   tables: dict[str, tc.LinkTable]) -> dict[str, int]:
     """One tc batch per node, in parallel; then read every table back. -> links per node."""
     def one(n: Node) -> tuple[str, int]:
-        table = tc.LinkTable(dev=n.dev, netns=n.netns)
+        # own_port: the port the node's app listens on (in its namespace, its container or
+        # on the host), so its answers to a linked node are shaped by that link too
+        table = tc.LinkTable(dev=n.dev, netns=n.netns, own_port=n.spec.port)
         mine = links.get(n.spec.name, [])
         if n.kind == "physical":
             tc.clear(None, n.dev)

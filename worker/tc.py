@@ -8,18 +8,30 @@ physical node):
       class 1:M     one per link, rate = ceil = bandwidth, burst sized to the rate
         tbf M:      leaf that only cuts GSO/TSO super-packets into frames (see below)
         [netem M:]  instead: delay/jitter/loss leaf, only where a link asks for it
-      u32 filter    ip dst A/32 + tcp/udp dport P -> 1:M
         [pfifo M: limit 0]  instead, while the link is down (set_down): drops every packet
+      u32 filter    ip dst B/32 + tcp/udp dport PB -> 1:M   (requests: to B's app port)
+      u32 filter    ip dst B/32 + tcp/udp sport PA -> 1:M   (answers: from this node's own
+                    app port PA, the table's own_port, to whichever port B asked from)
 
-A link taken down keeps its class and filter; its leaf becomes a pfifo of limit 0, which
+A link A->B is B's ip + B's app (DML) port: what A sends to that port, and, with the
+second filter, what A's own app answers B (an HTTP response from A's app port to B's
+ephemeral port: a GET of model weights from A's server is shaped by A->B). Traffic
+between other ports stays unshaped. Both filters feed the same class and leaf, so a
+link taken down drops A's answers to B too, and a rate change shapes both. When several
+links go to one ip (nodes of one host, told apart by port), answers cannot tell them
+apart: the first link to that ip gets the answers' filter. own_port None: no answers'
+filter (only what goes to B's port is shaped).
+
+A link taken down keeps its class and filters; its leaf becomes a pfifo of limit 0, which
 drops every packet enqueued (this kernel has no act_gact, so no `action drop`, and no
 netem). HTB counts a class's bytes when it dequeues, so a down link's class counters stay
 still. The table remembers which links are down: a rate change (/update/tc) changes the
 class and leaves the link down; up puts back the leaf its link has now.
 
 A whole table is installed with ONE `tc -batch` process per namespace (a process per
-rule costs ~3 ms each; 100 full-mesh nodes are 19,800 rules). Live changes touch only
-the classes that change (`class change`), so traffic being measured is not disturbed.
+rule costs ~3 ms each; 100 full-mesh nodes are 39,600 rules: a class, a leaf and two
+filters per link). Live changes touch only the classes that change (`class change`), so
+traffic being measured is not disturbed.
 Read-back goes through netlink so "links in place" is checked, not assumed.
 
 Why the tbf leaf: HTB dequeues a GSO packet (up to 64 KB, one skb) whole and pays for it
@@ -144,14 +156,35 @@ def _filter_line(dev: str, minor: int, link: Link) -> str:
             f"match ip dst {link.ip}/32 match ip dport {link.port} 0xffff flowid 1:{minor:x}")
 
 
+def _answer_line(dev: str, minor: int, ip: str, own_port: int) -> str:
+    return (f"filter add dev {dev} parent {ROOT_HANDLE} protocol ip prio 1 u32 "
+            f"match ip dst {ip}/32 match ip sport {own_port} 0xffff flowid 1:{minor:x}")
+
+
+def _filter_lines(table: "LinkTable", minor: int, link: Link) -> list[str]:
+    """A new link's filters: to dest's port, and (once per dest ip, when the table knows
+    its node's own port) this node's answers to dest's ip."""
+    lines = [_filter_line(table.dev, minor, link)]
+    if table.own_port is not None and link.ip not in table.answers:
+        table.answers[link.ip] = minor
+        lines.append(_answer_line(table.dev, minor, link.ip, table.own_port))
+    return lines
+
+
 @dataclass
 class LinkTable:
     """What is installed on one device: destination -> (class minor, link)."""
     dev: str
     netns: str | None
+    own_port: int | None = None     # the node's app port: its answers are shaped too (None: not)
     minors: dict[tuple[str, int], int] = field(default_factory=dict)
     links: dict[tuple[str, int], Link] = field(default_factory=dict)
     down: set[tuple[str, int]] = field(default_factory=set)   # links taken down (set_down)
+    answers: dict[str, int] = field(default_factory=dict)     # dest ip -> minor of its answers' filter
+
+    def __post_init__(self):
+        if self.own_port is not None:
+            self.own_port = net.number(self.own_port, "own port", 1, 65535, integer=True)
 
     def key_of(self, dest: str) -> tuple[str, int] | None:
         """The installed link whose dest (node name) is dest, or None."""
@@ -170,6 +203,7 @@ def install_lines(table: LinkTable, links: list[Link]) -> list[str]:
     table.minors.clear()
     table.links.clear()
     table.down.clear()
+    table.answers.clear()
     for link in links:
         if link.key in table.minors:
             raise TcError(f"two links from one node to {link.dest} ({link.ip}:{link.port})")
@@ -178,7 +212,7 @@ def install_lines(table: LinkTable, links: list[Link]) -> list[str]:
         table.links[link.key] = link
         lines.append(_class_line("add", dev, minor, link.rate_bps))
         lines.append(_leaf_line(dev, minor, link))
-        lines.append(_filter_line(dev, minor, link))
+        lines.extend(_filter_lines(table, minor, link))
     return lines
 
 
@@ -186,10 +220,11 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
     """The tc batch that turns the installed table into `links` in place.
 
     Changed rates become `class change` (no qdisc rebuilt, no packet dropped); new
-    destinations get a class, a leaf and a filter; a destination no longer listed keeps
-    its filter but loses its leaf and its class goes back to unshaped, which is what "no
-    link" means. A leaf changes kind (segmenting tbf <-> netem) by del + add, as the
-    kernel cannot replace a qdisc by one of another kind under the same handle.
+    destinations get a class, a leaf and their filters; a destination no longer listed
+    keeps its filters but loses its leaf and its class goes back to unshaped, which is
+    what "no link" means (for its answers too). A leaf changes kind (segmenting tbf <->
+    netem) by del + add, as the kernel cannot replace a qdisc by one of another kind under
+    the same handle.
     """
     dev = table.dev
     lines: list[str] = []
@@ -219,7 +254,7 @@ def change_lines(table: LinkTable, links: list[Link]) -> list[str]:
             table.minors[key] = minor
             lines.append(_class_line("add", dev, minor, link.rate_bps))
             lines.append(_leaf_line(dev, minor, link))
-            lines.append(_filter_line(dev, minor, link))
+            lines.extend(_filter_lines(table, minor, link))
         table.links[key] = link
     for key in list(table.links):
         if key not in wanted:
@@ -495,12 +530,14 @@ def read_back(netns: str | None, dev: str) -> dict:
 
 
 def verify(table: LinkTable) -> int:
-    """Check that the kernel holds one class and one filter per link; return the count."""
+    """Check that the kernel holds one class and one filter per link, plus one answers'
+    filter per linked ip when the table has its own port; return the link count."""
     got = read_back(table.netns, table.dev)
     n = len(table.minors)
-    if got["classes"] < n + 1 or got["filters"] < n:
-        raise TcError(f"{table.netns or 'host'}/{table.dev}: expected {n} links, kernel has "
-                      f"{got['classes'] - 1} classes and {got['filters']} filters")
+    want = n + len(table.answers)
+    if got["classes"] < n + 1 or got["filters"] < want:
+        raise TcError(f"{table.netns or 'host'}/{table.dev}: expected {n} links ({want} filters), kernel "
+                      f"has {got['classes'] - 1} classes and {got['filters']} filters")
     return len(table.links)
 
 
