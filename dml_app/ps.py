@@ -12,12 +12,17 @@ rules and the worker's gradient, with no HTTP and no threads (the roles hold the
   computed on a version more than `max_staleness` behind the current one.
   Refusals raise `Rejected` (the server answers HTTP 409 with the message); after
   `steps` updates every push raises `Finished` (HTTP 410).
+* `Registry` (serverless mode): the workers are not known in advance; each registers a
+  worker id with the node its client credential speaks for, and only that node may push
+  for it or unregister it. The registry is the ParameterServer's `workers` then
+  (`dynamic=True`), so the async rule is the same for both modes.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from algorithms import StateDict
 MODES = ("sync", "async")
 MAX_PUSH_IDS = 4096           # push ids remembered (per server) to answer a resent push
 MAX_PUSH_ID_CHARS = 64
+MAX_WORKERS = 1024            # serverless: worker ids registered at once
+WORKER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Rejected(ValueError):
@@ -37,6 +44,86 @@ class Rejected(ValueError):
 
 class Finished(Rejected):
     """The server has applied all its steps; HTTP 410."""
+
+
+class NotAllowed(Rejected):
+    """Serverless: the calling node may not do this (not an action node, not the node
+    that registered the worker id, worker id not registered); HTTP 403."""
+
+
+class TooMany(Rejected):
+    """Serverless: MAX_WORKERS worker ids are registered already; HTTP 429."""
+
+
+def check_worker_id(worker_id) -> str:
+    """`worker_id` if it is 1..64 characters of [A-Za-z0-9._-]; else ValueError (HTTP 400)."""
+    if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
+        shown = repr(worker_id)[:80]
+        raise ValueError(f"'worker_id' must be 1 to 64 characters of A-Z a-z 0-9 . _ -, got {shown}")
+    return worker_id
+
+
+class Registry:
+    """Serverless workers: worker id -> the node that registered it (its client
+    credential's node). Works as ParameterServer.workers (`in`, len, iteration)."""
+
+    def __init__(self, allowed: Iterable[str], limit: int = MAX_WORKERS):
+        self.allowed = frozenset(allowed)
+        self.limit = limit
+        self.owners: dict[str, str] = {}
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self.owners
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.owners)
+
+    def register(self, worker_id: str, node: str | None) -> bool:
+        """Register `worker_id` for `node`; True if new, False if `node` held it already
+        (a resent registration). NotAllowed, Rejected (held by another node), TooMany."""
+        check_worker_id(worker_id)
+        if node is None or node not in self.allowed:
+            who = "the server's own credential" if node is None else f"node {node!r}"
+            raise NotAllowed(f"{who} may not register workers (action nodes: "
+                             f"{', '.join(sorted(self.allowed))})")
+        owner = self.owners.get(worker_id)
+        if owner == node:
+            return False
+        if owner is not None:
+            raise Rejected(f"worker id {worker_id!r} is registered by another node ({owner})")
+        if len(self.owners) >= self.limit:
+            raise TooMany(f"{len(self.owners)} workers are registered, the most this server takes; "
+                          f"unregister finished ones first")
+        self.owners[worker_id] = node
+        return True
+
+    def unregister(self, worker_id: str, node: str | None) -> bool:
+        """Remove `worker_id`; True if it was registered. `node` None (the server's own
+        credential: the controller) may remove any; a node only its own (else NotAllowed)."""
+        check_worker_id(worker_id)
+        owner = self.owners.get(worker_id)
+        if owner is None:
+            return False
+        if node is not None and owner != node:
+            raise NotAllowed(f"worker id {worker_id!r} is registered by another node ({owner}), "
+                             f"not by {node}")
+        del self.owners[worker_id]
+        return True
+
+    def check(self, worker_id: str, node: str | None) -> None:
+        """NotAllowed unless `worker_id` is registered by `node` (who may push for it)."""
+        owner = self.owners.get(worker_id)
+        if node is None:
+            raise NotAllowed("the server's own credential may not push gradients (a worker "
+                             "pushes with its client credential)")
+        if owner is None:
+            raise NotAllowed(f"worker id {worker_id!r} is not registered (POST /registerWorker first)")
+        if owner != node:
+            raise NotAllowed(f"worker id {worker_id!r} is registered by another node ({owner}), "
+                             f"not by {node}")
 
 
 def average_gradients(grads: Sequence[tuple[StateDict, int]]) -> dict[str, torch.Tensor]:
@@ -113,9 +200,10 @@ class ParameterServer:
     """The server's model, version and update rule; `push` is the only way to change it."""
 
     params: dict[str, torch.Tensor]
-    workers: Sequence[str]
+    workers: Collection[str]     # the conf's names; serverless: the live Registry
     config: PsConfig = field(default_factory=PsConfig)
     grad_keys: Sequence[str] | None = None    # the model's parameters; default: every floating entry
+    dynamic: bool = False        # serverless: workers register while it runs (none at first)
     version: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -127,8 +215,10 @@ class ParameterServer:
     push_ids: "OrderedDict[tuple[str, str], bool]" = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
-        if not self.workers:
+        if not self.workers and not self.dynamic:
             raise ValueError("a parameter server needs at least one worker")
+        if self.dynamic and self.config.mode != "async":
+            raise ValueError("a parameter server with dynamic (serverless) workers takes the async rule")
         keys = self.grad_keys or [k for k, v in self.params.items() if v.dtype.is_floating_point]
         self.grad_shapes = {k: tuple(self.params[k].shape) for k in keys}
 
@@ -180,7 +270,8 @@ class ParameterServer:
         if self.done:
             raise Finished(f"training finished at version {self.version} ({self.config.steps} steps)")
         if worker not in self.workers:
-            raise Rejected(f"{worker!r} is not a worker of this server ({', '.join(self.workers)})")
+            known = "registered" if self.dynamic else ", ".join(self.workers)
+            raise Rejected(f"{worker!r} is not a worker of this server ({known})")
         if not 0 <= version <= self.version:
             raise Rejected(f"version {version} was never served (current version {self.version})")
         self.check_gradient(grad)

@@ -43,6 +43,38 @@ update is logged as `Step: version=V, ...`.
 Structure conf (ps_structure_conf.py): {"role": "server", "workers": [...], "connect",
 "mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "step_timeout_s",
 "step_retries", "seed"} (ps.PsConfig holds the defaults).
+
+Serverless mode (structure conf {"role": "server", "serverless": true, "mode": "async",
+"actions": [node names], "steps", "lr", "momentum", "max_staleness", "eval_every",
+"seed"}; no "workers"): the workers are stateless actions (dml_app/sl_action.py) that
+come and go. GET /start builds the seeded model (version 0) and starts nobody; workers
+register themselves and train on the same versioned model with the async rule. These
+routes take a client credential (net.client_token(admin, <this node>, <calling node>):
+the api_key an invoker passes its action), which names the calling node; the node's own
+credential (the controller's) may read and unregister, not register or push; the
+testbed's peer credential gets 403, no credential 401:
+
+* POST /registerWorker JSON {"worker_id"} (1..64 characters of [A-Za-z0-9._-]) -> 200
+  {"worker_id", "version", "registered" (how many now)}; the same id again from the same
+  node: 200 again; an id registered by another node: 409; a node not in "actions" (or
+  the controller): 403; ps.MAX_WORKERS (1024) registered already: 429; 410 once
+  training is over.
+* POST /unregisterWorker JSON {"worker_id"} -> 200 {"unregistered": bool}; only the node
+  that registered it, or the controller, may (403).
+* GET /getVersion -> {"version", "accuracy" (the last evaluated, null before any),
+  "accuracy_version", "steps", "done", "registered"}.
+* GET /getParameter -> the current parameters (safetensors, meta {version}); still 200
+  once training is over.
+* POST /putGradient, a gradient (safetensors, meta {worker_id, version, samples, loss?,
+  push_id?}) -> as /ps/push: 200 {"applied", "version"} (a push_id seen from this worker
+  id: the first outcome, "duplicate": true); 409 stale (staleness > max_staleness) or a
+  version never served; 403 the worker id is not registered by the calling node; 400 a
+  gradient that does not fit the model or bad metadata; 410 once training is over.
+
+Each accepted gradient is logged `Step: version=V, from=<worker_id>, staleness=S,
+loss=...,`. /ps/pull and /ps/push answer 409 in serverless mode; GET /getVersion and
+/getParameter also serve a long-lived server's model (the register and push routes
+answer 409 there).
 """
 from __future__ import annotations
 
@@ -52,13 +84,14 @@ import time
 
 import torch
 from flask import Response, jsonify, request
-from werkzeug.exceptions import BadRequest, Conflict, Gone
+from werkzeug.exceptions import BadRequest, Conflict, Forbidden, Gone, TooManyRequests
 
 import net
 import nns
 from algorithms import weighted_mean
 from learn import evaluate
-from ps import MAX_PUSH_ID_CHARS, Finished, ParameterServer, PsConfig, Rejected
+from ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,
+                TooMany, check_worker_id)
 from runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
 
 MAX_WAIT_S = 10.0
@@ -67,6 +100,8 @@ MAX_SAMPLES = 10**12          # a batch's sample count: far beyond any dataset, 
 MAX_WAITERS = 4          # long polls held at once: the node serves 8 requests at a time
 PARAMS_TIMEOUT_S = 60.0  # sending one worker its parameters (LeNet: ~250 kB) may take this long
 START_DEADLINE_S = 60.0  # starting every worker (their GET /start, in parallel)
+MAX_ACTIONS = 1024       # serverless: action nodes a conf may name
+REGISTER_BODY = 4096     # {"worker_id": ...} is tens of bytes
 
 
 def check_structure(conf: dict) -> dict:
@@ -74,7 +109,23 @@ def check_structure(conf: dict) -> dict:
     if conf.get("role") != "server":
         raise ValueError(f"'role' must be 'server' for ps_server.py, got {conf.get('role')!r}")
     fields = {f.name for f in dataclasses.fields(PsConfig)}
-    PsConfig(**{k: v for k, v in conf.items() if k in fields})
+    config = PsConfig(**{k: v for k, v in conf.items() if k in fields})
+    serverless = conf.get("serverless", False)
+    if not isinstance(serverless, bool):
+        raise ValueError(f"'serverless' must be true or false, got {serverless!r}")
+    if serverless:
+        actions = conf.get("actions")
+        if config.mode != "async":
+            raise ValueError(f"serverless mode takes 'mode': 'async' (workers come and go), got {config.mode!r}")
+        if "workers" in conf:
+            raise ValueError("serverless mode: workers register themselves; give 'actions' (the nodes "
+                             "allowed to register), not 'workers'")
+        if not isinstance(actions, list) or not 0 < len(actions) <= MAX_ACTIONS \
+                or not all(isinstance(a, str) and 0 < len(a) <= 64 for a in actions) \
+                or len(set(actions)) != len(actions):
+            raise ValueError(f"serverless mode: 'actions' must be a non-empty list of at most {MAX_ACTIONS} "
+                             f"distinct node names, got {str(actions)[:200]}")
+        return conf
     workers, connect = conf.get("workers"), conf.get("connect")
     if not isinstance(workers, list) or not workers or not all(isinstance(w, str) for w in workers) \
             or len(set(workers)) != len(workers):
@@ -88,6 +139,8 @@ class PsServer:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.ps: ParameterServer | None = None
+        self.registry: Registry | None = None      # serverless mode: the registered workers
+        self._accuracy: tuple[float, int] | None = None    # the last evaluation (accuracy, version)
         self._cond = threading.Condition()
         self._evals: list[tuple[int, dict]] = []            # (version, params) to evaluate
         self._losses: dict[str, tuple[float, int]] = {}      # sync: this step's losses
@@ -109,6 +162,12 @@ class PsServer:
         rt.route("/ps/push", methods=["POST"], weights=True)(self.push)
         rt.route("/ps/status", methods=["GET"])(self.status)
         rt.route("/ps/model", methods=["GET"])(self.model)
+        # serverless mode's API (client credentials: see the module docstring)
+        rt.route("/registerWorker", methods=["POST"], clients=True, max_body=REGISTER_BODY)(self.register)
+        rt.route("/unregisterWorker", methods=["POST"], clients=True, max_body=REGISTER_BODY)(self.unregister)
+        rt.route("/getVersion", methods=["GET"], clients=True)(self.get_version)
+        rt.route("/getParameter", methods=["GET"], clients=True)(self.get_parameter)
+        rt.route("/putGradient", methods=["POST"], clients=True, weights=True)(self.put_gradient)
 
     @staticmethod
     def _check_data(data) -> None:
@@ -132,7 +191,7 @@ class PsServer:
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: /ps/pull: {e}") from None
         with self._cond:
-            ps = self._running()
+            ps = self._long_lived()
             if name not in ps.workers:
                 raise Conflict(f"{name!r} is not a worker of this server")
             if ps.version == have and wait_s > 0 and self._waiters.acquire(blocking=False):
@@ -172,11 +231,13 @@ class PsServer:
         if gather is not None and why == DEAD:
             gather.drop(worker, why)
 
-    def push(self):
+    def _gradient(self, key: str) -> tuple[dict, str, int, int, float, str | None]:
+        """The request's gradient: (tensors, worker (meta[key]), version, samples, loss,
+        push_id); BadRequest for anything malformed."""
         tensors, meta = self.rt.receive_weights()
-        name = meta.get("name")
+        name = meta.get(key)
         if not isinstance(name, str):
-            raise BadRequest("gradient metadata must carry 'name' (str), 'version' (int) and "
+            raise BadRequest(f"gradient metadata must carry '{key}' (str), 'version' (int) and "
                              "'samples' (int >= 1)")
         try:
             version = net.number(meta.get("version"), "gradient metadata 'version'", 0, MAX_VERSION,
@@ -190,29 +251,39 @@ class PsServer:
         if push_id is not None and (not isinstance(push_id, str) or not 0 < len(push_id) <= MAX_PUSH_ID_CHARS):
             raise BadRequest(f"{self.rt.name}: gradient from {name[:64]}: 'push_id' must be a string "
                              f"of 1 to {MAX_PUSH_ID_CHARS} characters")
+        return tensors, name, version, samples, loss, push_id
+
+    def push(self):
+        tensors, name, version, samples, loss, push_id = self._gradient("name")
         with self._cond:
-            ps = self._running()
-            before = ps.version
-            prev = ps.seen(name, push_id)
-            if prev is not None:
-                self.rt.log.info("push %s from %s again: applied once already, not again", push_id, name)
-                return jsonify(applied=prev, version=ps.version, duplicate=True)
-            try:
-                if ps.config.mode == "async":
-                    applied = ps.push(name, version, tensors, samples, push_id=push_id)
-                else:
-                    applied = self._sync_push(ps, name, version, tensors, samples, loss, push_id)
-            except Finished as e:
-                raise Gone(str(e)) from None
-            except Rejected as e:
-                self.rt.log.warning("refused: %s", e)
-                raise Conflict(str(e)) from None
-            except ValueError as e:
-                raise BadRequest(f"{self.rt.name}: {e}") from None
+            self._long_lived()
+            return self._take(name, version, tensors, samples, loss, push_id)
+
+    def _take(self, name: str, version: int, tensors: dict, samples: int, loss: float,
+              push_id: str | None):
+        """(lock held) Apply or collect one gradient (/ps/push, /putGradient): the answer."""
+        ps = self._running()
+        before = ps.version
+        prev = ps.seen(name, push_id)
+        if prev is not None:
+            self.rt.log.info("push %s from %s again: applied once already, not again", push_id, name)
+            return jsonify(applied=prev, version=ps.version, duplicate=True)
+        try:
             if ps.config.mode == "async":
-                self._losses[name] = (loss, samples)
-                self._applied(f"from={name}, staleness={before - version},")
-            return jsonify(applied=applied, version=ps.version)
+                applied = ps.push(name, version, tensors, samples, push_id=push_id)
+            else:
+                applied = self._sync_push(ps, name, version, tensors, samples, loss, push_id)
+        except Finished as e:
+            raise Gone(str(e)) from None
+        except Rejected as e:
+            self.rt.log.warning("refused: %s", e)
+            raise Conflict(str(e)) from None
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: {e}") from None
+        if ps.config.mode == "async":
+            self._losses[name] = (loss, samples)
+            self._applied(f"from={name}, staleness={before - version},")
+        return jsonify(applied=applied, version=ps.version)
 
     def _sync_push(self, ps: ParameterServer, name: str, version: int, grad: dict, samples: int,
                    loss: float, push_id: str | None) -> bool:
@@ -241,9 +312,92 @@ class PsServer:
             ps = self.ps
             if ps is None:
                 return jsonify(version=None, done=False, started=False)
+            extra = {} if self.registry is None else {"serverless": True, "registered": len(self.registry)}
             return jsonify(mode=ps.config.mode, version=ps.version, steps=ps.config.steps, done=ps.done,
                            accepted=ps.accepted, rejected=ps.rejected, pending=sorted(ps.pending),
-                           gone=dict(sorted(self._gone.items())), started=True)
+                           gone=dict(sorted(self._gone.items())), started=True, **extra)
+
+    # ------------------------------------------------------------------ serverless API
+    def _worker_id(self) -> str:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest('expected JSON {"worker_id": ...}')
+        try:
+            return check_worker_id(body.get("worker_id"))
+        except ValueError as e:
+            raise BadRequest(f"{self.rt.name}: {request.path}: {e}") from None
+
+    def _serverless(self) -> tuple[ParameterServer, Registry]:
+        """(lock held) The model and registry; 409 before /start or for a long-lived server."""
+        ps = self._running()
+        if self.registry is None:
+            raise Conflict(f"{self.rt.name}: {request.path} is for a serverless parameter server (structure "
+                           f"conf 'serverless': true); this one has fixed workers (/ps/pull, /ps/push)")
+        return ps, self.registry
+
+    def register(self):
+        worker_id, node = self._worker_id(), self.rt.client()
+        with self._cond:
+            ps, reg = self._serverless()
+            if ps.done:
+                raise Gone(f"training finished at version {ps.version}")
+            try:
+                new = reg.register(worker_id, node)
+            except NotAllowed as e:
+                raise Forbidden(str(e)) from None
+            except TooMany as e:
+                raise TooManyRequests(str(e)) from None
+            except Rejected as e:
+                raise Conflict(str(e)) from None
+            version, count = ps.version, len(reg)
+        if new:
+            self.rt.log.info("worker %s registered by %s at version %d (%d registered)",
+                             worker_id, node, version, count)
+        return jsonify(worker_id=worker_id, version=version, registered=count)
+
+    def unregister(self):
+        worker_id, node = self._worker_id(), self.rt.client()
+        with self._cond:
+            _, reg = self._serverless()
+            try:
+                gone = reg.unregister(worker_id, node)
+            except NotAllowed as e:
+                raise Forbidden(str(e)) from None
+            count = len(reg)
+        if gone:
+            self.rt.log.info("worker %s unregistered by %s (%d registered)", worker_id,
+                             node or "the controller", count)
+        return jsonify(unregistered=gone)
+
+    def get_version(self):
+        with self._cond:
+            ps = self._running()
+            acc = self._accuracy
+            return jsonify(version=ps.version, accuracy=None if acc is None else acc[0],
+                           accuracy_version=None if acc is None else acc[1], steps=ps.config.steps,
+                           done=ps.done, registered=None if self.registry is None else len(self.registry))
+
+    def get_parameter(self):
+        """GET /getParameter: the current parameters (meta {version}); harmless after done."""
+        with self._cond:
+            ps = self._running()
+            version, params = ps.version, ps.params    # updates replace params, never change them
+        body = net.pack_weights(params, {"version": version})
+        self.rt._add_bytes(sent=len(body))     # parameters are this mode's main traffic: /stats counts them
+        return Response(body, mimetype=WEIGHTS_MIME)
+
+    def put_gradient(self):
+        tensors, worker_id, version, samples, loss, push_id = self._gradient("worker_id")
+        node = self.rt.client()
+        with self._cond:
+            ps, reg = self._serverless()
+            if not ps.done:      # after the last step every push is 410, whoever sends it
+                try:
+                    reg.check(worker_id, node)
+                except NotAllowed as e:
+                    self.rt.log.warning("refused gradient: %s", e)
+                    raise Forbidden(str(e)) from None
+            return self._take(worker_id, version, tensors, samples, loss, push_id)
 
     def model(self):
         """GET /ps/model: the current parameters (meta {version}); an inspection, not counted."""
@@ -256,6 +410,14 @@ class PsServer:
         if self.ps is None:
             raise Conflict(f"{self.rt.name}: not started (GET /start first)")
         return self.ps
+
+    def _long_lived(self) -> ParameterServer:
+        """(lock held) The model of a server with fixed workers; 409 in serverless mode."""
+        ps = self._running()
+        if self.registry is not None:
+            raise Conflict(f"{self.rt.name}: serverless mode: workers use /registerWorker, /getParameter "
+                           f"and /putGradient, not {request.path}")
+        return ps
 
     def _applied(self, what: str) -> None:
         """After an update (lock held): log the step, queue an evaluation, wake pulls."""
@@ -358,20 +520,30 @@ class PsServer:
         config = self._config()
         torch.manual_seed(config.seed)
         model = nns.build_model(rt.data.meta)
+        serverless = conf.get("serverless") is True
+        params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
         with self._cond:
-            self.ps = ParameterServer({k: v.detach().clone() for k, v in model.state_dict().items()},
-                                      list(conf["workers"]), config,
-                                      grad_keys=[k for k, _ in model.named_parameters()])
+            if serverless:    # workers register themselves (before this: 409 not started)
+                self.registry = Registry(conf["actions"])
+                self.ps = ParameterServer(params, self.registry, config, dynamic=True,
+                                          grad_keys=[k for k, _ in model.named_parameters()])
+            else:
+                self.ps = ParameterServer(params, list(conf["workers"]), config,
+                                          grad_keys=[k for k, _ in model.named_parameters()])
+            self._accuracy = (acc, 0)
             if config.mode == "sync":
                 self._open()    # before any worker begins: version 0 is served from here
         rt.set_state("serving", 0)
-        acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
-        rt.log.info("%s parameter server: %d steps, %d workers, lr %g, momentum %g%s; initial "
-                    "accuracy %.4f", config.mode, config.steps, len(conf["workers"]), config.lr,
+        who = (f"serverless, actions on {', '.join(conf['actions'])}" if serverless
+               else f"{len(conf['workers'])} workers")
+        rt.log.info("%s parameter server: %d steps, %s, lr %g, momentum %g%s; initial "
+                    "accuracy %.4f", config.mode, config.steps, who, config.lr,
                     config.momentum, f", max_staleness {config.max_staleness}" if config.mode == "async"
                     else f", step_timeout_s {config.step_timeout_s:g}, step_retries {config.step_retries}", acc)
-        begun = rt.fan_out(conf["workers"], lambda w: net.call("GET", f"http://{rt.peer(w)}/start",
-                                                               token=rt.peer_token, timeout_s=30, retries=5),
+        workers = [] if serverless else conf["workers"]
+        begun = rt.fan_out(workers, lambda w: net.call("GET", f"http://{rt.peer(w)}/start",
+                                                       token=rt.peer_token, timeout_s=30, retries=5),
                            deadline_s=START_DEADLINE_S)
         for w, rep in begun.items():
             if not rep.ok:
@@ -407,6 +579,9 @@ class PsServer:
                 model.load_state_dict(params)
                 acc, _ = evaluate(model, rt.data.test_x, rt.data.test_y)
                 rt.log_aggregate(acc, version)
+                with self._cond:
+                    if self._accuracy is None or version >= self._accuracy[1]:
+                        self._accuracy = (acc, version)
             if done:
                 return
 
