@@ -243,3 +243,131 @@ def test_default_experiment_examples(scratch):
                                           str(scratch / "node_info.json"), str(scratch / "conf"))
     agg = json.loads(Path(paths[0]).read_text())
     assert agg["trainer_fraction"] == 1.0 and agg["child_node"] == NODES[1:]
+
+
+# ----------------------------------------------------------------------------- serverless (sl)
+
+import sl_structure_conf  # noqa: E402
+
+
+def sl_structure(**changes) -> dict:
+    s = {"steps": 100, "lr": 0.05, "eval_every": 20,
+         "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 2},
+         "data": [{"train_start_index": 1 + 10 * i, "train_len": 10} for i in range(4)],
+         "rounds": 8, "concurrency": 3, "deadline_s": 30,
+         "node_list": [{"name": "n1", "role": "server"}] + [{"name": n} for n in NODES[1:]]}
+    for k, v in changes.items():
+        if v is None:
+            s.pop(k, None)
+        else:
+            s[k] = v
+    return s
+
+
+def run_sl(files, out="out"):
+    d = files.dir
+    return sl_structure_conf.write_confs(str(d / "sl_structure.json"), str(d / "links.json"),
+                                         str(d / "node_info.json"), str(d / out))
+
+
+def test_sl_structure_confs(files):
+    files("sl_structure.json", sl_structure(params={"batch_sz_train": 16, "epoch_n": 2, "update_intv": 5,
+                                                    "lr": 0.1, "seed": 3}, seed=7))
+    paths = run_sl(files)
+    d = files.dir / "out"
+    assert sorted(Path(p).name for p in paths) == [f"{n}_structure.conf" for n in NODES]
+    server = json.loads((d / "n1_structure.conf").read_text())
+    assert server == {
+        "role": "server", "serverless": True, "mode": "async", "actions": NODES[1:], "steps": 100, "lr": 0.05,
+        "momentum": 0.0, "max_staleness": 3, "eval_every": 20, "seed": 7,   # max_staleness: the concurrency
+        "invoker": {"pool": NODES[1:], "rounds": 8, "concurrency": 3, "deadline_s": 30.0, "retries": 1,
+                    "params": {"batch_sz_train": 16, "epoch_n": 2, "update_intv": 5, "lr": 0.1, "seed": 3},
+                    "data": [{"train_start_index": 1 + 10 * i, "train_len": 10} for i in range(4)]}}
+    assert json.loads((d / "n3_structure.conf").read_text()) == {
+        "role": "action", "server": "n1", "connect": {"n1": "10.0.0.2:4444"}}
+    # the checks SlManager runs again at /start accept what the tool wrote
+    assert sl_structure_conf.invoker_settings(server["invoker"], "x") == server["invoker"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "sync"}, r"sl_structure.json.mode: serverless workers come and go.*\"async\"; got 'sync'"),
+    ({"steps": 0}, r"sl_structure.json.steps: expected an integer in \[1, 1000000000\], got 0"),
+    ({"lr": 0}, r"sl_structure.json.lr: expected a number in \(0.0, 10.0\], got 0"),
+    ({"params": None}, r"sl_structure.json: missing 'params'"),
+    ({"rounds": None}, r"sl_structure.json: missing 'rounds'"),
+    ({"params": {"batch_sz_train": 0, "epoch_n": 1, "update_intv": 1}},
+     r"sl_structure.json.params.batch_sz_train: expected an integer in \[1, 4096\], got 0"),
+    ({"params": {"batch_sz_train": 8, "epoch_n": 1}}, r"sl_structure.json.params: missing key 'update_intv'"),
+    ({"params": {"batch_sz_train": 8, "epoch_n": 1, "update_intv": 1, "device": "cuda"}},
+     r"sl_structure.json.params: unknown key\(s\) \['device'\]"),
+    ({"params": {"batch_sz_train": 8, "epoch_n": 1, "update_intv": 1.5}},
+     r"params.update_intv: expected an integer in \[1, 10000\], got 1.5"),
+    ({"data": []}, r"sl_structure.json.data: expected a list of 1..1024 objects"),
+    ({"data": [{"train_start_index": 0, "train_len": 10}]},
+     r"sl_structure.json.data\[0\].train_start_index: expected an integer in \[1, 1000000\], got 0"),
+    ({"data": [{"train_len": 10}]}, r"sl_structure.json.data\[0\]: missing key 'train_start_index'"),
+    ({"concurrency": 5}, r"sl_structure.json.concurrency: expected an integer in \[1, 4\], got 5"),
+    ({"deadline_s": float("nan")}, r"sl_structure.json.deadline_s: expected a number in \[1.0, 3600.0\]"),
+    ({"rounds": True}, r"sl_structure.json.rounds: expected an integer"),
+    ({"workers": ["n2"]}, r"sl_structure.json: unknown key\(s\) \['workers'\]"),
+    ({"node_list": [{"name": "n1", "role": "server"}, {"name": "n2", "role": "worker"}]},
+     r"node_list\[1\] 'n2'.role: expected 'server' or 'action', got 'worker'"),
+    ({"node_list": [{"name": "n1", "role": "server"}, {"name": "n2", "role": "server"}]},
+     r"node_list\[1\] 'n2': a second server \(node_list\[0\] 'n1' is one\)"),
+    ({"node_list": [{"name": "n2"}, {"name": "n3"}]}, r"needs one node with \"role\": \"server\" and at least one"),
+    ({"node_list": [{"name": "n1", "role": "server"}, {"name": "n9"}]}, r"node_list\[1\] 'n9': unknown node"),
+])
+def test_sl_structure_errors(files, changes, message):
+    files("sl_structure.json", json.dumps(sl_structure(**changes)).replace("NaN", "1e999"))
+    with pytest.raises(cu.ConfError, match=message):
+        run_sl(files)
+    assert not (files.dir / "out").exists()  # nothing half-written
+
+
+def test_sl_missing_links(files):
+    links = star_links()
+    links["n4"] = []
+    files("links.json", links)
+    files("sl_structure.json", sl_structure())
+    with pytest.raises(cu.ConfError, match=r"links.json: no link from 'n4' to 'n1' .*'n4' \(action\)\): it "
+                                           r"carries the gradients"):
+        run_sl(files)
+    links = star_links()
+    links["n1"] = [l for l in links["n1"] if l["dest"] != "n2"]
+    files("links.json", links)
+    with pytest.raises(cu.ConfError, match=r"no link from 'n1' to 'n2' .*it carries the parameters"):
+        run_sl(files)
+
+
+def test_sl_invoker_settings_read_back_are_checked():
+    good = {"pool": ["n2", "n3"], "params": {"batch_sz_train": 8, "epoch_n": 1, "update_intv": 1},
+            "data": [{"train_start_index": 1, "train_len": 1}], "rounds": 2}
+    assert sl_structure_conf.invoker_settings(good, "n1_structure.conf.invoker")["concurrency"] == 2
+    for bad, message in (
+            (None, r"n1_structure.conf.invoker: expected an object"),
+            ({**good, "pool": ["n2", "n2"]}, r"invoker.pool: expected a list of distinct action node names"),
+            ({**good, "pool": ["../x"]}, r"not a valid node name"),
+            ({**good, "concurrency": 3}, r"invoker.concurrency: expected an integer in \[1, 2\], got 3"),
+            ({**good, "retries": -1}, r"invoker.retries: expected an integer in \[0, 10\], got -1"),
+            ({**good, "extra": 1}, r"invoker: unknown key\(s\) \['extra'\]")):
+        with pytest.raises(cu.ConfError, match=message):
+            sl_structure_conf.invoker_settings(bad, "n1_structure.conf.invoker")
+
+
+def test_sl_shipped_examples(scratch):
+    """n1 serves with the 10 test parts (no action node gets a dataset conf); 4 data parts
+    of 10 disjoint train parts each; the structure tool accepts sl_structure.json as shipped."""
+    ds = dataset_conf.build_confs(cu.read_json(str(DML_TOOL / "sl_dataset.json")))
+    assert ds == {"n1": {"test_len": 10, "test_start_index": 1, "batch_size": 64}}
+    (scratch / "node_info.json").write_text(json.dumps(node_info()))
+    (scratch / "links.json").write_text(json.dumps(star_links()))
+    paths = sl_structure_conf.write_confs(str(DML_TOOL / "sl_structure.json"), str(scratch / "links.json"),
+                                          str(scratch / "node_info.json"), str(scratch / "conf"))
+    server = json.loads(Path(paths[0]).read_text())
+    assert server["serverless"] is True and server["actions"] == NODES[1:]
+    spans = sorted((p["train_start_index"], p["train_len"]) for p in server["invoker"]["data"])
+    assert spans == [(1, 10), (11, 10), (21, 10), (31, 10)]
+    r = subprocess.run([sys.executable, str(DML_TOOL / "sl_structure_conf.py"), "-s", "sl_structure.json",
+                        "-l", str(scratch / "links.json"), "-n", str(scratch / "node_info.json"),
+                        "-o", str(scratch / "cli")], cwd=scratch, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and len(r.stdout.split()) == 5, r.stderr
