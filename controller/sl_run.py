@@ -129,11 +129,14 @@ class SlManager(Manager):
         self.data_parts = [{**p, "dataset_url": f"http://{host}{path}",
                             "bytes": len(self.data_store.get(path.rsplit("/", 1)[-1]) or b"")}
                            for p, path in zip(settings["data"], paths)]
-        pool = {n: f"{self._nodes()[n].ip}:{self.action_port}" for n in settings["pool"]}
+        nodes = self._nodes()
+        pool = {n: f"{nodes[n].ip}:{self.action_port}" for n in settings["pool"]}
         self.invoker = Invoker(pool, auth=self.tb.node_token,
                                api_key=lambda n: net.client_token(self.tb.token, root, n),
                                concurrency=settings["concurrency"], deadline_s=settings["deadline_s"],
-                               retries=settings["retries"], say=lambda m: print(f"invoker: {m}", flush=True))
+                               retries=settings["retries"], say=lambda m: print(m, flush=True),
+                               server=f"{server.ip}:{server.port}", server_token=self.tb.node_token(root),
+                               runtime={n: f"{nodes[n].ip}:{nodes[n].port}" for n in settings["pool"]})
         self._stop_driver.clear()
         self._driver = threading.Thread(target=self._drive, args=(self.invoker, root, f"{server.ip}:{server.port}"),
                                         name="sl-driver", daemon=True)
