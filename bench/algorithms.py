@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""The five algorithms on the same 8 netns nodes, the same data split and the same links.
+"""The six algorithms on the same 8 netns nodes, the same data split and the same links.
 
-    sudo python3 bench/algorithms.py [--algs fl,gl,el,ra,ps] [--rounds 10] [--json]
+    sudo python3 bench/algorithms.py [--algs fl,gl,el,ra,ps,sl] [--rounds 10] [--json]
 
 Each algorithm runs the whole --auto workflow (controller/auto.py) on a testbed of
 eight nodes n1..n8 sharing this machine's cores, with links: a star around n1 (50mbit
 out, 20mbit back) and a ring n2 -> n3 -> ... -> n8 -> n2 (25mbit). Data: dataset/ as the
 splitter made it (40 IID train parts of the MNIST subset, 10 test parts); nodes that
-train get 5 parts each, nodes that evaluate get the 10 test parts. Prints a table of
-rounds, final accuracy, wall time and bytes sent per node, and with --json one JSON
-object as the last line. Confs, node_info.json and links live in a temporary folder; the
+train get 5 parts each, nodes that evaluate get the 10 test parts (the serverless
+server n1 evaluates; its seven action nodes are invoked with a data part of 5 train
+parts each, the split the others train on). Prints a table of rounds, final accuracy,
+wall time and bytes sent per node, then the serverless row's activations and their cold
+vs warm start overhead (invoker: /init + /run minus the action's training time), and
+with --json one JSON object as the last line. Confs, node_info.json and links live in a temporary folder; the
 runs' folders go to runs/ as usual.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from controller.fl_run import FlManager  # noqa: E402
 from controller.gl_run import GlManager  # noqa: E402
 from controller.ps_run import PsManager  # noqa: E402
 from controller.ra_run import RaManager  # noqa: E402
+from controller.sl_run import SlManager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
 
 NODES = [f"n{i}" for i in range(1, 9)]
@@ -76,6 +80,17 @@ def setups(rounds: int) -> dict:
                {"mode": "sync", "steps": 15 * rounds, "lr": 0.05, "momentum": 0.9, "max_staleness": 4,
                 "eval_every": 15, "node_list": [{"name": "n1", "role": "server"}] + [{"name": n} for n in NODES[1:]]},
                server_and_workers),
+        # serverless: n1 the server, n2..n8 action containers, one activation per data part
+        # (the trainers' parts above) per invocation round, 7 at once
+        "sl": (SlManager, [("n1", "ps_server.py")] + [(n, "sl_action.py") for n in NODES[1:]], "n1",
+               "sl_structure_conf",
+               {"steps": 15 * rounds, "lr": 0.05, "max_staleness": 7, "eval_every": 15, "seed": 0,
+                "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 2, "lr": 0.05},
+                "data": [{"train_start_index": train(i)["train_start_index"], "train_len": train(i)["train_len"]}
+                         for i in range(len(NODES) - 1)],
+                "rounds": 4 * rounds, "concurrency": len(NODES) - 1, "deadline_s": 120,
+                "node_list": [{"name": "n1", "role": "server"}] + [{"name": n, "role": "action"} for n in NODES[1:]]},
+               {"n1": {**TEST, "batch_size": 64}}),
     }
 
 
@@ -100,12 +115,14 @@ def run_one(alg: str, setup, tmp: Path, timeout_s: float) -> dict:
             "wall_seconds": s.get("wall_seconds"), "total_seconds": round(total, 1),
             "bytes_sent_mean": round(sum(sent.values()) / len(sent)) if sent else None,
             "bytes_sent_max": max(sent.values()) if sent else None, "bytes_sent": sent,
-            "run_dir": s.get("run_dir")}
+            "run_dir": s.get("run_dir"),
+            **({"serverless": {k: v for k, v in s["serverless"].items() if k not in ("records", "data_parts")}}
+               if isinstance(s.get("serverless"), dict) else {})}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--algs", default="fl,gl,el,ra,ps", help="comma-separated (default all five)")
+    ap.add_argument("--algs", default="fl,gl,el,ra,ps,sl", help="comma-separated (default all six)")
     ap.add_argument("--rounds", type=int, default=10, help="rounds (sync) per algorithm (default 10)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per algorithm (default 900)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -120,7 +137,7 @@ def main() -> int:
         for alg in algs:
             print(f"=== {alg}", flush=True)
             rows.append(run_one(alg, table[alg], Path(tmp), a.timeout))
-    print(f"\nFive algorithms on the same {len(NODES)} netns nodes, data split and links (2 cores shared)")
+    print(f"\nThe algorithms on the same {len(NODES)} netns nodes, data split and links (2 cores shared)")
     print(f"{'alg':<4} {'exit':>4} {'rounds':>6} {'accuracy':>8} {'train s':>8} {'total s':>8} "
           f"{'MB sent/node':>12} {'MB max':>7}")
     for r in rows:
@@ -129,7 +146,20 @@ def main() -> int:
         print(f"{r['algorithm']:<4} {r['exit']:>4} {str(r['rounds']):>6} {acc:>8} {str(r['wall_seconds']):>8} "
               f"{r['total_seconds']:>8} {mb(r['bytes_sent_mean']):>12} {mb(r['bytes_sent_max']):>7}")
     print("rounds: aggregation rounds (FL, gossip, ring), top-layer rounds (E-tree), "
-          "SGD steps applied by the server (PS)")
+          "SGD steps applied by the server (PS, serverless)")
+    for r in rows:
+        sl = r.get("serverless")
+        if sl:
+            def stat(k):
+                x = sl.get(k) or {}
+                return "/".join(f"{x[q]:.3f}" if isinstance(x.get(q), (int, float)) else "-"
+                                for q in ("mean", "p50", "max"))
+            moved = sl.get("bytes_moved") or {}
+            print(f"serverless: {sl.get('activations')} activations in {sl.get('rounds_invoked')} rounds "
+                  f"({sl.get('cold')} cold, {sl.get('warm')} warm, {sl.get('errors')} errors); start overhead "
+                  f"s mean/p50/max: cold {stat('cold_start_s')}, warm {stat('warm_start_s')}; "
+                  f"/init s {stat('init_s')}; MB data {moved.get('data_down', 0) / 1e6:.1f}, "
+                  f"parameters {moved.get('params_down', 0) / 1e6:.1f}, gradients {moved.get('gradients_up', 0) / 1e6:.1f}")
     if a.json:
         print(json.dumps({"bench": "algorithms", "nodes": len(NODES), "rows": rows}))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
