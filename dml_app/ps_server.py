@@ -16,8 +16,8 @@ On GET /start (the root) it builds the seeded model (version 0) and starts every
   `max_staleness` versions; sync: not of the current version, or pushed twice); 400
   for a gradient that does not fit the model; 410 once training is over.
 * GET /ps/status: {"mode", "version", "steps", "done", "accepted", "rejected", "pending",
-  "gone"}; GET /ps/model: the current parameters (safetensors, meta {version}), for
-  inspection.
+  "gone"} (serverless mode adds "serverless": true, "registered"); GET /ps/model: the
+  current parameters (safetensors, meta {version}), for inspection.
 
 Sync mode under failures: each version's gradients are a runtime Gather (rt.gather) of
 the workers; the step is applied as soon as every live worker pushed, else at the
@@ -61,10 +61,10 @@ testbed's peer credential gets 403, no credential 401:
   training is over.
 * POST /unregisterWorker JSON {"worker_id"} -> 200 {"unregistered": bool}; only the node
   that registered it, or the controller, may (403).
-* GET /getVersion -> {"version", "accuracy" (the last evaluated, null before any),
-  "accuracy_version", "steps", "done", "registered"}.
+* GET /getVersion -> {"version", "accuracy" (the last evaluated: the initial model's
+  until the first `eval_every`), "accuracy_version", "steps", "done", "registered"}.
 * GET /getParameter -> the current parameters (safetensors, meta {version}); still 200
-  once training is over.
+  once training is over. Its bodies count in /stats "bytes_sent".
 * POST /putGradient, a gradient (safetensors, meta {worker_id, version, samples, loss?,
   push_id?}) -> as /ps/push: 200 {"applied", "version"} (a push_id seen from this worker
   id: the first outcome, "duplicate": true); 409 stale (staleness > max_staleness) or a
@@ -72,7 +72,8 @@ testbed's peer credential gets 403, no credential 401:
   gradient that does not fit the model or bad metadata; 410 once training is over.
 
 Each accepted gradient is logged `Step: version=V, from=<worker_id>, staleness=S,
-loss=...,`. /ps/pull and /ps/push answer 409 in serverless mode; GET /getVersion and
+loss=...,`. Every route answers 409 before GET /start. /ps/pull and /ps/push answer
+409 in serverless mode; GET /getVersion and
 /getParameter also serve a long-lived server's model (the register and push routes
 answer 409 there).
 """
@@ -116,7 +117,8 @@ def check_structure(conf: dict) -> dict:
     if serverless:
         actions = conf.get("actions")
         if config.mode != "async":
-            raise ValueError(f"serverless mode takes 'mode': 'async' (workers come and go), got {config.mode!r}")
+            raise ValueError(f"serverless mode takes 'mode': 'async' (workers come and go), "
+                             f"got {config.mode!r}")
         if "workers" in conf:
             raise ValueError("serverless mode: workers register themselves; give 'actions' (the nodes "
                              "allowed to register), not 'workers'")
