@@ -120,28 +120,30 @@ class SlManager(Manager):
         except (OSError, ValueError) as e:
             raise ValueError(f"data parts of {dataset_dir}: {e}") from None
         self._end_driver()
+        nodes = self._nodes()
+        server = nodes[root]
+        pool = {n: f"{nodes[n].ip}:{self.action_port}" for n in settings["pool"]}
+        # Made before the server starts: a bad setting refuses /start with nothing started.
+        invoker = Invoker(pool, auth=self.tb.node_token,
+                          api_key=lambda n: net.client_token(self.tb.token, root, n),
+                          concurrency=settings["concurrency"], deadline_s=settings["deadline_s"],
+                          retries=settings["retries"], say=lambda m: print(m, flush=True),
+                          server=f"{server.ip}:{server.port}", server_token=self.tb.node_token(root),
+                          runtime={n: f"{nodes[n].ip}:{nodes[n].port}" for n in settings["pool"]})
         out = super().start_training(root)
         host = ctl.pop()
-        server = self._nodes()[root]
+        self.invoker = invoker
         self.settings = settings
         self.failure = None
         self.rounds_invoked = 0
         self.data_parts = [{**p, "dataset_url": f"http://{host}{path}",
-                            "bytes": len(self.data_store.get(path.rsplit("/", 1)[-1]) or b"")}
+                            "bytes": len(self.data_store.bundles[path.rsplit("/", 1)[-1]])}
                            for p, path in zip(settings["data"], paths)]
-        nodes = self._nodes()
-        pool = {n: f"{nodes[n].ip}:{self.action_port}" for n in settings["pool"]}
-        self.invoker = Invoker(pool, auth=self.tb.node_token,
-                               api_key=lambda n: net.client_token(self.tb.token, root, n),
-                               concurrency=settings["concurrency"], deadline_s=settings["deadline_s"],
-                               retries=settings["retries"], say=lambda m: print(m, flush=True),
-                               server=f"{server.ip}:{server.port}", server_token=self.tb.node_token(root),
-                               runtime={n: f"{nodes[n].ip}:{nodes[n].port}" for n in settings["pool"]})
         self._stop_driver.clear()
         self._driver = threading.Thread(target=self._drive, args=(self.invoker, root, f"{server.ip}:{server.port}"),
                                         name="sl-driver", daemon=True)
         self._driver.start()
-        return out + f"; invoking {len(pool)} action node(s), {len(paths)} data part(s) per round\n"
+        return out + f"; invoking {len(pool)} action node(s), {len(paths)} data part(s) per round"
 
     def _version(self, root: str, server: str) -> dict:
         return net.get_json(f"http://{server}/getVersion", token=self.tb.node_token(root), timeout_s=30)
