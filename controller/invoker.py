@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 from typing import Callable, Mapping
+from urllib.parse import urlsplit
 
 from controller.testbed import fan_out
 from dml_app import net
@@ -102,7 +103,7 @@ class Invoker:
         runtime = dict(runtime or {})
         self._containers: list[_Container] = []
         for node, address in pool.items():
-            if not isinstance(node, str) or not isinstance(address, str) or net.host_of(address) is None:
+            if not isinstance(node, str) or not isinstance(address, str) or not _host_port(address):
                 raise ValueError(f"invoker: pool entry {str(node)[:40]!r}: {str(address)[:80]!r} is not ip:port")
             rt = runtime.get(node) or f"{address.rpartition(':')[0]}:{RUNTIME_PORT}"
             self._containers.append(_Container(node, address, rt))
@@ -386,6 +387,15 @@ class Invoker:
             self._stop.wait(PROBE_PERIOD_S)
         with self._cv:
             self._prober = None
+
+
+def _host_port(address: str) -> bool:
+    """Whether `address` is host:port."""
+    try:
+        parts = urlsplit("//" + address)
+        return bool(parts.hostname) and parts.port is not None
+    except ValueError:
+        return False
 
 
 def _error_of(message: str) -> str | None:

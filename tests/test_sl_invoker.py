@@ -1,0 +1,300 @@
+"""The invoker (controller/invoker.py) and the controller's data bundles (GET /data/<sha256>).
+
+* The data side: a controller on loopback serves content-addressed bundles of train
+  parts (share.publish_parts) to node credentials, and nothing else to them.
+* The invoker against small action servers on loopback (real HTTP, OpenWhisk's action
+  protocol; what each run does is in its params): warm containers first, at most N at
+  once, one activation per container, OpenWhisk's status names, action errors not
+  retried, a container that does not answer lost and its activation retried elsewhere,
+  a lost container cold again once its node answers /hi.
+* The invoker against real action nodes (netns nodes through the embedded agent:
+  n1 ps_server.py in serverless mode, n2..n4 sl_action.py): cold then warm, the
+  concurrency limit, the deadline, and a node killed (SIGKILL to its cgroup) during its
+  /run retried on another node.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "dml_tool"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from controller import share  # noqa: E402
+from controller.invoker import Invoker  # noqa: E402
+from dml_app import net  # noqa: E402
+from dml_testutil import free_port, module_scratch, scratch, wait_until  # noqa: E402,F401  (fixtures)
+from test_access import served, status_code  # noqa: E402,F401  (served: a fixture)
+
+ADMIN = "invoker-admin-token-0123456789"
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+# ----------------------------------------------------------------------------- data bundles
+
+@pytest.fixture(scope="module")
+def dataset(module_scratch):
+    import splitter
+
+    out = module_scratch / "dataset"
+    splitter.split(source="mnist-subset", out=str(out), train_parts=8, test_parts=2, partition="iid", seed=2)
+    return out
+
+
+def test_data_bundles_are_content_addressed_and_a_node_credential_opens_only_them(served, dataset):
+    m = served()
+    base = f"http://127.0.0.1:{m.server.port}"
+    paths = share.publish_parts(m.data_store, dataset, [(1, 2), (3, 2), (1, 2)])
+    assert paths[0] == paths[2] != paths[1] and all(re.fullmatch(r"/data/[0-9a-f]{64}", p) for p in paths)
+    node = m.tb.node_token("c2")
+    r = net.call("GET", base + paths[1], token=node, timeout_s=10)
+    assert hashlib.sha256(r.content).hexdigest() == paths[1].rsplit("/", 1)[1]
+    sys.path.insert(0, str(ROOT / "dml_app"))
+    import node_data
+
+    x, y, meta = node_data.unpack_parts(r.content)
+    assert len(x) == len(y) == int(meta["samples"]) > 0 and int(meta["train_start_index"]) == 3
+    assert m.data_store.served[paths[1].rsplit("/", 1)[1]] == 1
+    # Any node reads any bundle; an unknown one is 404; no credential is 401.
+    assert status_code(base + paths[0], token=m.tb.node_token("c3"))[0] == 200
+    assert status_code(base + "/data/" + "0" * 64, token=node)[0] == 404
+    assert status_code(base + paths[0], token="node.c2.wrong")[0] == 401
+    # The node credential opens /data/<64 hex> and nothing else near it.
+    digest = paths[0].rsplit("/", 1)[1]
+    m.tb.share_store.archives[digest] = b"an archive of the shared folders"
+    for path in ["/data/" + digest.upper(), "/data/" + digest + "/", "/data/" + digest + "/x", "/data/",
+                 "/data", "/data/" + digest[:63], "/share/" + digest, "/status", "/data/../share/" + digest]:
+        code, msg = status_code(base + path, token=node)
+        assert code in (403, 404) and (code == 404 or "node credential" in msg), (path, code, msg)
+        assert code == 403 or path.startswith("/data/../"), (path, code)   # the client resolves ".."
+    # The store is bounded: past its limit nothing is added and it says why.
+    small = share.DataStore(max_bytes=10, max_bundles=2)
+    small.add(b"12345")
+    assert small.add(b"12345") == hashlib.sha256(b"12345").hexdigest()   # the same bytes: free
+    with pytest.raises(ValueError, match="over its limit"):
+        small.add(b"1234567")
+    small.add(b"x")
+    with pytest.raises(ValueError, match="2 bundles"):
+        small.add(b"y")
+
+
+# ----------------------------------------------------------------------------- loopback actions
+
+class Actions:
+    """Action servers on loopback speaking OpenWhisk's protocol (/init once, /run one at
+    a time, /hi for the prober), each counting what it saw; a run's params say what it
+    does: {"sleep": s, "sleep_on": {name: s}, "error": msg, "deadline": True, "garbage": True}."""
+
+    def __init__(self, names, token_of, *, init_fail=()):
+        from flask import Flask, jsonify, request
+
+        self.lock = threading.Lock()
+        self.running, self.most = 0, 0
+        self.inits = {n: 0 for n in names}
+        self.runs = {n: [] for n in names}
+        self.unregistered: list[str] = []
+        self.servers = {}
+        for name in names:
+            app = Flask(f"action-{name}")
+            net.require_token(app, token_of(name))
+            state = {"initialized": False, "busy": False}
+
+            def init(name=name, state=state):
+                if name in init_fail:
+                    return jsonify(error="main must be main or train"), 502
+                if state["initialized"]:
+                    return jsonify(error="Cannot initialize the action more than once."), 403
+                state["initialized"] = True
+                with self.lock:
+                    self.inits[name] += 1
+                return jsonify(ok=True)
+
+            def run(name=name, state=state):
+                body = request.get_json()
+                if not state["initialized"]:
+                    return jsonify(error="the action is not initialized"), 502
+                with self.lock:
+                    if state["busy"]:
+                        return jsonify(error="busy"), 409
+                    state["busy"] = True
+                    self.running += 1
+                    self.most = max(self.most, self.running)
+                    self.runs[name].append(body)
+                try:
+                    v = body["value"]
+                    time.sleep(v.get("sleep_on", {}).get(name, v.get("sleep", 0)))
+                    if v.get("error"):
+                        return jsonify(error=v["error"]), 502
+                    if v.get("deadline"):
+                        return jsonify(error="deadline exceeded after 2 batches"), 502
+                    if v.get("garbage"):
+                        return "not json", 200
+                    return jsonify(node=name, worker_id=body["activation_id"],
+                                   timings={"train_s": v.get("sleep", 0)},
+                                   bytes={"data_down": 10, "params_down": 20, "gradients_up": 30})
+                finally:
+                    with self.lock:
+                        self.running -= 1
+                        state["busy"] = False
+
+            def unregister():
+                self.unregistered.append(request.get_json()["worker_id"])
+                return jsonify(unregistered=True)
+
+            app.add_url_rule("/init", view_func=init, methods=["POST"])
+            app.add_url_rule("/run", view_func=run, methods=["POST"])
+            app.add_url_rule("/hi", view_func=lambda name=name: f"{name}\n", methods=["GET"])
+            app.add_url_rule("/unregisterWorker", view_func=unregister, methods=["POST"])
+            self.servers[name] = net.Server(app, "127.0.0.1", 0, threads=4).start()
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.servers[name].port}"
+
+    def close(self):
+        for s in self.servers.values():
+            s.close()
+
+
+@pytest.fixture
+def actions():
+    made: list[Actions] = []
+
+    def make(names, **kw):
+        a = Actions(names, lambda n: net.node_token(ADMIN, n), **kw)
+        made.append(a)
+        return a
+    try:
+        yield make
+    finally:
+        for a in made:
+            a.close()
+
+
+def invoker_for(pool: dict, said: list, **kw) -> Invoker:
+    kw.setdefault("deadline_s", 10)
+    return Invoker(pool, auth=lambda n: net.node_token(ADMIN, n),
+                   api_key=lambda n: net.client_token(ADMIN, "n1", n), say=said.append, **kw)
+
+
+def most_at_once(records) -> int:
+    """The largest number of records whose [start, end] overlap."""
+    edges = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records],
+                   key=lambda e: (e[0], e[1]))
+    now = most = 0
+    for _, d in edges:
+        now += d
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.timeout(60)
+def test_warm_containers_first_one_activation_each_at_most_n_at_once(actions):
+    a = actions(["c1", "c2", "c3"])
+    said: list[str] = []
+    inv = invoker_for({n: a.address(n) for n in ("c1", "c2", "c3")}, said, concurrency=2)
+    try:
+        recs = inv.invoke_all([{"sleep": 0.4}] * 6)
+    finally:
+        inv.close(timeout_s=10)
+    assert [r["status"] for r in recs] == ["success"] * 6, recs
+    assert a.most == 2 and most_at_once(inv.records()) <= 2       # in parallel, never more than 2
+    # Warm first: the two containers that ran stay in use, the third is never initialised.
+    assert sum(r["cold"] for r in recs) == 2 and sum(not r["cold"] for r in recs) == 4
+    assert sorted(a.inits.values()) == [0, 1, 1] and a.inits["c3"] == 0 and a.runs["c3"] == []
+    assert all(r["init_s"] is not None for r in recs if r["cold"]) and \
+        all(r["init_s"] is None for r in recs if not r["cold"])
+    ids = [r["activation_id"] for r in recs]
+    assert len(set(ids)) == 6 and all(HEX32.match(i) for i in ids)
+    body = a.runs[recs[0]["node"]][0]
+    assert body["activation_id"] in ids and body["api_key"] == net.client_token(ADMIN, "n1", recs[0]["node"])
+    assert abs(body["deadline"] / 1000 - (time.time() + 10)) < 15 and body["value"] == {"sleep": 0.4}
+    s = inv.summary()
+    assert (s["activations"], s["cold"], s["warm"], s["errors"], s["retries"]) == (6, 2, 4, 0, 0)
+    assert s["bytes"] == {"data_down": 60, "params_down": 120, "gradients_up": 180}
+    assert s["cold_start_s"]["n"] == 2 and s["warm_start_s"]["n"] == 4
+    # One line per activation start and end, while it happens.
+    assert sum(" starts on " in m for m in said) == 6 and sum(": success in " in m for m in said) == 6
+    with pytest.raises(RuntimeError, match="closed"):
+        inv.invoke({"sleep": 0})
+
+
+@pytest.mark.timeout(60)
+def test_statuses_as_openwhisk_and_action_errors_are_not_retried(actions):
+    a = actions(["c1", "c2", "bad"], init_fail=("bad",))
+    said: list[str] = []
+    inv = invoker_for({"c1": a.address("c1"), "c2": a.address("c2")}, said, concurrency=1, retries=2)
+    try:
+        assert inv.invoke({"error": "boom"})["status"] == "application error"
+        rec = inv.invoke({"deadline": True})
+        assert rec["status"] == "timeout" and rec["error"].startswith("deadline exceeded")
+        rec = inv.invoke({"garbage": True})
+        assert rec["status"] == "action developer error" and "not a JSON object" in rec["error"]
+        assert len(inv.records()) == 3 and all(r["attempt"] == 1 and r["retry_of"] is None for r in inv.records())
+        assert sum(len(v) for v in a.runs.values()) == 3           # none ran twice
+    finally:
+        inv.close(timeout_s=10)
+    inv = invoker_for({"bad": a.address("bad")}, said, concurrency=1)
+    try:
+        rec = inv.invoke({"sleep": 0})
+        assert rec["status"] == "action developer error" and rec["error"].startswith("/init: HTTP 502")
+        assert rec["cold"] and a.runs["bad"] == [] and inv.containers() == {"bad": "cold"}
+    finally:
+        inv.close(timeout_s=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_container_that_does_not_answer_is_lost_and_its_activation_retried_elsewhere(actions):
+    a = actions(["c1", "hang", "srv"])
+    dead = free_port()                       # nothing listens there: connection refused
+    hi = {"up": False}
+    from flask import Flask
+    app = Flask("dead-node-runtime")
+    app.add_url_rule("/hi", view_func=lambda: ("n\n", 200) if hi["up"] else ("down\n", 503))
+    runtime = net.Server(app, "127.0.0.1", 0, threads=2).start()
+    said: list[str] = []
+    srv_token = net.node_token(ADMIN, "srv")
+    inv = invoker_for({"dead": f"127.0.0.1:{dead}", "c1": a.address("c1")}, said, concurrency=2,
+                      server=a.address("srv"), server_token=srv_token,
+                      runtime={"dead": f"127.0.0.1:{runtime.port}"})
+    try:
+        rec = inv.invoke({"sleep": 0.1})
+        first, last = inv.records()
+        assert first["status"] == "lost" and first["node"] == "dead" and "no answer to /init" in first["error"]
+        assert last == rec and rec["status"] == "success" and rec["node"] == "c1"
+        assert rec["retry_of"] == first["activation_id"] and rec["attempt"] == 2
+        assert a.unregistered == [first["activation_id"]]          # with the server's own credential
+        assert inv.containers()["dead"] == "lost"
+        assert any("dead's container is lost" in m for m in said)
+        hi["up"] = True                                             # its node answers /hi again
+        wait_until(lambda: inv.containers()["dead"] == "cold", 10, "the lost container to be cold again")
+        s = inv.summary()
+        assert (s["activations"], s["lost"], s["retries"], s["errors"]) == (2, 1, 1, 1)
+    finally:
+        inv.close(timeout_s=10)
+        runtime.close()
+    # No answer by the deadline + grace: lost too, retried on the other container.
+    inv = invoker_for({"hang": a.address("hang"), "c1": a.address("c1")}, said, concurrency=2, deadline_s=1,
+                      grace_s=0.5, queue_timeout_s=2, runtime={"hang": f"127.0.0.1:{dead}"})
+    try:
+        rec = inv.invoke({"sleep": 0.1, "sleep_on": {"hang": 4}})
+        first = inv.records()[0]
+        assert first["status"] == "lost" and first["node"] == "hang" and "deadline + 0.5 s grace" in first["error"]
+        assert 1.4 < first["run_s"] < 3.5
+        assert rec["status"] == "success" and rec["node"] == "c1" and rec["retry_of"] == first["activation_id"]
+        # Bounded: the retry (retries=1) hangs too; then no container is left and it says so in time.
+        t = time.monotonic()
+        rec = inv.invoke({"sleep": 4})
+        assert time.monotonic() - t < 7
+        assert rec["status"] == "timeout" and rec["node"] is None and rec["attempt"] == 2
+        assert "no action container free within 2 s" in rec["error"]
+        assert [r["status"] for r in inv.records()] == ["lost", "success", "lost", "timeout"]
+    finally:
+        inv.close(timeout_s=10)
