@@ -298,3 +298,144 @@ def test_a_container_that_does_not_answer_is_lost_and_its_activation_retried_els
         assert [r["status"] for r in inv.records()] == ["lost", "success", "lost", "timeout"]
     finally:
         inv.close(timeout_s=10)
+
+
+# ----------------------------------------------------------------------------- real action nodes
+
+PORT, SUBNET = 3412, "10.229.12.0/24"     # the controller; its embedded agent takes PORT + 1
+SERVER, ACTIONS = "i1", ["i2", "i3", "i4"]
+ACTION_PORT = 8080
+
+
+@pytest.fixture(scope="module")
+def real(module_scratch):
+    """(testbed, manager, server "ip:port", {part: dataset_url}): netns nodes deployed by
+    the embedded agent, i1 ps_server.py in serverless mode (started, far from its last
+    step), i2..i4 sl_action.py; the data parts published on the controller."""
+    import json
+
+    import agent_helpers as ah
+    import netns_workflow as nw
+    from controller.manager import Manager
+
+    ah.need_root()
+    tmp = module_scratch / "real"
+    tmp.mkdir()
+    roles = {SERVER: "ps_server.py", **{a: "sl_action.py" for a in ACTIONS}}
+    with nw.netns_testbed(tmp, Manager, roles, {}, port=PORT, subnet=SUBNET) as (tb, m):
+        m.conf_dir.mkdir(parents=True, exist_ok=True)
+        confs = {f"{SERVER}_structure": {"role": "server", "serverless": True, "mode": "async", "actions": ACTIONS,
+                                         "steps": 100000, "lr": 0.05, "max_staleness": 8, "eval_every": 100000,
+                                         "seed": 0},
+                 f"{SERVER}_dataset": {"test_len": 1, "test_start_index": 1, "batch_size": 64},
+                 **{f"{a}_structure": {"role": "action"} for a in ACTIONS}}
+        for name, conf in confs.items():
+            (m.conf_dir / f"{name}.conf").write_text(json.dumps(conf))
+        m.push_conf("structure")
+        m.push_conf("dataset")
+        m.start_training(SERVER)
+        n1 = tb.all_nodes()[SERVER]
+        emu = n1.emulator
+        ctl = f"{emu.gateway}:{tb.host_port}" if emu.agent_port is None else f"{tb.ip}:{tb.host_port}"
+        paths = share.publish_parts(m.data_store, tmp / "dataset", [(1, 1), (2, 10)])
+        yield tb, m, f"{n1.ip}:{n1.port}", {"small": f"http://{ctl}{paths[0]}", "big": f"http://{ctl}{paths[1]}"}
+
+
+def real_invoker(real, said: list, nodes=ACTIONS, **kw) -> Invoker:
+    tb, m, server, _ = real
+    kw.setdefault("deadline_s", 60)
+    nodes_ = tb.all_nodes()
+    return Invoker({n: f"{nodes_[n].ip}:{ACTION_PORT}" for n in nodes}, auth=tb.node_token,
+                   api_key=lambda n: net.client_token(tb.token, SERVER, n), say=said.append,
+                   server=server, server_token=tb.node_token(SERVER),
+                   runtime={n: f"{nodes_[n].ip}:{nodes_[n].port}" for n in nodes}, **kw)
+
+
+def params(real, part: str = "small", **kw) -> dict:
+    _, _, server, urls = real
+    return {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 1, "apihost": server, "dataset_url": urls[part],
+            "device": "cpu", "lr": 0.05, **kw}
+
+
+def server_state(real) -> dict:
+    tb, _, server, _ = real
+    return net.get_json(f"http://{server}/getVersion", token=tb.node_token(SERVER), timeout_s=10)
+
+
+@pytest.mark.timeout(180)
+def test_real_nodes_cold_then_warm_at_most_n_at_once(real):
+    said: list[str] = []
+    v0 = server_state(real)["version"]
+    inv = real_invoker(real, said, concurrency=2)
+    try:
+        recs = inv.invoke_all([params(real)] * 4)
+    finally:
+        inv.close(timeout_s=60)
+    assert [r["status"] for r in recs] == ["success"] * 4, [(r["status"], r["error"]) for r in recs]
+    assert most_at_once(inv.records()) == 2                # two at once, never three
+    by_node: dict[str, list] = {}
+    for r in sorted(inv.records(), key=lambda r: r["start"]):
+        by_node.setdefault(r["node"], []).append(r)
+    assert len(by_node) == 2 and all(len(v) == 2 for v in by_node.values()), by_node.keys()
+    assert inv.containers()[next(n for n in ACTIONS if n not in by_node)] == "cold"   # warm ones first
+    for node, (cold, warm) in by_node.items():
+        assert cold["cold"] and cold["init_s"] is not None and not cold["result"]["cached_data"]
+        assert not warm["cold"] and warm["init_s"] is None and warm["result"]["cached_data"]
+        assert cold["result"]["node"] == node and cold["result"]["worker_id"] == cold["activation_id"]
+        assert warm["start_s"] < cold["start_s"], (node, cold["start_s"], warm["start_s"])
+        assert warm["result"]["bytes"]["data_down"] == 0 < cold["result"]["bytes"]["data_down"]
+    s = inv.summary()
+    assert (s["cold"], s["warm"], s["errors"]) == (2, 2, 0)
+    assert s["warm_start_s"]["mean"] < s["cold_start_s"]["mean"]
+    st = server_state(real)
+    assert st["version"] >= v0 + sum(r["result"]["applied"] for r in recs) > v0 and st["registered"] == 0
+    print(f"real nodes: cold start {s['cold_start_s']}, warm start {s['warm_start_s']}, init {s['init_s']}")
+
+
+@pytest.mark.timeout(120)
+def test_real_nodes_deadline(real):
+    said: list[str] = []
+    inv = real_invoker(real, said, nodes=ACTIONS[:1], concurrency=1, deadline_s=4, grace_s=5)
+    try:
+        t = time.monotonic()
+        rec = inv.invoke(params(real, "big", epoch_n=100))
+        took = time.monotonic() - t
+    finally:
+        inv.close(timeout_s=30)
+    assert rec["status"] == "timeout" and "deadline exceeded" in rec["error"], rec
+    assert took < 4 + 5 and rec["run_s"] < 4.5 and len(inv.records()) == 1     # not retried
+    assert inv.containers() == {ACTIONS[0]: "warm"} and server_state(real)["registered"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_real_node_killed_mid_invocation_is_retried_on_another_node(real):
+    tb, m, _, _ = real
+    said: list[str] = []
+    inv = real_invoker(real, said, nodes=ACTIONS[1:], concurrency=2)
+    out: dict = {}
+    try:
+        t = threading.Thread(target=lambda: out.update(rec=inv.invoke(params(real, "big", epoch_n=2))))
+        t.start()
+        # Mid-run: the activation has registered its worker id on the server.
+        wait_until(lambda: server_state(real)["registered"] == 1, 60, "the activation to register on the server")
+        victim = next(n for n, s in inv.containers().items() if s == "busy")
+        killed = m.node_fault(victim, "kill")
+        assert killed["ok"], killed
+        t.join(150)
+        assert not t.is_alive()
+        first, rec = inv.records()
+        assert first["status"] == "lost" and first["node"] == victim, first
+        assert rec == out["rec"] and rec["status"] == "success" and rec["node"] != victim, rec
+        assert rec["retry_of"] == first["activation_id"] and rec["attempt"] == 2 and rec["cold"]
+        assert rec["activation_id"] != first["activation_id"] and HEX32.match(rec["activation_id"])
+        assert server_state(real)["registered"] == 0        # the lost one's worker id unregistered
+        assert any(f"{victim}'s container is lost" in s for s in said)
+        # Back (the agent restarts its app): cold again, so the next activation there starts with /init.
+        assert m.node_fault(victim, "restart")["ok"]
+        wait_until(lambda: inv.containers()[victim] == "cold", 60, f"{victim} to be cold again")
+        again = inv.invoke_all([params(real)] * 2)
+        assert [r["status"] for r in again] == ["success"] * 2, again
+        assert {(r["node"], r["cold"]) for r in again} == {(victim, True), (rec["node"], False)}
+    finally:
+        inv.close(timeout_s=60)
+    print(f"killed {victim}: lost after {first['run_s']} s, retried on {rec['node']} in {rec['run_s']} s")
