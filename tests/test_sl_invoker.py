@@ -284,14 +284,14 @@ def test_a_container_that_does_not_answer_is_lost_and_its_activation_retried_els
     inv = invoker_for({"hang": a.address("hang"), "c1": a.address("c1")}, said, concurrency=2, deadline_s=1,
                       grace_s=0.5, queue_timeout_s=2, runtime={"hang": f"127.0.0.1:{dead}"})
     try:
-        rec = inv.invoke({"sleep": 0.1, "sleep_on": {"hang": 4}})
+        rec = inv.invoke({"sleep": 0.1, "sleep_on": {"hang": 2.5}})
         first = inv.records()[0]
         assert first["status"] == "lost" and first["node"] == "hang" and "deadline + 0.5 s grace" in first["error"]
         assert 1.4 < first["run_s"] < 3.5
         assert rec["status"] == "success" and rec["node"] == "c1" and rec["retry_of"] == first["activation_id"]
         # Bounded: the retry (retries=1) hangs too; then no container is left and it says so in time.
         t = time.monotonic()
-        rec = inv.invoke({"sleep": 4})
+        rec = inv.invoke({"sleep": 2.5})
         assert time.monotonic() - t < 7
         assert rec["status"] == "timeout" and rec["node"] is None and rec["attempt"] == 2
         assert "no action container free within 2 s" in rec["error"]
@@ -338,7 +338,17 @@ def real(module_scratch):
         emu = n1.emulator
         ctl = f"{emu.gateway}:{tb.host_port}" if emu.agent_port is None else f"{tb.ip}:{tb.host_port}"
         paths = share.publish_parts(m.data_store, tmp / "dataset", [(1, 1), (2, 10)])
-        yield tb, m, f"{n1.ip}:{n1.port}", {"small": f"http://{ctl}{paths[0]}", "big": f"http://{ctl}{paths[1]}"}
+        bed = (tb, m, f"{n1.ip}:{n1.port}", {"small": f"http://{ctl}{paths[0]}", "big": f"http://{ctl}{paths[1]}"})
+
+        def started() -> bool:          # /start answers at once; the model (version 0) comes next
+            try:
+                return server_state(bed)["version"] == 0
+            except net.HttpError as e:
+                if e.status != 409:
+                    raise
+                return False
+        wait_until(started, 60, "the server's model at version 0")
+        yield bed
 
 
 def real_invoker(real, said: list, nodes=ACTIONS, **kw) -> Invoker:
@@ -439,3 +449,37 @@ def test_real_node_killed_mid_invocation_is_retried_on_another_node(real):
     finally:
         inv.close(timeout_s=60)
     print(f"killed {victim}: lost after {first['run_s']} s, retried on {rec['node']} in {rec['run_s']} s")
+
+
+@pytest.mark.timeout(180)
+def test_real_node_frozen_mid_invocation_is_given_up_at_the_deadline_plus_grace(real):
+    tb, m, _, _ = real
+    said: list[str] = []
+    inv = real_invoker(real, said, nodes=ACTIONS[1:], concurrency=2, deadline_s=6, grace_s=1)
+    out: dict = {}
+    victim = None
+    try:
+        t = threading.Thread(target=lambda: out.update(rec=inv.invoke(params(real, "big", epoch_n=2))))
+        t.start()
+        wait_until(lambda: server_state(real)["registered"] == 1, 60, "the activation to register on the server")
+        victim = next(n for n, s in inv.containers().items() if s == "busy")
+        assert m.node_fault(victim, "pause")["ok"]              # SIGSTOP: no answer, no refusal
+        t.join(150)
+        assert not t.is_alive()
+        first, rec = inv.records()[:2]
+        assert first["status"] == "lost" and first["node"] == victim and "deadline + 1 s grace" in first["error"]
+        assert 6.0 < first["run_s"] < 6 + 1 + 3, first["run_s"]
+        assert rec == out["rec"] and rec["status"] == "success" and rec["node"] != victim
+        assert rec["retry_of"] == first["activation_id"]
+        # Thawed: its app kept its /init; once it answers /hi it is taken again (cold).
+        assert m.node_fault(victim, "resume")["ok"]
+        victim_back = victim
+        victim = None
+        wait_until(lambda: inv.containers()[victim_back] == "cold", 60, f"{victim_back} to be cold again")
+        again = inv.invoke_all([params(real)] * 2)
+        assert [r["status"] for r in again] == ["success"] * 2, again
+    finally:
+        if victim is not None:
+            m.node_fault(victim, "resume")
+        inv.close(timeout_s=60)
+    print(f"froze {first['node']}: given up after {first['run_s']} s, retried on {rec['node']} in {rec['run_s']} s")
