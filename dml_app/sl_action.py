@@ -308,10 +308,11 @@ class Action:
 
     # ------------------------------------------------------------------ /run
     def run(self, body: dict) -> dict:
-        if self.init_value is None:
-            if not self.openwhisk:
-                raise ActionError("The action has not been initialized: POST /init first.")
-            self.init_value = {"name": "", "main": "main", "env": {}}   # OpenWhisk skipped /init
+        with self._init_lock:
+            if self.init_value is None:
+                if not self.openwhisk:
+                    raise ActionError("The action has not been initialized: POST /init first.")
+                self.init_value = {"name": "", "main": "main", "env": {}}   # OpenWhisk skipped /init
         aid = body.get("activation_id")
         if not isinstance(aid, str) or not ACTIVATION_ID_RE.match(aid):
             raise ActionError(f"activation_id must be 1..48 characters of [A-Za-z0-9._-], got "
@@ -322,8 +323,8 @@ class Action:
             raise ActionError("api_key (the credential for the server's routes) must be 1..256 printable "
                               "characters", 400)
         if not self._busy.acquire(blocking=False):
-            raise ActionError(f"activation {self.current} is running: this action container takes one "
-                              f"activation at a time", 409)
+            raise ActionError(f"activation {self.current or '(ending)'} is running: this action container "
+                              f"takes one activation at a time", 409)
         self.current = aid
         t0 = time.monotonic()
         record: dict[str, Any] = {"activation_id": aid}
