@@ -340,3 +340,30 @@ def test_openwhisk_mode_and_a_run_to_the_servers_last_step(world, dataset, modul
     status, res = act.action("/run", run_body(world, "done-1"))
     assert status == 200 and res["server_done"] is True and res["pushes"] == 0, res
     wait_until(lambda: world[2].call("GET", "/ps/status").json()["done"], 10, "the server done")
+
+
+def test_data_bundles_are_deterministic_and_checked(dataset):
+    import torch
+
+    a, b = pack_train_parts(str(dataset), 2, 3), pack_train_parts(str(dataset), 2, 3)
+    assert a == b != pack_train_parts(str(dataset), 3, 3)        # the same parts, the same bytes
+    x, y, meta = unpack_parts(a)
+    assert x.shape == (300, 1, 28, 28) and x.dtype.name == "float32" and y.dtype.name == "int64"
+    assert (meta["train_start_index"], meta["train_len"], meta["samples"], meta["num_classes"]) == (2, 3, 300, 10)
+    good = {"x": torch.from_numpy(x[:4]), "y": torch.from_numpy(y[:4])}
+    bad = [(dict(good, y=torch.tensor([0, 1, 2, 10])), meta, "labels 0..10 outside 0..9"),
+           (dict(good, z=good["y"].clone()), meta, "expected the tensors x and y"),
+           (dict(good, y=good["y"].int()), meta, "y int64"),
+           (dict(good, x=good["x"][:, :, :14]), meta, "inputs shaped [1, 14, 28]"),
+           (dict(good, y=good["y"][:3]), meta, "not N inputs and N labels"),
+           (dict(good, x=good["x"] * float("nan")), meta, "NaN"),
+           (good, dict(meta, num_classes=0), "num_classes"),
+           (good, {k: v for k, v in meta.items() if k != "name"}, "'name'")]
+    for tensors, m, want in bad:
+        with pytest.raises(ValueError, match=want.replace("[", r"\[").replace("]", r"\]")):
+            unpack_parts(net.pack_weights(tensors, m))
+    for junk in (b"", b"\x80\x04K\x01.", a[:-10]):          # empty, a pickle, cut short
+        with pytest.raises(ValueError, match="data bundle"):
+            unpack_parts(junk)
+    with pytest.raises(ValueError, match="train parts 40..41 asked"):
+        pack_train_parts(str(dataset), 40, 2)
