@@ -12,8 +12,9 @@ activation). The invoker
   container at most `queue_timeout_s` (then the activation is a "timeout" that ran
   nowhere);
 * gives every activation a new id (32 hex digits, as OpenWhisk's) and a deadline
-  (`deadline_s` from its start, sent in the /run body in ms since the epoch); the HTTP
-  wait ends at the deadline plus `grace_s`;
+  (`deadline_s` after its /run is sent, in the /run body in ms since the epoch: the
+  action stops by it); the invoker's own wait for the answer ends at the deadline plus
+  `grace_s`;
 * records it: `{"activation_id", "node", "cold", "init_s" (cold only), "queued_s",
   "start", "end" (epoch s), "run_s", "start_s" (the start overhead: init_s + run_s minus
   the action's own training time, result.timings.train_s), "status", "result",
@@ -62,6 +63,7 @@ SUCCESS, APP_ERROR, DEV_ERROR = "success", "application error", "action develope
 TIMEOUT, LOST = "timeout", "lost"
 STATUSES = (SUCCESS, APP_ERROR, DEV_ERROR, TIMEOUT, LOST)
 
+
 class _Container:
     def __init__(self, node: str, address: str, runtime: str):
         self.node, self.address, self.runtime = node, address, runtime
@@ -87,7 +89,11 @@ class Invoker:
     credential the action shows the server). `server` ("ip:port") and `server_token`
     (the server node's own token): where a lost activation's worker id is
     unregistered. `runtime`: node -> "ip:port" of its node runtime (for /hi), default
-    the pool address's host on port 4444.
+    the pool address's host on port 4444. `say`: where the progress lines go;
+    `on_record(record)`: called with each record as it ends (lost ones too).
+    `grace_s`: the wait for /run's answer past its deadline; `init_timeout_s`: the wait
+    for /init; `queue_timeout_s` (default the larger of 60 s and deadline_s): the wait
+    for a free container.
     """
 
     def __init__(self, pool: Mapping[str, str], *, auth: Callable[[str], str],

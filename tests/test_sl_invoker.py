@@ -31,7 +31,7 @@ for p in (ROOT, ROOT / "dml_tool"):
 from controller import share  # noqa: E402
 from controller.invoker import Invoker  # noqa: E402
 from dml_app import net  # noqa: E402
-from dml_testutil import free_port, module_scratch, scratch, wait_until  # noqa: E402,F401  (fixtures)
+from dml_testutil import free_port, module_scratch, wait_until  # noqa: E402,F401  (module_scratch: a fixture)
 from test_access import served, status_code  # noqa: E402,F401  (served: a fixture)
 
 ADMIN = "invoker-admin-token-0123456789"
@@ -57,8 +57,7 @@ def test_data_bundles_are_content_addressed_and_a_node_credential_opens_only_the
     node = m.tb.node_token("c2")
     r = net.call("GET", base + paths[1], token=node, timeout_s=10)
     assert hashlib.sha256(r.content).hexdigest() == paths[1].rsplit("/", 1)[1]
-    sys.path.insert(0, str(ROOT / "dml_app"))
-    import node_data
+    import node_data          # dml_app/, on the path through dml_testutil
 
     x, y, meta = node_data.unpack_parts(r.content)
     assert len(x) == len(y) == int(meta["samples"]) > 0 and int(meta["train_start_index"]) == 3
@@ -378,7 +377,7 @@ def test_real_nodes_cold_then_warm_at_most_n_at_once(real):
     v0 = server_state(real)["version"]
     inv = real_invoker(real, said, concurrency=2)
     try:
-        recs = inv.invoke_all([params(real)] * 4)
+        recs = inv.invoke_all([params(real, "big", update_intv=4)] * 4)     # ~1 s each: they overlap
     finally:
         inv.close(timeout_s=60)
     assert [r["status"] for r in recs] == ["success"] * 4, [(r["status"], r["error"]) for r in recs]
