@@ -197,11 +197,13 @@ class Invoker:
                 "bytes": moved}
 
     def close(self, timeout_s: float = 60) -> None:
-        """Take no new activations; wait up to `timeout_s` for those under way (their
-        HTTP waits are bounded by their deadlines); stop probing lost containers."""
+        """Take no new activations (those still waiting for a container, retries too,
+        end as "timeout" without running); wait up to `timeout_s` for those running
+        (their HTTP waits are bounded by their deadlines); stop probing lost containers."""
         end = time.monotonic() + max(0.0, float(timeout_s))
         with self._cv:
             self._closed = True
+            self._cv.notify_all()
             while self._inflight and time.monotonic() < end:
                 self._cv.wait(min(1.0, max(0.0, end - time.monotonic())))
             left = self._inflight
@@ -224,8 +226,8 @@ class Invoker:
         rec["queued_s"] = round(time.monotonic() - t0, 3)
         if c is None:
             rec.update(status=TIMEOUT, start=time.time(), end=time.time(),
-                       error=f"no action container free within {self.queue_timeout_s:g} s "
-                             f"(containers: {self.containers()})")
+                       error="the invoker closed before an action container was free" if self._closed else
+                       f"no action container free within {self.queue_timeout_s:g} s (containers: {self.containers()})")
             self.say(f"invoker: activation {aid[:8]} ran nowhere: {rec['error']}")
             return self._record(rec)
         tried.add(c.node)
@@ -345,6 +347,8 @@ class Invoker:
         with self._cv:
             avoid = tried if len(tried) < len(self._containers) else set()
             while True:
+                if self._closed:         # closing: a queued activation (or retry) starts nowhere
+                    return None, False
                 if self._running < self.concurrency:
                     free = [c for c in self._containers if c.node not in avoid and not c.busy and not c.lost]
                     c = next((c for c in free if c.initialized), None) or next(iter(free), None)

@@ -250,6 +250,24 @@ def test_statuses_as_openwhisk_and_action_errors_are_not_retried(actions):
 
 
 @pytest.mark.timeout(60)
+def test_close_waits_for_running_activations_and_starts_no_queued_one(actions):
+    a = actions(["c1"])
+    said: list[str] = []
+    inv = invoker_for({"c1": a.address("c1")}, said, concurrency=1)
+    out: list[dict] = []
+    threads = [threading.Thread(target=lambda: out.append(inv.invoke({"sleep": 1}))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: inv.containers() == {"c1": "busy"}, 10, "one activation to run")
+    inv.close(timeout_s=10)
+    for t in threads:
+        t.join(10)
+    assert sorted(r["status"] for r in out) == ["success", "timeout"], out
+    queued = next(r for r in out if r["status"] == "timeout")
+    assert queued["node"] is None and "closed before" in queued["error"] and len(a.runs["c1"]) == 1
+
+
+@pytest.mark.timeout(60)
 def test_a_container_that_does_not_answer_is_lost_and_its_activation_retried_elsewhere(actions):
     a = actions(["c1", "hang", "srv"])
     dead = free_port()                       # nothing listens there: connection refused
