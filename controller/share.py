@@ -159,7 +159,9 @@ def publish_parts(store: DataStore, dataset_dir: str | Path, parts) -> list[str]
     """Pack each (start, count) range of train parts of `dataset_dir` into one bundle
     (node_data.pack_train_parts: the same parts give the same bytes, hence the same
     name), add it to `store` and return the URL paths, "/data/<sha256>" per range, in
-    order. A worker's `dataset_url` is f"http://{NET_CTL_ADDRESS}{path}"."""
+    order. A worker's `dataset_url` is f"http://{NET_CTL_ADDRESS}{path}". ValueError
+    (node_data.DatasetError) for a range that is not integers or not in the dataset, or
+    a store that is full."""
     dml_app = str(ROOT / "dml_app")
     if dml_app not in sys.path:        # node_data imports its siblings as top-level modules
         sys.path.append(dml_app)       # (appended: nothing of the controller's is shadowed)
@@ -167,7 +169,8 @@ def publish_parts(store: DataStore, dataset_dir: str | Path, parts) -> list[str]
 
     out = []
     for start, count in parts:
-        out.append(DATA_ROUTE + store.add(node_data.pack_train_parts(str(dataset_dir), int(start), int(count))))
+        # As given: pack_train_parts checks them (integers, parts that exist).
+        out.append(DATA_ROUTE + store.add(node_data.pack_train_parts(str(dataset_dir), start, count)))
     return out
 
 
