@@ -132,13 +132,18 @@ def test_read_back_counts_and_rates_in_a_namespace():
         assert {got["rates_bps"][0x10 + i] for i in range(10, 301)} == {100 * 10**9}
         assert got["classes"] == 302 and got["filters"] == 301 and got["rates_bps"][1] == 100 * 10**9
         tc.clear(ns, "eth0")
-        assert tc.read_back(ns, "eth0") == {"classes": 0, "filters": 0, "rates_bps": {}}
-        # with the node's own port: an answers' filter per link, counted by verify
+        assert tc.read_back(ns, "eth0") == {"classes": 0, "filters": 0, "answer_filters": 0, "rates_bps": {}}
+        # with the node's own port: an answers' filter per linked ip, counted apart
         t = tc.LinkTable(dev="eth0", netns=ns, own_port=4444)
         tc.install(t, links)
-        assert tc.read_back(ns, "eth0")["filters"] == 2 * 301 and tc.verify(t) == 301
-        subprocess.run(["tc", "-n", ns, "filter", "del", "dev", "eth0", "parent", "1:", "prio", "1"], check=True)
-        with pytest.raises(tc.TcError, match="602 filters"):
+        got = tc.read_back(ns, "eth0")
+        assert (got["filters"], got["answer_filters"]) == (301, 301) and tc.verify(t) == 301
+        # a missing answers' filter is seen: the last one added (handle 800::800 + 2 * 301 - 1)
+        subprocess.run(["tc", "-n", ns, "filter", "del", "dev", "eth0", "parent", "1:", "prio", "1",
+                        "handle", f"800::{0x800 + 2 * 301 - 1:x}", "u32"], check=True)
+        got = tc.read_back(ns, "eth0")
+        assert (got["filters"], got["answer_filters"]) == (301, 300)
+        with pytest.raises(tc.TcError, match="301 answers' filters, kernel has 301 classes, 301 filters and 300"):
             tc.verify(t)
         tc.clear(ns, "eth0")
         with pytest.raises(tc.TcError, match="no device"):

@@ -441,7 +441,8 @@ _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _TCA_KIND, _TCA_OPTIONS = 1, 2
 _TCA_STATS2, _TCA_STATS_BASIC = 7, 1        # struct gnet_stats_basic: u64 bytes, u32 packets
 _TCA_HTB_PARMS, _TCA_HTB_RATE64 = 1, 6
-_TCA_U32_CLASSID = 1
+_TCA_U32_CLASSID, _TCA_U32_SEL = 1, 5
+_SPORT_KEY = (b"\xff\xff\x00\x00", 20)   # u32 key `match ip sport P`: mask (network order), offset
 
 
 def _attrs(buf: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -494,8 +495,29 @@ def _dump(fd: int, msg_type: int, ifindex: int, parent: int) -> list[tuple[int, 
         sock.close()
 
 
+def _is_answer_filter(buf: bytes, opts: dict) -> bool:
+    """Whether a u32 filter matches a source port (an answers' filter): a key of its
+    struct tc_u32_sel (16 bytes, then keys of mask, val (be32), off, offmask) at the
+    source port's offset and mask."""
+    import struct
+
+    if _TCA_U32_SEL not in opts:
+        return False
+    start, end = opts[_TCA_U32_SEL]
+    nkeys = buf[start + 2]
+    for i in range(nkeys):
+        at = start + 16 + 16 * i
+        if at + 16 > end:
+            break
+        if (buf[at:at + 4], struct.unpack_from("i", buf, at + 8)[0]) == _SPORT_KEY:
+            return True
+    return False
+
+
 def read_back(netns: str | None, dev: str) -> dict:
-    """Count what the kernel holds on dev: shaped classes and u32 filters, via netlink."""
+    """Count what the kernel holds on dev, via netlink: shaped classes, u32 filters to a
+    destination's port ("filters": one per link) and from the node's own port
+    ("answer_filters": one per linked ip, when the table has its own port)."""
     import os
     import struct
 
@@ -518,26 +540,30 @@ def read_back(netns: str | None, dev: str) -> dict:
                     # struct tc_htb_opt starts with tc_ratespec rate: its u32 rate at +8
                     (rate,) = struct.unpack_from("I", buf, opts[_TCA_HTB_PARMS][0] + 8)
             rates[handle & 0xFFFF] = rate * 8
-        n_filters = 0
+        n_filters = n_answers = 0
         for _handle, at, buf in _dump(fd, _RTM_GETTFILTER, idx, 0x10000):
             if _TCA_KIND not in at or buf[at[_TCA_KIND][0]:at[_TCA_KIND][1]].rstrip(b"\0") != b"u32":
                 continue
-            if _TCA_OPTIONS in at and _TCA_U32_CLASSID in _attrs(buf, *at[_TCA_OPTIONS]):
-                n_filters += 1
+            opts = _attrs(buf, *at[_TCA_OPTIONS]) if _TCA_OPTIONS in at else {}
+            if _TCA_U32_CLASSID in opts:
+                if _is_answer_filter(buf, opts):
+                    n_answers += 1
+                else:
+                    n_filters += 1
     finally:
         os.close(fd)
-    return {"classes": n_classes, "filters": n_filters, "rates_bps": rates}
+    return {"classes": n_classes, "filters": n_filters, "answer_filters": n_answers, "rates_bps": rates}
 
 
 def verify(table: LinkTable) -> int:
     """Check that the kernel holds one class and one filter per link, plus one answers'
     filter per linked ip when the table has its own port; return the link count."""
     got = read_back(table.netns, table.dev)
-    n = len(table.minors)
-    want = n + len(table.answers)
-    if got["classes"] < n + 1 or got["filters"] < want:
-        raise TcError(f"{table.netns or 'host'}/{table.dev}: expected {n} links ({want} filters), kernel "
-                      f"has {got['classes'] - 1} classes and {got['filters']} filters")
+    n, m = len(table.minors), len(table.answers)
+    if got["classes"] < n + 1 or got["filters"] < n or got["answer_filters"] < m:
+        raise TcError(f"{table.netns or 'host'}/{table.dev}: expected {n} links and {m} answers' filters, "
+                      f"kernel has {got['classes'] - 1} classes, {got['filters']} filters and "
+                      f"{got['answer_filters']} answers' filters")
     return len(table.links)
 
 
