@@ -32,12 +32,15 @@ activation). The invoker
   errors are never retried (OpenWhisk does not either). A lost container is probed on
   its node runtime's /hi every second; once it answers it is cold again (a restarted
   app needs /init; one that kept its /init answers 403 "more than once" and is used
-  as it is);
+  as it is). A warm container whose /run is refused as not initialised (its app
+  restarted unseen: nothing ran) is cold at once, and that activation is retried the
+  same way;
 * says one line per activation start and end (and per container lost or back).
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -78,7 +81,15 @@ class _Container:
 
 
 class _Lost(Exception):
-    """The container gave no answer (or said it is busy): retry elsewhere."""
+    """The container gave no answer (or said it is busy): retry elsewhere. `cold`: it
+    answers but lost its /init (its app restarted unseen): cold, not lost."""
+
+    def __init__(self, message: str, *, cold: bool = False):
+        super().__init__(message)
+        self.cold = cold
+
+
+NOT_INITIALIZED = re.compile(r"not (been )?initiali[sz]ed", re.I)
 
 
 class Invoker:
@@ -139,7 +150,7 @@ class Invoker:
         ones are in records())."""
         if not isinstance(params, dict):
             raise TypeError(f"invoker: params must be a JSON object, not {type(params).__name__}")
-        json.dumps(params)           # fails here, before any container is taken
+        json.dumps(params, allow_nan=False)    # fails here (TypeError, ValueError), before any container is taken
         dl = self.deadline_s if deadline_s is None else net.number(deadline_s, "deadline_s", 0, 86400, lo_open=True)
         with self._cv:
             if self._closed:
@@ -239,7 +250,9 @@ class Invoker:
             if not cold or self._init(c, rec):
                 self._run(c, rec, params, deadline_s)
         except _Lost as e:
-            lost = True
+            lost = not e.cold
+            if e.cold:
+                c.initialized = False
             rec.update(status=LOST, error=str(e))
         except Exception as e:  # noqa: BLE001 - a bug here must not leave the container busy
             rec.update(status=DEV_ERROR, error=f"invoker: {type(e).__name__}: {e}")
@@ -251,7 +264,7 @@ class Invoker:
             extra += f" (start overhead {rec['start_s']:.2f} s)"
         self.say(f"invoker: activation {aid[:8]} on {c.node}: {rec['status']}{extra}"
                  + (f": {rec['error'][:200]}" if rec["error"] else ""))
-        if lost:
+        if rec["status"] == LOST:
             self._unregister(aid, c.node)
         return self._record(rec)
 
@@ -296,6 +309,8 @@ class Invoker:
             err = _error_text(reply.message)
             if reply.status == 409:                 # busy with a run we no longer follow
                 raise _Lost(f"{c.node}: /run: busy with another activation ({err[:200]})") from None
+            if reply.status == 502 and NOT_INITIALIZED.search(err):   # refused before it ran
+                raise _Lost(f"{c.node}: /run: its app restarted since its /init ({err[:200]})", cold=True) from None
             if reply.status == 502 and _error_of(reply.message) is not None:
                 rec.update(status=TIMEOUT if err.startswith("deadline exceeded") else APP_ERROR, error=err)
             else:

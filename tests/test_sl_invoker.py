@@ -101,10 +101,11 @@ class Actions:
         self.runs = {n: [] for n in names}
         self.unregistered: list[str] = []
         self.servers = {}
+        self.states = {}
         for name in names:
             app = Flask(f"action-{name}")
             net.require_token(app, token_of(name))
-            state = {"initialized": False, "busy": False}
+            state = self.states[name] = {"initialized": False, "busy": False}
 
             def init(name=name, state=state):
                 if name in init_fail:
@@ -119,7 +120,7 @@ class Actions:
             def run(name=name, state=state):
                 body = request.get_json()
                 if not state["initialized"]:
-                    return jsonify(error="the action is not initialized"), 502
+                    return jsonify(error="The action has not been initialized: POST /init first."), 502
                 with self.lock:
                     if state["busy"]:
                         return jsonify(error="busy"), 409
@@ -265,6 +266,25 @@ def test_close_waits_for_running_activations_and_starts_no_queued_one(actions):
     assert sorted(r["status"] for r in out) == ["success", "timeout"], out
     queued = next(r for r in out if r["status"] == "timeout")
     assert queued["node"] is None and "closed before" in queued["error"] and len(a.runs["c1"]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_warm_container_whose_app_restarted_unseen_is_cold_again(actions):
+    a = actions(["c1", "c2"])
+    said: list[str] = []
+    inv = invoker_for({"c1": a.address("c1"), "c2": a.address("c2")}, said, concurrency=1)
+    try:
+        assert inv.invoke({"sleep": 0})["node"] == "c1"
+        a.states["c1"]["initialized"] = False       # its app restarted: it refuses /run before /init
+        rec = inv.invoke({"sleep": 0})
+        first = inv.records()[1]
+        assert first["status"] == "lost" and "restarted since its /init" in first["error"]
+        assert rec["status"] == "success" and rec["node"] == "c2" and rec["retry_of"] == first["activation_id"]
+        assert inv.containers() == {"c1": "cold", "c2": "warm"}
+        assert inv.invoke({"sleep": 0})["node"] == "c2"                       # warm first
+        assert len(a.runs["c1"]) == 1 and len(a.runs["c2"]) == 2         # the refused /run ran nothing
+    finally:
+        inv.close(timeout_s=10)
 
 
 @pytest.mark.timeout(60)
