@@ -31,6 +31,7 @@ from dml_app import net  # noqa: E402
 
 ACTION_PORT = 8080               # OpenWhisk's action port (sl_action.py's DML_ACTION_PORT default)
 CLOSE_S = 60                     # /finish waits this long for activations still running
+SERVER_START_S = 120             # the server's model built after /start (its getVersion: 409 until then)
 DONE_GRACE_S = 60                # the server said done: its own /finish should come by then
 RECORDS_KEPT = 200               # summary.json: the first and the last 100 activation records
 
@@ -148,12 +149,27 @@ class SlManager(Manager):
     def _version(self, root: str, server: str) -> dict:
         return net.get_json(f"http://{server}/getVersion", token=self.tb.node_token(root), timeout_s=30)
 
+    def _wait_started(self, root: str, server: str) -> None:
+        """The server builds its model after GET /start answered (its getVersion says 409
+        until then): wait for it, at most SERVER_START_S."""
+        end = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                self._version(root, server)
+                return
+            except net.HttpError as e:
+                if e.status != 409 or time.monotonic() > end:
+                    raise
+            if self._stop_driver.wait(0.2):
+                return
+
     def _drive(self, invoker: Invoker, root: str, server: str) -> None:
         """Invocation rounds until the server is done; a failure ends the run (finish)."""
         s = self.settings
         params = [{**s["params"], "apihost": server, "dataset_url": p["dataset_url"], "device": "cpu"}
                   for p in self.data_parts]
         try:
+            self._wait_started(root, server)
             for rnd in range(1, s["rounds"] + 1):
                 if self._stop_driver.is_set() or self.finished.is_set():
                     return
