@@ -18,12 +18,12 @@ second filter, what A's own app answers B (an HTTP response from A's app port to
 ephemeral port: a GET of model weights from A's server is shaped by A->B). Traffic
 between other ports stays unshaped. Both filters feed the same class and leaf, so a
 link taken down drops A's answers to B too, and a rate change shapes both. The answers
-include A's TCP handshake replies and ACKs to B's connections to A's port: with A->B down,
-B->A carries no TCP either, and a very slow A->B slows B's uploads to A (as on a real
-asymmetric link: ACKs are ~2% of the data they acknowledge). When several
-links go to one ip (nodes of one host, told apart by port), answers cannot tell them
-apart: the first link to that ip gets the answers' filter. own_port None: no answers'
-filter (only what goes to B's port is shaped).
+include A's TCP handshake replies and ACKs to B's connections to A's port: with A->B
+down, B's connections to A's port get nothing back (B->A carries no TCP either), and a
+very slow A->B slows B's uploads to A, as on a real asymmetric link (ACKs are ~2% of the
+data they acknowledge). When several links go to one ip (nodes of one host, told apart
+by port), answers cannot tell them apart: the first link to that ip gets the answers'
+filter. own_port None: no answers' filter (only what goes to B's port is shaped).
 
 A link taken down keeps its class and filters; its leaf becomes a pfifo of limit 0, which
 drops every packet enqueued (this kernel has no act_gact, so no `action drop`, and no
