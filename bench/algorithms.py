@@ -81,14 +81,15 @@ def setups(rounds: int) -> dict:
                 "eval_every": 15, "node_list": [{"name": "n1", "role": "server"}] + [{"name": n} for n in NODES[1:]]},
                server_and_workers),
         # serverless: n1 the server, n2..n8 action containers, one activation per data part
-        # (the trainers' parts above) per invocation round, 7 at once
+        # (the trainers' parts above) per invocation round, 7 at once; sl_structure.json's
+        # async rule (its steps, 28 per round asked, as there)
         "sl": (SlManager, [("n1", "ps_server.py")] + [(n, "sl_action.py") for n in NODES[1:]], "n1",
                "sl_structure_conf",
-               {"steps": 15 * rounds, "lr": 0.05, "max_staleness": 7, "eval_every": 15, "seed": 0,
-                "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 2, "lr": 0.05},
+               {"steps": 28 * rounds, "lr": 0.08, "max_staleness": 2, "eval_every": 28, "seed": 0,
+                "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 4, "lr": 0.08},
                 "data": [{"train_start_index": train(i)["train_start_index"], "train_len": train(i)["train_len"]}
                          for i in range(len(NODES) - 1)],
-                "rounds": 4 * rounds, "concurrency": len(NODES) - 1, "deadline_s": 120,
+                "rounds": 8 * rounds, "concurrency": len(NODES) - 1, "deadline_s": 120,
                 "node_list": [{"name": "n1", "role": "server"}] + [{"name": n, "role": "action"} for n in NODES[1:]]},
                {"n1": {**TEST, "batch_size": 64}}),
     }
