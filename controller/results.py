@@ -9,7 +9,11 @@ them. Kept small for hundreds of nodes: at most MAX_PARTICIPANT_ENTRIES entries 
 first and the last halves; "participants_left_out" counts the rest; missing_nodes still
 counts every event), each with at most MAX_ENTRY_KEYS fields, lists and objects of at
 most MAX_NAMES items (a cut one gets "<key>_count": its size), strings of at most
-MAX_TEXT characters; at most MAX_MISSING_NODES nodes in missing_nodes."""
+MAX_TEXT characters; at most MAX_MISSING_NODES nodes in missing_nodes.
+
+Serverless runs (controller/sl_run.py) add summary.json "serverless" (the invoker's
+summary and activation records), activations.png (draw_activations) and the table's
+activation lines."""
 from __future__ import annotations
 
 import json
