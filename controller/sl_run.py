@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import auto, files, results, share  # noqa: E402
+from controller import auto, files, results, scenario, share  # noqa: E402
 from controller.invoker import Invoker  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
@@ -107,6 +107,8 @@ class SlManager(Manager):
             raise ValueError("say which node is the server: /start?root=NAME")
         if root not in self._nodes():
             raise ValueError(f"unknown root node {root!r}")
+        if self._driver is not None and self._driver.is_alive():
+            raise scenario.Busy("a serverless run is under way (its invocation rounds go on): /finish it first")
         settings = self._settings(root)
         ctl = {self._ctl_address(n) for n in settings["pool"]}
         if len(ctl) > 1:

@@ -114,3 +114,47 @@ def test_sl_on_docker_nodes(tmp_path):
         assert left == [] and client.networks.list(names=["etb-emu-dsl"]) == []
     finally:
         client.close()
+
+
+@pytest.mark.timeout(240)
+def test_sl_refuses_bad_invoker_settings_and_fails_at_its_rounds_bound(tmp_path):
+    """A server conf whose invoker settings were edited badly refuses /start with nothing
+    started; a run whose server is not done after `rounds` rounds ends by itself, saying
+    why, with the activations it made."""
+    import time
+
+    from controller import auto
+
+    server, actions = "f1", ["f2"]
+    roles = {server: "ps_server.py", "f2": "sl_action.py"}
+    st = {**structure(server, actions), "steps": 100_000, "rounds": 1, "concurrency": 1,
+          "data": [{"train_start_index": 1, "train_len": 1}]}
+    with nw.netns_testbed(tmp_path, SlManager, roles, links(server, actions), port=3386,
+                          subnet="10.236.4.0/24") as (tb, manager):
+        (tmp_path / "sl_structure.json").write_text(json.dumps(st))
+        (tmp_path / "sl_dataset.json").write_text(json.dumps(
+            {server: {"test_len": 1, "test_start_index": 1, "batch_size": 64}}))
+        auto.tool("dataset_conf").write_confs(str(tmp_path / "sl_dataset.json"), str(manager.conf_dir))
+        write = auto.structure_writer("sl_structure_conf", tmp_path / "sl_structure.json", tb, manager.conf_dir)
+        write()
+        conf_path = manager.conf_dir / f"{server}_structure.conf"
+        good = json.loads(conf_path.read_text())
+        for bad, message in ((lambda c: c["invoker"].update(pool=["f9"]), r"pool: f9 not action nodes"),
+                             (lambda c: c["invoker"].update(concurrency=0), r"invoker.concurrency: expected"),
+                             (lambda c: c.pop("invoker"), r"invoker: expected an object")):
+            conf = json.loads(json.dumps(good))
+            bad(conf)
+            conf_path.write_text(json.dumps(conf))
+            with pytest.raises(ValueError, match=message):
+                manager.start_training(server)
+            assert manager.started_at is None and manager.invoker is None     # nothing started
+        conf_path.write_text(json.dumps(good))
+        said = []
+        t0 = time.monotonic()
+        summary = nw.run_workflow(tb, manager, tmp_path, alg="sl", dataset={server: {
+            "test_len": 1, "test_start_index": 1, "batch_size": 64}}, structure=st, root=server,
+            timeout_s=120, said=said)
+        assert "not done after 1 invocation rounds" in summary["error"], summary.get("error")
+        sl = summary["serverless"]
+        assert sl["activations"] == sl["cold"] == 1 and sl["rounds_invoked"] == 1 and sl["errors"] == 0
+        assert time.monotonic() - t0 < 90
