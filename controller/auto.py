@@ -139,7 +139,8 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     manager.conf_dir, push both (what GET /conf/dataset and /conf/structure do), start
     (/start?root=, every node when `root` is None), print the aggregates as they come
     (`follow`) and return the summary once /finish has run (by the root, or by the
-    manager itself). Raises RuntimeError (a push refused, a node app died), TimeoutError
+    manager itself). A push skipped for a node the manager's `conf_optional(kind)` names
+    (serverless action nodes have no dataset conf) is not a failure. Raises RuntimeError (a push refused, a node app died), TimeoutError
     (no /finish within timeout_s), net.HttpError, OSError or ValueError; the caller
     removes the testbed. The one implementation of the workflow: --auto, the benchmarks
     and the tests all go through it."""

@@ -343,6 +343,9 @@ def _serverless_lines(summary: dict) -> list[str]:
             f"  cold start overhead: {stat('cold_start_s')}",
             f"  warm start overhead: {stat('warm_start_s')}",
             f"  bytes moved: data {mb('data_down')}, parameters {mb('params_down')}, gradients {mb('gradients_up')}",
+            *[f"  {str(n)[:8]:<8} gradients up {b.get('gradients_up', 0) / 1e6:.2f} MB, parameters down "
+              f"{b.get('params_down', 0) / 1e6:.2f} MB, data down {b.get('data_down', 0) / 1e6:.2f} MB"
+              for n, b in list((moved.get("by_node") or {}).items())[:MAX_TABLE_ROUNDS] if isinstance(b, dict)],
             ""]
 
 

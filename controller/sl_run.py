@@ -241,9 +241,21 @@ class SlManager(Manager):
         records = inv.records() if inv is not None else []
         kept, left = results.bounded_entries(records)
         sl = dict(inv.summary()) if inv is not None else {}
+        # What each action node's activations moved (their own counts: the node runtime's
+        # /stats, hence summary "bytes_sent", does not see the action server's calls).
+        by_node: dict = {}
+        for r in records:
+            b = (r.get("result") or {}).get("bytes") if isinstance(r.get("result"), dict) else None
+            if isinstance(b, dict) and r.get("node"):
+                acc = by_node.setdefault(r["node"], {"data_down": 0, "params_down": 0, "gradients_up": 0})
+                for k in acc:
+                    v = b.get(k)
+                    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53:
+                        acc[k] += v
         sl.update(rounds_invoked=self.rounds_invoked,
                   data_parts=self.data_parts,
                   bytes_moved={**(sl.get("bytes") or {}), "server": self._server_stats(),
+                               "by_node": dict(sorted(by_node.items())),
                                "data_served": sum(self.data_store.served.get(p["dataset_url"].rsplit("/", 1)[-1], 0)
                                                   * p["bytes"] for p in self.data_parts)},
                   records=kept)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 import docker_testutil as dt  # noqa: E402
 import netns_workflow as nw  # noqa: E402
+from controller import results  # noqa: E402
 from controller.sl_run import SlManager  # noqa: E402
 
 WORKERS = 4
@@ -68,6 +69,11 @@ def check_run(summary: dict, server: str, actions: list[str]) -> None:
     pushes = sum(r["result"]["pushes"] for r in recs)
     assert moved["gradients_up"] >= pushes * 240_000 and moved["params_down"] >= pushes * 240_000
     assert moved["server"]["bytes_received"] >= moved["gradients_up"]
+    assert sorted(moved["by_node"]) == sorted(actions)
+    assert sum(b["gradients_up"] for b in moved["by_node"].values()) == moved["gradients_up"]
+    table = results.table(summary)
+    assert f"activations {sl['activations']} ({len(actions)} cold, {sl['warm']} warm)" in table
+    assert "cold start overhead: mean" in table and "warm start overhead: mean" in table
     assert sum(r["result"]["applied"] for r in recs) >= st["steps"] - len(actions)
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "activations.png").stat().st_size > 10_000 and "activations.png" in summary["plots"]
