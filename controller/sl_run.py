@@ -33,7 +33,6 @@ ACTION_PORT = 8080               # OpenWhisk's action port (sl_action.py's DML_A
 CLOSE_S = 60                     # /finish waits this long for activations still running
 SERVER_START_S = 120             # the server's model built after /start (its getVersion: 409 until then)
 DONE_GRACE_S = 60                # the server said done: its own /finish should come by then
-RECORDS_KEPT = 200               # summary.json: the first and the last 100 activation records
 
 
 class SlManager(Manager):
@@ -236,10 +235,13 @@ class SlManager(Manager):
             return {"error": str(e)[:200]}
 
     def summarize(self, metrics: dict, wall: float, sent: dict) -> dict:
+        """The usual summary plus "serverless" (the invoker's summary, the data parts,
+        bytes moved, the activation records: the first and the last 100) and "error"
+        when the driver ended the run; draws activations.png into the run's folder."""
         summary = super().summarize(metrics, wall, sent)
         inv = self.invoker
         records = inv.records() if inv is not None else []
-        kept, left = results.bounded_entries(records)
+        kept, left = results.bounded_entries(records)     # at most 200: the first and last 100
         sl = dict(inv.summary()) if inv is not None else {}
         # What each action node's activations moved (their own counts: the node runtime's
         # /stats, hence summary "bytes_sent", does not see the action server's calls).
