@@ -85,8 +85,8 @@ def setups(rounds: int) -> dict:
         # async rule (its steps, 28 per round asked, as there)
         "sl": (SlManager, [("n1", "ps_server.py")] + [(n, "sl_action.py") for n in NODES[1:]], "n1",
                "sl_structure_conf",
-               {"steps": 28 * rounds, "lr": 0.08, "max_staleness": 2, "eval_every": 28, "seed": 0,
-                "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 4, "lr": 0.08},
+               {"steps": 28 * rounds, "lr": 0.05, "max_staleness": 2, "eval_every": 28, "seed": 0,
+                "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 6, "lr": 0.05},
                 "data": [{"train_start_index": train(i)["train_start_index"], "train_len": train(i)["train_len"]}
                          for i in range(len(NODES) - 1)],
                 "rounds": 8 * rounds, "concurrency": len(NODES) - 1, "deadline_s": 120,
