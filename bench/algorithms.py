@@ -112,10 +112,6 @@ def run_one(alg: str, setup, tmp: Path, timeout_s: float) -> dict:
     total = time.time() - t0
     s = (testbed.manager.summary if testbed.manager is not None else None) or {}
     sent = dict(s.get("bytes_sent", {}))
-    # Serverless action nodes: what their activations sent (the action server's calls are
-    # not in their node runtime's /stats, which bytes_sent is).
-    for n, b in ((s.get("serverless") or {}).get("bytes_moved", {}).get("by_node") or {}).items():
-        sent[n] = max(sent.get(n, 0), b.get("gradients_up", 0))
     return {"algorithm": alg, "exit": code, "rounds": s.get("rounds"), "final_accuracy": s.get("final_accuracy"),
             "wall_seconds": s.get("wall_seconds"), "total_seconds": round(total, 1),
             "bytes_sent_mean": round(sum(sent.values()) / len(sent)) if sent else None,

@@ -140,7 +140,8 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     (/start?root=, every node when `root` is None), print the aggregates as they come
     (`follow`) and return the summary once /finish has run (by the root, or by the
     manager itself). A push skipped for a node the manager's `conf_optional(kind)` names
-    (serverless action nodes have no dataset conf) is not a failure. Raises RuntimeError (a push refused, a node app died), TimeoutError
+    (serverless action nodes have no dataset conf) is not a failure. Raises RuntimeError
+    (a push refused, a node app died), TimeoutError
     (no /finish within timeout_s), net.HttpError, OSError or ValueError; the caller
     removes the testbed. The one implementation of the workflow: --auto, the benchmarks
     and the tests all go through it."""
@@ -148,9 +149,7 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     write_structure()
     for kind in ("dataset", "structure"):
         res = manager.push_conf(kind)
-        # A manager may name nodes that need no conf of a kind (serverless action nodes
-        # get their data per invocation): a push skipped for them is fine.
-        optional = manager.conf_optional(kind) if hasattr(manager, "conf_optional") else set()
+        optional = manager.conf_optional(kind)
         bad = {n: r for n, r in res.items() if r != "ok" and not (n in optional and r.startswith("skipped"))}
         if bad:
             raise RuntimeError(f"pushing {kind} confs: {bad}")

@@ -396,7 +396,9 @@ class Manager:
         """A restarted app starts with nothing: once it answers, give it again the confs
         pushed so far in this deployment (its own conf files), then on_rejoin. Returns
         what was done, in words ("" when nothing was pushed yet)."""
-        kinds = [k for k in ("dataset", "structure") if k in self.pushed]
+        # Only its own conf files: a node may have none of a kind (conf_optional).
+        kinds = [k for k in ("dataset", "structure")
+                 if k in self.pushed and (self.conf_dir / f"{node}_{k}.conf").exists()]
         if not kinds:
             return ""
         try:
@@ -411,6 +413,11 @@ class Manager:
         except (net.HttpError, NotReady, OSError, ValueError) as e:
             return f"rejoin failed: {e}"
         return f"{' and '.join(kinds)} conf pushed again" + (f", {more}" if more else "")
+
+    def conf_optional(self, kind: str) -> set[str]:
+        """Nodes that need no conf of `kind`: a push that skips them (no conf file) is not
+        a failure for --auto (controller/auto.py drive). Every node needs both here."""
+        return set()
 
     def on_rejoin(self, node: str) -> str:
         """After a restarted node got its confs again: what the algorithm does to take it

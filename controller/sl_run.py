@@ -94,11 +94,7 @@ class SlManager(Manager):
 
     def _ctl_address(self, node: str) -> str:
         """The controller's address as `node` sees it (its NET_CTL_ADDRESS, testbed.deploy)."""
-        n = self._nodes()[node]
-        emu = getattr(n, "emulator", None)
-        if emu is not None and emu.agent_port is None:
-            return f"{emu.gateway}:{self.tb.host_port}"
-        return f"{self.tb.ip}:{self.tb.host_port}"
+        return self.tb.ctl_address(getattr(self._nodes()[node], "emulator", None))
 
     # ------------------------------------------------------------------ run
     def start_training(self, root: str | None) -> str:
@@ -243,8 +239,8 @@ class SlManager(Manager):
         records = inv.records() if inv is not None else []
         kept, left = results.bounded_entries(records)     # at most 200: the first and last 100
         sl = dict(inv.summary()) if inv is not None else {}
-        # What each action node's activations moved (their own counts: the node runtime's
-        # /stats, hence summary "bytes_sent", does not see the action server's calls).
+        # What each action node's activations moved, by kind (summary "bytes_sent" has
+        # their sums: the action counts its calls in the node runtime's /stats).
         by_node: dict = {}
         for r in records:
             b = (r.get("result") or {}).get("bytes") if isinstance(r.get("result"), dict) else None

@@ -477,6 +477,14 @@ class Testbed:
         srv = net.serve(make_app(agent), "0.0.0.0", self.host_port + 1, threads=16)
         self.embedded = (agent, srv)
 
+    def ctl_address(self, emu: "Emulator | None") -> str:
+        """The controller as the nodes of `emu` see it (their NET_CTL_ADDRESS): the
+        gateway of their bridge when the controller's embedded agent runs them, else the
+        controller's ip; physical nodes (emu None) use its ip."""
+        if emu is not None and emu.agent_port is None:
+            return f"{emu.gateway}:{self.host_port}"
+        return f"{self.ip}:{self.host_port}"
+
     def _node_body(self, n: _Node, ctl: str, agent: str, shares: dict | None = None) -> dict:
         """`shares`: for a worker that is not this machine, {nfs tag: volume source}
         (controller/share.py); its nodes get those instead of the controller's paths."""
@@ -561,7 +569,7 @@ class Testbed:
         jobs = []
         for emu in self.emulators.values():
             gw = emu.gateway
-            ctl = f"{gw}:{self.host_port}" if emu.agent_port is None else f"{self.ip}:{self.host_port}"
+            ctl = self.ctl_address(emu)
             agent_addr = f"{gw}:{self.embedded[1].port}" if emu.agent_port is None else f"{emu.ip}:{emu.agent_port}"
             body = {"emulator": emu.name, "backend": emu.backend, "cpu": emu.cpu,
                     "bridge": {"cidr": emu.subnet, "gateway": gw},
@@ -574,7 +582,7 @@ class Testbed:
         for n in self.physical.values():
             by_agent.setdefault(f"{n.ip}:{n.agent_port}", []).append(n)
         for addr, ns in by_agent.items():
-            body = {"nodes": [self._node_body(n, f"{self.ip}:{self.host_port}", addr,
+            body = {"nodes": [self._node_body(n, self.ctl_address(None), addr,
                                               None if self._is_local(n.ip, False) else remote) for n in ns],
                     "links": self.agent_links(self.links, [n.name for n in ns])}
             jobs.append((f"physical {addr}", addr, "/physical/deploy", body))

@@ -385,7 +385,7 @@ class PsServer:
             ps = self._running()
             version, params = ps.version, ps.params    # updates replace params, never change them
         body = net.pack_weights(params, {"version": version})
-        self.rt._add_bytes(sent=len(body))     # parameters are this mode's main traffic: /stats counts them
+        self.rt.count_bytes(sent=len(body))     # parameters are this mode's main traffic: /stats counts them
         return Response(body, mimetype=WEIGHTS_MIME)
 
     def put_gradient(self):

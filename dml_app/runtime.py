@@ -738,6 +738,11 @@ class Runtime:
             raise BadRequest(f"{self.name}: {request.path} expects model weights as "
                              f"safetensors ({WEIGHTS_MIME}); {e}") from None
 
+    def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
+        """Add bytes a role moved outside send_weights/receive_weights to /stats'
+        counters (e.g. weights in a GET's answer, an action server's calls)."""
+        self._add_bytes(sent=sent, received=received)
+
     def _add_bytes(self, *, sent: int = 0, received: int = 0) -> None:
         with self._lock:
             self._bytes_sent += sent

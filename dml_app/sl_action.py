@@ -221,6 +221,7 @@ class Action:
                  on_train: Callable[[float, int], None] | None = None,
                  set_state: Callable[..., None] | None = None,
                  on_record: Callable[[dict], None] | None = None,
+                 on_bytes: Callable[..., None] | None = None,
                  stopping: threading.Event | None = None):
         self.node, self.log = node, log
         self._data_token, self._ctl_address = data_token, ctl_address
@@ -228,6 +229,7 @@ class Action:
         self._on_train = on_train or (lambda loss, v: log.info("Train: loss=%.4f, round=%d,", loss, v))
         self._set_state = set_state or (lambda *a, **k: None)
         self._on_record = on_record or (lambda rec: None)
+        self._on_bytes = on_bytes or (lambda **kw: None)    # the node's /stats counters
         self.stopping = stopping or threading.Event()
         self._init_lock = threading.Lock()
         self.init_value: dict | None = None
@@ -389,7 +391,7 @@ class Action:
 
         # 1. the data
         x, y, meta, cached, got = self._bundle(p["dataset_url"], p["digest"], data_token, bounded, call_failed)
-        byts["data_down"] = got
+        self._moved(byts, "data_down", got)
         t_fetch = time.monotonic()
 
         # 2. the model
@@ -430,7 +432,7 @@ class Action:
                                  timeout_s=bounded("pulling parameters"), retries=2, max_bytes=params_limit)
                 except net.HttpError as e:
                     raise call_failed(f"GET /getParameter from {host}", e) from None
-                byts["params_down"] += len(r.content)
+                self._moved(byts, "params_down", len(r.content))
                 try:
                     tensors, pmeta = net.unpack_weights(r.content)
                     raw_v = pmeta.get("version")
@@ -485,6 +487,14 @@ class Action:
                 "timings": {"fetch_s": round(t_fetch - t0, 3), "build_s": round(t_build - t_fetch, 3),
                             "train_s": round(t_end - t_build, 3), "total_s": round(t_end - t0, 3)}}
 
+    def _moved(self, byts: dict, key: str, n: int) -> None:
+        """Count n bytes in the activation's result and in the node's counters."""
+        byts[key] += n
+        if key == "gradients_up":
+            self._on_bytes(sent=n)
+        else:
+            self._on_bytes(received=n)
+
     def _push(self, server_url: str, body: bytes, api_key: str, push_id: str, bounded, call_failed,
               byts: dict) -> tuple[bool, int] | bool | None:
         """POST one gradient: (applied, version); False when refused as stale (409); None
@@ -496,7 +506,7 @@ class Action:
                              retries=2)
             except net.HttpError as e:
                 if e.sent:
-                    byts["gradients_up"] += len(body)
+                    self._moved(byts, "gradients_up", len(body))
                 if e.status == 409:
                     self.log.warning("gradient %s refused: %s", push_id, e.message)
                     return False
@@ -507,7 +517,7 @@ class Action:
                     self.log.warning("gradient %s: no answer (%s); sending it again", push_id, e.message)
                     continue
                 raise call_failed(f"pushing gradient {push_id} to {server_url}", e) from None
-            byts["gradients_up"] += len(body)
+            self._moved(byts, "gradients_up", len(body))
             try:
                 ans = r.json()
                 return bool(ans.get("applied")), net.number(ans.get("version"), "the server's version", 0,
@@ -581,7 +591,8 @@ def main_node() -> None:
     rt.on_structure(check_structure)
     action = Action(node=rt.name, log=rt.log, data_token=rt.token, ctl_address=rt.ctl_address,
                     on_train=rt.log_train, set_state=rt.set_state, stopping=rt.stopping,
-                    on_record=lambda rec: rt.log_metric("activation", rec.get("version") or 0, **rec))
+                    on_record=lambda rec: rt.log_metric("activation", rec.get("version") or 0, **rec),
+                    on_bytes=rt.count_bytes)
     try:
         server = net.Server(action.make_app(rt.token), "0.0.0.0", port, threads=ACTION_THREADS).start()
     except OSError as e:

@@ -128,3 +128,28 @@ def structure_tool(build: Callable[..., Mapping[str, Mapping[str, Any]]], *, pro
                     out_dir: str = DEFAULT_CONF_DIR) -> list[str]:
         return write_structure_confs(structure_path, links_path, node_info_path, out_dir, build)
     return write_confs, functools.partial(structure_tool_main, prog=prog, algorithm=algorithm, write=write_confs)
+
+
+def server_and_members(structure: Mapping[str, Any], nodes: Mapping[str, Any], *, file: str, nodes_file: str,
+                       member_role: str, members_what: str) -> tuple[str, list[str], dict[str, int]]:
+    """A node_list of one node with "role": "server" and members (role `member_role`, the
+    default): (server, members in order, {name: its index in node_list}). Entries take
+    only 'name' and 'role'; ConfError names the entry otherwise."""
+    server, members, seen = None, [], {}
+    for listed in node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' (and 'role')"):
+        name, entry, where = listed.name, listed.entry, listed.where
+        check_keys(entry, ("name", "role"), where)
+        seen[name] = listed.index
+        role = entry.get("role", member_role)
+        if role == "server":
+            if server is not None:
+                raise ConfError(f"{where}: a second server (node_list[{seen[server]}] {server!r} is one)")
+            server = name
+        elif role == member_role:
+            members.append(name)
+        else:
+            raise ConfError(f"{where}.role: expected 'server' or {member_role!r}, got {role!r}")
+    if server is None or not members:
+        raise ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one "
+                        f"{members_what}")
+    return server, members, seen

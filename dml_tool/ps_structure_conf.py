@@ -45,7 +45,6 @@ except ImportError:  # run as a script from any folder
 MODES = ("sync", "async")
 FILE_KEYS = ("mode", "steps", "sync", "lr", "momentum", "max_staleness", "eval_every", "seed",
              "step_timeout_s", "step_retries", "node_list")
-NODE_KEYS = ("name", "role")
 
 
 def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],
@@ -63,22 +62,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         raise cu.ConfError(f"{file}: give the number of updates as 'steps' (or EdgeTB's 'sync'), once")
     steps = cu.get_int(structure, "steps" if "steps" in structure else "sync", file, low=1)
 
-    server, workers, seen = None, [], {}
-    for listed in cu.node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' (and 'role')"):
-        name, entry, where = listed.name, listed.entry, listed.where
-        cu.check_keys(entry, NODE_KEYS, where)
-        seen[name] = listed.index
-        role = entry.get("role", "worker")
-        if role == "server":
-            if server is not None:
-                raise cu.ConfError(f"{where}: a second server (node_list[{seen[server]}] {server!r} is one)")
-            server = name
-        elif role == "worker":
-            workers.append(name)
-        else:
-            raise cu.ConfError(f"{where}.role: expected 'server' or 'worker', got {role!r}")
-    if server is None or not workers:
-        raise cu.ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one worker")
+    server, workers, seen = cu.server_and_members(structure, nodes, file=file, nodes_file=nodes_file,
+                                                  member_role="worker", members_what="worker")
 
     conf: dict[str, Any] = {
         "role": "server", "workers": workers, "connect": cu.connect_map(server, links, nodes),

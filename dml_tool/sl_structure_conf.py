@@ -55,7 +55,6 @@ except ImportError:  # run as a script from any folder
 
 FILE_KEYS = ("mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "seed", "params", "data",
              "rounds", "concurrency", "deadline_s", "retries", "node_list")
-NODE_KEYS = ("name", "role")
 PARAM_KEYS = ("batch_sz_train", "epoch_n", "update_intv", "lr", "seed")
 PART_KEYS = ("train_start_index", "train_len")
 MAX_DATA_PARTS = 1024          # worker functions per round
@@ -135,23 +134,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                            f"\"async\"; got {structure.get('mode')!r}")
     steps = cu.get_int(structure, "steps", file, low=1, high=10**9)
 
-    server, actions, seen = None, [], {}
-    for listed in cu.node_list(structure, nodes, file=file, nodes_file=nodes_file, entry_keys="'name' (and 'role')"):
-        name, entry, where = listed.name, listed.entry, listed.where
-        cu.check_keys(entry, NODE_KEYS, where)
-        seen[name] = listed.index
-        role = entry.get("role", "action")
-        if role == "server":
-            if server is not None:
-                raise cu.ConfError(f"{where}: a second server (node_list[{seen[server]}] {server!r} is one)")
-            server = name
-        elif role == "action":
-            actions.append(name)
-        else:
-            raise cu.ConfError(f"{where}.role: expected 'server' or 'action', got {role!r}")
-    if server is None or not actions:
-        raise cu.ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one "
-                           "action node")
+    server, actions, seen = cu.server_and_members(structure, nodes, file=file, nodes_file=nodes_file,
+                                                  member_role="action", members_what="action node")
     invoker = invoker_settings({"pool": actions, **{k: structure[k] for k in INVOKER_KEYS[1:] if k in structure}},
                                file)
     concurrency = invoker["concurrency"]

@@ -71,6 +71,9 @@ def check_run(summary: dict, server: str, actions: list[str]) -> None:
     assert moved["server"]["bytes_received"] >= moved["gradients_up"]
     assert sorted(moved["by_node"]) == sorted(actions)
     assert sum(b["gradients_up"] for b in moved["by_node"].values()) == moved["gradients_up"]
+    # the action counts its calls in its node's /stats too: the bytes-sent table is right
+    assert all(summary["bytes_sent"][a] == moved["by_node"][a]["gradients_up"] for a in actions), \
+        (summary["bytes_sent"], moved["by_node"])
     table = results.table(summary)
     assert f"activations {sl['activations']} ({len(actions)} cold, {sl['warm']} warm)" in table
     assert "cold start overhead: mean" in table and "warm start overhead: mean" in table
