@@ -301,7 +301,7 @@ def draw_activations(run_dir: Path, records: list[dict], *, t0: float | None = N
     base = t0 if _finite(t0) else min(r["start"] for r in acts)
     nodes = sorted({str(r.get("node")) for r in acts})
     row = {n: i for i, n in enumerate(nodes)}
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(nodes)))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.5 * len(nodes)))
     for r in acts:
         y, x0, width = row[str(r.get("node"))], r["start"] - base, r["end"] - r["start"]
         cold = bool(r.get("cold"))
@@ -314,12 +314,12 @@ def draw_activations(run_dir: Path, records: list[dict], *, t0: float | None = N
     ax.set_yticks(range(len(nodes)), nodes)
     ax.set_xlabel("seconds since the start" if _finite(t0) else "seconds since the first activation")
     ax.set_title(f"Activations over time ({sum(bool(r.get('cold')) for r in acts)} cold, "
-                 f"{sum(not r.get('cold') for r in acts)} warm)")
+                 f"{sum(not r.get('cold') for r in acts)} warm)", pad=24)
     ax.grid(axis="x", alpha=.3)
     ax.legend(handles=[Patch(color="tab:blue", label="cold (/init, hatched, then /run)"),
                        Patch(color="tab:orange", label="warm (/run only)"),
                        Patch(facecolor="white", edgecolor="tab:red", label="not a success")],
-              fontsize=8, loc="upper right")
+              fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(run_dir / "activations.png", dpi=110)
     plt.close(fig)
