@@ -153,3 +153,19 @@ def server_and_members(structure: Mapping[str, Any], nodes: Mapping[str, Any], *
         raise ConfError(f"{file}: node_list needs one node with \"role\": \"server\" and at least one "
                         f"{members_what}")
     return server, members, seen
+
+
+def member_confs(server: str, members: Sequence[str], seen: Mapping[str, int], links: Mapping[str, list[str]],
+                 nodes: Mapping[str, Any], *, role: str, file: str, links_file: str) -> dict[str, dict[str, Any]]:
+    """Each member's conf {"role", "server", "connect"} for a server <-> members
+    structure (parameters go server -> member, gradients member -> server); ConfError
+    naming the entry and the link when either direction is missing from links.json."""
+    confs = {}
+    for m in members:
+        where = f"{file}: node_list[{seen[m]}] {m!r} ({role})"
+        for src, dst, carries in ((m, server, "gradients"), (server, m, "parameters")):
+            if dst not in links.get(src, []):
+                raise ConfError(f"{links_file}: no link from {src!r} to {dst!r} ({where}): it carries "
+                                f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
+        confs[m] = {"role": role, "server": server, "connect": connect_map(m, links, nodes)}
+    return confs

@@ -77,15 +77,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         if key in structure:
             conf[key] = (cu.get_number(structure, key, file, low=low, high=high) if key == "step_timeout_s"
                          else cu.get_int(structure, key, file, low=low, high=high))
-    confs = {server: conf}
-    for w in workers:
-        where = f"{file}: node_list[{seen[w]}] {w!r} (worker)"
-        for src, dst, carries in ((w, server, "gradients"), (server, w, "parameters")):
-            if dst not in links.get(src, []):
-                raise cu.ConfError(f"{links_file}: no link from {src!r} to {dst!r} ({where}): it carries "
-                                   f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
-        confs[w] = {"role": "worker", "server": server, "connect": cu.connect_map(w, links, nodes)}
-    return confs
+    return {server: conf, **cu.member_confs(server, workers, seen, links, nodes, role="worker", file=file,
+                                            links_file=links_file)}
 
 
 # write_confs(structure, links, node_info, out_dir) and main(argv), as every conf tool has

@@ -149,15 +149,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     if "seed" in structure:
         conf["seed"] = cu.get_int(structure, "seed", file, low=0, high=2**31 - 1)
     conf["invoker"] = invoker
-    confs = {server: conf}
-    for a in actions:
-        where = f"{file}: node_list[{seen[a]}] {a!r} (action)"
-        for src, dst, carries in ((a, server, "gradients"), (server, a, "parameters")):
-            if dst not in links.get(src, []):
-                raise cu.ConfError(f"{links_file}: no link from {src!r} to {dst!r} ({where}): it carries "
-                                   f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
-        confs[a] = {"role": "action", "server": server, "connect": cu.connect_map(a, links, nodes)}
-    return confs
+    return {server: conf, **cu.member_confs(server, actions, seen, links, nodes, role="action", file=file,
+                                            links_file=links_file)}
 
 
 # write_confs(structure, links, node_info, out_dir) and main(argv), as every conf tool has
