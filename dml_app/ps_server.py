@@ -156,6 +156,9 @@ class PsServer:
         self._skipped: set[str] = set()    # gone when it was served: dropped at once
         self._gone: dict[str, str] = {}
         self._pulled: dict[str, int] = {}
+        # The current version packed once (safetensors): every worker's GET of one version
+        # gets the same bytes, not a pack each. Replaced when the version changes.
+        self._packed: tuple[int, bytes] | None = None
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run)
@@ -381,10 +384,7 @@ class PsServer:
 
     def get_parameter(self):
         """GET /getParameter: the current parameters (meta {version}); harmless after done."""
-        with self._cond:
-            ps = self._running()
-            version, params = ps.version, ps.params    # updates replace params, never change them
-        body = net.pack_weights(params, {"version": version})
+        body = self._current_body()
         self.rt.count_bytes(sent=len(body))     # parameters are this mode's main traffic: /stats counts them
         return Response(body, mimetype=WEIGHTS_MIME)
 
@@ -403,10 +403,21 @@ class PsServer:
 
     def model(self):
         """GET /ps/model: the current parameters (meta {version}); an inspection, not counted."""
+        return Response(self._current_body(), mimetype=WEIGHTS_MIME)
+
+    def _current_body(self) -> bytes:
+        """The current parameters as safetensors (meta {version}), packed once per version."""
         with self._cond:
             ps = self._running()
-            version, params = ps.version, ps.params
-        return Response(net.pack_weights(params, {"version": version}), mimetype=WEIGHTS_MIME)
+            version, params = ps.version, ps.params    # updates replace params, never change them
+            packed = self._packed
+        if packed is not None and packed[0] == version:
+            return packed[1]
+        body = net.pack_weights(params, {"version": version})
+        with self._cond:
+            if self._packed is None or self._packed[0] < version:
+                self._packed = (version, body)
+        return body
 
     def _running(self) -> ParameterServer:
         if self.ps is None:
