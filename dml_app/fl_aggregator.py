@@ -184,7 +184,7 @@ class FlAggregator:
             if not rep.ok:
                 rt.log.warning("round %d: trainer %s failed to take the weights (%s): %s", r, n, rep.why,
                                rep.message)
-                gather.drop(n, rep.why)
+        gather.drop_all({n: rep.why for n, rep in sent.items() if not rep.ok})
         gather.wait(max(0.0, conf["round_timeout_s"] - (time.monotonic() - t0)))
         with self._lock:
             self._round = None      # late uploads for this round get 409 from now on

@@ -130,10 +130,22 @@ class Gather:
 
     def drop(self, peer: str, why: str) -> None:
         """Stop waiting for `peer` (its request failed: dead, refused, ...)."""
+        self.drop_all({peer: why})
+
+    def drop_all(self, failed: Mapping[str, str]) -> None:
+        """Stop waiting for each peer of `failed` {peer: why}. A `timeout` (the request
+        may have arrived, no answer came: a read timeout, or a connection dropped because
+        the peer was killed while it read) is checked with one probe of those peers first,
+        so a peer whose port now refuses is said to be `dead`, not `timeout`."""
+        failed = dict(failed)
+        unsure = {p for p, why in failed.items() if why == TIMEOUT}
+        if unsure and self._probe is not None:
+            failed.update(self._probe(unsure))
         with self._cond:
-            if peer in self.expected and peer not in self.arrived:
-                self.missing[peer] = why
-                self._cond.notify_all()
+            for peer, why in failed.items():
+                if peer in self.expected and peer not in self.arrived:
+                    self.missing[peer] = why
+            self._cond.notify_all()
 
     def pending(self) -> set[str]:
         with self._cond:

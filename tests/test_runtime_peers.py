@@ -129,3 +129,33 @@ def test_gather_takes_each_expected_peer_once_until_closed():
     g2 = Gather(["x", "y"])
     g2.add("y")
     assert g2.close() == ({"y": None}, {"x": "timeout"})
+
+
+def test_a_peer_killed_while_it_read_the_weights_is_dead_not_timeout(rt, peer):
+    """A broadcast whose connection drops (the peer died while it read) cannot tell
+    whether the request arrived, so its reply is `timeout`; the gather probes such peers
+    before giving up on them: one whose port now refuses is `dead`, one that still answers
+    stays `timeout` (the FL round's `missing` a user reads)."""
+    import socket
+    addr, _, _ = peer
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    dying = f"127.0.0.1:{lsock.getsockname()[1]}"
+
+    def die_mid_read():
+        conn, _ = lsock.accept()
+        conn.recv(1024)
+        lsock.close()           # the app is gone: its port refuses from now on
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()            # RST, as the kernel does for a killed process's sockets
+    t = threading.Thread(target=die_mid_read, daemon=True)
+    t.start()
+    sent = rt.broadcast_weights({"gone": dying}, "/train", {"w": torch.ones(256, 256)}, {"round": 1},
+                                deadline_s=30)
+    t.join(30)
+    assert sent["gone"].why == "timeout", sent["gone"]
+    g = rt.gather(["gone", "alive", "quiet"], tag="round 1", addresses={"gone": dying, "alive": addr, "quiet": addr})
+    g.drop_all({"gone": "timeout", "alive": "timeout"})
+    assert g.pending() == {"quiet"}
+    assert g.close() == ({}, {"gone": "dead", "alive": "timeout", "quiet": "timeout"})
