@@ -135,7 +135,9 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
                                    headers=hdrs, timeout=timeout_s, stream=max_bytes is not None)
             if max_bytes is not None:
                 _read_bounded(r, max_bytes, method, url)
-        except (requests.ConnectionError, requests.Timeout) as e:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as e:
+            # the last two: an answer cut short or garbled (the peer died while it answered)
             last = e
             if _not_sent(e):
                 continue

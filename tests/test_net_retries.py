@@ -4,6 +4,7 @@ again (a read timeout, a dropped connection, an answer); one that cannot have ar
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import pytest
@@ -56,6 +57,10 @@ class RecordingServer:
                 self.held.append(conn)
             elif path == "/drop":
                 conn.close()
+            elif path == "/cut":    # the peer dies mid-answer: headers, part of the body, RST
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
             else:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
                 conn.close()
@@ -97,6 +102,18 @@ def test_no_resend_after_a_dropped_connection(server):
         net.call("POST", f"127.0.0.1:{server.port}/drop", data=b"g", timeout_s=5, retries=3)
     assert ei.value.status is None and ei.value.sent, str(ei.value)
     assert server.recorded_before_marker() == ["/drop"]
+
+
+def test_an_answer_cut_halfway_is_a_sent_call_without_an_answer(server):
+    """requests raises ChunkedEncodingError (not a ConnectionError) for a body cut short;
+    it is an HttpError like any answer that never came whole, never an error of its own
+    (an E-tree relay answered 500 when the node it forwarded to was killed mid-answer)."""
+    with pytest.raises(net.HttpError) as ei:
+        net.call("POST", f"127.0.0.1:{server.port}/cut", data=b"g", timeout_s=5, retries=3)
+    e = ei.value
+    assert e.status is None and e.sent and "ChunkedEncodingError" in str(e), str(e)
+    assert net.reply_for("p", e).why == "timeout"
+    assert server.recorded_before_marker() == ["/cut"]
 
 
 def test_an_answer_is_never_resent(server):
