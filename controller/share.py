@@ -110,20 +110,18 @@ class Store:
             return data
 
 
-class DataStore:
+class DataStore(Store):
     """Content-addressed data bundles (the serverless workers' data parts, whose bytes
-    are dml_app/node_data.pack_train_parts), by sha256, kept in memory and served on
-    `GET /data/<sha256>` to any node credential (controller/access.py). Bounded: at most
-    `max_bytes` in all and `max_bundles` bundles; adding past either raises ValueError
-    (nothing is evicted: a URL handed to a worker keeps working for the whole run).
-    Adding the same bytes again is free. `served` counts downloads per bundle."""
+    are dml_app/node_data.pack_train_parts), by sha256, kept in memory (in `archives`,
+    as Store keeps them) and served on `GET /data/<sha256>` to any node credential
+    (controller/access.py). Bounded: at most `max_bytes` in all and `max_bundles`
+    bundles; adding past either raises ValueError (nothing is evicted: a URL handed to a
+    worker keeps working for the whole run). Adding the same bytes again is free."""
 
     def __init__(self, max_bytes: int = 1 << 30, max_bundles: int = 4096):
+        super().__init__()
         self.max_bytes, self.max_bundles = int(max_bytes), int(max_bundles)
-        self.bundles: dict[str, bytes] = {}
-        self.served: dict[str, int] = {}
         self.total = 0
-        self._lock = threading.Lock()
 
     def add(self, data: bytes) -> str:
         if not isinstance(data, (bytes, bytearray)):
@@ -131,25 +129,16 @@ class DataStore:
         data = bytes(data)
         digest = sha256(data)
         with self._lock:
-            if digest in self.bundles:
+            if digest in self.archives:
                 return digest
-            if len(self.bundles) >= self.max_bundles:
-                raise ValueError(f"data store full: {len(self.bundles)} bundles (limit {self.max_bundles})")
+            if len(self.archives) >= self.max_bundles:
+                raise ValueError(f"data store full: {len(self.archives)} bundles (limit {self.max_bundles})")
             if self.total + len(data) > self.max_bytes:
                 raise ValueError(f"data store full: {self.total} + {len(data)} bytes is over its "
                                  f"limit of {self.max_bytes} bytes")
-            self.bundles[digest] = data
+            self.archives[digest] = data
             self.total += len(data)
         return digest
-
-    def get(self, digest: str) -> bytes | None:
-        if not SHA_RE.match(digest or ""):
-            return None
-        with self._lock:
-            data = self.bundles.get(digest)
-            if data is not None:
-                self.served[digest] = self.served.get(digest, 0) + 1
-            return data
 
 
 DATA_ROUTE = "/data/"       # + sha256: where the controller serves a DataStore's bundles

@@ -135,7 +135,7 @@ class SlManager(Manager):
         self.failure = None
         self.rounds_invoked = 0
         self.data_parts = [{**p, "dataset_url": f"http://{host}{path}",
-                            "bytes": len(self.data_store.bundles[path.rsplit("/", 1)[-1]])}
+                            "bytes": len(self.data_store.archives[path.rsplit("/", 1)[-1]])}
                            for p, path in zip(settings["data"], paths)]
         self._stop_driver.clear()
         self._driver = threading.Thread(target=self._drive, args=(self.invoker, root, f"{server.ip}:{server.port}"),
