@@ -151,9 +151,12 @@ def test_a_peer_killed_while_it_read_the_weights_is_dead_not_timeout(rt, peer):
         conn.close()            # RST, as the kernel does for a killed process's sockets
     t = threading.Thread(target=die_mid_read, daemon=True)
     t.start()
-    sent = rt.broadcast_weights({"gone": dying}, "/train", {"w": torch.ones(256, 256)}, {"round": 1},
-                                deadline_s=30)
-    t.join(30)
+    try:
+        sent = rt.broadcast_weights({"gone": dying}, "/train", {"w": torch.ones(256, 256)}, {"round": 1},
+                                    deadline_s=30)
+        t.join(30)
+    finally:
+        lsock.close()           # closed already unless the call never connected
     assert sent["gone"].why == "timeout", sent["gone"]
     g = rt.gather(["gone", "alive", "quiet"], tag="round 1", addresses={"gone": dying, "alive": addr, "quiet": addr})
     g.drop_all({"gone": "timeout", "alive": "timeout"})
