@@ -7,7 +7,8 @@
   deadline, the Gather's probe finds the dead one at once), with their mean; the
   restarted worker is started by the controller (PsManager.on_rejoin), pulls, and is
   waited for again; accuracy close to the no-fault run's;
-* async, one worker killed: the run completes;
+* async, one worker killed: the run completes, and nothing the victim trained after
+  the kill is applied;
 * the sync deadline counts from when the version was served (a real server process,
   fake workers): a gradient pushed late in the window leaves only the rest of it.
 """
@@ -156,10 +157,17 @@ def test_async_completes_with_a_killed_worker(tmp_path):
                                            subnet="10.251.0.0/24")
     steps = ASYNC["steps"]
     assert fired[0]["ok"] and summary["rounds"] == steps and "error" not in summary, (fired, summary)
-    applied = re.findall(r"Step: version=(\d+), from=(\w+), staleness=\d,", log)
-    assert [int(v) for v, _ in applied] == list(range(1, steps + 1))
-    by_victim = [int(v) for v, w in applied if w == VICTIM]
-    assert by_victim and max(by_victim) <= fired[0]["after"] + 1, (by_victim, fired)   # none after the kill
+    applied = [(int(v), w, int(s)) for v, w, s in
+               re.findall(r"Step: version=(\d+), from=(\w+), staleness=(\d+),", log)]
+    assert [v for v, _, _ in applied] == list(range(1, steps + 1))
+    # nothing trained after the kill: a gradient the victim had already written to its
+    # socket still reaches the server after SIGKILL (the kernel sends what is queued),
+    # so one may be applied later, but only one, and pulled before the kill
+    # (a step's pulled version is version - 1 - staleness)
+    by_victim = [(v, v - 1 - s) for v, w, s in applied if w == VICTIM]
+    late = [(v, pulled) for v, pulled in by_victim if v > fired[0]["after"]]
+    assert by_victim and len(late) <= 1 and all(pulled <= fired[0]["after"] for _, pulled in late), \
+        (by_victim, fired)
     assert not [r for r in recs if r["event"] == "participants"]      # async waits for nobody
     assert VICTIM in summary["logs_missing"]          # dead at the end: its log could not be fetched
     accs = [p["accuracy"] for p in summary["accuracy_per_round"]]
