@@ -126,11 +126,12 @@ def test_sync_goes_on_without_a_killed_worker_and_takes_it_back(tmp_path):
     assert max(waits[1:]) < 3.0, waits
     assert f"{VICTIM} pulled version" in log and "waited for again" in log
     # one log for both lives (the restarted app appends): gradients on versions up to the
-    # kill, then again on versions after its restart, nothing in between
+    # kill, then again on versions after its restart, nothing in between; it may have
+    # trained version `first` itself and been killed before that gradient was all sent
     trained = [int(v) for v in re.findall(r"Train: loss=[\d.]+, round=(\d+),", victim_log)]
     before = [v for v in trained if v < fired[1]["version"]]
     after = [v for v in trained if v >= fired[1]["version"]]
-    assert trained == before + after and before and max(before) < first, (trained, first)
+    assert trained == before + after and before and max(before) <= first, (trained, first)
     assert after and max(after) >= last, (after, last)
 
     # summary.json says the same
