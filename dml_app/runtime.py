@@ -84,6 +84,11 @@ CONF_ROUTE = {"structure": "/conf/structure", "data": "/conf/dataset"}  # what s
 FAN_OUT_LIMIT = 32           # parallel calls of one fan_out (299 peers are not 299 threads)
 MAX_DEADLINE_S = 1e6
 PROBE_PERIOD_S = 1.0         # how often a gather asks its pending peers whether they live
+# A wait that woke this much past its time was not scheduled: the node was frozen (a
+# pause) or starved. Answers that came meanwhile wait in its sockets, so they get
+# STALL_GRACE_S more to be read before a peer is called missing for the node's own stall.
+STALL_S = 1.0
+STALL_GRACE_S = 1.0
 
 # Why a peer gave nothing, and the Reply of one call: net.py's (the controller's drivers
 # classify their calls the same way).
@@ -153,7 +158,8 @@ class Gather:
 
     def wait(self, deadline_s: float) -> bool:
         """Wait until nothing is pending, `deadline_s` seconds passed or the node stops;
-        True when nothing is pending."""
+        True when nothing is pending. A wait this node overslept (it was frozen) gets
+        STALL_GRACE_S more: what peers sent meanwhile is still to be read."""
         deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
         end = time.monotonic() + deadline_s
         next_probe = time.monotonic() + self._probe_period_s
@@ -164,7 +170,11 @@ class Gather:
                 left = end - time.monotonic()
                 if left <= 0 or (self._stopping is not None and self._stopping.is_set()):
                     return False
-                self._cond.wait(min(left, 1.0, max(0.0, next_probe - time.monotonic())))
+                nap = min(left, 1.0, max(0.0, next_probe - time.monotonic()))
+                due = time.monotonic() + nap
+                self._cond.wait(nap)
+                if time.monotonic() - due > STALL_S:         # this node stalled: see STALL_S
+                    end = max(end, time.monotonic() + STALL_GRACE_S)
             if self._probe is not None and time.monotonic() >= next_probe:
                 pending = self.pending()
                 if pending:
@@ -522,7 +532,8 @@ class Runtime:
         HTTP error, timeout if nothing came back; anything else: error); a call still
         going at the deadline, or not begun when the node stops, gives timeout (its
         thread ends on its own timeout; its answer is ignored). fn must bound its own
-        calls (net.call's timeout_s)."""
+        calls (net.call's timeout_s). When this node itself stalled past the deadline
+        (frozen), calls still going get STALL_GRACE_S more."""
         deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
         limit = net.number(limit, "limit", 1, 1024, integer=True)
         peers = list(dict.fromkeys(peers))
@@ -540,7 +551,10 @@ class Runtime:
                 return reply_for(peer, e)
         try:
             futs = {p: pool.submit(one, p) for p in peers}
+            due = time.monotonic() + deadline_s
             wait_futures(list(futs.values()), timeout=deadline_s)
+            if time.monotonic() - due > STALL_S:        # this node stalled: see STALL_S
+                wait_futures([f for f in futs.values() if not f.done()], timeout=STALL_GRACE_S)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         for p, f in futs.items():
