@@ -122,7 +122,9 @@ def _record(rec, i: int) -> dict:
 
 class Fidelity:
     """Per link (and rate): streaks of samples where the link was saturated; those that
-    lasted FIDELITY_MIN_S or more count. goodput = their bits / their seconds."""
+    lasted FIDELITY_MIN_S or more count. goodput = their bits / their seconds. The first
+    and last sample of a streak are left out: their windows hold the flow's start or end
+    (partly idle, though >= SATURATED), which would pull the goodput down."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -142,14 +144,20 @@ class Fidelity:
             if st is None:
                 if not full:
                     return
-                st = self.links[key] = {"run_s": 0.0, "run_bits": 0.0, "s": 0.0, "bits": 0.0}
-            if full:
-                st["run_s"] += dt
-                st["run_bits"] += goodput_bps * dt
-                if st["run_s"] >= FIDELITY_MIN_S:
-                    self.version += 1
-            else:
+                st = self.links[key] = {"run_s": 0.0, "run_bits": 0.0, "s": 0.0, "bits": 0.0,
+                                        "in_run": False, "last": None}
+            if not full:
                 self._close(st)
+            elif not st["in_run"]:          # a streak's first sample: left out
+                st["in_run"] = True
+            else:
+                if st["last"] is not None:  # the previous one was not the streak's last
+                    last_dt, last_bits = st["last"]
+                    st["run_s"] += last_dt
+                    st["run_bits"] += last_bits
+                    if st["run_s"] >= FIDELITY_MIN_S:
+                        self.version += 1
+                st["last"] = (dt, goodput_bps * dt)
 
     @staticmethod
     def _close(st: dict) -> None:
@@ -157,6 +165,7 @@ class Fidelity:
             st["s"] += st["run_s"]
             st["bits"] += st["run_bits"]
         st["run_s"] = st["run_bits"] = 0.0
+        st["in_run"], st["last"] = False, None
 
     def report(self) -> dict:
         out = []

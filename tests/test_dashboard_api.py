@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,6 +38,7 @@ import agent_helpers as ah  # noqa: E402
 from controller import dashboard  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
+from dml_testutil import wait_until  # noqa: E402
 from test_access import NOBODY, curl_as, need_root, served  # noqa: E402,F401  (served: a fixture)
 from test_controller import make_testbed  # noqa: E402
 
@@ -220,10 +222,12 @@ def test_live_dashboard_during_a_real_fl_run_and_an_iperf3_flow(fl_bed):
         achieved = [l["achieved_bps"] for t, d in stream.of("state") if t0 + 2.5 < t < t1
                     for l in d["links"] if (l["src"], l["dst"]) == ("dt2", "da1") and l["achieved_bps"]]
         assert len(achieved) >= 3, achieved
-        mean = sum(achieved) / len(achieved)
+        mid = statistics.median(achieved)
         print(f"\niperf3 dt2 -> da1 ({SHAPED_BW}): {got / 1e6:.3f} Mbit/s; dashboard achieved "
-              f"{mean / 1e6:.3f} Mbit/s over {len(achieved)} samples ({[round(a / 1e6, 3) for a in achieved]})")
-        assert abs(mean / got - 1) <= 0.05, (mean, got)
+              f"{mid / 1e6:.3f} Mbit/s (median) over {len(achieved)} samples "
+              f"({[round(a / 1e6, 3) for a in achieved]})")
+        # the median: a sample whose window still held the flow's start or end reads low
+        assert abs(mid / got - 1) <= 0.05, (achieved, got)
         link = next(l for l in stream.of("state")[-1][1]["links"] if (l["src"], l["dst"]) == ("dt2", "da1"))
         assert link["rate_bps"] == SHAPED_BPS and link["down"] is False
         fid = net.get_json(base + "/api/fidelity")
@@ -511,15 +515,18 @@ def test_payloads_stay_bounded_at_300_nodes(tmp_path):
 def test_fidelity_judges_saturated_streaks_only():
     f = dashboard.Fidelity()
     ideal = dashboard.ideal_bps(10_000_000)
-    for good in (0.5, 1.0, 1.0):          # 2 s saturated: not judged
+    for good in (0.5, 1.0, 1.0, 1.0, 1.0):   # 4 s saturated, 2 s once its ends are left out: not judged
         f.add("a", "b", 10_000_000, 1.0, good * ideal, False)
     f.add("a", "b", 10_000_000, 1.0, 0.2 * ideal, False)
     assert f.report()["links"] == []
-    for good in (0.99, 1.0, 1.01, 1.0):   # 4 s in a row: judged, within 2%
+    # 6 s in a row, its first and last second partly idle (a flow starting and ending
+    # inside them): judged on the 4 s between, within 2%, not pulled down by the ends
+    for good in (0.91, 0.99, 1.0, 1.01, 1.0, 0.91):
         f.add("a", "b", 10_000_000, 1.0, good * ideal, False)
+    f.add("a", "b", 10_000_000, 1.0, 0.0, False)
     (link,) = f.report()["links"]
-    assert link["ok"] and link["saturated_s"] == 4.0 and abs(link["error_pct"]) < 0.5
-    for _ in range(4):                    # a link 5% over its ideal is flagged
+    assert link["ok"] and link["saturated_s"] == 4.0 and abs(link["error_pct"]) < 0.5, link
+    for _ in range(6):                    # a link 5% over its ideal is flagged (a streak still going)
         f.add("c", "d", 10_000_000, 1.0, 1.05 * ideal, False)
     bad = next(l for l in f.report()["links"] if l["src"] == "c")
     assert not bad["ok"] and bad["error_pct"] == pytest.approx(5, abs=0.01)
@@ -583,7 +590,9 @@ def test_agent_usage_of_docker_nodes(agent):
     a, b = dep.names
     dep.links = {a: [ah.link(dep, a, b, 10_000_000)]}
     with dt.deployed(agent, dep):
-        first = _usage(agent)
+        # from once the spinner spins (its Python started: 0.2 s of cpu used), over 2 s
+        first = wait_until(lambda: (u := _usage(agent))["nodes"][a]["cpu_ns"] and u["nodes"][a]["cpu_ns"] > 2e8
+                           and u, 30, "the spinning node to spin")
         time.sleep(2)
         second = _usage(agent)
         for n in (a, b):

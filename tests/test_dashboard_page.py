@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -215,11 +216,12 @@ def test_the_page_follows_a_real_fl_run_and_a_shaped_link(tmp_path):
         assert {l["rate"] for _, l in rows} == {"20.0 Mbit/s"}, rows[0]
         shown_bps = [rate_of(l["achieved"]) for _, l in rows]
         assert len(shown_bps) >= 8 and all(shown_bps), rows      # ~3 s of reads, 4 a second
-        mean = sum(shown_bps) / len(shown_bps)
+        mean, mid = sum(shown_bps) / len(shown_bps), statistics.median(shown_bps)
         print(f"iperf3 pt2 -> pa1 ({SHAPED_BW}): {got / 1e6:.3f} Mbit/s; the page showed "
               f"{sorted({round(v / 1e6, 2) for v in shown_bps})} Mbit/s over {len(shown_bps)} reads, "
-              f"mean {mean / 1e6:.3f}")
-        assert abs(mean / got - 1) <= 0.05, (mean, got)
+              f"mean {mean / 1e6:.3f}, median {mid / 1e6:.3f}")
+        # the median: a sample whose window still held the flow's start or end reads low
+        assert abs(mid / got - 1) <= 0.05, (shown_bps, got)
         # the loaded link was the most loaded one: first in the table
         assert all((snap["links"][0]["src"], snap["links"][0]["dst"]) == ("pt2", "pa1")
                    for t, _, snap in seen if t0 + 3.5 < t < t1)
