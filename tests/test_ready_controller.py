@@ -219,7 +219,7 @@ def test_the_agents_ready_is_what_counts(tmp_path, monkeypatch):
             n["ready"] = name != "rfheld"
         return out
     monkeypatch.setattr(Agent, "status", status)
-    with ready_testbed(tmp_path, {"rf1": LISTEN, "rfheld": LISTEN}, ready_timeout_s=3) as tb:
+    with ready_testbed(tmp_path, {"rf1": LISTEN, "rfheld": LISTEN}, ready_timeout_s=6) as tb:
         with pytest.raises(NotReady) as ei:
             tb.start(serve_forever=False, say=lambda m: None)
         assert ei.value.not_answering == ["rfheld"] and ei.value.exited == [], str(ei.value)
