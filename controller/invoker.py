@@ -423,12 +423,16 @@ def _host_port(address: str) -> bool:
         return False
 
 
+_CUT_ERROR = re.compile(r'\{\s*"error"\s*:\s*"?')
+
+
 def _error_of(message: str) -> str | None:
     """The "error" of an action's JSON answer {"error": ...}, or None."""
     try:
         doc = json.loads(message)
     except ValueError:           # HttpError keeps 500 characters: a long one is cut
-        return message if message.startswith('{"error"') else None
+        cut = _CUT_ERROR.match(message)
+        return message[cut.end():] if cut else None
     if isinstance(doc, dict) and "error" in doc:
         return str(doc["error"])
     return None

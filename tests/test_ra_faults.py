@@ -193,7 +193,10 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
     wall = time.monotonic() - t0
     out = capsys.readouterr().out
     assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [(k, *v, True) for k, v in plan.items()], manager.done
-    assert manager.states == {"f3": "reducing", "f5": "trained", "f4": "gathering"}, manager.states
+    # f5 is killed once the controller saw round 2's training done; its own /stats may
+    # still say training for a moment (the state is the node's, read just before the kill)
+    assert {n: s for n, s in manager.states.items() if n != "f5"} == {"f3": "reducing", "f4": "gathering"}
+    assert manager.states["f5"] in ("training", "trained"), manager.states
     assert "error" not in summary, summary["error"]
     # a dead port refuses at once; the frozen node cost one step deadline (4 x the slowest
     # step seen + 5 s), not the 20 s cap, nor call_timeout_s
@@ -275,7 +278,7 @@ def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training
     wall = time.monotonic() - t0
     out = capsys.readouterr().out
     assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [((2, "trained"), "kill", "g3", True)], manager.done
-    assert manager.states == {"g3": "training"}, manager.states
+    assert manager.states["g3"] in ("training", "trained") and len(manager.states) == 1, manager.states
     assert "error" not in summary, summary["error"]
     assert wall < 90, wall
     assert "controller: g3 lost during round 2's training (dead); the ring goes on without it" in out, out

@@ -134,7 +134,7 @@ class Actions:
                     if v.get("error"):
                         return jsonify(error=v["error"]), 502
                     if v.get("deadline"):
-                        return jsonify(error="deadline exceeded after 2 batches"), 502
+                        return jsonify(error="deadline exceeded after 2 batches" + " ." * v.get("pad", 0)), 502
                     if v.get("garbage"):
                         return "not json", 200
                     return jsonify(node=name, worker_id=body["activation_id"],
@@ -235,10 +235,12 @@ def test_statuses_as_openwhisk_and_action_errors_are_not_retried(actions):
         assert inv.invoke({"error": "boom"})["status"] == "application error"
         rec = inv.invoke({"deadline": True})
         assert rec["status"] == "timeout" and rec["error"].startswith("deadline exceeded")
+        rec = inv.invoke({"deadline": True, "pad": 400})     # an answer longer than HttpError keeps
+        assert rec["status"] == "timeout" and rec["error"].startswith("deadline exceeded"), rec
         rec = inv.invoke({"garbage": True})
         assert rec["status"] == "action developer error" and "not a JSON object" in rec["error"]
-        assert len(inv.records()) == 3 and all(r["attempt"] == 1 and r["retry_of"] is None for r in inv.records())
-        assert sum(len(v) for v in a.runs.values()) == 3           # none ran twice
+        assert len(inv.records()) == 4 and all(r["attempt"] == 1 and r["retry_of"] is None for r in inv.records())
+        assert sum(len(v) for v in a.runs.values()) == 4           # none ran twice
     finally:
         inv.close(timeout_s=10)
     inv = invoker_for({"bad": a.address("bad")}, said, concurrency=1)
