@@ -82,10 +82,11 @@ def setups(rounds: int) -> dict:
                server_and_workers),
         # serverless: n1 the server, n2..n8 action containers, one activation per data part
         # (the trainers' parts above) per invocation round, 7 at once; sl_structure.json's
-        # async rule (its steps, 28 per round asked, as there)
+        # lr (falling to lr_end) and params, 28 steps per round asked, max_staleness 2 (with
+        # 7 pushing at once, 1 would refuse most pushes)
         "sl": (SlManager, [("n1", "ps_server.py")] + [(n, "sl_action.py") for n in NODES[1:]], "n1",
                "sl_structure_conf",
-               {"steps": 28 * rounds, "lr": 0.05, "max_staleness": 2, "eval_every": 28, "seed": 0,
+               {"steps": 28 * rounds, "lr": 0.05, "lr_end": 0.02, "max_staleness": 2, "eval_every": 28, "seed": 0,
                 "params": {"batch_sz_train": 32, "epoch_n": 1, "update_intv": 6, "lr": 0.05},
                 "data": [{"train_start_index": train(i)["train_start_index"], "train_len": train(i)["train_len"]}
                          for i in range(len(NODES) - 1)],

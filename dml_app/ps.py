@@ -176,6 +176,9 @@ class PsConfig:
     mode: str = "sync"
     steps: int = 100
     lr: float = 0.05
+    # the lr falls linearly from `lr` (version 0) to this at `steps`: late steps move the
+    # model less, so the last version is not left wherever one noisy step threw it; None: constant
+    lr_end: float | None = None
     momentum: float = 0.0
     max_staleness: int = 0            # async: the oldest gradient taken is this many versions behind
     eval_every: int = 10              # evaluate every this many versions (and at the last)
@@ -193,6 +196,14 @@ class PsConfig:
             v = net.number(getattr(self, key), repr(key), lo, hi, integer=integer,
                            lo_open=lo_open, hi_open=hi_open)
             object.__setattr__(self, key, v)     # 2.0 steps is 2; the dataclass is frozen
+        if self.lr_end is not None:
+            object.__setattr__(self, "lr_end", net.number(self.lr_end, "'lr_end'", 0, 10))
+
+    def lr_at(self, version: int) -> float:
+        """The lr of the step from `version` to version + 1."""
+        if self.lr_end is None:
+            return self.lr
+        return self.lr + (self.lr_end - self.lr) * min(1.0, version / self.steps)
 
 
 @dataclass
@@ -310,7 +321,7 @@ class ParameterServer:
         return names
 
     def _apply(self, grad: StateDict) -> None:
-        self.params, self.buf = sgd_step(self.params, grad, lr=self.config.lr,
+        self.params, self.buf = sgd_step(self.params, grad, lr=self.config.lr_at(self.version),
                                          momentum=self.config.momentum, buf=self.buf)
         self.version += 1
         self.pending = {}

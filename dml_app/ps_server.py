@@ -41,12 +41,12 @@ steps applied so far), and calls the controller's /finish after `steps` versions
 update is logged as `Step: version=V, ...`.
 
 Structure conf (ps_structure_conf.py): {"role": "server", "workers": [...], "connect",
-"mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "step_timeout_s",
-"step_retries", "seed"} (ps.PsConfig holds the defaults).
+"mode", "steps", "lr", "lr_end", "momentum", "max_staleness", "eval_every",
+"step_timeout_s", "step_retries", "seed"} (ps.PsConfig holds the defaults).
 
 Serverless mode (structure conf {"role": "server", "serverless": true, "mode": "async",
-"actions": [node names], "steps", "lr", "momentum", "max_staleness", "eval_every",
-"seed"}; no "workers"): the workers are stateless actions (dml_app/sl_action.py) that
+"actions": [node names], "steps", "lr", "lr_end", "momentum", "max_staleness",
+"eval_every", "seed"}; no "workers"): the workers are stateless actions (dml_app/sl_action.py) that
 come and go. GET /start builds the seeded model (version 0) and starts nobody; workers
 register themselves and train on the same versioned model with the async rule. These
 routes take a client credential (net.client_token(admin, <this node>, <calling node>):
@@ -550,8 +550,9 @@ class PsServer:
         rt.set_state("serving", 0)
         who = (f"serverless, actions on {', '.join(conf['actions'])}" if serverless
                else f"{len(conf['workers'])} workers")
-        rt.log.info("%s parameter server: %d steps, %s, lr %g, momentum %g%s; initial "
+        rt.log.info("%s parameter server: %d steps, %s, lr %g%s, momentum %g%s; initial "
                     "accuracy %.4f", config.mode, config.steps, who, config.lr,
+                    "" if config.lr_end is None else f" falling to {config.lr_end:g}",
                     config.momentum, f", max_staleness {config.max_staleness}" if config.mode == "async"
                     else f", step_timeout_s {config.step_timeout_s:g}, step_retries {config.step_retries}", acc)
         workers = [] if serverless else conf["workers"]

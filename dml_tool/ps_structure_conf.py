@@ -12,7 +12,8 @@ ps_structure.json:
   their average) or "async" (each gradient is applied on arrival);
 * `steps`: how many updates (versions) the server applies before it stops; EdgeTB's
   `sync` is accepted as another name for it;
-* `lr`, `momentum` (default 0): the server's SGD (stale gradients act like extra
+* `lr`, optional `lr_end` (the lr falls linearly from `lr` to this at `steps`; default:
+  `lr` all along), `momentum` (default 0): the server's SGD (stale gradients act like extra
   momentum: in async mode keep `momentum` 0 or small); `max_staleness` (async; default
   the number of workers): a gradient computed more than this many versions ago is refused;
 * `eval_every` (default steps / 10): the server evaluates every this many versions
@@ -43,7 +44,7 @@ except ImportError:  # run as a script from any folder
     import conf_utils as cu
 
 MODES = ("sync", "async")
-FILE_KEYS = ("mode", "steps", "sync", "lr", "momentum", "max_staleness", "eval_every", "seed",
+FILE_KEYS = ("mode", "steps", "sync", "lr", "lr_end", "momentum", "max_staleness", "eval_every", "seed",
              "step_timeout_s", "step_retries", "node_list")
 
 
@@ -73,6 +74,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, default=len(workers)),
         "eval_every": cu.get_int(structure, "eval_every", file, low=1, default=max(1, steps // 10)),
     }
+    if "lr_end" in structure:      # the lr falls linearly to this at `steps`
+        conf["lr_end"] = cu.get_number(structure, "lr_end", file, low=0.0, high=10.0)
     for key, low, high in (("seed", 0, None), ("step_timeout_s", 0.1, 1e6), ("step_retries", 0, 100)):
         if key in structure:
             conf[key] = (cu.get_number(structure, key, file, low=low, high=high) if key == "step_timeout_s"

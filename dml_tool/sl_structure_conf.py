@@ -15,7 +15,8 @@ sl_structure.json:
   serverless mode) and at least one "role": "action" node (the default role; runs
   dml_app/sl_action.py: the action containers the invoker keeps);
 * the server's async rule: `steps` (the versions it applies before it stops), `lr`,
-  optional `momentum` (default 0: stale gradients act like extra momentum),
+  optional `lr_end` (the lr falls linearly from `lr` to this at `steps`; default: `lr`
+  all along), optional `momentum` (default 0: stale gradients act like extra momentum),
   `max_staleness` (default `concurrency`), `eval_every` (default steps / 10), `seed`;
   `mode` may be given and must be "async" (the workers come and go: no sync rounds);
 * the invocations, which the controller's invoker (controller/invoker.py) makes:
@@ -36,7 +37,7 @@ link each way between the server and every action node (the invoker's own calls 
 action nodes' port 8080 are not links, as OpenWhisk's invoker talks to its containers).
 Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf): the server
 {"role": "server", "serverless": true, "mode": "async", "actions", "steps", "lr",
-"momentum", "max_staleness", "eval_every", "seed"?, "invoker": {"pool", "params",
+"lr_end"?, "momentum", "max_staleness", "eval_every", "seed"?, "invoker": {"pool", "params",
 "data", "rounds", "concurrency", "deadline_s", "retries"}} ("invoker" is read by the
 controller's SlManager at /start, the server ignores it) and each action node
 {"role": "action", "server", "connect"}. Defaults: -l ROOT/links.json, -n
@@ -53,8 +54,8 @@ try:  # imported as dml_tool.sl_structure_conf (the controller's --auto mode)
 except ImportError:  # run as a script from any folder
     import conf_utils as cu
 
-FILE_KEYS = ("mode", "steps", "lr", "momentum", "max_staleness", "eval_every", "seed", "params", "data",
-             "rounds", "concurrency", "deadline_s", "retries", "node_list")
+FILE_KEYS = ("mode", "steps", "lr", "lr_end", "momentum", "max_staleness", "eval_every", "seed", "params",
+             "data", "rounds", "concurrency", "deadline_s", "retries", "node_list")
 PARAM_KEYS = ("batch_sz_train", "epoch_n", "update_intv", "lr", "seed")
 PART_KEYS = ("train_start_index", "train_len")
 MAX_DATA_PARTS = 1024          # worker functions per round
@@ -146,6 +147,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
         "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, high=10**6, default=concurrency),
         "eval_every": cu.get_int(structure, "eval_every", file, low=1, high=10**9, default=max(1, steps // 10)),
     }
+    if "lr_end" in structure:      # the lr falls linearly to this at `steps`
+        conf["lr_end"] = cu.get_number(structure, "lr_end", file, low=0.0, high=10.0)
     if "seed" in structure:
         conf["seed"] = cu.get_int(structure, "seed", file, low=0, high=2**31 - 1)
     conf["invoker"] = invoker

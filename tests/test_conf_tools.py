@@ -247,6 +247,7 @@ def test_default_experiment_examples(scratch):
 
 # ----------------------------------------------------------------------------- serverless (sl)
 
+import ps_structure_conf  # noqa: E402
 import sl_structure_conf  # noqa: E402
 
 
@@ -272,14 +273,14 @@ def run_sl(files, out="out"):
 
 def test_sl_structure_confs(files):
     files("sl_structure.json", sl_structure(params={"batch_sz_train": 16, "epoch_n": 2, "update_intv": 5,
-                                                    "lr": 0.1, "seed": 3}, seed=7))
+                                                    "lr": 0.1, "seed": 3}, seed=7, lr_end=0.02))
     paths = run_sl(files)
     d = files.dir / "out"
     assert sorted(Path(p).name for p in paths) == [f"{n}_structure.conf" for n in NODES]
     server = json.loads((d / "n1_structure.conf").read_text())
     assert server == {
         "role": "server", "serverless": True, "mode": "async", "actions": NODES[1:], "steps": 100, "lr": 0.05,
-        "momentum": 0.0, "max_staleness": 3, "eval_every": 20, "seed": 7,   # max_staleness: the concurrency
+        "lr_end": 0.02, "momentum": 0.0, "max_staleness": 3, "eval_every": 20, "seed": 7,   # max_staleness: the concurrency
         "invoker": {"pool": NODES[1:], "rounds": 8, "concurrency": 3, "deadline_s": 30.0, "retries": 1,
                     "params": {"batch_sz_train": 16, "epoch_n": 2, "update_intv": 5, "lr": 0.1, "seed": 3},
                     "data": [{"train_start_index": 1 + 10 * i, "train_len": 10} for i in range(4)]}}
@@ -293,6 +294,7 @@ def test_sl_structure_confs(files):
     ({"mode": "sync"}, r"sl_structure.json.mode: serverless workers come and go.*\"async\"; got 'sync'"),
     ({"steps": 0}, r"sl_structure.json.steps: expected an integer in \[1, 1000000000\], got 0"),
     ({"lr": 0}, r"sl_structure.json.lr: expected a number in \(0.0, 10.0\], got 0"),
+    ({"lr_end": -1}, r"sl_structure.json.lr_end: expected a number in \[0.0, 10.0\], got -1"),
     ({"params": None}, r"sl_structure.json: missing 'params'"),
     ({"rounds": None}, r"sl_structure.json: missing 'rounds'"),
     ({"params": {"batch_sz_train": 0, "epoch_n": 1, "update_intv": 1}},
@@ -371,3 +373,21 @@ def test_sl_shipped_examples(scratch):
                         "-l", str(scratch / "links.json"), "-n", str(scratch / "node_info.json"),
                         "-o", str(scratch / "cli")], cwd=scratch, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and len(r.stdout.split()) == 5, r.stderr
+
+
+def test_ps_structure_lr_end_is_written_when_given_and_checked(files):
+    """The server's lr may fall linearly to `lr_end` (ps and sl tools alike); the conf
+    carries it only when the structure gives it, and a bad one names the key."""
+    d = files.dir
+    base = {"mode": "async", "steps": 50, "lr": 0.05, "node_list": [{"name": "n1", "role": "server"}, {"name": "n2"}]}
+
+    def server(**changes):
+        files("ps_structure.json", {**base, **changes})
+        ps_structure_conf.write_confs(str(d / "ps_structure.json"), str(d / "links.json"),
+                                      str(d / "node_info.json"), str(d / "ps_out"))
+        return json.loads((d / "ps_out" / "n1_structure.conf").read_text())
+
+    assert server(lr_end=0.01)["lr_end"] == 0.01
+    assert "lr_end" not in server()
+    with pytest.raises(cu.ConfError, match=r"ps_structure.json.lr_end: expected a number in \[0.0, 10.0\]"):
+        server(lr_end="fast")

@@ -87,6 +87,24 @@ def test_sync_collects_and_applies_the_average_of_what_came():
     assert (s.accepted, s.rejected) == (3, 2)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_lr_end_makes_the_lr_fall_linearly_to_it_at_the_last_step(mode):
+    """Step v (version v -> v + 1) moves the model by lr_at(v) * gradient: 0.1, 0.075,
+    0.05, 0.025 from lr 0.1 to lr_end 0 over 4 steps; without lr_end every step is 0.1."""
+    for lr_end, lrs in ((0.0, [0.1, 0.075, 0.05, 0.025]), (None, [0.1] * 4)):
+        s = make_server(mode, workers=("w1",), steps=4, lr_end=lr_end, max_staleness=0)
+        g = {k: torch.ones_like(v) for k, v in s.params.items()}
+        for v, lr in enumerate(lrs):
+            assert s.config.lr_at(v) == pytest.approx(lr)
+            before = s.params
+            s.push("w1", v, g, 32)
+            if mode == "sync":
+                s.apply_pending()
+            for k in before:
+                assert (before[k] - s.params[k]).sub(lr).abs().max().item() <= 1e-6, (v, k)
+        assert s.done and s.config.lr_at(10) == pytest.approx(lrs[-1] - (0.025 if lr_end == 0.0 else 0))
+
+
 def test_sync_step_timeout_applies_what_came_in_conf_order():
     s = make_server()
     g3, g1 = tensors(3), tensors(1)
@@ -157,6 +175,8 @@ def test_pushes_are_checked_and_the_end_is_final():
     ({"momentum": 1.0}, "'momentum'"), ({"max_staleness": -1}, "'max_staleness'"),
     ({"eval_every": True}, "'eval_every'"), ({"step_timeout_s": 0}, "'step_timeout_s'"),
     ({"step_retries": -1}, "'step_retries' must be an integer in [0, 100]"), ({"step_retries": 101}, "'step_retries'"),
+    ({"lr_end": -0.1}, "'lr_end' must be a number in [0, 10]"), ({"lr_end": float("nan")}, "'lr_end'"),
+    ({"lr_end": "0.01"}, "'lr_end'"),
 ])
 def test_config_errors_name_the_key(kw, message):
     with pytest.raises(ValueError) as e:
