@@ -144,15 +144,16 @@ def test_live_dashboard_during_a_real_fl_run_and_an_iperf3_flow(fl_bed):
             "da1": {"test_len": 10, "test_start_index": 1, "batch_size": 64},
             **{n: {"train_len": 10, "train_start_index": 1 + 10 * i, "batch_size": 32}
                for i, n in enumerate(FL_NAMES[1:])}}, structure={"node_list": [
-                {"name": "da1", "trainer_fraction": 1.0, "sync": 4}] + [{"name": n, "epoch": 1} for n in FL_NAMES[1:]]})
+                {"name": "da1", "trainer_fraction": 1.0, "sync": 4}] + [{"name": n, "epoch": 5} for n in FL_NAMES[1:]]})
         # the run as the stream showed it, up to a state that says it finished
         done = [t for t, _ in stream.wait_for(lambda: [(t, d) for t, d in stream.of("state") if d["run"]["finished"]],
                                               10, "a finished state")]
         finished_at.append(done[0])
         states = [d for _, d in stream.of("state")]
         seen = {(n["name"], n["state"]) for d in states for n in d["nodes"]}
-        # the trainers' work shows (heartbeats every 2 s catch some of its states), and the
-        # end: the root that called /finish is finished
+        # the trainers' work shows (heartbeats every 2 s catch some of its states: 5 epochs make
+        # a round's training ~2 s, one epoch's 0.4 s slipped between them), and the end: the
+        # root that called /finish is finished
         assert {st for n, st in seen if n != "da1"} - {"idle", "running", "not deployed"}, sorted(seen)
         assert ("da1", "finished") in seen, sorted(seen)
         assert any(n["round"] and n["round"] >= 2 for d in states for n in d["nodes"]), "no rounds shown"
