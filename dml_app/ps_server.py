@@ -46,8 +46,8 @@ Structure conf (ps_structure_conf.py): {"role": "server", "workers": [...], "con
 
 Serverless mode (structure conf {"role": "server", "serverless": true, "mode": "async",
 "actions": [node names], "steps", "lr", "lr_end", "momentum", "max_staleness",
-"eval_every", "seed"}; no "workers"): the workers are stateless actions (dml_app/sl_action.py) that
-come and go. GET /start builds the seeded model (version 0) and starts nobody; workers
+"eval_every", "seed"}; no "workers"): the workers are stateless actions
+(dml_app/sl_action.py) that come and go. GET /start builds the seeded model (version 0) and starts nobody; workers
 register themselves and train on the same versioned model with the async rule. These
 routes take a client credential (net.client_token(admin, <this node>, <calling node>):
 the api_key an invoker passes its action), which names the calling node; the node's own

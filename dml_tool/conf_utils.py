@@ -169,3 +169,19 @@ def member_confs(server: str, members: Sequence[str], seen: Mapping[str, int], l
                                 f"the {carries}; add {{\"dest\": \"{dst}\", \"bw\": ...}} under {src!r}")
         confs[m] = {"role": role, "server": server, "connect": connect_map(m, links, nodes)}
     return confs
+
+
+def server_rule(structure: Mapping[str, Any], file: str, *, steps: int, max_staleness: int) -> dict[str, Any]:
+    """The parameter server's SGD rule as both server tools (ps, sl) write it: "lr",
+    "lr_end" (only when given: the lr falls linearly to it at `steps`), "momentum",
+    "max_staleness" (default `max_staleness`) and "eval_every" (default steps / 10);
+    bounded as ps.PsConfig checks them on the node."""
+    rule: dict[str, Any] = {"lr": get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True)}
+    if "lr_end" in structure:
+        rule["lr_end"] = get_number(structure, "lr_end", file, low=0.0, high=10.0)
+    rule.update({
+        "momentum": get_number(structure, "momentum", file, low=0.0, high=0.999, default=0.0),
+        "max_staleness": get_int(structure, "max_staleness", file, low=0, high=10_000_000, default=max_staleness),
+        "eval_every": get_int(structure, "eval_every", file, low=1, high=10_000_000, default=max(1, steps // 10)),
+    })
+    return rule

@@ -69,13 +69,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     conf: dict[str, Any] = {
         "role": "server", "workers": workers, "connect": cu.connect_map(server, links, nodes),
         "mode": mode, "steps": steps,
-        "lr": cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True),
-        "momentum": cu.get_number(structure, "momentum", file, low=0.0, high=0.999, default=0.0),
-        "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, default=len(workers)),
-        "eval_every": cu.get_int(structure, "eval_every", file, low=1, default=max(1, steps // 10)),
+        **cu.server_rule(structure, file, steps=steps, max_staleness=len(workers)),
     }
-    if "lr_end" in structure:      # the lr falls linearly to this at `steps`
-        conf["lr_end"] = cu.get_number(structure, "lr_end", file, low=0.0, high=10.0)
     for key, low, high in (("seed", 0, None), ("step_timeout_s", 0.1, 1e6), ("step_retries", 0, 100)):
         if key in structure:
             conf[key] = (cu.get_number(structure, key, file, low=low, high=high) if key == "step_timeout_s"

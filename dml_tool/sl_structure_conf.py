@@ -142,13 +142,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
     concurrency = invoker["concurrency"]
     conf: dict[str, Any] = {
         "role": "server", "serverless": True, "mode": "async", "actions": actions, "steps": steps,
-        "lr": cu.get_number(structure, "lr", file, low=0.0, high=10.0, low_open=True),
-        "momentum": cu.get_number(structure, "momentum", file, low=0.0, high=0.999, default=0.0),
-        "max_staleness": cu.get_int(structure, "max_staleness", file, low=0, high=10**6, default=concurrency),
-        "eval_every": cu.get_int(structure, "eval_every", file, low=1, high=10**9, default=max(1, steps // 10)),
+        **cu.server_rule(structure, file, steps=steps, max_staleness=concurrency),
     }
-    if "lr_end" in structure:      # the lr falls linearly to this at `steps`
-        conf["lr_end"] = cu.get_number(structure, "lr_end", file, low=0.0, high=10.0)
     if "seed" in structure:
         conf["seed"] = cu.get_int(structure, "seed", file, low=0, high=2**31 - 1)
     conf["invoker"] = invoker
