@@ -5,8 +5,9 @@ Three kinds of caller (docs/security.md):
 * **admin**: a request carrying the admin token (header X-Testbed-Token), or a request
   without one from this machine's loopback whose socket belongs to root or to the user
   who started the controller with sudo (SUDO_UID): EdgeTB's `curl localhost:3333/...`
-  keeps working for them, and for no other local user. The socket's owner is read from
-  the kernel's socket tables (/proc/net/tcp, tcp6), never from anything the client says.
+  keeps working for them, and for no other local user. The owner is the kernel's answer
+  (NETLINK_SOCK_DIAG) for that very connection: the client's socket with exactly the
+  accepted socket's 4-tuple, ESTABLISHED, with an inode; never anything the client says.
 * **node**: a request carrying a node credential (dml_app/net.py node_token). It opens
   only NODE_ROUTES, and only for that node: the routes check `who().node` against the
   node the request names; and GET /data/<sha256>, the data bundles any node may read.
@@ -28,6 +29,7 @@ import ipaddress
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -106,43 +108,143 @@ def remove_token(path: Path, token: str) -> None:
 
 # ----------------------------------------------------------------------------- socket owners
 
-def _hex_addr(h: str):
-    raw = bytes.fromhex(h)
-    if len(raw) == 4:
-        return ipaddress.IPv4Address(raw[::-1])
-    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order.
-    return ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+# NETLINK_SOCK_DIAG (linux/sock_diag.h, linux/inet_diag.h): the kernel answers for one
+# socket named by its exact 4-tuple, with its state, owner and inode.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+TCP_ESTABLISHED = 1
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSG = struct.Struct("=IHHII")                  # nlmsghdr
+_REQ = struct.Struct("=BBBBI")                    # inet_diag_req_v2 up to its sockid
+_SOCKID = struct.Struct("!HH16s16s")              # sport, dport, src, dst (network order)
+_SOCKID_TAIL = struct.Struct("=III")              # if, cookie[2]
+_MSG = struct.Struct("=BBBB")                     # inet_diag_msg up to its sockid
+_MSG_TAIL = struct.Struct("=IIIII")               # expires, rqueue, wqueue, uid, inode
+_SOCKID_LEN = _SOCKID.size + _SOCKID_TAIL.size
 
 
-def socket_owner(client_ip: str, client_port: int, server_port: int) -> int | None:
-    """The uid owning the client end of a TCP connection to this machine, from the
-    kernel's tables; None when no such socket is found."""
+@dataclass(frozen=True)
+class DiagSocket:
+    """What the kernel says of one TCP socket."""
+    state: int
+    uid: int
+    inode: int
+
+
+def _addr(ip: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address (text, or 4 or 16 bytes) as the kernel keys it: IPv4-mapped IPv6
+    addresses as IPv4; None if it is none."""
     try:
-        want = ipaddress.ip_address(client_ip)
+        addr = ipaddress.ip_address(ip.partition("%")[0] if isinstance(ip, str) else ip)
     except ValueError:
         return None
-    if isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped:
-        want = want.ipv4_mapped
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 8:
-                        continue
-                    lip, _, lport = parts[1].partition(":")
-                    _, _, rport = parts[2].partition(":")
-                    if int(lport, 16) != client_port or int(rport, 16) != server_port:
-                        continue
-                    addr = _hex_addr(lip)
-                    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                        addr = addr.ipv4_mapped
-                    if addr == want:
-                        return int(parts[7])
-        except (OSError, ValueError):
-            continue
-    return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _packed(addr) -> bytes:
+    return addr.packed.ljust(16, b"\0")
+
+
+def diag_socket(local: tuple[str, int], remote: tuple[str, int]) -> DiagSocket | None:
+    """The TCP socket of this network namespace whose local end is `local` and remote end
+    `remote` (ip, port), asked of the kernel by that exact 4-tuple (no table is scanned);
+    None when there is none, the two ends are not of one family, or anything goes wrong."""
+    try:
+        src, dst = _addr(local[0]), _addr(remote[0])
+        sport, dport = int(local[1]), int(remote[1])
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if src is None or dst is None or src.version != dst.version:
+        return None
+    if not (0 < sport < 65536 and 0 < dport < 65536):
+        return None
+    family = socket.AF_INET if src.version == 4 else socket.AF_INET6
+    sockid = (_SOCKID.pack(sport, dport, _packed(src), _packed(dst))
+              + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    # One socket, asked for by its id (no NLM_F_DUMP): the kernel looks it up as an
+    # incoming packet would be, established sockets (TIME_WAIT ones too) first, then
+    # listeners; `idiag_states` is not applied to such a lookup, the answer's state is
+    # checked by the caller.
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_ESTABLISHED) + sockid
+    seq = 1
+    request = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.sendall(request)
+            answer = nl.recv(8192)
+    except OSError:
+        return None
+    found = None
+    at = 0
+    while at + _NLMSG.size <= len(answer):
+        length, kind, _, aseq, _ = _NLMSG.unpack_from(answer, at)
+        if length < _NLMSG.size or at + length > len(answer):
+            return None
+        if aseq == seq:
+            if kind != SOCK_DIAG_BY_FAMILY:
+                return None                    # NLMSG_ERROR (ENOENT: no such socket), or else
+            if found is not None or length < _NLMSG.size + _MSG.size + _SOCKID_LEN + _MSG_TAIL.size:
+                return None                    # more than one answer, or a short one
+            p = at + _NLMSG.size
+            afamily, state, _, _ = _MSG.unpack_from(answer, p)
+            p += _MSG.size
+            asport, adport, asrc, adst = _SOCKID.unpack_from(answer, p)
+            p += _SOCKID_LEN
+            _, _, _, uid, inode = _MSG_TAIL.unpack_from(answer, p)
+            width = 4 if afamily == socket.AF_INET else 16
+            if (asport, adport, _addr(asrc[:width]), _addr(adst[:width])) != (sport, dport, src, dst):
+                return None                    # not the socket asked for
+            found = DiagSocket(state, uid, inode)
+        at += (length + 3) & ~3
+    return found
+
+
+def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The uid owning the client end of the TCP connection client -> server (ip, port)
+    on this machine: the kernel's socket with exactly that 4-tuple, ESTABLISHED, with
+    an inode (an open socket, not a closed one's TIME_WAIT or orphaned FIN_WAIT, which
+    the kernel reports as uid 0); None otherwise."""
+    found = diag_socket(client, server)
+    if found is None or found.state != TCP_ESTABLISHED or found.inode == 0:
+        return None
+    return found.uid
+
+
+def connection_owner(sock: socket.socket, peer: str | None = None) -> int | None:
+    """The uid owning the other end of `sock`, a connection this process accepted from
+    this machine: `sock` must be the kernel's ESTABLISHED socket of its 4-tuple (its
+    inode is ours), and the client's end, the same 4-tuple reversed, is asked for its
+    owner (socket_owner). `peer`: the client address the request was taken from, which
+    must be the socket's. None when any of this is not so, or `sock` is gone."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return None
+        local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+        ours = os.fstat(fd).st_ino
+    except (OSError, TypeError, ValueError):
+        return None
+    if peer is not None and (_addr(peer) is None or _addr(peer) != _addr(remote[0])):
+        return None
+    mine = diag_socket(local, remote)
+    if mine is None or mine.state != TCP_ESTABLISHED or mine.inode == 0 or mine.inode != ours:
+        return None
+    return socket_owner(remote, local)
+
+
+def accepted_socket(environ) -> socket.socket | None:
+    """The connection a WSGI request came over: waitress's channel (reached through the
+    `waitress.client_disconnected` method it puts in the environ), or werkzeug's
+    `werkzeug.socket`; None for any other server."""
+    sock = environ.get("werkzeug.socket")
+    if sock is None:
+        channel = getattr(environ.get("waitress.client_disconnected"), "__self__", None)
+        sock = getattr(channel, "socket", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def trusted_uids() -> frozenset[int]:
@@ -279,10 +381,10 @@ class Access:
         except ValueError:
             loop = False
         if loop:
-            try:
-                uid = socket_owner(addr, int(environ.get("REMOTE_PORT") or 0), int(self._port()))
-            except (TypeError, ValueError):
-                uid = None
+            # The owner of this very connection: the accepted socket's 4-tuple, asked of
+            # the kernel (no accepted socket reachable: no loopback trust).
+            sock = accepted_socket(environ)
+            uid = connection_owner(sock, addr) if sock is not None else None
             if uid is not None and uid in self.uids:
                 return Caller("admin", how="loopback")
         if cookies and self.session_ok(cookies.get(self.cookie_name)):

@@ -3,10 +3,13 @@
 Real servers on loopback; requests from another local user are made by real processes
 running as `nobody` (setpriv), so the controller sees a real socket owned by that uid.
 """
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from controller import access  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from dml_app import net  # noqa: E402
 from dml_testutil import NodeProc, scratch  # noqa: E402,F401  (scratch: a fixture)
 from test_controller import make_testbed  # noqa: E402
 
 NOBODY = 65534
+TIME_WAIT = 6            # a TCP state (include/net/tcp_states.h)
 import agent_helpers as ah  # noqa: E402
 
 need_root = ah.need("root", "needs root: it runs requests as another user" if os.geteuid() != 0 else None)
@@ -238,3 +243,155 @@ def test_curl_from_the_terminal_still_works(served):
     p = subprocess.run(["curl", "-sS", f"localhost:{m.server.port}/print?msg=hello"],
                        capture_output=True, text=True, timeout=30)
     assert p.stdout == "ok\n", p.stderr
+
+
+# ----------------------------------------------------------------------------- whose connection
+
+# Run by another local user: a request from a source port whose earlier connections
+# (to the controller's other loopback addresses, or to 127.0.0.1 itself) it closed, so
+# the kernel holds closed sockets (TIME_WAIT, orphaned FIN_WAIT) with the same client
+# address and ports, which its socket tables list with uid 0. Prints each try's status.
+SPOOF = r'''
+import socket, sys
+port, tries, target, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+earlier = sys.argv[5:]
+
+def bound(p):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", p))
+    return s
+
+codes = []
+for _ in range(tries):
+    first = bound(0)
+    p = first.getsockname()[1]
+    for i, ip in enumerate(earlier):
+        s = first if i == 0 else bound(p)
+        s.connect((ip, port))
+        s.close()
+    s = bound(p)
+    s.connect((target, port))
+    s.sendall(f"GET {path} HTTP/1.0\r\nHost: {target}:{port}\r\n\r\n".encode())
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    s.close()
+    codes.append(answer.split(b" ", 2)[1].decode())
+print(" ".join(codes))
+'''
+
+# (tries, the address the request goes to, the addresses it connected to and closed first)
+ATTACKS = {
+    # one connection to 127.0.0.1, closed, then the request from that port over 127.0.0.2;
+    # either row may come first in the tables, so a few ports are tried
+    "close-then-request": (12, "127.0.0.2", ["127.0.0.1"]),
+    # a port bound with SO_REUSEADDR: closed connections to 127.0.0.2..39, then the request
+    "reused-port": (3, "127.0.0.1", [f"127.0.0.{i}" for i in range(2, 40)]),
+}
+
+
+def spoof_as(uid: int, port: int, attack: str, path: str) -> list[int]:
+    tries, target, earlier = ATTACKS[attack]
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            sys.executable, "-c", SPOOF, str(port), str(tries), target, path, *earlier]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return [int(c) for c in p.stdout.split()]
+
+
+@need_root
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_closed_sockets_of_the_same_ports_do_not_make_another_user_root(served, capsys, attack):
+    m = served()
+    mark = f"spoofed-{attack}"
+    codes = spoof_as(NOBODY, m.server.port, attack, f"/print?msg={mark}")
+    assert codes and set(codes) == {401}, codes
+    codes = spoof_as(NOBODY, m.server.port, attack, "/status")
+    assert codes and set(codes) == {401}, codes
+    assert mark not in capsys.readouterr().out        # the controller printed nothing
+    # the same request from root's own connection is served
+    assert status_code(f"http://127.0.0.1:{m.server.port}/status")[0] == 200
+
+
+@need_root
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost"])
+def test_root_and_the_sudo_user_are_still_trusted_on_every_loopback_address(served, host):
+    m = served(sudo_uid=str(NOBODY))
+    url = f"http://{host}:{m.server.port}/status"
+    for uid in (0, NOBODY):
+        code, body = curl_as(uid, url)
+        assert code == 200 and '"c1"' in body, (uid, code, body)
+    assert curl_as(12345, url)[0] == 401              # and no other user
+
+
+def _loopbacks() -> list[str]:
+    ips = ["127.0.0.1"]
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        ips.append("::1")
+    except OSError:
+        pass
+    return ips
+
+
+@contextlib.contextmanager
+def connection(ip: str):
+    """(client, accepted) sockets of a real TCP connection over `ip`; closed at the end."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        lsn = stack.enter_context(socket.socket(family))
+        lsn.bind((ip, 0))
+        lsn.listen(1)
+        client = stack.enter_context(socket.socket(family))
+        client.connect(lsn.getsockname()[:2])
+        accepted = stack.enter_context(lsn.accept()[0])
+        yield client, accepted
+
+
+@pytest.mark.parametrize("ip", _loopbacks())
+def test_the_kernel_names_the_owner_of_that_very_connection(ip):
+    with connection(ip) as (client, accepted):
+        ends = client.getsockname()[:2], accepted.getsockname()[:2]
+        assert access.socket_owner(*ends) == os.geteuid()
+        assert access.connection_owner(accepted) == os.geteuid()
+        assert access.connection_owner(accepted, peer=ip) == os.geteuid()
+        # the client end is asked for, not the server's (whose ports are the other way)
+        assert access.socket_owner(ends[1], ends[0]) == os.geteuid()
+        # anything else about the 4-tuple, and there is no such socket
+        other = "127.0.0.2" if ip == "127.0.0.1" else "::2"
+        assert access.socket_owner((other, ends[0][1]), ends[1]) is None
+        assert access.socket_owner(ends[0], (ends[1][0], ends[1][1] ^ 1)) is None
+        assert access.connection_owner(accepted, peer=other) is None
+        # malformed or mixed ends
+        assert access.socket_owner(("not an ip", 1), ends[1]) is None
+        assert access.socket_owner((ends[0][0], 0), ends[1]) is None
+        assert access.socket_owner(("::1" if ip == "127.0.0.1" else "127.0.0.1", ends[0][1]), ends[1]) is None
+        # fast: it runs on every tokenless loopback request
+        t0 = time.monotonic()
+        for _ in range(200):
+            access.connection_owner(accepted)
+        assert time.monotonic() - t0 < 2.0
+    assert access.connection_owner(accepted) is None          # a closed socket
+
+
+@pytest.mark.parametrize("ip", _loopbacks())
+def test_a_closed_connection_has_no_owner(ip):
+    with connection(ip) as (client, accepted):
+        ends = client.getsockname()[:2], accepted.getsockname()[:2]
+        client.close()                                   # the client closes first ...
+        assert accepted.recv(1) == b""                   # ... the server sees it ...
+        accepted.close()                                 # ... and closes: TIME_WAIT
+        deadline = time.monotonic() + 10
+        while (got := access.diag_socket(*ends)) is None or got.state != TIME_WAIT:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.01)
+        assert got.uid == 0 and got.inode == 0           # what the kernel says of it
+        assert access.socket_owner(*ends) is None
+
+
+def test_no_loopback_trust_without_the_accepted_socket(tmp_path):
+    a = access.Access("t" * 32, names=lambda: (), port=lambda: 3333, token_file=tmp_path / "token")
+    got = a.caller({"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000"}, {})
+    assert isinstance(got, tuple) and got[1] == 401
