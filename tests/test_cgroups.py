@@ -39,13 +39,17 @@ V2_FILES = {
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100", "cpu.max.burst": "0"},
     "memory": {"memory.max": "max", "memory.high": "max", "memory.low": "0", "memory.min": "0",
                "memory.current": "0", "memory.swap.max": "max", "memory.events": "oom 0\noom_kill 0\n"},
+    "pids": {"pids.max": "max", "pids.current": "0", "pids.events": "max 0\n"},
 }
 V1_FILES = {
     None: {"cgroup.procs": "", "tasks": "", "notify_on_release": "0", "cgroup.clone_children": "0"},
     "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "-1", "cpu.shares": "1024"},
     "memory": {"memory.limit_in_bytes": V1_UNLIMITED, "memory.usage_in_bytes": "0",
                "memory.soft_limit_in_bytes": V1_UNLIMITED},
+    "pids": {"pids.max": "max", "pids.current": "0", "pids.events": "max 0\n"},
 }
+# What a v1 memory hierarchy adds with swap accounting on (swapaccount=1).
+V1_MEMSW = {"memory.memsw.limit_in_bytes": V1_UNLIMITED, "memory.memsw.usage_in_bytes": "0"}
 
 
 class Mirror:
@@ -63,8 +67,9 @@ class Mirror:
 
     def __init__(self, root: Path, *, v2: bool, controllers: str = V2_ALL, root_enabled: str = "",
                  kill_file: bool = True, true_root: bool = True, root_pids=(1,),
-                 hierarchies=("cpu", "memory")):
+                 hierarchies=("cpu", "memory"), memsw: bool = False):
         self.root, self.v2, self.kill_file, self.true_root = root, v2, kill_file, true_root
+        self.memsw = memsw
         self.writes: list[tuple[str, str]] = []
         self.signals: list[tuple[int, str]] = []
         self.procs: dict[int, str] = {}
@@ -147,6 +152,8 @@ class Mirror:
         else:
             for c in self._controllers_of(d):
                 self._files(d, table.get(c, {}))
+                if c == "memory" and self.memsw:
+                    self._files(d, V1_MEMSW)
 
     def write(self, path: Path, text: str) -> None:
         path = Path(path)
@@ -242,17 +249,21 @@ def test_v2_create_enables_controllers_top_down_then_writes_limits(v2):
     assert cg.v2 and cg.dirs == {"unified": m.root / "edgetb" / "n1"}
     assert cg.procs_files == [str(m.root / "edgetb" / "n1" / "cgroup.procs")]
     cg.create(0.5, 64)
-    assert m.writes == [("cgroup.subtree_control", "+cpu +memory"),
-                        ("edgetb/cgroup.subtree_control", "+cpu +memory"),
+    assert m.writes == [("cgroup.subtree_control", "+cpu +memory +pids"),
+                        ("edgetb/cgroup.subtree_control", "+cpu +memory +pids"),
                         ("edgetb/n1/cpu.max", "50000 100000"),
-                        ("edgetb/n1/memory.max", str(64 * MB))]
+                        ("edgetb/n1/memory.max", str(64 * MB)),
+                        ("edgetb/n1/memory.swap.max", "0"),
+                        ("edgetb/n1/pids.max", "512")]
     n1 = m.root / "edgetb" / "n1"
-    assert _read(m.root / "cgroup.subtree_control") == "cpu memory"
-    assert _read(m.root / "edgetb" / "cgroup.subtree_control") == "cpu memory"
-    assert _read(n1 / "cgroup.controllers") == "cpu memory"
+    assert _read(m.root / "cgroup.subtree_control") == "cpu memory pids"
+    assert _read(m.root / "edgetb" / "cgroup.subtree_control") == "cpu memory pids"
+    assert _read(n1 / "cgroup.controllers") == "cpu memory pids"
     assert _read(n1 / "cpu.max") == "50000 100000" and _read(n1 / "memory.max") == str(64 * MB)
     assert cg.limits() == {"cpu_quota_us": 50_000, "cpu_period_us": 100_000, "memory_bytes": 64 * MB,
-                           "pids": set()}
+                           "swap_bytes": 0, "pids_max": 512, "pids": set()}
+    assert cg.box() == {"cpu_quota_us": 50_000, "cpu_period_us": 100_000, "memory_bytes": 64 * MB,
+                        "swap_bytes": 0, "pids_max": 512, "pids_current": 0, "pids_max_hits": 0}
     assert cgroups.leftover_groups(m.root) == ["n1"]
 
 
@@ -261,10 +272,12 @@ def test_v2_enables_only_what_is_missing(v2):
     a second node finds edgetb/ ready and writes only its own limits."""
     m = v2(root_enabled="cpuset cpu io memory pids")
     cgroups.Cgroup("n1", root=m.root).create(2, 512)
-    cgroups.Cgroup("n2", root=m.root).create(0.001, 16)   # below the kernel's 1 ms minimum
-    assert m.writes == [("edgetb/cgroup.subtree_control", "+cpu +memory"),
+    cgroups.Cgroup("n2", root=m.root).create(0.001, 16, pids=64)   # below the kernel's 1 ms minimum
+    assert m.writes == [("edgetb/cgroup.subtree_control", "+cpu +memory +pids"),
                         ("edgetb/n1/cpu.max", "200000 100000"), ("edgetb/n1/memory.max", str(512 * MB)),
-                        ("edgetb/n2/cpu.max", "1000 100000"), ("edgetb/n2/memory.max", str(16 * MB))]
+                        ("edgetb/n1/memory.swap.max", "0"), ("edgetb/n1/pids.max", "512"),
+                        ("edgetb/n2/cpu.max", "1000 100000"), ("edgetb/n2/memory.max", str(16 * MB)),
+                        ("edgetb/n2/memory.swap.max", "0"), ("edgetb/n2/pids.max", "64")]
     assert _read(m.root / "cgroup.subtree_control") == "cpuset cpu io memory pids"
     assert cgroups.leftover_groups(m.root) == ["n1", "n2"]
 
@@ -275,6 +288,20 @@ def test_v2_controllers_not_available_is_a_clear_error_and_makes_nothing(v2):
     with pytest.raises(cgroups.CgroupError, match=r"controller\(s\) cpu memory not available"):
         cgroups.Cgroup("n1", root=m.root).create(1, 64)
     assert m.writes == [] and not (m.root / "edgetb").exists()
+
+
+def test_v2_without_pids_or_swap_accounting_keeps_cpu_and_memory_and_says_so(v2, monkeypatch):
+    """A kernel (or a container) without the pids controller and without swap
+    accounting: the node still gets cpu and memory; its box shows None for the rest."""
+    monkeypatch.setitem(V2_FILES, "memory", {k: v for k, v in V2_FILES["memory"].items() if k != "memory.swap.max"})
+    m = v2(controllers="cpuset cpu io memory")
+    cg = cgroups.Cgroup("n1", root=m.root)
+    cg.create(1, 64)
+    assert m.writes == [("cgroup.subtree_control", "+cpu +memory"),
+                        ("edgetb/cgroup.subtree_control", "+cpu +memory"),
+                        ("edgetb/n1/cpu.max", "100000 100000"), ("edgetb/n1/memory.max", str(64 * MB))]
+    assert cg.box() == {"cpu_quota_us": 100_000, "cpu_period_us": 100_000, "memory_bytes": 64 * MB,
+                        "swap_bytes": None, "pids_max": None, "pids_current": None, "pids_max_hits": None}
 
 
 def test_v2_root_of_a_container_with_processes_is_a_clear_error(v2):
@@ -352,7 +379,8 @@ def test_read_limits_v2_unlimited(v2):
     d = m.root / "edgetb"
     cgroups._mkdir(d)
     assert cgroups.read_limits(d, d, v2=True) == \
-        {"cpu_quota_us": None, "cpu_period_us": 100_000, "memory_bytes": None}
+        {"cpu_quota_us": None, "cpu_period_us": 100_000, "memory_bytes": None, "swap_bytes": None,
+         "pids_max": None}
 
 
 # ============================================================================ v1, mirrored
@@ -361,22 +389,51 @@ def test_read_limits_v2_unlimited(v2):
 def test_v1_create_kill_remove(tmp_path, monkeypatch, cpu_mount):
     m = Mirror(tmp_path / "cgroup", v2=False, hierarchies=(cpu_mount, "memory", "pids")).install(monkeypatch)
     cg = cgroups.Cgroup("n1", root=m.root)
-    cpu, mem = m.root / cpu_mount / "edgetb" / "n1", m.root / "memory" / "edgetb" / "n1"
-    assert not cg.v2 and cg.dirs == {"cpu": cpu, "memory": mem}
+    cpu, mem, pids = (m.root / h / "edgetb" / "n1" for h in (cpu_mount, "memory", "pids"))
+    assert not cg.v2 and cg.dirs == {"cpu": cpu, "memory": mem, "pids": pids}
     assert read_default_limits(m.root / cpu_mount, m.root / "memory") == \
-        {"cpu_quota_us": None, "cpu_period_us": 100_000, "memory_bytes": None}
+        {"cpu_quota_us": None, "cpu_period_us": 100_000, "memory_bytes": None, "swap_bytes": None,
+         "pids_max": None}
     cg.create(1.5, 256)
     assert m.writes == [(f"{cpu_mount}/edgetb/n1/cpu.cfs_period_us", "100000"),
                         (f"{cpu_mount}/edgetb/n1/cpu.cfs_quota_us", "150000"),
-                        ("memory/edgetb/n1/memory.limit_in_bytes", str(256 * MB))]
+                        ("memory/edgetb/n1/memory.limit_in_bytes", str(256 * MB)),
+                        ("pids/edgetb/n1/pids.max", "512")]
+    # Without swap accounting (no memory.memsw.* files) there is no swap limit: None says so.
     assert cg.limits() == {"cpu_quota_us": 150_000, "cpu_period_us": 100_000, "memory_bytes": 256 * MB,
-                           "pids": set()}
+                           "swap_bytes": None, "pids_max": 512, "pids": set()}
     m.start(cg, 101, "ignore-term")
     m.start(cg, 102, "term")
-    assert m.pids_in(cpu) == [101, 102] and m.pids_in(mem) == [101, 102] and cg.populated()
+    assert m.pids_in(cpu) == [101, 102] and m.pids_in(mem) == [101, 102] and m.pids_in(pids) == [101, 102]
+    assert cg.populated() and cgroups.leftover_groups(m.root) == ["n1"]
     assert cg.remove(timeout_s=0.2) == []
     assert sorted(m.signals) == [(101, "SIGKILL"), (101, "SIGTERM"), (102, "SIGTERM")]
-    assert not (m.root / cpu_mount / "edgetb").exists() and not (m.root / "memory" / "edgetb").exists()
+    for h in (cpu_mount, "memory", "pids"):
+        assert not (m.root / h / "edgetb").exists()
+
+
+def test_v1_memsw_is_the_memory_limit_raised_first(tmp_path, monkeypatch):
+    """With swap accounting, memory+swap is held at the memory limit; the kernel wants
+    memsw >= memory at every step, so memsw is lifted before memory is written."""
+    m = Mirror(tmp_path / "cgroup", v2=False, hierarchies=("cpu", "memory", "pids"), memsw=True)
+    m.install(monkeypatch)
+    cg = cgroups.Cgroup("n1", root=m.root)
+    cg.create(1, 128, pids=100)
+    assert m.writes[2:] == [("memory/edgetb/n1/memory.memsw.limit_in_bytes", "-1"),
+                            ("memory/edgetb/n1/memory.limit_in_bytes", str(128 * MB)),
+                            ("memory/edgetb/n1/memory.memsw.limit_in_bytes", str(128 * MB)),
+                            ("pids/edgetb/n1/pids.max", "100")]
+    (cg.dirs["pids"] / "pids.current").write_text("100\n")
+    (cg.dirs["pids"] / "pids.events").write_text("max 7\n")
+    assert cg.box() == {"cpu_quota_us": 100_000, "cpu_period_us": 100_000, "memory_bytes": 128 * MB,
+                        "swap_bytes": 0, "pids_max": 100, "pids_current": 100, "pids_max_hits": 7}
+
+
+def test_v1_without_a_pids_hierarchy_still_limits_cpu_and_memory(tmp_path, monkeypatch):
+    m = Mirror(tmp_path / "cgroup", v2=False).install(monkeypatch)
+    cg = cgroups.Cgroup("n1", root=m.root)
+    cg.create(1, 64)
+    assert "pids" not in cg.dirs and cg.limits()["pids_max"] is None and cg.box()["pids_max_hits"] is None
 
 
 def read_default_limits(cpu_dir, mem_dir):
@@ -385,11 +442,13 @@ def read_default_limits(cpu_dir, mem_dir):
 
 def test_v1_leftovers_in_either_hierarchy(tmp_path, monkeypatch):
     """A crash between the two mkdirs leaves a group in memory/ only: reset must see it."""
-    m = Mirror(tmp_path / "cgroup", v2=False).install(monkeypatch)
+    m = Mirror(tmp_path / "cgroup", v2=False, hierarchies=("cpu", "memory", "pids")).install(monkeypatch)
     cgroups._mkdir(m.root / "memory" / "edgetb")
     cgroups._mkdir(m.root / "memory" / "edgetb" / "half")
+    cgroups._mkdir(m.root / "pids" / "edgetb")
+    cgroups._mkdir(m.root / "pids" / "edgetb" / "pidsonly")
     cgroups.Cgroup("whole", root=m.root).create(1, 64)
-    assert cgroups.leftover_groups(m.root) == ["half", "whole"]
+    assert cgroups.leftover_groups(m.root) == ["half", "pidsonly", "whole"]
 
 
 def test_v1_memory_hierarchy_missing_is_a_clear_error(tmp_path, monkeypatch):
@@ -452,16 +511,20 @@ def test_real_hierarchy_limits_membership_kill_remove():
     had_parent = {p: p.exists() for p in parents}
     ps = []
     try:
-        cg.create(0.25, 96)
-        assert cg.limits() == {"cpu_quota_us": 25_000, "cpu_period_us": 100_000, "memory_bytes": 96 * MB,
-                               "pids": set()}
+        cg.create(0.25, 96, pids=40)
+        lim = cg.limits()
+        swap = lim.pop("swap_bytes")
+        assert lim == {"cpu_quota_us": 25_000, "cpu_period_us": 100_000, "memory_bytes": 96 * MB,
+                       "pids_max": 40, "pids": set()}
+        swap_file = ("memory.swap.max" if cg.v2 else "memory.memsw.limit_in_bytes")
+        assert swap == (0 if (cg.dirs.get("unified") or cg.dirs["memory"]).joinpath(swap_file).exists() else None)
         ps = _members(cg.procs_files)
         assert cg.pids() == {p.pid for p in ps}
         lines = _cgroup_lines(ps[0].pid)
         if cg.v2:
             assert f"0::/edgetb/{name}" in lines
         else:
-            for c in ("cpu", "memory"):
+            for c in ("cpu", "memory", "pids"):
                 assert any(c in ln.split(":")[1].split(",") and ln.endswith(f"/edgetb/{name}") for ln in lines), lines
         cg.kill_all(timeout_s=0.3)                     # SIGTERM is ignored: SIGKILL it is
         assert [p.wait(10) for p in ps] == [-signal.SIGKILL] * 2

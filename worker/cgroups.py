@@ -1,18 +1,27 @@
-"""cpu and memory limits for node processes, on cgroup v2 or v1, under `edgetb/`.
+"""cpu, memory, swap and pids limits for node processes, on cgroup v2 or v1, under `edgetb/`.
 
 The cgroup is also how a node's processes are found at stop and reset: membership is a
 fact the kernel keeps, so nothing is killed by guessing a pid.
 
 v2 (unified, `<root>/cgroup.controllers` exists): one directory `<root>/edgetb/<node>`
-with `cpu.max` ("<quota> <period>") and `memory.max` (bytes). A child only gets those
-files once its parent has the controller in `cgroup.subtree_control`, so `+cpu +memory`
-is enabled on the root and on `edgetb/` (which holds no process itself: "no internal
-processes"), before the node's directory is made. Kill is `cgroup.kill` where the
-kernel has it (5.14+), emptiness is `populated 0` in `cgroup.events`.
+with `cpu.max` ("<quota> <period>"), `memory.max` (bytes), `memory.swap.max` 0 (no swap
+beyond the memory limit) and `pids.max` (processes and threads). A child only gets those
+files once its parent has the controller in `cgroup.subtree_control`, so `+cpu +memory
++pids` is enabled on the root and on `edgetb/` (which holds no process itself: "no
+internal processes"), before the node's directory is made. Kill is `cgroup.kill` where
+the kernel has it (5.14+), emptiness is `populated 0` in `cgroup.events`.
 
-v1: `<root>/cpu/edgetb/<node>` (cpu.cfs_quota_us, cpu.cfs_period_us) and
-`<root>/memory/edgetb/<node>` (memory.limit_in_bytes); the cpu hierarchy may be
-mounted as `cpu,cpuacct`. Where the v1 `freezer` hierarchy is mounted, also
+v1: `<root>/cpu/edgetb/<node>` (cpu.cfs_quota_us, cpu.cfs_period_us),
+`<root>/memory/edgetb/<node>` (memory.limit_in_bytes, and memory.memsw.limit_in_bytes at
+the same value: memory plus swap no more than memory) and `<root>/pids/edgetb/<node>`
+(pids.max); the cpu hierarchy may be mounted as `cpu,cpuacct`.
+
+cpu and memory are required. pids and the swap limit are applied wherever the kernel
+offers them (a v1 host without the pids hierarchy, a kernel without swap accounting:
+`memory.memsw.*` or `memory.swap.max` missing); what the kernel enforces is read back by
+`limits()` / `box()`, so a node's status says which limit is not there (None).
+
+Where the v1 `freezer` hierarchy is mounted, also
 `<root>/freezer/edgetb/<node>` (optional: only pause/resume need it). Where `cpuacct` is a
 hierarchy of its own (not co-mounted with cpu), also `<root>/cpuacct/edgetb/<node>`, so
 that the cpu time a node uses can be read (`usage()`, the controller's dashboard).
@@ -39,6 +48,8 @@ ROOT = Path("/sys/fs/cgroup")
 GROUP = "edgetb"
 CFS_PERIOD_US = 100_000
 CONTROLLERS = ("cpu", "memory")
+PIDS = "pids"              # where the kernel has it (v1: mounted; v2: in cgroup.controllers)
+DEFAULT_PIDS = 512         # processes and threads of one node
 FREEZER = "freezer"        # v1 only, optional
 CPUACCT = "cpuacct"        # v1 only, optional: cpu time used (the dashboard), where not co-mounted with cpu
 FREEZE_WAIT_S = 10.0       # for the kernel to (un)freeze every member
@@ -92,23 +103,44 @@ def _ints(text: str) -> set[int]:
     return {int(x) for x in text.split()}
 
 
-def read_limits(cpu_dir: Path, memory_dir: Path, *, v2: bool | None = None) -> dict:
-    """The limits the kernel enforces at these cgroup directories (on v2 both are the
-    same unified directory): {'cpu_quota_us', 'cpu_period_us', 'memory_bytes'}, quota and
-    memory None when unlimited. `v2` defaults to the layout at ROOT."""
+def _limit(path: Path) -> int | None:
+    """An integer limit file: None when it says "max" (v2), is v1's "unlimited"
+    (PAGE_COUNTER_MAX pages, or -1) or is missing (the kernel does not offer it here)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max" or not text.lstrip("-").isdigit():
+        return None
+    value = int(text)
+    return None if value < 0 or value >= 2**62 else value
+
+
+def read_limits(cpu_dir: Path, memory_dir: Path, *, v2: bool | None = None,
+                pids_dir: Path | None = None) -> dict:
+    """The limits the kernel enforces at these cgroup directories (on v2 all are the
+    same unified directory): {'cpu_quota_us', 'cpu_period_us', 'memory_bytes',
+    'swap_bytes', 'pids_max'}; None where there is no such limit (unlimited, or not
+    offered by this kernel). swap_bytes is the swap allowed beyond memory (0: none):
+    v2 memory.swap.max, v1 memory.memsw.limit_in_bytes less memory.limit_in_bytes.
+    pids_max from pids_dir (v2: the unified one). `v2` defaults to the layout at ROOT."""
     if v2 is None:
         v2 = is_v2()
     cpu_dir, memory_dir = Path(cpu_dir), Path(memory_dir)
     if v2:
         quota, period = (cpu_dir / "cpu.max").read_text().split()
         mem = (memory_dir / "memory.max").read_text().strip()
+        pids = Path(pids_dir) if pids_dir is not None else cpu_dir
         return {"cpu_quota_us": None if quota == "max" else int(quota), "cpu_period_us": int(period),
-                "memory_bytes": None if mem == "max" else int(mem)}
+                "memory_bytes": None if mem == "max" else int(mem),
+                "swap_bytes": _limit(memory_dir / "memory.swap.max"), "pids_max": _limit(pids / "pids.max")}
     quota = int((cpu_dir / "cpu.cfs_quota_us").read_text())
-    mem = int((memory_dir / "memory.limit_in_bytes").read_text())
+    mem = _limit(memory_dir / "memory.limit_in_bytes")   # v1 "unlimited" is PAGE_COUNTER_MAX pages
+    memsw = _limit(memory_dir / "memory.memsw.limit_in_bytes")
     return {"cpu_quota_us": None if quota < 0 else quota,
             "cpu_period_us": int((cpu_dir / "cpu.cfs_period_us").read_text()),
-            "memory_bytes": None if mem >= 2**62 else mem}   # v1 "unlimited" is PAGE_COUNTER_MAX pages
+            "memory_bytes": mem, "swap_bytes": None if mem is None or memsw is None else max(0, memsw - mem),
+            "pids_max": None if pids_dir is None else _limit(Path(pids_dir) / "pids.max")}
 
 
 def _stat_value(text: str, key: str) -> int | None:
@@ -189,6 +221,9 @@ class Cgroup:
             self.dirs = {"unified": self.root / GROUP / name}
         else:
             self.dirs = {c: _v1_mount(self.root, c) / GROUP / name for c in CONTROLLERS}
+            pids = _v1_mount(self.root, PIDS)
+            if pids.is_dir():
+                self.dirs[PIDS] = pids / GROUP / name
             fz = _v1_mount(self.root, FREEZER)
             if fz.is_dir():
                 self.dirs[FREEZER] = fz / GROUP / name
@@ -200,15 +235,22 @@ class Cgroup:
     def procs_files(self) -> list[str]:
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
-    def create(self, cpu: float, ram_mb: int) -> None:
+    def create(self, cpu: float, ram_mb: int, pids: int = DEFAULT_PIDS) -> None:
+        """The group with its limits: cpu, memory, no swap beyond memory, at most `pids`
+        processes and threads (the last two where the kernel offers them)."""
         quota = max(1000, int(cpu * CFS_PERIOD_US))
         mem = int(ram_mb) * 1024 * 1024
+        pids = int(pids)
         if self.v2:
             _enable_v2_controllers(self.root)
             d = self.dirs["unified"]
             _mkdir(d)
             _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
             _write(d / "memory.max", str(mem))
+            if (d / "memory.swap.max").exists():     # swap accounting is on
+                _write(d / "memory.swap.max", "0")
+            if (d / "pids.max").exists():
+                _write(d / "pids.max", str(pids))
         else:
             for c, d in self.dirs.items():
                 if not d.parent.parent.is_dir():
@@ -219,7 +261,15 @@ class Cgroup:
             c = self.dirs["cpu"]
             _write(c / "cpu.cfs_period_us", str(CFS_PERIOD_US))
             _write(c / "cpu.cfs_quota_us", str(quota))
-            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(mem))
+            m = self.dirs["memory"]
+            memsw = m / "memory.memsw.limit_in_bytes"     # absent without swap accounting
+            if memsw.exists():
+                _write(memsw, "-1")          # memsw >= memory at every step: lift it first
+            _write(m / "memory.limit_in_bytes", str(mem))
+            if memsw.exists():
+                _write(memsw, str(mem))
+            if PIDS in self.dirs:
+                _write(self.dirs[PIDS] / "pids.max", str(pids))
 
     def usage(self) -> dict:
         """What the group's processes use now: {'cpu_ns': cpu time so far (None when the
@@ -235,10 +285,31 @@ class Cgroup:
         """read_limits of this group, plus its member 'pids'."""
         if self.v2:
             d = self.dirs["unified"]
-            out = read_limits(d, d, v2=True)
+            out = read_limits(d, d, v2=True, pids_dir=d)
         else:
-            out = read_limits(self.dirs["cpu"], self.dirs["memory"], v2=False)
+            out = read_limits(self.dirs["cpu"], self.dirs["memory"], v2=False, pids_dir=self.dirs.get(PIDS))
         return {**out, "pids": self.pids()}
+
+    def box(self) -> dict:
+        """What a node's status shows of its limits, from the kernel: the limits
+        (read_limits; None: not enforced here), 'pids_current' (processes and threads
+        now) and 'pids_max_hits' (forks refused at pids.max so far, from pids.events);
+        {} once the group is gone."""
+        if not self.exists():
+            return {}
+        try:
+            out = self.limits()
+        except (OSError, ValueError):
+            return {}
+        out.pop("pids")
+        d = self.dirs.get("unified") or self.dirs.get(PIDS)
+        out["pids_current"] = _read_int(d / "pids.current") if d is not None else None
+        try:
+            hits = _stat_value((d / "pids.events").read_text(), "max") if d is not None else None
+        except OSError:
+            hits = None
+        out["pids_max_hits"] = hits
+        return out
 
     def pids(self) -> set[int]:
         out: set[int] = set()
@@ -388,20 +459,22 @@ def _signal(pids, sig) -> None:
 
 
 def _enable_v2_controllers(root: Path) -> None:
-    """+cpu +memory in the root's and edgetb/'s cgroup.subtree_control, so edgetb/<node>
-    gets cpu.max and memory.max. edgetb/ must hold no process of its own."""
+    """+cpu +memory (and +pids where the kernel has it) in the root's and edgetb/'s
+    cgroup.subtree_control, so edgetb/<node> gets cpu.max, memory.max and pids.max.
+    edgetb/ must hold no process of its own."""
     avail = (root / "cgroup.controllers").read_text().split()
     missing = [c for c in CONTROLLERS if c not in avail]
     if missing:
         raise CgroupError(f"cgroup v2 at {root}: controller(s) {' '.join(missing)} not available "
                           f"(cgroup.controllers: {' '.join(avail) or 'none'}; bound to a v1 hierarchy, "
                           f"or not delegated to this container)")
+    wanted = [*CONTROLLERS, *([PIDS] if PIDS in avail else [])]
     parent = root / GROUP
     for p in (root, parent):
         if p is parent:
             _mkdir(parent)
         ctl = p / "cgroup.subtree_control"
-        need = [c for c in CONTROLLERS if c not in ctl.read_text().split()]
+        need = [c for c in wanted if c not in ctl.read_text().split()]
         if not need:
             continue
         try:
@@ -422,5 +495,5 @@ def leftover_groups(root: Path | None = None) -> list[str]:
     if is_v2(root):
         bases = [root / GROUP]
     else:
-        bases = [_v1_mount(root, c) / GROUP for c in (*CONTROLLERS, FREEZER, CPUACCT)]
+        bases = [_v1_mount(root, c) / GROUP for c in (*CONTROLLERS, PIDS, FREEZER, CPUACCT)]
     return sorted({p.name for b in bases if b.is_dir() for p in b.iterdir() if p.is_dir()})
