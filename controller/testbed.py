@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from controller import share  # noqa: E402
+from controller import share, stopping  # noqa: E402
 from dml_app import formats  # noqa: E402
 from dml_app import net  # noqa: E402
 
@@ -108,6 +108,10 @@ def _tcp_open(ip: str, port: int, timeout_s: float = 1.0) -> bool:
 
 MAX_CPU = 1024              # cores an emulator or a node may have
 MAX_RAM_MB = 1 << 22        # 4 TiB
+# A node's box beyond cpu and ram (worker/nodes.py has the same bounds and defaults):
+# processes and threads at most, and the size of its log dir (MiB).
+PIDS_RANGE = (16, 1 << 16)      # default 512
+LOG_MB_RANGE = (1, 1 << 16)     # default 64
 
 
 def _ram_mb(ram: float, unit: str, where: str, problems: list[str] | None = None) -> int:
@@ -181,6 +185,8 @@ class EmulatedNode(_Node):
     ram_mb: int = 1024
     emulator: "Emulator | None" = None
     gpu: int = 0
+    pids: int | None = None         # None: the agent's default (512)
+    log_mb: int | None = None       # None: the agent's default (64)
 
 
 @dataclass
@@ -303,15 +309,31 @@ class Testbed:
         self.emulators[name] = emu
         return emu
 
+    def _bounded(self, value, what: str, bounds: tuple[int, int], name: str) -> int | None:
+        """An optional whole number within bounds (None: the agent's default); a bad one
+        is a problem validate() lists, naming the node."""
+        if value is None:
+            return None
+        try:
+            return net.number(value, f"node {name}: {what}", *bounds, integer=True)
+        except ValueError as e:
+            self._problems.append(str(e))
+            return None
+
     def add_emulated_node(self, name: str, working_dir: str, cmd, image: str = "", cpu: float = 1,
                           ram: float = 1, unit: str = "G", emulator: Emulator | None = None,
-                          gpu: int = 0, root: bool = False) -> EmulatedNode:
+                          gpu: int = 0, root: bool = False, pids: int | None = None,
+                          log_mb: int | None = None) -> EmulatedNode:
+        """pids: processes and threads the node may have at once (default 512); log_mb:
+        the size of its log dir and stdout.log (default 64 MiB)."""
         self._name(name, "node")
         node = EmulatedNode(name=name, working_dir=working_dir,
                             cmd=list(cmd) if not isinstance(cmd, str) else cmd.split(),
                             image=image, cpu=self._cpu(cpu, f"node {name}"),
                             ram_mb=_ram_mb(ram, unit, f"node {name}", self._problems),
-                            emulator=emulator, port=self.node_port, gpu=gpu)
+                            emulator=emulator, port=self.node_port, gpu=gpu,
+                            pids=self._bounded(pids, "pids", PIDS_RANGE, name),
+                            log_mb=self._bounded(log_mb, "log_mb", LOG_MB_RANGE, name))
         node.root = self._root(root, name)
         self.emulated[name] = node
         if emulator is not None:
@@ -450,8 +472,11 @@ class Testbed:
     # ------------------------------------------------------------------ workers
     def agent_address(self, emu: Emulator) -> str:
         if emu.agent_port is None:
-            return f"127.0.0.1:{self.embedded[1].port}"
+            return self.agent_address_embedded()
         return f"{emu.ip}:{emu.agent_port}"
+
+    def agent_address_embedded(self) -> str:
+        return f"127.0.0.1:{self.embedded[1].port}"
 
     def workers(self) -> list[tuple[str, str]]:
         """(label, agent address) of every worker, emulators first."""
@@ -501,6 +526,9 @@ class Testbed:
                         "DML_PORT": str(n.port), "NET_CTL_ADDRESS": ctl, "NET_AGENT_ADDRESS": agent}}
         if getattr(n, "gpu", 0):
             body["gpu"] = n.gpu
+        for key in ("pids", "log_mb"):
+            if getattr(n, key, None) is not None:
+                body[key] = getattr(n, key)
         if n.root:
             body["root"] = True
         return body
@@ -735,9 +763,16 @@ class Testbed:
                 if (kind == "emulated") != label.startswith("emulator"):
                     continue
                 try:
-                    net.call("POST", f"{addr}/{kind}/reset", token=self.token, timeout_s=120)
+                    if self.embedded is not None and addr == self.agent_address_embedded():
+                        # In process: a reset never depends on the state of a server (a
+                        # flooded or dead one must not keep nodes alive at Ctrl-C).
+                        self.embedded[0].reset(kind)
+                    else:
+                        net.call("POST", f"{addr}/{kind}/reset", token=self.token, timeout_s=120)
                 except net.HttpError as e:
                     problems.append(f"{label}: {e}")
+                except Exception as e:  # noqa: BLE001 - the embedded agent's own error, said
+                    problems.append(f"{label}: {type(e).__name__}: {e}")
         self.deployed.clear()
         with self._ready_lock:
             self.ready_names.clear()
@@ -764,19 +799,21 @@ class Testbed:
         self.validate()
         self.manager = self.manager_class(self)
         self.manager.serve()
-        try:
-            self.deploy(say=say)
-        except BaseException:
-            self.manager.close()
-            self.close()
-            raise
         show = (lambda m: print(m, flush=True)) if say is print else say  # noqa: E731
-        show("tc finish")
+        deployed = False
         try:
-            self.wait_ready(say=show)
+            # Ctrl-C or SIGTERM while deploying or waiting: everything made is removed.
+            with stopping.stop_on_signals(stopping.interrupt):
+                self.deploy(say=say)
+                deployed = True
+                show("tc finish")
+                self.wait_ready(say=show)
         except BaseException as e:
-            self.manager.close()
-            self.close()
+            with stopping.shielded():
+                self.manager.close()
+                self.close()
+            if not deployed:
+                raise
             if isinstance(e, NotReady):
                 raise NotReady(f"{e}\neverything deployed was removed", e.not_answering, e.exited) from None
             raise

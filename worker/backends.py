@@ -34,7 +34,7 @@ their container (worker/docker_nodes.py).
 from __future__ import annotations
 
 import ipaddress
-import shutil
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -157,8 +157,8 @@ class Backend:
                 list(ex.map(self.stop, nodes))
 
     def inspect(self, nodes: list[nb.Node]) -> dict[str, dict]:
-        return {n.spec.name: {"state": "exited" if self.host.runner.alive(n.spec.name) is False else n.state}
-                for n in nodes}
+        return {n.spec.name: {"state": "exited" if self.host.runner.alive(n.spec.name) is False else n.state,
+                              **box(n)} for n in nodes}
 
     def remove(self, nodes: list[nb.Node]) -> None:
         raise NotImplementedError
@@ -183,6 +183,33 @@ class Backend:
 
     def sweep(self) -> list[str]:
         return []
+
+
+def box(node: nb.Node) -> dict:
+    """What /status shows of a netns or physical node's limits: "box" as the kernel
+    enforces them (its cgroup: cpu, memory, swap beyond memory, pids; None where this
+    kernel has no such limit) with its run dir's size and use, IPC namespace and
+    seccomp filter; "box_hits", a line per limit the node ran into (pids.max refused a
+    fork, its run dir is full)."""
+    s = node.spec
+    cg = Cgroup(s.name).box()
+    out = {"cpu": s.cpu, "memory_bytes": cg.get("memory_bytes", s.ram_mb << 20),
+           "swap_bytes": cg.get("swap_bytes"), "pids_max": cg.get("pids_max", s.pids),
+           "pids_current": cg.get("pids_current"), "log_bytes": s.log_mb << 20, "log_used_bytes": None,
+           "own_ipc_namespace": not s.root, "seccomp": not s.root}
+    hits = []
+    if cg.get("pids_max_hits"):
+        hits.append(f"pids.max {out['pids_max']} reached: {cg['pids_max_hits']} fork(s) refused")
+    try:
+        if os.path.ismount(node.rundir):
+            st = os.statvfs(node.rundir)
+            out["log_bytes"] = st.f_blocks * st.f_frsize
+            out["log_used_bytes"] = (st.f_blocks - st.f_bfree) * st.f_frsize
+            if st.f_bavail * st.f_frsize < 64 * 1024:
+                hits.append(f"run dir full: its log size {out['log_bytes'] >> 20} MiB is used up")
+    except OSError:
+        pass
+    return {"box": out, "box_hits": hits}
 
 
 class Netns(Backend):
@@ -229,6 +256,7 @@ class Physical(Backend):
             made.append(n)
             try:
                 nb.secure_dir(n.rundir, 0o700)
+                nb.mount_rundir(n.rundir, s.log_mb)
             except Exception:
                 self.remove(made)
                 raise
@@ -241,7 +269,7 @@ class Physical(Backend):
                 tc.clear(None, n.dev)
             except Exception as e:  # the NIC may be gone; say so, keep cleaning
                 print(f"agent: clearing tc on {n.dev}: {e}", file=sys.stderr)
-            shutil.rmtree(n.rundir, ignore_errors=True)
+            nb.remove_rundir(n.rundir)
             Cgroup(n.spec.name).remove()
 
     def address(self, node):
@@ -371,7 +399,7 @@ class Docker(Backend):
                 "state": n.state if info["status"] == "running"
                 else "exited" if info["status"] in ("exited", "dead") else info["status"]}
             st.update(container=n.container, cpuset=n.cpuset, host_port=n.host_port, image=n.spec.image,
-                      health=info and info["health"])
+                      health=info and info["health"], box=dn.box(n))
             out[n.spec.name] = st
         return out
 

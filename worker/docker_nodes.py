@@ -5,8 +5,13 @@ gateway (its Linux bridge is named like the netns backend's, `etbbr<hash>`); per
 container `etb-<node>` on it with the node's fixed address, image, working dir, command,
 environment (EdgeTB's variables, the token, DML_*), a cpuset picked from the emulator's
 cores (plus a cpu quota, nano_cpus, when the node's cpu is fractional), a memory limit
-(no swap), its bind volumes, its DML port published on a host port, a health check, and
-tini as pid 1 so `docker stop` reaches the app.
+(no swap: memswap = memory), a pids limit (the node's `pids`, 512 by default), a private
+IPC namespace, Docker's default seccomp profile (which refuses what worker/seccomp.py
+refuses netns node apps: new user namespaces, mounts, bpf, keyctl, ptrace, modules, ...),
+its stdout (`docker logs`) capped at the node's log size, its bind volumes, its DML port
+published on a host port, a health check, and tini as pid 1 so `docker stop` reaches
+the app. Its run dir is a tmpfs of the node's log size, as a netns node's
+(worker/nodes.py mount_rundir).
 
 Links before the app: the container starts behind a gate. Its entrypoint is
 
@@ -300,12 +305,13 @@ def device_requests(gpu: int) -> list:
 
 
 def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: dict, extra_env: dict) -> None:
-    from docker.types import Mount
+    from docker.types import LogConfig, Mount
 
     s = n.spec
     # The run dir is the container's /run/edgetb-node (read-only): it must be enterable
     # by the node user; its parents on the host stay root's alone.
     rundir = nb.secure_dir(n.rundir, 0o755)
+    nb.mount_rundir(rundir, s.log_mb, 0o755)
     (rundir / "log").mkdir(exist_ok=True)
     (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
     os.mkfifo(rundir / GATE, 0o600)
@@ -329,6 +335,8 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
               command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
               environment=env, security_opt=["no-new-privileges"], **priv,
               labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
+              pids_limit=s.pids, ipc_mode="private",
+              log_config=LogConfig(type="json-file", config={"max-size": f"{s.log_mb}m", "max-file": "1"}),
               mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
               network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
     if nano_cpus:
@@ -350,6 +358,13 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
     n.host_port = int(ports[0]["HostPort"]) if ports else None
 
 
+def box(n: nb.Node) -> dict:
+    """A docker node's limits as asked of the daemon (its /status "box")."""
+    s = n.spec
+    return {"cpu": s.cpu, "memory_bytes": s.ram_mb << 20, "swap_bytes": 0, "pids_max": s.pids,
+            "log_bytes": s.log_mb << 20, "own_ipc_namespace": True, "seccomp": "docker default profile"}
+
+
 def _ours(ctr, agent_id: str) -> bool:
     return (ctr.labels or {}).get(LABEL_AGENT) == agent_id
 
@@ -366,7 +381,7 @@ def remove_node(client, n: nb.Node, agent_id: str) -> None:
                 ctr.remove(force=True, v=True)
         except errors.NotFound:
             pass
-    shutil.rmtree(n.rundir, ignore_errors=True)
+    nb.remove_rundir(n.rundir)
 
 
 def remove_nodes(client, nodes: list[nb.Node], agent_id: str) -> None:

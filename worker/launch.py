@@ -20,7 +20,13 @@ An unprivileged node (the default) sees, in its own mount namespace:
 * everything else read-only (one mount_setattr(2), or a remount per mount where that
   syscall is missing);
 * a PID namespace of its own with its own /proc, so it cannot see or signal other
-  nodes' processes (they share its uid) nor read their environment (their credentials).
+  nodes' processes (they share its uid) nor read their environment (their credentials):
+  the agent starts this launcher as pid 1 of a new PID namespace (worker/nodes.py
+  Runner), which mounts that namespace's /proc;
+* an IPC namespace of its own (System V IPC, POSIX message queues);
+* the seccomp filter of worker/seccomp.py, installed last, once every mount and unshare
+  of the launcher is done (nothing after it needs one): no new namespaces, no mounts,
+  no bpf, keyring, ptrace, modules, ... (that module's docstring).
 The app then runs through app_chain(): no capabilities (bounding set empty), no
 groups, not root, no_new_privs.
 
@@ -38,7 +44,7 @@ MS_REMOUNT, MS_NOATIME, MS_NODIRATIME = 0x20, 0x400, 0x800
 MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 0x1000, 0x2000, 0x4000, 0x80000
 MS_RELATIME, MS_STRICTATIME = 0x200000, 0x1000000
 MNT_DETACH = 2
-CLONE_NEWNS, CLONE_NEWNET = 0x20000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x20000, 0x08000000, 0x40000000
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 SYS_MOUNT_SETATTR = 442          # the same number on every architecture
@@ -208,22 +214,20 @@ def node_view(spec: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the app
 
 def app_chain(spec: dict) -> list[str]:
-    """The argv that runs the app unprivileged in a PID namespace of its own, all small C
-    programs that exec one another (a few hundred kB per node, against megabytes for a
-    Python parent; 300 nodes per machine):
-      unshare --pid --fork --mount-proc  the new namespace and its /proc; the parent
-                                         stays, ignores SIGTERM, exits as the app did;
-      setpriv                            drops every capability (bounding set included),
-                                         the groups and root, sets no_new_privs;
-      tini (pid 1 there)                 passes signals on to the app's process group
-                                         (pid 1 alone would drop a SIGTERM it has no
-                                         handler for) and reaps orphans.
-    Each kills what it started when its parent dies (--kill-child, --pdeathsig, -p)."""
+    """The argv that runs the app unprivileged, in place of this launcher (pid 1 of the
+    node's PID namespace), small C programs that exec one another (a few hundred kB per
+    node, against megabytes for a Python parent; 300 nodes per machine):
+      setpriv               drops every capability (bounding set included), the groups
+                            and root, sets no_new_privs;
+      tini (pid 1 there)    passes signals on to the app's process group (pid 1 alone
+                            would drop a SIGTERM it has no handler for) and reaps
+                            orphans; when it exits the kernel kills the namespace.
+    No parent-death signal: the parent is the agent's thread that started the node,
+    which ends long before the node does."""
     t, uid, gid = spec["tools"], spec["user"]["uid"], spec["user"]["gid"]
-    return ([t["unshare"], "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", "--",
-             t["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
-             "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--pdeathsig=SIGKILL", "--",
-             t["tini"], "-g", "-p", "SIGKILL", "--"] + list(spec["argv"]))
+    return ([t["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+             "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+             t["tini"], "-g", "--"] + list(spec["argv"]))
 
 
 def lock_view(spec: dict) -> None:
@@ -238,8 +242,9 @@ def prepare(spec: dict) -> None:
     """Everything done for an app before it runs, in this process: join the node's
     cgroups (first, so everything it forks is limited too), enter its network namespace
     and a mount namespace of its own, build its view (its binds; the whole locked view
-    for an unprivileged node) and chdir to its working dir. Shared by this launcher
-    (which then execs the app) and the zygote's children (worker/zygote.py)."""
+    and an IPC namespace of its own for an unprivileged node) and chdir to its working
+    dir. Shared by this launcher (which then execs the app) and the zygote's children
+    (worker/zygote.py); both then mount_proc() and confine()."""
     for procs in spec.get("cgroup_procs", []):
         with open(procs, "w") as f:
             f.write(str(os.getpid()))
@@ -254,7 +259,36 @@ def prepare(spec: dict) -> None:
             bind(vol["source"], vol["target"], ro=bool(vol.get("ro")))
     else:
         lock_view(spec)
+        _check(libc.unshare(CLONE_NEWIPC), "unshare IPC namespace")
     os.chdir(spec["cwd"])
+
+
+_seccomp_module = None
+
+
+def seccomp():
+    """worker/seccomp.py, loaded by path beside this file (this launcher imports nothing
+    of the project by name); call it before the node's view hides the project folder."""
+    global _seccomp_module
+    if _seccomp_module is None:
+        import importlib.util
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seccomp.py")
+        spec = importlib.util.spec_from_file_location("edgetb_seccomp", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _seccomp_module = mod
+    return _seccomp_module
+
+
+def confine(spec: dict) -> None:
+    """The last step before an unprivileged app runs: the seccomp filter (with
+    no_new_privs). After every mount and unshare of the launch; a root node gets none."""
+    if spec.get("root"):
+        return
+    try:
+        seccomp().install()
+    except OSError as e:
+        raise LaunchError(str(e)) from None
 
 
 def read_spec(fd: int) -> dict:
@@ -279,7 +313,18 @@ def main() -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"launch.py: cannot read the spec from fd {fd}: {e}")
     try:
+        if not spec.get("root"):
+            if os.getpid() != 1:
+                raise LaunchError("an unprivileged node starts as pid 1 of a PID namespace of its own "
+                                  "(worker/nodes.py Runner starts this launcher so)")
+            # pid 1 drops a signal it has no handler for: until tini runs, SIGTERM ends us.
+            import signal
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+            seccomp()                  # loaded while the project folder is still in view
         prepare(spec)
+        if not spec.get("root"):
+            mount_proc()
+        confine(spec)
         argv = spec["argv"] if spec.get("root") else app_chain(spec)
         os.execvpe(argv[0], argv, spec["env"])
     except (LaunchError, OSError) as e:

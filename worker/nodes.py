@@ -30,6 +30,7 @@ from pathlib import Path
 from dml_app import formats, net
 from worker import tc, units
 from worker.cgroups import Cgroup, CgroupError
+from worker import launch as launcher
 from worker import secure
 from worker import zygote
 
@@ -48,6 +49,12 @@ NODE_BASE_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "PYTHON
 MAX_CPU = 1024          # cores a node may ask for
 MAX_RAM_MB = 1 << 22    # 4 TiB
 MAX_GPU = 64
+DEFAULT_PIDS = 512      # processes and threads of one node (its pids cgroup)
+MIN_PIDS, MAX_PIDS = 16, 1 << 16
+DEFAULT_LOG_MB = 64     # its run dir (log dir, stdout.log): a tmpfs of this size
+MAX_LOG_MB = 1 << 16
+RUNDIR_INODES = 16384   # files its run dir tmpfs holds at most
+CLONE_NEWPID = 0x20000000
 LAUNCHERS = ("auto", "exec")    # auto: runtime roles of netns nodes fork from the zygote
 
 
@@ -115,6 +122,8 @@ class NodeSpec:
     image: str = ""                 # docker nodes: the image to run
     gpu: int = 0                    # docker nodes: GPUs asked (a Docker device request)
     root: bool = False              # the app runs as root with the host's view (else as NODE_USER)
+    pids: int = DEFAULT_PIDS        # processes and threads at most (cgroup pids.max; docker pids_limit)
+    log_mb: int = DEFAULT_LOG_MB    # size of its run dir: its logs (DML_LOG_DIR) and stdout.log
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSpec":
@@ -126,7 +135,9 @@ class NodeSpec:
                        cmd=[str(a) for a in d.get("cmd", [])], working_dir=str(d.get("working_dir", "")),
                        volumes=list(d.get("volumes", [])), env={str(k): str(v) for k, v in d.get("env", {}).items()},
                        nic=d.get("nic"), image=str(d.get("image") or ""),
-                       gpu=_num(d, "gpu", 0, MAX_GPU, integer=True, default=0))
+                       gpu=_num(d, "gpu", 0, MAX_GPU, integer=True, default=0),
+                       pids=_num(d, "pids", MIN_PIDS, MAX_PIDS, integer=True, default=DEFAULT_PIDS),
+                       log_mb=_num(d, "log_mb", 1, MAX_LOG_MB, integer=True, default=DEFAULT_LOG_MB))
         except NodeError:
             raise
         except KeyError as e:
@@ -219,18 +230,18 @@ def node_user() -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1)
 def _tools() -> dict:
-    return {t: shutil.which(t) for t in ("unshare", "setpriv", "tini")}
+    return {t: shutil.which(t) for t in ("setpriv", "tini")}
 
 
 def node_tools() -> dict:
     """Absolute paths of what worker/launch.py runs an unprivileged app through
-    (util-linux's unshare and setpriv, tini); NodeError naming what is missing."""
+    (util-linux's setpriv, tini); NodeError naming what is missing."""
     tools = _tools()
     missing = [t for t, path in tools.items() if not path]
     if missing:
         _tools.cache_clear()
         raise NodeError(f"{', '.join(missing)} missing on this worker: unprivileged node apps run through "
-                        f"unshare, setpriv (util-linux) and tini; run ./install.sh (as root)")
+                        f"setpriv (util-linux) and tini; run ./install.sh (as root)")
     return dict(tools)
 
 
@@ -315,6 +326,71 @@ def spec_fd(launch: dict) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def mount_rundir(path, size_mb: int, mode: int = 0o700) -> None:
+    """The node's run dir as a tmpfs of size_mb (its logs, stdout.log, the gate of a
+    docker node): a node that writes without end fills its own, with ENOSPC, and no
+    one else's; the pages count in its memory limit too (the writer's cgroup). Made
+    on the host at node creation, so the agent reads the logs there as before, and
+    gone with the node (unmount_rundir). Idempotent."""
+    path = str(path)
+    if os.path.ismount(path):
+        return
+    try:
+        launcher.mount("edgetb-node", path, "tmpfs", launcher.MS_NOSUID | launcher.MS_NODEV | launcher.MS_NOEXEC,
+                     f"size={int(size_mb)}m,nr_inodes={RUNDIR_INODES},mode={mode:o},uid=0,gid=0")
+    except launcher.LaunchError as e:
+        raise NodeError(f"run dir {path}: {e}") from None
+
+
+def unmount_rundir(path) -> None:
+    """Unmount the node's run dir tmpfs (lazily: a node app still exiting may hold a file
+    in it), however many times it is mounted; fine if it is not."""
+    path = str(path)
+    for _ in range(8):
+        if not os.path.ismount(path):
+            return
+        try:
+            launcher.umount(path)
+        except launcher.LaunchError as e:
+            print(f"agent: unmounting {path}: {e}", file=sys.stderr)
+            return
+
+
+def remove_rundir(path) -> None:
+    unmount_rundir(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_libc = None
+
+
+def _new_pidns_for_children() -> int:
+    """Children this thread forks from now on go to a new PID namespace, the first as
+    its pid 1 (the kernel keeps this per thread). -> an fd of the thread's own PID
+    namespace, for _own_pidns_again."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if _libc.unshare(CLONE_NEWPID) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        os.close(own)
+        raise NodeError(f"unshare of a PID namespace for a node app: {os.strerror(err)}")
+    return own
+
+
+def _own_pidns_again(own: int) -> None:
+    import ctypes
+    try:
+        if _libc.setns(own, CLONE_NEWPID) != 0:
+            err = ctypes.get_errno()
+            raise RuntimeError(f"setns back to the agent's PID namespace: {os.strerror(err)}")
+    finally:
+        os.close(own)
 
 
 class Runner:
@@ -403,7 +479,7 @@ class Runner:
                           tmpfs_mb=max(16, spec.ram_mb // 4))
         cg = Cgroup(spec.name)
         try:
-            cg.create(spec.cpu, spec.ram_mb)
+            cg.create(spec.cpu, spec.ram_mb, spec.pids)
         except CgroupError as e:    # e.g. cpu/memory not available to cgroup v2 here: say so (422)
             raise NodeError(f"node {spec.name}: {e}") from None
         launch.update(cgroup_procs=cg.procs_files, cwd=cwd, env=env)
@@ -416,21 +492,28 @@ class Runner:
             except zygote.ZygoteError as e:   # the exec path below still works: say so, use it
                 print(f"agent: node {spec.name}: {e}; starting it with exec", file=sys.stderr, flush=True)
         if p is None:
-            p = self._exec(spec.name, launch, rundir)
+            p = self._exec(spec.name, launch, rundir, pidns=not spec.root)
         with self._lock:
             self._procs[spec.name] = p
         node.pgid = p.pid
         node.state = "running"
 
     @staticmethod
-    def _exec(name: str, launch: dict, rundir: Path) -> subprocess.Popen:
+    def _exec(name: str, launch: dict, rundir: Path, pidns: bool = False) -> subprocess.Popen:
+        """worker/launch.py with the spec in an inherited memfd; with pidns, as pid 1 of a
+        new PID namespace (an unprivileged node's: the launcher mounts its /proc)."""
         fd = spec_fd(launch)
         try:
             with open(rundir / "stdout.log", "ab") as out:
-                # -I -S: the launcher needs the standard library alone; starts faster.
-                return subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)], pass_fds=(fd,),
-                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                own = _new_pidns_for_children() if pidns else None
+                try:
+                    # -I -S: the launcher needs the standard library alone; starts faster.
+                    return subprocess.Popen([sys.executable, "-I", "-S", LAUNCH, "--spec-fd", str(fd)],
+                                            pass_fds=(fd,), stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                finally:
+                    if own is not None:
+                        _own_pidns_again(own)
         finally:
             os.close(fd)
 
@@ -565,6 +648,7 @@ def create_netns_nodes(specs: list[NodeSpec], bridge: str, prefixlen: int, gatew
 
         def inside(n: Node) -> None:
             secure_dir(n.rundir, 0o700)
+            mount_rundir(n.rundir, n.spec.log_mb)
             _run(["ip", "-n", n.netns, "-batch", "-"], input="\n".join([
                 f"addr add {n.spec.ip}/{prefixlen} dev {NODE_DEV}",
                 f"link set {NODE_DEV} up", "link set lo up",
@@ -586,7 +670,7 @@ def remove_netns_node(n: Node) -> None:
         _run(["ip", "link", "del", n.veth], check=False)
     if n.netns and Path(f"/run/netns/{n.netns}").exists():
         _run(["ip", "netns", "del", n.netns], check=False)
-    shutil.rmtree(n.rundir, ignore_errors=True)
+    remove_rundir(n.rundir)
 
 
 def install_links(nodes: list[Node], links: dict[str, list[tc.Link]],

@@ -14,7 +14,8 @@ namespace of its own with its binds (the locked view for an unprivileged node) a
 chdirs; it is pid 1 of a PID namespace of its own with its own /proc (the zygote
 unshares one for each child: what `unshare --pid --mount-proc` gives an exec'd app);
 it drops privileges as setpriv does (no groups, not root, no capabilities in any set,
-bounding set empty, no_new_privs), takes the node's environment (credentials included,
+bounding set empty, no_new_privs) and installs the seccomp filter (launch.confine;
+the IPC namespace of its own came with launch.prepare), takes the node's environment (credentials included,
 which come over the agent's socket, never on a command line), stdout and stderr
 (stdout.log), reseeds Python's, numpy's and torch's generators, and runs the role's
 script with runpy as `python3 fl_trainer.py` would (`__main__`, sys.argv, sys.path[0]).
@@ -115,6 +116,14 @@ def script_of(argv: list[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- agent side
 
+def _ready(fd, timeout_s: float | None, events: int = select.POLLIN) -> bool:
+    """Whether `fd` (or a socket) is ready within timeout_s (None: wait); poll(), which
+    has no ceiling at descriptor 1024 as select() has (the agent may hold thousands)."""
+    p = select.poll()
+    p.register(fd, events)
+    return bool(p.poll(None if timeout_s is None else max(0, int(timeout_s * 1000))))
+
+
 def _send(sock: socket.socket, msg: dict, fds=()) -> None:
     data = json.dumps(msg).encode()
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -123,8 +132,7 @@ def _send(sock: socket.socket, msg: dict, fds=()) -> None:
 
 def _recv(sock: socket.socket, timeout_s: float | None) -> tuple[dict, list[int]]:
     if timeout_s is not None:
-        r, _, _ = select.select([sock], [], [], timeout_s)
-        if not r:
+        if not _ready(sock, timeout_s):
             raise TimeoutError(f"no answer from the zygote in {timeout_s:.0f} s")
     fds = array.array("i")
     data, anc, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_LEN(4 * fds.itemsize))
@@ -148,7 +156,7 @@ class ZygoteProc:
 
     def poll(self) -> int | None:
         if self.returncode is None and self.pidfd >= 0:
-            if select.select([self.pidfd], [], [], 0)[0]:       # readable once it has exited
+            if _ready(self.pidfd, 0):       # readable once it has exited
                 self.returncode = self.zygote.exit_code(self.pid)
                 if self.returncode is None:
                     self.returncode = -1                          # not reaped yet or unknown
@@ -162,7 +170,7 @@ class ZygoteProc:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(f"zygote child {self.pid}", timeout)
-            select.select([self.pidfd], [], [], left)
+            _ready(self.pidfd, left)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -385,6 +393,7 @@ def _child(spec_fd: int, out_fd: int) -> None:
         launch.mount_proc()
         if not spec.get("root"):
             drop_privileges(spec["user"]["uid"], spec["user"]["gid"])
+        launch.confine(spec)
         os.environ.clear()
         os.environ.update(spec["env"])
         retitle(spec["argv"], spec["env"])
@@ -430,7 +439,7 @@ def serve(sock: socket.socket) -> None:
                 codes.pop(next(iter(codes)))
 
     while True:
-        r, _, _ = select.select([sock], [], [], 1.0)
+        r = _ready(sock, 1.0)
         reap()
         if not r:
             continue
@@ -488,6 +497,7 @@ def main() -> None:
 
     from worker import launch
     try:
+        launch.seccomp()     # loaded once here: a child's view may hide the project folder
         _preload()
         import gc
         gc.collect()
