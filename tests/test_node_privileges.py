@@ -54,7 +54,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def _app_pid(name: str, argv0: str, timeout_s: float = 30) -> int:
     """The node's app process, found through its cgroup: the one whose argv[0] is
-    argv0 (the launcher's unshare, setpriv and tini name the app only as arguments)."""
+    argv0 (the launcher's setpriv and tini name the app only as arguments)."""
     deadline = time.monotonic() + timeout_s
     while True:
         for pid in sorted(ah.cgroup_limits(name)["pids"]):

@@ -12,7 +12,7 @@ A child does what worker/launch.py does for an exec'd app, with the same code
 (launch.prepare): it joins the node's cgroups, its network namespace and a mount
 namespace of its own with its binds (the locked view for an unprivileged node) and
 chdirs; it is pid 1 of a PID namespace of its own with its own /proc (the zygote
-unshares one for each child: what `unshare --pid --mount-proc` gives an exec'd app);
+unshares one for each child, as the agent does for an exec'd app's launcher);
 it drops privileges as setpriv does (no groups, not root, no capabilities in any set,
 bounding set empty, no_new_privs) and installs the seccomp filter (launch.confine;
 the IPC namespace of its own came with launch.prepare), takes the node's environment (credentials included,
