@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from controller import results, scenario
+from controller import results, scenario, stopping
 from controller.testbed import ROOT, DefinitionError, DeployError, Testbed
 from dml_app import net
 
@@ -102,6 +102,17 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
     except scenario.ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ctrl-C and SIGTERM alike end the run, and every node and link is removed.
+    with stopping.stop_on_signals(stopping.interrupt):
+        try:
+            return _run(testbed, root=root, dataset_json=dataset_json, write_structure=write_structure,
+                        timeout_s=timeout_s, conf_dir=conf_dir, say=say)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C or SIGTERM): the run was stopped", file=sys.stderr, flush=True)
+            return 130
+
+
+def _run(testbed: Testbed, *, root, dataset_json, write_structure, timeout_s, conf_dir, say) -> int:
     try:
         ensure_dataset(say)
         t0 = time.time()
@@ -126,10 +137,11 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        manager.stop_scenario(resume_paused=False)   # no event fires at nodes being removed
-        testbed.close()     # nodes first, so no heartbeat arrives at a closing server
-        manager.close()
-        say("reset: every node and link removed")
+        with stopping.shielded():
+            manager.stop_scenario(resume_paused=False)   # no event fires at nodes being removed
+            testbed.close()     # nodes first, so no heartbeat arrives at a closing server
+            manager.close()
+            say("reset: every node and link removed")
 
 
 def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, write_structure,

@@ -17,13 +17,14 @@ import base64
 import fcntl
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from dml_app import net
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -114,8 +115,7 @@ class Browser:
         data = json.dumps(msg).encode() + b"\0"
         try:
             while data:
-                _, w, _ = select.select([], [self._cmd_w], [], max(0.0, deadline - time.monotonic()))
-                if not w:
+                if not net.wait_fd(self._cmd_w, max(0.0, deadline - time.monotonic()), write=True):
                     raise BrowserError(f"{method}: chromium took no command before the deadline")
                 data = data[os.write(self._cmd_w, data):]
         except OSError as e:
@@ -133,8 +133,7 @@ class Browser:
     def _next(self, deadline: float, method: str) -> dict:
         while b"\0" not in self._buf:
             left = deadline - time.monotonic()
-            r, _, _ = select.select([self._ans_r], [], [], max(0.0, left))
-            if not r:
+            if not net.wait_fd(self._ans_r, max(0.0, left)):
                 raise BrowserError(f"{method}: no answer from chromium before the deadline")
             chunk = os.read(self._ans_r, 1 << 20)
             if not chunk:

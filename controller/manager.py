@@ -12,7 +12,6 @@ controller/dashboard.py, which holds their data and documents them.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, make_response, redirect, request
 
-from controller import access, dashboard, files, results, scenario, share
+from controller import access, dashboard, files, results, scenario, share, stopping
 from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
 from dml_app import net
 
@@ -131,18 +130,15 @@ class Manager:
 
     def wait_forever(self) -> None:
         """Serve until Ctrl-C or SIGTERM, then remove everything deployed."""
-        stop = lambda *_: self._stop.set()  # noqa: E731
-        # Set both explicitly: a shell starting us in the background ignores SIGINT.
-        prev = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._stop.wait(0.5):
-                pass
+            with stopping.stop_on_signals(lambda *_: self._stop.set()):
+                while not self._stop.wait(0.5):
+                    pass
         finally:
-            for s, h in prev.items():
-                signal.signal(s, h)
-            print("controller: stopping, removing every node and link", file=sys.stderr, flush=True)
-            self.tb.close()     # nodes first, so no heartbeat arrives at a closing server
-            self.close()
+            with stopping.shielded():
+                print("controller: stopping, removing every node and link", file=sys.stderr, flush=True)
+                self.tb.close()     # nodes first, so no heartbeat arrives at a closing server
+                self.close()
 
     # ------------------------------------------------------------------ node calls
     def _nodes(self):

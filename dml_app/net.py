@@ -280,23 +280,87 @@ def require_token(app, token: str, *, peer_token: str | None = None,
         return ("missing or wrong testbed token (header " + TOKEN_HEADER + ")\n", 401)
 
 
-# Open connections a server keeps (waitress's default is 100): every node keeps one to the
-# controller for its heartbeats and one to each peer it sends to, so an aggregator of 299
-# trainers, or a controller of 300 nodes, needs more; past the limit waitress stops
-# accepting until one closes, and a busy one never does.
-CONNECTION_LIMIT = 4096
+# Serving. Every server of the testbed (controller, agents, node apps, actions) is a
+# waitress server made by Server below, so one piece decides what floods of connections
+# can do to it:
+# * its loop waits with poll(), not select(): no ceiling at descriptor 1024;
+# * the process's open-files limit is raised to its hard limit when the first one starts;
+# * a connection is *trusted* once one of its requests got past the credential check
+#   (any answer but 401 or 403); the untrusted ones (a client that has not yet shown a
+#   credential, or showed a wrong one) are capped at UNTRUSTED_MAX per server, the
+#   connections of one peer address at PER_PEER_MAX: past a cap the one that has been
+#   quiet longest (and is not being answered) is closed, untrusted before trusted, so a
+#   flood of idle connections cannot lock out the person at the controller;
+# * an untrusted connection quiet for UNTRUSTED_IDLE_S is closed, a trusted one after
+#   TRUSTED_IDLE_S (keep-alive between heartbeats);
+# * the serving thread cannot die silently: an error in its loop is printed with its
+#   traceback and the loop goes on; if it keeps failing, or stops while nobody closed
+#   the server, the process is told (`on_fatal`, by default a SIGTERM to itself, which
+#   the controller and the agents answer by removing every node).
+UNTRUSTED_MAX = 1024
+PER_PEER_MAX = 1024
+UNTRUSTED_IDLE_S = 30.0
+TRUSTED_IDLE_S = 120
+EVICT_QUIET_S = 1.0          # a connection quiet for less than this is not closed for a newer one
+LOOP_FAILURES_MAX = 5        # errors of the serving loop within LOOP_FAILURE_WINDOW_S: it gives up
+LOOP_FAILURE_WINDOW_S = 10.0
+FD_RESERVE = 64              # descriptors left for files, pipes and outgoing calls
+# The most connections one server holds at all: waitress stops accepting at this many.
+# Every node keeps one to the controller for its heartbeats and one to each peer it sends
+# to, so an aggregator of 299 trainers, or a controller of 300 nodes, needs hundreds.
+CONNECTION_LIMIT = 16384
+
+_nofile_lock = threading.Lock()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (capped at 1 << 20);
+    -> the soft limit now in force."""
+    import resource
+
+    with _nofile_lock:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return int(want if soft == resource.RLIM_INFINITY else soft)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError):
+            return soft
+
+
+def wait_fd(fd: int, timeout_s: float | None, *, write: bool = False) -> bool:
+    """Whether `fd` is readable (writable) within timeout_s (None: wait); with poll(),
+    which has no ceiling at descriptor 1024 as select() has."""
+    import select
+
+    p = select.poll()
+    p.register(fd, select.POLLOUT if write else select.POLLIN)
+    return bool(p.poll(None if timeout_s is None else max(0, int(timeout_s * 1000))))
+
+
+def _fatal_default(message: str) -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Server:
-    """A waitress WSGI server on its own thread; `close()` stops it."""
+    """A waitress WSGI server on its own thread; `close()` stops it. See the comment
+    above for what it does against floods of connections."""
 
-    def __init__(self, app, host: str, port: int, *, threads: int = 8, max_body: int | None = None):
+    def __init__(self, app, host: str, port: int, *, threads: int = 8, max_body: int | None = None,
+                 on_fatal: Callable[[str], None] | None = None):
         """`max_body`: the largest request body waitress takes at all (answered 413 from
         the headers, before the body is read); default: the largest limit the app's
-        `limit_bodies` gives any route, DEFAULT_WEIGHTS_LIMIT for an app without."""
+        `limit_bodies` gives any route, DEFAULT_WEIGHTS_LIMIT for an app without.
+        `on_fatal(message)`: called (once) if the serving loop cannot go on; default:
+        SIGTERM to this process."""
         import logging
 
-        from waitress.server import create_server
+        from waitress.adjustments import Adjustments
+        from waitress.task import ThreadedTaskDispatcher
 
         # "Task queue depth is N" at every queued request: a busy server says it hundreds
         # of times a second; the requests are served all the same.
@@ -306,20 +370,58 @@ class Server:
             limits = body_limits(app)
             max_body = limits.largest() if limits is not None else DEFAULT_WEIGHTS_LIMIT
         self.max_body = int(max_body)
+        nofile = raise_open_files_limit()
+        limit = max(64, min(CONNECTION_LIMIT, nofile - FD_RESERVE))
         # waitress refuses a body of max_request_body_size bytes or more: + 1 takes max_body itself.
-        self._srv = create_server(app, host=host, port=port, threads=threads,
-                                  ident="edgetb", clear_untrusted_proxy_headers=True,
-                                  max_request_body_size=self.max_body + 1,
-                                  connection_limit=CONNECTION_LIMIT)
-        self._srv.channel_class = _channel_class()
+        adj = Adjustments(host=host, port=port, threads=threads, ident="edgetb",
+                          clear_untrusted_proxy_headers=True,
+                          max_request_body_size=self.max_body + 1,
+                          connection_limit=limit, asyncore_use_poll=True,
+                          channel_timeout=TRUSTED_IDLE_S, cleanup_interval=5)
+        dispatcher = ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(adj.threads)
+        self._srv = _server_class()(app, {}, True, None, dispatcher=dispatcher, adj=adj,
+                                    sockinfo=adj.listen[0])
+        self._srv.untrusted_max = max(16, min(UNTRUSTED_MAX, limit // 2))
+        self._srv.per_peer_max = max(16, min(PER_PEER_MAX, limit // 2))
         self.port = int(self._srv.effective_port)
+        self.on_fatal = on_fatal or _fatal_default
+        self._closing = False
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"http:{port}")
 
     def _run(self):
-        try:
-            self._srv.run()
-        except OSError:
-            pass  # closed from close()
+        import sys
+        import traceback
+
+        from waitress import wasyncore
+
+        failures: list[float] = []
+        while not self._closing:
+            try:
+                wasyncore.loop(timeout=self._srv.adj.asyncore_loop_timeout, map=self._srv._map,
+                               use_poll=True)
+            except Exception:  # noqa: BLE001 - said below, and the loop goes on or gives up
+                if self._closing:
+                    return
+                now = time.monotonic()
+                failures = [t for t in failures if now - t < LOOP_FAILURE_WINDOW_S] + [now]
+                print(f"server on port {self.port}: error in its serving loop "
+                      f"({len(failures)} in {LOOP_FAILURE_WINDOW_S:.0f} s):\n{traceback.format_exc()}",
+                      file=sys.stderr, flush=True)
+                if len(failures) < LOOP_FAILURES_MAX:
+                    continue
+                why = f"its serving loop failed {len(failures)} times in {LOOP_FAILURE_WINDOW_S:.0f} s"
+                break
+            else:
+                why = "its serving loop ended"   # the map emptied: nobody closed us
+                break
+        else:
+            return
+        if self._closing:
+            return
+        message = f"server on port {self.port} stopped serving: {why}; shutting down"
+        print(message, file=sys.stderr, flush=True)
+        self.on_fatal(message)
 
     def start(self) -> "Server":
         self._thread.start()
@@ -328,7 +430,13 @@ class Server:
     def serve_forever(self) -> None:
         self._run()
 
+    def connections(self) -> dict:
+        """{'open': n, 'untrusted': n}: the connections this server holds now."""
+        chans = list(self._srv.active_channels.values())
+        return {"open": len(chans), "untrusted": sum(1 for c in chans if not c.trusted)}
+
     def close(self) -> None:
+        self._closing = True
         # Let handler threads finish before the socket and trigger go, or waitress
         # raises EBADF in threads still answering.
         self._srv.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
@@ -343,8 +451,93 @@ class Server:
             self._thread.join(5)   # its loop ends within a poll timeout; then the port is free
 
 
-def serve(app, host: str, port: int, *, threads: int = 8, max_body: int | None = None) -> Server:
-    return Server(app, host, port, threads=threads, max_body=max_body).start()
+def serve(app, host: str, port: int, *, threads: int = 8, max_body: int | None = None,
+          on_fatal: Callable[[str], None] | None = None) -> Server:
+    return Server(app, host, port, threads=threads, max_body=max_body, on_fatal=on_fatal).start()
+
+
+def _quiet_for(ch, now: float) -> float:
+    return now - ch.last_activity
+
+
+def _evictable(ch) -> bool:
+    """Not being answered (no complete request queued or in a handler) and not closing."""
+    return not ch.requests and not ch.will_close and not ch.close_when_flushed and ch.connected
+
+
+_SERVER_CLASS = None
+
+
+def _server_class():
+    """waitress's TCP server with the caps described above (one class, made once)."""
+    global _SERVER_CLASS
+    if _SERVER_CLASS is not None:
+        return _SERVER_CLASS
+    import errno
+
+    from waitress.server import TcpWSGIServer
+
+    class GuardedServer(TcpWSGIServer):
+        channel_class = _channel_class()
+        untrusted_max = UNTRUSTED_MAX
+        per_peer_max = PER_PEER_MAX
+
+        def _evict(self, candidates, now: float, keep=None) -> bool:
+            """Close the candidate quiet longest (untrusted first); False if none may go."""
+            best = None
+            for ch in candidates:
+                if ch is keep or not _evictable(ch) or _quiet_for(ch, now) < EVICT_QUIET_S:
+                    continue
+                rank = (ch.trusted, ch.last_activity)
+                if best is None or rank < best[0]:
+                    best = (rank, ch)
+            if best is None:
+                return False
+            best[1].handle_close()
+            return True
+
+        def handle_accept(self):
+            try:
+                v = self.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of descriptors: make room, or the listening socket stays
+                    # readable and the loop spins.
+                    self._evict(list(self.active_channels.values()), time.time())
+                return
+            if v is None:
+                return
+            conn, addr = v
+            try:
+                self.set_socket_options(conn)
+            except OSError:
+                conn.close()
+                return
+            addr = self.fix_addr(addr)
+            new = self.channel_class(self, conn, addr, self.adj, map=self._map)
+            self._cap(new)
+
+        def _cap(self, new) -> None:
+            now = time.time()
+            chans = list(self.active_channels.values())
+            peer = new.addr[0] if isinstance(new.addr, tuple) else new.addr
+            mine = [c for c in chans if (c.addr[0] if isinstance(c.addr, tuple) else c.addr) == peer]
+            if len(mine) > self.per_peer_max and not self._evict(mine, now, keep=new):
+                new.handle_close()
+                return
+            untrusted = [c for c in chans if not c.trusted and c.connected]
+            if len(untrusted) > self.untrusted_max and not self._evict(untrusted, now, keep=new):
+                new.handle_close()
+
+        def maintenance(self, now):
+            super().maintenance(now)
+            cutoff = now - UNTRUSTED_IDLE_S
+            for ch in list(self.active_channels.values()):
+                if not ch.trusted and _evictable(ch) and ch.last_activity < cutoff:
+                    ch.will_close = True
+
+    _SERVER_CLASS = GuardedServer
+    return GuardedServer
 
 
 # ----------------------------------------------------------------------------- bounded input
@@ -563,8 +756,15 @@ def _channel_class():
     """waitress's connection class whose 413 (a body over the server's bound, refused from
     its headers before it is read) names the bound instead of waitress's off-by-one."""
     from waitress.channel import HTTPChannel
-    from waitress.task import ErrorTask
+    from waitress.task import ErrorTask, WSGITask
     from waitress.utilities import RequestEntityTooLarge
+
+    class _WSGITask(WSGITask):
+        def service(self):
+            super().service()
+            # Past the credential check (Server's caps: trusted connections go last).
+            if self.wrote_header and not str(self.status).startswith(("401", "403")):
+                self.channel.trusted = True
 
     class _ErrorTask(ErrorTask):
         def execute(self):
@@ -576,7 +776,8 @@ def _channel_class():
                           f"of {human_bytes(bound)} ({bound} bytes)")
             super().execute()
 
-    return type("BoundedChannel", (HTTPChannel,), {"error_task_class": _ErrorTask})
+    return type("BoundedChannel", (HTTPChannel,), {"error_task_class": _ErrorTask, "task_class": _WSGITask,
+                                                   "trusted": False})
 
 
 # ----------------------------------------------------------------------------- weights
