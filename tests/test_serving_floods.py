@@ -307,3 +307,21 @@ def test_sigterm_during_an_auto_run_removes_every_node():
     finally:
         _end(p)
     ah.assert_clean(extra_names=FL_NODES)
+
+
+# ----------------------------------------------------------------------------- an agent
+
+agent = ah.agent_fixture()
+
+
+@need_root
+def test_an_agent_keeps_answering_its_controller_under_a_flood(agent):
+    flood = Flood("127.0.0.1", agent.port, 1500)
+    try:
+        assert flood.open == 1500
+        for _ in range(3):
+            assert agent.get("/hi", timeout_s=2)["backends"]
+        assert curl(f"{agent.url}/hi") == 401      # without the token: refused, as ever
+    finally:
+        flood.stop()
+    assert agent.alive() and agent.get("/hi")["backends"]
