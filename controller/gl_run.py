@@ -80,7 +80,8 @@ class GlManager(Manager):
         """A node's state from its /stats now; 'unreachable' when its port refuses (nothing
         listens), 'no answer' otherwise (a paused app: not dead, it may resume)."""
         try:
-            return net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name), timeout_s=10)["state"]
+            return net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name), timeout_s=10,
+                                max_bytes=net.JSON_LIMIT)["state"]
         except net.HttpError as e:
             return "unreachable" if e.not_sent else "no answer"
 

@@ -340,7 +340,7 @@ class Invoker:
             return
         try:
             net.call("POST", f"http://{self.server}/unregisterWorker", json={"worker_id": aid},
-                     token=self.server_token, timeout_s=UNREGISTER_TIMEOUT_S, retries=2)
+                     token=self.server_token, timeout_s=UNREGISTER_TIMEOUT_S, retries=2, max_bytes=RESULT_LIMIT)
         except net.HttpError as e:
             self.say(f"invoker: could not unregister worker {aid[:8]} of lost {node} on the server: {e}")
 
@@ -401,7 +401,8 @@ class Invoker:
                     return
             for c in lost:
                 try:
-                    net.call("GET", f"http://{c.runtime}/hi", token=self.auth(c.node), timeout_s=PROBE_TIMEOUT_S)
+                    net.call("GET", f"http://{c.runtime}/hi", token=self.auth(c.node), timeout_s=PROBE_TIMEOUT_S,
+                             max_bytes=RESULT_LIMIT)
                 except net.HttpError:
                     continue
                 with self._cv:

@@ -26,6 +26,7 @@ from dml_app import net
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
 LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
+AGENT_ANSWER_LIMIT = 16 * net.MiB   # an agent's JSON answer (/status of hundreds of nodes, /update/tc)
 MAX_ROUND = 10**9
 
 
@@ -184,7 +185,7 @@ class Manager:
         def send(node):
             body = confs[node.name]
             call_once("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
-                      timeout_s=120)
+                      timeout_s=120, max_bytes=net.JSON_LIMIT)
             return "ok"
         out = self._each(send, have)
         out.update({n: "skipped: no conf file" for n in missing})
@@ -208,7 +209,8 @@ class Manager:
 
         def start(n):
             try:
-                return net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name), timeout_s=30).text
+                return net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name), timeout_s=30,
+                                max_bytes=net.JSON_LIMIT).text
             except net.HttpError as e:
                 return e
         bad = {k: v for k, v in self._each(start, targets).items() if isinstance(v, net.HttpError)}
@@ -327,7 +329,8 @@ class Manager:
         for label, info in list(self.tb.deployed.items()):
             names = list(info["answer"]["nodes"])
             body = {"links": self.tb.agent_links(links, names)}
-            out[label] = net.post_json(f"{info['addr']}/update/tc", body, token=self.tb.token, timeout_s=120)
+            out[label] = net.post_json(f"{info['addr']}/update/tc", body, token=self.tb.token, timeout_s=120,
+                                       max_bytes=AGENT_ANSWER_LIMIT)
         self.tb.links = links
         return out
 
@@ -362,7 +365,8 @@ class Manager:
     def _agent_post(self, node: str, route: str, body: dict) -> tuple[bool, str, dict]:
         label, addr = self._agent_of(node)
         try:
-            return True, label, net.post_json(f"{addr}{route}", body, token=self.tb.token, timeout_s=120)
+            return True, label, net.post_json(f"{addr}{route}", body, token=self.tb.token, timeout_s=120,
+                                              max_bytes=AGENT_ANSWER_LIMIT)
         except net.HttpError as e:
             return False, label, {"error": f"{label}: {e.message}", "status": e.status}
 
@@ -404,6 +408,7 @@ class Manager:
                 raw = files.read_project_file(self.conf_dir / f"{node}_{kind}.conf", self.file_folders(),
                                               files.CONF_FILE_LIMIT, what=f"{kind} conf")
                 call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", token=self.tb.node_token(node), timeout_s=120,
+                          max_bytes=net.JSON_LIMIT,
                           json=net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf"))
             more = self.on_rejoin(node)
         except (net.HttpError, NotReady, OSError, ValueError) as e:
@@ -422,7 +427,7 @@ class Manager:
         if self.needs_root or self.started_at is None or self.finished.is_set():
             return ""
         n = self._nodes()[node]
-        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30)
+        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30, max_bytes=net.JSON_LIMIT)
         return "started"
 
     def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
@@ -483,7 +488,8 @@ class Manager:
         def one(item):
             label, info = item
             try:
-                return net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10)["nodes"]
+                return net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10,
+                                    max_bytes=AGENT_ANSWER_LIMIT)["nodes"]
             except net.HttpError as e:
                 return {"error": str(e)}
         deployed = list(self.tb.deployed.items())
@@ -651,7 +657,8 @@ class Manager:
             def one(w):
                 label, addr = w
                 try:
-                    return net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120)
+                    return net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120,
+                                         max_bytes=AGENT_ANSWER_LIMIT)
                 except net.HttpError as e:
                     return net.HttpError(e.method, e.url, e.status, f"{label}: {e.message}")
             out = dict(zip((label for label, _ in workers), fan_out(one, workers)))

@@ -195,7 +195,8 @@ class RaManager(Manager):
         `missing`; an HTTP error answer (a refusal: a bug, not a fault) is a RuntimeError.
         -> {name: answer} of the others."""
         got = self._calls(names, lambda n: net.call("POST", f"{n.ip}:{n.port}{path}", json=body(n.name),
-                                                    token=self.tb.node_token(n.name), timeout_s=timeout_s).json())
+                                                    token=self.tb.node_token(n.name), timeout_s=timeout_s,
+                                                    max_bytes=net.JSON_LIMIT).json())
         refused = {n: g.message for n, g in got.items() if not g.ok and g.why == REFUSED}
         if refused:
             raise RuntimeError(f"round {r}: {path} refused by {', '.join(sorted(refused))}: {refused}")
@@ -217,7 +218,7 @@ class RaManager(Manager):
         waiting, silent = list(names), {}
         while waiting:
             got = self._calls(waiting, lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
-                                                              timeout_s=self.quick_s))
+                                                              timeout_s=self.quick_s, max_bytes=net.JSON_LIMIT))
             lost = {}
             for n, g in got.items():
                 silent[n] = 0 if g.ok else silent.get(n, 0) + 1
@@ -286,7 +287,8 @@ class RaManager(Manager):
         t0 = time.monotonic()
         got = self._calls(ring, lambda n: net.call("POST", f"{n.ip}:{n.port}/ra/step", json=body,
                                                    token=self.tb.node_token(n.name),
-                                                   timeout_s=deadline + self.step_margin_s).json())
+                                                   timeout_s=deadline + self.step_margin_s,
+                                                   max_bytes=net.JSON_LIMIT).json())
         lost = {n: g.why for n, g in got.items() if not g.ok and g.why != REFUSED}
         for n, g in got.items():
             if g.ok or g.why != REFUSED:

@@ -7,10 +7,12 @@ It is used by the controller, the agents and every node app, so it lives in dml_
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import json as jsonlib
 import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -99,11 +101,189 @@ def _not_sent(e: Exception) -> bool:
     return False
 
 
+# Every call has one deadline for the whole exchange (connect, send, headers, body) and a
+# cap on the answer. A per-read timeout alone (what requests' `timeout` is) lets a peer
+# that trickles a byte a second hold the caller forever, so: each socket operation waits
+# at most what is left of the deadline, the body is read in chunks with the deadline
+# checked between them, and a watchdog thread shuts the connection's socket down
+# DEADLINE_SLACK_S after the deadline (a read that keeps getting bytes never times out).
+ANSWER_LIMIT = 64 << 20     # the answer a call reads when it names no max_bytes (64 MiB)
+DEADLINE_SLACK_S = 0.5      # the watchdog's margin: a silent peer ends as a read timeout first
+
+
+class _Deadline:
+    """One call's deadline (time.monotonic() `at`) and the connections it is using."""
+
+    def __init__(self, at: float):
+        self.at = at
+        self.expired = False      # the watchdog shut its connections down
+        self.done = False
+        self._conns: list = []
+        self._lock = threading.Lock()
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def attach(self, conn) -> None:
+        """A connection this call uses (in the caller's thread); shut at once when late."""
+        with self._lock:
+            if self.done:
+                return
+            if not any(c is conn for c in self._conns):
+                self._conns.append(conn)
+            if self.expired:
+                _shut(conn)
+
+    def expire(self) -> None:
+        """From the watchdog: the deadline passed with the call still under way."""
+        with self._lock:
+            if self.done:
+                return
+            self.expired = True
+            for c in self._conns:
+                _shut(c)
+
+    def bound_reads(self) -> None:
+        """Make the next socket reads wait at most what is left of the deadline."""
+        left = max(self.left(), 0.001)
+        with self._lock:
+            for c in self._conns:
+                sock = getattr(c, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.settimeout(left)
+                    except OSError:
+                        pass
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            self._conns.clear()
+
+
+def _shut(conn) -> None:
+    """Shut a connection's socket down (from any thread): a blocked connect, send or recv
+    returns at once. The plain socket's shutdown, also under TLS (SSLSocket.shutdown would
+    drop the TLS object another thread is reading through)."""
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Watchdog:
+    """One daemon thread for the deadlines of every call of the process."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._heap: list = []
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, d: _Deadline) -> None:
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (d.at + DEADLINE_SLACK_S, self._seq, d))
+            if len(self._heap) > 4096:      # calls that ended long before their deadline
+                self._heap = [e for e in self._heap if not e[2].done]
+                heapq.heapify(self._heap)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="net-deadlines")
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cv.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        d = heapq.heappop(self._heap)[2]
+                        break
+                    self._cv.wait(wait)
+            try:
+                d.expire()
+            except Exception:   # noqa: BLE001  the watchdog must outlive any one call
+                pass
+
+
+_watchdog = _Watchdog()
+
+
+def _new_watchdog() -> None:
+    global _watchdog
+    _watchdog = _Watchdog()     # a forked child (the zygote's) has no thread of its parent
+
+
+os.register_at_fork(after_in_child=_new_watchdog)
+
+
+def _attach(conn) -> None:
+    d = getattr(_session_local, "deadline", None)
+    if d is not None:
+        d.attach(conn)
+
+
+def _deadline_connection(base):
+    """A urllib3 connection class that registers with the calling thread's deadline and
+    waits in each socket operation at most what is left of it."""
+
+    class Conn(base):
+        def connect(self):
+            super().connect()
+            _attach(self)
+
+        def request(self, *a, **kw):
+            _attach(self)
+            d = getattr(_session_local, "deadline", None)
+            if d is not None and self.sock is not None:
+                self.sock.settimeout(max(d.left(), 0.001))
+            return super().request(*a, **kw)
+
+        def getresponse(self, *a, **kw):
+            d = getattr(_session_local, "deadline", None)
+            if d is not None:
+                left = max(d.left(), 0.001)
+                if self.timeout is None or not isinstance(self.timeout, (int, float)) or self.timeout > left:
+                    self.timeout = left
+            return super().getresponse(*a, **kw)
+
+    Conn.__name__ = Conn.__qualname__ = "Deadline" + base.__name__
+    return Conn
+
+
+def _deadline_adapter() -> requests.adapters.HTTPAdapter:
+    import urllib3
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = _deadline_connection(urllib3.connection.HTTPConnection)
+
+    class TlsPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = _deadline_connection(urllib3.connection.HTTPSConnection)
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *a, **kw):
+            super().init_poolmanager(*a, **kw)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TlsPool}
+
+    return Adapter()
+
+
 def _session() -> requests.Session:
     s = getattr(_session_local, "s", None)
     if s is None:
         s = requests.Session()
         s.trust_env = False  # testbed addresses never go through a user's proxy
+        adapter = _deadline_adapter()
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
         _session_local.s = s
     return s
 
@@ -114,54 +294,85 @@ def call(method: str, url: str, *, token: str | None = None, json: Any = None,
          retries: int = 0, max_bytes: int | None = None) -> requests.Response:
     """One HTTP call; raises HttpError on a connection failure or a non-2xx answer.
 
+    `timeout_s` bounds the whole exchange of one attempt: connecting, sending, the
+    answer's headers and its body (a peer that trickles its answer is cut off at the
+    deadline: HttpError "no answer within N s", sent). `max_bytes` caps the answer
+    (HttpError beyond; default ANSWER_LIMIT, 64 MiB), whatever the peer.
     `retries` repeats only a call that cannot have reached the peer (connection refused,
     connect timeout: the peer not listening yet), never one that was answered or may have
     arrived (read timeout, dropped connection), so a POST is never applied twice; waits
     grow from 0.1 s to 1 s. The HttpError's `sent` says which case ended the call.
-    `max_bytes`: read at most that much of the answer (HttpError beyond), for answers
-    from peers that need not be trusted (a node app's log).
     """
     if not url.startswith("http://") and not url.startswith("https://"):
         url = "http://" + url
+    limit = ANSWER_LIMIT if max_bytes is None else int(max_bytes)
     hdrs = dict(headers or {})
+    hdrs.setdefault("Accept-Encoding", "identity")   # the cap counts what the peer sends
     if token:
         hdrs[TOKEN_HEADER] = token
     last: Exception | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.1 * 2 ** (attempt - 1), 1.0))
+        deadline = _Deadline(time.monotonic() + timeout_s)
+        _session_local.deadline = deadline
+        _watchdog.add(deadline)
         try:
             r = _session().request(method, url, json=json, data=data, params=params,
-                                   headers=hdrs, timeout=timeout_s, stream=max_bytes is not None)
-            if max_bytes is not None:
-                _read_bounded(r, max_bytes, method, url)
+                                   headers=hdrs, timeout=(timeout_s, timeout_s), stream=True)
+            _read_bounded(r, limit, method, url, deadline, timeout_s)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as e:
             # the last two: an answer cut short or garbled (the peer died while it answered)
             last = e
-            if _not_sent(e):
+            if _not_sent(e) and not deadline.expired:
                 continue
+            if deadline.expired or deadline.left() <= 0:
+                raise HttpError(method, url, None, f"no answer within {timeout_s:g} s, the deadline of the "
+                                                   f"whole call ({type(e).__name__}: {e})", sent=True) from None
             raise HttpError(method, url, None, f"no answer ({type(e).__name__}: {e})", sent=True) from None
+        finally:
+            deadline.finish()
+            _session_local.deadline = None
         if r.status_code >= 300:
             raise HttpError(method, url, r.status_code, r.text.strip()[:500])
         return r
     raise HttpError(method, url, None, f"no answer ({type(last).__name__}: {last})", sent=False)
 
 
-def _read_bounded(r: requests.Response, max_bytes: int, method: str, url: str) -> None:
-    """Read a streamed answer into r.content, refusing more than max_bytes."""
+def _read_bounded(r: requests.Response, max_bytes: int, method: str, url: str,
+                  deadline: _Deadline | None = None, timeout_s: float | None = None) -> None:
+    """Read a streamed answer into r.content, refusing more than max_bytes and, with a
+    deadline, an answer still coming when it passes (checked between chunks; the socket
+    reads wait at most what is left; the watchdog cuts a read that keeps getting bytes)."""
     def over(n: str) -> HttpError:
         r.close()
         return HttpError(method, url, r.status_code, f"answer of {n} bytes is over the limit of "
                                                      f"{human_bytes(max_bytes)} ({max_bytes} bytes)")
+
+    def late(got: int) -> HttpError:
+        r.close()
+        return HttpError(method, url, None, f"no answer within {timeout_s:g} s, the deadline of the whole "
+                                            f"call ({got} bytes of the answer had come)", sent=True)
     declared = r.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise over(declared)
     buf = bytearray()
-    for chunk in r.iter_content(1 << 16):
-        buf += chunk
-        if len(buf) > max_bytes:
-            raise over(f"more than {max_bytes}")
+    try:
+        for chunk in r.iter_content(16 << 10):
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise over(f"more than {max_bytes}")
+            if deadline is not None:
+                if deadline.expired or deadline.left() <= 0:
+                    raise late(len(buf))
+                deadline.bound_reads()
+    except BaseException:
+        r.close()
+        raise
+    # A connection shut by the watchdog ends a body without a length as if it were whole.
+    if deadline is not None and deadline.expired:
+        raise late(len(buf))
     r._content = bytes(buf)
 
 
