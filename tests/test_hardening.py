@@ -3,6 +3,9 @@ bounded in size and in time, files read only inside the project, text shown on t
 console without terminal escapes, finished runs closed, gossip senders checked."""
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import socket
 import threading
 import tracemalloc
@@ -10,7 +13,7 @@ import tracemalloc
 import pytest
 
 from dml_testutil import wait_until  # noqa: F401  (puts dml_app on sys.path)
-from controller import ra_run
+from controller import files, ra_run
 from controller.ra_run import RaManager
 from dml_app import net
 from test_controller import make_testbed
@@ -164,3 +167,103 @@ def test_the_ring_driver_takes_no_endless_answer(ra_manager, bad_peer):
     _, err = ends(lambda: ra_manager._post(["n1"], "/ra/train", lambda n: {"round": 0}, 60.0, {}, 0))
     assert isinstance(err, RuntimeError) and "over the limit of 1 MiB" in str(err), err
 
+
+# ----------------------------------------------------------------------------- files read on a request's behalf
+
+@pytest.fixture(params=["openat2", "fallback"])
+def opener(request, monkeypatch):
+    """read_project_file through openat2, or through its stand-in (a kernel without it)."""
+    if request.param == "fallback":
+        def no_openat2(*a, **kw):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        monkeypatch.setattr(files, "_openat2", no_openat2)
+    else:
+        probe = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            os.close(files._openat2(probe, "etc", os.O_PATH, files.RESOLVE_BENEATH))
+        except OSError as e:
+            pytest.skip(f"no openat2 on this kernel ({e})")
+        finally:
+            os.close(probe)
+    return request.param
+
+
+def project(tmp_path):
+    root = tmp_path / "project"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "links.json").write_text("{}")
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "links.json").write_text('{"secret": 1}')
+    return root, outside
+
+
+def test_files_inside_the_folder_are_read(tmp_path, opener):
+    root, _ = project(tmp_path)
+    (root / "alias.json").symlink_to("sub/links.json")        # a symlink that stays inside
+    assert files.read_project_file("sub/links.json", [root], 100) == b"{}"
+    assert files.read_project_file(str(root / "alias.json"), [root], 100) == b"{}"
+
+
+class BlockedWriter:
+    """A FIFO with a writer blocked in open() until some reader opens it: whether it got
+    through says whether anyone opened the FIFO."""
+
+    def __init__(self, path):
+        os.mkfifo(path)
+        self.path, self.opened = path, threading.Event()
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def _write(self):
+        fd = os.open(self.path, os.O_WRONLY)
+        self.opened.set()
+        os.close(fd)
+
+    def release(self):
+        if not self.opened.is_set():
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            self.thread.join(10)
+            os.close(fd)
+
+
+@pytest.mark.parametrize("swap", ["absolute", "dotdot"])
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_refused_unopened(tmp_path, opener, monkeypatch, swap):
+    """The path is checked (realpath: inside), then a folder on the way becomes a symlink
+    leading out before the open: the outside file (a FIFO with a writer waiting for a
+    reader) is refused without ever being opened."""
+    root, outside = project(tmp_path)
+    (outside / "sub" / "links.json").unlink()
+    writer = BlockedWriter(outside / "sub" / "links.json")
+    rule = f"x must be a regular file inside {os.path.realpath(root)}, at most 100 bytes"
+    real_realpath = os.path.realpath
+
+    def check_then_swap(p, *a, **kw):
+        out = real_realpath(p, *a, **kw)
+        if str(p).endswith("links.json") and not (root / "sub").is_symlink():
+            shutil.rmtree(root / "sub")
+            (root / "sub").symlink_to(outside / "sub" if swap == "absolute" else "../outside/sub")
+        return out
+    monkeypatch.setattr(files.os.path, "realpath", check_then_swap)
+    try:
+        _, err = ends(lambda: files.read_project_file("sub/links.json", [root], 100, what="x"), within_s=30)
+        assert isinstance(err, files.FileRefused) and str(err) == rule, err
+        assert not writer.opened.wait(0.5), "the outside FIFO was opened before the check"
+    finally:
+        writer.release()
+
+
+def test_symlinks_dotdot_and_fifos_are_refused(tmp_path, opener):
+    root, outside = project(tmp_path)
+    rule = f"x must be a regular file inside {os.path.realpath(root)}, at most 100 bytes"
+    (root / "out.json").symlink_to(outside / "sub" / "links.json")
+    (root / "rel.json").symlink_to("../outside/sub/links.json")
+    for p in ("out.json", "rel.json", "../outside/sub/links.json", "sub/../../outside/sub/links.json",
+              str(outside / "sub" / "links.json")):
+        with pytest.raises(files.FileRefused) as ei:
+            files.read_project_file(p, [root], 100, what="x")
+        assert str(ei.value) == rule, p
+    os.mkfifo(root / "fifo.json")
+    _, err = ends(lambda: files.read_project_file("fifo.json", [root], 100, what="x"), within_s=30)
+    assert isinstance(err, files.FileRefused), err
+    assert "not a regular file" in str(err) and rule in str(err)
