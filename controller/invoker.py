@@ -48,6 +48,7 @@ import uuid
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
+from controller import results
 from controller.testbed import fan_out
 from dml_app import net
 
@@ -133,7 +134,9 @@ class Invoker:
                                           else queue_timeout_s, "invoker queue_timeout_s", 0, 86400)
         self.auth, self.api_key = auth, api_key
         self.action_name = action_name
-        self.say, self.on_record = say, on_record
+        # Its lines carry what nodes answered: shown with their control characters escaped.
+        self.say = lambda line: say(results.printable(line))
+        self.on_record = on_record
         self.server, self.server_token = server, server_token
         self._records: list[dict] = []
         self._cv = threading.Condition()

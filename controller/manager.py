@@ -89,6 +89,10 @@ class Manager:
         self.summary: dict | None = None
         self.finished = threading.Event()
         self._finish_lock = threading.Lock()
+        # POST /log writes into the run under way only: from the start of /finish on, the
+        # run's folder is closed (409) until the next /start makes a new one.
+        self._log_lock = threading.Lock()
+        self._closing = False
         self._stop = threading.Event()
         # Scenario (controller/scenario.py): the events run at each start, set by --scenario
         # (testbed.scenario) or POST /scenario; the scheduler of the run under way.
@@ -201,7 +205,9 @@ class Manager:
         before = (self.root, self.summary, self.started_at, self.run_dir)
         self.root = root
         self.summary = None
-        self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
+        with self._log_lock:
+            self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
+            self._closing = False
         self.finished.clear()
         self.started_at = time.time()
         dash_before = self.dashboard.new_run()
@@ -263,47 +269,60 @@ class Manager:
         with self._finish_lock:
             if self.summary is not None:
                 return self.summary
-            wall = time.time() - (self.started_at or time.time())
-            events = self.stop_scenario()      # first: a paused node is resumed to give its log
-            if self.run_dir is None:         # else a node's POST /log of this run made it
-                self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
-            def collect(node):
-                base = f"{node.ip}:{node.port}"
-                tok = self.tb.node_token(node.name)
-                # A node app's answers are bounded like its POST /log: at most log_limit_bytes.
-                cap = self.log_limit_bytes
-                log = net.call("GET", f"{base}/log", token=tok, timeout_s=60, max_bytes=cap).text
-                met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60, max_bytes=cap).text
-                try:
-                    stats = net.parse_json_body(net.call("GET", f"{base}/stats", token=tok, timeout_s=30,
-                                                         max_bytes=net.JSON_LIMIT).content, what="/stats")
-                    sent = net.number(stats.get("bytes_sent", 0), "/stats bytes_sent", 0, 2**62, integer=True)
-                except ValueError as e:
-                    return f"error: {e}"
-                results.safe_log_path(self.run_dir, node.name).write_text(log)
-                results.safe_log_path(self.run_dir, node.name, ".metrics.jsonl").write_text(met)
-                return {"metrics": results.parse_metrics(met), "bytes_sent": sent}
+            with self._log_lock:
+                self._closing = True         # no POST /log from here on
+                if self.run_dir is None:     # else a node's POST /log of this run made it
+                    self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            try:
+                return self._finish()
+            finally:
+                if self.summary is None:     # it failed: the run is still open
+                    with self._log_lock:
+                        self._closing = False
 
-            got = self._each(collect)
-            metrics = {n: g["metrics"] for n, g in got.items() if isinstance(g, dict)}
-            sent = {n: g["bytes_sent"] for n, g in got.items() if isinstance(g, dict)}
-            missing = {n: g for n, g in got.items() if not isinstance(g, dict)}
-            summary = self.summarize(metrics, wall, sent)
-            if missing:
-                summary["logs_missing"] = missing
-            if events is not None:
-                summary["events"] = events
-            results.draw(self.run_dir, metrics, self.root, events=events, t0=self.started_at)
-            summary["run_dir"] = str(self.run_dir)
-            summary["link_fidelity"] = self.dashboard.fidelity_report()
-            # The page as it ends, while the nodes still answer (a reset comes after /finish).
-            why = self.dashboard.screenshot(self.run_dir)
-            summary["dashboard"] = "dashboard.png" if why is None else f"no screenshot: {why}"
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.summary = summary
-            self.finished.set()
-            print(f"controller: finished, logs and plots in {self.run_dir}", flush=True)
-            return summary
+    def _finish(self) -> dict:
+        """finish()'s work, in the run's folder (closed to POST /log by then)."""
+        wall = time.time() - (self.started_at or time.time())
+        events = self.stop_scenario()      # first: a paused node is resumed to give its log
+
+        def collect(node):
+            base = f"{node.ip}:{node.port}"
+            tok = self.tb.node_token(node.name)
+            # A node app's answers are bounded like its POST /log: at most log_limit_bytes.
+            cap = self.log_limit_bytes
+            log = net.call("GET", f"{base}/log", token=tok, timeout_s=60, max_bytes=cap).text
+            met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60, max_bytes=cap).text
+            try:
+                stats = net.parse_json_body(net.call("GET", f"{base}/stats", token=tok, timeout_s=30,
+                                                     max_bytes=net.JSON_LIMIT).content, what="/stats")
+                sent = net.number(stats.get("bytes_sent", 0), "/stats bytes_sent", 0, 2**62, integer=True)
+            except ValueError as e:
+                return f"error: {e}"
+            results.write_run_file(self.run_dir, results.safe_log_path(self.run_dir, node.name).name, log)
+            results.write_run_file(self.run_dir, results.safe_log_path(self.run_dir, node.name, ".metrics.jsonl").name,
+                                   met)
+            return {"metrics": results.parse_metrics(met), "bytes_sent": sent}
+
+        got = self._each(collect)
+        metrics = {n: g["metrics"] for n, g in got.items() if isinstance(g, dict)}
+        sent = {n: g["bytes_sent"] for n, g in got.items() if isinstance(g, dict)}
+        missing = {n: g for n, g in got.items() if not isinstance(g, dict)}
+        summary = self.summarize(metrics, wall, sent)
+        if missing:
+            summary["logs_missing"] = missing
+        if events is not None:
+            summary["events"] = events
+        results.draw(self.run_dir, metrics, self.root, events=events, t0=self.started_at)
+        summary["run_dir"] = str(self.run_dir)
+        summary["link_fidelity"] = self.dashboard.fidelity_report()
+        # The page as it ends, while the nodes still answer (a reset comes after /finish).
+        why = self.dashboard.screenshot(self.run_dir)
+        summary["dashboard"] = "dashboard.png" if why is None else f"no screenshot: {why}"
+        results.write_run_file(self.run_dir, "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.summary = summary
+        self.finished.set()
+        print(f"controller: finished, logs and plots in {self.run_dir}", flush=True)
+        return summary
 
     def on_heartbeat(self, node: str, state, round_) -> None:
         """Algorithm managers may act on node states (gossip finishes when all are done)."""
@@ -558,8 +577,10 @@ class Manager:
         def print_():
             msg = request.args.get("msg", "") or request.get_data(as_text=True)
             who = access.who().node or request.args.get("name", request.remote_addr)
-            # One line per call, whatever the message holds.
-            print(f"[{who}] {' '.join(msg.split())[:2000]}", flush=True)
+            # One line per call, whatever the message holds, and nothing a terminal acts
+            # on: control characters (ESC, BEL, C1, ...) are shown escaped (\x1b).
+            line = f"[{str(who)[:64]}] {' '.join(msg.split())[:2000]}"
+            print(results.printable(line), flush=True)
             return "ok\n"
 
         @app.route("/heartbeat", methods=["POST"])
@@ -603,11 +624,19 @@ class Manager:
 
         @app.route("/log", methods=["POST"])
         def log():
-            as_node(request.args.get("name", ""))
-            if self.run_dir is None:
-                self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
-            path = results.safe_log_path(self.run_dir, request.args.get("name", ""))
-            path.write_bytes(request.get_data())
+            """A node's log, into the folder of the run under way (made by the first one);
+            409 once /finish began: a finished run's files are never replaced."""
+            name = request.args.get("name", "")
+            as_node(name)
+            with self._log_lock:
+                if self._closing or self.summary is not None:
+                    where = f" ({self.run_dir.name})" if self.run_dir is not None else ""
+                    return jsonify(error=f"the run is finished: its folder{where} takes no more logs; "
+                                         f"a log is taken while a run is under way"), 409
+                if self.run_dir is None:
+                    self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+                path = results.safe_log_path(self.run_dir, name)
+                results.write_run_file(self.run_dir, path.name, request.get_data())
             return "ok\n"
 
         @app.route("/update/tc", methods=any_)

@@ -157,7 +157,7 @@ class RaManager(Manager):
                       f"mean accuracy {mean:.4f}", flush=True)
         except Exception as e:  # noqa: BLE001  (whatever stopped it, the logs are still collected)
             self.failure = str(e) if isinstance(e, (RuntimeError, TimeoutError)) else f"{type(e).__name__}: {e}"
-            print(f"controller: ring all-reduce stopped: {e}", file=sys.stderr, flush=True)
+            print(f"controller: ring all-reduce stopped: {results.printable(str(e))}", file=sys.stderr, flush=True)
         self.finish()
 
     def _members(self, home: list[str], missing: dict[str, str], r: int) -> list[str]:

@@ -18,10 +18,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
 from dml_app import formats, net
+
+
+# What a terminal would act on rather than show: C0 controls (ESC starts colour, cursor,
+# title and clipboard sequences; BEL, BS, CR rewrite what is shown), DEL, C1 controls
+# (0x9b is a one-character CSI) and Unicode's invisible direction and line controls.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """`text` safe for the controller's console: every control character shown escaped
+    (ESC as \\x1b, U+202E as \\u202e), newlines too unless `newlines`; for anything a
+    node or an agent wrote (/print, errors in their answers, the summary table)."""
+    def esc(m: re.Match) -> str:
+        c = m.group()
+        if newlines and c == "\n":
+            return c
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return _CONTROLS.sub(esc, str(text))
 
 
 def new_run_dir(base: Path, algorithm: str) -> Path:
@@ -43,6 +63,37 @@ def safe_log_path(run_dir: Path, name: str, suffix: str = ".log") -> Path:
     if p.parent != run_dir.resolve():
         raise ValueError(f"bad node name {name!r} for a log file")
     return p
+
+
+def write_run_file(run_dir: Path, name: str, data: bytes | str) -> Path:
+    """Write `name` in run_dir as a new file: made under a temporary name with O_EXCL |
+    O_NOFOLLOW in a descriptor of the folder, then renamed onto `name`, so a symlink or a
+    hard link planted there is replaced, never followed or written through, and a reader
+    sees the old file or the new one, never half of it."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise ValueError(f"bad file name {name[:64]!r} in a run folder")
+    if isinstance(data, str):
+        data = data.encode()
+    dfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    tmp = f".{name}.{os.urandom(6).hex()}.part"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(dfd)
+    return run_dir / name
 
 
 def parse_metrics(text: str) -> list[dict]:
@@ -439,4 +490,4 @@ def table(summary: dict) -> str:
     lines.append(f"algorithm {summary['algorithm']}: {summary['rounds']} rounds, final accuracy "
                  f"{fa:.4f}, wall time {summary['wall_seconds']:.1f} s" if fa is not None else
                  f"algorithm {summary['algorithm']}: no accuracy reported, wall time {summary['wall_seconds']:.1f} s")
-    return "\n".join(lines)
+    return printable("\n".join(lines), newlines=True)

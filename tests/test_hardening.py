@@ -13,7 +13,8 @@ import tracemalloc
 import pytest
 
 from dml_testutil import wait_until  # noqa: F401  (puts dml_app on sys.path)
-from controller import files, ra_run
+from controller import files, ra_run, results
+from controller.manager import Manager
 from controller.ra_run import RaManager
 from dml_app import net
 from test_controller import make_testbed
@@ -267,3 +268,95 @@ def test_symlinks_dotdot_and_fifos_are_refused(tmp_path, opener):
     _, err = ends(lambda: files.read_project_file("fifo.json", [root], 100, what="x"), within_s=30)
     assert isinstance(err, files.FileRefused), err
     assert "not a regular file" in str(err) and rule in str(err)
+
+
+# ----------------------------------------------------------------------------- a real controller
+
+@pytest.fixture
+def controller(tmp_path, monkeypatch):
+    """A controller (nodes c1..c3 defined, none deployed: their ports refuse) serving on
+    loopback, without screenshots; its runs go to tmp_path/runs."""
+    monkeypatch.delenv("SUDO_UID", raising=False)
+    tb = make_testbed(tmp_path, {})
+    m = Manager(tb)
+    m.runs_dir = tmp_path / "runs"
+    m.screenshot_s = 0
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))          # bound, never listening: connections are refused
+    for n in tb.all_nodes().values():
+        n.ip, n.port = "127.0.0.1", closed.getsockname()[1]
+    m.serve()
+    try:
+        yield m
+    finally:
+        m.close()
+        closed.close()
+
+
+def node_call(m, node: str, method: str, path: str, **kw):
+    return net.call(method, f"http://127.0.0.1:{m.server.port}{path}", token=m.tb.node_token(node),
+                    timeout_s=30, **kw)
+
+
+def test_print_shows_terminal_escapes_escaped(controller, capfd):
+    evil = "\x1b[2J\x1b]0;pwned\x07 \x9b31m hi\x7f \u202eevil"
+    node_call(controller, "c1", "POST", "/print", data=evil.encode())
+    node_call(controller, "c2", "GET", "/print", params={"msg": evil})
+    net.call("GET", f"http://127.0.0.1:{controller.server.port}/print",      # the admin, naming a node
+             token=controller.tb.token, params={"msg": "x", "name": "n\x1b[31m"})
+    out = capfd.readouterr().out
+    for raw in ("\x1b", "\x07", "\x9b", "\x7f", "\u202e"):
+        assert raw not in out, repr(out)
+    line = r"\x1b[2J\x1b]0;pwned\x07 \x9b31m hi\x7f \u202eevil"
+    assert f"[c1] {line}\n" in out and f"[c2] {line}\n" in out, out
+    assert r"[n\x1b[31m] x" in out, out
+
+
+def test_printable_keeps_ordinary_text():
+    assert results.printable("round 3: accuracy 0.91, ü 中 ✓") == "round 3: accuracy 0.91, ü 中 ✓"
+    assert results.printable("a\nb\tc\rd", newlines=True) == r"a" + "\n" + r"b\x09c\x0dd"
+    assert "\x1b" not in results.table({"accuracy_per_round": [], "bytes_sent": {"n\x1b]0;x\x07": 1},
+                                        "final_accuracy": None, "algorithm": "gl", "wall_seconds": 1.0})
+
+
+def test_a_finished_run_takes_no_more_logs(controller, tmp_path):
+    m = controller
+    node_call(m, "c1", "POST", "/log", params={"name": "c1"}, data=b"during the run")
+    run_dir = m.run_dir
+    outside = tmp_path / "outside.txt"
+    outside.write_text("untouched")
+    (run_dir / "c2.log").symlink_to(outside)            # finish replaces it, never writes through it
+    summary = net.call("GET", f"http://127.0.0.1:{m.server.port}/finish", token=m.tb.token, timeout_s=120).json()
+    assert summary["run_dir"] == str(run_dir) and set(summary["logs_missing"]) == {"c1", "c2", "c3"}
+    assert outside.read_text() == "untouched"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if not p.is_symlink()}
+    assert before["c1.log"] == b"during the run"
+    # a later /log: refused, whatever node and whatever name it gives itself
+    for node in ("c1", "c3"):
+        with pytest.raises(net.HttpError) as ei:
+            node_call(m, node, "POST", "/log", params={"name": node}, data=b"forged after the run")
+        assert ei.value.status == 409 and "the run is finished" in ei.value.message, ei.value
+    # a late finish (the admin again; a node that is not the root) writes nothing either
+    assert net.call("GET", f"http://127.0.0.1:{m.server.port}/finish", token=m.tb.token,
+                    timeout_s=120).json() == summary
+    with pytest.raises(net.HttpError) as ei:
+        node_call(m, "c1", "GET", "/finish")
+    assert ei.value.status == 403
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if not p.is_symlink()} == before
+    assert not (run_dir / "c3.log").exists() and [p.name for p in m.runs_dir.iterdir()] == [run_dir.name]
+
+
+def test_write_run_file_replaces_a_planted_link_and_leaves_no_part_file(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "n1.log").symlink_to(target)
+    os.link(target, run / "n2.log")
+    results.write_run_file(run, "n1.log", "one")
+    results.write_run_file(run, "n2.log", b"two")
+    assert target.read_text() == "keep"
+    assert (run / "n1.log").read_text() == "one" and not (run / "n1.log").is_symlink()
+    assert (run / "n2.log").read_text() == "two" and sorted(p.name for p in run.iterdir()) == ["n1.log", "n2.log"]
+    with pytest.raises(ValueError):
+        results.write_run_file(run, "../x", "no")
