@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import auto  # noqa: E402
+from controller import auto, files  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
 from dml_app import net  # noqa: E402
@@ -59,6 +59,38 @@ class GlManager(Manager):
         if action == "kill" and out["ok"]:
             self.killed.add(node)
         return out
+
+    def push_conf(self, kind: str) -> dict:
+        if kind == "structure":
+            self._senders = None        # read again from the confs being pushed
+        return super().push_conf(kind)
+
+    def conf_for(self, kind: str, node: str, conf):
+        """A peer's structure conf gets "senders": the address of every node whose own
+        structure conf has a link to it, so that it can check that a model that says it
+        comes from a node comes from that node's address (its `connect` has only the
+        nodes it sends to)."""
+        if kind != "structure" or not isinstance(conf, dict):
+            return conf
+        return {**conf, "senders": self._sender_map().get(node, {})}
+
+    def _sender_map(self) -> dict[str, dict[str, str]]:
+        """{node: {a node that links to it: its 'ip:port'}}, from the structure confs."""
+        if getattr(self, "_senders", None) is None:
+            nodes, senders = self._nodes(), {}
+            for src in nodes:
+                try:
+                    raw = files.read_project_file(self.conf_dir / f"{src}_structure.conf", self.file_folders(),
+                                                  files.CONF_FILE_LIMIT, what="structure conf")
+                    conf = net.parse_json_body(raw, what=f"structure conf {src}_structure.conf")
+                except (OSError, ValueError):
+                    continue            # no conf (not a peer) or a bad one (its push says so)
+                connect = conf.get("connect")
+                for dest in connect if isinstance(connect, dict) else ():
+                    if dest in nodes and dest != src:
+                        senders.setdefault(dest, {})[src] = f"{nodes[src].ip}:{nodes[src].port}"
+            self._senders = senders
+        return self._senders
 
     def on_heartbeat(self, node, state, round_) -> None:
         """When every peer's last heartbeat says it is done, or is silent (stale) or killed,

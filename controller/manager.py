@@ -181,7 +181,7 @@ class Manager:
         for n in have:
             raw = files.read_project_file(self.conf_dir / f"{n}_{kind}.conf", self.file_folders(),
                                           files.CONF_FILE_LIMIT, what=f"{kind} conf")
-            confs[n] = net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf")
+            confs[n] = self.conf_for(kind, n, net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf"))
         # Apps still starting (a push right after `tc finish`): wait for them, up to the
         # testbed's readiness deadline (NotReady naming them, HTTP 503), then send once.
         self.tb.wait_ready(have)
@@ -195,6 +195,11 @@ class Manager:
         out.update({n: "skipped: no conf file" for n in missing})
         self.pushed.add(kind)      # a restarted node gets it again (_rejoin)
         return out
+
+    def conf_for(self, kind: str, node: str, conf):
+        """The conf of `kind` sent to `node`, from its conf file's; algorithms may add
+        what only the controller knows (the base sends it as it is)."""
+        return conf
 
     def start_training(self, root: str | None) -> str:
         nodes = self._nodes()
@@ -428,7 +433,7 @@ class Manager:
                                               files.CONF_FILE_LIMIT, what=f"{kind} conf")
                 call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", token=self.tb.node_token(node), timeout_s=120,
                           max_bytes=net.JSON_LIMIT,
-                          json=net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf"))
+                          json=self.conf_for(kind, node, net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf")))
             more = self.on_rejoin(node)
         except (net.HttpError, NotReady, OSError, ValueError) as e:
             return f"rejoin failed: {e}"

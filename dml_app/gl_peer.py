@@ -64,6 +64,9 @@ def check_structure(conf: dict) -> dict:
     missing = [p for p in peers if p not in conf["connect"]]
     if missing:
         raise ValueError(f"'connect' has no address for peer(s) {missing} (no link)")
+    senders = conf.setdefault("senders", {})
+    if not isinstance(senders, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in senders.items()):
+        raise ValueError("'senders' must map node names to 'ip:port'")
     return conf
 
 
@@ -102,6 +105,11 @@ class GlPeer:
         sender = meta.get("name")
         if not isinstance(sender, str):
             raise BadRequest("gossip metadata must carry 'name' (str) and 'round' (int)")
+        # The sender must be a node this peer knows, and the request must come from its
+        # address: a peer cannot slip a model in under another's name (403). "senders"
+        # (the controller adds it) has the nodes with a link to this one, `connect` the
+        # nodes it has a link to.
+        peer_role.check_sender(rt, sender, (rt.structure.get("senders") or {}).get(sender))
         try:
             rnd = peer_role.meta_int(meta, "round", 0)
         except ValueError as e:

@@ -6,6 +6,8 @@ same structure-conf keys: `epoch`, `sync`, `connect`, and optional `seed` and `l
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import zlib
 from typing import Any
 
@@ -48,6 +50,58 @@ def check_common(conf: dict, role: str, *, min_epoch: int = 1) -> dict:
                                                 for k, v in connect.items()):
         raise ValueError("'connect' must map node names to 'ip:port'")
     return conf
+
+
+def _addresses(host: str) -> set[str]:
+    """The ip addresses `host` (an ip, or a name of the conf) stands for, normalised."""
+    host = host.strip().strip("[]")
+    try:
+        ips = {host} if ipaddress.ip_address(host) else set()
+    except ValueError:
+        try:
+            ips = {a[4][0] for a in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        except OSError:
+            ips = set()
+    return {_normal_ip(ip) for ip in ips}
+
+
+def _normal_ip(ip: str) -> str:
+    try:
+        a = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    mapped = getattr(a, "ipv4_mapped", None)      # ::ffff:10.0.0.2 is 10.0.0.2
+    return str(mapped or a)
+
+
+def check_sender(rt: Runtime, claimed: Any, address: str | None = None) -> str:
+    """The node a peer's message says it comes from, checked against the request that
+    brought it: `claimed` must be a node this one knows (at `address`, or else at its
+    structure conf's `connect` address) and the request must come from that address.
+    403 naming the mismatch otherwise (400 for a name that is not a string).
+
+    Only the ip is compared: the port a request comes from is an ephemeral one. On
+    emulated nodes (a netns or a container each) every node has its own ip, so this
+    names the sending node; physical nodes of one host share its ip, so among them it
+    tells only that the sender is on that host (the peer credential still says it is
+    one of the testbed's nodes)."""
+    from flask import request
+    from werkzeug.exceptions import BadRequest, Forbidden
+
+    if not isinstance(claimed, str) or not claimed:
+        raise BadRequest(f"{rt.name}: the weights metadata must name the sending node ('name')")
+    shown = claimed[:64]
+    if address is None:
+        address = ((rt.structure or {}).get("connect") or {}).get(claimed)
+    if not isinstance(address, str) or not address:
+        raise Forbidden(f"{rt.name}: a message from {shown!r}, a node it does not know "
+                        f"(its structure conf's 'connect' has no address for it)")
+    host = address.rsplit(":", 1)[0]
+    remote = _normal_ip(request.remote_addr or "")
+    if remote not in _addresses(host):
+        raise Forbidden(f"{rt.name}: a message that says it is from {shown} came from {remote or 'an unknown address'}, "
+                        f"but {shown} is at {host}")
+    return claimed
 
 
 def check_data(data, *, needs_train: bool = True) -> None:

@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from dml_testutil import wait_until  # noqa: F401  (puts dml_app on sys.path)
+from dml_testutil import scratch, wait_until  # noqa: F401  (puts dml_app on sys.path; a fixture)
 from controller import files, ra_run, results
 from controller.manager import Manager
 from controller.ra_run import RaManager
@@ -360,3 +360,54 @@ def test_write_run_file_replaces_a_planted_link_and_leaves_no_part_file(tmp_path
     assert (run / "n2.log").read_text() == "two" and sorted(p.name for p in run.iterdir()) == ["n1.log", "n2.log"]
     with pytest.raises(ValueError):
         results.write_run_file(run, "../x", "no")
+
+
+# ----------------------------------------------------------------------------- gossip senders
+
+@pytest.fixture
+def gl_node(scratch):
+    """One gl_peer in-process (no server): (runtime, GlPeer, Flask test client); its conf
+    says n2 sends from 10.9.0.2 ("senders", the controller's) and n3 is at 10.9.0.3."""
+    import torch
+    from gl_peer import GlPeer
+    from peer_testutil import tiny_dataset
+    from runtime import Runtime
+    from dml_testutil import TOKEN
+
+    threads = torch.get_num_threads()
+    tiny_dataset(scratch / "ds", num_classes=10)
+    rt = Runtime("gl_peer", env={"NET_NODE_NAME": "n1", "EDGE_TB_TOKEN": TOKEN, "DML_PORT": "0",
+                                 "DML_LOG_DIR": str(scratch / "log"), "DML_DATASET_DIR": str(scratch / "ds")})
+    peer = GlPeer(rt)
+    client = rt.app.test_client()
+    hdr = {net.TOKEN_HEADER: TOKEN}
+    conf = {"epoch": 1, "sync": 1, "connect": {"n3": "10.9.0.3:4000"}, "senders": {"n2": "10.9.0.2:4000"}}
+    try:
+        assert client.post("/conf/structure", json=conf, headers=hdr).status_code == 200
+        assert client.post("/conf/dataset", json={"train_len": 1, "test_len": 1}, headers=hdr).status_code == 200
+        yield rt, peer, client, hdr
+    finally:
+        rt.close()
+        torch.set_num_threads(threads)
+
+
+def test_a_gossip_under_another_peers_name_is_403(gl_node):
+    import torch
+    import nns
+    rt, peer, client, hdr = gl_node
+    weights = nns.build_model(rt.data.meta).state_dict()
+
+    def gossip(name, remote):
+        body = net.pack_weights({k: v.clone() for k, v in weights.items()}, {"name": name, "round": 1})
+        return client.post("/gossip", data=body, environ_base={"REMOTE_ADDR": remote},
+                           headers={**hdr, "Content-Type": "application/octet-stream"})
+    for name, remote, words in (("n2", "10.9.0.3", "says it is from n2 came from 10.9.0.3, but n2 is at 10.9.0.2"),
+                                ("n3", "10.9.0.2", "says it is from n3 came from 10.9.0.2, but n3 is at 10.9.0.3"),
+                                ("n9", "10.9.0.9", "'n9', a node it does not know")):
+        r = gossip(name, remote)
+        assert r.status_code == 403 and words in r.get_data(as_text=True), (name, r.status_code, r.data)
+    assert peer._inbox == []
+    assert gossip("n2", "10.9.0.2").status_code == 200          # from the node it names: taken
+    assert gossip("n3", "::ffff:10.9.0.3").status_code == 200   # the same address, IPv4-mapped
+    assert [s for _, s, _ in peer._inbox] == ["n2", "n3"]
+    assert torch.equal(peer._inbox[0][0][next(iter(weights))], weights[next(iter(weights))])
