@@ -299,6 +299,10 @@ class RaPeer:
             if meta.get("name") != predecessor:
                 raise Conflict(f"{rt.name}: chunks come from the node before it in the ring, "
                                f"{predecessor}, not {str(meta.get('name'))[:64]!r}")
+            # ... and from its address (403 otherwise) where this node knows it: its
+            # `connect` has the nodes it has a link to, which need not hold its predecessor.
+            if predecessor in ((rt.structure or {}).get("connect") or {}):
+                peer_role.check_sender(rt, predecessor)
             try:
                 self.ar.incoming(phase, step, index, tensors["chunk"])
             except ValueError as e:

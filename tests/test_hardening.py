@@ -411,3 +411,31 @@ def test_a_gossip_under_another_peers_name_is_403(gl_node):
     assert gossip("n3", "::ffff:10.9.0.3").status_code == 200   # the same address, IPv4-mapped
     assert [s for _, s, _ in peer._inbox] == ["n2", "n3"]
     assert torch.equal(peer._inbox[0][0][next(iter(weights))], weights[next(iter(weights))])
+
+
+def test_a_ring_chunk_from_another_address_than_the_predecessors_is_403(scratch):
+    """ra_peer: the chunk names the predecessor, but comes from elsewhere."""
+    import torch
+    from peer_testutil import ra_node
+    from dml_testutil import TOKEN
+    hdr = {net.TOKEN_HEADER: TOKEN}
+    conf = {"epoch": 0, "sync": 1, "next_name": "ry3", "connect": {"ry3": "10.9.0.3:9", "ry1": "10.9.0.1:9"}}
+    with ra_node(scratch, "ry2") as (rt, peer, client):
+        assert client.post("/conf/structure", json=conf, headers=hdr).status_code == 200
+        assert client.post("/conf/dataset", json={"train_len": 1, "test_len": 1}, headers=hdr).status_code == 200
+        assert client.get("/start", headers=hdr).status_code == 200
+        wait_until(lambda: rt.state == "ready", 20, "ready")
+        assert client.post("/ra/train", json={"round": 1, "ring": ["ry1", "ry2", "ry3"]}, headers=hdr).status_code == 200
+        wait_until(lambda: rt.state == "trained", 20, "trained")
+        n = peer.ar.bounds[0][1] - peer.ar.bounds[0][0]
+        before = peer.ar.vector.clone()
+        body = net.pack_weights({"chunk": torch.ones(n)}, {"round": 1, "phase": "reduce", "step": 0,
+                                                            "index": 0, "name": "ry1"})
+
+        def send(remote):
+            return client.post("/ra/chunk", data=body, environ_base={"REMOTE_ADDR": remote},
+                               headers={**hdr, "Content-Type": "application/octet-stream"})
+        r = send("10.9.0.3")
+        assert r.status_code == 403 and "came from 10.9.0.3, but ry1 is at 10.9.0.1" in r.get_data(as_text=True)
+        assert torch.equal(peer.ar.vector, before)
+        assert send("10.9.0.1").status_code == 200
