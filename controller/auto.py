@@ -100,7 +100,7 @@ def run(testbed: Testbed, *, root: str | None, dataset_json: Path, write_structu
     try:
         load_scenario(testbed, scenario_file)
     except scenario.ScenarioError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {results.printable(e, newlines=True)}", file=sys.stderr)
         return 2
     # Ctrl-C and SIGTERM alike end the run, and every node and link is removed.
     with stopping.stop_on_signals(stopping.interrupt):
@@ -118,7 +118,7 @@ def _run(testbed: Testbed, *, root, dataset_json, write_structure, timeout_s, co
         t0 = time.time()
         manager = testbed.start(serve_forever=False, say=say)
     except (DefinitionError, DeployError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {results.printable(e, newlines=True)}", file=sys.stderr)
         return 2
     try:
         say(f"deployed {len(testbed.all_nodes())} nodes in {time.time() - t0:.1f} s")
@@ -134,7 +134,7 @@ def _run(testbed: Testbed, *, root, dataset_json, write_structure, timeout_s, co
             return 1
         return 0
     except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {results.printable(e, newlines=True)}", file=sys.stderr)
         return 1
     finally:
         with stopping.shielded():
@@ -199,7 +199,7 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
             load_scenario(testbed, args.scenario)
             testbed.start()
         except (DefinitionError, DeployError, scenario.ScenarioError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {results.printable(e, newlines=True)}", file=sys.stderr)
             return 2
         return 0
     alg = structure_tool.split("_")[0]

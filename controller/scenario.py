@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
+from controller import results
 from dml_app import formats
 
 NODE_ACTIONS = ("kill", "pause", "resume", "restart")
@@ -378,7 +379,7 @@ class Scheduler:
         rec.update(ok=ok, detail=detail[:500], source=source or ev.source)
         self.records.append(rec)
         self.say(f"scenario: t={t:.1f} s (at {ev.at:g} s) {ev.label()}: {'ok' if ok else 'FAILED'}"
-                 f"{': ' + ' '.join(detail.split())[:200] if detail else ''}")
+                 f"{': ' + results.printable(' '.join(detail.split())[:200]) if detail else ''}")
         return rec
 
     def stop(self, *, resume_paused: bool = True) -> list[dict]:
