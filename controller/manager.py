@@ -89,10 +89,12 @@ class Manager:
         self.summary: dict | None = None
         self.finished = threading.Event()
         self._finish_lock = threading.Lock()
-        # POST /log writes into the run under way only: from the start of /finish on, the
-        # run's folder is closed (409) until the next /start makes a new one.
+        # POST /log writes into the run under way; while /finish collects, it gets 409; once
+        # the run is finished each node may send its final log once (EdgeTB apps send their
+        # whole log after /finish), then 409 until the next /start makes a new folder.
         self._log_lock = threading.Lock()
         self._closing = False
+        self._final_logs: set[str] = set()
         self._stop = threading.Event()
         # Scenario (controller/scenario.py): the events run at each start, set by --scenario
         # (testbed.scenario) or POST /scenario; the scheduler of the run under way.
@@ -213,6 +215,7 @@ class Manager:
         with self._log_lock:
             self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
             self._closing = False
+            self._final_logs.clear()
         self.finished.clear()
         self.started_at = time.time()
         dash_before = self.dashboard.new_run()
@@ -275,15 +278,15 @@ class Manager:
             if self.summary is not None:
                 return self.summary
             with self._log_lock:
-                self._closing = True         # no POST /log from here on
+                self._closing = True         # no POST /log while the folder is collected
                 if self.run_dir is None:     # else a node's POST /log of this run made it
                     self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
             try:
                 return self._finish()
             finally:
-                if self.summary is None:     # it failed: the run is still open
-                    with self._log_lock:
-                        self._closing = False
+                # Finished: each node's final log once; failed: the run is still open.
+                with self._log_lock:
+                    self._closing = False
 
     def _finish(self) -> dict:
         """finish()'s work, in the run's folder (closed to POST /log by then)."""
@@ -630,14 +633,21 @@ class Manager:
         @app.route("/log", methods=["POST"])
         def log():
             """A node's log, into the folder of the run under way (made by the first one);
-            409 once /finish began: a finished run's files are never replaced."""
+            409 while /finish collects, and after it for all but each node's one final log:
+            a finished run's files are not rewritten."""
             name = request.args.get("name", "")
             as_node(name)
             with self._log_lock:
-                if self._closing or self.summary is not None:
-                    where = f" ({self.run_dir.name})" if self.run_dir is not None else ""
-                    return jsonify(error=f"the run is finished: its folder{where} takes no more logs; "
-                                         f"a log is taken while a run is under way"), 409
+                finished = self.summary is not None and not self._closing
+                where = f" ({self.run_dir.name})" if self.run_dir is not None else ""
+                if self._closing and not finished:
+                    return jsonify(error=f"the run is finishing: its folder{where} is being collected; "
+                                         f"a log is taken while a run is under way, and once after /finish"), 409
+                if finished and name in self._final_logs:
+                    return jsonify(error=f"the run is finished: its folder{where} already holds {name}'s "
+                                         f"final log; a node sends it once"), 409
+                if finished:
+                    self._final_logs.add(name)
                 if self.run_dir is None:
                     self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
                 path = results.safe_log_path(self.run_dir, name)

@@ -767,7 +767,9 @@ def snapshot(bed: Bed) -> dict:
     agent = net.get_json(f"127.0.0.1:{bed.agent_port}/status", token=bed.admin, timeout_s=20)
     s[("agent", "nodes")] = sorted(agent["nodes"])
     for name, n in agent["nodes"].items():
-        s[("agent", name)] = json.dumps(n, sort_keys=True)
+        # The box's limits, but not what the node uses of them (its log grows as it runs).
+        box = {k: v for k, v in (n.get("box") or {}).items() if k not in ("pids_current", "log_used_bytes")}
+        s[("agent", name)] = json.dumps({**n, "box": box}, sort_keys=True)
     state_dir = Path(f"/run/edgetb/agent-{bed.agent_port}")
     s[("agentstate", "state.json")] = (hashlib.sha256((state_dir / "state.json").read_bytes()).hexdigest()[:16]
                                        if (state_dir / "state.json").exists() else None)

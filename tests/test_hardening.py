@@ -319,7 +319,7 @@ def test_printable_keeps_ordinary_text():
                                         "final_accuracy": None, "algorithm": "gl", "wall_seconds": 1.0})
 
 
-def test_a_finished_run_takes_no_more_logs(controller, tmp_path):
+def test_a_finished_run_takes_each_nodes_final_log_once_and_nothing_more(controller, tmp_path):
     m = controller
     node_call(m, "c1", "POST", "/log", params={"name": "c1"}, data=b"during the run")
     run_dir = m.run_dir
@@ -329,13 +329,18 @@ def test_a_finished_run_takes_no_more_logs(controller, tmp_path):
     summary = net.call("GET", f"http://127.0.0.1:{m.server.port}/finish", token=m.tb.token, timeout_s=120).json()
     assert summary["run_dir"] == str(run_dir) and set(summary["logs_missing"]) == {"c1", "c2", "c3"}
     assert outside.read_text() == "untouched"
+    assert (run_dir / "c1.log").read_bytes() == b"during the run"
+    # EdgeTB apps send their whole log after /finish: once per node, into the same folder
+    node_call(m, "c1", "POST", "/log", params={"name": "c1"}, data=b"the whole log, finish line too")
+    assert (run_dir / "c1.log").read_bytes() == b"the whole log, finish line too"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if not p.is_symlink()}
-    assert before["c1.log"] == b"during the run"
-    # a later /log: refused, whatever node and whatever name it gives itself
-    for node in ("c1", "c3"):
-        with pytest.raises(net.HttpError) as ei:
-            node_call(m, node, "POST", "/log", params={"name": node}, data=b"forged after the run")
-        assert ei.value.status == 409 and "the run is finished" in ei.value.message, ei.value
+    # and never again: a second final log, or one in another node's name, is refused
+    with pytest.raises(net.HttpError) as ei:
+        node_call(m, "c1", "POST", "/log", params={"name": "c1"}, data=b"forged after the run")
+    assert ei.value.status == 409 and "the run is finished" in ei.value.message, ei.value
+    with pytest.raises(net.HttpError) as ei:
+        node_call(m, "c1", "POST", "/log", params={"name": "c3"}, data=b"forged for another")
+    assert ei.value.status == 403, ei.value
     # a late finish (the admin again; a node that is not the root) writes nothing either
     assert net.call("GET", f"http://127.0.0.1:{m.server.port}/finish", token=m.tb.token,
                     timeout_s=120).json() == summary
@@ -344,6 +349,19 @@ def test_a_finished_run_takes_no_more_logs(controller, tmp_path):
     assert ei.value.status == 403
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if not p.is_symlink()} == before
     assert not (run_dir / "c3.log").exists() and [p.name for p in m.runs_dir.iterdir()] == [run_dir.name]
+
+
+def test_a_log_sent_while_finish_collects_is_refused(controller):
+    m = controller
+    with m._log_lock:
+        m._closing = True        # what finish() holds while it collects the run's folder
+    try:
+        with pytest.raises(net.HttpError) as ei:
+            node_call(m, "c1", "POST", "/log", params={"name": "c1"}, data=b"mid-collection")
+        assert ei.value.status == 409 and "finishing" in ei.value.message, ei.value
+    finally:
+        with m._log_lock:
+            m._closing = False
 
 
 def test_write_run_file_replaces_a_planted_link_and_leaves_no_part_file(tmp_path):

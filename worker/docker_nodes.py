@@ -312,50 +312,54 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
     # by the node user; its parents on the host stay root's alone.
     rundir = nb.secure_dir(n.rundir, 0o755)
     nb.mount_rundir(rundir, s.log_mb, 0o755)
-    (rundir / "log").mkdir(exist_ok=True)
-    (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
-    os.mkfifo(rundir / GATE, 0o600)
-    env = nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log")
-    priv = {}
-    if not s.root:
-        # The app (and the gate before it) runs as the node user, numerically (the image
-        # need not know the name), with no capability and no way to gain one.
-        uid, gid = nb.node_user()
-        for path in (rundir / "log", rundir / GATE):
-            os.chown(path, uid, gid)
-        os.chmod(rundir / "log", 0o700)
-        env.setdefault("HOME", "/tmp")
-        priv = dict(user=f"{uid}:{gid}", cap_drop=["ALL"])
-    mounts = [Mount(target=v["node"], source=v["host"], type="bind", read_only=bool(v.get("ro")))
-              for v in s.volumes]
-    mounts += [Mount(target=GATE_DIR, source=str(rundir), type="bind", read_only=True),
-               Mount(target=f"{GATE_DIR}/log", source=str(rundir / "log"), type="bind")]
-    ram = s.ram_mb * 2**20
-    kw = dict(name=container_name(s.name), hostname=s.name, entrypoint=["/bin/sh", "-c", GATE_SCRIPT, "edgetb-gate"],
-              command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
-              environment=env, security_opt=["no-new-privileges"], **priv,
-              labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
-              pids_limit=s.pids, ipc_mode="private",
-              log_config=LogConfig(type="json-file", config={"max-size": f"{s.log_mb}m", "max-file": "1"}),
-              mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
-              network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
-    if nano_cpus:
-        kw["nano_cpus"] = nano_cpus
-    if s.gpu:
-        kw["device_requests"] = device_requests(s.gpu)
-    ctr = client.containers.create(s.image, **kw)
-    n.container = ctr.id
-    ctr.start()
-    ctr.reload()
-    pid = ctr.attrs["State"]["Pid"]
-    if not pid:
-        raise nb.NodeError(f"node {s.name}: container exited at once: {ctr.logs(tail=20).decode(errors='replace')}")
-    n.pid = pid
-    p = subprocess.run(["ip", "netns", "attach", n.netns, str(pid)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise nb.NodeError(f"node {s.name}: ip netns attach {n.netns} {pid}: {p.stderr.strip()}")
-    ports = (ctr.attrs["NetworkSettings"].get("Ports") or {}).get(f"{s.port}/tcp") or []
-    n.host_port = int(ports[0]["HostPort"]) if ports else None
+    try:
+        (rundir / "log").mkdir(exist_ok=True)
+        (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
+        os.mkfifo(rundir / GATE, 0o600)
+        env = nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log")
+        priv = {}
+        if not s.root:
+            # The app (and the gate before it) runs as the node user, numerically (the image
+            # need not know the name), with no capability and no way to gain one.
+            uid, gid = nb.node_user()
+            for path in (rundir / "log", rundir / GATE):
+                os.chown(path, uid, gid)
+            os.chmod(rundir / "log", 0o700)
+            env.setdefault("HOME", "/tmp")
+            priv = dict(user=f"{uid}:{gid}", cap_drop=["ALL"])
+        mounts = [Mount(target=v["node"], source=v["host"], type="bind", read_only=bool(v.get("ro")))
+                  for v in s.volumes]
+        mounts += [Mount(target=GATE_DIR, source=str(rundir), type="bind", read_only=True),
+                   Mount(target=f"{GATE_DIR}/log", source=str(rundir / "log"), type="bind")]
+        ram = s.ram_mb * 2**20
+        kw = dict(name=container_name(s.name), hostname=s.name, entrypoint=["/bin/sh", "-c", GATE_SCRIPT, "edgetb-gate"],
+                  command=list(s.cmd) or ["sleep", "infinity"], working_dir=s.working_dir or None,
+                  environment=env, security_opt=["no-new-privileges"], **priv,
+                  labels={**lab, f"{LABEL}.node": s.name}, cpuset_cpus=n.cpuset, mem_limit=ram, memswap_limit=ram,
+                  pids_limit=s.pids, ipc_mode="private",
+                  log_config=LogConfig(type="json-file", config={"max-size": f"{s.log_mb}m", "max-file": "1"}),
+                  mounts=mounts, ports={f"{s.port}/tcp": None}, healthcheck=HEALTH, init=True, detach=True,
+                  network=network, networking_config={network: client.api.create_endpoint_config(ipv4_address=s.ip)})
+        if nano_cpus:
+            kw["nano_cpus"] = nano_cpus
+        if s.gpu:
+            kw["device_requests"] = device_requests(s.gpu)
+        ctr = client.containers.create(s.image, **kw)
+        n.container = ctr.id
+        ctr.start()
+        ctr.reload()
+        pid = ctr.attrs["State"]["Pid"]
+        if not pid:
+            raise nb.NodeError(f"node {s.name}: container exited at once: {ctr.logs(tail=20).decode(errors='replace')}")
+        n.pid = pid
+        p = subprocess.run(["ip", "netns", "attach", n.netns, str(pid)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise nb.NodeError(f"node {s.name}: ip netns attach {n.netns} {pid}: {p.stderr.strip()}")
+        ports = (ctr.attrs["NetworkSettings"].get("Ports") or {}).get(f"{s.port}/tcp") or []
+        n.host_port = int(ports[0]["HostPort"]) if ports else None
+    except BaseException:
+        nb.unmount_rundir(rundir)    # nothing mounted stays behind a node that was not made
+        raise
 
 
 def box(n: nb.Node) -> dict:
