@@ -162,6 +162,31 @@ class AgentProc:
         return self.proc.poll() is None
 
 
+def wait_port(ip: str, port: int, timeout_s: float = 60) -> None:
+    """Until something accepts a TCP connection on ip:port (AssertionError at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing answers on {ip}:{port}"
+            time.sleep(0.05)
+
+
+def node_report(agent: AgentProc, name: str, timeout_s: float = 60) -> dict:
+    """The JSON line a probe node printed (its stdout.log, kept by the agent)."""
+    path = agent.state_dir / "nodes" / name / "stdout.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"{name} printed no report:\n{text[-2000:]}"
+        time.sleep(0.05)
+
+
 def _wait_ready(agent: AgentProc, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.02

@@ -8,12 +8,9 @@ deployed and checks that nothing of it is left, even when it fails.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -146,30 +143,6 @@ def agent():
         yield a
 
 
-def _report(agent, name: str, timeout_s: float = 60) -> dict:
-    """The JSON line a probe node printed to its stdout.log."""
-    path = agent.state_dir / "nodes" / name / "stdout.log"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        for line in text.splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"{name} printed no report:\n{text[-2000:]}"
-        time.sleep(0.05)
-
-
-def _wait_port(ip: str, port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing answers on {ip}:{port}"
-            time.sleep(0.05)
-
-
 def _status(agent, name: str) -> dict:
     return agent.get("/status")["nodes"][name]
 
@@ -201,12 +174,12 @@ def test_a_fork_bomb_stops_at_its_pids_limit_and_harms_no_one(agent):
     bomb, other = dep.names
     dep.nodes[0].update(cmd=["python3", "-c", FORK_BOMB], pids=64)
     with ah.deployed(agent, dep):
-        got = _report(agent, bomb)
+        got = ah.node_report(agent, bomb)
         # tini, the app and its children: the fork that would be the 65th task fails.
         assert got["error"] == "EAGAIN" and 55 <= got["forked"] < 64, got
         # Meanwhile (the bomb's children still alive) the other node answers, the host forks.
         assert ah.cgroup_limits(bomb)["pids_max"] == 64 and len(ah.cgroup_limits(bomb)["pids"]) > 55
-        _wait_port(dep.ip(other), HTTP_PORT)
+        ah.wait_port(dep.ip(other), HTTP_PORT)
         import requests
         s = requests.Session()
         s.trust_env = False
@@ -258,7 +231,7 @@ def test_a_2gb_log_write_fails_at_the_log_size_and_the_hosts_run_is_untouched(ag
     free_before = os.statvfs("/run").f_bavail * os.statvfs("/run").f_frsize
     with ah.deployed(agent, dep):
         assert os.path.ismount(rundir)
-        got = _report(agent, name)
+        got = ah.node_report(agent, name)
         assert got["log_error"] == "ENOSPC" and 24 * MB <= got["log_written"] <= 32 * MB, got
         assert got["stdout_error"] == "ENOSPC" and 24 * MB <= got["stdout_written"] <= 32 * MB, got
         free_after = os.statvfs("/run").f_bavail * os.statvfs("/run").f_frsize
@@ -293,7 +266,7 @@ import time; time.sleep(300)
 def test_an_exec_app_has_its_own_ipc_namespace_and_the_filter(agent):
     dep = ah.plan(1, cmd=["python3", "-c", PROBE], cpu=0.3, ram_mb=128)
     with ah.deployed(agent, dep):
-        got = _report(agent, dep.names[0])
+        got = ah.node_report(agent, dep.names[0])
     assert got == {"unshare_user": "EPERM", "bpf": "EPERM", "keyctl": "EPERM", "ipc": got["ipc"],
                    "seccomp": "2", "no_new_privs": "1"}, got
     assert got["ipc"] != os.readlink("/proc/self/ns/ipc")
@@ -309,7 +282,7 @@ def test_a_forked_runtime_role_has_its_own_ipc_namespace_and_the_filter(agent):
                          {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
     node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
     with ah.deployed(agent, dep):
-        _wait_port(node["ip"], 4444, timeout_s=120)
+        ah.wait_port(node["ip"], 4444, timeout_s=120)
         apps = [p for p in ah.cgroup_limits(node["name"])["pids"]
                 if os.path.realpath(f"/proc/{p}/exe") == os.path.realpath(sys.executable)]
         assert len(apps) == 1, apps

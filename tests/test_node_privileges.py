@@ -7,7 +7,6 @@ Real namespaces, a real agent (tests/agent_helpers.py), real processes; as root.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -34,17 +33,6 @@ clean_agent = ah.clean_agent_fixture()
 
 # ----------------------------------------------------------------------------- helpers
 
-def _wait_port(ip: str, port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing answers on {ip}:{port}"
-            time.sleep(0.05)
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
@@ -69,19 +57,6 @@ def _user_of(pid: int) -> str:
                           check=True).stdout.strip()
 
 
-def _report(agent: ah.AgentProc, name: str, timeout_s: float = 60) -> dict:
-    """The JSON line a probe node printed (its stdout.log, kept by the agent)."""
-    path = agent.state_dir / "nodes" / name / "stdout.log"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        for line in text.splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"{name} printed no report:\n{text[-2000:]}"
-        time.sleep(0.05)
-
-
 def _probe_nodes(n: int, script: str, **kw) -> ah.Deployment:
     return ah.plan(n, cmd=["python3", "-c", script], cpu=0.2, ram_mb=256, **kw)
 
@@ -96,7 +71,7 @@ def test_no_credential_on_any_command_line_from_deploy_to_ready(clean_agent):
     with ah.CmdlineWatch() as watch:
         ah.deploy(agent, dep)
         for name in dep.names:
-            _wait_port(dep.ip(name), APP_PORT)
+            ah.wait_port(dep.ip(name), APP_PORT)
     secrets_ = [agent.token, net.peer_token(agent.token)] + [net.node_token(agent.token, n) for n in dep.names]
     secrets_ += [s.rpartition(".")[2] for s in secrets_[1:]]     # their MAC parts alone too
     leaked = [c[:200] for c in watch.seen for s in secrets_ if s.encode() in c]
@@ -116,7 +91,7 @@ def test_trainer_runs_as_the_node_user_without_capabilities(clean_agent):
                          {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
     node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
     ah.deploy(clean_agent, dep)
-    _wait_port(node["ip"], 4444, timeout_s=120)
+    ah.wait_port(node["ip"], 4444, timeout_s=120)
     pid = _app_pid(node["name"], sys.executable)
     assert _user_of(pid) == nb.NODE_USER
     status = {k: v.strip() for k, v in (line.split(":", 1) for line in
@@ -180,7 +155,7 @@ def test_app_writes_only_to_its_binds_and_private_tmpfs(clean_agent, tmp_path):
     host_paths = [Path(p) / mark for p in ("/", "/etc", str(ROOT), "/tmp", "/var/tmp", "/dev/shm")]
     try:
         ah.deploy(clean_agent, dep)
-        got = _report(clean_agent, node["name"])["writes"]
+        got = ah.node_report(clean_agent, node["name"])["writes"]
         # The node's own: its rw volume, its private tmpfs, its home and log dir.
         assert {k: got[k] for k in ("out", "/tmp", "/var/tmp", "/dev/shm", "home", "log")} == \
             dict.fromkeys(("out", "/tmp", "/var/tmp", "/dev/shm", "home", "log"), "ok"), got
@@ -234,7 +209,7 @@ def test_a_node_sees_only_its_own_processes(clean_agent):
     second = ah.Deployment(emulator=dep.emulator, bridge=dep.bridge, network=dep.network,
                            gateway=dep.gateway, nodes=[lister])
     ah.deploy(clean_agent, second)
-    got = _report(clean_agent, lister["name"])
+    got = ah.node_report(clean_agent, lister["name"])
     # pid 1 is tini (its init), the app is pid 2; nothing else of the machine.
     assert got["procs"] == {"1": "tini", str(got["me"]): "python3"}, got
     assert got["me"] == 2

@@ -8,6 +8,7 @@ tests here stand for the controller, the agents, the node apps and the actions a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -241,16 +242,28 @@ def _end(p: subprocess.Popen) -> None:
             p.wait(30)
 
 
+@contextlib.contextmanager
+def _controller_run(port: int, *extra: str):
+    """fl_run.py on `port` -> (process, its output lines, floods to end with it); then
+    the controller ends whatever happened, and nothing of its nodes may be left."""
+    p = _controller(port, *extra)
+    floods: list[Flood] = []
+    try:
+        yield p, _pump(p), floods
+    finally:
+        for f in floods:
+            f.stop()
+        _end(p)
+    ah.assert_clean(extra_names=FL_NODES)
+
+
 @need_root
 def test_fl_auto_completes_beside_a_flood_and_root_is_answered_meanwhile():
     port = 3394
-    p = _controller(port, "--auto")
-    lines = _pump(p)
-    flood = None
-    try:
+    with _controller_run(port, "--auto") as (p, lines, floods):
         _read_until(p, r"serving on port", lines, 120)
-        flood = Flood("127.0.0.1", port, 1500)
-        assert flood.open == 1500
+        floods.append(Flood("127.0.0.1", port, 1500))
+        assert floods[0].open == 1500
         answered = []
         while p.poll() is None and len(answered) < 20:
             answered.append(curl(f"http://localhost:{port}/status"))
@@ -261,23 +274,15 @@ def test_fl_auto_completes_beside_a_flood_and_root_is_answered_meanwhile():
         assert answered.count(200) >= 5, answered
         summary = json.loads((Path(re.search(r"summary.json in (\S+)", out).group(1)) / "summary.json").read_text())
         assert summary["final_accuracy"] >= 0.9
-    finally:
-        if flood is not None:
-            flood.stop()
-        _end(p)
-    ah.assert_clean(extra_names=FL_NODES)
 
 
 @need_root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_removes_every_node_even_while_the_controller_is_flooded(sig):
     port = 3396
-    p = _controller(port)
-    lines = _pump(p)
-    flood = None
-    try:
+    with _controller_run(port) as (p, lines, floods):
         _read_until(p, r"apps answering: 5/5", lines, 300)
-        flood = Flood("127.0.0.1", port, 1500)
+        floods.append(Flood("127.0.0.1", port, 1500))
         assert curl(f"http://localhost:{port}/status") == 200
         # Ctrl-C reaches the terminal's whole process group; `kill` the controller alone.
         if sig == signal.SIGINT:
@@ -286,27 +291,16 @@ def test_a_signal_removes_every_node_even_while_the_controller_is_flooded(sig):
             p.send_signal(sig)
         assert p.wait(120) == 0, "".join(lines[-40:])
         assert "removing every node and link" in "".join(lines)
-    finally:
-        if flood is not None:
-            flood.stop()
-        _end(p)
-    ah.assert_clean(extra_names=FL_NODES)
 
 
 @need_root
 def test_sigterm_during_an_auto_run_removes_every_node():
-    port = 3398
-    p = _controller(port, "--auto")
-    lines = _pump(p)
-    try:
+    with _controller_run(3398, "--auto") as (p, lines, _):
         _read_until(p, r"started n1", lines, 300)
         p.send_signal(signal.SIGTERM)
         assert p.wait(120) == 130, "".join(lines[-40:])
         out = "".join(lines)
         assert "reset: every node and link removed" in out and "interrupted" in out
-    finally:
-        _end(p)
-    ah.assert_clean(extra_names=FL_NODES)
 
 
 # ----------------------------------------------------------------------------- an agent
