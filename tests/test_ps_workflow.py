@@ -20,7 +20,7 @@ from controller.ps_run import PsManager  # noqa: E402
 NAMES = [f"p{i}" for i in range(1, 6)]
 WORKERS = NAMES[1:]
 CONFS = {"sync": {"steps": 150, "lr": 0.05, "momentum": 0.9, "eval_every": 30},
-         "async": {"steps": 600, "lr": 0.1, "momentum": 0.0, "eval_every": 120, "max_staleness": 3}}
+         "async": {"steps": 600, "lr": 0.1, "momentum": 0.0, "eval_every": 120, "max_staleness": 2}}
 
 
 @pytest.fixture
