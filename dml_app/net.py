@@ -512,7 +512,7 @@ UNTRUSTED_MAX = 1024
 PER_PEER_MAX = 1024
 UNTRUSTED_IDLE_S = 30.0
 TRUSTED_IDLE_S = 120
-EVICT_QUIET_S = 1.0          # a connection quiet for less than this is not closed for a newer one
+ACCEPT_BATCH = 64            # connections accepted per poll() round
 LOOP_FAILURES_MAX = 5        # errors of the serving loop within LOOP_FAILURE_WINDOW_S: it gives up
 LOOP_FAILURE_WINDOW_S = 10.0
 FD_RESERVE = 64              # descriptors left for files, pipes and outgoing calls
@@ -667,10 +667,6 @@ def serve(app, host: str, port: int, *, threads: int = 8, max_body: int | None =
     return Server(app, host, port, threads=threads, max_body=max_body, on_fatal=on_fatal).start()
 
 
-def _quiet_for(ch, now: float) -> float:
-    return now - ch.last_activity
-
-
 def _evictable(ch) -> bool:
     """Not being answered (no complete request queued or in a handler) and not closing."""
     return not ch.requests and not ch.will_close and not ch.close_when_flushed and ch.connected
@@ -693,52 +689,53 @@ def _server_class():
         untrusted_max = UNTRUSTED_MAX
         per_peer_max = PER_PEER_MAX
 
-        def _evict(self, candidates, now: float, keep=None) -> bool:
-            """Close the candidate quiet longest (untrusted first); False if none may go."""
-            best = None
-            for ch in candidates:
-                if ch is keep or not _evictable(ch) or _quiet_for(ch, now) < EVICT_QUIET_S:
-                    continue
-                rank = (ch.trusted, ch.last_activity)
-                if best is None or rank < best[0]:
-                    best = (rank, ch)
-            if best is None:
-                return False
-            best[1].handle_close()
-            return True
+        def _close_quietest(self, chans, n: int, fresh) -> None:
+            """Close n of `chans`: those quiet longest that are not being answered,
+            untrusted before trusted; the newest of `fresh` (just accepted) when fewer may go."""
+            idle = sorted((c for c in chans if _evictable(c)), key=lambda c: (c.trusted, c.last_activity))
+            for ch in idle[:n]:
+                ch.handle_close()
+            for ch in [c for c in reversed(fresh) if c.connected and c in chans][:max(0, n - len(idle))]:
+                ch.handle_close()
+
+        def _cap(self, fresh) -> None:
+            """Hold at most per_peer_max connections of one peer address and untrusted_max
+            untrusted ones, after `fresh` (just accepted) joined them."""
+            by_peer: dict = {}
+            for ch in list(self.active_channels.values()):
+                if ch.connected:
+                    by_peer.setdefault(ch.addr[0] if isinstance(ch.addr, tuple) else ch.addr, []).append(ch)
+            for chans in by_peer.values():
+                if len(chans) > self.per_peer_max:
+                    self._close_quietest(chans, len(chans) - self.per_peer_max, fresh)
+            untrusted = [c for c in self.active_channels.values() if c.connected and not c.trusted]
+            if len(untrusted) > self.untrusted_max:
+                self._close_quietest(untrusted, len(untrusted) - self.untrusted_max, fresh)
 
         def handle_accept(self):
-            try:
-                v = self.accept()
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    # Out of descriptors: make room, or the listening socket stays
-                    # readable and the loop spins.
-                    self._evict(list(self.active_channels.values()), time.time())
-                return
-            if v is None:
-                return
-            conn, addr = v
-            try:
-                self.set_socket_options(conn)
-            except OSError:
-                conn.close()
-                return
-            addr = self.fix_addr(addr)
-            new = self.channel_class(self, conn, addr, self.adj, map=self._map)
-            self._cap(new)
-
-        def _cap(self, new) -> None:
-            now = time.time()
-            chans = list(self.active_channels.values())
-            peer = new.addr[0] if isinstance(new.addr, tuple) else new.addr
-            mine = [c for c in chans if (c.addr[0] if isinstance(c.addr, tuple) else c.addr) == peer]
-            if len(mine) > self.per_peer_max and not self._evict(mine, now, keep=new):
-                new.handle_close()
-                return
-            untrusted = [c for c in chans if not c.trusted and c.connected]
-            if len(untrusted) > self.untrusted_max and not self._evict(untrusted, now, keep=new):
-                new.handle_close()
+            # Up to ACCEPT_BATCH at a time: one per poll() round would keep a burst of
+            # thousands waiting (every round walks every connection).
+            fresh = []
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    v = self.accept()
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        # Out of descriptors: make room, or the listening socket stays
+                        # readable and the loop spins.
+                        self._close_quietest(list(self.active_channels.values()), 1, fresh)
+                    break
+                if v is None:
+                    break
+                conn, addr = v
+                try:
+                    self.set_socket_options(conn)
+                except OSError:
+                    conn.close()
+                    continue
+                fresh.append(self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map))
+            if fresh:
+                self._cap(fresh)
 
         def maintenance(self, now):
             super().maintenance(now)
