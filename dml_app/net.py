@@ -513,6 +513,7 @@ PER_PEER_MAX = 1024
 UNTRUSTED_IDLE_S = 30.0
 TRUSTED_IDLE_S = 120
 ACCEPT_BATCH = 64            # connections accepted per poll() round
+EVICT_GRACE_S = 1.0          # a new connection's time to send its request before a cap may close it
 LOOP_FAILURES_MAX = 5        # errors of the serving loop within LOOP_FAILURE_WINDOW_S: it gives up
 LOOP_FAILURE_WINDOW_S = 10.0
 FD_RESERVE = 64              # descriptors left for files, pipes and outgoing calls
@@ -588,7 +589,7 @@ class Server:
                           clear_untrusted_proxy_headers=True,
                           max_request_body_size=self.max_body + 1,
                           connection_limit=limit, asyncore_use_poll=True,
-                          channel_timeout=TRUSTED_IDLE_S, cleanup_interval=5)
+                          channel_timeout=TRUSTED_IDLE_S, cleanup_interval=1)
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adj.threads)
         self._srv = _server_class()(app, {}, True, None, dispatcher=dispatcher, adj=adj,
@@ -689,33 +690,34 @@ def _server_class():
         untrusted_max = UNTRUSTED_MAX
         per_peer_max = PER_PEER_MAX
 
-        def _close_quietest(self, chans, n: int, fresh) -> None:
-            """Close n of `chans`: those quiet longest that are not being answered,
-            untrusted before trusted; the newest of `fresh` (just accepted) when fewer may go."""
-            idle = sorted((c for c in chans if _evictable(c)), key=lambda c: (c.trusted, c.last_activity))
+        def _close_quietest(self, chans, n: int, now: float, *, grace_s: float = EVICT_GRACE_S) -> None:
+            """Close up to n of `chans`: those quiet longest that are not being answered,
+            untrusted before trusted, none younger than grace_s (a new connection gets
+            that long to send its request)."""
+            idle = sorted((c for c in chans if _evictable(c) and now - c.creation_time >= grace_s),
+                          key=lambda c: (c.trusted, c.last_activity))
             for ch in idle[:n]:
                 ch.handle_close()
-            for ch in [c for c in reversed(fresh) if c.connected and c in chans][:max(0, n - len(idle))]:
-                ch.handle_close()
 
-        def _cap(self, fresh) -> None:
+        def _cap(self, now: float) -> None:
             """Hold at most per_peer_max connections of one peer address and untrusted_max
-            untrusted ones, after `fresh` (just accepted) joined them."""
+            untrusted ones (a burst may pass them for EVICT_GRACE_S, up to the server's
+            connection limit)."""
             by_peer: dict = {}
             for ch in list(self.active_channels.values()):
                 if ch.connected:
                     by_peer.setdefault(ch.addr[0] if isinstance(ch.addr, tuple) else ch.addr, []).append(ch)
             for chans in by_peer.values():
                 if len(chans) > self.per_peer_max:
-                    self._close_quietest(chans, len(chans) - self.per_peer_max, fresh)
+                    self._close_quietest(chans, len(chans) - self.per_peer_max, now)
             untrusted = [c for c in self.active_channels.values() if c.connected and not c.trusted]
             if len(untrusted) > self.untrusted_max:
-                self._close_quietest(untrusted, len(untrusted) - self.untrusted_max, fresh)
+                self._close_quietest(untrusted, len(untrusted) - self.untrusted_max, now)
 
         def handle_accept(self):
             # Up to ACCEPT_BATCH at a time: one per poll() round would keep a burst of
             # thousands waiting (every round walks every connection).
-            fresh = []
+            accepted = 0
             for _ in range(ACCEPT_BATCH):
                 try:
                     v = self.accept()
@@ -723,7 +725,7 @@ def _server_class():
                     if e.errno in (errno.EMFILE, errno.ENFILE):
                         # Out of descriptors: make room, or the listening socket stays
                         # readable and the loop spins.
-                        self._close_quietest(list(self.active_channels.values()), 1, fresh)
+                        self._close_quietest(list(self.active_channels.values()), 1, time.time(), grace_s=0)
                     break
                 if v is None:
                     break
@@ -733,9 +735,10 @@ def _server_class():
                 except OSError:
                     conn.close()
                     continue
-                fresh.append(self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map))
-            if fresh:
-                self._cap(fresh)
+                self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+                accepted += 1
+            if accepted:
+                self._cap(time.time())
 
         def maintenance(self, now):
             super().maintenance(now)
@@ -743,6 +746,7 @@ def _server_class():
             for ch in list(self.active_channels.values()):
                 if not ch.trusted and _evictable(ch) and ch.last_activity < cutoff:
                     ch.will_close = True
+            self._cap(now)
 
     _SERVER_CLASS = GuardedServer
     return GuardedServer

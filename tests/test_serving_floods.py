@@ -119,8 +119,11 @@ def test_a_flood_of_1500_connections_leaves_a_credentialed_caller_served(server,
         for _ in range(5):
             assert curl(url, f"{net.TOKEN_HEADER}: {TOKEN}") == 200
         assert curl(url) == 401          # and a caller without a credential is still told so
-        held = srv.connections()
-        assert held["untrusted"] <= net.UNTRUSTED_MAX + 1, held
+        # within a moment of the burst the server holds no more untrusted ones than its cap
+        deadline = time.monotonic() + 30
+        while srv.connections()["untrusted"] > net.UNTRUSTED_MAX:
+            assert time.monotonic() < deadline, srv.connections()
+            time.sleep(0.1)
     finally:
         closed = flood.stop()
     # the server closed the flood's connections beyond its cap, the ones quiet longest
