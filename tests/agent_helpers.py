@@ -419,6 +419,18 @@ def plan(n: int, *, tag: str | None = None, cmd: list[str] | None = None, cpu: f
                       gateway=str(network[1]), nodes=nodes)
 
 
+def trainer_plan() -> Deployment:
+    """One node running this checkout's fl_trainer.py (forked from the zygote) on DML_PORT
+    4444, with dml_app/ and dataset/ read-only at EdgeTB's paths."""
+    dep = plan(1, cmd=["python3", "fl_trainer.py"], port=4444, cpu=0.5, ram_mb=768)
+    node = dep.nodes[0]
+    node.update(working_dir="/home/worker/dml_app",
+                volumes=[{"host": str(ROOT / "dml_app"), "node": "/home/worker/dml_app", "ro": True},
+                         {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
+    node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
+    return dep
+
+
 def link(dep: Deployment, src: str, dest: str, rate_bps: int, **extra) -> dict:
     """A link entry (internals.md) from src to dest's app port."""
     d = {"dest": dest, "ip": dep.ip(dest), "port": dep.node(dest)["port"], "rate_bps": int(rate_bps)}

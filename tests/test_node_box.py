@@ -275,12 +275,8 @@ def test_an_exec_app_has_its_own_ipc_namespace_and_the_filter(agent):
 @ah.need_root()
 @ah.need_node_user()
 def test_a_forked_runtime_role_has_its_own_ipc_namespace_and_the_filter(agent):
-    dep = ah.plan(1, cmd=["python3", "fl_trainer.py"], port=4444, cpu=0.5, ram_mb=768)
+    dep = ah.trainer_plan()
     node = dep.nodes[0]
-    node.update(working_dir="/home/worker/dml_app",
-                volumes=[{"host": str(ROOT / "dml_app"), "node": "/home/worker/dml_app", "ro": True},
-                         {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
-    node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
     with ah.deployed(agent, dep):
         ah.wait_port(node["ip"], 4444, timeout_s=120)
         apps = [p for p in ah.cgroup_limits(node["name"])["pids"]

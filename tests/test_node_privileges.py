@@ -84,12 +84,8 @@ def test_no_credential_on_any_command_line_from_deploy_to_ready(clean_agent):
 # ----------------------------------------------------------------------------- (b), (e) users
 
 def test_trainer_runs_as_the_node_user_without_capabilities(clean_agent):
-    dep = ah.plan(1, cmd=["python3", "fl_trainer.py"], port=4444, cpu=0.5, ram_mb=768)
+    dep = ah.trainer_plan()
     node = dep.nodes[0]
-    node.update(working_dir="/home/worker/dml_app",
-                volumes=[{"host": str(ROOT / "dml_app"), "node": "/home/worker/dml_app", "ro": True},
-                         {"host": str(ROOT / "dataset"), "node": "/home/worker/dataset", "ro": True}])
-    node["env"].update(NET_NODE_NAME=node["name"], DML_PORT="4444")
     ah.deploy(clean_agent, dep)
     ah.wait_port(node["ip"], 4444, timeout_s=120)
     pid = _app_pid(node["name"], sys.executable)
