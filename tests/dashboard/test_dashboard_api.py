@@ -22,25 +22,20 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "dml_tool"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from controller import dashboard  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from dml_app import net  # noqa: E402
-from dml_testutil import wait_until  # noqa: E402
-from test_access import NOBODY, curl_as, need_root, served  # noqa: E402,F401  (served: a fixture)
-from test_controller import make_testbed  # noqa: E402
+from tests.support import agents as ah
+from controller import dashboard
+from controller.manager import Manager
+from dml_app import net
+from tests.support.procs import wait_until
+from tests.security.test_access import NOBODY, curl_as, need_root, served  # noqa: F401  (served: a fixture)
+from tests.unit.test_controller import make_testbed
 
 NEW_GET_ROUTES = ["/", "/static/app.js", "/api/state", "/api/metrics", "/api/events", "/api/fidelity",
                   "/api/runs", "/api/stream", "/runs/x/summary.json"]
@@ -114,7 +109,7 @@ SHAPED_BPS = 20_000_000
 
 @pytest.fixture
 def fl_bed(tmp_path):
-    from netns_workflow import netns_testbed
+    from tests.support.workflow import netns_testbed
 
     links = {"da1": [{"dest": n, "bw": "40mbit"} for n in FL_NAMES[1:]],
              "dt2": [{"dest": "da1", "bw": SHAPED_BW}], "dt3": [{"dest": "da1", "bw": "10mbit"}],
@@ -130,7 +125,7 @@ def _records(stream: StreamReader) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_live_dashboard_during_a_real_fl_run_and_an_iperf3_flow(fl_bed):
-    from netns_workflow import run_workflow
+    from tests.support.workflow import run_workflow
 
     tb, manager, tmp = fl_bed
     base = f"http://127.0.0.1:{tb.host_port}"
@@ -297,7 +292,6 @@ def test_heartbeat_metrics_are_stored_once_and_acked(served):
 def test_runtime_sends_records_live_and_forgets_them_once_acked(tmp_path):
     """The node runtime's side: records queue, a heartbeat carries them, the ack frees
     them, an answer without an ack (an older controller) frees nothing."""
-    sys.path.insert(0, str(ROOT / "dml_app"))
     from runtime import HB_RECORDS_MAX, Runtime
 
     rt = Runtime("fl_trainer", env={"NET_NODE_NAME": "n1", "EDGE_TB_TOKEN": "x", "DML_LOG_DIR": str(tmp_path)})
@@ -581,7 +575,7 @@ def _usage(agent) -> dict:
 def test_agent_usage_of_docker_nodes(agent):
     """GET /usage reads a container's cgroup: a node spinning at its 0.5 cpu limit shows
     about half a core, an idle one about none; both their memory; their links' counters."""
-    import docker_testutil as dt
+    from tests.support import containers as dt
 
     why = dt.why_not()
     if why:

@@ -21,23 +21,18 @@ import signal
 import statistics
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "dml_tool"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from controller import browser  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from dml_app import net  # noqa: E402
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
+from tests.support import agents as ah
+from controller import browser
+from controller.manager import Manager
+from dml_app import net
+from tests.support.workflow import netns_testbed, run_workflow
 
 pytestmark = [ah.need_root(), ah.need_browser()]
 
@@ -276,7 +271,7 @@ def test_a_browser_off_loopback_signs_in_and_gets_the_page(tmp_path):
     """Off loopback nothing opens without the admin token: the controller answers its
     sign-in form; the token posted there gives an HttpOnly cookie (never a token in the
     URL) and then the page, its stream and its data."""
-    from test_controller import make_testbed
+    from tests.unit.test_controller import make_testbed
 
     addr = _own_address()
     if addr is None:

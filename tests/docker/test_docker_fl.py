@@ -5,18 +5,16 @@ An aggregator and three trainers are containers of the node image on a docker em
 every step an HTTP call to the controller). The containers' cgroups must show the cpuset
 and memory limit asked for, and the run must reach the accuracy of the netns case.
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import docker_testutil as dt  # noqa: E402
-import netns_workflow as nw  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from worker import cgroups  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
+from tests.support import containers as dt
+from tests.support import workflow as nw
+from controller.manager import Manager
+from worker import cgroups
+from worker import docker_nodes as dn
 
 pytestmark = dt.need_docker()
 

@@ -9,17 +9,15 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import tc  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
+from worker import docker_nodes as dn
+from worker import nodes as nb
+from worker import tc
 
 pytestmark = [dt.need_docker(), ah.need_iperf3()]
 

@@ -4,17 +4,14 @@ this agent's, even one labelled edgetb or named etb-."""
 import contextlib
 import os
 import signal
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
+from dml_app import net
+from worker import docker_nodes as dn
 
 pytestmark = dt.need_docker()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,17 +35,16 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import agent_helpers as ah  # noqa: E402
-from dml_testutil import TOKEN, free_port, scratch, wait_until  # noqa: E402,F401  (fixture)
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
-from peer_testutil import node_addrs, tiny_dataset  # noqa: E402
+from tests.support import agents as ah
+from tests.support.procs import TOKEN, free_port, wait_until
+from tests.support.workflow import netns_testbed, run_workflow
+from tests.support.peers import node_addrs, tiny_dataset
 
-import el_peer  # noqa: E402
-import el_structure_conf  # noqa: E402
-from controller.el_run import ElManager  # noqa: E402
-from dml_app import net  # noqa: E402
-from runtime import DEAD, REFUSED, TIMEOUT, Reply, Runtime  # noqa: E402
+import el_peer
+import el_structure_conf
+from controller.el_run import ElManager
+from dml_app import net
+from runtime import DEAD, REFUSED, TIMEOUT, Reply, Runtime
 
 NAMES = [f"h{i}" for i in range(1, 8)]
 TRAINERS = ["h3", "h4", "h5", "h6", "h7"]

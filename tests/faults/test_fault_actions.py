@@ -7,21 +7,19 @@ pause/unpause), links measured with iperf3 and the HTB class byte counters. Ever
 is a readiness check with a deadline; every test leaves nothing (ah.assert_clean).
 """
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import tc, units  # noqa: E402
-from worker.cgroups import Cgroup  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
+from dml_app import net
+from worker import tc, units
+from worker.cgroups import Cgroup
 
 pytestmark = [ah.need_root()]
 
@@ -318,7 +316,7 @@ def test_docker_kill_pause_resume(agent):
 
 def test_controller_fault_methods_and_routes(tmp_path):
     from controller.manager import Manager
-    from netns_workflow import netns_testbed, node_outputs
+    from tests.support.workflow import netns_testbed, node_outputs
 
     class FlManager(Manager):
         algorithm = "fl"

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-import agent_helpers as ah
-from netns_workflow import netns_testbed, run_workflow, node_outputs
+from tests.support import agents as ah
+from tests.support.workflow import netns_testbed, run_workflow, node_outputs
 from controller.el_run import ElManager
 from controller.fl_run import FlManager
 from controller.gl_run import GlManager

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import agent_helpers as ah
-from dml_testutil import TOKEN, free_port, scratch, wait_until  # noqa: F401  (fixture)
-from netns_workflow import run_workflow
-from peer_testutil import loopback_run, netns_run, tiny_dataset
+from tests.support import agents as ah
+from tests.support.procs import TOKEN, free_port, wait_until
+from tests.support.workflow import run_workflow
+from tests.support.peers import loopback_run, netns_run, tiny_dataset
 import net
 from controller.gl_run import GlManager
 from gl_peer import GlPeer

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dml_testutil import wait_until  # noqa: E402
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
-import net  # noqa: E402
+from tests.loopback.test_ps_server import data, gradients, make_server, pull, push  # noqa: F401
+from tests.support.procs import wait_until
+from tests.support.workflow import netns_testbed, run_workflow
+import net
 
-from controller.ps_run import PsManager  # noqa: E402
+from controller.ps_run import PsManager
 
 NAMES = [f"k{i}" for i in range(1, 6)]
 SERVER, WORKERS = NAMES[0], NAMES[1:]
@@ -177,8 +176,6 @@ def test_async_completes_with_a_killed_worker(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the deadline
-from dml_testutil import module_scratch  # noqa: E402,F401  (test_ps_server's fixtures need it)
-from test_ps_server import data, gradients, make_server, pull, push  # noqa: E402,F401
 
 
 @pytest.mark.timeout(120)

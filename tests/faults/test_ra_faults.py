@@ -24,9 +24,9 @@ import time
 import pytest
 import torch
 
-from dml_testutil import TOKEN, scratch, wait_until  # noqa: F401  (fixture)
-from netns_workflow import run_workflow
-from peer_testutil import loopback_run, netns_run, ra_node, tiny_dataset
+from tests.support.procs import TOKEN, wait_until
+from tests.support.workflow import run_workflow
+from tests.support.peers import loopback_run, netns_run, ra_node, tiny_dataset
 import net
 import peer_role
 from controller.ra_run import RaManager

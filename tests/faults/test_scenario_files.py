@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support import ROOT
 
-from controller import results, scenario  # noqa: E402
-from dml_testutil import wait_until  # noqa: E402
-from controller.scenario import ScenarioError, Scheduler  # noqa: E402
-from test_controller import manager  # noqa: E402,F401  (a fixture: a real Manager on loopback)
-from test_gaps_controller import node_stub  # noqa: E402,F401
-from test_bounded_input import ctl, http  # noqa: E402
+from controller import results, scenario
+from tests.support.procs import wait_until
+from controller.scenario import ScenarioError, Scheduler
+from tests.unit.test_controller import manager  # noqa: F401  (a fixture: a real Manager on loopback)
+from tests.security.test_controller_bad_input import node_stub  # noqa: F401
+from tests.security.test_bounded_input import ctl, http
 
 NODES = ["n1", "n2", "n3", "n4"]
 LINKS = {"n1": [{"dest": "n2", "bw": "10mbit"}, {"dest": "n3", "bw": "10mbit"}],
@@ -309,7 +307,7 @@ def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
     summary.json lists the events with ok=true at their times (each fired at or after its
     offset), the table shows them; netns_testbed checks nothing is left."""
     from controller.fl_run import FlManager
-    from netns_workflow import netns_testbed, run_workflow
+    from tests.support.workflow import netns_testbed, run_workflow
 
     links = {"sa1": [{"dest": n, "bw": "40mbit"} for n in RNAMES[1:]],
              **{n: [{"dest": "sa1", "bw": "20mbit"}] for n in RNAMES[1:]}}

@@ -15,15 +15,22 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
-from dml_testutil import TOKEN, free_port, module_scratch, scratch, wait_until  # noqa: F401
+from tests.support.peers import loopback_run
+from tests.support.procs import TOKEN, free_port, wait_until
+from tests.support.procs import wait_until as _wait
+from tests.support.workflow import run_workflow
+import fl_aggregator
 import net
 from runtime import Runtime
+from splitter import split
 from controller import auto
 from controller.fl_run import FlManager
 from controller.testbed import Testbed
@@ -84,15 +91,6 @@ def test_a_task_that_raises_ends_the_auto_run_naming_the_node(scratch):
 
 
 # ----------------------------------------------------------------------------- FL under faults
-
-import os  # noqa: E402
-import signal  # noqa: E402
-
-from dml_testutil import wait_until as _wait  # noqa: E402
-from netns_workflow import run_workflow  # noqa: E402
-from peer_testutil import loopback_run  # noqa: E402
-from splitter import split  # noqa: E402
-import fl_aggregator  # noqa: E402
 
 FL_TRAINERS = ["n2", "n3", "n4", "n5"]
 FL_SYNC = 6
@@ -256,7 +254,7 @@ def test_min_fraction_defaults_and_quorum():
 
 def test_the_conf_tool_passes_min_fraction_and_round_retries(scratch):
     import fl_structure_conf
-    from peer_testutil import node_addrs
+    from tests.support.peers import node_addrs
     nodes, _ = node_addrs(["n1", "n2"])
     links = {"n1": ["n2"], "n2": ["n1"]}
     base = {"name": "n1", "trainer_fraction": 1, "sync": 2}
@@ -284,7 +282,7 @@ def test_fl_trainer_killed_then_restarted_rejoins_and_catches_up(tmp_path):
     round's /train: caught up), all rounds complete, summary.json's participants and
     missing_nodes say so, the table shows it; netns_testbed checks nothing is left."""
     from controller import results
-    from netns_workflow import netns_testbed, run_workflow as run_netns
+    from tests.support.workflow import netns_testbed, run_workflow as run_netns
 
     agg, trainers, victim = REJOIN_NODES[0], REJOIN_NODES[1:], REJOIN_NODES[2]
     links = {agg: [{"dest": n, "bw": "40mbit"} for n in trainers], **{n: [{"dest": agg, "bw": "20mbit"}] for n in trainers}}

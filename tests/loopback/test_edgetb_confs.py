@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
-from peer_testutil import loopback_run, tiny_dataset
+from tests.support.procs import TOKEN
+from tests.support.peers import loopback_run, tiny_dataset
 import net
 from el_peer import ElPeer
 from fl_aggregator import FlAggregator

@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from dml_testutil import NodeProc, StubController, module_scratch, wait_until  # noqa: F401  (fixture)
+from tests.support.procs import NodeProc, StubController, wait_until
 import el_structure_conf
 import net
 import nns

@@ -16,9 +16,9 @@ import re
 import pytest
 from flask import Flask, request
 
-from dml_testutil import TOKEN, NodeProc, StubController, free_port, module_scratch  # noqa: F401
-from netns_workflow import run_workflow
-from peer_testutil import loopback_run
+from tests.support.procs import TOKEN, NodeProc, StubController, free_port
+from tests.support.workflow import run_workflow
+from tests.support.peers import loopback_run
 from controller.fl_run import FlManager
 import net
 from splitter import split

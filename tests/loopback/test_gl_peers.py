@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
-from netns_workflow import run_workflow
-from peer_testutil import loopback_run, tiny_dataset
+from tests.support.procs import TOKEN
+from tests.support.workflow import run_workflow
+from tests.support.peers import loopback_run, tiny_dataset
 import net
 import nns
 from controller.gl_run import GlManager

@@ -10,7 +10,6 @@ import threading
 import pytest
 import requests
 
-from dml_testutil import wait_until  # noqa: F401  (puts dml_app on sys.path)
 import net
 from controller import testbed as tbm
 

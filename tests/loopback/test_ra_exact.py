@@ -15,9 +15,8 @@ import re
 import pytest
 import torch
 
-from dml_testutil import scratch  # noqa: F401  (fixture)
-from netns_workflow import run_workflow
-from peer_testutil import loopback_run, tiny_dataset
+from tests.support.workflow import run_workflow
+from tests.support.peers import loopback_run, tiny_dataset
 import net
 import nns
 from controller.ra_run import RaManager

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dml_testutil import TOKEN, scratch  # noqa: F401  (fixture)
-from peer_testutil import ra_node
+from tests.support.procs import TOKEN
+from tests.support.peers import ra_node
 import net
 
 HDR = {net.TOKEN_HEADER: TOKEN}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dml_testutil import TOKEN, NodeProc, StubController, scratch, wait_until  # noqa: F401
+from tests.support.procs import TOKEN, NodeProc, StubController, wait_until
 import net
 import runtime
 import splitter

@@ -9,7 +9,7 @@ import torch
 from flask import Flask, request
 from werkzeug.exceptions import Conflict
 
-from dml_testutil import TOKEN, free_port, scratch, wait_until  # noqa: F401
+from tests.support.procs import TOKEN, free_port, wait_until
 import net
 from runtime import Gather, Runtime
 
@@ -171,7 +171,6 @@ def test_a_peer_killed_while_it_read_the_weights_is_dead_not_timeout(rt, peer):
 # must not call that peer missing for its own stall.
 FROZEN_NODE = r'''
 import json, os, sys, threading, time
-sys.path.insert(0, sys.argv[1])
 import net
 from runtime import Gather, Runtime
 rt = Runtime("frozen", env={"NET_NODE_NAME": "fz", "DML_PORT": "0", net.TOKEN_ENV: os.environ[net.TOKEN_ENV],
@@ -197,7 +196,7 @@ def test_a_node_frozen_past_its_deadline_does_not_blame_the_peers(peer, scratch)
     addr, got, release = peer
     app_dir = str(Path(net.__file__).resolve().parent)
     child = subprocess.Popen([sys.executable, "-c", FROZEN_NODE, app_dir, addr, str(scratch)], text=True,
-                             stdout=subprocess.PIPE, env={**os.environ, net.TOKEN_ENV: TOKEN})
+                             stdout=subprocess.PIPE, env={**os.environ, net.TOKEN_ENV: TOKEN, "PYTHONPATH": app_dir})
 
     def freeze(seconds: float, before_thaw=lambda: None):
         child.send_signal(signal.SIGSTOP)

@@ -19,8 +19,8 @@ import time
 import pytest
 from flask import Flask, Response, jsonify
 
-import dml_testutil
-from dml_testutil import TOKEN, NodeProc, StubController, free_port, module_scratch, wait_until  # noqa: F401,F811
+from tests.support import procs as dml_testutil
+from tests.support.procs import TOKEN, NodeProc, StubController, free_port, wait_until
 import net
 import splitter
 from node_data import pack_train_parts, unpack_parts

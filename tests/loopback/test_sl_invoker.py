@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "dml_tool"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
-from controller import share  # noqa: E402
-from controller.invoker import Invoker  # noqa: E402
-from dml_app import net  # noqa: E402
-from dml_testutil import free_port, module_scratch, wait_until  # noqa: E402,F401  (module_scratch: a fixture)
-from test_access import served, status_code  # noqa: E402,F401  (served: a fixture)
+from controller import share
+from controller.invoker import Invoker
+from dml_app import net
+from tests.support.procs import free_port, wait_until
+from tests.security.test_access import served, status_code  # noqa: F401  (served: a fixture)
 
 ADMIN = "invoker-admin-token-0123456789"
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -353,8 +347,8 @@ def real(module_scratch):
     step), i2..i4 sl_action.py; the data parts published on the controller."""
     import json
 
-    import agent_helpers as ah
-    import netns_workflow as nw
+    from tests.support import agents as ah
+    from tests.support import workflow as nw
     from controller.manager import Manager
 
     ah.need_root()

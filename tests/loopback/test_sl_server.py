@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from dml_testutil import TOKEN, NodeProc, StubController, module_scratch, wait_until  # noqa: F401
+from tests.support.procs import TOKEN, NodeProc, StubController, wait_until
 import net
 import nns
 import splitter

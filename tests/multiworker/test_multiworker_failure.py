@@ -2,21 +2,19 @@
 removes what the other workers had already deployed, and fails (DeployError from the
 API, a non-zero exit from a run script). Real agents in host namespaces (tests/multihost.py).
 """
+import os
 import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support import ROOT
 
-import multihost  # noqa: E402
-from controller.testbed import DeployError, Testbed  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import multihost
+from controller.testbed import DeployError, Testbed
+from dml_app import net
 
 pytestmark = pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
 
@@ -106,7 +104,6 @@ def test_run_script_exits_non_zero_naming_the_worker(tmp_path):
         script = tmp_path / "my_run.py"
         script.write_text(textwrap.dedent(f"""
             import sys
-            sys.path.insert(0, {str(ROOT)!r})
             from controller import auto
             from controller.manager import Manager
             from controller.testbed import default_testbed
@@ -130,7 +127,7 @@ def test_run_script_exits_non_zero_naming_the_worker(tmp_path):
         import subprocess
 
         p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                           cwd=str(tmp_path))
+                           cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert p.returncode != 0, p.stdout + p.stderr
         assert f"emulator {h.tag}e2 ({b.ip}:{dead_port})" in p.stderr, p.stderr
         assert "tc finish" not in p.stdout
@@ -144,7 +141,7 @@ def test_harness_leaves_nothing():
         a = h.add_host()
         a.start_agent()
         ns, br = a.ns, h.bridge
-    import agent_helpers as ah
+    from tests.support import agents as ah
     assert ns not in ah.netns_list()
     assert not multihost.sh("ip", "link", "show", br, check=False).returncode == 0
     assert not [t for t in threading.enumerate() if t.name.startswith("http:338")]

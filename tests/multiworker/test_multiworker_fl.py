@@ -16,24 +16,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "dml_tool"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
-import multihost  # noqa: E402
-import netns_workflow as nw  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import Testbed  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
+from tests.support import multihost
+from tests.support import workflow as nw
+from controller.manager import Manager
+from controller.testbed import Testbed
+from dml_app import net
+from worker import nodes as nb
 
 pytestmark = [pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing())),
               dt.need_docker()]

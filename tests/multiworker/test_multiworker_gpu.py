@@ -5,22 +5,18 @@ tested as data, and the test that would run a GPU container skips saying so.
 """
 import os
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from controller.testbed import DefinitionError, Testbed  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker.agent import Agent, BadRequest  # noqa: E402
+from controller.testbed import DefinitionError, Testbed
+from worker import docker_nodes as dn
+from worker import nodes as nb
+from worker.agent import Agent, BadRequest
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
 
 
 def _testbed(tmp_path, backend, emu_gpu, node_gpus):

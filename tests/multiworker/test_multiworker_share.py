@@ -8,23 +8,19 @@ commands and volume options as data; mounting needs a kernel with NFS.
 import hashlib
 import os
 import io
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-import multihost  # noqa: E402
-from controller import share  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import DeployError, Testbed  # noqa: E402
-from worker import shares  # noqa: E402
+from tests.support import agents as ah
+from tests.support import multihost
+from controller import share
+from controller.manager import Manager
+from controller.testbed import DeployError, Testbed
+from worker import shares
 
 
 class ShareManager(Manager):

@@ -1,13 +1,10 @@
 """The agent's HTTP API refuses what it must, clearly, and keeps serving."""
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
+from tests.support import agents as ah
 
 pytestmark = ah.need_root()
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-import agent_helpers as ah
+from tests.support import agents as ah
 
 
 def test_an_agent_restarted_after_sigkill_removes_what_its_predecessor_left():

@@ -22,12 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from worker import cgroups  # noqa: E402
+from tests.support import agents as ah
+from worker import cgroups
 
 MB = 2**20
 V1_UNLIMITED = "9223372036854771712"

@@ -9,17 +9,15 @@ after the top's 5 rounds.
 """
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
+from tests.support.workflow import netns_testbed, run_workflow
 
-from controller.el_run import ElManager  # noqa: E402
+from controller.el_run import ElManager
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 NAMES = [f"e{i}" for i in range(1, 6)]
 
 

@@ -6,12 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-from controller import access  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import agents as ah
+from controller import access
+from dml_app import net
 
 PORT = 3350
 

@@ -9,21 +9,16 @@ Then, over HTTP as with curl: /status, links changed in place with /update/tc, a
 """
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "dml_tool"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from controller.manager import Manager  # noqa: E402
-from dml_app import net  # noqa: E402
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
-import agent_helpers as ah  # noqa: E402
-from worker import tc  # noqa: E402
+from controller.manager import Manager
+from dml_app import net
+from tests.support.workflow import netns_testbed, run_workflow
+from tests.support import agents as ah
+from worker import tc
 
 NAMES = ["fa1", "ft2", "ft3", "ft4"]
 
@@ -33,7 +28,7 @@ class FlManager(Manager):
 
 
 def _etb_namespaces() -> set[str]:
-    import agent_helpers as ah
+    from tests.support import agents as ah
     return {n for n in ah.netns_list() if n.startswith("etb-")}
 
 

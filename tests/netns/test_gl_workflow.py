@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from netns_workflow import run_workflow
-from peer_testutil import netns_run
+from tests.support.workflow import run_workflow
+from tests.support.peers import netns_run
 from controller.gl_run import GlManager
 from dml_app import net
 

@@ -2,15 +2,12 @@
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
 
 pytestmark = ah.need_root()
 

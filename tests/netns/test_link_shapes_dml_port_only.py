@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 
-import agent_helpers as ah
+from tests.support import agents as ah
 from worker import units
 
 agent = ah.agent_fixture()

@@ -5,15 +5,13 @@ timestamps per full Ethernet frame, which is what HTB counts).
 """
 import re
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import tc, units  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import tc, units
 
 pytestmark = [ah.need_root(), ah.need_iperf3()]
 

@@ -16,22 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import requests
 
-import pytest  # noqa: E402
-import requests  # noqa: E402
+from dml_app import net
+from tests.support import ROOT, load_script
+from tests.support import agents as ah
+from tests.support import containers as dt
+from tests.support import workflow as nw
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
-import netns_workflow as nw  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "own_app"
-sys.path.insert(0, str(APP))
-sys.path.insert(0, str(ROOT / "dml_tool"))
-
-import own_run  # noqa: E402
-from dml_app import net  # noqa: E402
+own_run = load_script(APP / "own_run.py")
 
 pytestmark = ah.need_root()
 

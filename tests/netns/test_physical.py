@@ -9,17 +9,14 @@ import os
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import nodes as nb
 
 pytestmark = pytest.mark.skipif(ah.missing_requirements() is not None,
                                 reason=str(ah.missing_requirements()))

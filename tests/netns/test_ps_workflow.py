@@ -7,15 +7,13 @@ momentum 0.9; async, 600 steps of 32 samples, lr 0.1, no momentum (stale gradien
 with momentum 0.9 diverge), max_staleness 3. The server calls /finish by itself.
 """
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
+from tests.support.workflow import netns_testbed, run_workflow
 
-from controller.ps_run import PsManager  # noqa: E402
+from controller.ps_run import PsManager
 
 NAMES = [f"p{i}" for i in range(1, 6)]
 WORKERS = NAMES[1:]

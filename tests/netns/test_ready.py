@@ -11,19 +11,17 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import ready  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import nodes as nb
+from worker import ready
 
 PORT = 4461
 # The app: listens on its port; with a second argument only once a datagram "go" came to
@@ -156,7 +154,7 @@ def test_reset_stops_probing_in_process(tmp_path):
 # ----------------------------------------------------------------------------- docker nodes
 
 def test_docker_app_ready_when_it_answers(clean_agent):
-    import docker_testutil as dt
+    from tests.support import containers as dt
 
     why = dt.why_not()
     if why:

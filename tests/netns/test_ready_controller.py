@@ -18,16 +18,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "dml_tool", Path(__file__).resolve().parent):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-from controller import testbed as tbm  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import DeployError, NotReady, Testbed  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import agents as ah
+from controller import testbed as tbm
+from controller.manager import Manager
+from controller.testbed import DeployError, NotReady, Testbed
+from dml_app import net
 
 pytestmark = ah.need_root()
 
@@ -47,7 +44,7 @@ def ready_testbed(tmp: Path, cmds: dict[str, list[str]], *, ready_timeout_s=None
     """A netns testbed (not started) of one node per {name: argv}; always closed after,
     and then nothing of it may remain."""
     if dataset:
-        from peer_testutil import tiny_dataset
+        from tests.support.peers import tiny_dataset
         tiny_dataset(tmp / "dataset", num_classes=10)
     (tmp / "links.json").write_text(json.dumps(links or {}))
     tb = Testbed("127.0.0.1", str(tmp), manager_class, host_port=PORT)

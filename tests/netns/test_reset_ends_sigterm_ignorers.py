@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-import agent_helpers as ah
+from tests.support import agents as ah
 
 agent = ah.agent_fixture()
 clean_agent = ah.clean_agent_fixture()

@@ -13,12 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from controller.fl_run import FlManager  # noqa: E402
-from netns_workflow import netns_testbed, run_workflow  # noqa: E402
-from worker.cgroups import Cgroup  # noqa: E402
+from tests.support import agents as ah
+from controller.fl_run import FlManager
+from tests.support.workflow import netns_testbed, run_workflow
+from worker.cgroups import Cgroup
 
 pytestmark = [ah.need_root()]
 PY = os.path.realpath(sys.executable)

@@ -11,17 +11,15 @@ bytes moved.
 """
 import json
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import docker_testutil as dt  # noqa: E402
-import netns_workflow as nw  # noqa: E402
-from controller import results  # noqa: E402
-from controller.sl_run import SlManager  # noqa: E402
+from tests.support import containers as dt
+from tests.support import workflow as nw
+from controller import results
+from controller.sl_run import SlManager
 
 WORKERS = 4
 DATA_PART_BYTES = 1000 * 784 * 4       # 10 parts of 100 MNIST images, float32, plus labels

@@ -8,14 +8,12 @@ link to, stay unshaped. A link taken down drops its answers too (one class, one 
 """
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-import docker_testutil as dt  # noqa: E402
+from tests.support import agents as ah
+from tests.support import containers as dt
 
 agent = ah.agent_fixture()
 

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import nodes as nb
 
 ROOT = ah.ROOT
 pytestmark = [ah.need_root(), ah.need_node_user()]

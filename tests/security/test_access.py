@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import access  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from dml_app import net  # noqa: E402
-from dml_testutil import NodeProc, scratch  # noqa: E402,F401  (scratch: a fixture)
-from test_controller import make_testbed  # noqa: E402
+from controller import access
+from controller.manager import Manager
+from dml_app import net
+from tests.support import agents as ah
+from tests.support.procs import NodeProc
+from tests.unit.test_controller import make_testbed
 
 NOBODY = 65534
 TIME_WAIT = 6            # a TCP state (include/net/tcp_states.h)
-import agent_helpers as ah  # noqa: E402
 
 need_root = ah.need("root", "needs root: it runs requests as another user" if os.geteuid() != 0 else None)
 
@@ -206,7 +203,7 @@ def test_credentials_are_bound_to_the_admin_token():
 # ----------------------------------------------------------------------------- agent and node
 
 def test_an_agent_refuses_node_and_peer_credentials(tmp_path):
-    import agent_helpers as ah
+    from tests.support import agents as ah
 
     with ah.running_agent() as agent:
         for token in (net.node_token(agent.token, "n1"), net.peer_token(agent.token)):

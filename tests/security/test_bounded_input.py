@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from dml_testutil import ROOT, TOKEN, NodeProc, StubController, free_port, scratch, wait_until  # noqa: F401
-import agent_helpers as ah  # noqa: E402
-from test_controller import manager, make_testbed  # noqa: F401  (manager: a fixture)
-from test_runtime import configure_trainer, env_dirs, make_dataset, trainer  # noqa: F401  (fixtures)
+from tests.support.procs import ROOT, TOKEN, NodeProc, StubController
+from tests.support import agents as ah
+from tests.unit.test_controller import manager, make_testbed  # noqa: F401  (manager: a fixture)
+from tests.loopback.test_runtime import configure_trainer, env_dirs, make_dataset, trainer  # noqa: F401  (fixtures)
 
-import net as node_net  # dml_app/net.py as the node apps import it  # noqa: E402
-from controller import files  # noqa: E402
-from controller.manager import Manager, heartbeat_fields  # noqa: E402
-from dml_app import net  # noqa: E402
+import net as node_net  # dml_app/net.py as the node apps import it
+from controller import files
+from controller.manager import Manager, heartbeat_fields
+from dml_app import net
 
 DEEP = "[" * 100_000 + "]" * 100_000            # 100,000 levels: a RecursionError in json.loads
 JSON_HDR = {"Content-Type": "application/json"}

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from test_controller import manager  # noqa: F401  (a fixture: a real Manager on loopback)
-from test_bounded_input import ctl, http, JSON_HDR
+from tests.unit.test_controller import manager  # noqa: F401  (a fixture: a real Manager on loopback)
+from tests.security.test_bounded_input import ctl, http, JSON_HDR
 
 
 def state(m) -> dict:

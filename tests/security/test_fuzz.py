@@ -54,7 +54,6 @@ import posixpath
 import re
 import shutil
 import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -64,19 +63,16 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "dml_tool", Path(__file__).resolve().parent):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from tests.support import ROOT
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 
-from controller import access  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller import access
+from controller.manager import Manager
+from dml_app import net
 
-import agent_helpers as ah  # noqa: E402
+from tests.support import agents as ah
 
 pytestmark = ah.need("root", "needs root: deploys netns nodes" if os.geteuid() != 0 else None)
 
@@ -260,7 +256,7 @@ def _wait_nodes(bed: Bed, timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    from netns_workflow import netns_testbed
+    from tests.support.workflow import netns_testbed
     from worker.agent import make_app
 
     tmp = tmp_path_factory.mktemp("fuzz")

@@ -12,12 +12,12 @@ import tracemalloc
 
 import pytest
 
-from dml_testutil import scratch, wait_until  # noqa: F401  (puts dml_app on sys.path; a fixture)
+from tests.support.procs import wait_until
 from controller import files, ra_run, results
 from controller.manager import Manager
 from controller.ra_run import RaManager
 from dml_app import net
-from test_controller import make_testbed
+from tests.unit.test_controller import make_testbed
 
 
 # ----------------------------------------------------------------------------- bounded answers
@@ -388,9 +388,9 @@ def gl_node(scratch):
     says n2 sends from 10.9.0.2 ("senders", the controller's) and n3 is at 10.9.0.3."""
     import torch
     from gl_peer import GlPeer
-    from peer_testutil import tiny_dataset
+    from tests.support.peers import tiny_dataset
     from runtime import Runtime
-    from dml_testutil import TOKEN
+    from tests.support.procs import TOKEN
 
     threads = torch.get_num_threads()
     tiny_dataset(scratch / "ds", num_classes=10)
@@ -434,8 +434,8 @@ def test_a_gossip_under_another_peers_name_is_403(gl_node):
 def test_a_ring_chunk_from_another_address_than_the_predecessors_is_403(scratch):
     """ra_peer: the chunk names the predecessor, but comes from elsewhere."""
     import torch
-    from peer_testutil import ra_node
-    from dml_testutil import TOKEN
+    from tests.support.peers import ra_node
+    from tests.support.procs import TOKEN
     hdr = {net.TOKEN_HEADER: TOKEN}
     conf = {"epoch": 0, "sync": 1, "next_name": "ry3", "connect": {"ry3": "10.9.0.3:9", "ry1": "10.9.0.1:9"}}
     with ra_node(scratch, "ry2") as (rt, peer, client):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dml_testutil import TOKEN, NodeProc, module_scratch, scratch  # noqa: F401  (fixtures)
-from test_bounded_input import http, JSON_HDR
-from test_ps_server import data, make_server  # noqa: F401  (fixtures)
-from test_runtime import env_dirs  # noqa: F401  (a fixture)
+from tests.support.procs import TOKEN, NodeProc
+from tests.security.test_bounded_input import http, JSON_HDR
+from tests.loopback.test_ps_server import data, make_server  # noqa: F401  (fixtures)
+from tests.loopback.test_runtime import env_dirs  # noqa: F401  (a fixture)
 
 GARBAGE = [b"garbage", b"", b"{}", b'{"name": "n2"}', b"\x00" * 8, b"\xff" * 64,
            (2**40).to_bytes(8, "little") + b"{}"]

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import seccomp  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import nodes as nb
+from worker import seccomp
 
 ROOT = ah.ROOT
 MB = 2**20
@@ -35,7 +34,6 @@ MB = 2**20
 # (EINVAL, EFAULT, EBADF, ESRCH...), so EPERM can only be the filter's, even as root.
 VERDICTS = r'''
 import ctypes, errno, json, os, subprocess, sys, threading
-sys.path.insert(0, sys.argv[1])
 from worker import seccomp
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -325,7 +323,7 @@ def test_a_bad_pids_value_is_refused_naming_the_node(agent):
 # ----------------------------------------------------------------------------- docker nodes
 
 def test_a_docker_node_has_the_pids_limit_no_extra_swap_and_private_ipc(agent):
-    import docker_testutil as dt
+    from tests.support import containers as dt
 
     why = dt.why_not()
     if why:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import nodes as nb
 
 ROOT = ah.ROOT
 pytestmark = [ah.need_root(), ah.need_node_user()]
@@ -250,7 +249,7 @@ def test_without_the_node_user_nothing_is_deployed(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- docker nodes
 
 def test_docker_nodes_run_as_the_node_user_without_capabilities(clean_agent):
-    import docker_testutil as dt
+    from tests.support import containers as dt
 
     why = dt.why_not()
     if why:

@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
 
 NOBODY = 65534
 FLOOD = Path(__file__).with_name("flood.py")

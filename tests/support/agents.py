@@ -1,9 +1,9 @@
 """Shared helpers for tests that drive a REAL agent: start/stop it, deploy netns nodes
 through its HTTP API, measure links with iperf3, and list what the testbed left behind.
 
-Import from a test module (no conftest needed):
+Import from a test module:
 
-    import agent_helpers as ah                      # tests/ is on sys.path under pytest
+    from tests.support import agents as ah
     agent = ah.agent_fixture()                       # a module-level pytest fixture
 
 Everything here only touches loopback and namespaces the test itself made. Names are
@@ -28,18 +28,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import pytest
 
-import pytest  # noqa: E402
-
-from bench import common as bench  # noqa: E402
-from bench.common import ideal as goodput_ideal, wait_listening  # noqa: E402,F401  (used by tests)
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker.cgroups import Cgroup  # noqa: E402
-from dml_testutil import free_port  # noqa: E402,F401  (the one free_port of the tests)
+from bench import common as bench
+from bench.common import ideal as goodput_ideal, wait_listening  # noqa: F401  (used by tests)
+from dml_app import net
+from worker import nodes as nb
+from worker.cgroups import Cgroup
+from tests.support import ROOT
+from tests.support.procs import free_port  # noqa: F401  (the one free_port of the tests)
 
 AGENT = ROOT / "worker" / "agent.py"
 IPERF_PORT = 4444

@@ -14,17 +14,12 @@ import ipaddress
 import itertools
 import os
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import pytest
 
-import pytest  # noqa: E402
-
-import agent_helpers as ah  # noqa: E402
-from worker import image  # noqa: E402
+from tests.support import agents as ah
+from worker import image
 
 TAG = os.environ.get("EDGETB_TEST_IMAGE", image.DEFAULT_TAG)
 _subnets = itertools.count(random.randrange(1, 200))

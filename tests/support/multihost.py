@@ -31,18 +31,14 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from dml_app import net  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import shares  # noqa: E402
+from dml_app import net
+from worker import nodes as nb
+from worker import shares
 
 CONTROLLER_IP = "10.246.0.1"
 PORTS = range(3380, 3390)        # controller and agents
@@ -57,7 +53,7 @@ def sh(*argv, check=True) -> subprocess.CompletedProcess:
 
 def missing() -> str | None:
     """Why the harness cannot run here (a reason tagged with its requirement), or None."""
-    import agent_helpers as ah
+    from tests.support import agents as ah
 
     why = ah.missing_requirements()
     if why:
@@ -173,7 +169,7 @@ class Harness:
     def close(self, *, check: bool = True) -> None:
         """Remove everything; then, with `check`, fail when a reset reported an error or
         anything of the testbed remains on this machine (agents_helpers.leftovers)."""
-        import agent_helpers as ah
+        from tests.support import agents as ah
 
         errors = []
         for a in reversed(self.agents):
@@ -230,7 +226,7 @@ class Harness:
 
     def _start_agent(self, prefix: list[str], ip: str, port: int | None, *, name: str,
                      ready_timeout_s: float = 30) -> Agent:
-        import agent_helpers as ah
+        from tests.support import agents as ah
 
         port = port or self.next_port()
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgetb-{self.tag}-agent-{port}.log"
@@ -253,7 +249,7 @@ class Harness:
         """What any worker still holds of these node names (agent_helpers.leftovers:
         namespaces, cgroups, processes, mounts, containers ...), and bridges, veths and
         iptables rules inside the hosts' namespaces."""
-        import agent_helpers as ah
+        from tests.support import agents as ah
 
         out = ah.leftovers(extra_names=names)
         out["host links"], out["host iptables"] = [], []

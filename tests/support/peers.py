@@ -15,17 +15,11 @@ from typing import Iterator
 
 import numpy as np
 
-from dml_testutil import ROOT, TOKEN, NodeProc, free_port
-import splitter  # noqa: E402  (dml_tool/splitter.py, on the path dml_testutil sets)
-import net  # noqa: E402  (dml_app/net.py, on sys.path through dml_testutil)
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from controller.testbed import Testbed  # noqa: E402
-
-
-from netns_workflow import etb_namespaces, netns_testbed  # noqa: E402,F401
+import net  # dml_app/net.py
+import splitter  # dml_tool/splitter.py
+from controller.testbed import Testbed
+from tests.support.procs import ROOT, TOKEN, NodeProc, free_port
+from tests.support.workflow import etb_namespaces, netns_testbed  # noqa: F401
 
 
 @contextmanager

@@ -18,17 +18,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+import net  # dml_app/net.py, as the node apps import it
+from tests.support import ROOT
+from worker.nodes import NodeSpec, app_env, stop_group  # (stop_group: the one way processes are stopped)
+
 DML_APP = ROOT / "dml_app"
 DML_TOOL = ROOT / "dml_tool"
-for p in (DML_APP, DML_TOOL):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-import net  # noqa: E402  (dml_app/net.py, found through the path above)
-from worker.nodes import NodeSpec, app_env, stop_group  # noqa: E402  (stop_group: the one way processes are stopped)
 
 TOKEN = "test-token-0123456789"
 

@@ -10,20 +10,16 @@ multi-worker FL tests).
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "dml_tool"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from tests.support import ROOT
 
-import agent_helpers as ah  # noqa: E402
-from controller import auto  # noqa: E402
-from controller.testbed import Testbed  # noqa: E402
-from dml_app import net  # noqa: E402
+from tests.support import agents as ah
+from controller import auto
+from controller.testbed import Testbed
+from dml_app import net
 
 
 def etb_namespaces() -> set[str]:

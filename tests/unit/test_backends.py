@@ -5,17 +5,14 @@ docker deploy installs a node's links and opens its gate as soon as its containe
 made, while later containers are still being made: a failure there (links the kernel
 cannot shape) must still leave nothing behind, containers already running included.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from dml_app import net  # noqa: E402
-from worker import backends as be  # noqa: E402
-from worker import tc  # noqa: E402
+from tests.support import agents as ah
+from dml_app import net
+from worker import backends as be
+from worker import tc
 
 agent = ah.agent_fixture()
 clean_agent = ah.clean_agent_fixture()
@@ -37,7 +34,7 @@ def test_one_backend_per_kind_with_the_whole_interface(tmp_path):
 
 
 def test_docker_deploy_failing_at_links_leaves_nothing(clean_agent):
-    import docker_testutil as dt
+    from tests.support import containers as dt
 
     why = dt.why_not()
     if why:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
+from tests.support.procs import DML_TOOL
 import conf_utils as cu
 import dataset_conf
 import fl_structure_conf
+import ps_structure_conf
+import sl_structure_conf
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 
@@ -246,10 +248,6 @@ def test_default_experiment_examples(scratch):
 
 
 # ----------------------------------------------------------------------------- serverless (sl)
-
-import ps_structure_conf  # noqa: E402
-import sl_structure_conf  # noqa: E402
-
 
 def sl_structure(**changes) -> dict:
     s = {"steps": 100, "lr": 0.05, "eval_every": 20,

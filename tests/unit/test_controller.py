@@ -1,20 +1,18 @@
 """The controller refuses bad definitions before deploying anything, and guards its API."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.support import ROOT
 
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import DefinitionError, Testbed  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller.manager import Manager
+from controller.testbed import DefinitionError, Testbed
+from dml_app import net
 
 
 def _namespaces() -> set[str]:
-    import agent_helpers as ah
+    from tests.support import agents as ah
     return set(ah.netns_list())
 
 

@@ -2,20 +2,16 @@
 script, the controller's and the agent's checks, the image builder's errors."""
 import os
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import pytest  # noqa: E402
+import pytest
 
-from controller.testbed import DefinitionError, Testbed  # noqa: E402
-from worker import docker_nodes as dn  # noqa: E402
-from worker import image  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker.agent import Agent, BadRequest  # noqa: E402
+from controller.testbed import DefinitionError, Testbed
+from worker import docker_nodes as dn
+from worker import image
+from worker import nodes as nb
+from worker.agent import Agent, BadRequest
 
 NS = 1_000_000_000
 

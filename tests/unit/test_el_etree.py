@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dml_testutil import DML_TOOL, scratch  # noqa: F401  (fixture)
+from tests.support.procs import DML_TOOL
 import conf_utils as cu
 import el_structure_conf as el
 import routes

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import dml_testutil  # noqa: F401  (puts dml_app/ on sys.path)
 from algorithms import fedavg, select_clients, weighted_mean
 
 

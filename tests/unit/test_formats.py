@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from dml_testutil import DML_TOOL, ROOT, TOKEN, scratch  # noqa: F401  (fixture)
-import agent_helpers as ah
+from tests.support.procs import DML_TOOL, ROOT, TOKEN
+from tests.support import agents as ah
 import conf_utils as cu
 import dataset_conf
 import el_structure_conf

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dml_testutil import DML_TOOL, ROOT, scratch  # noqa: F401  (fixture)
-from peer_testutil import link_dests, node_addrs, shipped_confs
+from tests.support.procs import DML_TOOL, ROOT
+from tests.support.peers import link_dests, node_addrs, shipped_confs
 import conf_utils as cu
 import gl_structure_conf
 

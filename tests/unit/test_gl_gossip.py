@@ -6,7 +6,6 @@ import collections
 import pytest
 import torch
 
-import dml_testutil  # noqa: F401  (puts dml_app/ on sys.path)
 from gossip import check_compatible, choose_peer, mix, peer_rng
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dml_testutil import DML_TOOL  # noqa: F401  (puts dml_app/ and dml_tool/ on sys.path)
+from tests.support.procs import DML_TOOL
 import conf_utils as cu
 import nns
 import ps_structure_conf

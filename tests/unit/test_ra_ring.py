@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import dml_testutil  # noqa: F401  (puts dml_app/ on sys.path)
 from ring import (AllReduce, chunk_bounds, flatten, owned_index, recv_index, send_index,
                   unflatten)
 

@@ -4,13 +4,9 @@ hundreds of nodes, and the table's lines on them."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from controller import results  # noqa: E402
+from controller import results
 
 
 def part(t, rnd, participants, missing, **more):

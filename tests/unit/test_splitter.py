@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dml_testutil import DML_TOOL, module_scratch, scratch  # noqa: F401  (fixtures)
+from tests.support.procs import DML_TOOL
 from splitter import SplitError, parse_partition, partition_dirichlet, partition_iid, partition_shards, split
 
 

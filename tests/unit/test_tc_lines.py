@@ -1,15 +1,12 @@
 """The tc batches worker.tc builds (pure: no root, no kernel), and its netlink read-back
 against a real namespace (root)."""
 import subprocess
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
+import pytest
 
-import agent_helpers as ah  # noqa: E402
-from worker import tc  # noqa: E402
+from tests.support import agents as ah
+from worker import tc
 
 
 def L(ip, rate, **kw):

@@ -1,12 +1,9 @@
 """worker/units.py, as pure functions: every tc(8) rate unit (bits and BYTES per second,
 SI prefixes), the refusals, netem times, loss percentages, rate formatting and ipv4."""
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from worker.units import (MAX_RATE_BPS, MIN_RATE_BPS, UnitError, format_rate, ipv4,  # noqa: E402
+from worker.units import (MAX_RATE_BPS, MIN_RATE_BPS, UnitError, format_rate, ipv4,
                           parse_loss_pct, parse_rate, parse_time_us)
 
 
