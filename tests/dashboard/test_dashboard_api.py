@@ -1,4 +1,4 @@
-"""The data side of the live dashboard (issue 12): controller/dashboard.py's routes,
+"""The data side of the live dashboard: controller/dashboard.py's routes,
 stream, live metrics, usage sampling and link fidelity, over real HTTP.
 
 * a real FL run on netns nodes while a client reads /api/stream: node states and rounds

@@ -1,4 +1,4 @@
-"""The live dashboard's page (issue 12) in a real browser: Debian's chromium, headless,
+"""The live dashboard's page in a real browser: Debian's chromium, headless,
 driven by controller/browser.py, on the real controller during real runs on netns nodes.
 
 * a real FL run: the page shows the node count and the nodes' states, the accuracy curve

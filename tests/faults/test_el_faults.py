@@ -1,4 +1,4 @@
-"""Issue 11: E-tree learning tolerates failing nodes at every aggregator.
+"""E-tree learning tolerates failing nodes at every aggregator.
 
 Seven real el_peer processes on netns nodes, driven as `el_run.py --auto` drives them
 (controller/auto.py's drive), a 3-layer tree:

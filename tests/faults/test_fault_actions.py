@@ -1,4 +1,4 @@
-"""Fault actions for real (issue 11 item 1): node kill / pause / resume / restart and link
+"""Fault actions for real: node kill / pause / resume / restart and link
 down / up / rate, through a real agent's /node/fault and /link/fault, and through the
 controller's Manager.node_fault / link_fault / link_rate and its /fault/* routes.
 

@@ -1,4 +1,4 @@
-"""Issue 11: every algorithm under a scenario of the other fault actions (pause, link
+"""Every algorithm under a scenario of the other fault actions (pause, link
 down, rate), on real netns nodes driven as `<alg>_run.py --auto --scenario FILE` drives
 them (Manager.set_scenario, then controller/auto.py's drive).
 

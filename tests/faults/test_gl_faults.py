@@ -1,4 +1,4 @@
-"""Issue 11: gossip learning tolerates failing peers.
+"""Gossip learning tolerates failing peers.
 
 * gossip.gossip_round (pure): a failed send is skipped and another peer chosen for the
   round; down peers are not chosen; without failures the choice is the plain one.

@@ -1,4 +1,4 @@
-"""The parameter server under real faults (issue 11): netns nodes, the --auto workflow
+"""The parameter server under real faults: netns nodes, the --auto workflow
 (auto.drive), real SIGKILL to a worker's cgroup through the controller
 (Manager.node_fault), real PyTorch on the MNIST subset.
 

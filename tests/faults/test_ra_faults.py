@@ -1,4 +1,4 @@
-"""Ring all-reduce survives dead members (issue 11): a member that dies ends the step at
+"""Ring all-reduce survives dead members: a member that dies ends the step at
 once (its port refuses) or by the step deadline; the survivors re-form the ring in the
 same order without it and redo the round's all-reduce from their trained models, so
 every survivor ends the round with the mean of the survivors' models; the controller

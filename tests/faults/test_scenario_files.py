@@ -1,4 +1,4 @@
-"""Scenarios (controller/scenario.py, issue 11 item 2): a file is checked whole and every
+"""Scenarios (controller/scenario.py): a file is checked whole and every
 problem listed; the scheduler fires each event at its offset after the start of training
 (a fake clock: no timed assertions), stops at /finish, resumes what it left paused; the
 events reach the run's summary.json, the table and the plots; POST /scenario sets one

@@ -1,4 +1,4 @@
-"""Issue 11 item 3: failures end or bend a run in bounded time, and say what happened.
+"""Failures end or bend a run in bounded time, and say what happened.
 
 * a role task that raises puts its node in state `error` with the message, carried by
   the heartbeats to the controller's status, and `auto.follow` ends the run at once

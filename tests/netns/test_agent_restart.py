@@ -1,4 +1,4 @@
-"""A netns agent killed with SIGKILL and restarted on the same port (issue 8, gaps): the
+"""A netns agent killed with SIGKILL and restarted on the same port: the
 new agent knows its predecessor's nodes and its reset removes all of them (namespaces,
 veths, bridge, cgroups, processes)."""
 from __future__ import annotations

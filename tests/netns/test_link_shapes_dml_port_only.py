@@ -1,4 +1,4 @@
-"""A link shapes only its destination's DML port (issue 8, gaps): traffic from the same
+"""A link shapes only its destination's DML port: traffic from the same
 source to ANOTHER port of the shaped destination is not held to the link's rate."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Readiness (issue 9 item 3, agent side): GET /status says per node whether its app answers.
+"""Readiness (agent side): GET /status says per node whether its app answers.
 
 A real agent, real namespaces (and containers, and a physical node in a namespace that
 plays the host), real apps: one that listens only once the test tells it to (a UDP

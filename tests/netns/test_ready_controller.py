@@ -1,4 +1,4 @@
-"""Readiness, not retries (issue 9 item 3, the controller's half), on real netns nodes.
+"""Readiness, not retries (the controller's half), on real netns nodes.
 
 start() waits after `tc finish` until every app answers on its DML port, printing
 `apps answering: k/N`; a node whose app never answers is named after the readiness

@@ -1,4 +1,4 @@
-"""An app that ignores SIGTERM (issue 8, gaps): the agent's /emulated/reset still ends
+"""An app that ignores SIGTERM: the agent's /emulated/reset still ends
 it (SIGKILL after the grace period) and leaves nothing of the testbed behind."""
 from __future__ import annotations
 

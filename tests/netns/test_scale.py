@@ -1,4 +1,4 @@
-"""Many nodes on one machine (issue 9), through the --auto workflow on real netns nodes.
+"""Many nodes on one machine, through the --auto workflow on real netns nodes.
 
 * The same FL run (same seeds, same data, same links) gives the same per-round accuracy
   whether the apps fork from the zygote or are exec'd one Python per node.

@@ -1,4 +1,4 @@
-"""The forking launcher (worker/zygote.py, issue 9): a node app forked from the zygote is
+"""The forking launcher (worker/zygote.py): a node app forked from the zygote is
 indistinguishable from an exec'd one where it matters, and leaves nothing behind.
 
 Two fl_trainer nodes on one real agent: one runs the scripts of the repository's

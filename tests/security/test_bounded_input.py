@@ -1,4 +1,4 @@
-"""Bounded input (issue 7, items 4 and 5), against real servers over real HTTP on loopback:
+"""Bounded input, against real servers over real HTTP on loopback:
 body limits answered 413 before anything is written, JSON depth and numbers answered 400
 naming the field, files read on request only from the project's folders; every server
 still answers afterwards.

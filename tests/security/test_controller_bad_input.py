@@ -1,4 +1,4 @@
-"""Bad input to the controller's routes (issue 8, gaps): each a clear 4xx naming the
+"""Bad input to the controller's routes: each a clear 4xx naming the
 problem, and the controller's state the same before and after; a second /finish answers
 the same summary and makes no second run folder."""
 from __future__ import annotations

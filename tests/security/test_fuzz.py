@@ -1,4 +1,4 @@
-"""Fuzz tests (issue 7, item 8): random requests against the real controller, its embedded
+"""Fuzz tests: random requests against the real controller, its embedded
 agent and one running node of each role, with and without each credential.
 
 One netns testbed for the whole module (tests/netns_workflow.py): the controller and its

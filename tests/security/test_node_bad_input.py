@@ -1,4 +1,4 @@
-"""Bad input to node routes (issue 8, gaps): /combine and /ps/params with garbage bodies,
+"""Bad input to node routes: /combine and /ps/params with garbage bodies,
 /ps/pull from a worker the server does not have: each a clear 4xx, the node still
 serving and its state unchanged."""
 from __future__ import annotations

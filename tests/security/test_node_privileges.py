@@ -1,4 +1,4 @@
-"""Node apps are unprivileged by default (issue 7): no secret on any command line while
+"""Node apps are unprivileged by default: no secret on any command line while
 nodes start, apps run as the edgetb-node user without capabilities, write only to their
 binds and private tmpfs, see only their own processes; a node asking for root gets it.
 
