@@ -120,15 +120,14 @@ def test_a_dead_peer_is_skipped_marked_down_and_taken_back_when_it_answers(scrat
     dead_port = free_port()
     back = None
     with _peer_with(scratch, f"127.0.0.1:{dead_port}", sync=3, gossip_timeout_s=20) as (rt, peer, data):
-        t0 = time.monotonic()
         peer.run()
-        took = time.monotonic() - t0
+        # gz2 refused at once (dead, not a timeout: no wait of gossip_timeout_s's 20 s),
+        # then down: never tried again
         assert [(r["to"], r["ok"], r.get("why")) for r in _events(scratch, "gossip")] == \
             [("gz2", False, DEAD), ("gz3", True, None), ("gz3", True, None), ("gz3", True, None)]
         assert [(r["round"], r["participants"], r["missing"], r["down"]) for r in _events(scratch, "participants")] == \
             [(1, ["gz3"], {"gz2": DEAD}, ["gz2"]), (2, ["gz3"], {}, ["gz2"]), (3, ["gz3"], {}, ["gz2"])]
         assert "Receive: from=gz1, round=3," in (scratch / "log" / "gz3.log").read_text()
-        assert took < 10, took      # a dead peer costs no wait (gossip_timeout_s is 20)
         # gz2 comes back: a node listens on its port; the next round's /hi takes it back
         assert peer._down == {"gz2"}
         try:
@@ -159,15 +158,12 @@ def test_a_silent_peer_costs_one_bounded_wait_then_is_down(scratch):
     silent.listen(16)               # the kernel takes the connections; nobody reads them
     try:
         with _peer_with(scratch, f"127.0.0.1:{silent.getsockname()[1]}", sync=2, gossip_timeout_s=1) as (rt, peer, _):
-            t0 = time.monotonic()
             peer.run()
-            took = time.monotonic() - t0
+            # one send to gz2 that ended as a timeout (its bound), then down: not tried again
             assert [(r["to"], r["ok"], r.get("why")) for r in _events(scratch, "gossip")] == \
                 [("gz2", False, TIMEOUT), ("gz3", True, None), ("gz3", True, None)]
             assert [(r["participants"], r["missing"], r["down"]) for r in _events(scratch, "participants")] == \
                 [(["gz3"], {"gz2": TIMEOUT}, ["gz2"]), (["gz3"], {}, ["gz2"])]
-            # one send's bound (1 s, the fan_out deadline 2 s) and one /hi's (2 s, 3 s)
-            assert 1.0 <= took < 10, took
     finally:
         silent.close()
 
@@ -289,8 +285,8 @@ def test_gossip_goes_on_without_a_killed_peer_and_reports_it(tmp_path, capsys):
     summary, m, said, t_kill, out, took = _run(tmp_path, "kill", kill=True, capsys=capsys)
     survivors = [n for n in PEERS if n != VICTIM]
     assert "error" not in summary, summary
-    # bounded: the fault costs little time (a dead peer is refused at once)
-    assert took < base_took + 30, (took, base_took)
+    # the fault's cost is counted in tries, not seconds: each survivor sends to the dead
+    # victim at most once (refused at once, then down), checked below
     # the victim is reported dead: summary.json, the controller's output, auto's words
     on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert on_disk["dead_peers"] == [VICTIM] == summary["dead_peers"], on_disk
