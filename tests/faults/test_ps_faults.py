@@ -181,25 +181,27 @@ def test_async_completes_with_a_killed_worker(tmp_path):
 @pytest.mark.timeout(120)
 def test_the_sync_deadline_counts_from_when_the_version_was_served(make_server, data):
     """A real server, two fake workers (alive: they answer, but one never pushes): the
-    first gradient pushed 2 s into a 3 s window is applied about 1 s later, at the
-    version's deadline, not 3 s after that push (the old rule); the event says who was
-    missing and why (timeout). The silent worker, which did not even pull, is not waited
-    for in the next version; once it pulls again it is, from the version after."""
+    first gradient, pushed late in a 3 s window, is applied at the version's deadline
+    (3 s after the version was served), before 3 s after that push (the old rule): the
+    server's own times put served < pushed < applied < pushed + 3 s. The event says who
+    was missing and why (timeout). The silent worker, which did not even pull, is not
+    waited for in the next version; once it pulls again it is, from the version after."""
     _, d = data
     srv, fakes, _ = make_server(["pd1", "pd2"], mode="sync", steps=4, lr=0.1, step_timeout_s=3)
     params = pull(srv, fakes["pd1"], -1)           # version 0 was served before this pull
     g = gradients(params, d.meta, d.train_x, d.train_y, 1)[0]
-    time.sleep(2.0)
-    t_push = time.monotonic()
+    time.sleep(2.0)                                # the scenario: a push late in the window
+    t_push = time.time()
     assert push(srv, "pd1", 0, g).json() == {"applied": False, "version": 0}
     wait_until(lambda: srv.call("GET", "/ps/status").json()["version"] == 1, 10, "version 1")
-    t_applied = time.monotonic()
-    assert t_applied - t_push < 2.5, t_applied - t_push          # the old rule: >= 3 s after the push
     recs = [json.loads(line) for line in srv.call("GET", "/metrics").text.splitlines() if line.strip()]
     parts = [r for r in recs if r["event"] == "participants"]
     assert [(r["round"], r["participants"], r["missing"], r["attempt"]) for r in parts] == \
         [(1, ["pd1"], {"pd2": "timeout"}, 1)], parts
-    assert 3.0 <= parts[0]["waited_s"] < 4.5, parts               # served -> applied: the deadline
+    applied = parts[0]["t"]
+    served = applied - parts[0]["waited_s"]
+    assert parts[0]["waited_s"] >= 3.0, parts                     # not before the deadline
+    assert served < t_push < applied < t_push + 3.0, (served, t_push, applied)     # the old rule: >= push + 3 s
     # the step is pd1's gradient alone: p - lr * g
     new, _ = net.unpack_weights(srv.call("GET", "/ps/model").content)
     for k in g:
@@ -231,7 +233,9 @@ def test_a_version_with_no_gradient_waits_again_then_the_run_fails_clearly(make_
     srv, fakes, ctl = make_server(["pr1", "pr2"], mode="sync", steps=5, lr=0.1, step_timeout_s=2, step_retries=2)
     params = pull(srv, fakes["pr1"], -1)
     g = gradients(params, d.meta, d.train_x, d.train_y, 1)[0]
-    time.sleep(3.0)                                 # past the first deadline (2 s), inside the second
+    # pushed once the server says the first window passed empty: inside the second
+    wait_until(lambda: "version 0: no gradient within step_timeout_s 2 s" in srv.call("GET", "/log").text, 10,
+               "the first deadline to pass")
     assert push(srv, "pr1", 0, g).json() == {"applied": False, "version": 0}
     wait_until(lambda: srv.call("GET", "/ps/status").json()["version"] == 1, 10, "version 1")
     # version 1: pr2 never pulled (not waited for), pr1 pushes nothing: 3 empty windows
@@ -243,7 +247,7 @@ def test_a_version_with_no_gradient_waits_again_then_the_run_fails_clearly(make_
     parts = [(r["round"], r["participants"], r["missing"], r["attempt"]) for r in recs if r["event"] == "participants"]
     assert parts == [(1, ["pr1"], {"pr2": "timeout"}, 2), (1, [], {"pr1": "timeout", "pr2": "timeout"}, 3)], parts
     waited = [r["waited_s"] for r in recs if r["event"] == "participants"]
-    assert 4.0 <= waited[0] < 5.0 and 6.0 <= waited[1] < 7.5, waited     # 2 and 3 windows of 2 s
+    assert waited[0] >= 4.0 and waited[1] >= 6.0, waited     # 2 and 3 windows of 2 s (the attempts above)
     assert not ctl.finished.is_set()
     log = srv.call("GET", "/log").text
     assert "version 0: no gradient within step_timeout_s 2 s (pr1 (timeout), pr2 (timeout)); waiting again (1/2)" in log
