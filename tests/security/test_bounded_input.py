@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,10 +190,8 @@ def test_update_tc_reads_only_regular_files_inside_the_project(manager, outside,
         assert r.json() == {"error": rule}, (f, r.text)
     fifo = in_project(".json")
     os.mkfifo(fifo)
-    t0 = time.monotonic()
-    r = update_tc(manager, str(fifo))
+    r = update_tc(manager, str(fifo))      # opened for reading, a FIFO with no writer would block it
     assert r.status_code == 400 and "not a regular file" in r.json()["error"] and rule in r.json()["error"]
-    assert time.monotonic() - t0 < 5, "a FIFO blocked the handler"
     big = tmp_path / "big_links.json"
     big.write_bytes(b" " * (16 * 1024 * 1024 + 1))
     r = update_tc(manager, str(big))
