@@ -128,7 +128,6 @@ def test_sl_refuses_bad_invoker_settings_and_fails_at_its_rounds_bound(tmp_path)
     """A server conf whose invoker settings were edited badly refuses /start with nothing
     started; a run whose server is not done after `rounds` rounds ends by itself, saying
     why, with the activations it made."""
-
     from controller import auto
 
     server, actions = "f1", ["f2"]
