@@ -113,13 +113,17 @@ def pytest_make_collect_report(collector):
 
 
 def needs(item) -> set[str]:
-    """What a collected test needs: its folder's markers and its skip marks' requirements."""
+    """What a collected test needs: its folder's markers, what its skip marks stand for
+    (tests.support.agents.need's `needs`, or the tag of their reason) and its own markers."""
     folder = Path(str(item.path)).parent.name
     want = set(FOLDER_NEEDS.get(folder, ()))
     for mark in item.iter_markers("skipif"):
         kind, req = classify(str(mark.kwargs.get("reason", "")))
         if kind == "requires":
             want.add(req)
+        if mark.kwargs.get("needs") in MARKERS:
+            want.add(mark.kwargs["needs"])
+    want |= {name for name in MARKERS if item.get_closest_marker(name)}
     if "docker" in want or "browser" in want:
         want.add("root")        # the docker and dashboard tests drive a real agent or run as root
     return want

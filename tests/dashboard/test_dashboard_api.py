@@ -574,6 +574,7 @@ def _usage(agent) -> dict:
     return agent.get("/usage")
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(300)
 def test_agent_usage_of_docker_nodes(agent):
     """GET /usage reads a container's cgroup: a node spinning at its 0.5 cpu limit shows

@@ -87,6 +87,7 @@ def _ps_run(tmp: Path, conf: dict, faults=(), *, port: int, subnet: str):
             victim_log.read_text() if victim_log.exists() else None, fired)
 
 
+@pytest.mark.root
 @pytest.mark.timeout(400)
 def test_sync_goes_on_without_a_killed_worker_and_takes_it_back(tmp_path):
     base, base_recs, base_log, _, _ = _ps_run(tmp_path / "nofault", SYNC, port=3484, subnet="10.251.0.0/24")
@@ -151,6 +152,7 @@ def test_sync_goes_on_without_a_killed_worker_and_takes_it_back(tmp_path):
           f"{base['wall_seconds']:.1f} s")
 
 
+@pytest.mark.root
 @pytest.mark.timeout(300)
 def test_async_completes_with_a_killed_worker(tmp_path):
     summary, recs, log, _, fired = _ps_run(tmp_path, ASYNC, [(60, VICTIM, "kill")], port=3484,

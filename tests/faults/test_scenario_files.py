@@ -300,6 +300,7 @@ def test_run_script_refuses_a_bad_scenario_before_deploying(tmp_path):
 RNAMES = ["sa1", "st2", "st3", "st4"]
 
 
+@pytest.mark.root
 def test_fl_on_netns_nodes_with_a_trainer_paused_and_resumed(tmp_path):
     """FL on netns nodes (the --auto workflow's drive): a trainer frozen at 1 s for 6 s
     (cgroup freezer), a link's rate changed in place at 2 s, another trainer's uplink down

@@ -273,6 +273,7 @@ REJOIN_NODES = ["rj1", "rj2", "rj3", "rj4", "rj5"]
 REJOIN_SYNC = 10
 
 
+@pytest.mark.root
 @pytest.mark.timeout(300)
 def test_fl_trainer_killed_then_restarted_rejoins_and_catches_up(tmp_path):
     """FL on netns nodes (the --auto workflow's drive): a trainer SIGKILLed after round 2

@@ -404,6 +404,7 @@ def server_state(real) -> dict:
     return net.get_json(f"http://{server}/getVersion", token=tb.node_token(SERVER), timeout_s=10)
 
 
+@pytest.mark.root
 @pytest.mark.timeout(180)
 def test_real_nodes_cold_then_warm_at_most_n_at_once(real):
     said: list[str] = []
@@ -434,6 +435,7 @@ def test_real_nodes_cold_then_warm_at_most_n_at_once(real):
     print(f"real nodes: cold start {s['cold_start_s']}, warm start {s['warm_start_s']}, init {s['init_s']}")
 
 
+@pytest.mark.root
 @pytest.mark.timeout(120)
 def test_real_nodes_deadline(real):
     said: list[str] = []
@@ -448,6 +450,7 @@ def test_real_nodes_deadline(real):
     assert inv.containers() == {ACTIONS[0]: "warm"} and server_state(real)["registered"] == 0
 
 
+@pytest.mark.root
 @pytest.mark.timeout(180)
 def test_real_node_killed_mid_invocation_is_retried_on_another_node(real):
     tb, m, _, _ = real
@@ -482,6 +485,7 @@ def test_real_node_killed_mid_invocation_is_retried_on_another_node(real):
     print(f"killed {victim}: lost after {first['run_s']} s, retried on {rec['node']} in {rec['run_s']} s")
 
 
+@pytest.mark.root
 @pytest.mark.timeout(180)
 def test_real_node_frozen_mid_invocation_is_given_up_at_the_deadline_plus_grace(real):
     tb, m, _, _ = real

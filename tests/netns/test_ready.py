@@ -153,6 +153,7 @@ def test_reset_stops_probing_in_process(tmp_path):
 
 # ----------------------------------------------------------------------------- docker nodes
 
+@pytest.mark.docker
 def test_docker_app_ready_when_it_answers(clean_agent):
     from tests.support import containers as dt
 

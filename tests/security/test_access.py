@@ -202,6 +202,7 @@ def test_credentials_are_bound_to_the_admin_token():
 
 # ----------------------------------------------------------------------------- agent and node
 
+@pytest.mark.root
 def test_an_agent_refuses_node_and_peer_credentials(tmp_path):
     from tests.support import agents as ah
 

@@ -322,6 +322,7 @@ def test_a_bad_pids_value_is_refused_naming_the_node(agent):
 
 # ----------------------------------------------------------------------------- docker nodes
 
+@pytest.mark.docker
 def test_a_docker_node_has_the_pids_limit_no_extra_swap_and_private_ipc(agent):
     from tests.support import containers as dt
 

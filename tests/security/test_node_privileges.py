@@ -248,6 +248,7 @@ def test_without_the_node_user_nothing_is_deployed(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- docker nodes
 
+@pytest.mark.docker
 def test_docker_nodes_run_as_the_node_user_without_capabilities(clean_agent):
     from tests.support import containers as dt
 

@@ -69,8 +69,9 @@ def skip_reason(requirement: str, why: str) -> str:
 
 
 def need(requirement: str, why: str | None):
-    """pytest.mark.skipif(why is not None) with a tagged reason."""
-    return pytest.mark.skipif(why is not None, reason=skip_reason(requirement, why or ""))
+    """pytest.mark.skipif(why is not None) with a tagged reason; `needs` names the
+    requirement whether or not this machine has it (tests/conftest.py marks by it)."""
+    return pytest.mark.skipif(why is not None, reason=skip_reason(requirement, why or ""), needs=requirement)
 
 
 def skip(requirement: str, why: str):
@@ -92,7 +93,7 @@ def missing_requirements() -> str | None:
 def need_root():
     """pytest.mark.skipif for tests that need root and iproute2."""
     why = missing_requirements()
-    return pytest.mark.skipif(why is not None, reason=why or "")
+    return pytest.mark.skipif(why is not None, reason=why or "", needs="root")
 
 
 def need_iperf3():

@@ -37,7 +37,7 @@ def why_not() -> str | None:
 def need_docker():
     """Module-level mark: skip, saying why, without root, a Docker daemon or the image."""
     why = why_not()
-    return pytest.mark.skipif(why is not None, reason=f"docker tests: {why}")  # why is tagged
+    return pytest.mark.skipif(why is not None, reason=f"docker tests: {why}", needs="docker")  # why is tagged
 
 
 def client():

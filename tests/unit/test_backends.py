@@ -33,6 +33,7 @@ def test_one_backend_per_kind_with_the_whole_interface(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.docker
 def test_docker_deploy_failing_at_links_leaves_nothing(clean_agent):
     from tests.support import containers as dt
 
