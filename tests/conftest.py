@@ -37,6 +37,9 @@ import pytest
 from tests.support import agents as ah
 from tests.support.procs import module_scratch, scratch  # noqa: F401  (fixtures for every test)
 
+agent = ah.agent_fixture()              # a real agent on loopback, one per test module (root)
+clean_agent = ah.clean_agent_fixture()  # the same, checked to answer and hold no node after each test
+
 os.environ.setdefault("EDGETB_SCREENSHOT", "0")
 
 # what a test needs, as markers: the requirements of skip tags, a VM lane, several hosts

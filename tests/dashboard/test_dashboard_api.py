@@ -567,8 +567,6 @@ def test_usage_reads_cgroup_v1_and_v2_layouts(tmp_path):
 
 # ----------------------------------------------------------------------------- docker nodes
 
-agent = ah.agent_fixture()
-
 
 def _usage(agent) -> dict:
     return agent.get("/usage")

@@ -24,8 +24,6 @@ pytestmark = [dt.need_docker(), ah.need_iperf3()]
 TOLERANCE = 0.03
 RATE_BPS = 20_000_000
 
-agent = ah.agent_fixture()
-
 
 @contextlib.contextmanager
 def iperf_server(ns: str, port: int):

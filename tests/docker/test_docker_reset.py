@@ -15,8 +15,6 @@ from worker import docker_nodes as dn
 
 pytestmark = dt.need_docker()
 
-agent = ah.agent_fixture()
-
 
 @pytest.fixture
 def client():

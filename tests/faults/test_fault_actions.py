@@ -27,8 +27,6 @@ APP_PORT = 4456
 HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
 DEADLINE_S = 60
 
-agent = ah.agent_fixture()
-
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -8,8 +8,6 @@ from tests.support import agents as ah
 
 pytestmark = ah.need_root()
 
-agent = ah.agent_fixture()
-
 
 api = ah.clean_agent_fixture()
 

@@ -15,11 +15,6 @@ APP_PORT = 4455
 # A plain TCP server is enough to prove reachability (and cheap under a memory limit).
 HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
 
-agent = ah.agent_fixture()
-
-
-clean_agent = ah.clean_agent_fixture()
-
 
 def _http_nodes(n, **kw):
     dep = ah.plan(n, cmd=HTTP_APP, port=APP_PORT, **kw)

@@ -9,8 +9,6 @@ import subprocess
 from tests.support import agents as ah
 from worker import units
 
-agent = ah.agent_fixture()
-clean_agent = ah.clean_agent_fixture()
 
 OTHER_PORT = 5301
 RATE = units.parse_rate("5mbit")

@@ -17,8 +17,6 @@ pytestmark = [ah.need_root(), ah.need_iperf3()]
 
 SECONDS = 3
 
-agent = ah.agent_fixture()
-
 
 @pytest.fixture(scope="module")
 def net4(agent):

@@ -45,9 +45,6 @@ LISTEN = ["python3", "-c", APP, str(PORT)]
 LISTEN_LATE = LISTEN + ["late"]
 NEVER = ["sleep", "300"]
 
-agent = ah.agent_fixture()
-clean_agent = ah.clean_agent_fixture()
-
 
 def _status(agent_, names=None) -> dict:
     st = agent_.get("/status")

@@ -8,8 +8,6 @@ import time
 
 from tests.support import agents as ah
 
-agent = ah.agent_fixture()
-clean_agent = ah.clean_agent_fixture()
 
 # Ignores SIGTERM, names itself, and sleeps forever in one process.
 STUBBORN = [sys.executable, "-c",

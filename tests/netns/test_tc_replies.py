@@ -15,7 +15,6 @@ import pytest
 from tests.support import agents as ah
 from tests.support import containers as dt
 
-agent = ah.agent_fixture()
 
 PORT = ah.IPERF_PORT          # every node's DML port (what links name)
 OTHER_PORT = PORT + 1         # a second server of A's app: not a link's port

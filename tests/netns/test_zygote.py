@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 
-
 from tests.support import agents as ah
 from dml_app import net
 from worker import nodes as nb
@@ -26,8 +25,6 @@ from worker import nodes as nb
 ROOT = ah.ROOT
 pytestmark = [ah.need_root(), ah.need_node_user()]
 
-agent = ah.agent_fixture()
-clean_agent = ah.clean_agent_fixture()
 PORT = 4444
 PY = os.path.realpath(sys.executable)
 

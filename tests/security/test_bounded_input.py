@@ -239,8 +239,6 @@ def test_read_project_file_directly(tmp_path, scratch):
 
 # ----------------------------------------------------------------------------- the agent
 
-agent = ah.agent_fixture()
-
 
 api = ah.clean_agent_fixture()
 

@@ -22,12 +22,8 @@ from worker import nodes as nb
 ROOT = ah.ROOT
 pytestmark = [ah.need_root(), ah.need_node_user()]
 
-agent = ah.agent_fixture()
 APP_PORT = 4466
 HTTP_APP = ["python3", "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"]
-
-
-clean_agent = ah.clean_agent_fixture()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,8 +54,6 @@ def _user_of(pid: int) -> str:
 
 def _probe_nodes(n: int, script: str, **kw) -> ah.Deployment:
     return ah.plan(n, cmd=["python3", "-c", script], cpu=0.2, ram_mb=256, **kw)
-
-
 
 
 # ----------------------------------------------------------------------------- (a) command lines

@@ -307,8 +307,6 @@ def test_sigterm_during_an_auto_run_removes_every_node():
 
 # ----------------------------------------------------------------------------- an agent
 
-agent = ah.agent_fixture()
-
 
 @need_root
 def test_an_agent_keeps_answering_its_controller_under_a_flood(agent):

@@ -14,9 +14,6 @@ from dml_app import net
 from worker import backends as be
 from worker import tc
 
-agent = ah.agent_fixture()
-clean_agent = ah.clean_agent_fixture()
-
 
 def test_one_backend_per_kind_with_the_whole_interface(tmp_path):
     from worker.agent import Agent

@@ -222,7 +222,6 @@ def test_a_bad_name_is_refused_by_every_entry_point(scratch, name):
         Runtime("x", env={"NET_NODE_NAME": name, "EDGE_TB_TOKEN": TOKEN})
 
 
-agent = ah.agent_fixture()
 api = ah.clean_agent_fixture()
 
 
