@@ -127,6 +127,8 @@ def needs(item) -> set[str]:
         if mark.kwargs.get("needs") in MARKERS:
             want.add(mark.kwargs["needs"])
     want |= {name for name in MARKERS if item.get_closest_marker(name)}
+    if "agent" in getattr(item, "fixturenames", ()):
+        want.add("root")        # a real agent (tests.support.agents) creates namespaces
     if "docker" in want or "browser" in want:
         want.add("root")        # the docker and dashboard tests drive a real agent or run as root
     return want

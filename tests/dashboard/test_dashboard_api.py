@@ -123,6 +123,8 @@ def _records(stream: StreamReader) -> list[dict]:
     return [r for _, d in stream.of("metrics") for r in d["records"]]
 
 
+@pytest.mark.root
+@pytest.mark.iperf3
 @pytest.mark.timeout(300)
 def test_live_dashboard_during_a_real_fl_run_and_an_iperf3_flow(fl_bed):
     from tests.support.workflow import run_workflow

@@ -176,6 +176,7 @@ def faulty_ring(tmp_path):
         yield tb, manager, tmp_path
 
 
+@pytest.mark.root
 @pytest.mark.timeout(240)
 def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys):
     tb, manager, tmp = faulty_ring
@@ -264,6 +265,7 @@ def training_ring(tmp_path):
         yield tb, manager, tmp_path
 
 
+@pytest.mark.root
 @pytest.mark.timeout(240)
 def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training_ring, capsys):
     """Real training (LeNet-5 on the MNIST subset); g3 SIGKILLed while it trains round 2.
