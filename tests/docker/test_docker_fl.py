@@ -22,7 +22,7 @@ ROLES = {"da1": "fl_aggregator.py", "dt2": "fl_trainer.py", "dt3": "fl_trainer.p
 TRAINERS = [n for n, r in ROLES.items() if r == "fl_trainer.py"]
 PORT = 3368
 SUBNET = "10.245.0.0/24"
-RAM_BYTES = 768 * 2**20            # netns_workflow gives every node 768 MB
+RAM_BYTES = 768 * 2**20            # tests.support.workflow gives every node 768 MB
 CPU = 0.5                          # and 2 cpus split over four nodes
 
 

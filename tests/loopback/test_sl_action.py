@@ -19,7 +19,7 @@ import time
 import pytest
 from flask import Flask, Response, jsonify
 
-from tests.support import procs as dml_testutil
+from tests.support import procs
 from tests.support.procs import TOKEN, NodeProc, StubController, free_port, wait_until
 import net
 import splitter
@@ -76,13 +76,13 @@ class ActionNode(NodeProc):
 
     def __init__(self, name: str, *, args: tuple[str, ...] = (), **kw):
         self.action_port = free_port()
-        real_env = dml_testutil.app_env
+        real_env = procs.app_env
 
         def env_with_port(spec, extra, log_dir, base=None):
             spec.cmd = spec.cmd + list(args)
             return {**real_env(spec, extra, log_dir, base=base), "DML_ACTION_PORT": str(self.action_port)}
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(dml_testutil, "app_env", env_with_port)
+            mp.setattr(procs, "app_env", env_with_port)
             super().__init__("sl_action", name, **kw)
 
     def action(self, path: str, body, *, token: str | None = ACTION_TOKEN, timeout_s: float = 60.0):

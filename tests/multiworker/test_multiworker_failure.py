@@ -1,6 +1,6 @@
 """A worker that cannot be reached, or fails mid-deployment: the controller names it,
 removes what the other workers had already deployed, and fails (DeployError from the
-API, a non-zero exit from a run script). Real agents in host namespaces (tests/multihost.py).
+API, a non-zero exit from a run script). Real agents in host namespaces (tests/support/multihost.py).
 """
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Three workers end to end, each behind its own real agent and address (tests/multihost.py):
+"""Three workers end to end, each behind its own real agent and address (tests/support/multihost.py):
 
 * host 1 (a network namespace): an emulator of netns nodes, the aggregator and a trainer;
 * the real host (root namespace): an emulator of docker nodes, one trainer in a container

@@ -2,7 +2,7 @@
 
 The controller and its embedded agent run in this process; the workflow (confs, pushes,
 start, follow until /finish) is controller/auto.py's, the code `fl_run.py --auto` runs
-(netns_workflow.run_workflow). One aggregator and three trainers train LeNet-5 on the
+(workflow.run_workflow). One aggregator and three trainers train LeNet-5 on the
 MNIST subset over shaped links, and the aggregator calls /finish by itself at the end.
 Then, over HTTP as with curl: /status, links changed in place with /update/tc, and
 /emulated/reset.

@@ -30,7 +30,7 @@ def net4(agent):
         yield dep
 
 
-measure, assert_near = ah.measure, ah.assert_near      # (tests/agent_helpers.py)
+measure, assert_near = ah.measure, ah.assert_near      # (tests/support/agents.py)
 
 
 def test_deploy_reports_links(agent, net4):

@@ -1,7 +1,7 @@
 """Fuzz tests: random requests against the real controller, its embedded
 agent and one running node of each role, with and without each credential.
 
-One netns testbed for the whole module (tests/netns_workflow.py): the controller and its
+One netns testbed for the whole module (tests/support/workflow.py): the controller and its
 agent in this process, seven node apps (fl_aggregator, fl_trainer, gl_peer, el_peer,
 ra_peer, ps_server, ps_worker) in their namespaces with links between them, their dataset
 and structure confs pushed through the controller.

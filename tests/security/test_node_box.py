@@ -3,7 +3,7 @@ sized run dir (its logs and stdout.log), an IPC namespace of its own and a secco
 filter; docker nodes the same pids limit and swap rule.
 
 The filter's verdicts run in a child process of the test; everything else on real
-nodes through a real agent (tests/agent_helpers.py), as root. Each test resets what it
+nodes through a real agent (tests/support/agents.py), as root. Each test resets what it
 deployed and checks that nothing of it is left, even when it fails.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 nodes start, apps run as the edgetb-node user without capabilities, write only to their
 binds and private tmpfs, see only their own processes; a node asking for root gets it.
 
-Real namespaces, a real agent (tests/agent_helpers.py), real processes; as root.
+Real namespaces, a real agent (tests/support/agents.py), real processes; as root.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Servers that survive floods of connections, and a controller that always cleans up.
 
-Another local user (uid 65534, a real process: tests/flood.py under setpriv) holds
+Another local user (uid 65534, a real process: tests/support/flood.py under setpriv) holds
 1,500 idle TCP connections to a server; meanwhile root's plain `curl` is answered, a
 whole `fl_run.py --auto` run beside the flood completes, and Ctrl-C or SIGTERM still
 removes every node and link. Every server of the project is net.Server, so the unit
@@ -28,7 +28,7 @@ from tests.support import agents as ah
 from dml_app import net
 
 NOBODY = 65534
-FLOOD = Path(__file__).with_name("flood.py")
+FLOOD = ROOT / "tests" / "support" / "flood.py"
 SYSTEM_PYTHON = "/usr/bin/python3"     # another user cannot run root's own interpreter under /root
 TOKEN = "flood-test-token"
 FL_NODES = [f"n{i}" for i in range(1, 6)]     # controller/fl_run.py's nodes
@@ -37,7 +37,7 @@ need_root = ah.need("root", "needs root: the flood runs as another user" if os.g
 
 
 class Flood:
-    """tests/flood.py run as uid 65534 against host:port; `open` is how many it holds."""
+    """tests/support/flood.py run as uid 65534 against host:port; `open` is how many it holds."""
 
     def __init__(self, host: str, port: int, count: int, *, slow: bool = False, hold_s: float = 300):
         argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",

@@ -229,7 +229,7 @@ def launch_agent(prefix: list[str], host: str, port: int, name: str, token: str,
     """Start `<prefix> python3 worker/agent.py --port P --host H --name N` in its own
     process group (session), output to `log_path`, the token in its environment (never on
     a command line); the Popen. Waiting for it and stopping it are the caller's.
-    `prefix`: e.g. ["nsenter", "--net=/run/netns/X"] (tests/multihost.py), or []."""
+    `prefix`: e.g. ["nsenter", "--net=/run/netns/X"] (tests/support/multihost.py), or []."""
     env = {**os.environ, net.TOKEN_ENV: token}
     with open(log_path, "wb") as out:
         return subprocess.Popen([*prefix, sys.executable, str(AGENT), "--port", str(port),

@@ -1,5 +1,5 @@
 """What the docker tests share: why they cannot run here, docker deployments through a
-real agent (agent_helpers' plans, with the docker backend and the node image), and what
+real agent (tests.support.agents' plans, with the docker backend and the node image), and what
 Docker still holds of them.
 
 Docker tests need root, a Docker daemon that answers and the node image
@@ -46,7 +46,7 @@ def client():
 
 def plan(n: int, *, cmd: list[str] | None = None, cpu: float = 0.5, ram_mb: int = 256,
          port: int = ah.IPERF_PORT) -> ah.Deployment:
-    """agent_helpers.plan with the node image and a 10.245.X.0/24 subnet; sleeping nodes
+    """agents.plan with the node image and a 10.245.X.0/24 subnet; sleeping nodes
     unless told (the image has python3 and coreutils, not iperf3)."""
     dep = ah.plan(n, cmd=cmd or ["sleep", "infinity"], cpu=cpu, ram_mb=ram_mb, port=port)
     dep.network = ipaddress.IPv4Network(f"10.245.{next(_subnets) % 250 + 1}.0/24")
@@ -79,7 +79,7 @@ def deployed(agent: ah.AgentProc, dep: ah.Deployment, **kw):
 
 
 def docker_leftovers(dep: ah.Deployment) -> dict[str, list[str]]:
-    """Containers etb-<node> and the network etb-<emulator> still in Docker (agent_helpers.leftovers)."""
+    """Containers etb-<node> and the network etb-<emulator> still in Docker (agents.leftovers)."""
     left = ah.leftovers(dep)
     return {"containers": left["containers"], "networks": left["networks"]}
 

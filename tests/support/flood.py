@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A hostile local user's connection flood, for the serving tests (run it as another uid).
 
-    python3 tests/flood.py HOST PORT COUNT [--hold-s S] [--slow]
+    python3 tests/support/flood.py HOST PORT COUNT [--hold-s S] [--slow]
 
 Opens COUNT TCP connections to HOST:PORT (raising its own open-files limit as far as the
 hard limit allows), prints `open N` once they are all open (N may be less than COUNT

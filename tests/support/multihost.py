@@ -246,7 +246,7 @@ class Harness:
 
     # ------------------------------------------------------------------ checks
     def leftovers(self, names: list[str]) -> dict[str, list[str]]:
-        """What any worker still holds of these node names (agent_helpers.leftovers:
+        """What any worker still holds of these node names (agents.leftovers:
         namespaces, cgroups, processes, mounts, containers ...), and bridges, veths and
         iptables rules inside the hosts' namespaces."""
         from tests.support import agents as ah

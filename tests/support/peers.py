@@ -27,7 +27,7 @@ def loopback_run(manager_class, role: str | dict[str, str], names: list[str], wo
                  dataset_dir: Path) -> Iterator[tuple[object, dict[str, NodeProc]]]:
     """Start one `role` process per name (or role[name]) and a `manager_class` serving as their controller;
     writes work/node_info.json (the testbed, manager.tb, reads it and work/links.json, which
-    the test writes). Drive the run with netns_workflow.run_workflow(manager.tb, manager, ...).
+    the test writes). Drive the run with workflow.run_workflow(manager.tb, manager, ...).
     Everything is stopped on exit, failed or not."""
     ctl_port = free_port()
     procs: dict[str, NodeProc] = {}
@@ -96,7 +96,7 @@ def netns_run(manager_class, role: str, names: list[str], work: Path, *, links: 
               port: int, subnet: str, emulator: str):
     """A deployed testbed on this machine: one netns node per name running `role`, the
     in-process controller on `port` (its embedded agent on port + 1); see
-    netns_workflow.netns_testbed, which does the work."""
+    workflow.netns_testbed, which does the work."""
     return netns_testbed(work, manager_class, {n: f"{role}.py" for n in names}, links,
                          port=port, subnet=subnet, emulator=emulator)
 
