@@ -54,7 +54,6 @@ MARKERS = {
 FOLDER_NEEDS = {
     "netns": ("root",),
     "docker": ("root", "docker"),
-    "multiworker": ("root", "multihost"),
 }
 
 _TAG = re.compile(r"\[(requires|may skip): ([\w-]+)\]\s*$")
@@ -124,8 +123,8 @@ def needs(item) -> set[str]:
         kind, req = classify(str(mark.kwargs.get("reason", "")))
         if kind == "requires":
             want.add(req)
-        if mark.kwargs.get("needs") in MARKERS:
-            want.add(mark.kwargs["needs"])
+        stands_for = mark.kwargs.get("needs", ())
+        want.update(n for n in ((stands_for,) if isinstance(stands_for, str) else stands_for) if n in MARKERS)
     want |= {name for name in MARKERS if item.get_closest_marker(name)}
     if "agent" in getattr(item, "fixturenames", ()):
         want.add("root")        # a real agent (tests.support.agents) creates namespaces

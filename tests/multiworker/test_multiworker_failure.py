@@ -16,7 +16,7 @@ from tests.support import multihost
 from controller.testbed import DeployError, Testbed
 from dml_app import net
 
-pytestmark = pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
+pytestmark = multihost.need()
 
 
 def _testbed(h, tmp_path, workers, tag):

@@ -30,7 +30,7 @@ from controller.testbed import Testbed
 from dml_app import net
 from worker import nodes as nb
 
-pytestmark = [pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing())),
+pytestmark = [multihost.need(),
               dt.need_docker()]
 
 LINK_RATE = "20mbit"

@@ -98,6 +98,7 @@ class _FakeClient:
         self.api, self.containers = Api(), Containers()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("gpu", [0, 1, 3])
 def test_container_is_created_with_the_device_request(tmp_path, gpu):
     spec = nb.NodeSpec(name="g1", id=1, ip="10.246.32.2", port=4444, cpu=1, ram_mb=256, cmd=["python3", "x.py"],

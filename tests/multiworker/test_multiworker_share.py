@@ -47,6 +47,7 @@ def test_archive_is_content_addressed(tmp_path):
     assert share.sha256(share.build_archive(d)) != share.sha256(first)
 
 
+@pytest.mark.root
 def test_fetch_verifies_caches_and_refuses_a_mismatch(tmp_path):
     d = tmp_path / "app"
     d.mkdir()
@@ -119,7 +120,7 @@ def _share_testbed(tmp_path, h, host, agent, app, names) -> Testbed:
 
 
 @ah.need("nfs", share.nfs_unavailable() and f"this kernel/machine has no NFS: {share.nfs_unavailable()}")
-@pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
+@multihost.need()
 def test_nfs_share_reaches_the_nodes_for_real(tmp_path):   # pragma: no cover - needs kernel NFS
     """NFS as a user gets it: the controller exports dml_app/ to a worker, whose agent
     mounts it for its nodes; the node reads the file; reset unmounts it."""
@@ -177,7 +178,7 @@ def _stdout(agent, name, want, timeout_s=15):
     raise AssertionError(f"{name} printed {text!r}, not {want!r}\n{agent.log()}")
 
 
-@pytest.mark.skipif(multihost.missing() is not None, reason=str(multihost.missing()))
+@multihost.need()
 def test_http_share_reaches_nodes_caches_and_refuses_corruption(tmp_path):
     app = tmp_path / "app"
     app.mkdir()
@@ -262,6 +263,7 @@ def test_nfs_mode_sends_nfs_volumes_and_exports_to_the_workers(tmp_path, monkeyp
                                 "node": "/home/worker/dml_app", "ro": True}]
 
 
+@pytest.mark.root
 def test_agent_mounts_nfs_shares_once_and_says_why_it_cannot(tmp_path, monkeypatch):
     from worker import agent as agent_mod
 

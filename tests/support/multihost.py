@@ -65,6 +65,14 @@ def missing() -> str | None:
     return None
 
 
+def need():
+    """Skip mark for tests that drive the harness, saying why it cannot run here."""
+    import pytest
+
+    why = missing()
+    return pytest.mark.skipif(why is not None, reason=str(why), needs=("root", "multihost", "iperf3"))
+
+
 def emulator_subnet(i: int) -> str:
     """The emulator subnet of host i (10.246.16.0/24, 10.246.32.0/24, ...)."""
     return f"10.246.{16 * i}.0/24"
