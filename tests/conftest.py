@@ -8,8 +8,9 @@ dml_tool/ on the path.
 Markers say what a test needs, so a lane can pick what its machine has:
 `python3 -m pytest -m "not root" tests` runs the tests that need no root (pure and
 loopback ones) on any machine. A folder's tests carry its markers (FOLDER_NEEDS); any
-test also carries the requirement its skip mark names ("[requires: docker]"), and a
-module may add its own (`pytestmark = pytest.mark.root`).
+test also carries what its skip marks stand for (their `needs`, or the tag of their
+reason: "[requires: docker]"), root when it uses the real agent (the `agent` fixture),
+and the markers it or its module sets (`@pytest.mark.root`). docker and browser imply root.
 
 Every environment skip's reason ends in a tag made by tests.support.agents.skip_reason:
 "[requires: root|docker|iperf3|browser]" or "[may skip: netem|nfs|gpu|has-it]".
