@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 
-import pytest
 
 from tests.support import ROOT
 
