@@ -17,9 +17,7 @@ import os
 import signal
 import subprocess
 
-
 from tests.support import ROOT
-
 from tests.support import agents as ah
 from tests.support import containers as dt
 from tests.support import multihost
