@@ -1,6 +1,18 @@
-"""Suite-wide rules for skips (EDGETB_REQUIRE) and the closing skip summary.
+"""Suite-wide rules: the node apps' import path, fixtures, markers, skips (EDGETB_REQUIRE)
+and the closing skip summary.
 
-Every environment skip's reason ends in a tag made by agent_helpers.skip_reason:
+Tests import the node apps' modules the way the apps import each other (`import net`,
+`from runtime import Runtime`, `import splitter`): tests/__init__.py puts dml_app/ and
+dml_tool/ on the path.
+
+Markers say what a test needs, so a lane can pick what its machine has:
+`python3 -m pytest -m "not root" tests` runs the tests that need no root (pure and
+loopback ones) on any machine. A folder's tests carry its markers (FOLDER_NEEDS); any
+test also carries what its skip marks stand for (their `needs`, or the tag of their
+reason: "[requires: docker]"), root when it uses the real agent (the `agent` fixture),
+and the markers it or its module sets (`@pytest.mark.root`). docker and browser imply root.
+
+Every environment skip's reason ends in a tag made by tests.support.agents.skip_reason:
 "[requires: root|docker|iperf3|browser]" or "[may skip: netem|nfs|gpu|has-it]".
 
 EDGETB_REQUIRE=root,docker,iperf3,browser (a comma list; .ci/run sets it) turns a skip tagged
@@ -19,17 +31,36 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
+from tests.support import agents as ah
+from tests.support.procs import module_scratch, scratch  # noqa: F401  (fixtures for every test)
+
+agent = ah.agent_fixture()              # a real agent on loopback, one per test module (root)
+clean_agent = ah.clean_agent_fixture()  # the same, checked to answer and hold no node after each test
+
 os.environ.setdefault("EDGETB_SCREENSHOT", "0")
+
+# what a test needs, as markers: the requirements of skip tags, a VM lane, several hosts
+MARKERS = {
+    "root": "needs root: namespaces, qdiscs, cgroups, a real agent, another user",
+    "docker": "needs a Docker daemon and the node image",
+    "iperf3": "needs iperf3",
+    "browser": "needs Debian's chromium (the dashboard's page)",
+    "vm": "needs a virtual machine of its own (the VM lane)",
+    "multihost": "drives several workers, each with its own agent and address",
+}
+FOLDER_NEEDS = {
+    "netns": ("root",),
+    "docker": ("root", "docker"),
+}
 
 _TAG = re.compile(r"\[(requires|may skip): ([\w-]+)\]\s*$")
 
 
 def required() -> set[str]:
-    import agent_helpers as ah
-
     want = {r.strip() for r in os.environ.get("EDGETB_REQUIRE", "").split(",") if r.strip()}
     unknown = want - set(ah.REQUIREMENTS)
     if unknown:
@@ -45,6 +76,8 @@ def classify(reason: str) -> tuple[str | None, str | None]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    for name, why in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {why}")
     config._edgetb_required = required()
     chars = config.option.reportchars or ""
     if "s" not in chars and "a" not in chars and "A" not in chars:
@@ -63,7 +96,7 @@ def _enforce(rep, config):
         why = f"EDGETB_REQUIRE lists {req}, but this test would skip: {reason}"
     elif kind is None:
         why = (f"EDGETB_REQUIRE is set and this skip says no requirement "
-               f"(tag it with agent_helpers.need/skip): {reason}")
+               f"(tag it with tests.support.agents.need/skip): {reason}")
     else:
         return rep
     rep.outcome = "failed"
@@ -80,3 +113,28 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     """Module-level skips (pytest.skip(allow_module_level=True), importorskip) too."""
     return _enforce((yield), collector.config)
+
+
+def needs(item) -> set[str]:
+    """What a collected test needs: its folder's markers, what its skip marks stand for
+    (tests.support.agents.need's `needs`, or the tag of their reason) and its own markers."""
+    folder = Path(str(item.path)).parent.name
+    want = set(FOLDER_NEEDS.get(folder, ()))
+    for mark in item.iter_markers("skipif"):
+        kind, req = classify(str(mark.kwargs.get("reason", "")))
+        if kind == "requires":
+            want.add(req)
+        stands_for = mark.kwargs.get("needs", ())
+        want.update(n for n in ((stands_for,) if isinstance(stands_for, str) else stands_for) if n in MARKERS)
+    want |= {name for name in MARKERS if item.get_closest_marker(name)}
+    if "agent" in getattr(item, "fixturenames", ()):
+        want.add("root")        # a real agent (tests.support.agents) creates namespaces
+    if "docker" in want or "browser" in want:
+        want.add("root")        # the docker and dashboard tests drive a real agent or run as root
+    return want
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in sorted(needs(item)):
+            item.add_marker(getattr(pytest.mark, name))

@@ -1,0 +1,1 @@
+"""Docker nodes through a real agent: FL, links, lifecycle."""

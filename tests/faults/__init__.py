@@ -1,0 +1,1 @@
+"""Faults: node kill, pause, restart, link changes, scenarios and each algorithm's tolerance of them."""

@@ -1,0 +1,1 @@
+"""Several workers, each behind its own agent and address on this machine."""
