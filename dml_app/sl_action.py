@@ -98,6 +98,7 @@ from werkzeug.exceptions import HTTPException
 
 import net
 import nns
+from algorithms import check_fits
 from node_data import unpack_parts
 from ps import batches
 from runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
@@ -435,6 +436,7 @@ class Action:
                 self._moved(byts, "params_down", len(r.content))
                 try:
                     tensors, pmeta = net.unpack_weights(r.content)
+                    check_fits(model.state_dict(), tensors)     # the weights check every role makes
                     raw_v = pmeta.get("version")
                     v = net.number(int(raw_v) if isinstance(raw_v, str) and raw_v.isdigit() else raw_v,
                                    "parameters 'version'", 0, MAX_VERSION, integer=True)
