@@ -61,6 +61,11 @@ Result: {"worker_id", "node", "pushes", "applied", "refused", "samples", "loss",
 Each activation is also a metrics record {"event": "activation", "round": last version,
 "activation_id", "status", ...} in the node's metrics.
 
+Activations are not rounds of the round loop (rounds.py): the controller's invoker
+(controller/invoker.py, called round by round by controller/sl_run.py) is the one owner
+of their scheduling, deadlines and retries; an action runs the one activation each
+/run hands it, bounded by the /run's deadline.
+
 Credentials: /init and /run on the action port take the node's own token (EDGE_TB_TOKEN,
 which the controller holds: tb.node_token(node)); anything else gets 401.
 
