@@ -65,9 +65,8 @@ from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 import etree
 import net
 import nns
-from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
+from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, shapes
 from learn import evaluate, train_epochs
-from algorithms import shapes
 from rounds import Rounds
 from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Reply, Runtime, main
 
@@ -198,8 +197,7 @@ class ElPeer:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self._lock = threading.Lock()
-        # the open (layer, round)s, with the shapes their results must have
-        self.rounds = Rounds(rt)
+        self.rounds = Rounds(rt)    # its open (layer, round)s, each with the shapes its results must have
         self._rounds: dict[int, int] = {}                # layer -> rounds run so far
         self._train_lock = threading.Lock()
         self._trainings = 0
