@@ -20,6 +20,27 @@ DEFAULT_ROUND_RETRIES = 2
 MAX_ROUND_RETRIES = 100
 
 
+def shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a state dict: what received weights are checked against."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def check_fits(expected: Mapping[str, torch.Tensor | tuple], received: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless `received` has exactly the keys of `expected` (a state dict, or
+    {key: shape}) and each key's shape: the one check of weights against a model. The
+    message names the keys missing and extra (first five of each), or the first key
+    shaped otherwise."""
+    want = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in expected.items()}
+    if set(received) != set(want):
+        missing = sorted(set(want) - set(received))
+        extra = sorted(set(received) - set(want))
+        raise ValueError(f"different keys (missing {missing[:5]}, extra {extra[:5]})")
+    for k, shape in want.items():
+        got = tuple(received[k].shape)
+        if got != shape:
+            raise ValueError(f"{k!r} is shaped {got}, expected {shape}")
+
+
 def needed(min_fraction: float, asked: int) -> int:
     """Answers a round needs: at least min_fraction of the `asked` peers, and one."""
     return max(1, math.ceil(min_fraction * asked - 1e-9))
@@ -47,15 +68,10 @@ class FedAvg:
             self._sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state_dict.items()}
             self._dtypes = {k: v.dtype for k, v in state_dict.items()}
         keys = self._sums
-        if set(state_dict.keys()) != set(keys):
-            missing = sorted(set(keys) - set(state_dict.keys()))
-            extra = sorted(set(state_dict.keys()) - set(keys))
-            raise ValueError(f"fedavg: result {i} has different keys "
-                             f"(missing {missing[:5]}, extra {extra[:5]})")
-        for k, acc in keys.items():
-            if tuple(state_dict[k].shape) != tuple(acc.shape):
-                raise ValueError(f"fedavg: result {i} key {k!r} has shape {tuple(state_dict[k].shape)}, "
-                                 f"expected {tuple(acc.shape)}")
+        try:
+            check_fits(keys, state_dict)
+        except ValueError as e:
+            raise ValueError(f"fedavg: result {i}: {e}") from None
         if n:
             for k, acc in keys.items():
                 acc += state_dict[k].detach().to("cpu", torch.float64) * n

@@ -24,8 +24,9 @@ otherwise it is tried again (at most `round_retries` times) and then the node fa
 gets 409 with that reason). Every child is asked again
 each round, so a restarted one rejoins. Each attempt writes a metrics event
 {"event": "participants", "round", "layer", "attempt", "children", "participants",
-"missing" {child: why}, "accepted"}. The waiting and probing are the runtime's
-(`rt.fan_out`, `Gather`); this role keeps the E-tree maths and its choices.
+"missing" {child: why}, "accepted"}. The rounds, attempts and quorum are the round
+loop's (rounds.py), the waiting and probing the runtime's (`rt.fan_out`, `Gather`);
+this role keeps the E-tree maths and its choices.
 
 Every message is POST /el/message: safetensors weights with meta {kind: "down"|"up",
 src, dst, layer (the child's layer), round (the father's round), samples (up), hops,
@@ -54,7 +55,6 @@ training).
 from __future__ import annotations
 
 import threading
-import time
 import zlib
 from typing import Any
 
@@ -65,9 +65,10 @@ from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 import etree
 import net
 import nns
-from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
+from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, shapes
 from learn import evaluate, train_epochs
-from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
+from rounds import Rounds
+from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Reply, Runtime, main
 
 SELF = "self"
 TOP = "top"
@@ -196,8 +197,7 @@ class ElPeer:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self._lock = threading.Lock()
-        # the open (layer, round)s: their Gather and the shapes their results must have
-        self._open: dict[tuple[int, int], tuple[Gather, dict[str, tuple]]] = {}
+        self.rounds = Rounds(rt)    # its open (layer, round)s, each with the shapes its results must have
         self._rounds: dict[int, int] = {}                # layer -> rounds run so far
         self._train_lock = threading.Lock()
         self._trainings = 0
@@ -360,24 +360,21 @@ class ElPeer:
         if self.rt.error is not None:   # failed (too few children below): the father hears why
             raise Conflict(f"{self.rt.name} has failed: {self.rt.error}")
         if self.rt.data is not None:
-            want = {k: tuple(v.shape) for k, v in nns.build_model(self.rt.data.meta).state_dict().items()}
-            if {k: tuple(v.shape) for k, v in tensors.items()} != want:
-                raise BadRequest(f"{self.rt.name}: the model from {src} does not fit this dataset's "
-                                 f"{nns.model_name_for(self.rt.data.meta.get('name', ''))} model")
+            self.rt.check_weights(tensors, nns.build_model(self.rt.data.meta).state_dict(),
+                                  what=f"the weights from {src}",
+                                  model=f"this dataset's {nns.model_name_for(self.rt.data.meta.get('name', ''))} model")
         self.rt.spawn(self._on_down, layer, tensors, rnd, name=f"layer{layer}-r{rnd}")
         return "ok\n"
 
     def _deliver(self, layer: int, rnd: int, child: str, sd: dict, samples: int) -> None:
-        with self._lock:
-            cur = self._open.get((layer, rnd))
-        if cur is None:
-            raise Conflict(f"{self.rt.name}: layer {layer} round {rnd} is not waiting for results")
-        gather, shapes = cur
-        got = {k: tuple(v.shape) for k, v in sd.items()}
-        if got != shapes:
-            raise BadRequest(f"{self.rt.name}: weights from {child} do not match the model sent "
-                             f"(keys or shapes differ: {sorted(set(got.items()) ^ set(shapes.items()))[:3]})")
-        gather.add(child, lambda: (sd, samples))   # 409 when closed, not asked, or sent already
+        def late() -> str:
+            return f"{self.rt.name}: layer {layer} round {rnd} is not waiting for results"
+        sent = self.rounds.context((layer, rnd))
+        if sent is None:
+            raise Conflict(late())
+        self.rt.check_weights(sd, sent, what=f"the weights from {child}", model="the model sent")
+        # 409 when closed (meanwhile), not asked, or sent already
+        self.rounds.deliver((layer, rnd), child, lambda _sent: (sd, samples), late=late)
 
     # ------------------------------------------------------------------ the layers
     def run_top(self) -> None:
@@ -442,14 +439,14 @@ class ElPeer:
         when the node failed (a round without enough children) or stops."""
         rt, lc = self.rt, self.layers[layer]
         samples = 0
-        for _ in range(lc["sync"]):
-            if rt.stopping.is_set():
-                return None
+
+        def one_round(_i: int) -> bool:
+            nonlocal model, samples
             with self._lock:
                 rnd = self._rounds[layer] = self._rounds.get(layer, 0) + 1
             results = self._round_with_retries(layer, rnd, model)
             if results is None:
-                return None
+                return False
             rt.set_state("aggregating", rnd)
             model, samples = etree.aggregate(results)
             if self._latest is None or self._latest[0] <= layer:
@@ -460,17 +457,21 @@ class ElPeer:
                 rt.log.info("Layer aggregate: layer=%d, round=%d, children=%d, samples=%d,",
                             layer, rnd, len(results), samples)
                 rt.log_metric("layer_aggregate", rnd, layer=layer, children=len(results), samples=samples)
+            return True
+        if not self.rounds.run(range(lc["sync"]), one_round):
+            return None
         return model, samples
 
     def _round_with_retries(self, layer: int, rnd: int, model: dict) -> list[tuple[dict, int]] | None:
         """Round rnd of `layer`, tried up to 1 + round_retries times until at least
-        min_fraction of the children answered (rt.quorum): their results in conf order;
+        min_fraction of the children answered (the round loop's quorum): their results in conf order;
         None when the node failed (rt.fail says why) or stops."""
-        rt, lc, q = self.rt, self.layers[layer], self.rt.structure["_quorum"][layer]
+        lc, q = self.layers[layer], self.rt.structure["_quorum"][layer]
         kids = [self._who(c) for c in lc["children"]]
-        got = rt.quorum(rnd, lambda _k: (kids, *self._attempt(layer, rnd, kids, model)),
-                        min_fraction=q["min_fraction"], retries=q["round_retries"],
-                        what=f"layer {layer} round {rnd}", peers="children", asked_as="children", layer=layer)
+        got = self.rounds.quorum(rnd, lambda _k: (kids, *self._attempt(layer, rnd, kids, model)),
+                                 min_fraction=q["min_fraction"], retries=q["round_retries"],
+                                 what=f"layer {layer} round {rnd}", peers="children", asked_as="children",
+                                 layer=layer)
         if got is None:
             return None
         results = got[1]
@@ -480,29 +481,21 @@ class ElPeer:
         """Send `model` to every child of (layer, rnd) and gather their results until all
         came or were given up on, or round_timeout_s: ({child: (model, samples)}, {child: why})."""
         rt, timeout_s = self.rt, self.layers[layer]["round_timeout_s"]
-        t0 = time.monotonic()
-        gather = Gather(kids, rt.stopping, tag=f"{rt.name}: layer {layer} round {rnd}", probe=self._probe)
-        with self._lock:
-            self._open[layer, rnd] = (gather, {k: tuple(v.shape) for k, v in model.items()})
-        rt.set_state("waiting", rnd)
-        if rt.name in kids:
-            rt.spawn(self._on_down, layer - 1, model, rnd, name=f"layer{layer - 1}-r{rnd}")
-        sent = rt.fan_out([k for k in kids if k != rt.name],
-                          lambda k: self._send(k, "down", layer - 1, rnd, model, timeout_s=timeout_s),
-                          deadline_s=timeout_s)
-        for kid, rep in sent.items():
-            if not rep.ok:
-                rt.log.warning("layer %d round %d: child %s did not take the model (%s): %s", layer, rnd, kid,
-                               why_not(rep), rep.message)
-                gather.drop(kid, why_not(rep))
-        gather.wait(max(0.0, timeout_s - (time.monotonic() - t0)))
-        with self._lock:
-            del self._open[layer, rnd]   # late results get 409 from now on
-        results, missing = gather.close()
-        late = sorted(k for k, why in missing.items() if why == TIMEOUT and sent.get(k, Reply(k, True)).ok)
-        if late:
-            rt.log.warning("layer %d round %d: no result from %s within %g s", layer, rnd, late, timeout_s)
-        return results, missing
+
+        def send(_key) -> dict[str, Reply]:
+            rt.set_state("waiting", rnd)
+            if rt.name in kids:
+                rt.spawn(self._on_down, layer - 1, model, rnd, name=f"layer{layer - 1}-r{rnd}")
+            return rt.fan_out([k for k in kids if k != rt.name],
+                              lambda k: self._send(k, "down", layer - 1, rnd, model, timeout_s=timeout_s),
+                              deadline_s=timeout_s)
+        return self.rounds.collect(
+            (layer, rnd), kids, send, deadline_s=timeout_s, tag=f"{rt.name}: layer {layer} round {rnd}",
+            context=shapes(model), probe=self._probe, why=why_not,
+            on_refused=lambda kid, why, message: rt.log.warning(
+                "layer %d round %d: child %s did not take the model (%s): %s", layer, rnd, kid, why, message),
+            on_late=lambda late: rt.log.warning("layer %d round %d: no result from %s within %g s", layer, rnd,
+                                                late, timeout_s))
 
     def _evaluate(self, model: dict, layer: int, rnd: int) -> None:
         net_ = nns.build_model(self.rt.data.meta)

@@ -14,8 +14,9 @@ most `round_retries` times) and then the run fails (state error with the reason;
 controller's --auto ends on it). Every trainer is asked again each round, so a
 restarted one rejoins. Each attempt's participants go to the metrics as an event
 {"event": "participants", "round", "attempt", "chosen", "participants", "missing",
-"accepted"}. The waiting, deadlines and failure accounting are the runtime's
-(`rt.broadcast_weights`, `rt.gather`); this role keeps FedAvg and its choices.
+"accepted"}. The rounds, attempts, waiting, deadlines and failure accounting are the
+round loop's (rounds.py, on `rt.broadcast_weights` and the runtime's Gather); this role
+keeps FedAvg and its choices.
 
 Structure conf (fl_structure_conf.py): {"trainer_fraction", "sync", "child_node",
 "connect"}, optional "seed" (default 0), "round_timeout_s" (default 600),
@@ -24,7 +25,6 @@ Structure conf (fl_structure_conf.py): {"trainer_fraction", "sync", "child_node"
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import torch
@@ -35,7 +35,8 @@ import nns
 from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
                         select_clients, weighted_mean)
 from learn import evaluate
-from runtime import Gather, Runtime, main
+from rounds import Rounds
+from runtime import Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 MAX_ROUNDS = 1_000_000
@@ -76,8 +77,7 @@ class FlAggregator:
         self.rt = rt
         self.model: torch.nn.Module | None = None
         self.conf: dict | None = None          # the structure conf of the run, read once at start
-        self._lock = threading.Lock()
-        self._round: tuple[int, Gather, FedAvg] | None = None   # the open round's uploads
+        self.rounds = Rounds(rt)               # the open round's uploads are folded into its FedAvg
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.run_rounds)
@@ -93,7 +93,8 @@ class FlAggregator:
 
     def combine(self):
         """POST /combine: a trainer's weights with meta {round, name, samples, loss}."""
-        tensors, meta = self.rt.receive_weights()
+        model = self.model
+        tensors, meta = self.rt.receive_weights(None if model is None else model.state_dict())
         name = meta.get("name")
         if not isinstance(name, str):
             raise BadRequest("weights metadata must carry 'name' (str) and 'round' (int)")
@@ -104,29 +105,17 @@ class FlAggregator:
             loss = net.number(meta["loss"], "weights metadata 'loss'") if "loss" in meta else float("nan")
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: upload from {name[:64]}: {e}") from None
-        self._check_shapes(tensors)
-        with self._lock:
-            cur = self._round
-        if cur is None or rnd != cur[0]:
-            now = cur[0] if cur else "none"
-            self.rt.log.warning("late upload from %s for round %s (now %s): dropped", name, rnd, now)
-            raise Conflict(f"round {rnd} is not open (current round: {now})")
-        _, gather, model_sum = cur
-        # Folded in as it arrives (under the gather's lock): one model in memory, not one per trainer.
-        gather.add(name, lambda: (model_sum.add(tensors, samples), (samples, loss))[1])
-        return "ok\n"
-
-    def _check_shapes(self, tensors: dict) -> None:
-        ref = self.model.state_dict() if self.model is not None else None
-        if ref is None:
+        if model is None:
             raise Conflict("no training run in progress")
-        if set(tensors) != set(ref):
-            raise BadRequest(f"weights do not match the model: keys differ "
-                             f"({sorted(set(ref) ^ set(tensors))[:5]})")
-        for k, v in ref.items():
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise BadRequest(f"weights do not match the model: {k} is {tuple(tensors[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+
+        def late() -> str:
+            now = self.rt.round if self.rounds.is_open(self.rt.round) else "none"
+            self.rt.log.warning("late upload from %s for round %s (now %s): dropped", name, rnd, now)
+            return f"round {rnd} is not open (current round: {now})"
+        # Folded in as it arrives (under the gather's lock): one model in memory, not one per trainer.
+        self.rounds.deliver(rnd, name, lambda model_sum: (model_sum.add(tensors, samples), (samples, loss))[1],
+                            late=late)
+        return "ok\n"
 
     # ------------------------------------------------------------------ the rounds
 
@@ -142,25 +131,22 @@ class FlAggregator:
                     "round_retries %d)", acc, conf["sync"], conf["child_node"], conf["min_fraction"],
                     conf["round_timeout_s"], conf["round_retries"])
         t_start = time.monotonic()
-        for r in range(1, conf["sync"] + 1):
-            if rt.stopping.is_set():
-                return
-            if not self._round_with_retries(r, rng):
-                return
+        if not self.rounds.run(range(1, conf["sync"] + 1), lambda r: self._round_with_retries(r, rng)):
+            return
         rt.log.info("training done: %d rounds in %.1f s", conf["sync"], time.monotonic() - t_start)
         rt.finish()
 
     def _round_with_retries(self, r: int, rng: random.Random) -> bool:
-        """Round r, tried up to 1 + round_retries times (rt.quorum); False when the run
-        failed or stops."""
-        rt, conf = self.rt, self.conf
+        """Round r, tried up to 1 + round_retries times (the round loop's quorum); False
+        when the run failed or stops."""
+        conf = self.conf
 
         def attempt(_k):
             t0 = time.monotonic()
             chosen = select_clients(conf["child_node"], conf["trainer_fraction"], rng)
             return (chosen, *self._attempt(r, chosen), t0)
-        got = rt.quorum(r, attempt, min_fraction=conf["min_fraction"], retries=conf["round_retries"],
-                        what=f"round {r}", peers="chosen trainers", asked_as="chosen")
+        got = self.rounds.quorum(r, attempt, min_fraction=conf["min_fraction"], retries=conf["round_retries"],
+                                 what=f"round {r}", peers="chosen trainers", asked_as="chosen")
         if got is None:
             return False
         chosen, results, _missing, model_sum, t0 = got
@@ -171,28 +157,18 @@ class FlAggregator:
         """Send the global weights to `chosen`, gather their uploads until all came or
         failed, or round_timeout_s: (results {name: (samples, loss)}, missing {name: why}, sum)."""
         rt, conf = self.rt, self.conf
-        t0 = time.monotonic()
         rt.set_state("training", r)
-        gather = rt.gather(chosen, tag=f"round {r}", addresses={n: conf["connect"][n] for n in chosen})
+        addresses = {n: conf["connect"][n] for n in chosen}
         model_sum = FedAvg()
-        with self._lock:
-            self._round = (r, gather, model_sum)
         weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-        sent = rt.broadcast_weights({n: conf["connect"][n] for n in chosen}, "/train", weights,
-                                    {"round": r, "name": rt.name}, deadline_s=conf["round_timeout_s"])
-        for n, rep in sent.items():
-            if not rep.ok:
-                rt.log.warning("round %d: trainer %s failed to take the weights (%s): %s", r, n, rep.why,
-                               rep.message)
-        gather.drop_all({n: rep.why for n, rep in sent.items() if not rep.ok})
-        gather.wait(max(0.0, conf["round_timeout_s"] - (time.monotonic() - t0)))
-        with self._lock:
-            self._round = None      # late uploads for this round get 409 from now on
-        results, missing = gather.close()
-        late = sorted(n for n, why in missing.items() if why == "timeout" and sent[n].ok)
-        if late:
-            rt.log.warning("round %d: no upload from %s within %g s; aggregating the others",
-                           r, late, conf["round_timeout_s"])
+        results, missing = self.rounds.collect(
+            r, chosen, lambda _r: rt.broadcast_weights(addresses, "/train", weights, {"round": r, "name": rt.name},
+                                                       deadline_s=conf["round_timeout_s"]),
+            deadline_s=conf["round_timeout_s"], tag=f"round {r}", context=model_sum, addresses=addresses,
+            on_refused=lambda n, why, message: rt.log.warning(
+                "round %d: trainer %s failed to take the weights (%s): %s", r, n, why, message),
+            on_late=lambda late: rt.log.warning("round %d: no upload from %s within %g s; aggregating the others",
+                                                r, late, conf["round_timeout_s"]))
         return results, missing, model_sum
 
     def _aggregate(self, r: int, chosen: list[str], results: dict, model_sum: FedAvg, t0: float) -> None:

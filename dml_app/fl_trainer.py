@@ -58,17 +58,13 @@ class FlTrainer:
         rt = self.rt
         if rt.structure is None or rt.data is None:
             raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /train")
-        tensors, meta = rt.receive_weights()
+        model = nns.build_model(rt.data.meta)
+        tensors, meta = rt.receive_weights(model.state_dict(), model=f"the {type(model).__name__} model")
         try:
             rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
         except ValueError as e:
             raise BadRequest(f"{rt.name}: {e}") from None
-        model = nns.build_model(rt.data.meta)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as e:  # wrong keys or shapes for this dataset's model
-            raise BadRequest(f"weights do not fit the {type(model).__name__} model: "
-                             f"{str(e).splitlines()[0]}") from None
+        model.load_state_dict(tensors, strict=True)
         rt.spawn(self._work, model, rnd, name=f"train-{rnd}")
         return "ok\n"
 

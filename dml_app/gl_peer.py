@@ -27,8 +27,11 @@ Structure conf (gl_structure_conf.py): EdgeTB's {"epoch", "sync", "connect"}, wh
 and ours: "peers", the names in `connect` that are gossip peers (without it, as in a
 conf from EdgeTB's tool, every node of `connect` is one); optional "seed" (default 0:
 the common initial model and each peer's choices), "lr" (0.05), "wait_s" (5) and
-"gossip_timeout_s" (30: the bound of one send). The waiting and the failure accounting
-are the runtime's (rt.fan_out, Reply); this role keeps its choice of whom to tell.
+"gossip_timeout_s" (30: the bound of one send). The rounds are the round loop's
+(rounds.py), the waiting and the failure accounting the runtime's (rt.fan_out, Reply);
+this role keeps its choice of whom to tell. A gossip round has no quorum: one peer
+told is the round; the controller (GlManager) ends the run when every peer is
+`finished`, which is each peer's own say after its `sync` rounds.
 """
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ from werkzeug.exceptions import BadRequest, Conflict
 import net
 import nns
 import peer_role
-from gossip import check_compatible, gossip_round, mix, peer_rng
+from algorithms import shapes
+from gossip import gossip_round, mix, peer_rng
+from rounds import Rounds
 from runtime import DEAD, TIMEOUT, Runtime, main
 
 DEFAULT_WAIT_S = 5.0
@@ -74,7 +79,7 @@ class GlPeer:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.model: torch.nn.Module | None = None
-        self._ref: dict[str, torch.Tensor] = {}   # the model's keys and shapes (meta tensors)
+        self._ref: dict[str, tuple] = {}   # the model's keys and shapes
         self._cond = threading.Condition()
         self._inbox: list[tuple[dict, str, int]] = []   # (weights, sender, sender's round)
         self._initiating = True     # False once the peer has gossiped `sync` times
@@ -91,8 +96,7 @@ class GlPeer:
         with self._cond:
             if self.model is None:
                 self.model = peer_role.initial_model(self.rt.data.meta, self.rt.structure["seed"])
-                self._ref = {k: torch.empty(v.shape, device="meta")
-                             for k, v in self.model.state_dict().items()}
+                self._ref = shapes(self.model.state_dict())
 
     # ------------------------------------------------------------------ HTTP: a peer's model
 
@@ -115,10 +119,7 @@ class GlPeer:
         except ValueError as e:
             raise BadRequest(f"{rt.name}: gossip from {sender[:64]}: {e}") from None
         self._ensure_model()
-        try:
-            check_compatible(self._ref, tensors)
-        except ValueError as e:
-            raise BadRequest(f"{rt.name}: gossip from {sender} does not fit the model: {e}") from None
+        rt.check_weights(tensors, self._ref, what=f"weights gossiped by {sender}")
         with self._cond:
             self._inbox.append((tensors, sender, rnd))
             rt.log.info("Receive: from=%s, round=%d,", sender, rnd)
@@ -142,19 +143,8 @@ class GlPeer:
         peers = sorted(conf["peers"])
         rt.log.info("gossip: %d rounds, peers %s, wait up to %g s for a model", conf["sync"],
                     peers, conf["wait_s"])
-        for r in range(1, conf["sync"] + 1):
-            if rt.stopping.is_set():
-                return
-            rt.set_state("training", r)
-            peer_role.train_round(rt, self.model, r)
-            rt.set_state("gossiping", r)
-            self._readmit(r)
-            self._gossip(peers, rng, r)
-            rt.set_state("waiting", r)
-            with self._cond:
-                self._cond.wait_for(lambda: self._inbox or rt.stopping.is_set(), timeout=conf["wait_s"])
-            rt.set_state("merging", r)
-            self._merge(r)
+        if not Rounds(rt).run(range(1, conf["sync"] + 1), lambda r: self._round(peers, rng, r)):
+            return
         with self._cond:
             self._initiating = False
             if self._inbox:
@@ -164,6 +154,20 @@ class GlPeer:
             else:
                 rt.set_state("finished", conf["sync"])
         rt.log.info("gossip done: %d rounds initiated", conf["sync"])
+
+    def _round(self, peers: list[str], rng, r: int) -> None:
+        """Round r: train, tell one live peer, wait up to wait_s for a model, merge."""
+        rt = self.rt
+        rt.set_state("training", r)
+        peer_role.train_round(rt, self.model, r)
+        rt.set_state("gossiping", r)
+        self._readmit(r)
+        self._gossip(peers, rng, r)
+        rt.set_state("waiting", r)
+        with self._cond:
+            self._cond.wait_for(lambda: self._inbox or rt.stopping.is_set(), timeout=rt.structure["wait_s"])
+        rt.set_state("merging", r)
+        self._merge(r)
 
     def _gossip(self, peers: list[str], rng, r: int) -> None:
         """Tell one live peer (gossip.gossip_round chooses; a failed send is skipped and

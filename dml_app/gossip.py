@@ -11,18 +11,14 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from algorithms import check_fits
+
 StateDict = Mapping[str, torch.Tensor]
 
 
 def check_compatible(own: StateDict, received: StateDict) -> None:
-    """ValueError unless `received` has exactly `own`'s keys and shapes."""
-    if set(own) != set(received):
-        diff = sorted(set(own) ^ set(received))
-        raise ValueError(f"the models differ in their keys: {diff[:5]}")
-    bad = [k for k in own if tuple(own[k].shape) != tuple(received[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ValueError(f"{k!r} is shaped {tuple(received[k].shape)}, expected {tuple(own[k].shape)}")
+    """ValueError unless `received` has exactly `own`'s keys and shapes (algorithms.check_fits)."""
+    check_fits(own, received)
 
 
 def mix(own: StateDict, received: StateDict, weight: float = 0.5) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import net
-from algorithms import StateDict
+from algorithms import StateDict, check_fits
 
 MODES = ("sync", "async")
 MAX_PUSH_IDS = 4096           # push ids remembered (per server) to answer a resent push
@@ -251,10 +251,10 @@ class ParameterServer:
 
     def check_gradient(self, grad: Mapping[str, torch.Tensor]) -> None:
         """ValueError unless `grad` has exactly the model's floating keys and shapes."""
-        got = {k: tuple(v.shape) for k, v in grad.items()}
-        if got != self.grad_shapes:
-            diff = sorted(set(got.items()) ^ set(self.grad_shapes.items()))[:3]
-            raise ValueError(f"the gradient does not match the model (keys or shapes differ: {diff})")
+        try:
+            check_fits(self.grad_shapes, grad)
+        except ValueError as e:
+            raise ValueError(f"the gradient does not match the model: {e}") from None
 
     def seen(self, worker: str, push_id: str | None) -> bool | None:
         """The outcome (True: it changed the model) of an accepted push with this id, or

@@ -485,7 +485,13 @@ class PsServer:
 
     def _sync_steps(self) -> bool:
         """Serve version after version until the last step; False when the run failed
-        (no gradient at all in 1 + step_retries deadlines) or stops."""
+        (no gradient at all in 1 + step_retries deadlines) or stops.
+
+        Not the round loop of rounds.py: a version is closed by the push that completes
+        it (in the route, under the server's lock, so the next version is served before
+        that worker hears back) and a deadline without any gradient serves the same
+        version again rather than asking anyone anew; the workers pull, the server asks
+        nobody. The waiting is the runtime's Gather all the same."""
         rt, ps = self.rt, self.ps
 
         def left() -> float:

@@ -34,6 +34,7 @@ from werkzeug.exceptions import BadRequest
 
 import net
 import nns
+from algorithms import shapes
 from ps import batch_gradient, batches
 from runtime import Runtime, main
 
@@ -57,6 +58,7 @@ class PsWorker:
         self.rt = rt
         self._lock = threading.Lock()
         self._params: tuple[int, dict] | None = None     # (version, tensors) the server sent
+        self._fit: dict[str, tuple] | None = None        # the model's keys and shapes, once the loop runs
         rt.on_structure(check_structure)
         rt.on_dataset(self._check_data)
         rt.on_start(self.loop)
@@ -70,7 +72,7 @@ class PsWorker:
 
     def params(self):
         """POST /ps/params: the server's parameters of some version (kept if newer)."""
-        tensors, meta = self.rt.receive_weights()
+        tensors, meta = self.rt.receive_weights(self._fit, what="the parameters")
         try:
             version = net.number(meta.get("version"), "parameters metadata 'version'", 0, 10_000_000,
                                  integer=True)
@@ -97,6 +99,7 @@ class PsWorker:
         rt, data = self.rt, self.rt.data
         server = rt.peer(rt.structure["server"])
         model = nns.build_model(data.meta)
+        self._fit = shapes(model.state_dict())
         stream = batches(data.train_samples, data.batch_size, seed=zlib.crc32(rt.name.encode()))
         have, silent_since = -1, None
         run_id, pushes = os.urandom(6).hex(), 0     # push ids: this process's, numbered

@@ -34,12 +34,21 @@ Routes (JSON bodies unless said; a call out of order gets 409 and changes nothin
   GET  /ra/weights   the current model as safetensors (for checks; not counted as sent)
 
 Structure conf: EdgeTB's (ra_structure_conf.py writes it): {"epoch", "sync",
-"next_name", "connect"}: chunks go to next_name, whose address `connect` must have.
-Optional keys of ours: "seed" (default 0), "lr" (0.05), "init": "common" (default:
-every node starts from the model seeded with `seed`) or "per_rank" (with "rank" k, the
-node's index in node_list: the model seeded with `seed + k`, i.e. different,
-reproducible weights, as the exactness test uses). "step_timeout_s" is the driver's
-(controller/ra_run.py: the deadline of one all-reduce step).
+"next_name", "connect", "ring_size", "pos"}: chunks go to next_name, whose address
+`connect` must have; `ring_size` (optional) is the number of nodes in node_list, which
+the ring a /ra/train gives as `home` must have; `pos` (optional) is the node's 0-based
+index in node_list. "rank" is ours for the same index: a conf may give either or both,
+both are then the same number (a conf where they differ is refused), and the node keeps
+both. Optional keys of ours: "seed" (default 0), "lr" (0.05), "init": "common"
+(default: every node starts from the model seeded with `seed`) or "per_rank" (with rank
+k: the model seeded with `seed + k`, i.e. different, reproducible weights, as the
+exactness test uses). "step_timeout_s" is the driver's (controller/ra_run.py: the
+deadline of one all-reduce step).
+
+The steps are not run by the round loop (rounds.py): the controller drives them
+(controller/ra_run.py, RaManager.drive, the one owner of the ring's rounds, steps, step
+deadlines and re-forming); this node answers each call of a step and keeps the ring
+maths (ring.py).
 """
 from __future__ import annotations
 
@@ -80,6 +89,26 @@ def _int(value, what: str, low: int, high: int = peer_role.MAX_ROUNDS) -> int:
         raise BadRequest(str(e)) from None
 
 
+def check_position(conf: dict) -> dict:
+    """Normalise the node's place in node_list: EdgeTB's `pos` and our `rank` are the
+    same 0-based index (either given sets both; ValueError when they differ), below
+    EdgeTB's `ring_size` (2 or more) when that is given."""
+    for key in ("pos", "rank"):
+        if key in conf:
+            conf[key] = peer_role.number(conf, key, int, 0, MAX_RING - 1)
+    if "pos" in conf and "rank" in conf and conf["pos"] != conf["rank"]:
+        raise ValueError(f"'pos' {conf['pos']} and 'rank' {conf['rank']} differ: both are the node's index in "
+                         "node_list (EdgeTB's name and ours); give one, or the same number")
+    if "pos" in conf or "rank" in conf:
+        conf["pos"] = conf["rank"] = conf.get("pos", conf.get("rank"))
+    if "ring_size" in conf:
+        conf["ring_size"] = peer_role.number(conf, "ring_size", int, 2, MAX_RING)
+        if "pos" in conf and conf["pos"] >= conf["ring_size"]:
+            raise ValueError(f"'pos' {conf['pos']} is not an index of a ring of ring_size {conf['ring_size']} "
+                             f"(0 to {conf['ring_size'] - 1})")
+    return conf
+
+
 class RaPeer:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -115,10 +144,9 @@ class RaPeer:
         conf["init"] = conf.get("init", "common")
         if conf["init"] not in INITS:
             raise ValueError(f"'init' must be one of {INITS}, got {conf['init']!r}")
-        if "rank" in conf or conf["init"] == "per_rank":
-            if "rank" not in conf:
-                raise ValueError("init 'per_rank' needs 'rank' (the node's index in node_list)")
-            conf["rank"] = peer_role.number(conf, "rank", int, 0, MAX_RING)
+        check_position(conf)
+        if conf["init"] == "per_rank" and "rank" not in conf:
+            raise ValueError("init 'per_rank' needs 'rank' (or EdgeTB's 'pos': the node's index in node_list)")
         return conf
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,6 +186,10 @@ class RaPeer:
             home = self._names(body.get("home", ring), "home")
             if me not in home:
                 raise BadRequest(f"{me}: 'home' does not hold this node")
+            size = conf.get("ring_size")
+            if size is not None and len(home) != size:
+                raise BadRequest(f"{me}: the ring {' -> '.join(home)[:300]} has {len(home)} members, but this "
+                                 f"node's structure conf says ring_size {size}")
             after = home[(home.index(me) + 1) % len(home)]
             if after != nxt:
                 raise BadRequest(f"{me}: the ring sends from {me} to {after}, but its next_name is {nxt!r}")

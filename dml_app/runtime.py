@@ -23,10 +23,13 @@ Waiting on peers lives here, once: `rt.fan_out(peers, fn, deadline_s=)` runs fn(
 many peers in parallel (bounded) and returns per peer a `Reply` (what came back, or why
 not: dead, refused, timeout, error); `rt.broadcast_weights()` is that for one set of
 weights; `rt.gather(expected)` collects what peers send back (uploads) until all came,
-a deadline, or stop, and says per peer what is missing and why; `rt.quorum(round,
-attempt, min_fraction=, retries=)` tries a round until enough peers answered, records
-each attempt's participants and fails the node clearly when they never do. A role keeps
-its maths and its choice of what to do with the answers it got.
+a deadline, or stop, and says per peer what is missing and why. The round loop built on
+them (attempts, quorum, participants) is rounds.py's. A role keeps its maths and its
+choice of what to do with the answers it got.
+
+Received weights are checked against the model once, where they are unpacked:
+`rt.receive_weights(fit=model.state_dict())` (or `rt.check_weights(tensors, fit)` where
+the role knows the model only later) answers 400 naming the keys or shape that differ.
 
 Inside the role: `rt.structure` (dict), `rt.data` (node_data.NodeData), `rt.set_state()`,
 `rt.log_train()`, `rt.log_aggregate()`, `rt.send_weights()`, `rt.peer()`, `rt.finish()`,
@@ -56,12 +59,12 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any, Callable, Iterable, Mapping
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
 import formats
 import net
-from algorithms import needed
+from algorithms import check_fits
 from node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -595,40 +598,6 @@ class Runtime:
                 return {n: DEAD for n, rep in got.items() if rep.why == DEAD}
         return Gather(expected, self.stopping, tag=tag, probe=probe)
 
-    def quorum(self, round: int, attempt: Callable[[int], tuple], *, min_fraction: float, retries: int,
-               what: str, peers: str, asked_as: str = "asked", **fields: Any) -> tuple | None:
-        """One round of an aggregator, tried until enough peers answered: attempt(k) for
-        k = 1 .. 1 + retries returns (asked [names], arrived {name: value}, missing {name:
-        why}, *more); it is accepted when arrived has at least min_fraction of asked (and
-        one: algorithms.needed). Each attempt is a `participants` metrics event (round,
-        attempt, `asked_as`: asked, participants, missing, accepted, **fields). Returns the
-        accepted attempt's tuple; None when the node stops, or after rt.fail naming, per
-        attempt, who was missing and why (`what` names the round, `peers` the kind of peer)."""
-        shortfalls = []
-        attempts = 1 + retries
-        for k in range(1, attempts + 1):
-            got = attempt(k)
-            asked, arrived, missing = got[0], got[1], got[2]
-            need = needed(min_fraction, len(asked))
-            ok = len(arrived) >= need
-            self.log_metric("participants", round, attempt=k, **{asked_as: sorted(asked)},
-                            participants=sorted(arrived), missing=missing, accepted=ok, **fields)
-            gone = ", ".join(f"{n} ({why})" for n, why in sorted(missing.items()))
-            if ok:
-                if missing:
-                    self.log.warning("%s: going on with %d/%d %s, without %s", what, len(arrived), len(asked),
-                                     peers, gone)
-                return got
-            if self.stopping.is_set():
-                return None
-            shortfalls.append(f"attempt {k}: {len(arrived)}/{len(asked)} answered, missing {gone}")
-            self.log.warning("%s: %d/%d %s answered, min_fraction %g needs %d; %s", what, len(arrived),
-                             len(asked), peers, min_fraction, need,
-                             "trying the round again" if k < attempts else "giving up")
-        self.fail(f"{what}: fewer than min_fraction {min_fraction:g} of the {peers} answered in {attempts} "
-                  f"attempt(s): " + "; ".join(shortfalls))
-        return None
-
     def peer(self, node: str) -> str:
         """The 'ip:port' of a node this node has a link to (structure conf 'connect')."""
         connect = (self.structure or {}).get("connect") or {}
@@ -748,12 +717,15 @@ class Runtime:
         self._add_bytes(sent=len(body))
         return r
 
-    def receive_weights(self) -> tuple[dict, dict]:
-        """(tensors, meta) of the current request's body; HTTP 400 if it is not safetensors."""
+    def receive_weights(self, fit: Mapping[str, Any] | None = None, *, what: str = "weights",
+                        model: str = "the model") -> tuple[dict, dict]:
+        """(tensors, meta) of the current request's body; HTTP 400 if it is not safetensors,
+        or (with `fit`, the model's state dict or {key: shape}) if the tensors do not fit
+        it (check_weights: `what` and `model` name them in the message)."""
         body = request.get_data(cache=False)
         self._add_bytes(received=len(body))
         try:
-            return net.unpack_weights(body)
+            tensors, meta = net.unpack_weights(body)
         except net.BodyError as e:
             self.log.warning("refused weights from %s on %s: %s", request.remote_addr,
                              request.path, e)
@@ -763,6 +735,21 @@ class Runtime:
                              request.path, e)
             raise BadRequest(f"{self.name}: {request.path} expects model weights as "
                              f"safetensors ({WEIGHTS_MIME}); {e}") from None
+        if fit is not None:
+            self.check_weights(tensors, fit, what=what, model=model)
+        return tensors, meta
+
+    def check_weights(self, tensors: Mapping[str, Any], fit: Mapping[str, Any], *, what: str = "weights",
+                      model: str = "the model") -> None:
+        """The check of received weights against the model, for every role: the same keys,
+        each of the same shape (algorithms.check_fits); HTTP 400 "<node>: <what> do not fit
+        <model>: <which keys or shape differ>" otherwise (logged as a refusal)."""
+        try:
+            check_fits(fit, tensors)
+        except ValueError as e:
+            where = request.path if has_request_context() else "this node"
+            self.log.warning("refused %s on %s: they do not fit %s: %s", what, where, model, e)
+            raise BadRequest(f"{self.name}: {what} do not fit {model}: {e}") from None
 
     def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
         """Add bytes a role moved outside send_weights/receive_weights to /stats'

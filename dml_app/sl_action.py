@@ -61,6 +61,11 @@ Result: {"worker_id", "node", "pushes", "applied", "refused", "samples", "loss",
 Each activation is also a metrics record {"event": "activation", "round": last version,
 "activation_id", "status", ...} in the node's metrics.
 
+Activations are not rounds of the round loop (rounds.py): the controller's invoker
+(controller/invoker.py, called round by round by controller/sl_run.py) is the one owner
+of their scheduling, deadlines and retries; an action runs the one activation each
+/run hands it, bounded by the /run's deadline.
+
 Credentials: /init and /run on the action port take the node's own token (EDGE_TB_TOKEN,
 which the controller holds: tb.node_token(node)); anything else gets 401.
 
@@ -98,6 +103,7 @@ from werkzeug.exceptions import HTTPException
 
 import net
 import nns
+from algorithms import check_fits
 from node_data import unpack_parts
 from ps import batches
 from runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
@@ -435,6 +441,7 @@ class Action:
                 self._moved(byts, "params_down", len(r.content))
                 try:
                     tensors, pmeta = net.unpack_weights(r.content)
+                    check_fits(model.state_dict(), tensors)     # the weights check every role makes
                     raw_v = pmeta.get("version")
                     v = net.number(int(raw_v) if isinstance(raw_v, str) and raw_v.isdigit() else raw_v,
                                    "parameters 'version'", 0, MAX_VERSION, integer=True)

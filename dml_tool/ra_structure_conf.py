@@ -13,9 +13,10 @@ from seed + k, i.e. different known weights), "step_timeout_s" (the longest the
 controller waits for one all-reduce step before it leaves out a member that has not
 answered; default 60); per node "lr".
 Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf):
-{"epoch", "sync", "next_name", "connect", ...}, EdgeTB's keys, `connect` every link of
-the node; ours beside them: "rank" (the node's index in node_list), "seed", "lr",
-"init", "step_timeout_s". links.json must have a link from every node to its
+{"epoch", "sync", "ring_size", "pos", "next_name", "connect", ...}, EdgeTB's keys:
+`ring_size` the number of nodes in node_list, `pos` the node's 0-based index in it,
+`connect` every link of the node; ours beside them: "rank" (the same index as "pos",
+which ra_peer.py takes under either name), "seed", "lr", "init", "step_timeout_s". links.json must have a link from every node to its
 next_name (the chunks travel over it), or this fails naming both. Defaults: -l ROOT/links.json,
 -n ROOT/node_info.json; a relative path is looked up from the current folder, then from
 dml_tool/.
@@ -58,7 +59,8 @@ def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[s
                                f"({p['where']}; entry i sends to entry i - 1, so the ring is "
                                f"{' -> '.join(travel)}); add {{\"dest\": \"{next_name}\", \"bw\": ...}} "
                                f"under {name!r} or reorder node_list")
-        confs[name] = {**p["conf"], **extra, "next_name": next_name, "connect": connect, "rank": rank}
+        confs[name] = {**p["conf"], **extra, "ring_size": len(names), "pos": rank, "next_name": next_name,
+                       "connect": connect, "rank": rank}
     return confs
 
 

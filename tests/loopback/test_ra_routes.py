@@ -98,3 +98,17 @@ def test_calls_out_of_order_are_refused(node):
     assert torch.equal(peer.ar.vector[:n], before[:n] + 1) and torch.equal(peer.ar.vector[n:], before[n:])
     assert send(chunk_body(0, n)).status_code == 409                       # applied once only
     assert json.loads(client.get("/stats", headers=HDR).data)["bytes_received"] > 0
+
+
+def test_a_ring_other_than_ring_size_is_refused(node):
+    """EdgeTB's ring_size in the conf: the driver's ring (`home`) must have that many members."""
+    rt, _, client = node
+    assert post(client, "/conf/structure", {**CONF, "ring_size": 4, "pos": 2}).status_code == 200
+    assert rt.structure["rank"] == 2
+    assert post(client, "/conf/dataset", {"train_len": 1, "test_len": 1}).status_code == 200
+    assert client.get("/start", headers=HDR).status_code == 200
+    wait_state(rt, "ready")
+    r = post(client, "/ra/train", {"round": 1, "ring": RING})
+    assert r.status_code == 400 and "has 3 members, but this node's structure conf says ring_size 4" in r.get_data(
+        as_text=True)
+    assert rt.state == "ready"

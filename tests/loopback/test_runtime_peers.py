@@ -1,7 +1,9 @@
 """The runtime's many-peer helpers on real HTTP: rt.fan_out (bounded, with a deadline,
-per peer what came back or why not), rt.broadcast_weights and rt.gather."""
+per peer what came back or why not), rt.broadcast_weights and rt.gather; and the round
+loop on them (rounds.Rounds: an attempt's answers, its quorum, the run's stop)."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -11,7 +13,8 @@ from werkzeug.exceptions import Conflict
 
 from tests.support.procs import TOKEN, free_port, wait_until
 import net
-from runtime import Gather, Runtime
+from rounds import Rounds
+from runtime import Gather, Reply, Runtime
 
 
 @pytest.fixture
@@ -172,7 +175,8 @@ def test_a_peer_killed_while_it_read_the_weights_is_dead_not_timeout(rt, peer):
 FROZEN_NODE = r'''
 import json, os, sys, threading, time
 import net
-from runtime import Gather, Runtime
+from rounds import Rounds
+from runtime import Gather, Reply, Runtime
 rt = Runtime("frozen", env={"NET_NODE_NAME": "fz", "DML_PORT": "0", net.TOKEN_ENV: os.environ[net.TOKEN_ENV],
                             "DML_LOG_DIR": sys.argv[3], "DML_DATASET_DIR": sys.argv[3]})
 # 1: a call whose answer comes while this node is frozen past the fan-out's deadline
@@ -218,3 +222,52 @@ def test_a_node_frozen_past_its_deadline_does_not_blame_the_peers(peer, scratch)
             child.send_signal(signal.SIGCONT)
             child.kill()
             child.wait(10)
+
+
+def test_a_round_collects_answers_until_the_deadline_then_refuses_late_ones(rt):
+    rounds = Rounds(rt)
+    said = {}
+
+    def send(key):
+        # b answers during the send; c's ask failed (dead); d never answers
+        assert rounds.deliver(key, "b", lambda ctx: ctx + 1, late=lambda: "late") == 8
+        with pytest.raises(Conflict, match="already sent for round 3"):
+            rounds.deliver(key, "b", late=lambda: "late")
+        return {"b": Reply("b", True), "c": Reply("c", False, why="dead", message="refused"),
+                "d": Reply("d", True)}
+    arrived, missing = rounds.collect(3, ["b", "c", "d"], send, deadline_s=0.2, tag="round 3", context=7,
+                                      probe=lambda pending: {},
+                                      on_refused=lambda p, why, msg: said.setdefault("refused", (p, why, msg)),
+                                      on_late=lambda late: said.setdefault("late", late))
+    assert (arrived, missing) == ({"b": 8}, {"c": "dead", "d": "timeout"})
+    assert said == {"refused": ("c", "dead", "refused"), "late": ["d"]}
+    assert not rounds.is_open(3) and rounds.context(3) is None
+    with pytest.raises(Conflict, match="round 3 is over"):
+        rounds.deliver(3, "d", late=lambda: "round 3 is over")
+
+
+def test_the_quorum_retries_then_fails_the_node_naming_who_was_missing(rt):
+    rounds = Rounds(rt)
+    tries = []
+
+    def attempt(k):
+        tries.append(k)
+        return ["a", "b", "c"], ({"a": 1, "b": 2} if k == 2 else {"a": 1}), {"b": "dead", "c": "timeout"}
+    got = rounds.quorum(1, attempt, min_fraction=0.6, retries=2, what="round 1", peers="trainers")
+    assert tries == [1, 2] and got[1] == {"a": 1, "b": 2}
+    assert rounds.quorum(2, lambda k: (["a", "b"], {}, {"a": "dead", "b": "dead"}), min_fraction=0.5,
+                         retries=1, what="round 2", peers="trainers") is None
+    assert rt.state == "error" and rt.error.startswith("round 2: fewer than min_fraction 0.5 of the trainers "
+                                                       "answered in 2 attempt(s): attempt 1: 0/2 answered")
+    events = [json.loads(line) for line in open(rt.metrics_path)]
+    assert [(e["round"], e["attempt"], e["accepted"]) for e in events if e["event"] == "participants"] == \
+        [(1, 1, False), (1, 2, True), (2, 1, False), (2, 2, False)]
+
+
+def test_the_run_ends_when_a_round_fails_or_the_node_stops(rt):
+    rounds = Rounds(rt)
+    ran = []
+    assert rounds.run(range(1, 4), ran.append) is True and ran == [1, 2, 3]
+    assert rounds.run(range(1, 4), lambda r: ran.append(r) or r < 2) is False and ran[3:] == [1, 2]
+    rt.stop()
+    assert rounds.run(range(1, 4), ran.append) is False and ran[5:] == []

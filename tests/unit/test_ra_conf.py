@@ -11,6 +11,7 @@ from tests.support.procs import DML_TOOL, ROOT
 from tests.support.peers import link_dests, node_addrs, shipped_confs
 import conf_utils as cu
 import ra_structure_conf
+from ra_peer import check_position
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 ADDRS, INFO = node_addrs(NODES)
@@ -69,7 +70,8 @@ def test_keys_and_options():
                    "node_list": [{"name": "n3", "epoch": 0}, {"name": "n1", "epoch": 2, "lr": 0.2},
                                  {"name": "n5", "epoch": 1}]}, links)
     assert confs["n1"] == {"sync": 2, "seed": 9, "init": "per_rank", "epoch": 2, "lr": 0.2, "next_name": "n3",
-                           "connect": {"n3": "10.0.0.4:4444", "n2": "10.0.0.3:4444"}, "rank": 1}
+                           "connect": {"n3": "10.0.0.4:4444", "n2": "10.0.0.3:4444"}, "rank": 1,
+                           "ring_size": 3, "pos": 1}
     assert confs["n3"]["epoch"] == 0 and confs["n3"]["next_name"] == "n5"  # epoch 0: no local training
     # the controller's step deadline (controller/ra_run.py) rides in every conf
     confs = build({**peers(["n3", "n1", "n5"]), "step_timeout_s": 7.5}, links_to(RING3))
@@ -113,3 +115,39 @@ def test_cli_names_the_missing_link(scratch):
                         "-o", str(scratch / "out")], capture_output=True, text=True)
     assert p.returncode == 2 and not (scratch / "out").exists()
     assert "ra_structure_conf.py: error: links.json: no link from 'n1' to its next_name 'n2'" in p.stderr
+
+
+@pytest.mark.parametrize("order, next_names", [(["n3", "n1", "n5"], RING3), (NODES, RING5)])
+def test_every_conf_has_edgetbs_ring_size_and_pos(order, next_names):
+    """EdgeTB's tool writes ring_size (node_list's length) and pos (the node's 0-based
+    index in node_list) in every conf; rank is ours for the same index."""
+    confs = build(peers(order), links_to(next_names))
+    assert {n: (c["ring_size"], c["pos"], c["rank"]) for n, c in confs.items()} == \
+        {n: (len(order), i, i) for i, n in enumerate(order)}
+    for c in confs.values():     # what the tool writes, the node takes as it is
+        assert check_position(dict(c)) == c
+
+
+@pytest.mark.parametrize("given, taken", [
+    ({"pos": 2}, {"pos": 2, "rank": 2}),                          # EdgeTB's conf: rank follows pos
+    ({"rank": 1}, {"pos": 1, "rank": 1}),                         # ours: pos follows rank
+    ({"pos": 0, "rank": 0, "ring_size": 3}, {"pos": 0, "rank": 0, "ring_size": 3}),
+    ({"ring_size": 4.0}, {"ring_size": 4}),
+    ({}, {}),
+])
+def test_the_node_takes_pos_and_rank_as_one_index(given, taken):
+    assert check_position(dict(given)) == taken
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"pos": 1, "rank": 2}, "'pos' 1 and 'rank' 2 differ: both are the node's index in node_list"),
+    ({"pos": 3, "ring_size": 3}, "'pos' 3 is not an index of a ring of ring_size 3 (0 to 2)"),
+    ({"rank": 5, "ring_size": 2}, "'pos' 5 is not an index of a ring of ring_size 2"),
+    ({"ring_size": 1}, "'ring_size'"),
+    ({"pos": -1}, "'pos'"),
+    ({"pos": "1"}, "'pos'"),
+])
+def test_the_node_refuses_contradicting_positions(given, message):
+    with pytest.raises(ValueError) as e:
+        check_position(dict(given))
+    assert message in str(e.value)
