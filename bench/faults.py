@@ -31,13 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.fl_run import FlManager  # noqa: E402
-from controller.testbed import DefinitionError, DeployError, single_machine  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller import auto
+from controller.fl_run import FlManager
+from controller.testbed import DefinitionError, DeployError, single_machine
+from dml_app import net
 
 TRAINERS = [f"n{i}" for i in range(2, 12)]
 NODES = ["n1"] + TRAINERS

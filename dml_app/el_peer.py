@@ -62,12 +62,12 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-import etree
-import net
-import nns
-from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
-from learn import evaluate, train_epochs
-from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
+from dml_app import etree
+from dml_app import net
+from dml_app import nns
+from dml_app.algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
+from dml_app.learn import evaluate, train_epochs
+from dml_app.runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main
 
 SELF = "self"
 TOP = "top"

@@ -30,12 +30,12 @@ import time
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
+from dml_app import net
+from dml_app import nns
+from dml_app.algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
                         select_clients, weighted_mean)
-from learn import evaluate
-from runtime import Gather, Runtime, main
+from dml_app.learn import evaluate
+from dml_app.runtime import Gather, Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 MAX_ROUNDS = 1_000_000

@@ -16,10 +16,10 @@ import zlib
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-from learn import train_epochs
-from runtime import Runtime, main
+from dml_app import net
+from dml_app import nns
+from dml_app.learn import train_epochs
+from dml_app.runtime import Runtime, main
 
 DEFAULT_LR = 0.05
 MAX_EPOCHS = 10_000

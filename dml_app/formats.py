@@ -21,10 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Mapping
 
-try:  # imported as dml_app.formats (controller, dml_tool, agent)
-    from . import net
-except ImportError:  # imported as formats by a node role (only dml_app/ on its path)
-    import net
+from dml_app import net
 
 
 class FormatError(ValueError):

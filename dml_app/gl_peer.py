@@ -37,11 +37,11 @@ import threading
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-import peer_role
-from gossip import check_compatible, gossip_round, mix, peer_rng
-from runtime import DEAD, TIMEOUT, Runtime, main
+from dml_app import net
+from dml_app import nns
+from dml_app import peer_role
+from dml_app.gossip import check_compatible, gossip_round, mix, peer_rng
+from dml_app.runtime import DEAD, TIMEOUT, Runtime, main
 
 DEFAULT_WAIT_S = 5.0
 DEFAULT_GOSSIP_TIMEOUT_S = 30.0

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import formats
-import net
+from dml_app import formats
+from dml_app import net
 
 
 class DatasetError(ValueError):

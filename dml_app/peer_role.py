@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-import net
-import nns
-from learn import evaluate, train_epochs
-from runtime import Runtime
+from dml_app import net
+from dml_app import nns
+from dml_app.learn import evaluate, train_epochs
+from dml_app.runtime import Runtime
 
 DEFAULT_LR = 0.05
 MAX_EPOCHS = 10_000

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import net
-from algorithms import StateDict
+from dml_app import net
+from dml_app.algorithms import StateDict
 
 MODES = ("sync", "async")
 MAX_PUSH_IDS = 4096           # push ids remembered (per server) to answer a resent push

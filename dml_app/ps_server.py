@@ -87,13 +87,13 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, Forbidden, Gone, TooManyRequests
 
-import net
-import nns
-from algorithms import weighted_mean
-from learn import evaluate
-from ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,
+from dml_app import net
+from dml_app import nns
+from dml_app.algorithms import weighted_mean
+from dml_app.learn import evaluate
+from dml_app.ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,
                 TooMany, check_worker_id)
-from runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
+from dml_app.runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
 
 MAX_WAIT_S = 10.0
 MAX_VERSION = 10_000_000      # PsConfig's largest `steps`

@@ -32,10 +32,10 @@ import zlib
 
 from werkzeug.exceptions import BadRequest
 
-import net
-import nns
-from ps import batch_gradient, batches
-from runtime import Runtime, main
+from dml_app import net
+from dml_app import nns
+from dml_app.ps import batch_gradient, batches
+from dml_app.runtime import Runtime, main
 
 PULL_WAIT_S = 5.0
 PUSH_RESENDS = 2         # a push whose answer was lost is sent again (same push_id)

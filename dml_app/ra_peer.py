@@ -49,12 +49,12 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
-import formats
-import net
-import nns
-import peer_role
-from ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
-from runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
+from dml_app import formats
+from dml_app import net
+from dml_app import nns
+from dml_app import peer_role
+from dml_app.ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
+from dml_app.runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
 
 INITS = ("common", "per_rank")
 MAX_RING = 100_000           # steps and chunk indices are below the ring's size

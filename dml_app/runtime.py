@@ -59,10 +59,10 @@ from typing import Any, Callable, Iterable, Mapping
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-import formats
-import net
-from algorithms import needed
-from node_data import DatasetError, NodeData, load_node_data, read_meta
+from dml_app import formats
+from dml_app import net
+from dml_app.algorithms import needed
+from dml_app.node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0

@@ -96,11 +96,11 @@ import torch
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-import net
-import nns
-from node_data import unpack_parts
-from ps import batches
-from runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
+from dml_app import net
+from dml_app import nns
+from dml_app.node_data import unpack_parts
+from dml_app.ps import batches
+from dml_app.runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
 
 ACTION_PORT_ENV = "DML_ACTION_PORT"
 DEFAULT_ACTION_PORT = 8080

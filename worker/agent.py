@@ -27,20 +27,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flask import Flask, jsonify, request  # noqa: E402
+from flask import Flask, jsonify, request
 
-from dml_app import net  # noqa: E402
-from worker import backends as be  # noqa: E402
-from worker import image  # noqa: E402
-from worker import ready  # noqa: E402
-from worker import secure  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import shares  # noqa: E402
-from worker import tc  # noqa: E402
-from worker import units  # noqa: E402
+from dml_app import net
+from worker import backends as be
+from worker import image
+from worker import ready
+from worker import secure
+from worker import nodes as nb
+from worker import shares
+from worker import tc
+from worker import units
+from testbed_core import credentials
 
 STATE_BASE = Path("/run/edgetb")
 # The largest /emulated/deploy, /physical/deploy or /update/tc body. Measured: 300 nodes in
@@ -363,9 +362,9 @@ class Agent:
         them: its own (for the controller), the testbed's peer credential and its service
         key (to check its clients' credentials). The admin token itself never reaches a
         node."""
-        return {net.TOKEN_ENV: net.node_token(self.token, spec.name),
-                net.PEER_TOKEN_ENV: net.peer_token(self.token),
-                net.SERVICE_KEY_ENV: net.service_key(self.token, spec.name)}
+        return {net.TOKEN_ENV: credentials.node_token(self.token, spec.name),
+                net.PEER_TOKEN_ENV: credentials.peer_token(self.token),
+                net.SERVICE_KEY_ENV: credentials.service_key(self.token, spec.name)}
 
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
