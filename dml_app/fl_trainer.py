@@ -16,7 +16,7 @@ import zlib
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import net
+from dml_app import bounded_input, calls
 from dml_app import nns
 from dml_app.learn import train_epochs
 from dml_app.runtime import Runtime, main
@@ -31,8 +31,8 @@ def check_structure(conf: dict) -> dict:
     for key in ("epoch", "father_node", "connect"):
         if key not in conf:
             raise ValueError(f"missing key {key!r} (a trainer needs epoch, father_node, connect)")
-    conf["epoch"] = net.number(conf["epoch"], "'epoch'", 1, MAX_EPOCHS, integer=True)
-    conf["lr"] = net.number(conf.get("lr", DEFAULT_LR), "'lr'", 0, 10, lo_open=True, hi_open=True)
+    conf["epoch"] = bounded_input.number(conf["epoch"], "'epoch'", 1, MAX_EPOCHS, integer=True)
+    conf["lr"] = bounded_input.number(conf.get("lr", DEFAULT_LR), "'lr'", 0, 10, lo_open=True, hi_open=True)
     father = conf["father_node"]
     if not isinstance(conf["connect"], dict) or father not in conf["connect"]:
         raise ValueError(f"'connect' has no address for father_node {father!r}")
@@ -60,7 +60,7 @@ class FlTrainer:
             raise Conflict(f"{rt.name}: /conf/structure and /conf/dataset must come before /train")
         tensors, meta = rt.receive_weights()
         try:
-            rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
+            rnd = bounded_input.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
         except ValueError as e:
             raise BadRequest(f"{rt.name}: {e}") from None
         model = nns.build_model(rt.data.meta)
@@ -86,7 +86,7 @@ class FlTrainer:
                 rt.send_weights(rt.peer(father), "/combine", model.state_dict(),
                                 {"round": rnd, "name": rt.name, "samples": data.train_samples,
                                  "loss": loss})
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 rt.log.warning("round %d: upload to %s failed: %s", rnd, father, e)
             rt.set_state("idle", rnd)
 

@@ -37,7 +37,7 @@ import threading
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import net
+from dml_app import calls, weights
 from dml_app import nns
 from dml_app import peer_role
 from dml_app.gossip import check_compatible, gossip_round, mix, peer_rng
@@ -169,7 +169,7 @@ class GlPeer:
         """Tell one live peer (gossip.gossip_round chooses; a failed send is skipped and
         another chosen); each send bounded by gossip_timeout_s through rt.fan_out."""
         rt, timeout_s = self.rt, self.rt.structure["gossip_timeout_s"]
-        body = net.pack_weights(self.model.state_dict(), {"name": rt.name, "round": r,
+        body = weights.pack_weights(self.model.state_dict(), {"name": rt.name, "round": r,
                                                           "samples": rt.data.train_samples})
 
         def send(peer: str) -> str | None:
@@ -203,7 +203,7 @@ class GlPeer:
             down = sorted(self._down)
         if not down:
             return
-        got = rt.fan_out(down, lambda n: net.call("GET", f"http://{rt.peer(n)}/hi", token=rt.peer_token,
+        got = rt.fan_out(down, lambda n: calls.call("GET", f"http://{rt.peer(n)}/hi", token=rt.peer_token,
                                                   timeout_s=PROBE_TIMEOUT_S),
                          deadline_s=PROBE_TIMEOUT_S + 1.0)
         back = [n for n, rep in got.items() if rep.ok]

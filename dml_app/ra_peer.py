@@ -50,7 +50,7 @@ from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
 from dml_app import formats
-from dml_app import net
+from dml_app import bounded_input, weights
 from dml_app import nns
 from dml_app import peer_role
 from dml_app.ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
@@ -66,7 +66,7 @@ STATE_OF = {"reduce": "reducing", "gather": "gathering"}
 
 
 def _json() -> dict:
-    body = request.get_json(silent=True)     # bounded by the runtime (net.limit_bodies)
+    body = request.get_json(silent=True)     # bounded by the runtime (bounded_input.limit_bodies)
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object body (Content-Type: application/json)")
     return body
@@ -75,7 +75,7 @@ def _json() -> dict:
 def _int(value, what: str, low: int, high: int = peer_role.MAX_ROUNDS) -> int:
     """An integer from a request (JSON body or chunk metadata); 400 naming it otherwise."""
     try:
-        return net.number(value, what, low, high, integer=True)
+        return bounded_input.number(value, what, low, high, integer=True)
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -251,7 +251,7 @@ class RaPeer:
         step = _int(body.get("step"), "'step'", 0, MAX_RING)
         attempt = _int(body.get("attempt", 0), "'attempt'", 0, MAX_ATTEMPTS)
         try:
-            timeout_s = net.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, MAX_SEND_TIMEOUT_S)
+            timeout_s = bounded_input.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, MAX_SEND_TIMEOUT_S)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         with self._lock:
@@ -331,7 +331,7 @@ class RaPeer:
         if self.model is None:
             raise Conflict(f"{self.rt.name}: no model before /start")
         with self._lock:
-            body = net.pack_weights(self.model.state_dict(), {"name": self.rt.name, "round": self.rt.round})
+            body = weights.pack_weights(self.model.state_dict(), {"name": self.rt.name, "round": self.rt.round})
         return Response(body, mimetype=WEIGHTS_MIME)
 
 

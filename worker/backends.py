@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dml_app import net
+from dml_app import bounded_input
 from worker import docker_nodes as dn
 from worker import image
 from worker import nodes as nb
@@ -306,7 +306,7 @@ class Docker(Backend):
         if missing:
             raise Refused(f"docker nodes need an image: none given for {', '.join(missing)}")
         try:
-            cpu = net.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True) if body.get("cpu") else None
+            cpu = bounded_input.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True) if body.get("cpu") else None
             return {"cores": dn.emulator_cores(cpu)}
         except (TypeError, ValueError) as e:
             raise Refused(f"bad emulator cpu: {e}") from None

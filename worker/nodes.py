@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dml_app import formats, net
+from dml_app import bounded_input, formats
 from worker import tc, units
 from worker.cgroups import Cgroup, CgroupError
 from worker import launch as launcher
@@ -96,13 +96,13 @@ def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> su
 
 
 def _num(d: dict, key: str, lo: float, hi: float, *, default=None, **kw):
-    """d[key] through net.number (no bools, strings, NaN, infinities; in [lo, hi]);
+    """d[key] through bounded_input.number (no bools, strings, NaN, infinities; in [lo, hi]);
     `default` when the key is absent or null, KeyError when there is no default."""
     if d.get(key) is None:
         if default is None:
             raise KeyError(key)
         return default
-    return net.number(d[key], key, lo, hi, **kw)
+    return bounded_input.number(d[key], key, lo, hi, **kw)
 
 
 @dataclass
