@@ -62,9 +62,7 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-from dml_app import etree
-from dml_app import bounded_input, calls, weights
-from dml_app import nns
+from dml_app import bounded_input, calls, etree, nns, weights
 from dml_app.algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES
 from dml_app.learn import evaluate, train_epochs
 from dml_app.runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Gather, Reply, Runtime, main

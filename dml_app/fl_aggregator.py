@@ -30,8 +30,7 @@ import time
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import bounded_input
-from dml_app import nns
+from dml_app import bounded_input, nns
 from dml_app.algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
                         select_clients, weighted_mean)
 from dml_app.learn import evaluate

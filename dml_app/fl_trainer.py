@@ -16,8 +16,7 @@ import zlib
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import bounded_input, calls
-from dml_app import nns
+from dml_app import bounded_input, calls, nns
 from dml_app.learn import train_epochs
 from dml_app.runtime import Runtime, main
 

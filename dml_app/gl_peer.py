@@ -37,9 +37,7 @@ import threading
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import calls, weights
-from dml_app import nns
-from dml_app import peer_role
+from dml_app import calls, nns, peer_role, weights
 from dml_app.gossip import check_compatible, gossip_round, mix, peer_rng
 from dml_app.runtime import DEAD, TIMEOUT, Runtime, main
 

@@ -20,8 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dml_app import formats
-from dml_app import bounded_input, weights
+from dml_app import bounded_input, formats, weights
 
 
 class DatasetError(ValueError):

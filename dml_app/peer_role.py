@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from dml_app import bounded_input
-from dml_app import nns
+from dml_app import bounded_input, nns
 from dml_app.learn import evaluate, train_epochs
 from dml_app.runtime import Runtime
 

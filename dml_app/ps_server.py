@@ -87,8 +87,7 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, Forbidden, Gone, TooManyRequests
 
-from dml_app import bounded_input, calls, weights
-from dml_app import nns
+from dml_app import bounded_input, calls, nns, weights
 from dml_app.algorithms import weighted_mean
 from dml_app.learn import evaluate
 from dml_app.ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,

@@ -32,8 +32,7 @@ import zlib
 
 from werkzeug.exceptions import BadRequest
 
-from dml_app import bounded_input, calls
-from dml_app import nns
+from dml_app import bounded_input, calls, nns
 from dml_app.ps import batch_gradient, batches
 from dml_app.runtime import Runtime, main
 

@@ -49,10 +49,7 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
-from dml_app import formats
-from dml_app import bounded_input, weights
-from dml_app import nns
-from dml_app import peer_role
+from dml_app import bounded_input, formats, nns, peer_role, weights
 from dml_app.ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
 from dml_app.runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
 

@@ -59,8 +59,7 @@ from typing import Any, Callable, Iterable, Mapping
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-from dml_app import formats
-from dml_app import bounded_input, calls, node_auth, serving, weights
+from dml_app import bounded_input, calls, formats, node_auth, serving, weights
 from dml_app.algorithms import needed
 from dml_app.node_data import DatasetError, NodeData, load_node_data, read_meta
 

@@ -96,8 +96,7 @@ import torch
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from dml_app import bounded_input, calls, node_auth, serving, weights
-from dml_app import nns
+from dml_app import bounded_input, calls, nns, node_auth, serving, weights
 from dml_app.node_data import unpack_parts
 from dml_app.ps import batches
 from dml_app.runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
