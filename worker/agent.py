@@ -379,7 +379,7 @@ class Agent:
                 out[name] = {"links": tc.verify(table)}
             return {"nodes": out}
 
-    # -------------------------------------------------------------- faults (issue 11)
+    # -------------------------------------------------------------- faults
     @staticmethod
     def _fault_body(body: dict, keys: tuple[str, ...], actions: tuple[str, ...]) -> dict:
         extra = sorted(set(body) - set(keys))

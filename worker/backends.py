@@ -12,7 +12,7 @@ between kinds of node is here, behind the methods of `Backend`:
     create(specs, emulator, network, iface, options, deployed, then) -> [Node]   all or nothing;
                                         then(node) as soon as one is made (docker), or never
     start(node, env) / stop(node, timeout_s)                     the node's app
-    kill(node) / pause(node) / resume(node) / restart(node, env, then)   faults (issue 11):
+    kill(node) / pause(node) / resume(node) / restart(node, env, then)   faults:
                                         SIGKILL by cgroup (docker: kill), freeze/thaw (cgroup
                                         freezer; docker: pause/unpause), stop + start again
                                         with the same spec and credentials
@@ -106,7 +106,7 @@ class Backend:
         Cgroup(node.spec.name).thaw_quietly()    # a paused app would ignore even SIGKILL (v1)
         self.host.runner.stop(node, timeout_s)
 
-    # -------------------------------------------------------------- faults (issue 11)
+    # -------------------------------------------------------------- faults
     def _app_group(self, node: nb.Node) -> Cgroup:
         cg = Cgroup(node.spec.name)
         if node.state not in ("running", "paused") or not cg.exists():
