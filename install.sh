@@ -39,7 +39,14 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
 fi
 "$py" -m pip install -q "${extra[@]}" -r requirements.txt
+# This checkout as the package `edgetb` (pyproject.toml), editable: the folders here stay
+# the code that runs, and `controller`, `worker`, `dml_app`, `dml_tool`, ... import the same
+# way from any folder. (A node app imports the dml_app/ of its own volume: the agent puts
+# the folder holding its app folder first on its PYTHONPATH.)
+"$py" -m pip install -q "${extra[@]}" --no-deps -e .
 "$py" -c 'import torch, pyroute2, safetensors, flask, waitress, mlxtend, matplotlib, docker; print("install.sh: ready (torch", torch.__version__ + ")")'
+(cd / && "$py" -c 'import controller.testbed, worker.agent, dml_app.net, dml_tool.conf_utils, testbed_core.credentials') || {
+  echo "install.sh: the package edgetb does not import from outside $PWD" >&2; exit 1; }
 # The dashboard's browser, with EDGETB_BROWSER=1 (on by default with EDGETB_DOCKER=1, as CI
 # runs): Debian's chromium, which the page tests drive headless and the controller uses
 # for the run folder's dashboard.png (controller/browser.py; without it /finish just

@@ -24,17 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.el_run import ElManager  # noqa: E402
-from controller.fl_run import FlManager  # noqa: E402
-from controller.gl_run import GlManager  # noqa: E402
-from controller.ps_run import PsManager  # noqa: E402
-from controller.ra_run import RaManager  # noqa: E402
-from controller.sl_run import SlManager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
+from controller import auto
+from controller.el_run import ElManager
+from controller.fl_run import FlManager
+from controller.gl_run import GlManager
+from controller.ps_run import PsManager
+from controller.ra_run import RaManager
+from controller.sl_run import SlManager
+from controller.testbed import single_machine
 
 NODES = [f"n{i}" for i in range(1, 9)]
 PORT = 3396

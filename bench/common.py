@@ -19,12 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from worker import nodes as nb  # noqa: E402
-from worker import tc  # noqa: E402
+from worker import nodes as nb
+from worker import tc
 
 EDGETB_BURST = "15k"
 PORT = 4444

@@ -31,10 +31,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-from common import nb, tc  # noqa: E402
+from bench import common
+from bench.common import nb, tc
 
 TARGET_S = 5.0
 DOCKER_TARGET_S = 10.0       # 50 docker nodes, full mesh, every app answering

@@ -31,13 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.fl_run import FlManager  # noqa: E402
-from controller.testbed import DefinitionError, DeployError, single_machine  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller import auto
+from controller.fl_run import FlManager
+from controller.testbed import DefinitionError, DeployError, single_machine
+from dml_app import calls
 
 TRAINERS = [f"n{i}" for i in range(2, 12)]
 NODES = ["n1"] + TRAINERS
@@ -100,7 +97,7 @@ def run_one(case: str, doc: dict | None, rounds: int, tmp: Path, timeout_s: floa
             auto.drive(tb, manager, root="n1", dataset_json=d / "dataset.json", timeout_s=timeout_s, say=say,
                        write_structure=lambda: conf_tool.write_confs(str(d / "structure.json"), str(d / "links.json"),
                                                                      str(d / "node_info.json"), str(d / "conf")))
-        except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
+        except (RuntimeError, TimeoutError, calls.HttpError, OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
             say(f"failed: {error[:300]}; collecting what there is")
         s = manager.summary or manager.finish()       # a failed run is collected too

@@ -17,13 +17,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import tc, ideal, fmt_rate  # noqa: E402
-from worker import units  # noqa: E402
+from bench import common
+from bench.common import tc, ideal, fmt_rate
+from worker import units
 
 TARGET = 0.02
 # (seconds measured, seconds omitted): 1mbit moves ~85 frames/s, so it needs longer

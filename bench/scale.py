@@ -29,13 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from controller import auto
+from controller.fl_run import FlManager
+from controller.testbed import default_testbed
+from worker.cgroups import Cgroup
 
-from controller import auto  # noqa: E402
-from controller.fl_run import FlManager  # noqa: E402
-from controller.testbed import default_testbed  # noqa: E402
-from worker.cgroups import Cgroup  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PORT = 3398
 CPU = 2.0

@@ -37,6 +37,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dml_app import net
+from testbed_core import credentials
 
 # What a node credential opens; each route checks the node it speaks for.
 NODE_ROUTES = frozenset({"/heartbeat", "/log", "/finish", "/print"})
@@ -351,7 +352,7 @@ class Access:
         """A cookie value: '<expiry>.<nonce>.<HMAC(admin, "session:<expiry>.<nonce>")>'."""
         expiry = int((now or time.time()) + SESSION_S)
         body = f"{expiry}.{os.urandom(12).hex()}"
-        return f"{body}.{net._mac(self.admin_token, 'session:' + body)}"
+        return f"{body}.{credentials.mac(self.admin_token, 'session:' + body)}"
 
     def session_ok(self, value: str | None, now: float | None = None) -> bool:
         if not value or len(value) > 200 or value.count(".") != 2:
@@ -359,7 +360,7 @@ class Access:
         expiry, nonce, mac = value.split(".")
         if not expiry.isdigit() or int(expiry) < (now or time.time()):
             return False
-        return net.same_token(mac, net._mac(self.admin_token, f"session:{expiry}.{nonce}"))
+        return net.same_token(mac, credentials.mac(self.admin_token, f"session:{expiry}.{nonce}"))
 
     def caller(self, environ, headers, cookies=None) -> Caller | tuple[str, int]:
         """The Caller, or (message, HTTP status) when refused. `cookies`: the request's
@@ -371,7 +372,7 @@ class Access:
         if given:
             if net.same_token(given, self.admin_token):
                 return Caller("admin")
-            node = net.token_node(self.admin_token, given)
+            node = credentials.token_node(self.admin_token, given)
             if node is not None:
                 return Caller("node", node)
             return f"wrong credential (header {net.TOKEN_HEADER})\n", 401

@@ -27,10 +27,8 @@ DML_TOOL = ROOT / "dml_tool"
 
 
 def tool(name: str):
-    """Import a dml_tool script as a module (they import their siblings by plain name)."""
-    if str(DML_TOOL) not in sys.path:
-        sys.path.insert(0, str(DML_TOOL))
-    return importlib.import_module(name)
+    """A dml_tool script as a module (dml_tool.<name>)."""
+    return importlib.import_module(f"dml_tool.{name}")
 
 
 def common_args(description: str) -> argparse.ArgumentParser:

@@ -16,14 +16,10 @@ least min_fraction of them do (dml_app/el_peer.py); summary.json's "participants
 "missing_nodes" say who was missing, when and why.
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
+from controller import auto
+from controller.manager import Manager
+from controller.testbed import single_machine
 
 
 class ElManager(Manager):

@@ -9,14 +9,10 @@ aggregator n1 and the trainers n2..n5, links from links.json. Edit build() to ch
 the testbed, as in EdgeTB.
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
+from controller import auto
+from controller.manager import Manager
+from controller.testbed import single_machine
 
 
 class FlManager(Manager):

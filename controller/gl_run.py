@@ -15,15 +15,11 @@ says "dead_peers". Edit build() to change the testbed.
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto, files  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller import auto, files
+from controller.manager import Manager
+from controller.testbed import single_machine
+from dml_app import net
 
 DONE_STATES = ("finished", "error")   # a gl_peer that will not gossip any more
 STALE_S = 6.0    # a peer silent this long (3 heartbeats) may be dead: ask /stats and the agent

@@ -12,14 +12,10 @@ A worker restarted by a fault action (/fault/node?action=restart) is started aga
 rejoins (PsManager.on_rejoin).
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import call_once, single_machine  # noqa: E402
+from controller import auto
+from controller.manager import Manager
+from controller.testbed import call_once, single_machine
 
 
 class PsManager(Manager):

@@ -24,15 +24,11 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller import auto, results  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
-from dml_app import net  # noqa: E402
+from controller import auto, results
+from controller.manager import Manager
+from controller.testbed import single_machine
+from dml_app import net
 
 PHASES = ("reduce", "gather")   # as dml_app/ring.py
 # Why a member gave nothing: net.reply_for's classification (the nodes' runtime uses it too).

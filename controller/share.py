@@ -24,16 +24,12 @@ import hashlib
 import io
 import os
 import shutil
-import sys
 import tarfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from worker.shares import (NFS_VERSION, SHA_RE, ShareError, mount_argv,  # noqa: E402,F401
+from dml_app import node_data
+from worker.shares import (NFS_VERSION, SHA_RE, ShareError, mount_argv,  # noqa: F401
                            umount_argv)  # (one definition for both sides)
 
 SKIP = ("__pycache__",)
@@ -151,11 +147,6 @@ def publish_parts(store: DataStore, dataset_dir: str | Path, parts) -> list[str]
     order. A worker's `dataset_url` is f"http://{NET_CTL_ADDRESS}{path}". ValueError
     (node_data.DatasetError) for a range that is not integers or not in the dataset, or
     a store that is full."""
-    dml_app = str(ROOT / "dml_app")
-    if dml_app not in sys.path:        # node_data imports its siblings as top-level modules
-        sys.path.append(dml_app)       # (appended: nothing of the controller's is shadowed)
-    import node_data
-
     out = []
     for start, count in parts:
         # As given: pack_train_parts checks them (integers, parts that exist).

@@ -20,14 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from controller import auto, files, results, scenario, share
+from controller.invoker import Invoker
+from controller.manager import Manager
+from controller.testbed import single_machine
+from dml_app import net
+from testbed_core import credentials
 
-from controller import auto, files, results, scenario, share  # noqa: E402
-from controller.invoker import Invoker  # noqa: E402
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import single_machine  # noqa: E402
-from dml_app import net  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ACTION_PORT = 8080               # OpenWhisk's action port (sl_action.py's DML_ACTION_PORT default)
 CLOSE_S = 60                     # /finish waits this long for activations still running
@@ -123,7 +123,7 @@ class SlManager(Manager):
         pool = {n: f"{nodes[n].ip}:{self.action_port}" for n in settings["pool"]}
         # Made before the server starts: a bad setting refuses /start with nothing started.
         invoker = Invoker(pool, auth=self.tb.node_token,
-                          api_key=lambda n: net.client_token(self.tb.token, root, n),
+                          api_key=lambda n: credentials.client_token(self.tb.token, root, n),
                           concurrency=settings["concurrency"], deadline_s=settings["deadline_s"],
                           retries=settings["retries"], say=lambda m: print(m, flush=True),
                           server=f"{server.ip}:{server.port}", server_token=self.tb.node_token(root),

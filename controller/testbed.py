@@ -25,13 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from controller import share, stopping
+from dml_app import formats
+from dml_app import net
+from testbed_core import credentials
 
-from controller import share, stopping  # noqa: E402
-from dml_app import formats  # noqa: E402
-from dml_app import net  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_NODE_PORT = 4444
 DEFAULT_SUBNET = "10.233.0.0/16"
@@ -260,7 +259,7 @@ class Testbed:
 
     def node_token(self, name: str) -> str:
         """The credential node `name` and the controller use with each other."""
-        return net.node_token(self.token, name)
+        return credentials.node_token(self.token, name)
 
     # ------------------------------------------------------------------ definition
     def _name(self, name: str, what: str) -> str:

@@ -62,13 +62,11 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-import etree
-import net
-import nns
-from algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, shapes
-from learn import evaluate, train_epochs
-from rounds import Rounds
-from runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Reply, Runtime, main
+from dml_app import bounded_input, calls, etree, nns, weights
+from dml_app.algorithms import DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, shapes
+from dml_app.learn import evaluate, train_epochs
+from dml_app.rounds import Rounds
+from dml_app.runtime import DEAD, PROBE_PERIOD_S, REFUSED, TIMEOUT, WEIGHTS_MIME, Reply, Runtime, main
 
 SELF = "self"
 TOP = "top"
@@ -91,11 +89,11 @@ MAX_SEED = 2**32 - 1
 
 
 def _int(v: Any, what: str, low: int, high: int = MAX_ROUNDS) -> int:
-    return net.number(v, what, low, high, integer=True)
+    return bounded_input.number(v, what, low, high, integer=True)
 
 
 def _positive(v: Any, what: str, high: float) -> float:
-    return net.number(v, what, 0, high, lo_open=True)
+    return bounded_input.number(v, what, 0, high, lo_open=True)
 
 
 def _address(v: Any, where: str) -> str:
@@ -148,9 +146,9 @@ def check_structure(conf: dict, me: str) -> dict:
             lc["round_timeout_s"] = _positive(_per_layer(conf, "round_timeout_s", layer, DEFAULT_ROUND_TIMEOUT_S),
                                               f"round_timeout_s[{str(layer)!r}]", MAX_TIMEOUT_S)
             quorum[layer] = {
-                "min_fraction": net.number(_per_layer(conf, "min_fraction", layer, DEFAULT_MIN_FRACTION),
+                "min_fraction": bounded_input.number(_per_layer(conf, "min_fraction", layer, DEFAULT_MIN_FRACTION),
                                            f"min_fraction[{str(layer)!r}]", 0, 1, lo_open=True),
-                "round_retries": net.number(_per_layer(conf, "round_retries", layer, DEFAULT_ROUND_RETRIES),
+                "round_retries": bounded_input.number(_per_layer(conf, "round_retries", layer, DEFAULT_ROUND_RETRIES),
                                             f"round_retries[{str(layer)!r}]", 0, MAX_ROUND_RETRIES,
                                             integer=True)}
         layers[layer] = lc
@@ -188,7 +186,7 @@ def _arg(name: str, default: float, lo: float, hi: float, *, integer: bool = Fal
     """A number from the query string (BadRequest naming it otherwise)."""
     raw = request.args.get(name)
     try:
-        return net.number(default if raw is None else float(raw), f"query {name!r}", lo, hi, integer=integer)
+        return bounded_input.number(default if raw is None else float(raw), f"query {name!r}", lo, hi, integer=integer)
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -264,7 +262,7 @@ class ElPeer:
             layer = meta["layer"] = _int(layer, "meta 'layer'", 1, MAX_LAYERS)
             rnd = meta["round"] = _int(rnd, "meta 'round'", 1)
             hops = meta["hops"] = _int(meta.get("hops", 0), "meta 'hops'", 0, MAX_HOPS)
-            meta["timeout_s"] = net.number(meta.get("timeout_s", UP_TIMEOUT_S), "meta 'timeout_s'", 0.1,
+            meta["timeout_s"] = bounded_input.number(meta.get("timeout_s", UP_TIMEOUT_S), "meta 'timeout_s'", 0.1,
                                            MAX_TIMEOUT_S)
             if dst != rt.name:
                 if hops >= MAX_HOPS:
@@ -286,7 +284,7 @@ class ElPeer:
             raise NotFound(f"{self.rt.name}: no aggregation yet")
         layer, rnd, sd = self._latest
         # An inspection, not experiment traffic: not counted in the node's bytes sent.
-        return Response(net.pack_weights(sd, {"layer": layer, "round": rnd, "name": self.rt.name}),
+        return Response(weights.pack_weights(sd, {"layer": layer, "round": rnd, "name": self.rt.name}),
                         mimetype=WEIGHTS_MIME)
 
     def _forward(self, tensors: dict, meta: dict):
@@ -303,11 +301,11 @@ class ElPeer:
         try:   # send_weights repeats only a send that cannot have arrived (connection refused)
             rt.send_weights(addr, "/el/message", tensors, {**meta, "hops": meta["hops"] + 1, "timeout_s": onward},
                             timeout_s=onward)
-        except net.HttpError as e:
+        except calls.HttpError as e:
             return self._relay_failed(hop, e)
         return "forwarded\n"
 
-    def _relay_failed(self, hop: str, e: net.HttpError) -> Response:
+    def _relay_failed(self, hop: str, e: calls.HttpError) -> Response:
         """A relay's answer when the next hop gave no 2xx: its refusal passed on as it is;
         502 when its connection was refused (dead), 504 when no answer came in time."""
         if e.status is not None:
@@ -337,12 +335,12 @@ class ElPeer:
             raise BadRequest(f"{rt.name}: cannot reach {dst[:64]}: {e.args[0]}") from None
         try:
             r = self._ask_hi(addr, dst, hops + 1, max(0.1, timeout_s * RELAY_SHARE))
-        except net.HttpError as e:
+        except calls.HttpError as e:
             return self._relay_failed(hop, e)
         return Response(r.content, mimetype="application/json")
 
     def _ask_hi(self, addr: str, dst: str, hops: int, timeout_s: float):
-        return net.call("GET", f"http://{addr}/el/hi", token=self.rt.peer_token, timeout_s=timeout_s, retries=1,
+        return calls.call("GET", f"http://{addr}/el/hi", token=self.rt.peer_token, timeout_s=timeout_s, retries=1,
                         params={"dst": dst, "hops": hops, "timeout_s": timeout_s}, max_bytes=4096)
 
     def _probe(self, pending: set[str]) -> dict[str, str]:
@@ -400,7 +398,7 @@ class ElPeer:
                 self._deliver(layer + 1, father_round, father, result, samples)
             else:
                 self._send(father, "up", layer, father_round, result, samples)
-        except (net.HttpError, HTTPException, KeyError) as e:  # the father's round closed (409), it is dead...
+        except (calls.HttpError, HTTPException, KeyError) as e:  # the father's round closed (409), it is dead...
             self.rt.log.warning("layer %d: result for %s's round %d not taken: %s", layer, father,
                                 father_round, getattr(e, "description", e))
 

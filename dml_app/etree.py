@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-from algorithms import StateDict, fedavg
+from dml_app.algorithms import StateDict, fedavg
 
 # A tree for tree_average: a leaf is (state_dict, n_samples); an inner node is a list of trees.
 Tree = Union[tuple, list]

@@ -30,13 +30,12 @@ import time
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-from algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
+from dml_app import bounded_input, nns
+from dml_app.algorithms import (DEFAULT_MIN_FRACTION, DEFAULT_ROUND_RETRIES, MAX_ROUND_RETRIES, FedAvg, needed,  # noqa: F401
                         select_clients, weighted_mean)
-from learn import evaluate
-from rounds import Rounds
-from runtime import Runtime, main
+from dml_app.learn import evaluate
+from dml_app.rounds import Rounds
+from dml_app.runtime import Runtime, main
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 MAX_ROUNDS = 1_000_000
@@ -50,14 +49,14 @@ def check_structure(conf: dict) -> dict:
         if key not in conf:
             raise ValueError(f"missing key {key!r} (an aggregator needs trainer_fraction, sync, "
                              "child_node, connect)")
-    conf["trainer_fraction"] = net.number(conf["trainer_fraction"], "'trainer_fraction'", 0, 1, lo_open=True)
-    conf["sync"] = net.number(conf["sync"], "'sync'", 1, MAX_ROUNDS, integer=True)
-    conf["seed"] = net.number(conf.get("seed", 0), "'seed'", 0, MAX_SEED, integer=True)
-    conf["round_timeout_s"] = net.number(conf.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
+    conf["trainer_fraction"] = bounded_input.number(conf["trainer_fraction"], "'trainer_fraction'", 0, 1, lo_open=True)
+    conf["sync"] = bounded_input.number(conf["sync"], "'sync'", 1, MAX_ROUNDS, integer=True)
+    conf["seed"] = bounded_input.number(conf.get("seed", 0), "'seed'", 0, MAX_SEED, integer=True)
+    conf["round_timeout_s"] = bounded_input.number(conf.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S),
                                          "'round_timeout_s'", 0.1, 1e6)
-    conf["min_fraction"] = net.number(conf.get("min_fraction", DEFAULT_MIN_FRACTION), "'min_fraction'",
+    conf["min_fraction"] = bounded_input.number(conf.get("min_fraction", DEFAULT_MIN_FRACTION), "'min_fraction'",
                                       0, 1, lo_open=True)
-    conf["round_retries"] = net.number(conf.get("round_retries", DEFAULT_ROUND_RETRIES), "'round_retries'",
+    conf["round_retries"] = bounded_input.number(conf.get("round_retries", DEFAULT_ROUND_RETRIES), "'round_retries'",
                                        0, MAX_ROUND_RETRIES, integer=True)
     children, connect = conf["child_node"], conf["connect"]
     if not isinstance(children, list) or not children or not all(isinstance(c, str) for c in children):
@@ -99,10 +98,10 @@ class FlAggregator:
         if not isinstance(name, str):
             raise BadRequest("weights metadata must carry 'name' (str) and 'round' (int)")
         try:
-            rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
-            samples = net.number(meta.get("samples"), "weights metadata 'samples'", 1, MAX_SAMPLES,
+            rnd = bounded_input.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
+            samples = bounded_input.number(meta.get("samples"), "weights metadata 'samples'", 1, MAX_SAMPLES,
                                  integer=True)
-            loss = net.number(meta["loss"], "weights metadata 'loss'") if "loss" in meta else float("nan")
+            loss = bounded_input.number(meta["loss"], "weights metadata 'loss'") if "loss" in meta else float("nan")
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: upload from {name[:64]}: {e}") from None
         if model is None:

@@ -16,10 +16,9 @@ import zlib
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-from learn import train_epochs
-from runtime import Runtime, main
+from dml_app import bounded_input, calls, nns
+from dml_app.learn import train_epochs
+from dml_app.runtime import Runtime, main
 
 DEFAULT_LR = 0.05
 MAX_EPOCHS = 10_000
@@ -31,8 +30,8 @@ def check_structure(conf: dict) -> dict:
     for key in ("epoch", "father_node", "connect"):
         if key not in conf:
             raise ValueError(f"missing key {key!r} (a trainer needs epoch, father_node, connect)")
-    conf["epoch"] = net.number(conf["epoch"], "'epoch'", 1, MAX_EPOCHS, integer=True)
-    conf["lr"] = net.number(conf.get("lr", DEFAULT_LR), "'lr'", 0, 10, lo_open=True, hi_open=True)
+    conf["epoch"] = bounded_input.number(conf["epoch"], "'epoch'", 1, MAX_EPOCHS, integer=True)
+    conf["lr"] = bounded_input.number(conf.get("lr", DEFAULT_LR), "'lr'", 0, 10, lo_open=True, hi_open=True)
     father = conf["father_node"]
     if not isinstance(conf["connect"], dict) or father not in conf["connect"]:
         raise ValueError(f"'connect' has no address for father_node {father!r}")
@@ -61,7 +60,7 @@ class FlTrainer:
         model = nns.build_model(rt.data.meta)
         tensors, meta = rt.receive_weights(model.state_dict(), model=f"the {type(model).__name__} model")
         try:
-            rnd = net.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
+            rnd = bounded_input.number(meta.get("round"), "weights metadata 'round'", 1, MAX_ROUNDS, integer=True)
         except ValueError as e:
             raise BadRequest(f"{rt.name}: {e}") from None
         model.load_state_dict(tensors, strict=True)
@@ -82,7 +81,7 @@ class FlTrainer:
                 rt.send_weights(rt.peer(father), "/combine", model.state_dict(),
                                 {"round": rnd, "name": rt.name, "samples": data.train_samples,
                                  "loss": loss})
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 rt.log.warning("round %d: upload to %s failed: %s", rnd, father, e)
             rt.set_state("idle", rnd)
 

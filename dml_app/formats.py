@@ -21,10 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Mapping
 
-try:  # imported as dml_app.formats (controller, dml_tool, agent)
-    from . import net
-except ImportError:  # imported as formats by a node role (only dml_app/ on its path)
-    import net
+from dml_app import bounded_input
 
 
 class FormatError(ValueError):
@@ -51,7 +48,7 @@ def _range(lo: float | None, hi: float | None, lo_open: bool) -> str:
 
 
 def _get(entry: Mapping[str, Any], key: str, where: str, default: Any, expected: str, convert) -> Any:
-    """convert(entry[key]) (net.number's checks), `default` when absent and not None;
+    """convert(entry[key]) (bounded_input.number's checks), `default` when absent and not None;
     FormatError "where: missing key 'key'" or "where.key: expected ..., got ..."."""
     if key not in entry:
         if default is None:
@@ -71,7 +68,7 @@ def get_int(entry: Mapping[str, Any], key: str, where: str, *, low: int = 0, hig
     def convert(v: Any) -> int:
         if isinstance(v, float):
             raise ValueError(v)
-        return int(net.number(v, key, low, high, integer=True))
+        return int(bounded_input.number(v, key, low, high, integer=True))
     return _get(entry, key, where, default, f"an integer{_range(low, high, False)}", convert)
 
 
@@ -79,7 +76,7 @@ def get_number(entry: Mapping[str, Any], key: str, where: str, *, low: float, hi
                low_open: bool = False, default: float | None = None) -> float:
     """entry[key] as a finite number in [low, high] ((low, high] with low_open)."""
     return _get(entry, key, where, default, f"a number{_range(float(low), float(high), low_open)}",
-                lambda v: float(net.number(v, key, low, high, lo_open=low_open)))
+                lambda v: float(bounded_input.number(v, key, low, high, lo_open=low_open)))
 
 
 def check_keys(entry: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:

@@ -40,13 +40,11 @@ import threading
 import torch
 from werkzeug.exceptions import BadRequest, Conflict
 
-import net
-import nns
-import peer_role
-from algorithms import shapes
-from gossip import gossip_round, mix, peer_rng
-from rounds import Rounds
-from runtime import DEAD, TIMEOUT, Runtime, main
+from dml_app import calls, nns, peer_role, weights
+from dml_app.algorithms import shapes
+from dml_app.gossip import gossip_round, mix, peer_rng
+from dml_app.rounds import Rounds
+from dml_app.runtime import DEAD, TIMEOUT, Runtime, main
 
 DEFAULT_WAIT_S = 5.0
 DEFAULT_GOSSIP_TIMEOUT_S = 30.0
@@ -173,7 +171,7 @@ class GlPeer:
         """Tell one live peer (gossip.gossip_round chooses; a failed send is skipped and
         another chosen); each send bounded by gossip_timeout_s through rt.fan_out."""
         rt, timeout_s = self.rt, self.rt.structure["gossip_timeout_s"]
-        body = net.pack_weights(self.model.state_dict(), {"name": rt.name, "round": r,
+        body = weights.pack_weights(self.model.state_dict(), {"name": rt.name, "round": r,
                                                           "samples": rt.data.train_samples})
 
         def send(peer: str) -> str | None:
@@ -207,7 +205,7 @@ class GlPeer:
             down = sorted(self._down)
         if not down:
             return
-        got = rt.fan_out(down, lambda n: net.call("GET", f"http://{rt.peer(n)}/hi", token=rt.peer_token,
+        got = rt.fan_out(down, lambda n: calls.call("GET", f"http://{rt.peer(n)}/hi", token=rt.peer_token,
                                                   timeout_s=PROBE_TIMEOUT_S),
                          deadline_s=PROBE_TIMEOUT_S + 1.0)
         back = [n for n, rep in got.items() if rep.ok]

@@ -11,7 +11,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
-from algorithms import check_fits
+from dml_app.algorithms import check_fits
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -20,8 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import formats
-import net
+from dml_app import bounded_input, formats, weights
 
 
 class DatasetError(ValueError):
@@ -133,7 +132,7 @@ MAX_BUNDLE_CLASSES = 100_000
 
 def pack_train_parts(dataset_dir: str, start: int, count: int) -> bytes:
     """Train parts start..start+count-1 as one safetensors bundle: {"x": float32 [N,
-    *input_shape], "y": int64 [N]}, metadata (net.pack_weights: one JSON object) with
+    *input_shape], "y": int64 [N]}, metadata (weights.pack_weights: one JSON object) with
     meta.json's name, input_shape and num_classes plus train_start_index, train_len and
     samples. Deterministic: the same parts give the same bytes (and sha256)."""
     import torch
@@ -153,7 +152,7 @@ def pack_train_parts(dataset_dir: str, start: int, count: int) -> bytes:
             "num_classes": int(meta.get("num_classes", int(y.max()) + 1 if len(y) else 1)),
             "train_start_index": conf["train_start_index"], "train_len": conf["train_len"],
             "samples": int(len(y))}
-    return net.pack_weights({"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+    return weights.pack_weights({"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
                              "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}, info)
 
 
@@ -162,7 +161,7 @@ def unpack_parts(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     ValueError naming what is wrong: not safetensors, other tensors, dtypes or shapes
     that do not match the metadata, labels outside 0..num_classes-1."""
     try:
-        tensors, meta = net.unpack_weights(body)
+        tensors, meta = weights.unpack_weights(body)
     except ValueError as e:
         raise ValueError(f"data bundle: {e}") from None
     if sorted(tensors) != sorted(BUNDLE_KEYS):
@@ -180,7 +179,7 @@ def unpack_parts(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         raise ValueError(f"data bundle: inputs shaped {list(x.shape[1:])}, its metadata says {shape!r}")
     if not isinstance(meta.get("name"), str) or not meta["name"]:
         raise ValueError("data bundle: metadata has no dataset 'name'")
-    classes = net.number(meta.get("num_classes"), "data bundle 'num_classes'", 1, MAX_BUNDLE_CLASSES,
+    classes = bounded_input.number(meta.get("num_classes"), "data bundle 'num_classes'", 1, MAX_BUNDLE_CLASSES,
                          integer=True)
     if int(y.min()) < 0 or int(y.max()) >= classes:
         raise ValueError(f"data bundle: labels {int(y.min())}..{int(y.max())} outside 0..{classes - 1}")

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-import net
-import nns
-from learn import evaluate, train_epochs
-from runtime import Runtime
+from dml_app import bounded_input, nns
+from dml_app.learn import evaluate, train_epochs
+from dml_app.runtime import Runtime
 
 DEFAULT_LR = 0.05
 MAX_EPOCHS = 10_000
@@ -26,14 +25,14 @@ MAX_SEED = 2**32 - 1
 
 def meta_int(meta: dict, key: str, low: int, high: int = MAX_ROUNDS) -> int:
     """An integer of a peer's weights metadata (round, step, index, ...); ValueError names it."""
-    return net.number(meta.get(key), f"weights metadata {key!r}", low, high, integer=True)
+    return bounded_input.number(meta.get(key), f"weights metadata {key!r}", low, high, integer=True)
 
 
 def number(conf: dict, key: str, kind: type, low: float, high: float | None = None,
            default: Any = None) -> Any:
     """conf[key] as `kind` within [low, high] (`default` when absent); ValueError names the
-    key (net.number: no bools, strings, NaN or infinities)."""
-    return net.number(conf.get(key, default), repr(key), low, high, integer=kind is int)
+    key (bounded_input.number: no bools, strings, NaN or infinities)."""
+    return bounded_input.number(conf.get(key, default), repr(key), low, high, integer=kind is int)
 
 
 def check_common(conf: dict, role: str, *, min_epoch: int = 1) -> dict:

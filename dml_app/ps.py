@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import net
-from algorithms import StateDict, check_fits
+from dml_app import bounded_input
+from dml_app.algorithms import StateDict, check_fits
 
 MODES = ("sync", "async")
 MAX_PUSH_IDS = 4096           # push ids remembered (per server) to answer a resent push
@@ -157,7 +157,7 @@ def sgd_step(params: StateDict, grad: StateDict, *, lr: float, momentum: float =
     return new, new_buf
 
 
-_CHECKS = {  # key: net.number's (lo, hi, integer, lo_open, hi_open)
+_CHECKS = {  # key: bounded_input.number's (lo, hi, integer, lo_open, hi_open)
     "steps": (1, 10_000_000, True, False, False),
     "lr": (0, 10, False, True, False),
     "momentum": (0, 1, False, False, True),
@@ -193,11 +193,11 @@ class PsConfig:
         if self.mode not in MODES:
             raise ValueError(f"'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
         for key, (lo, hi, integer, lo_open, hi_open) in _CHECKS.items():
-            v = net.number(getattr(self, key), repr(key), lo, hi, integer=integer,
+            v = bounded_input.number(getattr(self, key), repr(key), lo, hi, integer=integer,
                            lo_open=lo_open, hi_open=hi_open)
             object.__setattr__(self, key, v)     # 2.0 steps is 2; the dataclass is frozen
         if self.lr_end is not None:
-            object.__setattr__(self, "lr_end", net.number(self.lr_end, "'lr_end'", 0, 10))
+            object.__setattr__(self, "lr_end", bounded_input.number(self.lr_end, "'lr_end'", 0, 10))
 
     def lr_at(self, version: int) -> float:
         """The lr of the step from `version` to version + 1."""

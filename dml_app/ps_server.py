@@ -49,8 +49,8 @@ Serverless mode (structure conf {"role": "server", "serverless": true, "mode": "
 "eval_every", "seed"}; no "workers"): the workers are stateless actions
 (dml_app/sl_action.py) that come and go. GET /start builds the seeded model (version 0) and starts nobody; workers
 register themselves and train on the same versioned model with the async rule. These
-routes take a client credential (net.client_token(admin, <this node>, <calling node>):
-the api_key an invoker passes its action), which names the calling node; the node's own
+routes take a client credential (testbed_core.credentials.client_token(admin, <this
+node>, <calling node>): the api_key an invoker passes its action), which names the calling node; the node's own
 credential (the controller's) may read and unregister, not register or push; the
 testbed's peer credential gets 403, no credential 401:
 
@@ -87,13 +87,12 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, Forbidden, Gone, TooManyRequests
 
-import net
-import nns
-from algorithms import weighted_mean
-from learn import evaluate
-from ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,
+from dml_app import bounded_input, calls, nns, weights
+from dml_app.algorithms import weighted_mean
+from dml_app.learn import evaluate
+from dml_app.ps import (MAX_PUSH_ID_CHARS, Finished, NotAllowed, ParameterServer, PsConfig, Registry, Rejected,
                 TooMany, check_worker_id)
-from runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
+from dml_app.runtime import DEAD, TIMEOUT, WEIGHTS_MIME, Gather, Runtime, main, reply_for
 
 MAX_WAIT_S = 10.0
 MAX_VERSION = 10_000_000      # PsConfig's largest `steps`
@@ -190,9 +189,9 @@ class PsServer:
             raise BadRequest("expected JSON {\"name\": ..., \"have\": version, \"wait_s\": seconds}")
         name = body.get("name")
         try:
-            have = net.number(body.get("have"), "'have' (the version held, -1 for none)", -1,
+            have = bounded_input.number(body.get("have"), "'have' (the version held, -1 for none)", -1,
                               MAX_VERSION, integer=True)
-            wait_s = net.number(body.get("wait_s", 0), "'wait_s'", 0, 3600)
+            wait_s = bounded_input.number(body.get("wait_s", 0), "'wait_s'", 0, 3600)
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: /ps/pull: {e}") from None
         with self._cond:
@@ -213,7 +212,7 @@ class PsServer:
         try:
             self.rt.send_weights(self.rt.peer(name), "/ps/params", params, {"version": version},
                                  timeout_s=PARAMS_TIMEOUT_S)
-        except net.HttpError as e:
+        except calls.HttpError as e:
             self._lost(name, reply_for(name, e).why, f"its /ps/params failed: {e}")
             return jsonify(error=f"sending version {version} to {name} failed: {e}"), 502
         with self._cond:
@@ -245,11 +244,11 @@ class PsServer:
             raise BadRequest(f"gradient metadata must carry '{key}' (str), 'version' (int) and "
                              "'samples' (int >= 1)")
         try:
-            version = net.number(meta.get("version"), "gradient metadata 'version'", 0, MAX_VERSION,
+            version = bounded_input.number(meta.get("version"), "gradient metadata 'version'", 0, MAX_VERSION,
                                  integer=True)
-            samples = net.number(meta.get("samples"), "gradient metadata 'samples'", 1, MAX_SAMPLES,
+            samples = bounded_input.number(meta.get("samples"), "gradient metadata 'samples'", 1, MAX_SAMPLES,
                                  integer=True)
-            loss = net.number(meta["loss"], "gradient metadata 'loss'") if "loss" in meta else float("nan")
+            loss = bounded_input.number(meta["loss"], "gradient metadata 'loss'") if "loss" in meta else float("nan")
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: gradient from {name[:64]}: {e}") from None
         push_id = meta.get("push_id")
@@ -413,7 +412,7 @@ class PsServer:
             packed = self._packed
         if packed is not None and packed[0] == version:
             return packed[1]
-        body = net.pack_weights(params, {"version": version})
+        body = weights.pack_weights(params, {"version": version})
         with self._cond:
             if self._packed is None or self._packed[0] < version:
                 self._packed = (version, body)
@@ -562,7 +561,7 @@ class PsServer:
                     config.momentum, f", max_staleness {config.max_staleness}" if config.mode == "async"
                     else f", step_timeout_s {config.step_timeout_s:g}, step_retries {config.step_retries}", acc)
         workers = [] if serverless else conf["workers"]
-        begun = rt.fan_out(workers, lambda w: net.call("GET", f"http://{rt.peer(w)}/start",
+        begun = rt.fan_out(workers, lambda w: calls.call("GET", f"http://{rt.peer(w)}/start",
                                                        token=rt.peer_token, timeout_s=30, retries=5),
                            deadline_s=START_DEADLINE_S)
         for w, rep in begun.items():

@@ -32,11 +32,10 @@ import zlib
 
 from werkzeug.exceptions import BadRequest
 
-import net
-import nns
-from algorithms import shapes
-from ps import batch_gradient, batches
-from runtime import Runtime, main
+from dml_app import bounded_input, calls, nns
+from dml_app.algorithms import shapes
+from dml_app.ps import batch_gradient, batches
+from dml_app.runtime import Runtime, main
 
 PULL_WAIT_S = 5.0
 PUSH_RESENDS = 2         # a push whose answer was lost is sent again (same push_id)
@@ -74,7 +73,7 @@ class PsWorker:
         """POST /ps/params: the server's parameters of some version (kept if newer)."""
         tensors, meta = self.rt.receive_weights(self._fit, what="the parameters")
         try:
-            version = net.number(meta.get("version"), "parameters metadata 'version'", 0, 10_000_000,
+            version = bounded_input.number(meta.get("version"), "parameters metadata 'version'", 0, 10_000_000,
                                  integer=True)
         except ValueError as e:
             raise BadRequest(f"{self.rt.name}: {e}") from None
@@ -90,7 +89,7 @@ class PsWorker:
             try:
                 self.rt.send_weights(server, "/ps/push", grad, meta)
                 return
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if e.status is not None or attempt == PUSH_RESENDS:
                     raise
                 self.rt.log.warning("push %s: no answer (%s); sending it again", meta["push_id"], e.message)
@@ -105,11 +104,11 @@ class PsWorker:
         run_id, pushes = os.urandom(6).hex(), 0     # push ids: this process's, numbered
         while not rt.stopping.is_set():
             try:
-                ans = net.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
+                ans = calls.post_json(f"http://{server}/ps/pull", {"name": rt.name, "have": have,
                                                                 "wait_s": PULL_WAIT_S},
                                     token=rt.peer_token, timeout_s=PULL_WAIT_S + 120)
                 silent_since = None
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if e.status == 410:
                     break
                 # no answer, 409 (not started yet) or 502 (it could not send us the parameters)
@@ -132,7 +131,7 @@ class PsWorker:
             try:
                 self._push(server, grad, {"name": rt.name, "version": have, "samples": len(idx),
                                           "loss": loss, "push_id": f"{run_id}-{pushes}"})
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if e.status == 410:
                     break
                 if e.status not in (None, 409):

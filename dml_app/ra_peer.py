@@ -58,12 +58,9 @@ import torch
 from flask import Response, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict
 
-import formats
-import net
-import nns
-import peer_role
-from ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
-from runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
+from dml_app import bounded_input, formats, nns, peer_role, weights
+from dml_app.ring import PHASES, AllReduce, Entry, flatten, is_subring, unflatten
+from dml_app.runtime import PEER_RE, WEIGHTS_MIME, Runtime, main, reply_for
 
 INITS = ("common", "per_rank")
 MAX_RING = 100_000           # steps and chunk indices are below the ring's size
@@ -75,7 +72,7 @@ STATE_OF = {"reduce": "reducing", "gather": "gathering"}
 
 
 def _json() -> dict:
-    body = request.get_json(silent=True)     # bounded by the runtime (net.limit_bodies)
+    body = request.get_json(silent=True)     # bounded by the runtime (bounded_input.limit_bodies)
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object body (Content-Type: application/json)")
     return body
@@ -84,7 +81,7 @@ def _json() -> dict:
 def _int(value, what: str, low: int, high: int = peer_role.MAX_ROUNDS) -> int:
     """An integer from a request (JSON body or chunk metadata); 400 naming it otherwise."""
     try:
-        return net.number(value, what, low, high, integer=True)
+        return bounded_input.number(value, what, low, high, integer=True)
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -283,7 +280,7 @@ class RaPeer:
         step = _int(body.get("step"), "'step'", 0, MAX_RING)
         attempt = _int(body.get("attempt", 0), "'attempt'", 0, MAX_ATTEMPTS)
         try:
-            timeout_s = net.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, MAX_SEND_TIMEOUT_S)
+            timeout_s = bounded_input.number(body.get("timeout_s", SEND_TIMEOUT_S), "'timeout_s'", 0.1, MAX_SEND_TIMEOUT_S)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         with self._lock:
@@ -363,7 +360,7 @@ class RaPeer:
         if self.model is None:
             raise Conflict(f"{self.rt.name}: no model before /start")
         with self._lock:
-            body = net.pack_weights(self.model.state_dict(), {"name": self.rt.name, "round": self.rt.round})
+            body = weights.pack_weights(self.model.state_dict(), {"name": self.rt.name, "round": self.rt.round})
         return Response(body, mimetype=WEIGHTS_MIME)
 
 

@@ -37,8 +37,8 @@ from typing import Any, Callable, Hashable, Iterable, Mapping
 
 from werkzeug.exceptions import Conflict
 
-from algorithms import needed
-from runtime import TIMEOUT, Gather, Reply, Runtime
+from dml_app.algorithms import needed
+from dml_app.runtime import TIMEOUT, Gather, Reply, Runtime
 
 
 class Rounds:

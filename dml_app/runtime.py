@@ -62,10 +62,9 @@ from typing import Any, Callable, Iterable, Mapping
 from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound
 
-import formats
-import net
-from algorithms import check_fits
-from node_data import DatasetError, NodeData, load_node_data, read_meta
+from dml_app import bounded_input, calls, formats, node_auth, serving, weights
+from dml_app.algorithms import check_fits
+from dml_app.node_data import DatasetError, NodeData, load_node_data, read_meta
 
 PEER_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 HEARTBEAT_PERIOD_S = 2.0
@@ -93,10 +92,10 @@ PROBE_PERIOD_S = 1.0         # how often a gather asks its pending peers whether
 STALL_S = 1.0
 STALL_GRACE_S = 1.0
 
-# Why a peer gave nothing, and the Reply of one call: net.py's (the controller's drivers
+# Why a peer gave nothing, and the Reply of one call: calls.py's (the controller's drivers
 # classify their calls the same way).
-DEAD, REFUSED, TIMEOUT, ERROR = net.DEAD, net.REFUSED, net.TIMEOUT, net.ERROR
-Reply, reply_for = net.Reply, net.reply_for
+DEAD, REFUSED, TIMEOUT, ERROR = calls.DEAD, calls.REFUSED, calls.TIMEOUT, calls.ERROR
+Reply, reply_for = calls.Reply, calls.reply_for
 
 
 class Gather:
@@ -163,7 +162,7 @@ class Gather:
         """Wait until nothing is pending, `deadline_s` seconds passed or the node stops;
         True when nothing is pending. A wait this node overslept (it was frozen) gets
         STALL_GRACE_S more: what peers sent meanwhile is still to be read."""
-        deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
+        deadline_s = bounded_input.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
         end = time.monotonic() + deadline_s
         next_probe = time.monotonic() + self._probe_period_s
         while True:
@@ -225,12 +224,12 @@ class Runtime:
         # Its own credential (for the controller, which calls it with the same) and the
         # testbed's peer credential (for other nodes); one token serves both when the
         # peer one is not given (a node run by hand).
-        self.token = env.get(net.TOKEN_ENV, "")
+        self.token = env.get(node_auth.TOKEN_ENV, "")
         if not self.token:
-            raise ConfigError(f"{net.TOKEN_ENV} is not set: the testbed token is required")
-        self.peer_token = env.get(net.PEER_TOKEN_ENV, "") or self.token
+            raise ConfigError(f"{node_auth.TOKEN_ENV} is not set: the testbed token is required")
+        self.peer_token = env.get(node_auth.PEER_TOKEN_ENV, "") or self.token
         # Checks the credentials of this node's clients (route(..., clients=True)).
-        self.service_key = env.get(net.SERVICE_KEY_ENV, "")
+        self.service_key = env.get(node_auth.SERVICE_KEY_ENV, "")
         self._client_routes: set[str] = set()
         port_raw = env.get("DML_PORT", "4444")
         if not port_raw.isdigit() or not 0 <= int(port_raw) <= 65535:
@@ -261,7 +260,7 @@ class Runtime:
         self._started = False
         self._structure_fn: Callable[[dict], dict | None] | None = None
         self._dataset_fn: Callable[[NodeData], None] | None = None
-        self._server: net.Server | None = None
+        self._server: serving.Server | None = None
         self._hb_failing = False
         # Live metrics (see HB_RECORDS_MAX): (seq, JSON text) not acknowledged yet; `boot`
         # tells the controller that a restarted app numbers from 1 again.
@@ -275,11 +274,11 @@ class Runtime:
         self._setup_torch()
         self._setup_logging()
         self.app = Flask(f"edgetb-{self.name}")
-        net.require_token(self.app, self.token, peer_token=self.peer_token,
+        node_auth.require_token(self.app, self.token, peer_token=self.peer_token,
                           owner_only=CONF_ROUTE.values(), client_key=self.service_key,
                           client_routes=self._client_routes)
         # JSON routes take 1 MiB; weights routes (route(..., weights=True)) what the model needs.
-        self.body_limits = net.limit_bodies(self.app, json_errors=False)
+        self.body_limits = bounded_input.limit_bodies(self.app, json_errors=False)
         self._add_builtin_routes()
 
     # ------------------------------------------------------------------ setup
@@ -320,7 +319,7 @@ class Runtime:
 
         @app.errorhandler(HTTPException)
         def _plain_error(e: HTTPException):
-            # Plain text so `curl` and net.HttpError show the message itself.
+            # Plain text so `curl` and calls.HttpError show the message itself.
             return Response(f"{e.description}\n", status=e.code, mimetype="text/plain")
 
         @app.get("/hi")
@@ -401,7 +400,7 @@ class Runtime:
                            f"round {self.round}); push confs before /start")
 
     def _json_body(self) -> dict[str, Any]:
-        """The request's JSON object (bounded: net.parse_json_body); HTTP 400 otherwise."""
+        """The request's JSON object (bounded: bounded_input.parse_json_body); HTTP 400 otherwise."""
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest(f"{self.name}: expected a JSON object body (Content-Type: application/json)")
@@ -413,12 +412,12 @@ class Runtime:
               clients: bool = False, **options: Any) -> Callable:
         """Flask's `app.route`: the handler runs after the token check and the body limit.
 
-        A route's body is at most net.JSON_LIMIT (1 MiB) unless `weights=True` (the
+        A route's body is at most bounded_input.JSON_LIMIT (1 MiB) unless `weights=True` (the
         route takes model weights: see `weights_limit`) or `max_body` (bytes) says
         otherwise; a larger body gets 413 before the handler runs. `clients=True`: a
-        client credential (net.client_token for this node, e.g. a serverless worker's
-        api_key) opens the route, the testbed's peer credential does not; `client()`
-        says which node called. `rule` is then a fixed path."""
+        client credential (testbed_core.credentials.client_token for this node, e.g. a
+        serverless worker's api_key) opens the route, the testbed's peer credential does
+        not; `client()` says which node called. `rule` is then a fixed path."""
         if clients:
             self._client_routes.add(rule)
         if weights:
@@ -443,27 +442,27 @@ class Runtime:
 
     def weights_limit(self) -> int:
         """The largest body a weights route takes: 2 x the declared model's safetensors
-        size + net.WEIGHTS_SLACK (header and metadata), for the dataset's meta.json (the
-        loaded dataset conf's, else the dataset folder's); net.DEFAULT_WEIGHTS_LIMIT
+        size + bounded_input.WEIGHTS_SLACK (header and metadata), for the dataset's meta.json (the
+        loaded dataset conf's, else the dataset folder's); bounded_input.DEFAULT_WEIGHTS_LIMIT
         (64 MiB) when the role declared no model or there is no meta.json yet."""
         if self._model_fn is None:
-            return net.DEFAULT_WEIGHTS_LIMIT
+            return bounded_input.DEFAULT_WEIGHTS_LIMIT
         meta = self.data.meta if self.data is not None else None
         if meta is None:
             try:
                 meta = read_meta(self.dataset_dir)
             except DatasetError:
-                return net.DEFAULT_WEIGHTS_LIMIT
+                return bounded_input.DEFAULT_WEIGHTS_LIMIT
         key = json.dumps(meta, sort_keys=True, default=str)
         if key not in self._weights_limits:
             try:
-                size = len(net.pack_weights(self._model_fn(meta).state_dict()))
+                size = len(weights.pack_weights(self._model_fn(meta).state_dict()))
             except Exception as e:   # a meta.json the model cannot take: the default, said once
                 self.log.warning("weights limit: the declared model does not build for %s (%s); "
-                                 "using %s", meta.get("name"), e, net.human_bytes(net.DEFAULT_WEIGHTS_LIMIT))
+                                 "using %s", meta.get("name"), e, bounded_input.human_bytes(bounded_input.DEFAULT_WEIGHTS_LIMIT))
                 size = None
-            self._weights_limits[key] = (2 * size + net.WEIGHTS_SLACK if size is not None
-                                         else net.DEFAULT_WEIGHTS_LIMIT)
+            self._weights_limits[key] = (2 * size + bounded_input.WEIGHTS_SLACK if size is not None
+                                         else bounded_input.DEFAULT_WEIGHTS_LIMIT)
         return self._weights_limits[key]
 
     def on_start(self, fn: Callable[[], Any], *,
@@ -531,14 +530,14 @@ class Runtime:
                 limit: int = FAN_OUT_LIMIT) -> dict[str, Reply]:
         """fn(peer) for every peer, at most `limit` at once, for at most `deadline_s` seconds
         in all: {peer: Reply}, in the peers' order. A call that raised gives why it failed
-        (net.HttpError: dead if its connection was refused, refused with the status of an
+        (calls.HttpError: dead if its connection was refused, refused with the status of an
         HTTP error, timeout if nothing came back; anything else: error); a call still
         going at the deadline, or not begun when the node stops, gives timeout (its
         thread ends on its own timeout; its answer is ignored). fn must bound its own
-        calls (net.call's timeout_s). When this node itself stalled past the deadline
+        calls (calls.call's timeout_s). When this node itself stalled past the deadline
         (frozen), calls still going get STALL_GRACE_S more."""
-        deadline_s = net.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
-        limit = net.number(limit, "limit", 1, 1024, integer=True)
+        deadline_s = bounded_input.number(deadline_s, "deadline_s", 0, MAX_DEADLINE_S)
+        limit = bounded_input.number(limit, "limit", 1, 1024, integer=True)
         peers = list(dict.fromkeys(peers))
         out: dict[str, Reply] = {}
         if not peers:
@@ -574,7 +573,7 @@ class Runtime:
         through fan_out: {name: Reply}. A send is repeated only when it cannot have
         arrived (connection refused); each call is bounded by `timeout_s` (default the
         deadline)."""
-        body = net.pack_weights(state_dict, meta)
+        body = weights.pack_weights(state_dict, meta)
         per_call = min(deadline_s, timeout_s) if timeout_s is not None else deadline_s
         return self.fan_out(peers, lambda n: self.post_weights_body(peers[n], path, body,
                                                                     timeout_s=max(per_call, 0.1)),
@@ -592,7 +591,7 @@ class Runtime:
 
             def probe(pending: set[str]) -> dict[str, str]:
                 got = self.fan_out(sorted(p for p in pending if p in addrs),
-                                   lambda n: net.call("GET", f"http://{addrs[n]}/hi", token=self.peer_token,
+                                   lambda n: calls.call("GET", f"http://{addrs[n]}/hi", token=self.peer_token,
                                                       timeout_s=PROBE_PERIOD_S * 2, retries=1),
                                    deadline_s=PROBE_PERIOD_S * 3)
                 return {n: DEAD for n, rep in got.items() if rep.why == DEAD}
@@ -656,7 +655,7 @@ class Runtime:
         try:
             ack = answer.json().get("ack") if answer.headers.get("content-type", "").startswith(
                 "application/json") else None
-            ack = net.number(ack, "ack", 0, 2**62, integer=True) if ack is not None else None
+            ack = bounded_input.number(ack, "ack", 0, 2**62, integer=True) if ack is not None else None
         except (ValueError, AttributeError):
             ack = None
         if ack is None:
@@ -695,10 +694,10 @@ class Runtime:
                      retries: int = 2) -> Any:
         """POST `state_dict` (+ `meta`) as safetensors to http://peer/path.
 
-        Raises net.HttpError when the peer does not answer 2xx. Bytes count as sent
+        Raises calls.HttpError when the peer does not answer 2xx. Bytes count as sent
         once the peer answered, whatever it answered.
         """
-        return self.post_weights_body(peer, path, net.pack_weights(state_dict, meta),
+        return self.post_weights_body(peer, path, weights.pack_weights(state_dict, meta),
                                       timeout_s=timeout_s, retries=retries)
 
     def post_weights_body(self, peer: str, path: str, body: bytes, *, timeout_s: float = 300.0,
@@ -707,10 +706,10 @@ class Runtime:
         if not PEER_RE.match(peer):
             raise ValueError(f"peer {peer!r}: expected 'ip:port'")
         try:
-            r = net.call("POST", f"http://{peer}{path}", token=self.peer_token, data=body,
+            r = calls.call("POST", f"http://{peer}{path}", token=self.peer_token, data=body,
                          headers={"Content-Type": WEIGHTS_MIME}, timeout_s=timeout_s,
                          retries=retries)
-        except net.HttpError as e:
+        except calls.HttpError as e:
             if e.status is not None:
                 self._add_bytes(sent=len(body))
             raise
@@ -725,8 +724,8 @@ class Runtime:
         body = request.get_data(cache=False)
         self._add_bytes(received=len(body))
         try:
-            tensors, meta = net.unpack_weights(body)
-        except net.BodyError as e:
+            tensors, meta = weights.unpack_weights(body)
+        except bounded_input.BodyError as e:
             self.log.warning("refused weights from %s on %s: %s", request.remote_addr,
                              request.path, e)
             raise BadRequest(f"{self.name}: {request.path}: {e}") from None
@@ -774,8 +773,8 @@ class Runtime:
             self.log.warning("NET_CTL_ADDRESS not set: cannot call the controller's /finish")
             return False
         try:
-            net.call("GET", url, token=self.token, timeout_s=timeout_s, retries=2)
-        except net.HttpError as e:
+            calls.call("GET", url, token=self.token, timeout_s=timeout_s, retries=2)
+        except calls.HttpError as e:
             self.log.warning("controller /finish failed: %s", e)
             return False
         self.log.info("finish reported to the controller")
@@ -791,7 +790,7 @@ class Runtime:
             try:
                 # Sent once (no retries): a lost answer only means the same records again
                 # with the next heartbeat, which the controller drops by their seq.
-                r = net.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S * (2 if live else 1),
+                r = calls.call("POST", url, token=self.token, timeout_s=HEARTBEAT_PERIOD_S * (2 if live else 1),
                              json={"node": self.name, "state": self.state, "round": self.round,
                                    **({"error": self.error} if self.error else {}),
                                    **({"metrics": live} if live else {})})
@@ -799,7 +798,7 @@ class Runtime:
                 if self._hb_failing:
                     self.log.info("heartbeats reach the controller again")
                 self._hb_failing = False
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if not self._hb_failing:  # once per outage, not every 2 s
                     self.log.warning("heartbeat failed (will keep trying quietly): %s", e)
                 self._hb_failing = True
@@ -811,7 +810,7 @@ class Runtime:
         """Bind and serve on a thread (run() does this; tests may call it directly)."""
         # waitress's bound: the largest route limit now (JSON, or the weights of the model
         # for the dataset folder's meta.json, or 64 MiB before there is one).
-        self._server = net.Server(self.app, host, self.port, threads=8).start()
+        self._server = serving.Server(self.app, host, self.port, threads=8).start()
         self.port = self._server.port
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         self.log.info("%s %s serving on %s:%d (torch threads %d, dataset %s)", self.role,

@@ -40,8 +40,8 @@ One activation:
      controller's (NET_CTL_ADDRESS, whose GET /data/<sha256> a node credential opens);
      to any other host the GET goes without one;
   2. POST apihost/registerWorker {"worker_id": activation_id} with the /run's api_key as
-     X-Testbed-Token (net.client_token of server and this node, which the invoker
-     computes); a 410 (training over) ends the activation at once, successfully, with
+     X-Testbed-Token (testbed_core.credentials.client_token of server and this node,
+     which the invoker computes); a 410 (training over) ends the activation at once, successfully, with
      "server_done": true;
   3. cycles until epoch_n epochs of batches (ps.batches: full batches of a seeded
      permutation per epoch) are done: GET /getParameter (version v), update_intv local
@@ -101,12 +101,11 @@ import torch
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-import net
-import nns
-from algorithms import check_fits
-from node_data import unpack_parts
-from ps import batches
-from runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
+from dml_app import bounded_input, calls, nns, node_auth, serving, weights
+from dml_app.algorithms import check_fits
+from dml_app.node_data import unpack_parts
+from dml_app.ps import batches
+from dml_app.runtime import PEER_RE, WEIGHTS_MIME, ConfigError, Runtime
 
 ACTION_PORT_ENV = "DML_ACTION_PORT"
 DEFAULT_ACTION_PORT = 8080
@@ -119,7 +118,7 @@ MAX_URL_CHARS = 2048
 MAX_NAME_CHARS = 256
 MAX_INIT_ENV = 64
 MAX_INIT_ENV_CHARS = 4096
-MAX_BUNDLE_BYTES = 256 * net.MiB     # MNIST: 3 MB per 1,000 samples
+MAX_BUNDLE_BYTES = 256 * bounded_input.MiB     # MNIST: 3 MB per 1,000 samples
 CACHED_BUNDLES = 3                   # warm runs reuse the last few bundles (by digest)
 MAX_VERSION = 10_000_000             # ps.PsConfig's largest `steps`
 DEFAULT_RUN_S = 300.0                # a /run without a deadline (OpenWhisk always sends one)
@@ -151,7 +150,7 @@ def check_dataset_url(url: Any) -> tuple[str, str]:
     """(url, sha256 digest named by its last path segment); ActionError otherwise."""
     if not isinstance(url, str) or not 0 < len(url) <= MAX_URL_CHARS or any(ord(c) < 33 or ord(c) > 126 for c in url):
         raise ActionError(f"dataset_url must be an http URL of at most {MAX_URL_CHARS} printable characters, "
-                          f"got {net._show(url)}")
+                          f"got {bounded_input.show_value(url)}")
     try:
         parts = urlsplit(url)
         parts.port      # noqa: B018  (a bad port raises ValueError)
@@ -172,14 +171,14 @@ def check_params(value: Any, activation_id: str) -> dict[str, Any]:
         raise ActionError(f"'value' (the parameters) must be a JSON object, got {type(value).__name__}")
     device = value.get("device", "cpu")
     if device != "cpu":
-        raise ActionError(f"device {net._show(device)}: no such device here; this action trains on the cpu "
+        raise ActionError(f"device {bounded_input.show_value(device)}: no such device here; this action trains on the cpu "
                           f"(device \"cpu\")")
     try:
-        p = {"batch_sz_train": net.number(value.get("batch_sz_train"), "batch_sz_train", 1, 4096, integer=True),
-             "epoch_n": net.number(value.get("epoch_n"), "epoch_n", 1, 100, integer=True),
-             "update_intv": net.number(value.get("update_intv"), "update_intv", 1, 10_000, integer=True),
-             "lr": net.number(value.get("lr", 0.05), "lr", 0, 10, lo_open=True),
-             "seed": net.number(value.get("seed", zlib.crc32(activation_id.encode())), "seed", 0, 2**32 - 1,
+        p = {"batch_sz_train": bounded_input.number(value.get("batch_sz_train"), "batch_sz_train", 1, 4096, integer=True),
+             "epoch_n": bounded_input.number(value.get("epoch_n"), "epoch_n", 1, 100, integer=True),
+             "update_intv": bounded_input.number(value.get("update_intv"), "update_intv", 1, 10_000, integer=True),
+             "lr": bounded_input.number(value.get("lr", 0.05), "lr", 0, 10, lo_open=True),
+             "seed": bounded_input.number(value.get("seed", zlib.crc32(activation_id.encode())), "seed", 0, 2**32 - 1,
                                 integer=True)}
     except ValueError as e:
         raise ActionError(str(e)) from None
@@ -187,7 +186,7 @@ def check_params(value: Any, activation_id: str) -> dict[str, Any]:
     if isinstance(host, str):
         host = host.removeprefix("http://").rstrip("/")
     if not isinstance(host, str) or len(host) > MAX_NAME_CHARS or not PEER_RE.match(host):
-        raise ActionError(f"apihost must be the server's \"host:port\", got {net._show(value.get('apihost'))}")
+        raise ActionError(f"apihost must be the server's \"host:port\", got {bounded_input.show_value(value.get('apihost'))}")
     p["apihost"] = host
     p["dataset_url"], p["digest"] = check_dataset_url(value.get("dataset_url"))
     for key in ("server_token", "data_token"):     # read in --openwhisk mode only
@@ -207,7 +206,7 @@ def _deadline(raw: Any) -> float:
     if isinstance(raw, str) and raw.isdigit() and len(raw) <= 16:
         raw = int(raw)
     try:
-        ms = net.number(raw, "deadline (ms since the epoch)", 0, (now + MAX_RUN_S) * 1000)
+        ms = bounded_input.number(raw, "deadline (ms since the epoch)", 0, (now + MAX_RUN_S) * 1000)
     except ValueError as e:
         raise ActionError(str(e), 400) from None
     return time.monotonic() + (ms / 1000.0 - now)
@@ -250,8 +249,8 @@ class Action:
         None only in --openwhisk mode (no testbed credential there)."""
         app = Flask(f"edgetb-action-{self.node}")
         if token:
-            net.require_token(app, token)
-        net.limit_bodies(app, json_errors=True)
+            node_auth.require_token(app, token)
+        bounded_input.limit_bodies(app, json_errors=True)
 
         @app.errorhandler(HTTPException)
         def _http_error(e: HTTPException):
@@ -279,9 +278,9 @@ class Action:
 
     def _answer(self, fn: Callable[[dict], dict]):
         try:
-            body = net.request_json(what="the request")
+            body = bounded_input.request_json(what="the request")
             return jsonify(fn(body))
-        except net.BodyError as e:
+        except bounded_input.BodyError as e:
             return jsonify(error=str(e)), 400
         except ActionError as e:
             return jsonify(error=e.message), e.status
@@ -296,7 +295,7 @@ class Action:
                 raise ActionError("Cannot initialize the action more than once.", 403)
             main, name = value.get("main", "main"), value.get("name", "")
             if main not in MAINS:
-                raise ActionError(f"/init: main {net._show(main)}: this action's entry points are "
+                raise ActionError(f"/init: main {bounded_input.show_value(main)}: this action's entry points are "
                                   f"{' and '.join(MAINS)}")
             if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
                 raise ActionError(f"/init: name must be a string of at most {MAX_NAME_CHARS} characters")
@@ -324,7 +323,7 @@ class Action:
         aid = body.get("activation_id")
         if not isinstance(aid, str) or not ACTIVATION_ID_RE.match(aid):
             raise ActionError(f"activation_id must be 1..48 characters of [A-Za-z0-9._-], got "
-                              f"{net._show(aid)}", 400)
+                              f"{bounded_input.show_value(aid)}", 400)
         deadline = _deadline(body.get("deadline"))
         api_key = body.get("api_key")
         if not isinstance(api_key, str) or not HEADER_VALUE_RE.match(api_key):
@@ -384,7 +383,7 @@ class Action:
         def bounded(what: str) -> float:
             return min(CALL_TIMEOUT_S, check(what))
 
-        def call_failed(what: str, e: net.HttpError) -> ActionError:
+        def call_failed(what: str, e: calls.HttpError) -> ActionError:
             if e.status is None and left() <= 0:
                 return Deadline(f"deadline exceeded during {what} (activation {aid}): {e}")
             return ActionError(f"{what} failed: {e}")
@@ -419,12 +418,12 @@ class Action:
         registered = False
         try:
             try:
-                ans = net.call("POST", f"{server_url}/registerWorker", token=api_key, json={"worker_id": aid},
+                ans = calls.call("POST", f"{server_url}/registerWorker", token=api_key, json={"worker_id": aid},
                                timeout_s=bounded("registering"), retries=2).json()
                 registered = True
-                version_start = version_end = net.number(ans.get("version"), "the server's version", 0,
+                version_start = version_end = bounded_input.number(ans.get("version"), "the server's version", 0,
                                                          MAX_VERSION, integer=True)
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if e.status != 410:
                     raise call_failed(f"registering worker {aid} at the server {host}", e) from None
                 server_done = True
@@ -434,16 +433,16 @@ class Action:
             while done < total and not server_done:
                 # pull
                 try:
-                    r = net.call("GET", f"{server_url}/getParameter", token=api_key,
+                    r = calls.call("GET", f"{server_url}/getParameter", token=api_key,
                                  timeout_s=bounded("pulling parameters"), retries=2, max_bytes=params_limit)
-                except net.HttpError as e:
+                except calls.HttpError as e:
                     raise call_failed(f"GET /getParameter from {host}", e) from None
                 self._moved(byts, "params_down", len(r.content))
                 try:
-                    tensors, pmeta = net.unpack_weights(r.content)
+                    tensors, pmeta = weights.unpack_weights(r.content)
                     check_fits(model.state_dict(), tensors)     # the weights check every role makes
                     raw_v = pmeta.get("version")
-                    v = net.number(int(raw_v) if isinstance(raw_v, str) and raw_v.isdigit() else raw_v,
+                    v = bounded_input.number(int(raw_v) if isinstance(raw_v, str) and raw_v.isdigit() else raw_v,
                                    "parameters 'version'", 0, MAX_VERSION, integer=True)
                     model.load_state_dict(tensors, strict=True)
                 except (ValueError, RuntimeError) as e:
@@ -474,7 +473,7 @@ class Action:
                 if math.isfinite(loss_last):
                     gmeta["loss"] = loss_last
                 self._on_train(loss_last, v)
-                body = net.pack_weights(grad, gmeta)
+                body = weights.pack_weights(grad, gmeta)
                 outcome = self._push(server_url, body, api_key, gmeta["push_id"], bounded, call_failed, byts)
                 if outcome is None:
                     server_done = True
@@ -508,10 +507,10 @@ class Action:
         when training is over (410)."""
         for attempt in range(PUSH_RESENDS + 1):
             try:
-                r = net.call("POST", f"{server_url}/putGradient", token=api_key, data=body,
+                r = calls.call("POST", f"{server_url}/putGradient", token=api_key, data=body,
                              headers={"Content-Type": WEIGHTS_MIME}, timeout_s=bounded("pushing a gradient"),
                              retries=2)
-            except net.HttpError as e:
+            except calls.HttpError as e:
                 if e.sent:
                     self._moved(byts, "gradients_up", len(body))
                 if e.status == 409:
@@ -527,7 +526,7 @@ class Action:
             self._moved(byts, "gradients_up", len(body))
             try:
                 ans = r.json()
-                return bool(ans.get("applied")), net.number(ans.get("version"), "the server's version", 0,
+                return bool(ans.get("applied")), bounded_input.number(ans.get("version"), "the server's version", 0,
                                                             MAX_VERSION, integer=True)
             except (ValueError, AttributeError) as e:
                 raise ActionError(f"the server answered /putGradient with {e}") from None
@@ -535,9 +534,9 @@ class Action:
 
     def _unregister(self, server_url: str, aid: str, api_key: str, left: Callable[[], float]) -> None:
         try:
-            net.call("POST", f"{server_url}/unregisterWorker", token=api_key, json={"worker_id": aid},
+            calls.call("POST", f"{server_url}/unregisterWorker", token=api_key, json={"worker_id": aid},
                      timeout_s=max(1.0, min(UNREGISTER_TIMEOUT_S, left() + DEADLINE_MARGIN_S)), retries=1)
-        except net.HttpError as e:
+        except calls.HttpError as e:
             if e.status != 410:
                 self.log.warning("unregistering worker %s failed (the server drops it anyway when it "
                                  "is over): %s", aid, e)
@@ -550,9 +549,9 @@ class Action:
             return x, y, meta, True, 0
         token = data_token if self.openwhisk or urlsplit(url).netloc == self._ctl_address else None
         try:
-            r = net.call("GET", url, token=token, timeout_s=bounded("fetching the data"), retries=2,
+            r = calls.call("GET", url, token=token, timeout_s=bounded("fetching the data"), retries=2,
                          max_bytes=MAX_BUNDLE_BYTES)
-        except net.HttpError as e:
+        except calls.HttpError as e:
             err = call_failed(f"fetching the data bundle {url[:200]}", e)
             if e.status == 401 and token is None and data_token:
                 err.message += (f" (the node's credential goes only to the controller, NET_CTL_ADDRESS="
@@ -576,7 +575,7 @@ class Action:
         runtime.weights_limit sizes weights routes)."""
         key = f"{meta.get('name')}|{meta.get('input_shape')}|{meta.get('num_classes')}"
         if key not in self._params_limits:
-            self._params_limits[key] = 2 * len(net.pack_weights(model.state_dict())) + net.WEIGHTS_SLACK
+            self._params_limits[key] = 2 * len(weights.pack_weights(model.state_dict())) + bounded_input.WEIGHTS_SLACK
         return self._params_limits[key]
 
 
@@ -601,7 +600,7 @@ def main_node() -> None:
                     on_record=lambda rec: rt.log_metric("activation", rec.get("version") or 0, **rec),
                     on_bytes=rt.count_bytes)
     try:
-        server = net.Server(action.make_app(rt.token), "0.0.0.0", port, threads=ACTION_THREADS).start()
+        server = serving.Server(action.make_app(rt.token), "0.0.0.0", port, threads=ACTION_THREADS).start()
     except OSError as e:
         rt.log.error("cannot serve the action on port %d: %s", port, e)
         rt.close()
@@ -629,7 +628,7 @@ def main_openwhisk() -> None:
                     openwhisk=True, stopping=stopping)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    server = net.Server(action.make_app(None), "0.0.0.0", port, threads=ACTION_THREADS).start()
+    server = serving.Server(action.make_app(None), "0.0.0.0", port, threads=ACTION_THREADS).start()
     log.info("OpenWhisk action server on 0.0.0.0:%d (POST /init, POST /run)", server.port)
     while not stopping.wait(1.0):
         pass

@@ -17,13 +17,12 @@ import sys
 import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
+from dml_app import formats
+from dml_app.formats import (NAME_RE, NodeAddr, check_keys, check_name, connect_map,  # noqa: F401
+                             get_int, get_number, name_list, node_list)
+
 TOOL_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOL_DIR)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
-from dml_app import formats  # noqa: E402
-from dml_app.formats import (NAME_RE, NodeAddr, check_keys, check_name, connect_map,  # noqa: E402,F401
-                             get_int, get_number, name_list, node_list)
 
 DEFAULT_LINKS = os.path.join(ROOT, "links.json")
 DEFAULT_NODE_INFO = os.path.join(ROOT, "node_info.json")

@@ -16,10 +16,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-try:  # imported as dml_tool.dataset_conf (the controller's --auto mode)
-    from . import conf_utils as cu
-except ImportError:  # run as a script from any folder
-    import conf_utils as cu
+from dml_tool import conf_utils as cu
 
 DATASET_KEYS = tuple(cu.formats.DATASET_KEYS)
 DEFAULTS_KEY = cu.formats.DATASET_DEFAULTS_KEY

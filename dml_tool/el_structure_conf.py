@@ -52,12 +52,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-try:  # imported as dml_tool.el_structure_conf (the controller's --auto mode)
-    from . import conf_utils as cu
-    from . import routes as rts
-except ImportError:  # run as a script from any folder
-    import conf_utils as cu
-    import routes as rts
+from dml_tool import conf_utils as cu
+from dml_tool import routes as rts
 
 AGGREGATOR_KEYS = ("name", "layer", "sync", "child_num", "round_timeout_s", "min_fraction", "round_retries")
 TOP_KEYS = AGGREGATOR_KEYS + ("seed",)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping, Sequence
 
-try:  # imported as dml_tool.fl_structure_conf (the controller's --auto mode)
-    from . import conf_utils as cu
-except ImportError:  # run as a script from any folder
-    import conf_utils as cu
+from dml_tool import conf_utils as cu
 
 AGGREGATOR_KEYS = ("name", "trainer_fraction", "sync", "seed", "round_timeout_s", "min_fraction",
                    "round_retries")

@@ -20,11 +20,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-try:  # imported as dml_tool.gl_structure_conf
-    from . import conf_utils as cu, peer_structure as ps
-except ImportError:  # run as a script from any folder (or --auto's tool import)
-    import conf_utils as cu
-    import peer_structure as ps
+from dml_tool import conf_utils as cu, peer_structure as ps
 
 
 def build_confs(structure: Any, links: Mapping[str, list[str]], nodes: Mapping[str, cu.NodeAddr],

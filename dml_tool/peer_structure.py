@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-try:  # imported as dml_tool.peer_structure
-    from . import conf_utils as cu
-except ImportError:  # imported by a conf tool run as a script
-    import conf_utils as cu
+from dml_tool import conf_utils as cu
 
 COMMON_TOP_KEYS = ("sync", "node_list", "seed", "lr")
 NODE_KEYS = ("name", "epoch", "lr")

@@ -38,10 +38,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-try:  # imported as dml_tool.ps_structure_conf (the controller's --auto mode)
-    from . import conf_utils as cu
-except ImportError:  # run as a script from any folder
-    import conf_utils as cu
+from dml_tool import conf_utils as cu
 
 MODES = ("sync", "async")
 FILE_KEYS = ("mode", "steps", "sync", "lr", "lr_end", "momentum", "max_staleness", "eval_every", "seed",

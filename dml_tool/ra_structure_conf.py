@@ -26,11 +26,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-try:  # imported as dml_tool.ra_structure_conf
-    from . import conf_utils as cu, peer_structure as ps
-except ImportError:  # run as a script from any folder (or --auto's tool import)
-    import conf_utils as cu
-    import peer_structure as ps
+from dml_tool import conf_utils as cu, peer_structure as ps
 
 INITS = ("common", "per_rank")
 

@@ -49,10 +49,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-try:  # imported as dml_tool.sl_structure_conf (the controller's --auto mode)
-    from . import conf_utils as cu
-except ImportError:  # run as a script from any folder
-    import conf_utils as cu
+from dml_tool import conf_utils as cu
 
 FILE_KEYS = ("mode", "steps", "lr", "lr_end", "momentum", "max_staleness", "eval_every", "seed", "params",
              "data", "rounds", "concurrency", "deadline_s", "retries", "node_list")

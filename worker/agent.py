@@ -27,26 +27,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flask import Flask, jsonify, request  # noqa: E402
+from flask import Flask, jsonify, request
 
-from dml_app import net  # noqa: E402
-from worker import backends as be  # noqa: E402
-from worker import image  # noqa: E402
-from worker import ready  # noqa: E402
-from worker import secure  # noqa: E402
-from worker import nodes as nb  # noqa: E402
-from worker import shares  # noqa: E402
-from worker import tc  # noqa: E402
-from worker import units  # noqa: E402
+from dml_app import bounded_input, node_auth, serving
+from worker import backends as be
+from worker import image
+from worker import ready
+from worker import secure
+from worker import nodes as nb
+from worker import shares
+from worker import tc
+from worker import units
+from testbed_core import credentials
 
 STATE_BASE = Path("/run/edgetb")
 # The largest /emulated/deploy, /physical/deploy or /update/tc body. Measured: 300 nodes in
 # a full mesh (89,700 links, each with delay, jitter and loss; two volumes per node) is
 # 11.4 MiB of JSON as the controller sends it; 32 MiB leaves room for 32-character node
-# names. Every other route takes net.JSON_LIMIT (1 MiB).
+# names. Every other route takes bounded_input.JSON_LIMIT (1 MiB).
 DEPLOY_LIMIT = 32 << 20
 USAGE_PARALLEL = 4        # nodes read at once by /usage (each a netlink dump in its namespace)
 
@@ -363,9 +362,9 @@ class Agent:
         them: its own (for the controller), the testbed's peer credential and its service
         key (to check its clients' credentials). The admin token itself never reaches a
         node."""
-        return {net.TOKEN_ENV: net.node_token(self.token, spec.name),
-                net.PEER_TOKEN_ENV: net.peer_token(self.token),
-                net.SERVICE_KEY_ENV: net.service_key(self.token, spec.name)}
+        return {node_auth.TOKEN_ENV: credentials.node_token(self.token, spec.name),
+                node_auth.PEER_TOKEN_ENV: credentials.peer_token(self.token),
+                node_auth.SERVICE_KEY_ENV: credentials.service_key(self.token, spec.name)}
 
     # -------------------------------------------------------------- links at run time
     def update_tc(self, body: dict) -> dict:
@@ -380,7 +379,7 @@ class Agent:
                 out[name] = {"links": tc.verify(table)}
             return {"nodes": out}
 
-    # -------------------------------------------------------------- faults (issue 11)
+    # -------------------------------------------------------------- faults
     @staticmethod
     def _fault_body(body: dict, keys: tuple[str, ...], actions: tuple[str, ...]) -> dict:
         extra = sorted(set(body) - set(keys))
@@ -613,17 +612,17 @@ class Agent:
 
 def make_app(agent: Agent) -> Flask:
     app = Flask("edgetb-agent")
-    net.require_token(app, agent.token)
+    node_auth.require_token(app, agent.token)
     # Bodies: JSON commands up to 1 MiB; a deployment (or a new link table) up to
     # DEPLOY_LIMIT. waitress refuses anything larger from its headers.
-    net.limit_bodies(app, routes={r: DEPLOY_LIMIT for r in ("/emulated/deploy", "/physical/deploy",
+    bounded_input.limit_bodies(app, routes={r: DEPLOY_LIMIT for r in ("/emulated/deploy", "/physical/deploy",
                                                             "/update/tc")})
 
     def body() -> dict:
-        """The request's JSON object, bounded (net.parse_json_body); 400 otherwise."""
+        """The request's JSON object, bounded (bounded_input.parse_json_body); 400 otherwise."""
         try:
-            return net.request_json()
-        except net.BodyError as e:
+            return bounded_input.request_json()
+        except bounded_input.BodyError as e:
             raise BadRequest(str(e)) from None
 
     @app.errorhandler(BadRequest)
@@ -729,7 +728,7 @@ def admin_token(path: str | None, port: int) -> tuple[str, Path | None]:
         if not token:
             raise ValueError(f"--token-file {path}: empty")
         return token, None
-    token = os.environ.get(net.TOKEN_ENV, "").strip()
+    token = os.environ.get(node_auth.TOKEN_ENV, "").strip()
     if token:
         return token, None
     token = secrets.token_hex(16)
@@ -746,7 +745,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     ap.add_argument("--token-file", metavar="FILE",
                     help=f"read the admin token from FILE (owned by root, mode 0600 or 0400); "
-                         f"default: ${net.TOKEN_ENV}, else a new token written to "
+                         f"default: ${node_auth.TOKEN_ENV}, else a new token written to "
                          f"{STATE_BASE}/agent-PORT.token")
     ap.add_argument("--name", default=socket.gethostname(), help="agent name shown in /hi")
     ap.add_argument("--launcher", choices=nb.LAUNCHERS, default="auto",
@@ -762,7 +761,7 @@ def main(argv=None) -> int:
         print(f"agent: {e}", file=sys.stderr)
         return 2
     agent = Agent(name=a.name, port=a.port, token=token, launcher=a.launcher)
-    srv = net.Server(make_app(agent), a.host, a.port, threads=16)
+    srv = serving.Server(make_app(agent), a.host, a.port, threads=16)
     # SIGTERM (kill, systemctl stop) ends the agent like Ctrl-C: through the reset below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"agent {a.name} serving on {a.host}:{a.port}", flush=True)

@@ -12,7 +12,7 @@ between kinds of node is here, behind the methods of `Backend`:
     create(specs, emulator, network, iface, options, deployed, then) -> [Node]   all or nothing;
                                         then(node) as soon as one is made (docker), or never
     start(node, env) / stop(node, timeout_s)                     the node's app
-    kill(node) / pause(node) / resume(node) / restart(node, env, then)   faults (issue 11):
+    kill(node) / pause(node) / resume(node) / restart(node, env, then)   faults:
                                         SIGKILL by cgroup (docker: kill), freeze/thaw (cgroup
                                         freezer; docker: pause/unpause), stop + start again
                                         with the same spec and credentials
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dml_app import net
+from dml_app import bounded_input
 from worker import docker_nodes as dn
 from worker import image
 from worker import nodes as nb
@@ -106,7 +106,7 @@ class Backend:
         Cgroup(node.spec.name).thaw_quietly()    # a paused app would ignore even SIGKILL (v1)
         self.host.runner.stop(node, timeout_s)
 
-    # -------------------------------------------------------------- faults (issue 11)
+    # -------------------------------------------------------------- faults
     def _app_group(self, node: nb.Node) -> Cgroup:
         cg = Cgroup(node.spec.name)
         if node.state not in ("running", "paused") or not cg.exists():
@@ -306,7 +306,7 @@ class Docker(Backend):
         if missing:
             raise Refused(f"docker nodes need an image: none given for {', '.join(missing)}")
         try:
-            cpu = net.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True) if body.get("cpu") else None
+            cpu = bounded_input.number(body["cpu"], "emulator cpu", 0, 1024, lo_open=True) if body.get("cpu") else None
             return {"cores": dn.emulator_cores(cpu)}
         except (TypeError, ValueError) as e:
             raise Refused(f"bad emulator cpu: {e}") from None

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from worker import nodes as nb
+from worker.image import NODE_APP_DIR
 
 LABEL = "edgetb"
 LABEL_AGENT = "edgetb.agent"
@@ -317,6 +318,7 @@ def _create_one(client, n: nb.Node, nano_cpus: int | None, network: str, lab: di
         (rundir / GATE).unlink(missing_ok=True)      # one left by an agent that crashed
         os.mkfifo(rundir / GATE, 0o600)
         env = nb.app_env(s, extra_env(s) if callable(extra_env) else extra_env, f"{GATE_DIR}/log")
+        nb.app_parent_first(env, s.working_dir or NODE_APP_DIR, s.env)
         priv = {}
         if not s.root:
             # The app (and the gate before it) runs as the node user, numerically (the image

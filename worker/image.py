@@ -42,10 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.secure import UnsafePath, open_private, secure_dir  # noqa: E402
+from worker.secure import UnsafePath, open_private, secure_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "dml_app"

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dml_app import formats, net
+from dml_app import bounded_input, formats
 from worker import tc, units
 from worker.cgroups import Cgroup, CgroupError
 from worker import launch as launcher
@@ -96,13 +96,13 @@ def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> su
 
 
 def _num(d: dict, key: str, lo: float, hi: float, *, default=None, **kw):
-    """d[key] through net.number (no bools, strings, NaN, infinities; in [lo, hi]);
+    """d[key] through bounded_input.number (no bools, strings, NaN, infinities; in [lo, hi]);
     `default` when the key is absent or null, KeyError when there is no default."""
     if d.get(key) is None:
         if default is None:
             raise KeyError(key)
         return default
-    return net.number(d[key], key, lo, hi, **kw)
+    return bounded_input.number(d[key], key, lo, hi, **kw)
 
 
 @dataclass
@@ -205,6 +205,17 @@ def app_env(spec: NodeSpec, extra_env: dict, log_dir: str, base=None) -> dict:
     env.setdefault("DML_LOG_APPEND", "1")    # log_dir is the node's own, new each deployment
     env.setdefault("DML_CPU", f"{spec.cpu:g}")
     return env
+
+
+def app_parent_first(env: dict, app_dir: str, node_env: dict) -> None:
+    """Put the folder holding the node's app folder (its working dir, as the node sees
+    it) first on the app's PYTHONPATH, unless the node sets PYTHONPATH itself. A role runs
+    as `python3 fl_trainer.py` in its dml_app/ folder and imports `dml_app.<module>`:
+    this way it imports the dml_app/ it was given (its volume), not another copy."""
+    if "PYTHONPATH" in node_env or not app_dir:
+        return
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(app_dir.rstrip("/")) or "/"] + rest)
 
 
 def secure_dir(path, mode: int = 0o755) -> Path:
@@ -463,6 +474,7 @@ class Runner:
             cwd = str(root / spec.working_dir.lstrip("/")) if spec.volumes else (spec.working_dir or node.rundir)
             os.makedirs(cwd, exist_ok=True)
             env = app_env(spec, extra_env, str(log), base=os.environ)
+            app_parent_first(env, cwd, spec.env)
         else:
             uid, gid = user
             os.chown(log, uid, gid)
@@ -474,6 +486,7 @@ class Runner:
                    else spec.working_dir or f"{NODE_DIR}/home")
             env = app_env(spec, extra_env, f"{NODE_DIR}/log", base=os.environ)
             env.update(HOME=f"{NODE_DIR}/home", USER=NODE_USER, LOGNAME=NODE_USER)
+            app_parent_first(env, cwd, spec.env)
             launch.update(user={"uid": uid, "gid": gid}, rundir=str(rundir), tools=tools,
                           expose=python_exposure(uid, gid) if argv[0] == sys.executable else (),
                           tmpfs_mb=max(16, spec.ram_mb // 4))

@@ -43,10 +43,10 @@ def fetch(url: str, digest: str, cache: Path, *, token: str, get=None) -> tuple[
     if out.is_dir():
         return out, False
     if get is None:
-        from dml_app import net
+        from dml_app import calls
 
         def get(u):
-            return net.call("GET", u, token=token, timeout_s=300, retries=3,
+            return calls.call("GET", u, token=token, timeout_s=300, retries=3,
                             max_bytes=SHARE_LIMIT_BYTES).content
     data = get(url)
     got = hashlib.sha256(data).hexdigest()

@@ -49,7 +49,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
-from dml_app import net
+from dml_app import bounded_input
 from worker import units
 
 ROOT_HANDLE = "1:"
@@ -92,13 +92,13 @@ class Link:
         except (KeyError, ValueError, TypeError) as e:
             raise TcError(f"bad link to {dest}: ip: {e}") from None
         try:
-            # Numbers through net.number: no bools, strings, NaN, infinities; in range.
-            port = net.number(d.get("port"), "port", 1, 65535, integer=True)
-            rate = net.number(d.get("rate_bps"), "rate_bps (bit/s)", units.MIN_RATE_BPS,
+            # Numbers through bounded_input.number: no bools, strings, NaN, infinities; in range.
+            port = bounded_input.number(d.get("port"), "port", 1, 65535, integer=True)
+            rate = bounded_input.number(d.get("rate_bps"), "rate_bps (bit/s)", units.MIN_RATE_BPS,
                               units.MAX_RATE_BPS, integer=True)
-            delay = net.number(d.get("delay_us", 0), "delay_us", 0, MAX_DELAY_US, integer=True)
-            jitter = net.number(d.get("jitter_us", 0), "jitter_us", 0, MAX_DELAY_US, integer=True)
-            loss = net.number(d.get("loss_pct", 0.0), "loss_pct", 0, 100)
+            delay = bounded_input.number(d.get("delay_us", 0), "delay_us", 0, MAX_DELAY_US, integer=True)
+            jitter = bounded_input.number(d.get("jitter_us", 0), "jitter_us", 0, MAX_DELAY_US, integer=True)
+            loss = bounded_input.number(d.get("loss_pct", 0.0), "loss_pct", 0, 100)
         except ValueError as e:
             raise TcError(f"bad link to {dest}: {e}") from None
         return cls(dest=str(d.get("dest", ip)), ip=ip, port=port, rate_bps=rate,
@@ -187,7 +187,7 @@ class LinkTable:
 
     def __post_init__(self):
         if self.own_port is not None:
-            self.own_port = net.number(self.own_port, "own port", 1, 65535, integer=True)
+            self.own_port = bounded_input.number(self.own_port, "own port", 1, 65535, integer=True)
 
     def key_of(self, dest: str) -> tuple[str, int] | None:
         """The installed link whose dest (node name) is dest, or None."""

@@ -288,13 +288,10 @@ PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL =
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-_OWN_PATHS = {str(ROOT), str(DML_APP), str(Path(__file__).resolve().parent)}
-
-
 def _preload() -> None:
-    """Import and warm up what every role uses, without leaving a thread running."""
+    """Import and warm up what every role uses, without leaving a thread running. The
+    roles import one another as dml_app.<module>, so a forked app finds them loaded."""
     global np, torch
-    sys.path.insert(0, str(DML_APP))
     import importlib
 
     import numpy as np
@@ -306,10 +303,11 @@ def _preload() -> None:
     except RuntimeError:
         pass
     for p in sorted(DML_APP.glob("*.py")):
-        importlib.import_module(p.stem)           # roles are guarded by __name__ == "__main__"
-    import learn
-    import nns
+        if p.stem != "__init__":                  # roles are guarded by __name__ == "__main__"
+            importlib.import_module(f"dml_app.{p.stem}")
     from safetensors.torch import load, save
+
+    from dml_app import learn, nns
 
     for name in ("mnist", "fashion"):
         model = nns.build_model({"name": name, "input_shape": [1, 28, 28], "num_classes": 10})
@@ -403,8 +401,9 @@ def _child(spec_fd: int, out_fd: int) -> None:
         argv = spec["argv"][1:]
         script = os.path.abspath(argv[0])
         sys.argv = [script] + argv[1:]
-        # As for `python3 script.py`: its folder first, none of the zygote's own.
-        sys.path[:] = [os.path.dirname(script)] + [p for p in sys.path if p not in _OWN_PATHS]
+        # What `python3 script.py` does to sys.path[0]: the script's folder in place of
+        # the zygote's own (worker/); the rest (PYTHONPATH, site-packages) is the same.
+        sys.path[0] = os.path.dirname(script)
         runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as e:
@@ -488,7 +487,6 @@ def main() -> None:
     if len(sys.argv) != 3 or sys.argv[1] != "--sock-fd" or not sys.argv[2].isdigit():
         sys.exit("usage: zygote.py --sock-fd N  (started by the agent)")
     sock = socket.socket(fileno=int(sys.argv[2]))
-    sys.path.insert(0, str(ROOT))
     global launch, random, runpy, signal, traceback
     import random
     import runpy

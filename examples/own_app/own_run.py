@@ -12,12 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from controller.manager import Manager
+from controller.testbed import DefinitionError, DeployError, default_testbed
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller.manager import Manager  # noqa: E402
-from controller.testbed import DefinitionError, DeployError, default_testbed  # noqa: E402
 
 NODES = ["n1", "n2", "n3"]
 IMAGE = "edgetb-node:latest"          # python3 worker/image.py build

@@ -1,0 +1,1 @@
+"""Benches of the testbed, each run as `python3 bench/<bench>.py`."""
