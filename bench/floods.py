@@ -4,7 +4,7 @@
     sudo python3 bench/floods.py [--runs 1] [--connections 1500] [--json]
 
 Each run is `controller/fl_run.py --auto` (the README's first command) on its own port.
-In the `flood` runs another local user (uid 65534, tests/flood.py under setpriv) holds
+In the `flood` runs another local user (uid 65534, tests/support/flood.py under setpriv) holds
 `--connections` idle TCP connections to the controller from the moment it serves until
 the run ends, and root's plain `curl localhost:PORT/status` is timed every 0.5 s in
 both kinds of run. Modes alternate (quiet, flood, quiet, flood, ...) so that a slow
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOD = ROOT / "tests" / "flood.py"
+FLOOD = ROOT / "tests" / "support" / "flood.py"
 SYSTEM_PYTHON = "/usr/bin/python3"     # another user cannot run an interpreter under /root
 PORT = 3402
 

@@ -359,7 +359,7 @@ def test_a_trainer_reporting_1e309_samples_is_refused_and_the_aggregator_keeps_w
                 body = _weights_with_meta(tensors, f'{{"round": {rnd}, "name": "bad", {extra}}}')
                 r = http("POST", f"http://{agg}/combine", token=TOKEN, data=body)
                 seen.append((r.status_code, field, r.text))
-            body = _weights_with_meta(tensors, f'{{"round": 1e309, "name": "bad", "samples": 5}}')
+            body = _weights_with_meta(tensors, '{"round": 1e309, "name": "bad", "samples": 5}')
             r = http("POST", f"http://{agg}/combine", token=TOKEN, data=body)
             seen.append((r.status_code, "round", r.text))
             good = _weights_with_meta(tensors, f'{{"round": {rnd}, "name": "bad", "samples": 5, "loss": 0.5}}')
