@@ -7,7 +7,8 @@ dml_tool/ on the path.
 
 Markers say what a test needs, so a lane can pick what its machine has:
 `python3 -m pytest -m "not root" tests` runs the tests that need no root (pure and
-loopback ones) on any machine. A folder's tests carry its markers (FOLDER_NEEDS); any
+loopback ones) on any machine; `-m "not root and not processes"` only the pure ones, in
+seconds. A folder's tests carry its markers (FOLDER_NEEDS); any
 test also carries what its skip marks stand for (their `needs`, or the tag of their
 reason: "[requires: docker]"), root when it uses the real agent (the `agent` fixture),
 and the markers it or its module sets (`@pytest.mark.root`). docker and browser imply root.
@@ -51,8 +52,14 @@ MARKERS = {
     "browser": "needs Debian's chromium (the dashboard's page)",
     "vm": "needs a virtual machine of its own (the VM lane)",
     "multihost": "drives several workers, each with its own agent and address",
+    "processes": "starts real processes or servers (nodes, controllers, agents): minutes, not seconds",
 }
 FOLDER_NEEDS = {
+    "loopback": ("processes",),
+    "faults": ("processes",),
+    "security": ("processes",),
+    "dashboard": ("processes",),
+    "multiworker": ("processes",),
     "netns": ("root",),
     "docker": ("root", "docker"),
 }
