@@ -137,16 +137,18 @@ class HttpAgent(AgentClient):
 
 
 class LocalAgent(AgentClient):
-    """The agent this controller runs (`agent`: a worker.agent.Agent), called in process
-    through the same Flask app its server serves (make_app), so every route answers as it
-    does over HTTP (the token and body checks, 4xx for a bad request, 422 when a node
-    could not be made); `address` is where its server listens, for messages. A call
-    still has its deadline: past it the caller gets net.HttpError as from HttpAgent
-    while the agent finishes the work, as a server would."""
+    """The agent this controller runs, called in process through a Flask app of its
+    routes (worker.agent.make_app; `app` a function giving it, built once by the
+    caller), so every route answers as it does over HTTP (the token and body checks,
+    4xx for a bad request, 422 when a node could not be made); `address` is where its
+    server listens, for messages. A call still has its deadline: past it the caller gets
+    net.HttpError as from HttpAgent while the agent finishes the work, as a server would.
+    An exception the agent did not turn into an answer comes back as HTTP 500 with its
+    type and message."""
 
-    def __init__(self, label: str, kind: str, address: str, token: str, agent, app):
+    def __init__(self, label: str, kind: str, address: str, token: str, app: Callable[[], Any]):
         super().__init__(label, kind, address, token)
-        self.agent, self.app = agent, app
+        self._app = app
 
     def _call(self, method, route, body=None, *, timeout_s, max_bytes, once=False):
         url = f"http://{self.address}{route}"
@@ -154,7 +156,7 @@ class LocalAgent(AgentClient):
 
         def run():
             try:
-                done["answer"] = self.app.test_client(use_cookies=False).open(
+                done["answer"] = self._app().test_client(use_cookies=False).open(
                     route, method=method, json=body, headers={net.TOKEN_HEADER: self.token})
             except BaseException as e:  # noqa: BLE001 - handed to the caller below
                 done["error"] = e

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from controller.deploy import node_body  # noqa: E402
 from controller.testbed import DefinitionError, Testbed  # noqa: E402
 from worker import docker_nodes as dn  # noqa: E402
 from worker import nodes as nb  # noqa: E402
@@ -52,8 +53,8 @@ def test_gpus_are_checked_against_the_emulator(tmp_path):
 def test_gpu_rides_in_the_node_body_only_when_asked(tmp_path):
     tb = _testbed(tmp_path, "docker", 2, [2, 0])
     tb.assign_addresses()
-    b1 = tb._node_body(tb.emulated["n1"], "c:1", "a:2")
-    b2 = tb._node_body(tb.emulated["n2"], "c:1", "a:2")
+    b1 = node_body(tb.emulated["n1"], "c:1", "a:2")
+    b2 = node_body(tb.emulated["n2"], "c:1", "a:2")
     assert b1["gpu"] == 2 and "gpu" not in b2
     assert nb.NodeSpec.from_dict(b1).gpu == 2 and nb.NodeSpec.from_dict(b2).gpu == 0
 

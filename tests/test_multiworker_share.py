@@ -23,6 +23,7 @@ import agent_helpers as ah  # noqa: E402
 import multihost  # noqa: E402
 from controller import share  # noqa: E402
 from controller.manager import Manager  # noqa: E402
+from controller.deploy import node_body  # noqa: E402
 from controller.testbed import DeployError, Testbed  # noqa: E402
 from worker import shares  # noqa: E402
 
@@ -162,8 +163,8 @@ def test_local_workers_still_bind_the_folder(tmp_path):
     n = tb.add_emulated_node("n1", "/home/worker/dml_app", ["true"], emulator=emu)
     n.mount_nfs(app, "/home/worker/dml_app")
     said = []
-    assert tb._remote_shares(said.append) is None and said == []
-    body = tb._node_body(n, "c", "a", None)
+    assert tb.deployer.remote_shares(said.append, host_port=tb.host_port, serving=False) is None and said == []
+    body = node_body(n, "c", "a", None)
     assert body["volumes"] == [{"host": str(tmp_path / "app"), "node": "/home/worker/dml_app", "ro": True}]
 
 
@@ -257,11 +258,11 @@ def test_nfs_mode_sends_nfs_volumes_and_exports_to_the_workers(tmp_path, monkeyp
     n.mount_nfs(app, "/home/worker/dml_app")
     monkeypatch.setattr(share, "mode", lambda force=None: ("nfs", "share: over NFS"))
     exported = []
-    monkeypatch.setattr(tb, "_nfs_export", lambda path, client: exported.append((path, client)))
+    monkeypatch.setattr(tb.exports, "export", lambda path, client: exported.append((path, client)))
     said = []
-    remote = tb._remote_shares(said.append)
+    remote = tb.deployer.remote_shares(said.append, host_port=tb.host_port, serving=False)
     assert said == ["share: over NFS"] and exported == [(str(tmp_path / "app"), "10.246.0.11")]
-    body = tb._node_body(n, "c", "a", remote)
+    body = node_body(n, "c", "a", remote)
     assert body["volumes"] == [{"nfs": {"server": "10.246.0.1", "path": str(tmp_path / "app"), "tag": "dml_app"},
                                 "node": "/home/worker/dml_app", "ro": True}]
 
