@@ -20,6 +20,8 @@ from controller.testbed import single_machine  # noqa: E402
 
 
 class FlManager(Manager):
+    """Federated learning: the default algorithm (controller/algorithm.py); n1 aggregates
+    and calls /finish."""
     algorithm = "fl"
     needs_root = True
 

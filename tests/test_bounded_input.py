@@ -113,7 +113,11 @@ def test_the_run_scripts_take_a_log_limit(tmp_path):
 
     args = auto.common_args("x").parse_args(["--log-limit-mb", "2"])
     tb = auto.with_log_limit(make_testbed(tmp_path, {}), args.log_limit_mb)
-    assert tb.manager_class.log_limit_bytes == 2 << 20 and Manager.log_limit_bytes == 16 << 20
+    m = tb.manager_class(tb)
+    try:
+        assert m.log_limit_bytes == 2 << 20 and Manager.log_limit_bytes == 16 << 20
+    finally:
+        m.close()
     for bad in ("nan", "0", "-3", "inf"):
         with pytest.raises(SystemExit):
             auto.common_args("x").parse_args(["--log-limit-mb", bad])

@@ -143,7 +143,7 @@ def test_a_ring_runs_on_edgetbs_confs(scratch):
                   for n, d in {**next_name, "ea2": "ea3"}.items()}
         write(broken)
         with pytest.raises(ValueError, match="must make one ring"):
-            manager.ring_plan()
+            manager.algo.ring_plan()
 
         edgetb = {n: {"epoch": 1, "sync": 2, "next_name": d, "connect": {d: addr[d]}} for n, d in next_name.items()}
         said: list[str] = []

@@ -198,7 +198,7 @@ def test_a_peer_killed_from_outside_is_found_dead_and_the_run_ends(scratch):
                                           "node_list": [{"name": n, "epoch": 1} for n in names]},
                                dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
         t.join(10)
-    assert summary["dead_peers"] == [victim] and manager.dead_peers == {victim: "not answering (port refused)"}
+    assert summary["dead_peers"] == [victim] and manager.algo.dead_peers == {victim: "not answering (port refused)"}
     assert "error" not in summary, summary
     survivors = [n for n in names if n != victim]
     assert summary["gossips_sent"] == {n: sync for n in survivors}, summary["gossips_sent"]

@@ -156,7 +156,7 @@ def test_the_ring_driver_loses_a_trickling_member_at_its_deadline(ra_manager, ba
     node = ra_manager._nodes()["n1"]
     node.ip, node.port = "127.0.0.1", peer.port
     missing: dict[str, str] = {}
-    got, err = ends(lambda: ra_manager._post(["n1"], "/ra/train", lambda n: {"round": 0}, 1.0, missing, 0))
+    got, err = ends(lambda: ra_manager.algo._post(["n1"], "/ra/train", lambda n: {"round": 0}, 1.0, missing, 0))
     assert err is None and got == {} and missing == {"n1": ra_run.TIMEOUT}, (got, err, missing)
 
 
@@ -165,7 +165,7 @@ def test_the_ring_driver_takes_no_endless_answer(ra_manager, bad_peer):
     peer = bad_peer("endless")
     node = ra_manager._nodes()["n1"]
     node.ip, node.port = "127.0.0.1", peer.port
-    _, err = ends(lambda: ra_manager._post(["n1"], "/ra/train", lambda n: {"round": 0}, 60.0, {}, 0))
+    _, err = ends(lambda: ra_manager.algo._post(["n1"], "/ra/train", lambda n: {"round": 0}, 60.0, {}, 0))
     assert isinstance(err, RuntimeError) and "over the limit of 1 MiB" in str(err), err
 
 

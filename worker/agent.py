@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 from flask import Flask, jsonify, request  # noqa: E402
 
-from dml_app import net  # noqa: E402
+from dml_app import formats, net  # noqa: E402
 from worker import backends as be  # noqa: E402
 from worker import image  # noqa: E402
 from worker import ready  # noqa: E402
@@ -59,8 +59,7 @@ class NotFound(BadRequest):
     """A request that names a node (or link) this agent does not have: 404."""
 
 
-NODE_ACTIONS = ("kill", "pause", "resume", "restart")
-LINK_ACTIONS = ("down", "up")
+NODE_ACTIONS, LINK_ACTIONS = formats.NODE_FAULTS, formats.LINK_FAULTS
 
 
 class Agent:

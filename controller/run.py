@@ -1,0 +1,589 @@
+"""The run service: one deployed testbed's run, without HTTP.
+
+Conf pushes, start, finish (logs, plots, summary.json), heartbeats, node logs, a
+restarted node's rejoin, status, fault actions and link changes, the scenario under
+way, and the resets of the workers. The algorithm is an object the run is given
+(controller/algorithm.py: the hooks an algorithm adds, with the default FL behaviour);
+controller/manager.py serves a run over HTTP (its routes in controller/api/).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from controller import algorithm as algorithms
+from controller import dashboard, files, progress, results, scenario, share
+from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
+from dml_app import formats, net
+
+CONF_DIR = ROOT / "dml_file" / "conf"
+RUNS_DIR = ROOT / "runs"
+LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
+AGENT_ANSWER_LIMIT = 16 * net.MiB   # an agent's JSON answer (/status of hundreds of nodes, /update/tc)
+MAX_ROUND = 10**9
+
+def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
+    """(node, state, round) of a /heartbeat body {"node", "state"?, "round"?}; ValueError
+    (HTTP 400) naming the field for anything else: a body that is not an object, a node
+    that is not a name, a state that is not a short string, a round that is not an
+    integer in [0, 1e9] (no bools, strings, NaN, infinities)."""
+    if not isinstance(body, dict):
+        raise ValueError('heartbeat: expected a JSON object {"node", "state", "round"}')
+    node, state, rnd = body.get("node"), body.get("state"), body.get("round")
+    if not isinstance(node, str) or not 0 < len(node) <= 64:
+        raise ValueError(f"heartbeat 'node' must be a node name, got {str(node)[:40]!r}")
+    if state is not None and (not isinstance(state, str) or len(state) > 64):
+        raise ValueError(f"heartbeat 'state' must be a string of at most 64 characters, got {str(state)[:40]!r}")
+    if rnd is not None:
+        rnd = net.number(rnd, "heartbeat 'round'", 0, MAX_ROUND, integer=True)
+    return node, state, rnd
+
+
+def heartbeat_error(body) -> str | None:
+    """The optional 'error' of a /heartbeat body (a failed node's message, state error):
+    a string, cut to 1000 characters; ValueError (HTTP 400) for anything else."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if err is not None and not isinstance(err, str):
+        raise ValueError(f"heartbeat 'error' must be a string, got {str(err)[:40]!r}")
+    return err[:1000] if err else None
+
+
+def upstream_status(status: int | None) -> int:
+    """The controller's answer when a node or a worker did not do what a request asked:
+    422 when it refused it (a 4xx other than a refused credential: the request's input
+    or the run's state is wrong, e.g. links a worker cannot install, a root that cannot
+    start), 502 when it failed, answered 5xx, refused the controller's own credential
+    or did not answer."""
+    return 422 if status is not None and 400 <= status < 500 and status not in (401, 403) else 502
+
+
+class Run:
+    """One testbed's run: what the EdgeTB routes do, as methods. `algorithm` (an
+    algorithm.Algorithm; default: the FL behaviour under the name `name`) adds what its
+    algorithm needs through its hooks."""
+
+    name = "dml"             # the algorithm's name when none is given (run folders, /status)
+    needs_root = True        # the default algorithm's: /start needs ?root=
+    conf_dir = CONF_DIR      # where the dml_tool scripts write the node confs
+    runs_dir = RUNS_DIR      # where /finish makes each run's folder
+    log_limit_bytes = LOG_LIMIT_BYTES   # the largest body POST /log takes (413 beyond)
+    screenshot_s = dashboard.SCREENSHOT_TIMEOUT_S   # dashboard.png at /finish: the browser's bound (0: none)
+    file_roots: tuple = ()   # folders besides ROOT, the testbed's dir_name and conf_dir that
+                             # requests may name files in (/update/tc?file=)
+    server = None            # the HTTP server serving this run, when one does (controller/manager.py)
+    NODE_FAULTS = formats.NODE_FAULTS
+    LINK_FAULTS = formats.LINK_FAULTS
+
+    def __init__(self, testbed: Testbed, algorithm: algorithms.Algorithm | None = None, *,
+                 log_limit_bytes: int | None = None):
+        self.tb = testbed
+        self.algo = algorithm if algorithm is not None else algorithms.Algorithm(self.name, self.needs_root)
+        self.algorithm = self.algo.name
+        if log_limit_bytes is not None:
+            self.log_limit_bytes = log_limit_bytes
+        self.heartbeats: dict[str, dict] = {}
+        self.started_at: float | None = None
+        self.pushed: set[str] = set()      # conf kinds pushed to the nodes (push_conf)
+        self.root: str | None = None
+        self.run_dir: Path | None = None
+        self.summary: dict | None = None
+        self.finished = threading.Event()
+        self._finish_lock = threading.Lock()
+        self._links_lock = threading.Lock()      # link_rate's read-modify-write of tb.links
+        # POST /log writes into the run under way; while /finish collects, it gets 409; once
+        # the run is finished each node may send its final log once (EdgeTB apps send their
+        # whole log after /finish), then 409 until the next /start makes a new folder.
+        self._log_lock = threading.Lock()
+        self._closing = False
+        self._final_logs: set[str] = set()
+        # Scenario (controller/scenario.py): the events run at each start, set by --scenario
+        # (testbed.scenario) or POST /scenario; the scheduler of the run under way.
+        self.scenario: list | None = getattr(testbed, "scenario", None)
+        self.scheduler: scenario.Scheduler | None = None
+        self.watcher: progress.Watcher | None = None     # the console's account of a run started by /start
+        self.dashboard = dashboard.Dashboard(self)
+        self.data_store = share.DataStore()   # GET /data/<sha256> (serverless data parts)
+        self.algo.attach(self)
+
+    def close(self) -> None:
+        """End what runs in the background: the algorithm's drivers, the scenario, the
+        console's watcher, the dashboard's sampling."""
+        self.algo.close()
+        self.stop_scenario(resume_paused=False)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.dashboard.close()
+
+    # ------------------------------------------------------------------ node calls
+    def _nodes(self):
+        return self.tb.all_nodes()
+
+    def _each(self, fn, names=None) -> dict:
+        """fn(node) for every node in parallel, at most FANOUT at once -> {name: result
+        or 'error: <name>: ...'} (a failure names its node)."""
+        nodes = self._nodes()
+        names = list(names) if names is not None else list(nodes)
+
+        def one(name):
+            try:
+                return name, fn(nodes[name])
+            except net.HttpError as e:
+                return name, f"error: {name}: {e}"
+        return dict(fan_out(one, names, FANOUT))
+
+    def file_folders(self) -> list[str]:
+        """Where files named by a request may be read from (controller/files.py)."""
+        return files.roots_of(ROOT, self.tb.dir_name, self.conf_dir, *self.file_roots)
+
+    def push_conf(self, kind: str) -> dict:
+        """Send every node its dml_file/conf/<node>_<kind>.conf (written by the conf tools).
+
+        Every conf is read (controller/files.py: a regular file inside the project's
+        folders, at most 1 MiB, bounded JSON) before any is sent: one bad conf refuses
+        the push (HTTP 400) and no node gets anything."""
+        self.algo.on_push(kind)
+        missing = [n for n in self._nodes() if not (self.conf_dir / f"{n}_{kind}.conf").exists()]
+        have = [n for n in self._nodes() if n not in missing]
+        if not have:
+            raise FileNotFoundError(f"no {kind} confs in {self.conf_dir}: run dml_tool/"
+                                    f"{'dataset_conf.py -d' if kind == 'dataset' else '<alg>_structure_conf.py -s'} first")
+        confs = {}
+        for n in have:
+            raw = files.read_project_file(self.conf_dir / f"{n}_{kind}.conf", self.file_folders(),
+                                          files.CONF_FILE_LIMIT, what=f"{kind} conf")
+            confs[n] = self.conf_for(kind, n, net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf"))
+        # Apps still starting (a push right after `tc finish`): wait for them, up to the
+        # testbed's readiness deadline (NotReady naming them, HTTP 503), then send once.
+        self.tb.wait_ready(have)
+
+        def send(node):
+            body = confs[node.name]
+            call_once("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
+                      timeout_s=120, max_bytes=net.JSON_LIMIT)
+            return "ok"
+        out = self._each(send, have)
+        out.update({n: "skipped: no conf file" for n in missing})
+        self.pushed.add(kind)      # a restarted node gets it again (_rejoin)
+        return out
+
+    def conf_for(self, kind: str, node: str, conf):
+        """The conf of `kind` sent to `node`, from its conf file's, with what the algorithm
+        adds (what only the controller knows)."""
+        return self.algo.conf_for(kind, node, conf)
+
+    def start_training(self, root: str | None) -> str:
+        """Start the run: GET /start on the root (every node when the algorithm has no
+        root), after the algorithm's checks; its drivers start once the nodes did."""
+        prepared = self.algo.prepare_start(root)
+        text = self._start_nodes(root)
+        return self.algo.started(root, text, prepared)
+
+    def start_and_watch(self, root: str | None, say=print) -> str:
+        """start_training, then the console's account of the run (controller/progress.py:
+        each round's figure, the end or the failure) on a thread, as --auto says it."""
+        text = self.start_training(root)
+        say(text)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.watcher = progress.Watcher(self, root, say=say)
+        self.watcher.start()
+        return text
+
+    def _start_nodes(self, root: str | None) -> str:
+        nodes = self._nodes()
+        if root is None and self.algo.needs_root:
+            raise ValueError("say which node starts: /start?root=NAME")
+        if root is not None and root not in nodes:
+            raise ValueError(f"unknown root node {root!r}")
+        before = (self.root, self.summary, self.started_at, self.run_dir)
+        self.root = root
+        self.summary = None
+        with self._log_lock:
+            self.run_dir = None      # this run's folder: made by its first POST /log or by /finish
+            self._closing = False
+            self._final_logs.clear()
+        self.finished.clear()
+        self.started_at = time.time()
+        dash_before = self.dashboard.new_run()
+        targets = [root] if root else list(nodes)
+
+        def start(n):
+            try:
+                return net.call("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(n.name), timeout_s=30,
+                                max_bytes=net.JSON_LIMIT).text
+            except net.HttpError as e:
+                return e
+        bad = {k: v for k, v in self._each(start, targets).items() if isinstance(v, net.HttpError)}
+        if bad:
+            if len(bad) == len(targets):      # nothing started: the run is as it was
+                self.root, self.summary, self.started_at, self.run_dir = before
+                self.dashboard.restore(dash_before)
+                if self.summary is not None:
+                    self.finished.set()
+            # Refused by every node that failed (a 4xx: not a root role, confs missing,
+            # already started) -> 422; a node that failed or did not answer -> 502.
+            status = next(iter(bad.values())).status
+            if any(upstream_status(e.status) == 502 for e in bad.values()):
+                status = None
+            raise net.HttpError("GET", "/start", status,
+                                "start failed: " + "; ".join(f"{k}: {e}" for k, e in sorted(bad.items())))
+        self.start_scenario()
+        return f"started {', '.join(targets)}"
+
+    # ------------------------------------------------------------------ scenario
+    def set_scenario(self, doc) -> list:
+        """Validate a scenario document (controller/scenario.py) against this testbed and
+        keep it for the next /start; scenario.Busy (409) while a run is under way,
+        ScenarioError (400) listing every problem. None clears it."""
+        if self.started_at is not None and not self.finished.is_set():
+            raise scenario.Busy("a run is under way: set the scenario before /start (or after /finish)")
+        if doc is None:
+            self.scenario = None
+            return []
+        missing = scenario.missing_methods(self)
+        if missing:
+            raise scenario.ScenarioError([f"this controller has no fault actions ({', '.join(missing)})"])
+        self.scenario = scenario.parse(doc, nodes=self._nodes(), links=self.tb.links)
+        return self.scenario
+
+    def start_scenario(self) -> None:
+        if self.scenario and self.started_at is not None:
+            self.stop_scenario(resume_paused=False)
+            self.scheduler = scenario.Scheduler(list(self.scenario), self)
+            self.scheduler.start(self.started_at)
+            print(f"controller: scenario of {len(self.scenario)} event(s) started", flush=True)
+
+    def stop_scenario(self, *, resume_paused: bool = True) -> list | None:
+        """Stop the scenario under way (at /finish, reset, close); its events' records."""
+        sched = self.scheduler
+        return sched.stop(resume_paused=resume_paused) if sched is not None else None
+
+    def finish(self) -> dict:
+        """Collect every node's log and metrics, draw the plots, write summary.json."""
+        if self.summary is None:
+            self.algo.before_finish()
+        with self._finish_lock:
+            if self.summary is not None:
+                return self.summary
+            with self._log_lock:
+                self._closing = True         # no POST /log while the folder is collected
+                if self.run_dir is None:     # else a node's POST /log of this run made it
+                    self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            try:
+                return self._finish()
+            finally:
+                # Finished: each node's final log once; failed: the run is still open.
+                with self._log_lock:
+                    self._closing = False
+
+    def _finish(self) -> dict:
+        """finish()'s work, in the run's folder (closed to POST /log by then)."""
+        wall = time.time() - (self.started_at or time.time())
+        events = self.stop_scenario()      # first: a paused node is resumed to give its log
+
+        def collect(node):
+            base = f"{node.ip}:{node.port}"
+            tok = self.tb.node_token(node.name)
+            # A node app's answers are bounded like its POST /log: at most log_limit_bytes.
+            cap = self.log_limit_bytes
+            log = net.call("GET", f"{base}/log", token=tok, timeout_s=60, max_bytes=cap).text
+            met = net.call("GET", f"{base}/metrics", token=tok, timeout_s=60, max_bytes=cap).text
+            try:
+                stats = net.parse_json_body(net.call("GET", f"{base}/stats", token=tok, timeout_s=30,
+                                                     max_bytes=net.JSON_LIMIT).content, what="/stats")
+                sent = net.number(stats.get("bytes_sent", 0), "/stats bytes_sent", 0, 2**62, integer=True)
+            except ValueError as e:
+                return f"error: {e}"
+            results.write_run_file(self.run_dir, results.safe_log_path(self.run_dir, node.name).name, log)
+            results.write_run_file(self.run_dir, results.safe_log_path(self.run_dir, node.name, ".metrics.jsonl").name,
+                                   met)
+            return {"metrics": results.parse_metrics(met), "bytes_sent": sent}
+
+        got = self._each(collect)
+        metrics = {n: g["metrics"] for n, g in got.items() if isinstance(g, dict)}
+        sent = {n: g["bytes_sent"] for n, g in got.items() if isinstance(g, dict)}
+        missing = {n: g for n, g in got.items() if not isinstance(g, dict)}
+        summary = self.summarize(metrics, wall, sent)
+        if missing:
+            summary["logs_missing"] = missing
+        if events is not None:
+            summary["events"] = events
+        results.draw(self.run_dir, metrics, self.root, events=events, t0=self.started_at)
+        summary["run_dir"] = str(self.run_dir)
+        summary["link_fidelity"] = self.dashboard.fidelity_report()
+        # The page as it ends, while the nodes still answer (a reset comes after /finish).
+        why = self.dashboard.screenshot(self.run_dir)
+        summary["dashboard"] = "dashboard.png" if why is None else f"no screenshot: {why}"
+        results.write_run_file(self.run_dir, "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.summary = summary
+        self.finished.set()
+        print(f"controller: finished, logs and plots in {self.run_dir}", flush=True)
+        return summary
+
+    def summarize(self, metrics: dict, wall: float, sent: dict) -> dict:
+        """summary.json's content: the algorithm's summary of the metrics."""
+        return self.algo.summarize(metrics, wall, sent)
+
+    def update_links(self, path: str) -> dict:
+        """Replace every link with those of a links file (relative: to the testbed's
+        dir_name) read by controller/files.py: a regular file inside the project's
+        folders, at most 16 MiB; anything else is refused naming only that rule."""
+        raw = files.read_project_file(path, self.file_folders(), files.LINKS_FILE_LIMIT,
+                                      what="links file", base=self.tb.dir_name)
+        p = Path(path) if Path(path).is_absolute() else Path(self.tb.dir_name) / path
+        links = net.parse_json_body(raw, want_object=False, what=str(p))
+        problems = self.tb.link_problems(links if isinstance(links, dict) else {}, str(p))
+        if not isinstance(links, dict):
+            problems.append(f"{p}: expected an object {{node: [links]}}")
+        if problems:
+            raise DefinitionError(problems)
+        out = {}
+        for label, info in list(self.tb.deployed.items()):
+            names = list(info["answer"]["nodes"])
+            body = {"links": self.tb.agent_links(links, names)}
+            out[label] = net.post_json(f"{info['addr']}/update/tc", body, token=self.tb.token, timeout_s=120,
+                                       max_bytes=AGENT_ANSWER_LIMIT)
+        self.tb.links = links
+        return out
+
+    # ------------------------------------------------------------------ faults
+
+    def _agent_of(self, node) -> tuple[str, str]:
+        """(worker label, agent address) of a deployed node; ValueError otherwise."""
+        if not isinstance(node, str) or node not in self._nodes():
+            raise ValueError(f"unknown node {str(node)[:64]!r}")
+        for label, info in list(self.tb.deployed.items()):
+            if node in info["answer"]["nodes"]:
+                return label, info["addr"]
+        raise ValueError(f"node {node} is not deployed")
+
+    def _has_link(self, src: str, dest: str) -> bool:
+        return any(isinstance(l, dict) and l.get("dest") == dest for l in self.tb.links.get(src) or [])
+
+    def _link_pairs(self, src, dest, both: bool) -> list[tuple[str, str]]:
+        for n in (src, dest):
+            self._agent_of(n)
+        if not isinstance(both, bool):
+            raise ValueError(f"both: expected true or false, got {str(both)[:16]!r}")
+        pairs = [(src, dest)] + ([(dest, src)] if both else [])
+        for s, d in pairs:
+            if not self._has_link(s, d):
+                raise ValueError(f"no link from {s} to {d} in the links (links.json)")
+        return pairs
+
+    def _agent_post(self, node: str, route: str, body: dict) -> tuple[bool, str, dict]:
+        label, addr = self._agent_of(node)
+        try:
+            return True, label, net.post_json(f"{addr}{route}", body, token=self.tb.token, timeout_s=120,
+                                              max_bytes=AGENT_ANSWER_LIMIT)
+        except net.HttpError as e:
+            return False, label, {"error": f"{label}: {e.message}", "status": e.status}
+
+    def node_fault(self, node: str, action: str) -> dict:
+        """kill, pause, resume or restart one node's app, live, through its agent
+        (POST /node/fault). -> {"ok", "detail", "node", "action", "state"?}; ValueError
+        for an unknown node or action. A restart returns once the app is started again
+        (its readiness shows in /status)."""
+        if action not in self.NODE_FAULTS:
+            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.NODE_FAULTS)}")
+        self._agent_of(node)
+        self.algo.before_fault(node, action)
+        if action != "resume":
+            with self.tb._ready_lock:
+                self.tb.ready_names.discard(node)    # /conf/* waits for it to answer again
+        ok, label, ans = self._agent_post(node, "/node/fault", {"node": node, "action": action})
+        out = {"ok": ok, "node": node, "action": action}
+        if ok:
+            out.update(state=ans.get("state"), detail=f"{node}: {action} done on {label} (app {ans.get('state')})")
+            if action == "restart":
+                rejoin = self._rejoin(node)
+                out["detail"] += f"; {rejoin}" if rejoin else ""
+        else:
+            out.update(detail=f"{node}: {action} failed: {ans['error']}", status=ans["status"])
+        self.algo.after_fault(node, action, out)
+        return out
+
+    def _rejoin(self, node: str) -> str:
+        """A restarted app starts with nothing: once it answers, give it again the confs
+        pushed so far in this deployment (its own conf files), then on_rejoin. Returns
+        what was done, in words ("" when nothing was pushed yet)."""
+        # Only its own conf files: a node may have none of a kind (conf_optional).
+        kinds = [k for k in ("dataset", "structure")
+                 if k in self.pushed and (self.conf_dir / f"{node}_{k}.conf").exists()]
+        if not kinds:
+            return ""
+        try:
+            self.tb.wait_ready([node], deadline=time.monotonic() + self.tb.ready_deadline_s())
+            n = self._nodes()[node]
+            for kind in kinds:
+                raw = files.read_project_file(self.conf_dir / f"{node}_{kind}.conf", self.file_folders(),
+                                              files.CONF_FILE_LIMIT, what=f"{kind} conf")
+                call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", token=self.tb.node_token(node), timeout_s=120,
+                          max_bytes=net.JSON_LIMIT,
+                          json=self.conf_for(kind, node, net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf")))
+            more = self.algo.on_rejoin(node)
+        except (net.HttpError, NotReady, OSError, ValueError) as e:
+            return f"rejoin failed: {e}"
+        return f"{' and '.join(kinds)} conf pushed again" + (f", {more}" if more else "")
+
+    def conf_optional(self, kind: str) -> set[str]:
+        """Nodes that need no conf of `kind` (the algorithm's): a push that skips them (no
+        conf file) is not a failure for --auto (controller/auto.py drive)."""
+        return self.algo.conf_optional(kind)
+
+    def start_node(self, node: str) -> None:
+        """GET /start on one node (a rejoined one)."""
+        n = self._nodes()[node]
+        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30, max_bytes=net.JSON_LIMIT)
+
+    def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
+        """Take the link src -> dest (and dest -> src when both) down (0 bytes pass) or up
+        (its rate as links.json has it now), through the agents (POST /link/fault).
+        -> {"ok", "detail", "links": [{"src", "dest", "ok", ...}]}; ValueError for an
+        unknown node, a link links.json does not have, or a bad action."""
+        if action not in self.LINK_FAULTS:
+            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.LINK_FAULTS)}")
+        done = []
+        for s, d in self._link_pairs(src, dest, both):
+            ok, label, ans = self._agent_post(s, "/link/fault", {"node": s, "dest": d, "action": action})
+            done.append({"src": s, "dest": d, "ok": ok, "worker": label, **ans})
+        ok = all(x["ok"] for x in done)
+        detail = "; ".join(f"{x['src']}->{x['dest']} {action}" + ("" if x["ok"] else f" failed: {x['error']}")
+                           for x in done)
+        out = {"ok": ok, "detail": detail, "links": done}
+        if not ok:
+            out["status"] = next(x["status"] for x in done if not x["ok"])
+        return out
+
+    def link_rate(self, src: str, dest: str, bw: str, both: bool = False) -> dict:
+        """Change the rate of src -> dest (and dest -> src when both) in place to bw (tc
+        units as links.json: "10mbit", "5mbps"), through the agents' /update/tc; a link
+        that is down stays down with its new rate. -> {"ok", "detail", "links"};
+        ValueError for an unknown node or link, or a bad bw (the message names it)."""
+        if not isinstance(bw, str):
+            raise ValueError(f"bw: expected a tc rate string like \"10mbit\", got {str(bw)[:32]!r}")
+        with self._links_lock:
+            pairs = self._link_pairs(src, dest, both)
+            new = {k: [dict(l) if isinstance(l, dict) else l for l in v] if isinstance(v, list) else v
+                   for k, v in self.tb.links.items()}
+            for s, d in pairs:
+                for l in new[s]:
+                    if isinstance(l, dict) and l.get("dest") == d:
+                        l["bw"] = bw
+            problems = self.tb.link_problems(new, "link_rate")
+            if problems:
+                raise ValueError("; ".join(problems))
+            done = []
+            for s in dict.fromkeys(s for s, _ in pairs):
+                ok, label, ans = self._agent_post(s, "/update/tc", {"links": self.tb.agent_links(new, [s])})
+                done.append({"src": s, "ok": ok, "worker": label, **ans})
+            ok = all(x["ok"] for x in done)
+            if ok:
+                self.tb.links = new
+        detail = ", ".join(f"{s}->{d}" for s, d in pairs) + f" at {bw}" + (
+            "" if ok else ": " + "; ".join(x["error"] for x in done if not x["ok"]))
+        out = {"ok": ok, "detail": detail, "links": done}
+        if not ok:
+            out["status"] = next(x["status"] for x in done if not x["ok"])
+        return out
+
+    def status(self) -> dict:
+        now = time.time()
+        nodes = {}
+
+        def one(item):
+            label, info = item
+            try:
+                return net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10,
+                                    max_bytes=AGENT_ANSWER_LIMIT)["nodes"]
+            except net.HttpError as e:
+                return {"error": str(e)}
+        deployed = list(self.tb.deployed.items())
+        agents = dict(zip((label for label, _ in deployed), fan_out(one, deployed)))
+        for name, n in self._nodes().items():
+            worker = next((l for l, a in agents.items() if name in a), None)
+            a = agents.get(worker, {}).get(name, {}) if worker else {}
+            hb = self.heartbeats.get(name)
+            nodes[name] = {"worker": worker, "ip": n.ip, "port": n.port,
+                           "state": (hb or {}).get("state") or a.get("state", "not deployed"),
+                           "app": a.get("state"), "ready": a.get("ready"), "links": a.get("links", 0),
+                           "round": (hb or {}).get("round"), "error": (hb or {}).get("error"),
+                           "last_heartbeat_s": round(now - hb["t"], 1) if hb else None}
+        return {"algorithm": self.algorithm, "nodes": nodes,
+                "finished": self.finished.is_set(), "run_dir": str(self.run_dir) if self.run_dir else None}
+
+
+    # ------------------------------------------------------------------ what nodes send
+    def heartbeat(self, name: str, state: str | None, rnd: int | None, error: str | None, live) -> int | None:
+        """A node's heartbeat (fields checked by heartbeat_fields): its state for /status
+        and the algorithm; `live` (its new metrics records, dashboard.parse_heartbeat)
+        go to the dashboard. -> the last of its records stored (None: none, or a name
+        that is no node of this testbed)."""
+        if name not in self._nodes():
+            return None
+        self.heartbeats[name] = {"t": time.time(), "state": state, "round": rnd, "error": error}
+        ack = self.dashboard.heartbeat_metrics(name, live)
+        self.algo.on_heartbeat(name, state, rnd)
+        return ack
+
+    def finish_by(self, me: str | None) -> dict:
+        """/finish from node `me` (None: the admin): only the root of a started run may
+        (PermissionError); its state becomes finished (its last heartbeat may predate it)."""
+        if me is not None and self.started_at is None:
+            raise PermissionError(f"no run has started: node {me} cannot finish one")
+        if me is not None and self.root is not None and me != self.root:
+            raise PermissionError(f"only the root node {self.root} or the admin may finish the run, not {me}")
+        if me is not None and me in self.heartbeats:
+            self.heartbeats[me] = {**self.heartbeats[me], "state": "finished"}
+        return self.finish()
+
+    def take_log(self, name: str, data: bytes) -> None:
+        """A node's log, into the folder of the run under way (made by the first one);
+        scenario.Busy (409) while /finish collects, and after it for all but each node's
+        one final log: a finished run's files are not rewritten."""
+        with self._log_lock:
+            finished = self.summary is not None and not self._closing
+            where = f" ({self.run_dir.name})" if self.run_dir is not None else ""
+            if self._closing and not finished:
+                raise scenario.Busy(f"the run is finishing: its folder{where} is being collected; "
+                                    f"a log is taken while a run is under way, and once after /finish")
+            if finished and name in self._final_logs:
+                raise scenario.Busy(f"the run is finished: its folder{where} already holds {name}'s "
+                                    f"final log; a node sends it once")
+            if finished:
+                self._final_logs.add(name)
+            if self.run_dir is None:
+                self.run_dir = results.new_run_dir(self.runs_dir, self.algorithm)
+            path = results.safe_log_path(self.run_dir, name)
+            results.write_run_file(self.run_dir, path.name, data)
+
+    # ------------------------------------------------------------------ the workers
+    def workers_call(self, kind: str, action: str) -> dict:
+        """POST /<kind>/<action> (kind emulated or physical: stop, clear, reset, clear/tc)
+        to every worker of that kind, in parallel; a failure names its worker (the first
+        one raised, after every call has returned). The scenario stops first (the nodes go
+        away); after a reset the workers reset are no longer deployed."""
+        workers = [(label, addr) for label, addr in self.tb.workers()
+                   if (kind == "emulated") == label.startswith("emulator")]
+        self.stop_scenario(resume_paused=False)
+        with self.tb._ready_lock:
+            self.tb.ready_names.clear()      # stopped or removed apps answer no more
+
+        def one(w):
+            label, addr = w
+            try:
+                return net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120,
+                                     max_bytes=AGENT_ANSWER_LIMIT)
+            except net.HttpError as e:
+                return net.HttpError(e.method, e.url, e.status, f"{label}: {e.message}")
+        out = dict(zip((label for label, _ in workers), fan_out(one, workers)))
+        for v in out.values():
+            if isinstance(v, net.HttpError):
+                raise v
+        if action == "reset":
+            prefix = "emulator" if kind == "emulated" else "physical"
+            for label in [l for l in self.tb.deployed if l.startswith(prefix)]:
+                self.tb.deployed.pop(label)
+        return out
