@@ -200,7 +200,8 @@ class Dashboard:
         tb = getattr(manager, "tb", None)
         self.agents = agents if agents is not None else tb.agents
         self.nodes = nodes if nodes is not None else tb.all_nodes
-        self.port = port if port is not None else (lambda: tb.host_port)
+        self.port = port if port is not None else (
+            lambda: manager.server.port if manager.server is not None else tb.host_port)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)     # new sample, records or events
         # metrics of the current run: records[i] has seq first_seq + i
@@ -616,7 +617,7 @@ class Dashboard:
         timeout = float(getattr(self.m, "screenshot_s", SCREENSHOT_TIMEOUT_S))
         if os.environ.get("EDGETB_SCREENSHOT", "1") == "0" or timeout <= 0:
             return "screenshots are off (EDGETB_SCREENSHOT=0 or Manager.screenshot_s = 0)"
-        port = self.m.server.port if self.m.server is not None else self.port()
+        port = self.port()
         out: dict = {}
         # The page shows the run as finished (body[data-finished]) and is drawn (ready):
         # the state says finished from here, though /finish returns only after the picture.

@@ -4,7 +4,7 @@
 at most FANOUT at once, printing one line per worker as it comes up; the caller prints
 `tc finish` when it returns (every agent has read its links back from the kernel). If
 any worker fails, what was already deployed elsewhere is removed and the error names
-that worker. `wait_ready()` then waits until every node's app answers on its DML port
+that worker. `Readiness.wait()` then waits until every node's app answers on its DML port
 (each agent's `GET /status` says `ready`), printing `apps answering: k/N` while it waits,
 with a deadline that grows with the node count (`ready_timeout_s`); a node that did not
 answer or whose app exited is named (NotReady). `reset()` asks every worker to remove
@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from controller import share
 from controller.agents import FANOUT, Agents, AgentClient, HttpAgent, LocalAgent, fan_out
@@ -94,6 +95,158 @@ def node_body(n: _Node, ctl: str, agent: str, shares: dict | None = None) -> dic
     return body
 
 
+class Readiness:
+    """Waiting until the deployed apps answer on their DML port, as their agents'
+    `GET /status` says (`ready`), with a deadline; the apps seen answering are kept until
+    they are forgotten (a stop, a restart, a reset). `local_port`: the port of the
+    controller's own agent, None when it runs none (its nodes' output can be quoted)."""
+
+    def __init__(self, topo: Topology, agents: Agents, local_port: Callable[[], int | None]):
+        self.topo, self.agents, self._local_port = topo, agents, local_port
+        # ready_timeout_s (Testbed): the deadline after `tc finish`, None for READY_BASE_S
+        # + READY_PER_NODE_S per app; wait_for_apps=False: do not wait (EdgeTB's behaviour).
+        self.timeout_s: float | None = None
+        self.wait_for_apps = True
+        self.names: set[str] = set()          # apps seen answering since the last deploy
+        self._deadline: float | None = None   # time.monotonic() of this deployment's deadline
+        self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """A deployment is done: its deadline starts now."""
+        self._deadline = time.monotonic() + self.deadline_s()
+
+    def clear(self) -> None:
+        """Everything was removed: no app answers, no deadline runs."""
+        self.forget()
+        self._deadline = None
+
+    def deadline_s(self) -> float:
+        """Seconds after `tc finish` that apps have to answer: ready_timeout_s, or
+        READY_BASE_S + READY_PER_NODE_S for every node that runs an app."""
+        if self.timeout_s is not None:
+            return float(self.timeout_s)
+        return READY_BASE_S + READY_PER_NODE_S * sum(1 for n in self.topo.all_nodes().values() if n.cmd)
+
+    def forget(self, names=None) -> None:
+        """Apps `names` (default all) answer no more (stopped, restarted, removed): the
+        next wait waits for them again."""
+        with self._lock:
+            if names is None:
+                self.names.clear()
+            else:
+                self.names.difference_update(names)
+
+    def _app_places(self, names=None) -> dict[str, AgentClient]:
+        """{node: its worker} of the deployed nodes that run an app."""
+        nodes = self.topo.all_nodes()
+        out = {}
+        for worker in self.agents.deployed():
+            for name in self.agents.nodes_of(worker):
+                if name in nodes and nodes[name].cmd and (names is None or name in names):
+                    out[name] = worker
+        return out
+
+    def _stdout_log(self, name: str, worker: AgentClient) -> str:
+        """Where node `name`'s app output is on its worker, and its last lines when that
+        worker is this controller's embedded agent."""
+        port = worker.address.rpartition(":")[2]
+        path = Path(f"/run/edgetb/agent-{port}/nodes/{name}/stdout.log")
+        where = f"see {path} on {worker.label}"
+        if int(port) == self._local_port():
+            try:
+                tail = path.read_text(errors="replace").strip().splitlines()[-3:]
+            except OSError:
+                tail = []
+            if tail:
+                where += "; it ends: " + " | ".join(line.strip()[:200] for line in tail)
+        return where
+
+    def _look(self, places: dict[str, AgentClient]):
+        """One look at every worker's /status (in parallel): (ready, ended {name: state},
+        missing, what each worker answered {label: nodes or the error})."""
+        workers = {w.label: w for w in places.values()}
+
+        def status(worker):
+            try:
+                return worker.status()["nodes"]
+            except (net.HttpError, ValueError, KeyError, TypeError) as e:
+                return e
+        seen = dict(zip(workers, fan_out(status, workers.values())))
+        ready, ended, missing, unsure = set(), {}, [], []
+        for name, worker in places.items():
+            got = seen[worker.label]
+            a = got.get(name) if isinstance(got, dict) else None
+            if isinstance(got, dict) and not isinstance(a, dict):
+                missing.append(name)            # its worker no longer has it (reset)
+            elif a is None:
+                continue                        # the agent did not answer this time
+            elif a.get("ready") is True:
+                ready.add(name)
+            elif a.get("state") in APP_ENDED:
+                ended[name] = a["state"]
+            elif "ready" not in a:              # an agent that does not report readiness
+                unsure.append(name)
+        nodes = self.topo.all_nodes()
+        for name, ok in zip(unsure, fan_out(lambda n: _tcp_open(nodes[n].ip, nodes[n].port), unsure)):
+            if ok:
+                ready.add(name)
+        return ready, ended, missing, seen
+
+    def wait(self, names=None, *, say=None, deadline: float | None = None) -> None:
+        """Wait until every deployed node among `names` (default all) that runs an app
+        answers on its DML port: every agent's `GET /status` is read in parallel every
+        READY_POLL_S. `say` gets `apps answering: k/N` when k changed (at most every
+        READY_SHOW_S) and once all answer. Raises NotReady naming the nodes at the
+        deadline (default this deployment's: deadline_s() after deploy), at once
+        when an app exited. Nothing is removed here: the caller resets on failure."""
+        if not self.wait_for_apps:
+            return
+        places = self._app_places(names)
+        with self._lock:
+            if not set(places) - self.names:
+                return
+        if deadline is None:
+            deadline = self._deadline or time.monotonic() + self.deadline_s()
+        total, shown, shown_at = len(places), None, float("-inf")
+        while True:
+            ready, ended, missing, seen = self._look(places)
+            with self._lock:
+                self.names |= ready
+            now = time.monotonic()
+            done = len(ready) == total
+            if say is not None and len(ready) != shown and (done or now - shown_at >= READY_SHOW_S):
+                say(f"apps answering: {len(ready)}/{total}")
+                shown, shown_at = len(ready), now
+            if done:
+                return
+            if ended or missing or now >= deadline:
+                raise self._not_ready(places, ready, ended, missing, seen)
+            time.sleep(min(READY_POLL_S, max(0.0, deadline - now)))
+
+    def _not_ready(self, places, ready, ended, missing, seen) -> NotReady:
+        nodes = self.topo.all_nodes()
+        lines = []
+        for name in sorted(ended):
+            lines.append(f"{name}: its app {ended[name]} before answering on port {nodes[name].port} "
+                         f"({self._stdout_log(name, places[name])})")
+        for name in sorted(missing):
+            lines.append(f"{name}: no longer deployed on {places[name].label}")
+        silent = sorted(set(places) - ready - set(ended) - set(missing))
+        if not ended and not missing:
+            for name in silent:
+                worker, n = places[name], nodes[name]
+                got = seen[worker.label]
+                why = (f"its agent did not answer /status: {got}" if isinstance(got, Exception)
+                       else f"nothing accepts connections on {n.ip}:{n.port}")
+                lines.append(f"{name}: app not answering ({why}; {self._stdout_log(name, worker)})")
+        head = (f"{len(ready)}/{len(places)} apps answer on their DML port"
+                + ("" if ended or missing else f" after the readiness deadline ({self.deadline_s():g} s "
+                                              f"after tc finish; Testbed.ready_timeout_s sets it)"))
+        if silent and (ended or missing):
+            head += f"; not answering yet: {', '.join(silent)}"
+        return NotReady(head + ":\n  " + "\n  ".join(lines), silent, sorted(ended))
+
+
 class Deployer:
     """Deploys `topo` with the admin `token`; `share_store` and `exports` carry the
     folders to workers that are not this machine."""
@@ -110,16 +263,12 @@ class Deployer:
         # How the embedded agent starts netns node apps: "auto" forks runtime roles from one
         # preloaded interpreter (worker/zygote.py), "exec" starts a Python per node.
         self.launcher = "auto"
-        # Readiness: deploy (and a conf push) waits until every app answers on its DML
-        # port. ready_timeout_s: the deadline after `tc finish`, None for READY_BASE_S +
-        # READY_PER_NODE_S per app; wait_for_apps=False: do not wait (EdgeTB's behaviour).
-        self.ready_timeout_s: float | None = None
-        self.wait_for_apps = True
-        self.ready_names: set[str] = set()          # apps seen answering since the last deploy
-        self._ready_deadline: float | None = None   # time.monotonic() of this deployment's deadline
-        self._ready_lock = threading.Lock()
+        self.ready = Readiness(topo, self.agents, self._embedded_port)
 
     # ------------------------------------------------------------------ workers
+    def _embedded_port(self) -> int | None:
+        return None if self.embedded is None else self.embedded[1].port
+
     def _embedded_address(self) -> str:
         return f"127.0.0.1:{self.embedded[1].port}"
 
@@ -263,134 +412,7 @@ class Deployer:
         if errors:
             self.reset(say=say)
             raise DeployError("deployment failed, everything deployed was removed:\n  " + "\n  ".join(errors))
-        self._ready_deadline = time.monotonic() + self.ready_deadline_s()
-
-    # ------------------------------------------------------------------ readiness
-    def ready_deadline_s(self) -> float:
-        """Seconds after `tc finish` that apps have to answer: ready_timeout_s, or
-        READY_BASE_S + READY_PER_NODE_S for every node that runs an app."""
-        if self.ready_timeout_s is not None:
-            return float(self.ready_timeout_s)
-        return READY_BASE_S + READY_PER_NODE_S * sum(1 for n in self.topo.all_nodes().values() if n.cmd)
-
-    def forget_ready(self, names=None) -> None:
-        """Apps `names` (default all) answer no more (stopped, restarted, removed): the
-        next wait_ready waits for them again."""
-        with self._ready_lock:
-            if names is None:
-                self.ready_names.clear()
-            else:
-                self.ready_names.difference_update(names)
-
-    def _app_places(self, names=None) -> dict[str, AgentClient]:
-        """{node: its worker} of the deployed nodes that run an app."""
-        nodes = self.topo.all_nodes()
-        out = {}
-        for worker in self.agents.deployed():
-            for name in self.agents.nodes_of(worker):
-                if name in nodes and nodes[name].cmd and (names is None or name in names):
-                    out[name] = worker
-        return out
-
-    def _stdout_log(self, name: str, worker: AgentClient) -> str:
-        """Where node `name`'s app output is on its worker, and its last lines when that
-        worker is this controller's embedded agent."""
-        port = worker.address.rpartition(":")[2]
-        path = Path(f"/run/edgetb/agent-{port}/nodes/{name}/stdout.log")
-        where = f"see {path} on {worker.label}"
-        if self.embedded is not None and int(port) == self.embedded[1].port:
-            try:
-                tail = path.read_text(errors="replace").strip().splitlines()[-3:]
-            except OSError:
-                tail = []
-            if tail:
-                where += "; it ends: " + " | ".join(line.strip()[:200] for line in tail)
-        return where
-
-    def _look(self, places: dict[str, AgentClient]):
-        """One look at every worker's /status (in parallel): (ready, ended {name: state},
-        missing, what each worker answered {label: nodes or the error})."""
-        workers = {w.label: w for w in places.values()}
-
-        def status(worker):
-            try:
-                return worker.status()["nodes"]
-            except (net.HttpError, ValueError, KeyError, TypeError) as e:
-                return e
-        seen = dict(zip(workers, fan_out(status, workers.values())))
-        ready, ended, missing, unsure = set(), {}, [], []
-        for name, worker in places.items():
-            got = seen[worker.label]
-            a = got.get(name) if isinstance(got, dict) else None
-            if isinstance(got, dict) and not isinstance(a, dict):
-                missing.append(name)            # its worker no longer has it (reset)
-            elif a is None:
-                continue                        # the agent did not answer this time
-            elif a.get("ready") is True:
-                ready.add(name)
-            elif a.get("state") in APP_ENDED:
-                ended[name] = a["state"]
-            elif "ready" not in a:              # an agent that does not report readiness
-                unsure.append(name)
-        nodes = self.topo.all_nodes()
-        for name, ok in zip(unsure, fan_out(lambda n: _tcp_open(nodes[n].ip, nodes[n].port), unsure)):
-            if ok:
-                ready.add(name)
-        return ready, ended, missing, seen
-
-    def wait_ready(self, names=None, *, say=None, deadline: float | None = None) -> None:
-        """Wait until every deployed node among `names` (default all) that runs an app
-        answers on its DML port: every agent's `GET /status` is read in parallel every
-        READY_POLL_S. `say` gets `apps answering: k/N` when k changed (at most every
-        READY_SHOW_S) and once all answer. Raises NotReady naming the nodes at the
-        deadline (default this deployment's: ready_deadline_s() after deploy), at once
-        when an app exited. Nothing is removed here: the caller resets on failure."""
-        if not self.wait_for_apps:
-            return
-        places = self._app_places(names)
-        with self._ready_lock:
-            if not set(places) - self.ready_names:
-                return
-        if deadline is None:
-            deadline = self._ready_deadline or time.monotonic() + self.ready_deadline_s()
-        total, shown, shown_at = len(places), None, float("-inf")
-        while True:
-            ready, ended, missing, seen = self._look(places)
-            with self._ready_lock:
-                self.ready_names |= ready
-            now = time.monotonic()
-            done = len(ready) == total
-            if say is not None and len(ready) != shown and (done or now - shown_at >= READY_SHOW_S):
-                say(f"apps answering: {len(ready)}/{total}")
-                shown, shown_at = len(ready), now
-            if done:
-                return
-            if ended or missing or now >= deadline:
-                raise self._not_ready(places, ready, ended, missing, seen)
-            time.sleep(min(READY_POLL_S, max(0.0, deadline - now)))
-
-    def _not_ready(self, places, ready, ended, missing, seen) -> NotReady:
-        nodes = self.topo.all_nodes()
-        lines = []
-        for name in sorted(ended):
-            lines.append(f"{name}: its app {ended[name]} before answering on port {nodes[name].port} "
-                         f"({self._stdout_log(name, places[name])})")
-        for name in sorted(missing):
-            lines.append(f"{name}: no longer deployed on {places[name].label}")
-        silent = sorted(set(places) - ready - set(ended) - set(missing))
-        if not ended and not missing:
-            for name in silent:
-                worker, n = places[name], nodes[name]
-                got = seen[worker.label]
-                why = (f"its agent did not answer /status: {got}" if isinstance(got, Exception)
-                       else f"nothing accepts connections on {n.ip}:{n.port}")
-                lines.append(f"{name}: app not answering ({why}; {self._stdout_log(name, worker)})")
-        head = (f"{len(ready)}/{len(places)} apps answer on their DML port"
-                + ("" if ended or missing else f" after the readiness deadline ({self.ready_deadline_s():g} s "
-                                              f"after tc finish; Testbed.ready_timeout_s sets it)"))
-        if silent and (ended or missing):
-            head += f"; not answering yet: {', '.join(silent)}"
-        return NotReady(head + ":\n  " + "\n  ".join(lines), silent, sorted(ended))
+        self.ready.begin()
 
     # ------------------------------------------------------------------ reset
     def reset(self, say=print, kinds=("emulated", "physical")) -> list[str]:
@@ -406,8 +428,7 @@ class Deployer:
             except net.HttpError as e:
                 problems.append(f"{worker.label}: {e}")
         self.agents.forget()
-        self.forget_ready()
-        self._ready_deadline = None
+        self.ready.clear()
         for p in problems:
             say(f"reset: {p}")
         return problems

@@ -35,16 +35,21 @@ from dml_app import net  # noqa: E402
 
 
 class _Kept:
-    """A setting of the testbed that its deployer keeps (read and set through the testbed)."""
+    """A setting of the testbed that one of its parts keeps (`part`: a function from the
+    testbed to it, `name`: the part's attribute, by default the same), read and set
+    through the testbed."""
+
+    def __init__(self, part, name: str | None = None):
+        self.part, self.name = part, name
 
     def __set_name__(self, owner, name):
-        self.name = name
+        self.name = self.name or name
 
     def __get__(self, tb, owner=None):
-        return self if tb is None else getattr(tb.deployer, self.name)
+        return self if tb is None else getattr(self.part(tb), self.name)
 
     def __set__(self, tb, value):
-        setattr(tb.deployer, self.name, value)
+        setattr(self.part(tb), self.name, value)
 
 
 class Testbed(Topology):
@@ -52,12 +57,12 @@ class Testbed(Topology):
 
     __test__ = False  # not a pytest class
 
-    # Kept by the deployer (controller/deploy.py says what each means).
-    ready_timeout_s = _Kept()
-    wait_for_apps = _Kept()
-    launcher = _Kept()
-    share_mode = _Kept()
-    embedded = _Kept()
+    # Kept by the deployer and its readiness waiter (controller/deploy.py says what each means).
+    launcher = _Kept(lambda tb: tb.deployer)
+    share_mode = _Kept(lambda tb: tb.deployer)
+    embedded = _Kept(lambda tb: tb.deployer)
+    ready_timeout_s = _Kept(lambda tb: tb.deployer.ready, "timeout_s")
+    wait_for_apps = _Kept(lambda tb: tb.deployer.ready)
 
     def __init__(self, ip: str, dir_name: str, manager_class=None, host_port: int = 3333,
                  node_port: int = DEFAULT_NODE_PORT, token: str | None = None,
@@ -103,12 +108,12 @@ class Testbed(Topology):
     @property
     def ready_names(self) -> set[str]:
         """Apps seen answering on their DML port since the last deploy."""
-        return self.deployer.ready_names
+        return self.deployer.ready.names
 
     # TRANSITIONAL (until the run service uses agents/forget_ready): removed after.
     @property
     def _ready_lock(self):
-        return self.deployer._ready_lock
+        return self.deployer.ready._lock
 
     def workers(self) -> list[tuple[str, str]]:
         return [(w.label, w.address) for w in self.deployer.agents.workers()]
@@ -133,15 +138,15 @@ class Testbed(Topology):
                              serving=self.manager is not None and self.manager.server is not None)
 
     def wait_ready(self, names=None, *, say=None, deadline: float | None = None) -> None:
-        """Wait until the apps of `names` (default all) answer (Deployer.wait_ready)."""
-        self.deployer.wait_ready(names, say=say, deadline=deadline)
+        """Wait until the apps of `names` (default all) answer (deploy.Readiness.wait)."""
+        self.deployer.ready.wait(names, say=say, deadline=deadline)
 
     def ready_deadline_s(self) -> float:
-        return self.deployer.ready_deadline_s()
+        return self.deployer.ready.deadline_s()
 
     def forget_ready(self, names=None) -> None:
         """Apps `names` (default all) answer no more: waits wait for them again."""
-        self.deployer.forget_ready(names)
+        self.deployer.ready.forget(names)
 
     def reset(self, say=print, kinds=("emulated", "physical")) -> list[str]:
         """Ask every worker to remove what it made; returns problems (workers unreachable)."""
