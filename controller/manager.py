@@ -46,7 +46,7 @@ class Manager(Run):
         self.server: net.Server | None = None
         self._stop = threading.Event()
         self.access = access.Access(testbed.token, names=self._names,
-                                    port=lambda: self.tb.host_port,
+                                    port=self.port,
                                     token_file=access.token_path(testbed.host_port))
         self.access.install(self.app)
         # After the access check: JSON routes take 1 MiB, /log log_limit_bytes (read at
@@ -62,7 +62,6 @@ class Manager(Run):
         # Each dashboard stream holds a thread while it is open: room for all of them.
         self.server = net.serve(self.app, "0.0.0.0", self.tb.host_port, threads=16 + dashboard.STREAMS_MAX)
         self.dashboard.start()
-        self.tb.host_port = self.server.port
         # The admin token, for the users that loopback does not trust (docs/security.md).
         self.access.token_file = access.token_path(self.server.port)
         access.write_token(self.access.token_file, self.tb.token)

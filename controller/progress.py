@@ -133,7 +133,8 @@ class Watcher:
         except Stopped:
             return
         except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
-            failed(e)
+            if not self._stop.is_set():     # not the nodes going away with the controller
+                failed(e)
             return
         if run.summary is not None:
             report(run.summary, say=self.say)

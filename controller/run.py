@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 from controller import algorithm as algorithms
-from controller import dashboard, files, progress, results, scenario, share
-from controller.testbed import FANOUT, ROOT, DefinitionError, NotReady, Testbed, call_once, fan_out
+from controller import agents, dashboard, files, progress, results, scenario, share
+from controller.agents import AGENT_ANSWER_LIMIT, FANOUT, call_once, fan_out  # noqa: F401  (AGENT_ANSWER_LIMIT: its name here)
+from controller.testbed import ROOT, DefinitionError, NotReady, Testbed
 from dml_app import formats, net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
 LOG_LIMIT_BYTES = 16 * net.MiB      # a node's log posted to /log (the run scripts' --log-limit-mb)
-AGENT_ANSWER_LIMIT = 16 * net.MiB   # an agent's JSON answer (/status of hundreds of nodes, /update/tc)
 MAX_ROUND = 10**9
 
 def heartbeat_fields(body) -> tuple[str, str | None, int | None]:
@@ -103,9 +103,13 @@ class Run:
         self.scenario: list | None = getattr(testbed, "scenario", None)
         self.scheduler: scenario.Scheduler | None = None
         self.watcher: progress.Watcher | None = None     # the console's account of a run started by /start
-        self.dashboard = dashboard.Dashboard(self)
+        self.dashboard = dashboard.Dashboard(self, agents=testbed.agents, nodes=testbed.all_nodes, port=self.port)
         self.data_store = share.DataStore()   # GET /data/<sha256> (serverless data parts)
         self.algo.attach(self)
+
+    def port(self) -> int:
+        """The port the controller serves this run on (the testbed's until it serves)."""
+        return self.server.port if self.server is not None else self.tb.host_port
 
     def close(self) -> None:
         """End what runs in the background: the algorithm's drivers, the scenario, the
@@ -339,25 +343,21 @@ class Run:
             problems.append(f"{p}: expected an object {{node: [links]}}")
         if problems:
             raise DefinitionError(problems)
-        out = {}
-        for label, info in list(self.tb.deployed.items()):
-            names = list(info["answer"]["nodes"])
-            body = {"links": self.tb.agent_links(links, names)}
-            out[label] = net.post_json(f"{info['addr']}/update/tc", body, token=self.tb.token, timeout_s=120,
-                                       max_bytes=AGENT_ANSWER_LIMIT)
+        agents = self.tb.agents
+        out = {c.label: c.update_tc(self.tb.agent_links(links, agents.nodes_of(c))) for c in agents.deployed()}
         self.tb.links = links
         return out
 
     # ------------------------------------------------------------------ faults
 
-    def _agent_of(self, node) -> tuple[str, str]:
-        """(worker label, agent address) of a deployed node; ValueError otherwise."""
+    def _agent_of(self, node) -> agents.AgentClient:
+        """The agent of a deployed node; ValueError otherwise."""
         if not isinstance(node, str) or node not in self._nodes():
             raise ValueError(f"unknown node {str(node)[:64]!r}")
-        for label, info in list(self.tb.deployed.items()):
-            if node in info["answer"]["nodes"]:
-                return label, info["addr"]
-        raise ValueError(f"node {node} is not deployed")
+        client = self.tb.agents.of(node)
+        if client is None:
+            raise ValueError(f"node {node} is not deployed")
+        return client
 
     def _has_link(self, src: str, dest: str) -> bool:
         return any(isinstance(l, dict) and l.get("dest") == dest for l in self.tb.links.get(src) or [])
@@ -373,13 +373,14 @@ class Run:
                 raise ValueError(f"no link from {s} to {d} in the links (links.json)")
         return pairs
 
-    def _agent_post(self, node: str, route: str, body: dict) -> tuple[bool, str, dict]:
-        label, addr = self._agent_of(node)
+    def _agent_call(self, node: str, call) -> tuple[bool, str, dict]:
+        """call(the agent of `node`) -> (done, the worker's label, its answer or
+        {"error", "status"} naming the worker)."""
+        client = self._agent_of(node)
         try:
-            return True, label, net.post_json(f"{addr}{route}", body, token=self.tb.token, timeout_s=120,
-                                              max_bytes=AGENT_ANSWER_LIMIT)
+            return True, client.label, call(client)
         except net.HttpError as e:
-            return False, label, {"error": f"{label}: {e.message}", "status": e.status}
+            return False, client.label, {"error": f"{client.label}: {e.message}", "status": e.status}
 
     def node_fault(self, node: str, action: str) -> dict:
         """kill, pause, resume or restart one node's app, live, through its agent
@@ -391,9 +392,8 @@ class Run:
         self._agent_of(node)
         self.algo.before_fault(node, action)
         if action != "resume":
-            with self.tb._ready_lock:
-                self.tb.ready_names.discard(node)    # /conf/* waits for it to answer again
-        ok, label, ans = self._agent_post(node, "/node/fault", {"node": node, "action": action})
+            self.tb.forget_ready([node])    # /conf/* waits for it to answer again
+        ok, label, ans = self._agent_call(node, lambda c: c.node_fault(node, action))
         out = {"ok": ok, "node": node, "action": action}
         if ok:
             out.update(state=ans.get("state"), detail=f"{node}: {action} done on {label} (app {ans.get('state')})")
@@ -447,7 +447,7 @@ class Run:
             raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.LINK_FAULTS)}")
         done = []
         for s, d in self._link_pairs(src, dest, both):
-            ok, label, ans = self._agent_post(s, "/link/fault", {"node": s, "dest": d, "action": action})
+            ok, label, ans = self._agent_call(s, lambda c: c.link_fault(s, d, action))
             done.append({"src": s, "dest": d, "ok": ok, "worker": label, **ans})
         ok = all(x["ok"] for x in done)
         detail = "; ".join(f"{x['src']}->{x['dest']} {action}" + ("" if x["ok"] else f" failed: {x['error']}")
@@ -477,7 +477,7 @@ class Run:
                 raise ValueError("; ".join(problems))
             done = []
             for s in dict.fromkeys(s for s, _ in pairs):
-                ok, label, ans = self._agent_post(s, "/update/tc", {"links": self.tb.agent_links(new, [s])})
+                ok, label, ans = self._agent_call(s, lambda c: c.update_tc(self.tb.agent_links(new, [s])))
                 done.append({"src": s, "ok": ok, "worker": label, **ans})
             ok = all(x["ok"] for x in done)
             if ok:
@@ -493,15 +493,13 @@ class Run:
         now = time.time()
         nodes = {}
 
-        def one(item):
-            label, info = item
+        def one(client):
             try:
-                return net.get_json(f"{info['addr']}/status", token=self.tb.token, timeout_s=10,
-                                    max_bytes=AGENT_ANSWER_LIMIT)["nodes"]
+                return client.status()["nodes"]
             except net.HttpError as e:
                 return {"error": str(e)}
-        deployed = list(self.tb.deployed.items())
-        agents = dict(zip((label for label, _ in deployed), fan_out(one, deployed)))
+        deployed = self.tb.agents.deployed()
+        agents = dict(zip((c.label for c in deployed), fan_out(one, deployed)))
         for name, n in self._nodes().items():
             worker = next((l for l, a in agents.items() if name in a), None)
             a = agents.get(worker, {}).get(name, {}) if worker else {}
@@ -565,25 +563,19 @@ class Run:
         to every worker of that kind, in parallel; a failure names its worker (the first
         one raised, after every call has returned). The scenario stops first (the nodes go
         away); after a reset the workers reset are no longer deployed."""
-        workers = [(label, addr) for label, addr in self.tb.workers()
-                   if (kind == "emulated") == label.startswith("emulator")]
+        workers = self.tb.agents.workers(kind)
         self.stop_scenario(resume_paused=False)
-        with self.tb._ready_lock:
-            self.tb.ready_names.clear()      # stopped or removed apps answer no more
+        self.tb.forget_ready()      # stopped or removed apps answer no more
 
-        def one(w):
-            label, addr = w
+        def one(client):
             try:
-                return net.post_json(f"{addr}/{kind}/{action}", {}, token=self.tb.token, timeout_s=120,
-                                     max_bytes=AGENT_ANSWER_LIMIT)
+                return client.control(action)
             except net.HttpError as e:
-                return net.HttpError(e.method, e.url, e.status, f"{label}: {e.message}")
-        out = dict(zip((label for label, _ in workers), fan_out(one, workers)))
+                return net.HttpError(e.method, e.url, e.status, f"{client.label}: {e.message}")
+        out = dict(zip((c.label for c in workers), fan_out(one, workers)))
         for v in out.values():
             if isinstance(v, net.HttpError):
                 raise v
         if action == "reset":
-            prefix = "emulator" if kind == "emulated" else "physical"
-            for label in [l for l in self.tb.deployed if l.startswith(prefix)]:
-                self.tb.deployed.pop(label)
+            self.tb.agents.forget(kind)
         return out
