@@ -192,16 +192,11 @@ class Dashboard:
 
     `agents`: the workers' agent clients (controller/agents.py Agents) the sampler reads
     /usage from; `nodes`: a function giving the testbed's nodes {name: node}; `port`: a
-    function giving the controller's port (the screenshot's page). Without them they are
-    read from `manager.tb` (its agents, all_nodes, host_port)."""
+    function giving the controller's port (the screenshot's page)."""
 
-    def __init__(self, manager, *, agents=None, nodes=None, port=None):
+    def __init__(self, manager, *, agents, nodes, port):
         self.m = manager
-        tb = getattr(manager, "tb", None)
-        self.agents = agents if agents is not None else tb.agents
-        self.nodes = nodes if nodes is not None else tb.all_nodes
-        self.port = port if port is not None else (
-            lambda: manager.server.port if manager.server is not None else tb.host_port)
+        self.agents, self.nodes, self.port = agents, nodes, port
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)     # new sample, records or events
         # metrics of the current run: records[i] has seq first_seq + i

@@ -107,7 +107,7 @@ class Readiness:
         # + READY_PER_NODE_S per app; wait_for_apps=False: do not wait (EdgeTB's behaviour).
         self.timeout_s: float | None = None
         self.wait_for_apps = True
-        self.names: set[str] = set()          # apps seen answering since the last deploy
+        self._answering: set[str] = set()          # apps seen answering since the last deploy
         self._deadline: float | None = None   # time.monotonic() of this deployment's deadline
         self._lock = threading.Lock()
 
@@ -127,14 +127,19 @@ class Readiness:
             return float(self.timeout_s)
         return READY_BASE_S + READY_PER_NODE_S * sum(1 for n in self.topo.all_nodes().values() if n.cmd)
 
+    def answering(self) -> set[str]:
+        """The apps seen answering since the last deploy (a copy)."""
+        with self._lock:
+            return set(self._answering)
+
     def forget(self, names=None) -> None:
         """Apps `names` (default all) answer no more (stopped, restarted, removed): the
         next wait waits for them again."""
         with self._lock:
             if names is None:
-                self.names.clear()
+                self._answering.clear()
             else:
-                self.names.difference_update(names)
+                self._answering.difference_update(names)
 
     def _app_places(self, names=None) -> dict[str, AgentClient]:
         """{node: its worker} of the deployed nodes that run an app."""
@@ -203,7 +208,7 @@ class Readiness:
             return
         places = self._app_places(names)
         with self._lock:
-            if not set(places) - self.names:
+            if not set(places) - self._answering:
                 return
         if deadline is None:
             deadline = self._deadline or time.monotonic() + self.deadline_s()
@@ -211,7 +216,7 @@ class Readiness:
         while True:
             ready, ended, missing, seen = self._look(places)
             with self._lock:
-                self.names |= ready
+                self._answering |= ready
             now = time.monotonic()
             done = len(ready) == total
             if say is not None and len(ready) != shown and (done or now - shown_at >= READY_SHOW_S):

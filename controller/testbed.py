@@ -95,28 +95,12 @@ class Testbed(Topology):
     @property
     def deployed(self) -> dict[str, dict]:
         """{worker label: {"addr", "kind", "answer"}} of the deployed workers (a copy)."""
-        agents = self.deployer.agents
-
-        class _Popping(dict):        # TRANSITIONAL: tb.deployed.pop(label) forgets it
-            def pop(self, label, *default):
-                for w in agents.deployed():
-                    if w.label == label:
-                        agents._deployed.pop(label, None)
-                return super().pop(label, *default)
-        return _Popping(agents.answers())
+        return self.deployer.agents.answers()
 
     @property
     def ready_names(self) -> set[str]:
-        """Apps seen answering on their DML port since the last deploy."""
-        return self.deployer.ready.names
-
-    # TRANSITIONAL (until the run service uses agents/forget_ready): removed after.
-    @property
-    def _ready_lock(self):
-        return self.deployer.ready._lock
-
-    def workers(self) -> list[tuple[str, str]]:
-        return [(w.label, w.address) for w in self.deployer.agents.workers()]
+        """Apps seen answering on their DML port since the last deploy (a copy)."""
+        return self.deployer.ready.answering()
 
     def ctl_address(self, emu: Emulator | None) -> str:
         """The controller as the nodes of `emu` see it (deploy.ctl_address)."""
