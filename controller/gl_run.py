@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import auto, files  # noqa: E402
+from controller import auto  # noqa: E402
 from controller.algorithm import Algorithm  # noqa: E402
 from controller.manager import Manager  # noqa: E402
 from controller.testbed import single_machine  # noqa: E402
@@ -82,9 +82,7 @@ class Gossip(Algorithm):
             nodes, senders = run._nodes(), {}
             for src in nodes:
                 try:
-                    raw = files.read_project_file(run.conf_dir / f"{src}_structure.conf", run.file_folders(),
-                                                  files.CONF_FILE_LIMIT, what="structure conf")
-                    conf = net.parse_json_body(raw, what=f"structure conf {src}_structure.conf")
+                    conf = run.read_conf_file(src, "structure")
                 except (OSError, ValueError):
                     continue            # no conf (not a peer) or a bad one (its push says so)
                 connect = conf.get("connect")

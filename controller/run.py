@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from controller import algorithm as algorithms
-from controller import agents, dashboard, files, progress, results, scenario, share
+from controller import dashboard, faults, files, progress, results, scenario, share
 from controller.agents import AGENT_ANSWER_LIMIT, FANOUT, call_once, fan_out  # noqa: F401  (AGENT_ANSWER_LIMIT: its name here)
-from controller.testbed import ROOT, DefinitionError, NotReady, Testbed
+from controller.testbed import ROOT, NotReady, Testbed
 from dml_app import formats, net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
@@ -91,7 +91,6 @@ class Run:
         self.summary: dict | None = None
         self.finished = threading.Event()
         self._finish_lock = threading.Lock()
-        self._links_lock = threading.Lock()      # link_rate's read-modify-write of tb.links
         # POST /log writes into the run under way; while /finish collects, it gets 409; once
         # the run is finished each node may send its final log once (EdgeTB apps send their
         # whole log after /finish), then 409 until the next /start makes a new folder.
@@ -105,6 +104,7 @@ class Run:
         self.watcher: progress.Watcher | None = None     # the console's account of a run started by /start
         self.dashboard = dashboard.Dashboard(self, agents=testbed.agents, nodes=testbed.all_nodes, port=self.port)
         self.data_store = share.DataStore()   # GET /data/<sha256> (serverless data parts)
+        self.faults = faults.Faults(self)
         self.algo.attach(self)
 
     def port(self) -> int:
@@ -148,29 +148,61 @@ class Run:
         folders, at most 1 MiB, bounded JSON) before any is sent: one bad conf refuses
         the push (HTTP 400) and no node gets anything."""
         self.algo.on_push(kind)
-        missing = [n for n in self._nodes() if not (self.conf_dir / f"{n}_{kind}.conf").exists()]
+        missing = [n for n in self._nodes() if not self.conf_file(n, kind).exists()]
         have = [n for n in self._nodes() if n not in missing]
         if not have:
             raise FileNotFoundError(f"no {kind} confs in {self.conf_dir}: run dml_tool/"
                                     f"{'dataset_conf.py -d' if kind == 'dataset' else '<alg>_structure_conf.py -s'} first")
-        confs = {}
-        for n in have:
-            raw = files.read_project_file(self.conf_dir / f"{n}_{kind}.conf", self.file_folders(),
-                                          files.CONF_FILE_LIMIT, what=f"{kind} conf")
-            confs[n] = self.conf_for(kind, n, net.parse_json_body(raw, what=f"{kind} conf {n}_{kind}.conf"))
+        confs = {n: self.read_conf(n, kind) for n in have}
         # Apps still starting (a push right after `tc finish`): wait for them, up to the
         # testbed's readiness deadline (NotReady naming them, HTTP 503), then send once.
         self.tb.wait_ready(have)
 
         def send(node):
-            body = confs[node.name]
-            call_once("POST", f"{node.ip}:{node.port}/conf/{kind}", json=body, token=self.tb.node_token(node.name),
-                      timeout_s=120, max_bytes=net.JSON_LIMIT)
+            self.send_conf(node.name, kind, confs[node.name])
             return "ok"
         out = self._each(send, have)
         out.update({n: "skipped: no conf file" for n in missing})
-        self.pushed.add(kind)      # a restarted node gets it again (_rejoin)
+        self.pushed.add(kind)      # a restarted node gets it again (rejoin)
         return out
+
+    def conf_file(self, node: str, kind: str) -> Path:
+        return self.conf_dir / f"{node}_{kind}.conf"
+
+    def read_conf_file(self, node: str, kind: str):
+        """`node`'s conf file of `kind` as the conf tools wrote it, read by controller/files.py:
+        a regular file inside the project's folders, at most 1 MiB, bounded JSON
+        (ValueError, OSError otherwise)."""
+        raw = files.read_project_file(self.conf_file(node, kind), self.file_folders(), files.CONF_FILE_LIMIT,
+                                      what=f"{kind} conf")
+        return net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf")
+
+    def read_conf(self, node: str, kind: str):
+        """`node`'s conf of `kind` as it is sent: its file's with what the algorithm adds."""
+        return self.conf_for(kind, node, self.read_conf_file(node, kind))
+
+    def send_conf(self, node: str, kind: str, conf) -> None:
+        """POST /conf/<kind> to `node`'s app (sent once: repeated only if it cannot have arrived)."""
+        n = self._nodes()[node]
+        call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", json=conf, token=self.tb.node_token(node),
+                  timeout_s=120, max_bytes=net.JSON_LIMIT)
+
+    def rejoin(self, node: str) -> str:
+        """A restarted app starts with nothing: once it answers, give it again the confs
+        pushed so far in this deployment (its own conf files), then the algorithm's
+        on_rejoin. Returns what was done, in words ("" when nothing was pushed yet)."""
+        # Only its own conf files: a node may have none of a kind (conf_optional).
+        kinds = [k for k in ("dataset", "structure") if k in self.pushed and self.conf_file(node, k).exists()]
+        if not kinds:
+            return ""
+        try:
+            self.tb.wait_ready([node], deadline=time.monotonic() + self.tb.ready_deadline_s())
+            for kind in kinds:
+                self.send_conf(node, kind, self.read_conf(node, kind))
+            more = self.algo.on_rejoin(node)
+        except (net.HttpError, NotReady, OSError, ValueError) as e:
+            return f"rejoin failed: {e}"
+        return f"{' and '.join(kinds)} conf pushed again" + (f", {more}" if more else "")
 
     def conf_for(self, kind: str, node: str, conf):
         """The conf of `kind` sent to `node`, from its conf file's, with what the algorithm
@@ -330,104 +362,22 @@ class Run:
         """summary.json's content: the algorithm's summary of the metrics."""
         return self.algo.summarize(metrics, wall, sent)
 
-    def update_links(self, path: str) -> dict:
-        """Replace every link with those of a links file (relative: to the testbed's
-        dir_name) read by controller/files.py: a regular file inside the project's
-        folders, at most 16 MiB; anything else is refused naming only that rule."""
-        raw = files.read_project_file(path, self.file_folders(), files.LINKS_FILE_LIMIT,
-                                      what="links file", base=self.tb.dir_name)
-        p = Path(path) if Path(path).is_absolute() else Path(self.tb.dir_name) / path
-        links = net.parse_json_body(raw, want_object=False, what=str(p))
-        problems = self.tb.link_problems(links if isinstance(links, dict) else {}, str(p))
-        if not isinstance(links, dict):
-            problems.append(f"{p}: expected an object {{node: [links]}}")
-        if problems:
-            raise DefinitionError(problems)
-        agents = self.tb.agents
-        out = {c.label: c.update_tc(self.tb.agent_links(links, agents.nodes_of(c))) for c in agents.deployed()}
-        self.tb.links = links
-        return out
-
-    # ------------------------------------------------------------------ faults
-
-    def _agent_of(self, node) -> agents.AgentClient:
-        """The agent of a deployed node; ValueError otherwise."""
-        if not isinstance(node, str) or node not in self._nodes():
-            raise ValueError(f"unknown node {str(node)[:64]!r}")
-        client = self.tb.agents.of(node)
-        if client is None:
-            raise ValueError(f"node {node} is not deployed")
-        return client
-
-    def _has_link(self, src: str, dest: str) -> bool:
-        return any(isinstance(l, dict) and l.get("dest") == dest for l in self.tb.links.get(src) or [])
-
-    def _link_pairs(self, src, dest, both: bool) -> list[tuple[str, str]]:
-        for n in (src, dest):
-            self._agent_of(n)
-        if not isinstance(both, bool):
-            raise ValueError(f"both: expected true or false, got {str(both)[:16]!r}")
-        pairs = [(src, dest)] + ([(dest, src)] if both else [])
-        for s, d in pairs:
-            if not self._has_link(s, d):
-                raise ValueError(f"no link from {s} to {d} in the links (links.json)")
-        return pairs
-
-    def _agent_call(self, node: str, call) -> tuple[bool, str, dict]:
-        """call(the agent of `node`) -> (done, the worker's label, its answer or
-        {"error", "status"} naming the worker)."""
-        client = self._agent_of(node)
-        try:
-            return True, client.label, call(client)
-        except net.HttpError as e:
-            return False, client.label, {"error": f"{client.label}: {e.message}", "status": e.status}
-
+    # ------------------------------------------------------------------ faults and links
     def node_fault(self, node: str, action: str) -> dict:
-        """kill, pause, resume or restart one node's app, live, through its agent
-        (POST /node/fault). -> {"ok", "detail", "node", "action", "state"?}; ValueError
-        for an unknown node or action. A restart returns once the app is started again
-        (its readiness shows in /status)."""
-        if action not in self.NODE_FAULTS:
-            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.NODE_FAULTS)}")
-        self._agent_of(node)
-        self.algo.before_fault(node, action)
-        if action != "resume":
-            self.tb.forget_ready([node])    # /conf/* waits for it to answer again
-        ok, label, ans = self._agent_call(node, lambda c: c.node_fault(node, action))
-        out = {"ok": ok, "node": node, "action": action}
-        if ok:
-            out.update(state=ans.get("state"), detail=f"{node}: {action} done on {label} (app {ans.get('state')})")
-            if action == "restart":
-                rejoin = self._rejoin(node)
-                out["detail"] += f"; {rejoin}" if rejoin else ""
-        else:
-            out.update(detail=f"{node}: {action} failed: {ans['error']}", status=ans["status"])
-        self.algo.after_fault(node, action, out)
-        return out
+        """controller/faults.py Faults.node_fault: kill, pause, resume or restart a node's app."""
+        return self.faults.node_fault(node, action)
 
-    def _rejoin(self, node: str) -> str:
-        """A restarted app starts with nothing: once it answers, give it again the confs
-        pushed so far in this deployment (its own conf files), then on_rejoin. Returns
-        what was done, in words ("" when nothing was pushed yet)."""
-        # Only its own conf files: a node may have none of a kind (conf_optional).
-        kinds = [k for k in ("dataset", "structure")
-                 if k in self.pushed and (self.conf_dir / f"{node}_{k}.conf").exists()]
-        if not kinds:
-            return ""
-        try:
-            self.tb.wait_ready([node], deadline=time.monotonic() + self.tb.ready_deadline_s())
-            n = self._nodes()[node]
-            for kind in kinds:
-                raw = files.read_project_file(self.conf_dir / f"{node}_{kind}.conf", self.file_folders(),
-                                              files.CONF_FILE_LIMIT, what=f"{kind} conf")
-                call_once("POST", f"{n.ip}:{n.port}/conf/{kind}", token=self.tb.node_token(node), timeout_s=120,
-                          max_bytes=net.JSON_LIMIT,
-                          json=self.conf_for(kind, node, net.parse_json_body(raw, what=f"{kind} conf {node}_{kind}.conf")))
-            more = self.algo.on_rejoin(node)
-        except (net.HttpError, NotReady, OSError, ValueError) as e:
-            return f"rejoin failed: {e}"
-        return f"{' and '.join(kinds)} conf pushed again" + (f", {more}" if more else "")
+    def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
+        """controller/faults.py Faults.link_fault: a link down or up."""
+        return self.faults.link_fault(src, dest, action, both)
 
+    def link_rate(self, src: str, dest: str, bw: str, both: bool = False) -> dict:
+        """controller/faults.py Faults.link_rate: a link's rate changed in place."""
+        return self.faults.link_rate(src, dest, bw, both)
+
+    def update_links(self, path: str) -> dict:
+        """controller/faults.py Faults.update_links: every link from a links file."""
+        return self.faults.update_links(path)
     def conf_optional(self, kind: str) -> set[str]:
         """Nodes that need no conf of `kind` (the algorithm's): a push that skips them (no
         conf file) is not a failure for --auto (controller/auto.py drive)."""
@@ -437,57 +387,6 @@ class Run:
         """GET /start on one node (a rejoined one)."""
         n = self._nodes()[node]
         call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30, max_bytes=net.JSON_LIMIT)
-
-    def link_fault(self, src: str, dest: str, action: str, both: bool = False) -> dict:
-        """Take the link src -> dest (and dest -> src when both) down (0 bytes pass) or up
-        (its rate as links.json has it now), through the agents (POST /link/fault).
-        -> {"ok", "detail", "links": [{"src", "dest", "ok", ...}]}; ValueError for an
-        unknown node, a link links.json does not have, or a bad action."""
-        if action not in self.LINK_FAULTS:
-            raise ValueError(f"action: {str(action)[:32]!r} is not one of {', '.join(self.LINK_FAULTS)}")
-        done = []
-        for s, d in self._link_pairs(src, dest, both):
-            ok, label, ans = self._agent_call(s, lambda c: c.link_fault(s, d, action))
-            done.append({"src": s, "dest": d, "ok": ok, "worker": label, **ans})
-        ok = all(x["ok"] for x in done)
-        detail = "; ".join(f"{x['src']}->{x['dest']} {action}" + ("" if x["ok"] else f" failed: {x['error']}")
-                           for x in done)
-        out = {"ok": ok, "detail": detail, "links": done}
-        if not ok:
-            out["status"] = next(x["status"] for x in done if not x["ok"])
-        return out
-
-    def link_rate(self, src: str, dest: str, bw: str, both: bool = False) -> dict:
-        """Change the rate of src -> dest (and dest -> src when both) in place to bw (tc
-        units as links.json: "10mbit", "5mbps"), through the agents' /update/tc; a link
-        that is down stays down with its new rate. -> {"ok", "detail", "links"};
-        ValueError for an unknown node or link, or a bad bw (the message names it)."""
-        if not isinstance(bw, str):
-            raise ValueError(f"bw: expected a tc rate string like \"10mbit\", got {str(bw)[:32]!r}")
-        with self._links_lock:
-            pairs = self._link_pairs(src, dest, both)
-            new = {k: [dict(l) if isinstance(l, dict) else l for l in v] if isinstance(v, list) else v
-                   for k, v in self.tb.links.items()}
-            for s, d in pairs:
-                for l in new[s]:
-                    if isinstance(l, dict) and l.get("dest") == d:
-                        l["bw"] = bw
-            problems = self.tb.link_problems(new, "link_rate")
-            if problems:
-                raise ValueError("; ".join(problems))
-            done = []
-            for s in dict.fromkeys(s for s, _ in pairs):
-                ok, label, ans = self._agent_call(s, lambda c: c.update_tc(self.tb.agent_links(new, [s])))
-                done.append({"src": s, "ok": ok, "worker": label, **ans})
-            ok = all(x["ok"] for x in done)
-            if ok:
-                self.tb.links = new
-        detail = ", ".join(f"{s}->{d}" for s, d in pairs) + f" at {bw}" + (
-            "" if ok else ": " + "; ".join(x["error"] for x in done if not x["ok"]))
-        out = {"ok": ok, "detail": detail, "links": done}
-        if not ok:
-            out["status"] = next(x["status"] for x in done if not x["ok"])
-        return out
 
     def status(self) -> dict:
         now = time.time()

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import auto, files, results, scenario, share  # noqa: E402
+from controller import auto, results, scenario, share  # noqa: E402
 from controller.invoker import Invoker  # noqa: E402
 from controller.algorithm import Algorithm  # noqa: E402
 from controller.manager import Manager  # noqa: E402
@@ -56,11 +56,9 @@ class Serverless(Algorithm):
 
     # ------------------------------------------------------------------ confs
     def _structure_conf(self, node: str) -> dict | None:
-        path = self.run.conf_dir / f"{node}_structure.conf"
-        if not path.exists():
+        if not self.run.conf_file(node, "structure").exists():
             return None
-        raw = files.read_project_file(path, self.run.file_folders(), files.CONF_FILE_LIMIT, what="structure conf")
-        return net.parse_json_body(raw, what=f"structure conf {path.name}")
+        return self.run.read_conf_file(node, "structure")
 
     def conf_optional(self, kind: str) -> set[str]:
         """Nodes that need no conf of `kind` (controller/auto.py's drive accepts a skipped
