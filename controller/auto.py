@@ -6,7 +6,7 @@ logs and plots at /finish -> print the summary table -> reset. Exit status 0 onl
 the run finished and produced its summary.
 
 `run` is that whole command; `drive` is the workflow on a testbed already deployed (confs,
-pushes, start, `follow` until /finish, the summary), and `structure_writer` the usual
+pushes, start, `progress.follow` until /finish, the summary), and `structure_writer` the usual
 way to write its structure confs. The benchmarks and the tests drive runs through these
 same functions, so there is one implementation of the workflow.
 """
@@ -141,7 +141,7 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     from `dataset_json` and the structure confs (`write_structure()`) into
     manager.conf_dir, push both (what GET /conf/dataset and /conf/structure do), start
     (/start?root=, every node when `root` is None), print the aggregates as they come
-    (`follow`) and return the summary once /finish has run (by the root, or by the
+    (progress.follow) and return the summary once /finish has run (by the root, or by the
     manager itself). A push skipped for a node the manager's `conf_optional(kind)` names
     (serverless action nodes have no dataset conf) is not a failure. Raises RuntimeError
     (a push refused, a node app died), TimeoutError
@@ -159,7 +159,7 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
             raise RuntimeError(f"pushing {kind} confs: {bad}")
         say(f"{kind} confs pushed to {len(res)} nodes")
     say(manager.start_training(root))
-    follow(manager, testbed, root, timeout_s, progress.rounds_of(manager.conf_dir, root), say=say)
+    progress.follow(manager, testbed, root, timeout_s, progress.rounds_of(manager.conf_dir, root), say=say)
     return manager.summary
 
 
@@ -195,5 +195,3 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
                write_structure=structure_writer(structure_tool, DML_TOOL / f"{alg}_structure.json", testbed,
                                                 ROOT / "dml_file" / "conf"))
 
-
-follow = progress.follow     # auto.follow: the watch --auto and a run started by hand share

@@ -22,8 +22,7 @@ from flask import Flask
 
 from controller import access, api, dashboard, stopping
 from controller.algorithm import Algorithm
-from controller.run import (AGENT_ANSWER_LIMIT, CONF_DIR, LOG_LIMIT_BYTES, MAX_ROUND, RUNS_DIR,  # noqa: F401
-                            Run, heartbeat_error, heartbeat_fields, upstream_status)
+from controller.run import Run
 from controller.testbed import Testbed
 from dml_app import net
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from controller import algorithm as algorithms
 from controller import dashboard, faults, files, progress, results, scenario, share
-from controller.agents import AGENT_ANSWER_LIMIT, FANOUT, call_once, fan_out  # noqa: F401  (AGENT_ANSWER_LIMIT: its name here)
+from controller.agents import FANOUT, call_once, fan_out
 from controller.testbed import ROOT, NotReady, Testbed
-from dml_app import formats, net
+from dml_app import net
 
 CONF_DIR = ROOT / "dml_file" / "conf"
 RUNS_DIR = ROOT / "runs"
@@ -73,8 +73,6 @@ class Run:
     file_roots: tuple = ()   # folders besides ROOT, the testbed's dir_name and conf_dir that
                              # requests may name files in (/update/tc?file=)
     server = None            # the HTTP server serving this run, when one does (controller/manager.py)
-    NODE_FAULTS = formats.NODE_FAULTS
-    LINK_FAULTS = formats.LINK_FAULTS
 
     def __init__(self, testbed: Testbed, algorithm: algorithms.Algorithm | None = None, *,
                  log_limit_bytes: int | None = None):

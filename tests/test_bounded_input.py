@@ -23,7 +23,8 @@ from test_runtime import configure_trainer, env_dirs, make_dataset, trainer  # n
 
 import net as node_net  # dml_app/net.py as the node apps import it  # noqa: E402
 from controller import files  # noqa: E402
-from controller.manager import Manager, heartbeat_fields  # noqa: E402
+from controller.manager import Manager  # noqa: E402
+from controller.run import heartbeat_fields  # noqa: E402
 from dml_app import net  # noqa: E402
 
 DEEP = "[" * 100_000 + "]" * 100_000            # 100,000 levels: a RecursionError in json.loads

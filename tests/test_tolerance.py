@@ -1,7 +1,7 @@
 """Issue 11 item 3: failures end or bend a run in bounded time, and say what happened.
 
 * a role task that raises puts its node in state `error` with the message, carried by
-  the heartbeats to the controller's status, and `auto.follow` ends the run at once
+  the heartbeats to the controller's status, and `progress.follow` ends the run at once
   naming the node and the message;
 * a conf pushed while the run is under way is refused with 409 and the run goes on;
 * FL with four real trainer processes, one SIGKILLed mid-run: all rounds complete, the
@@ -24,7 +24,7 @@ import pytest
 from dml_testutil import TOKEN, free_port, module_scratch, scratch, wait_until  # noqa: F401
 import net
 from runtime import Runtime
-from controller import auto
+from controller import progress
 from controller.fl_run import FlManager
 from controller.testbed import Testbed
 
@@ -38,7 +38,7 @@ def _runtime_env(work, name: str, ctl_port: int, dataset_dir) -> dict:
 
 def test_a_task_that_raises_ends_the_auto_run_naming_the_node(scratch):
     """A real runtime (HTTP server, heartbeats) whose start task raises; the real
-    FlManager is its controller; auto.follow raises at once (well before its timeout)
+    FlManager is its controller; progress.follow raises at once (well before its timeout)
     with the node's name and the exception's message."""
     ctl_port = free_port()
     rt = Runtime("boom", env=_runtime_env(scratch, "n7", ctl_port, scratch / "nodata"))
@@ -66,7 +66,7 @@ def test_a_task_that_raises_ends_the_auto_run_naming_the_node(scratch):
         released.set()
         said = []
         with pytest.raises(RuntimeError) as ei:
-            auto.follow(manager, tb, "n7", timeout_s=120, rounds=None, say=said.append)
+            progress.follow(manager, tb, "n7", timeout_s=120, rounds=None, say=said.append)
         assert "n7" in str(ei.value) and "ValueError: the weights went sideways" in str(ei.value), str(ei.value)
         st = net.call("GET", f"127.0.0.1:{rt.port}/stats", token=rt.token).json()
         assert st["state"] == "error" and "the weights went sideways" in st["error"], st
