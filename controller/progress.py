@@ -43,7 +43,7 @@ def rounds_of(conf_dir: Path, root: str | None):
 def follow(run, testbed, root: str | None, timeout_s: float, rounds, *, say=print,
            stop: threading.Event | None = None) -> None:
     """Say each new aggregate (of the root, or of every node when there is none) until
-    /finish has run; fail at once on a node in state `error` (RuntimeError naming the
+    /finish has run, and those reported since the last look once it has; fail at once on a node in state `error` (RuntimeError naming the
     node and its message), on the root's app exiting (or every app's, for algorithms
     without a root), or on no /finish within timeout_s (TimeoutError). Another node's
     app exiting (a killed trainer, a killed peer) is said once; the algorithm decides
@@ -54,11 +54,8 @@ def follow(run, testbed, root: str | None, timeout_s: float, rounds, *, say=prin
     seen = {n: 0 for n in watch}
     gone: set[str] = set()
     of = f"/{rounds}" if rounds else ""
-    while not run.finished.wait(POLL_S):
-        if stop is not None and stop.is_set():
-            raise Stopped()
-        if time.time() > deadline:
-            raise TimeoutError(f"no /finish after {timeout_s:.0f} s")
+
+    def say_new_rounds() -> None:
         for name in watch:
             node = nodes[name]
             try:
@@ -72,6 +69,12 @@ def follow(run, testbed, root: str | None, timeout_s: float, rounds, *, say=prin
                 layer = f" (layer {r['layer']})" if "layer" in r else ""
                 say(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}")
             seen[name] = max(seen[name], len(recs))
+    while not run.finished.wait(POLL_S):
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        if time.time() > deadline:
+            raise TimeoutError(f"no /finish after {timeout_s:.0f} s")
+        say_new_rounds()
         status = run.status()["nodes"]
         failed = {n: s.get("error") or "no message" for n, s in status.items() if s.get("state") == "error"}
         if failed:
@@ -87,6 +90,7 @@ def follow(run, testbed, root: str | None, timeout_s: float, rounds, *, say=prin
         if dead:
             raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
                                f"(see their stdout.log under /run/edgetb)")
+    say_new_rounds()      # the rounds reported since the last look, up to the last one
 
 
 def report(summary: dict, say=print) -> bool:
