@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 PRODUCT = ("controller", "worker", "dml_app", "dml_tool", "bench")
+NOQA_E402 = re.compile(r"#\s*noqa:[^\n]*\bE402")
 SYS_PATH_EDIT = re.compile(r"sys\.path(\.insert|\.append|\.extend|\[[^\]]*\]\s*=|\s*=[^=])")
 
 
@@ -124,7 +125,7 @@ def measure(repo: Path) -> dict:
         "largest": largest(repo),
         "sys_path_editing_product_files": sorted(
             str(p.relative_to(repo)) for p in product if SYS_PATH_EDIT.search(p.read_text())),
-        "noqa_e402": sum(p.read_text().count("noqa: E402") for p in every),
+        "noqa_e402": sum(len(NOQA_E402.findall(p.read_text())) for p in every if p.name != "code_shape.py"),
         "duplicate_pairs": duplicate_pairs(repo),
         "import_cycles": import_cycles(repo),
     }

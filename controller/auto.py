@@ -6,7 +6,7 @@ logs and plots at /finish -> print the summary table -> reset. Exit status 0 onl
 the run finished and produced its summary.
 
 `run` is that whole command; `drive` is the workflow on a testbed already deployed (confs,
-pushes, start, `follow` until /finish, the summary), and `structure_writer` the usual
+pushes, start, `progress.follow` until /finish, the summary), and `structure_writer` the usual
 way to write its structure confs. The benchmarks and the tests drive runs through these
 same functions, so there is one implementation of the workflow.
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from pathlib import Path
 
-from controller import results, scenario, stopping
+from controller import progress, results, scenario, stopping
 from controller.testbed import ROOT, DefinitionError, DeployError, Testbed
 from dml_app import net
 
@@ -71,12 +70,10 @@ def _log_limit_mb(text: str) -> int:
 
 
 def with_log_limit(testbed: Testbed, limit_bytes: int | None) -> Testbed:
-    """The testbed's manager class with `log_limit_bytes` set (a subclass; the class the
-    run script wrote is left as it is)."""
-    mc = testbed.manager_class
-    if limit_bytes is not None and mc is not None:
-        testbed.manager_class = type(mc.__name__, (mc,), {"log_limit_bytes": limit_bytes,
-                                                           "__module__": mc.__module__})
+    """The testbed with --log-limit-mb for its manager: `log_limit_bytes`, which the
+    manager it starts takes (None: the manager's default)."""
+    if limit_bytes is not None:
+        testbed.log_limit_bytes = limit_bytes
     return testbed
 
 
@@ -124,15 +121,9 @@ def _run(testbed: Testbed, *, root, dataset_json, write_structure, timeout_s, co
             manager.conf_dir = Path(conf_dir)
         summary = drive(testbed, manager, root=root, dataset_json=dataset_json, write_structure=write_structure,
                         timeout_s=timeout_s, say=say)
-        say("")
-        say(results.table(summary))
-        say(f"logs, plots and summary.json in {summary['run_dir']}")
-        if summary.get("error"):  # a manager that ended the run itself says why it failed
-            print(f"error: {summary['error']}", file=sys.stderr)
-            return 1
-        return 0
+        return 0 if progress.report(summary, say=say) else 1
     except (RuntimeError, TimeoutError, net.HttpError, OSError, ValueError) as e:
-        print(f"error: {results.printable(e, newlines=True)}", file=sys.stderr)
+        progress.failed(e)
         return 1
     finally:
         with stopping.shielded():
@@ -148,13 +139,14 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
     from `dataset_json` and the structure confs (`write_structure()`) into
     manager.conf_dir, push both (what GET /conf/dataset and /conf/structure do), start
     (/start?root=, every node when `root` is None), print the aggregates as they come
-    (`follow`) and return the summary once /finish has run (by the root, or by the
+    (progress.follow) and return the summary once /finish has run (by the root, or by the
     manager itself). A push skipped for a node the manager's `conf_optional(kind)` names
     (serverless action nodes have no dataset conf) is not a failure. Raises RuntimeError
     (a push refused, a node app died), TimeoutError
     (no /finish within timeout_s), net.HttpError, OSError or ValueError; the caller
     removes the testbed. The one implementation of the workflow: --auto, the benchmarks
-    and the tests all go through it."""
+    and the tests all go through it; what it says of the run is controller/progress.py's,
+    as for a run started by hand."""
     tool("dataset_conf").write_confs(str(dataset_json), str(manager.conf_dir))
     write_structure()
     for kind in ("dataset", "structure"):
@@ -165,13 +157,7 @@ def drive(testbed: Testbed, manager, *, root: str | None, dataset_json: Path, wr
             raise RuntimeError(f"pushing {kind} confs: {bad}")
         say(f"{kind} confs pushed to {len(res)} nodes")
     say(manager.start_training(root))
-    rounds = None
-    if root is not None:
-        conf = manager.conf_dir / f"{root}_structure.conf"
-        rounds = json.loads(conf.read_text()).get("sync") if conf.exists() else None
-        if isinstance(rounds, list):   # E-tree: one sync per layer of the root, the top's last
-            rounds = rounds[-1] if rounds else None
-    follow(manager, testbed, root, timeout_s, rounds, say=say)
+    progress.follow(manager, testbed, root, timeout_s, progress.rounds_of(manager.conf_dir, root), say=say)
     return manager.summary
 
 
@@ -186,7 +172,8 @@ def structure_writer(structure_tool: str, structure_json: Path, testbed: Testbed
 
 def script_main(build, *, description: str, root: str | None, structure_tool: str) -> int:
     """The main() of a run script <alg>_run.py. Without --auto: deploy and serve, for
-    EdgeTB's step-by-step workflow. With --auto: the whole workflow on the shipped
+    EdgeTB's step-by-step workflow (a run started by GET /start is followed on the
+    console as --auto follows it). With --auto: the whole workflow on the shipped
     dml_tool/<alg>_dataset.json and <alg>_structure.json, the confs written by the
     dml_tool module `structure_tool` ("<alg>_structure_conf"). `build(port, links)` makes
     the testbed."""
@@ -206,48 +193,3 @@ def script_main(build, *, description: str, root: str | None, structure_tool: st
                write_structure=structure_writer(structure_tool, DML_TOOL / f"{alg}_structure.json", testbed,
                                                 ROOT / "dml_file" / "conf"))
 
-
-def follow(manager, testbed: Testbed, root: str | None, timeout_s: float, rounds, *, say=print) -> None:
-    """Say each new aggregate (of the root, or of every node when there is none) until
-    /finish has run; fail at once on a node in state `error` (RuntimeError naming the
-    node and its message), on the root's app exiting (or every app's, for algorithms
-    without a root), or on no /finish within timeout_s (TimeoutError). Another node's
-    app exiting (a killed trainer, a killed peer) is said once; the algorithm decides
-    what it means for the run."""
-    deadline = time.time() + timeout_s
-    nodes = testbed.all_nodes()
-    watch = [root] if root else list(nodes)
-    seen = {n: 0 for n in watch}
-    gone: set[str] = set()
-    of = f"/{rounds}" if rounds else ""
-    while not manager.finished.wait(1.0):
-        if time.time() > deadline:
-            raise TimeoutError(f"no /finish after {timeout_s:.0f} s")
-        for name in watch:
-            node = nodes[name]
-            try:
-                text = net.call("GET", f"{node.ip}:{node.port}/metrics", token=testbed.node_token(node.name), timeout_s=10,
-                                max_bytes=manager.log_limit_bytes).text
-            except net.HttpError:
-                continue
-            recs = [r for r in results.parse_metrics(text) if r.get("event") == "aggregate" and "accuracy" in r]
-            for r in recs[seen[name]:]:
-                who = "" if root else f"{name} "
-                layer = f" (layer {r['layer']})" if "layer" in r else ""
-                say(f"{who}round {r['round']}{of}{layer}: accuracy {r['accuracy']:.4f}")
-            seen[name] = max(seen[name], len(recs))
-        status = manager.status()["nodes"]
-        failed = {n: s.get("error") or "no message" for n, s in status.items() if s.get("state") == "error"}
-        if failed:
-            raise RuntimeError("node(s) failed: " + "; ".join(f"{n}: {m}" for n, m in sorted(failed.items())))
-        exited = {n for n, s in status.items() if s.get("app") == "exited"}
-        # The root's exit ends the run; any other node's (a rootless run's peers too) is
-        # said once and its algorithm carries on without it, unless none is left.
-        fatal = {root} if root else set(nodes)
-        for n in sorted(exited - gone - ({root} if root else set())):
-            say(f"{n}: node app exited; the run goes on without it")
-        gone |= exited
-        dead = sorted(exited & fatal) if root or exited >= fatal else []
-        if dead:
-            raise RuntimeError(f"node app(s) exited before the end: {', '.join(dead)} "
-                               f"(see their stdout.log under /run/edgetb)")

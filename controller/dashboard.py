@@ -1,4 +1,4 @@
-"""The data side of the controller's live dashboard (issue 12): JSON endpoints, one
+"""The data side of the controller's live dashboard: JSON endpoints, one
 Server-Sent Events stream, the page's static files, live metrics, node and link usage,
 and the link fidelity check.
 
@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from controller import browser
+from controller.topology import EmulatedNode
 from dml_app import net
 
 SAMPLE_S = 1.0                 # sampling interval (stretched when one sample costs more than half of it)
@@ -187,10 +188,15 @@ class Fidelity:
 
 
 class Dashboard:
-    """Everything the page reads; one per Manager (`manager.dashboard`)."""
+    """Everything the page reads; one per Manager (`manager.dashboard`).
 
-    def __init__(self, manager):
+    `agents`: the workers' agent clients (controller/agents.py Agents) the sampler reads
+    /usage from; `nodes`: a function giving the testbed's nodes {name: node}; `port`: a
+    function giving the controller's port (the screenshot's page)."""
+
+    def __init__(self, manager, *, agents, nodes, port):
         self.m = manager
+        self.agents, self.nodes, self.port = agents, nodes, port
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)     # new sample, records or events
         # metrics of the current run: records[i] has seq first_seq + i
@@ -267,7 +273,7 @@ class Dashboard:
         from controller import files
 
         m = self.m
-        names = [m.root] if m.root else sorted(m._nodes())[:1]
+        names = [m.root] if m.root else sorted(self.nodes())[:1]
         for n in names:
             try:
                 raw = files.read_project_file(m.conf_dir / f"{n}_structure.conf", m.file_folders(),
@@ -393,22 +399,16 @@ class Dashboard:
             self.sample_s = max(SAMPLE_S, 2 * cost)
             self._stop.wait(max(0.05, self.sample_s - cost))
 
-    def _agents(self) -> list[tuple[str, str]]:
-        return [(label, info["addr"]) for label, info in list(self.m.tb.deployed.items())]
-
     def sample(self) -> None:
         """One sample: every agent's /usage (bounded fan-out, each with a deadline), then
         cpu %, memory, and per link the achieved goodput, load, and the fidelity streaks."""
-        agents = self._agents()
+        agents = self.agents.deployed()
 
-        def one(a):
-            label, addr = a
+        def one(agent):
             try:
-                r = net.call("GET", f"{addr}/usage", token=self.m.tb.token, timeout_s=AGENT_TIMEOUT_S,
-                             max_bytes=USAGE_ANSWER_MAX)
-                return label, net.parse_json_body(r.content, what=f"{label} /usage"), None
+                return agent.label, agent.usage(AGENT_TIMEOUT_S, USAGE_ANSWER_MAX), None
             except (net.HttpError, ValueError) as e:
-                return label, None, str(e)[:300]
+                return agent.label, None, str(e)[:300]
         got = []
         if agents and self._pool is not None:
             got = list(self._pool.map(one, agents, timeout=AGENT_TIMEOUT_S * 2 * (1 + len(agents) // SAMPLE_FANOUT)))
@@ -436,7 +436,7 @@ class Dashboard:
         nodes = ans.get("nodes")
         if not isinstance(nodes, dict):
             raise ValueError("no 'nodes' object")
-        known = self.m._nodes()
+        known = self.nodes()
         for name, nd in nodes.items():
             if name not in known or not isinstance(nd, dict):
                 continue
@@ -496,8 +496,7 @@ class Dashboard:
         with self.lock:
             usage, link_now, sample_no = self.usage, self.link_now, self.sample_no
         nodes = []
-        emulated = getattr(m.tb, "emulated", {})
-        for name, n in m._nodes().items():
+        for name, n in self.nodes().items():
             hb = m.heartbeats.get(name)
             u = usage.get(name, {})
             app = u.get("state")
@@ -507,8 +506,7 @@ class Dashboard:
                 st = hb["state"]
             else:
                 st = app or "not deployed"
-            emu = getattr(n, "emulator", None)
-            kind = getattr(emu, "backend", None) if name in emulated else "physical"
+            kind = getattr(n.emulator, "backend", None) if isinstance(n, EmulatedNode) else "physical"
             err = (hb or {}).get("error")
             nodes.append({"name": name, "role": self._role(n), "kind": kind, "worker": u.get("worker"),
                           "state": str(st)[:64], "round": (hb or {}).get("round"),
@@ -614,7 +612,7 @@ class Dashboard:
         timeout = float(getattr(self.m, "screenshot_s", SCREENSHOT_TIMEOUT_S))
         if os.environ.get("EDGETB_SCREENSHOT", "1") == "0" or timeout <= 0:
             return "screenshots are off (EDGETB_SCREENSHOT=0 or Manager.screenshot_s = 0)"
-        port = self.m.server.port if self.m.server is not None else self.m.tb.host_port
+        port = self.port()
         out: dict = {}
         # The page shows the run as finished (body[data-finished]) and is drawn (ready):
         # the state says finished from here, though /finish returns only after the picture.

@@ -23,7 +23,8 @@ from controller.testbed import single_machine
 
 
 class ElManager(Manager):
-    """The root (the top of the tree) reports `Aggregate: ..., layer=L,` lines and calls /finish."""
+    """The root (the top of the tree) reports `Aggregate: ..., layer=L,` lines and calls
+    /finish: the default algorithm (controller/algorithm.py) under the name el."""
     algorithm = "el"
     needs_root = True
 

@@ -16,6 +16,8 @@ from controller.testbed import single_machine
 
 
 class FlManager(Manager):
+    """Federated learning: the default algorithm (controller/algorithm.py); n1 aggregates
+    and calls /finish."""
     algorithm = "fl"
     needs_root = True
 

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 
-from controller import auto, files
+from controller import auto
+from controller.algorithm import Algorithm
 from controller.manager import Manager
 from controller.testbed import single_machine
 from dml_app import net
@@ -25,41 +26,41 @@ DONE_STATES = ("finished", "error")   # a gl_peer that will not gossip any more
 STALE_S = 6.0    # a peer silent this long (3 heartbeats) may be dead: ask /stats and the agent
 
 
-class GlManager(Manager):
+class Gossip(Algorithm):
     """No root; the run ends by itself once every live peer has gossiped `sync` times and
     merged every model it received. Dead peers (killed by node_fault, app exited, or no
     agent knows the app and its port refuses) are left out and listed as dead_peers."""
 
-    algorithm = "gl"
+    name = "gl"
     needs_root = False
 
-    def __init__(self, testbed):
-        super().__init__(testbed)
+    def __init__(self):
+        super().__init__()
         self._confirming = threading.Lock()
+        self._senders: dict | None = None
         self.failed_peers: list[str] = []
         self.killed: set[str] = set()               # by node_fault("kill"), until a restart
         self.dead_peers: dict[str, str] = {}        # at the end: peer -> why it counts as dead
 
-    def start_training(self, root):
+    def prepare_start(self, root):
         if root is not None:
             raise ValueError("gossip learning has no root: start every peer with /start")
         self.failed_peers, self.dead_peers = [], {}
-        return super().start_training(None)
 
-    def node_fault(self, node: str, action: str) -> dict:
-        """The base's fault action; a killed peer counts as dead at once, a restarted one
-        (rejoined and started by the base) as live again."""
+    def before_fault(self, node: str, action: str) -> None:
+        """A restarted peer (rejoined and started by the run) counts as live again: its
+        heartbeats count from the start."""
         if action == "restart":
-            self.killed.discard(node)   # before: the rejoined peer's heartbeats count from the start
-        out = super().node_fault(node, action)
+            self.killed.discard(node)
+
+    def after_fault(self, node: str, action: str, out: dict) -> None:
+        """A killed peer counts as dead at once."""
         if action == "kill" and out["ok"]:
             self.killed.add(node)
-        return out
 
-    def push_conf(self, kind: str) -> dict:
+    def on_push(self, kind: str) -> None:
         if kind == "structure":
             self._senders = None        # read again from the confs being pushed
-        return super().push_conf(kind)
 
     def conf_for(self, kind: str, node: str, conf):
         """A peer's structure conf gets "senders": the address of every node whose own
@@ -72,13 +73,12 @@ class GlManager(Manager):
 
     def _sender_map(self) -> dict[str, dict[str, str]]:
         """{node: {a node that links to it: its 'ip:port'}}, from the structure confs."""
-        if getattr(self, "_senders", None) is None:
-            nodes, senders = self._nodes(), {}
+        if self._senders is None:
+            run = self.run
+            nodes, senders = run._nodes(), {}
             for src in nodes:
                 try:
-                    raw = files.read_project_file(self.conf_dir / f"{src}_structure.conf", self.file_folders(),
-                                                  files.CONF_FILE_LIMIT, what="structure conf")
-                    conf = net.parse_json_body(raw, what=f"structure conf {src}_structure.conf")
+                    conf = run.read_conf_file(src, "structure")
                 except (OSError, ValueError):
                     continue            # no conf (not a peer) or a bad one (its push says so)
                 connect = conf.get("connect")
@@ -91,16 +91,17 @@ class GlManager(Manager):
     def on_heartbeat(self, node, state, round_) -> None:
         """When every peer's last heartbeat says it is done, or is silent (stale) or killed,
         confirm and finish (once; a later heartbeat retries)."""
-        if state not in DONE_STATES or self.started_at is None or self.finished.is_set():
+        run = self.run
+        if state not in DONE_STATES or run.started_at is None or run.finished.is_set():
             return
         now = time.time()
 
         def may_be_over(n: str) -> bool:
-            hb = self.heartbeats.get(n)
+            hb = run.heartbeats.get(n)
             if n in self.killed or (hb or {}).get("state") in DONE_STATES:
                 return True
-            return now - (hb["t"] if hb else self.started_at) > STALE_S
-        if all(may_be_over(n) for n in self._nodes()):
+            return now - (hb["t"] if hb else run.started_at) > STALE_S
+        if all(may_be_over(n) for n in run._nodes()):
             if self._confirming.acquire(blocking=False):  # one confirmation at a time
                 threading.Thread(target=self._confirm_and_finish, daemon=True, name="gl-finish").start()
 
@@ -108,7 +109,7 @@ class GlManager(Manager):
         """A node's state from its /stats now; 'unreachable' when its port refuses (nothing
         listens), 'no answer' otherwise (a paused app: not dead, it may resume)."""
         try:
-            return net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name), timeout_s=10,
+            return net.get_json(f"{n.ip}:{n.port}/stats", token=self.run.tb.node_token(n.name), timeout_s=10,
                                 max_bytes=net.JSON_LIMIT)["state"]
         except net.HttpError as e:
             return "unreachable" if e.not_sent else "no answer"
@@ -117,11 +118,12 @@ class GlManager(Manager):
         """Heartbeats may be 2 s old: a model may have reached a peer since. Ask each node's
         /stats now (a peer merging a late model says so) and, for the silent ones, their
         agent; finish when every live peer is done."""
+        run = self.run
         try:
-            states = self._each(self._stats_state)
+            states = run._each(self._stats_state)
             apps = {}
             if any(s not in DONE_STATES for s in states.values()):
-                apps = {n: st.get("app") for n, st in self.status()["nodes"].items()}
+                apps = {n: st.get("app") for n, st in run.status()["nodes"].items()}
             dead = {}
             for n, s in states.items():
                 if n in self.killed:
@@ -131,7 +133,7 @@ class GlManager(Manager):
                 elif s == "unreachable" and apps.get(n) is None:   # no agent knows it (a bare process)
                     dead[n] = "not answering (port refused)"
             live = {n: s for n, s in states.items() if n not in dead}
-            if self.finished.is_set() or not live or not all(s in DONE_STATES for s in live.values()):
+            if run.finished.is_set() or not live or not all(s in DONE_STATES for s in live.values()):
                 return
             self.dead_peers = dict(sorted(dead.items()))
             self.failed_peers = sorted(n for n, s in live.items() if s == "error")
@@ -139,7 +141,7 @@ class GlManager(Manager):
             notes += [f"dead: {', '.join(f'{n} ({why})' for n, why in self.dead_peers.items())}"] if dead else []
             print(f"controller: every live peer is done{' (' + '; '.join(notes) + ')' if notes else ''}; "
                   f"collecting logs", flush=True)
-            self.finish()
+            run.finish()
         finally:
             self._confirming.release()
 
@@ -152,6 +154,12 @@ class GlManager(Manager):
         if self.failed_peers:
             summary["error"] = f"peer(s) {', '.join(self.failed_peers)} stopped with an error (see their logs)"
         return summary
+
+
+class GlManager(Manager):
+    """The controller of a gossip run (the manager_class of build())."""
+    algorithm = "gl"
+    algorithm_class = Gossip
 
 
 def build(port: int = 3333, links: str = "links.json"):

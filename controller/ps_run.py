@@ -9,29 +9,36 @@ n1 runs dml_app/ps_server.py (the model and its version), n2..n5 dml_app/ps_work
 async), steps and learning rate come from dml_tool/ps_structure.json. Start with
 `curl 'localhost:3333/start?root=n1'`; the server calls /finish after its last step.
 A worker restarted by a fault action (/fault/node?action=restart) is started again and
-rejoins (PsManager.on_rejoin).
+rejoins (ParameterServer.on_rejoin).
 """
 import sys
 
 from controller import auto
+from controller.algorithm import Algorithm
 from controller.manager import Manager
-from controller.testbed import call_once, single_machine
+from controller.testbed import single_machine
 
 
-class PsManager(Manager):
+class ParameterServer(Algorithm):
     """The root is the server: its `Aggregate: accuracy=..., round=V,` lines count versions."""
-    algorithm = "ps"
+    name = "ps"
     needs_root = True
 
     def on_rejoin(self, node: str) -> str:
         """A restarted worker (its confs pushed again) is started while the run is under
         way: the server starts its workers only once, at the beginning, and takes one
         back at its first pull. A restarted server cannot rejoin (the model was its)."""
-        if node == self.root or self.started_at is None or self.finished.is_set():
+        run = self.run
+        if node == run.root or run.started_at is None or run.finished.is_set():
             return ""
-        n = self._nodes()[node]
-        call_once("GET", f"{n.ip}:{n.port}/start", token=self.tb.node_token(node), timeout_s=30)
+        run.start_node(node)
         return "started (it pulls the current version from the server)"
+
+
+class PsManager(Manager):
+    """The controller of a parameter-server run (the manager_class of build())."""
+    algorithm = "ps"
+    algorithm_class = ParameterServer
 
 
 def build(port: int = 3333, links: str = "links.json"):

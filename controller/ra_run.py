@@ -26,6 +26,7 @@ import threading
 import time
 
 from controller import auto, results
+from controller.algorithm import Algorithm
 from controller.manager import Manager
 from controller.testbed import single_machine
 from dml_app import net
@@ -44,10 +45,10 @@ class RingLost(Exception):
         self.lost = lost
 
 
-class RaManager(Manager):
+class RingAllReduce(Algorithm):
     """No root; after /start a driver thread runs the rounds step by step, then finish()."""
 
-    algorithm = "ra"
+    name = "ra"
     needs_root = False
     poll_s = 0.2                 # how often the driver reads /stats while nodes train
     train_timeout_s = 3600.0     # one round's training, every node
@@ -62,8 +63,8 @@ class RaManager(Manager):
     step_slack_s = 5.0
     step_margin_s = 2.0          # the driver waits this much longer than a member's send
 
-    def __init__(self, testbed):
-        super().__init__(testbed)
+    def __init__(self):
+        super().__init__()
         self.driver: threading.Thread | None = None
         self.failure: str | None = None
         self.confs: dict[str, dict] = {}
@@ -77,17 +78,17 @@ class RaManager(Manager):
         (node_list[0]) or, in confs without "rank", the smallest name. Every node with a conf
         must be on that one ring, and all must agree on sync (and step_timeout_s)."""
         confs = {}
-        for name in self._nodes():
-            p = self.conf_dir / f"{name}_structure.conf"
+        for name in self.run._nodes():
+            p = self.run.conf_dir / f"{name}_structure.conf"
             if p.exists():
                 confs[name] = json.loads(p.read_text())
         if not confs or any("next_name" not in c for c in confs.values()):
-            raise FileNotFoundError(f"no ring all-reduce structure confs (with next_name) in {self.conf_dir}: "
+            raise FileNotFoundError(f"no ring all-reduce structure confs (with next_name) in {self.run.conf_dir}: "
                                     "run dml_tool/ra_structure_conf.py -s ra_structure.json first")
         for key in ("sync", "step_timeout_s"):
             values = {json.dumps(c.get(key)) for c in confs.values()}
             if len(values) != 1:
-                raise ValueError(f"the structure confs in {self.conf_dir} disagree on {key} "
+                raise ValueError(f"the structure confs in {self.run.conf_dir} disagree on {key} "
                                  f"({', '.join(sorted(values))}): run dml_tool/ra_structure_conf.py again")
         first = [n for n, c in confs.items() if c.get("rank") == 0]
         ring = [first[0] if len(first) == 1 else min(confs)]
@@ -99,11 +100,11 @@ class RaManager(Manager):
                 why = "has no structure conf (or is no node of this testbed)" if nxt not in confs else \
                     f"is already on the ring {' -> '.join(ring)} there"
                 raise ValueError(f"{ring[-1]}'s next_name {nxt!r} {why}: the next_name of the confs "
-                                 f"in {self.conf_dir} must make one ring")
+                                 f"in {self.run.conf_dir} must make one ring")
             ring.append(nxt)
         if len(ring) != len(confs):
             off = sorted(set(confs) - set(ring))
-            raise ValueError(f"the next_name of the confs in {self.conf_dir} make the ring "
+            raise ValueError(f"the next_name of the confs in {self.run.conf_dir} make the ring "
                              f"{' -> '.join(ring + ring[:1])}, which leaves out {', '.join(off)}")
         step = confs[ring[0]].get("step_timeout_s")
         self.step_cap_s = self.step_timeout_s if step is None else \
@@ -111,13 +112,15 @@ class RaManager(Manager):
         self.confs = confs
         return ring, confs[ring[0]].get("sync")
 
-    def start_training(self, root):
+    def prepare_start(self, root):
         if root is not None:
             raise ValueError("ring all-reduce has no root: start every node with /start")
         if self.driver is not None and self.driver.is_alive():
             raise ValueError("a ring all-reduce run is already being driven")
-        ring, sync = self.ring_plan()
-        text = super().start_training(None)
+        return self.ring_plan()
+
+    def started(self, root, text: str, prepared) -> str:
+        ring, sync = prepared
         self.failure, self.slowest_step, self.participants = None, None, []
         self.driver = threading.Thread(target=self.drive, args=(ring, sync), daemon=True, name="ra-driver")
         self.driver.start()
@@ -154,7 +157,7 @@ class RaManager(Manager):
         except Exception as e:  # noqa: BLE001  (whatever stopped it, the logs are still collected)
             self.failure = str(e) if isinstance(e, (RuntimeError, TimeoutError)) else f"{type(e).__name__}: {e}"
             print(f"controller: ring all-reduce stopped: {results.printable(str(e))}", file=sys.stderr, flush=True)
-        self.finish()
+        self.run.finish()
 
     def _members(self, home: list[str], missing: dict[str, str], r: int) -> list[str]:
         """The members not lost, in ring order; RuntimeError when fewer than 2 are left."""
@@ -173,17 +176,17 @@ class RaManager(Manager):
         succ = ring[(ring.index(name) + 1) % len(ring)]
         if succ == self.confs[name]["next_name"]:
             return {}
-        node = self._nodes()[succ]
+        node = self.run._nodes()[succ]
         return {"successor": {"name": succ, "address": f"{node.ip}:{node.port}"}}
 
     def _calls(self, names: list[str], fn) -> dict[str, net.Reply]:
-        """fn(node) on every named node at once (Manager._each) -> {name: net.Reply}."""
+        """fn(node) on every named node at once (Run._each) -> {name: net.Reply}."""
         def one(node) -> net.Reply:
             try:
                 return net.Reply(node.name, True, fn(node))
             except Exception as e:   # noqa: BLE001  (every failure is an answer to weigh)
                 return net.reply_for(node.name, e)
-        return self._each(one, names)
+        return self.run._each(one, names)
 
     def _post(self, names: list[str], path: str, body, timeout_s: float, missing: dict[str, str],
               r: int) -> dict:
@@ -191,7 +194,7 @@ class RaManager(Manager):
         `missing`; an HTTP error answer (a refusal: a bug, not a fault) is a RuntimeError.
         -> {name: answer} of the others."""
         got = self._calls(names, lambda n: net.call("POST", f"{n.ip}:{n.port}{path}", json=body(n.name),
-                                                    token=self.tb.node_token(n.name), timeout_s=timeout_s,
+                                                    token=self.run.tb.node_token(n.name), timeout_s=timeout_s,
                                                     max_bytes=net.JSON_LIMIT).json())
         refused = {n: g.message for n, g in got.items() if not g.ok and g.why == REFUSED}
         if refused:
@@ -213,7 +216,7 @@ class RaManager(Manager):
         deadline = time.monotonic() + self.train_timeout_s
         waiting, silent = list(names), {}
         while waiting:
-            got = self._calls(waiting, lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(n.name),
+            got = self._calls(waiting, lambda n: net.get_json(f"{n.ip}:{n.port}/stats", token=self.run.tb.node_token(n.name),
                                                               timeout_s=self.quick_s, max_bytes=net.JSON_LIMIT))
             lost = {}
             for n, g in got.items():
@@ -282,7 +285,7 @@ class RaManager(Manager):
         body = {"round": r, "phase": phase, "step": step, "attempt": attempt, "timeout_s": deadline}
         t0 = time.monotonic()
         got = self._calls(ring, lambda n: net.call("POST", f"{n.ip}:{n.port}/ra/step", json=body,
-                                                   token=self.tb.node_token(n.name),
+                                                   token=self.run.tb.node_token(n.name),
                                                    timeout_s=deadline + self.step_margin_s,
                                                    max_bytes=net.JSON_LIMIT).json())
         lost = {n: g.why for n, g in got.items() if not g.ok and g.why != REFUSED}
@@ -307,6 +310,13 @@ class RaManager(Manager):
             summary["error"] = self.failure
         # entries cut to size as the nodes' own participants events are (a ring of hundreds)
         return results.add_participants(summary, [results._entry("controller", e) for e in self.participants])
+
+
+
+class RaManager(Manager):
+    """The controller of a ring all-reduce run (the manager_class of build())."""
+    algorithm = "ra"
+    algorithm_class = RingAllReduce
 
 
 def build(port: int = 3333, links: str = "links.json"):

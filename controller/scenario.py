@@ -1,4 +1,4 @@
-"""Scenarios: timed faults during a run (issue 11 item 2).
+"""Scenarios: timed faults during a run.
 
 A scenario file is JSON, either a list of events or an object
 ``{"events": [...], "availability": {...}, "availability_mode": "pause" | "kill"}``.
@@ -44,8 +44,8 @@ from typing import Any, Callable, Collection, Mapping
 from controller import results
 from dml_app import formats
 
-NODE_ACTIONS = ("kill", "pause", "resume", "restart")
-LINK_ACTIONS = ("down", "up", "rate")
+NODE_ACTIONS = formats.NODE_FAULTS
+LINK_ACTIONS = formats.LINK_FAULTS + ("rate",)   # rate: link_rate, a link's bw changed in place
 DIRS = ("one", "both")
 MODES = ("pause", "kill")
 MAX_AT = 7 * 24 * 3600          # a week: later than any run

@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -211,3 +212,28 @@ def docker_nfs_volume(server: str, path: str, *, ro: bool = True) -> dict:
     return {"driver": "local",
             "driver_opts": {"type": "nfs", "o": f"addr={server},nfsvers={NFS_VERSION},{'ro' if ro else 'rw'}",
                             "device": f":{path}"}}
+
+
+class Exports:
+    """The folders this controller exported over NFS, each to one worker, so that they
+    are unexported again (unexport_all) when the testbed closes."""
+
+    def __init__(self):
+        self._done: list[tuple[str, str]] = []      # (path, client)
+        self._lock = threading.Lock()
+
+    def export(self, path: str, client: str) -> None:
+        """exportfs `path` to `client` once; ShareError saying why it failed."""
+        with self._lock:
+            if (path, client) in self._done:
+                return
+            p = subprocess.run(export_argv(path, client), capture_output=True, text=True)
+            if p.returncode != 0:
+                raise ShareError(f"exporting {path} to {client} over NFS: {p.stderr.strip() or p.stdout.strip()}")
+            self._done.append((path, client))
+
+    def unexport_all(self) -> None:
+        with self._lock:
+            while self._done:
+                path, client = self._done.pop()
+                subprocess.run(unexport_argv(path, client), capture_output=True)

@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from controller import auto, files, results, scenario, share
+from controller import auto, results, scenario, share
+from controller.algorithm import Algorithm
 from controller.invoker import Invoker
 from controller.manager import Manager
 from controller.testbed import single_machine
@@ -35,16 +36,16 @@ SERVER_START_S = 120             # the server's model built after /start (its ge
 DONE_GRACE_S = 60                # the server said done: its own /finish should come by then
 
 
-class SlManager(Manager):
+class Serverless(Algorithm):
     """The root is the serverless server: its `Aggregate: accuracy=..., round=V,` lines
     count versions. After the server started, a driver thread runs invocation rounds
     until the server says it is done (or `rounds` ran: the run then fails, saying so)."""
-    algorithm = "sl"
+    name = "sl"
     needs_root = True
     action_port = ACTION_PORT
 
-    def __init__(self, testbed):
-        super().__init__(testbed)
+    def __init__(self):
+        super().__init__()
         self.invoker: Invoker | None = None
         self.settings: dict | None = None       # the server conf's "invoker", checked
         self.failure: str | None = None         # why the driver ended the run, if it failed
@@ -55,11 +56,9 @@ class SlManager(Manager):
 
     # ------------------------------------------------------------------ confs
     def _structure_conf(self, node: str) -> dict | None:
-        path = self.conf_dir / f"{node}_structure.conf"
-        if not path.exists():
+        if not self.run.conf_file(node, "structure").exists():
             return None
-        raw = files.read_project_file(path, self.file_folders(), files.CONF_FILE_LIMIT, what="structure conf")
-        return net.parse_json_body(raw, what=f"structure conf {path.name}")
+        return self.run.read_conf_file(node, "structure")
 
     def conf_optional(self, kind: str) -> set[str]:
         """Nodes that need no conf of `kind` (controller/auto.py's drive accepts a skipped
@@ -67,7 +66,7 @@ class SlManager(Manager):
         if kind != "dataset":
             return set()
         out = set()
-        for n in self._nodes():
+        for n in self.run._nodes():
             try:
                 conf = self._structure_conf(n)
             except (OSError, ValueError):
@@ -81,12 +80,12 @@ class SlManager(Manager):
         conf = self._structure_conf(root)
         where = f"{root}_structure.conf"
         if conf is None:
-            raise FileNotFoundError(f"no {where} in {self.conf_dir}: run dml_tool/sl_structure_conf.py -s "
+            raise FileNotFoundError(f"no {where} in {self.run.conf_dir}: run dml_tool/sl_structure_conf.py -s "
                                     "sl_structure.json first")
         if not isinstance(conf, dict) or conf.get("role") != "server" or conf.get("serverless") is not True:
             raise ValueError(f"{where}: the root must be the serverless server (role server, serverless true)")
         settings = auto.tool("sl_structure_conf").invoker_settings(conf.get("invoker"), f"{where}.invoker")
-        nodes = self._nodes()
+        nodes = self.run._nodes()
         unknown = [n for n in settings["pool"] if n not in nodes or n == root]
         if unknown:
             raise ValueError(f"{where}.invoker.pool: {', '.join(unknown)} not action nodes of this testbed")
@@ -94,13 +93,15 @@ class SlManager(Manager):
 
     def _ctl_address(self, node: str) -> str:
         """The controller's address as `node` sees it (its NET_CTL_ADDRESS, testbed.deploy)."""
-        return self.tb.ctl_address(getattr(self._nodes()[node], "emulator", None))
+        return self.run.tb.ctl_address(getattr(self.run._nodes()[node], "emulator", None))
 
     # ------------------------------------------------------------------ run
-    def start_training(self, root: str | None) -> str:
+    def prepare_start(self, root: str | None):
+        """The settings checked, the data parts published and the invoker made before the
+        server starts: a bad setting refuses /start with nothing started."""
         if root is None:
             raise ValueError("say which node is the server: /start?root=NAME")
-        if root not in self._nodes():
+        if root not in self.run._nodes():
             raise ValueError(f"unknown root node {root!r}")
         if self._driver is not None and self._driver.is_alive():
             raise scenario.Busy("a serverless run is under way (its invocation rounds go on): /finish it first")
@@ -109,33 +110,37 @@ class SlManager(Manager):
         if len(ctl) > 1:
             raise ValueError(f"the action nodes see the controller at different addresses ({', '.join(sorted(ctl))}): "
                              "one dataset_url per data part needs one")
-        dataset = self.tb.nfs.get("dataset")
+        dataset = self.run.tb.nfs.get("dataset")
         dataset_dir = Path(dataset.path) if dataset is not None else ROOT / "dataset"
         # The data parts: content-addressed bundles the controller serves on /data/<sha256>.
         try:
-            paths = share.publish_parts(self.data_store, dataset_dir,
+            paths = share.publish_parts(self.run.data_store, dataset_dir,
                                         [(p["train_start_index"], p["train_len"]) for p in settings["data"]])
         except (OSError, ValueError) as e:
             raise ValueError(f"data parts of {dataset_dir}: {e}") from None
         self._end_driver()
-        nodes = self._nodes()
+        nodes = self.run._nodes()
         server = nodes[root]
         pool = {n: f"{nodes[n].ip}:{self.action_port}" for n in settings["pool"]}
         # Made before the server starts: a bad setting refuses /start with nothing started.
-        invoker = Invoker(pool, auth=self.tb.node_token,
-                          api_key=lambda n: credentials.client_token(self.tb.token, root, n),
+        invoker = Invoker(pool, auth=self.run.tb.node_token,
+                          api_key=lambda n: credentials.client_token(self.run.tb.token, root, n),
                           concurrency=settings["concurrency"], deadline_s=settings["deadline_s"],
                           retries=settings["retries"], say=lambda m: print(m, flush=True),
-                          server=f"{server.ip}:{server.port}", server_token=self.tb.node_token(root),
+                          server=f"{server.ip}:{server.port}", server_token=self.run.tb.node_token(root),
                           runtime={n: f"{nodes[n].ip}:{nodes[n].port}" for n in settings["pool"]})
-        out = super().start_training(root)
-        host = ctl.pop()
+        return settings, ctl.pop(), paths, invoker, pool
+
+    def started(self, root: str, out: str, prepared) -> str:
+        """The server started: the invocation rounds begin (a driver thread)."""
+        settings, host, paths, invoker, pool = prepared
+        server = self.run._nodes()[root]
         self.invoker = invoker
         self.settings = settings
         self.failure = None
         self.rounds_invoked = 0
         self.data_parts = [{**p, "dataset_url": f"http://{host}{path}",
-                            "bytes": len(self.data_store.archives[path.rsplit("/", 1)[-1]])}
+                            "bytes": len(self.run.data_store.archives[path.rsplit("/", 1)[-1]])}
                            for p, path in zip(settings["data"], paths)]
         self._stop_driver.clear()
         self._driver = threading.Thread(target=self._drive, args=(self.invoker, root, f"{server.ip}:{server.port}"),
@@ -144,7 +149,7 @@ class SlManager(Manager):
         return out + f"; invoking {len(pool)} action node(s), {len(paths)} data part(s) per round"
 
     def _version(self, root: str, server: str) -> dict:
-        return net.get_json(f"http://{server}/getVersion", token=self.tb.node_token(root), timeout_s=30)
+        return net.get_json(f"http://{server}/getVersion", token=self.run.tb.node_token(root), timeout_s=30)
 
     def _wait_started(self, root: str, server: str) -> None:
         """The server builds its model after GET /start answered (its getVersion says 409
@@ -168,11 +173,11 @@ class SlManager(Manager):
         try:
             self._wait_started(root, server)
             for rnd in range(1, s["rounds"] + 1):
-                if self._stop_driver.is_set() or self.finished.is_set():
+                if self._stop_driver.is_set() or self.run.finished.is_set():
                     return
                 records = invoker.invoke_all(params)
                 self.rounds_invoked = rnd
-                if self._stop_driver.is_set() or self.finished.is_set():
+                if self._stop_driver.is_set() or self.run.finished.is_set():
                     return
                 v = self._version(root, server)
                 ok = sum(r.get("status") == "success" for r in records)
@@ -180,8 +185,8 @@ class SlManager(Manager):
                       f"server at version {v.get('version')}/{v.get('steps')}", flush=True)
                 if v.get("done"):
                     # The server calls /finish itself; if that does not come, end the run here.
-                    if not self.finished.wait(DONE_GRACE_S) and not self._stop_driver.is_set():
-                        self.finish()
+                    if not self.run.finished.wait(DONE_GRACE_S) and not self._stop_driver.is_set():
+                        self.run.finish()
                     return
                 if not ok:
                     errors = "; ".join(f"{r.get('node')}: {str(r.get('error'))[:200]}" for r in records[:4])
@@ -190,15 +195,15 @@ class SlManager(Manager):
             self._fail(f"the server was not done after {s['rounds']} invocation rounds (the structure's "
                        f"'rounds' bound): raise rounds, epoch_n or lower steps")
         except (net.HttpError, ValueError, RuntimeError) as e:
-            if not self._stop_driver.is_set() and not self.finished.is_set():
+            if not self._stop_driver.is_set() and not self.run.finished.is_set():
                 self._fail(f"invocation round {self.rounds_invoked + 1}: {e}")
 
     def _fail(self, why: str) -> None:
-        if self._stop_driver.is_set() or self.finished.is_set():
+        if self._stop_driver.is_set() or self.run.finished.is_set():
             return
         print(f"invoker: the run failed: {why}", file=sys.stderr, flush=True)
         self.failure = why
-        self.finish()
+        self.run.finish()
 
     def _end_driver(self, timeout_s: float = CLOSE_S) -> None:
         """No new rounds; close the invoker (activations under way get up to timeout_s)."""
@@ -209,22 +214,19 @@ class SlManager(Manager):
         if d is not None and d is not threading.current_thread():
             d.join(timeout=5)
 
-    def finish(self) -> dict:
-        if self.summary is None:
-            self._end_driver()
-        return super().finish()
+    def before_finish(self) -> None:
+        self._end_driver()
 
     def close(self) -> None:
         self._end_driver(timeout_s=10)
-        super().close()
 
     # ------------------------------------------------------------------ results
     def _server_stats(self) -> dict:
-        root = self._nodes().get(self.root or "")
+        root = self.run._nodes().get(self.run.root or "")
         if root is None:
             return {}
         try:
-            st = net.get_json(f"http://{root.ip}:{root.port}/stats", token=self.tb.node_token(root.name), timeout_s=30)
+            st = net.get_json(f"http://{root.ip}:{root.port}/stats", token=self.run.tb.node_token(root.name), timeout_s=30)
             return {k: net.number(st.get(k, 0), f"/stats {k}", 0, 2**62, integer=True)
                     for k in ("bytes_sent", "bytes_received")}
         except (net.HttpError, ValueError) as e:
@@ -254,17 +256,24 @@ class SlManager(Manager):
                   data_parts=self.data_parts,
                   bytes_moved={**(sl.get("bytes") or {}), "server": self._server_stats(),
                                "by_node": dict(sorted(by_node.items())),
-                               "data_served": sum(self.data_store.served.get(p["dataset_url"].rsplit("/", 1)[-1], 0)
+                               "data_served": sum(self.run.data_store.served.get(p["dataset_url"].rsplit("/", 1)[-1], 0)
                                                   * p["bytes"] for p in self.data_parts)},
                   records=kept)
         if left:
             sl["records_left_out"] = left
         summary["serverless"] = sl
-        if self.run_dir is not None:
-            summary["plots"] = results.draw_activations(self.run_dir, records, t0=self.started_at)
+        if self.run.run_dir is not None:
+            summary["plots"] = results.draw_activations(self.run.run_dir, records, t0=self.run.started_at)
         if self.failure:
             summary["error"] = self.failure
         return summary
+
+
+
+class SlManager(Manager):
+    """The controller of a serverless run (the manager_class of build())."""
+    algorithm = "sl"
+    algorithm_class = Serverless
 
 
 def build(port: int = 3333, links: str = "links.json"):

@@ -24,6 +24,12 @@ from typing import Any, Collection, Iterable, Mapping
 from dml_app import bounded_input
 
 
+# Fault actions, one list for the controller (/fault/node, /fault/link, scenario files)
+# and the agents (/node/fault, /link/fault): what a node's app and a link can be made to do.
+NODE_FAULTS = ("kill", "pause", "resume", "restart")
+LINK_FAULTS = ("down", "up")
+
+
 class FormatError(ValueError):
     """Input that does not follow a testbed file format. The message names the file,
     the place in it and what is expected; `problems` lists every problem found where a

@@ -1,9 +1,7 @@
-"""Suite-wide rules: the node apps' import path, fixtures, markers, skips (EDGETB_REQUIRE)
-and the closing skip summary.
+"""Suite-wide rules: fixtures, markers, skips (EDGETB_REQUIRE) and the closing skip summary.
 
-Tests import the node apps' modules the way the apps import each other (`import net`,
-`from runtime import Runtime`, `import splitter`): tests/__init__.py puts dml_app/ and
-dml_tool/ on the path.
+Tests import the project as the installed package (`from dml_app import net`,
+`from dml_tool import splitter`).
 
 Markers say what a test needs, so a lane can pick what its machine has:
 `python3 -m pytest -m "not root" tests` runs the tests that need no root (pure and

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from dml_app import bounded_input, node_auth, serving
+from dml_app import bounded_input, formats, node_auth, serving
 from worker import backends as be
 from worker import image
 from worker import ready
@@ -58,8 +58,7 @@ class NotFound(BadRequest):
     """A request that names a node (or link) this agent does not have: 404."""
 
 
-NODE_ACTIONS = ("kill", "pause", "resume", "restart")
-LINK_ACTIONS = ("down", "up")
+NODE_ACTIONS, LINK_ACTIONS = formats.NODE_FAULTS, formats.LINK_FAULTS
 
 
 class Agent:

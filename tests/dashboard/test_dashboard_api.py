@@ -294,7 +294,7 @@ def test_heartbeat_metrics_are_stored_once_and_acked(served):
 def test_runtime_sends_records_live_and_forgets_them_once_acked(tmp_path):
     """The node runtime's side: records queue, a heartbeat carries them, the ack frees
     them, an answer without an ack (an older controller) frees nothing."""
-    from runtime import HB_RECORDS_MAX, Runtime
+    from dml_app.runtime import HB_RECORDS_MAX, Runtime
 
     rt = Runtime("fl_trainer", env={"NET_NODE_NAME": "n1", "EDGE_TB_TOKEN": "x", "DML_LOG_DIR": str(tmp_path)})
     for i in range(HB_RECORDS_MAX + 10):

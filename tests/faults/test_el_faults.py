@@ -40,11 +40,11 @@ from tests.support.procs import TOKEN, free_port, wait_until
 from tests.support.workflow import netns_testbed, run_workflow
 from tests.support.peers import node_addrs, tiny_dataset
 
-import el_peer
-import el_structure_conf
+from dml_app import el_peer
+from dml_tool import el_structure_conf
 from controller.el_run import ElManager
 from dml_app import net
-from runtime import DEAD, REFUSED, TIMEOUT, Reply, Runtime
+from dml_app.runtime import DEAD, REFUSED, TIMEOUT, Reply, Runtime
 
 NAMES = [f"h{i}" for i in range(1, 8)]
 TRAINERS = ["h3", "h4", "h5", "h6", "h7"]

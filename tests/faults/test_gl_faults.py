@@ -33,11 +33,11 @@ from tests.support import agents as ah
 from tests.support.procs import TOKEN, free_port, wait_until
 from tests.support.workflow import run_workflow
 from tests.support.peers import loopback_run, netns_run, tiny_dataset
-import net
+from dml_app import net
 from controller.gl_run import GlManager
-from gl_peer import GlPeer
-from gossip import choose_peer, gossip_round, peer_rng
-from runtime import DEAD, REFUSED, TIMEOUT, Runtime
+from dml_app.gl_peer import GlPeer
+from dml_app.gossip import choose_peer, gossip_round, peer_rng
+from dml_app.runtime import DEAD, REFUSED, TIMEOUT, Runtime
 
 
 # ----------------------------------------------------------------------------- the choice, pure
@@ -194,7 +194,7 @@ def test_a_peer_killed_from_outside_is_found_dead_and_the_run_ends(scratch):
                                           "node_list": [{"name": n, "epoch": 1} for n in names]},
                                dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 4} for n in names})
         t.join(10)
-    assert summary["dead_peers"] == [victim] and manager.dead_peers == {victim: "not answering (port refused)"}
+    assert summary["dead_peers"] == [victim] and manager.algo.dead_peers == {victim: "not answering (port refused)"}
     assert "error" not in summary, summary
     survivors = [n for n in names if n != victim]
     assert summary["gossips_sent"] == {n: sync for n in survivors}, summary["gossips_sent"]

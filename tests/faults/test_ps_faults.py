@@ -5,7 +5,7 @@
 * sync, 4 workers, one killed mid-run and restarted later: every step is applied; the
   versions after the kill wait for the 3 live workers only (applied well within the
   deadline, the Gather's probe finds the dead one at once), with their mean; the
-  restarted worker is started by the controller (PsManager.on_rejoin), pulls, and is
+  restarted worker is started by the controller (ParameterServer.on_rejoin), pulls, and is
   waited for again; accuracy close to the no-fault run's;
 * async, one worker killed: the run completes, and nothing the victim trained after
   the kill is applied;
@@ -26,7 +26,7 @@ import torch
 from tests.loopback.test_ps_server import data, gradients, make_server, pull, push  # noqa: F401
 from tests.support.procs import wait_until
 from tests.support.workflow import netns_testbed, run_workflow
-import net
+from dml_app import net
 
 from controller.ps_run import PsManager
 
@@ -100,7 +100,7 @@ def test_sync_goes_on_without_a_killed_worker_and_takes_it_back(tmp_path):
         tmp_path / "kill", SYNC, [(KILL_AT, VICTIM, "kill"), (RESTART_AT, VICTIM, "restart")],
         port=3484, subnet="10.251.0.0/24")
     assert [(f["node"], f["action"], f["ok"]) for f in fired] == [(VICTIM, "kill", True), (VICTIM, "restart", True)], fired
-    assert "started" in fired[1]["detail"], fired     # PsManager.on_rejoin started the worker again
+    assert "started" in fired[1]["detail"], fired     # ParameterServer.on_rejoin started the worker again
     assert summary["rounds"] == steps and "error" not in summary, summary
     others = [w for w in WORKERS if w != VICTIM]
 

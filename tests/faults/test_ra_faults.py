@@ -27,9 +27,9 @@ import torch
 from tests.support.procs import TOKEN, wait_until
 from tests.support.workflow import run_workflow
 from tests.support.peers import loopback_run, netns_run, ra_node, tiny_dataset
-import net
-import peer_role
-from controller.ra_run import RaManager
+from dml_app import net
+from dml_app import peer_role
+from controller.ra_run import RaManager, RingAllReduce
 
 HDR = {net.TOKEN_HEADER: TOKEN}
 SEED = 3
@@ -133,16 +133,15 @@ LINKS = {n: [{"dest": NAMES[(i + 1) % 5], "bw": "100mbit"}] for i, n in enumerat
 SYNC = 3
 
 
-class FaultyRa(RaManager):
-    """RaManager that puts a fault on a node (Manager.node_fault, through its agent: kill,
-    pause, resume) at given points of the run: plan {key: (action, node)} with key
-    (round, phase, step) before that step, (round, "trained") right after the round's
+class FaultyRing(RingAllReduce):
+    """The ring all-reduce driver putting a fault on a node (Run.node_fault, through its
+    agent: kill, pause, resume) at given points of the run: plan {key: (action, node)} with
+    key (round, phase, step) before that step, (round, "trained") right after the round's
     /ra/train calls were answered, (round, "evaluate") before its /ra/evaluate calls."""
 
-    plan: dict = {}
-
-    def __init__(self, testbed):
-        super().__init__(testbed)
+    def __init__(self):
+        super().__init__()
+        self.plan: dict = {}
         self.done: list[tuple] = []
         self.states: dict[str, str] = {}       # each node's state when its fault came
 
@@ -150,10 +149,10 @@ class FaultyRa(RaManager):
         action, node = self.plan.pop(key, (None, None))
         if action:
             if action != "resume":        # a paused node answers nothing
-                n = self.tb.all_nodes()[node]
-                self.states[node] = net.get_json(f"{n.ip}:{n.port}/stats", token=self.tb.node_token(node),
+                n = self.run.tb.all_nodes()[node]
+                self.states[node] = net.get_json(f"{n.ip}:{n.port}/stats", token=self.run.tb.node_token(node),
                                                  timeout_s=10)["state"]
-            out = self.node_fault(node, action)
+            out = self.run.node_fault(node, action)
             self.done.append((key, action, node, out["ok"], out["detail"]))
 
     def _step(self, ring, r, attempt, phase, step):
@@ -167,6 +166,10 @@ class FaultyRa(RaManager):
         if path == "/ra/train":
             self._fault((r, "trained"))
         return out
+
+
+class FaultyRa(RaManager):
+    algorithm_class = FaultyRing
 
 
 @pytest.fixture
@@ -184,7 +187,7 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
             # frozen mid all-gather: it answers nothing until the step deadline; resumed
             # before the evaluation, its late chunk (of the old attempt) is refused
             (3, "gather", 1): ("pause", "f4"), (3, "evaluate"): ("resume", "f4")}
-    manager.plan = dict(plan)
+    manager.algo.plan = dict(plan)
     t0 = time.monotonic()
     summary = run_workflow(tb, manager, tmp, alg="ra", root=None, timeout_s=150,
                            structure={"sync": SYNC, "seed": SEED, "init": "per_rank", "step_timeout_s": 20,
@@ -192,11 +195,11 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
                            dataset={n: {"train_len": 1, "test_len": 1, "batch_size": 32} for n in NAMES})
     wall = time.monotonic() - t0
     out = capsys.readouterr().out
-    assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [(k, *v, True) for k, v in plan.items()], manager.done
+    assert [(k, a, n, ok) for k, a, n, ok, _ in manager.algo.done] == [(k, *v, True) for k, v in plan.items()], manager.algo.done
     # f5 is killed once the controller saw round 2's training done; its own /stats may
     # still say training for a moment (the state is the node's, read just before the kill)
-    assert {n: s for n, s in manager.states.items() if n != "f5"} == {"f3": "reducing", "f4": "gathering"}
-    assert manager.states["f5"] in ("training", "trained"), manager.states
+    assert {n: s for n, s in manager.algo.states.items() if n != "f5"} == {"f3": "reducing", "f4": "gathering"}
+    assert manager.algo.states["f5"] in ("training", "trained"), manager.algo.states
     assert "error" not in summary, summary["error"]
     # a dead port refuses at once (dead, below); the frozen node cost one step deadline
     # (4 x the slowest step seen + 5 s), below the 20 s cap: the slowest step only grows,
@@ -272,7 +275,7 @@ def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training
     The three others' all-reduce of round 2 and round 3 goes on without it: the same
     model everywhere after each round."""
     tb, manager, tmp = training_ring
-    manager.plan = {(2, "trained"): ("kill", "g3")}
+    manager.algo.plan = {(2, "trained"): ("kill", "g3")}
     t0 = time.monotonic()
     summary = run_workflow(tb, manager, tmp, alg="ra", root=None, timeout_s=150,
                            structure={"sync": 3, "node_list": [{"name": n, "epoch": 1} for n in ("g1", "g4", "g3", "g2")]},
@@ -280,8 +283,8 @@ def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training
                                         "test_start_index": 1, "batch_size": 32} for i, n in enumerate(["g1", "g2", "g3", "g4"])})
     wall = time.monotonic() - t0
     out = capsys.readouterr().out
-    assert [(k, a, n, ok) for k, a, n, ok, _ in manager.done] == [((2, "trained"), "kill", "g3", True)], manager.done
-    assert manager.states["g3"] in ("training", "trained") and len(manager.states) == 1, manager.states
+    assert [(k, a, n, ok) for k, a, n, ok, _ in manager.algo.done] == [((2, "trained"), "kill", "g3", True)], manager.algo.done
+    assert manager.algo.states["g3"] in ("training", "trained") and len(manager.algo.states) == 1, manager.algo.states
     assert "error" not in summary, summary["error"]
     assert "controller: g3 lost during round 2's training (dead); the ring goes on without it" in out, out
     assert "controller: round 2: ring re-formed without g3 (dead): g1 -> g2 -> g4 -> g1 (attempt 2)" in out, out
@@ -304,7 +307,7 @@ def test_a_member_killed_while_training_is_left_out_of_that_rounds_mean(training
 
 # ----------------------------------------------------------------------------- too few left
 
-class LoopbackKillingRa(RaManager):
+class LoopbackKillingRing(RingAllReduce):
     """Before round 1's first reduce step, SIGKILL the process groups of `victims`."""
 
     victims: list = []
@@ -318,12 +321,16 @@ class LoopbackKillingRa(RaManager):
         return super()._step(ring, r, attempt, phase, step)
 
 
+class LoopbackKillingRa(RaManager):
+    algorithm_class = LoopbackKillingRing
+
+
 @pytest.mark.timeout(120)
 def test_a_ring_with_fewer_than_two_left_fails_clearly(scratch):
     data = tiny_dataset(scratch / "dataset", num_classes=10)
     names = ["fx1", "fx2", "fx3"]
     with loopback_run(LoopbackKillingRa, "ra_peer", names, scratch, data) as (manager, procs):
-        manager.procs, manager.victims = procs, ["fx2", "fx3"]
+        manager.algo.procs, manager.algo.victims = procs, ["fx2", "fx3"]
         (scratch / "links.json").write_text(json.dumps({n: [{"dest": names[i - 1], "bw": "1gbit"}]
                                                         for i, n in enumerate(names)}))
         t0 = time.monotonic()

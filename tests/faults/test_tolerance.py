@@ -1,7 +1,7 @@
 """Failures end or bend a run in bounded time, and say what happened.
 
 * a role task that raises puts its node in state `error` with the message, carried by
-  the heartbeats to the controller's status, and `auto.follow` ends the run at once
+  the heartbeats to the controller's status, and `progress.follow` ends the run at once
   naming the node and the message;
 * a conf pushed while the run is under way is refused with 409 and the run goes on;
 * FL with four real trainer processes, one SIGKILLed mid-run: all rounds complete, the
@@ -27,11 +27,11 @@ from tests.support.peers import loopback_run
 from tests.support.procs import TOKEN, free_port, wait_until
 from tests.support.procs import wait_until as _wait
 from tests.support.workflow import run_workflow
-import fl_aggregator
-import net
-from runtime import Runtime
-from splitter import split
-from controller import auto
+from dml_app import fl_aggregator
+from dml_app import net
+from dml_app.runtime import Runtime
+from dml_tool.splitter import split
+from controller import progress
 from controller.fl_run import FlManager
 from controller.testbed import Testbed
 
@@ -45,7 +45,7 @@ def _runtime_env(work, name: str, ctl_port: int, dataset_dir) -> dict:
 
 def test_a_task_that_raises_ends_the_auto_run_naming_the_node(scratch):
     """A real runtime (HTTP server, heartbeats) whose start task raises; the real
-    FlManager is its controller; auto.follow raises at once (well before its timeout)
+    FlManager is its controller; progress.follow raises at once (well before its timeout)
     with the node's name and the exception's message."""
     ctl_port = free_port()
     rt = Runtime("boom", env=_runtime_env(scratch, "n7", ctl_port, scratch / "nodata"))
@@ -73,7 +73,7 @@ def test_a_task_that_raises_ends_the_auto_run_naming_the_node(scratch):
         released.set()
         said = []
         with pytest.raises(RuntimeError) as ei:
-            auto.follow(manager, tb, "n7", timeout_s=120, rounds=None, say=said.append)
+            progress.follow(manager, tb, "n7", timeout_s=120, rounds=None, say=said.append)
         assert "n7" in str(ei.value) and "ValueError: the weights went sideways" in str(ei.value), str(ei.value)
         st = net.call("GET", f"127.0.0.1:{rt.port}/stats", token=rt.token).json()
         assert st["state"] == "error" and "the weights went sideways" in st["error"], st
@@ -253,7 +253,7 @@ def test_min_fraction_defaults_and_quorum():
 
 
 def test_the_conf_tool_passes_min_fraction_and_round_retries(scratch):
-    import fl_structure_conf
+    from dml_tool import fl_structure_conf
     from tests.support.peers import node_addrs
     nodes, _ = node_addrs(["n1", "n2"])
     links = {"n1": ["n2"], "n2": ["n1"]}

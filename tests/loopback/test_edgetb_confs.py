@@ -12,13 +12,13 @@ import torch
 
 from tests.support.procs import TOKEN
 from tests.support.peers import loopback_run, tiny_dataset
-import net
-from el_peer import ElPeer
-from fl_aggregator import FlAggregator
-from fl_trainer import FlTrainer
-from gl_peer import GlPeer
-from ra_peer import RaPeer
-from runtime import Runtime
+from dml_app import net
+from dml_app.el_peer import ElPeer
+from dml_app.fl_aggregator import FlAggregator
+from dml_app.fl_trainer import FlTrainer
+from dml_app.gl_peer import GlPeer
+from dml_app.ra_peer import RaPeer
+from dml_app.runtime import Runtime
 from controller import auto
 from controller.ra_run import RaManager
 
@@ -143,7 +143,7 @@ def test_a_ring_runs_on_edgetbs_confs(scratch):
                   for n, d in {**next_name, "ea2": "ea3"}.items()}
         write(broken)
         with pytest.raises(ValueError, match="must make one ring"):
-            manager.ring_plan()
+            manager.algo.ring_plan()
 
         edgetb = {n: {"epoch": 1, "sync": 2, "next_name": d, "connect": {d: addr[d]}} for n, d in next_name.items()}
         said: list[str] = []

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from tests.support.procs import NodeProc, StubController, wait_until
-import el_structure_conf
-import net
-import nns
-import splitter
-from etree import known_weights, tree_average
-from node_data import load_node_data
+from dml_tool import el_structure_conf
+from dml_app import net
+from dml_app import nns
+from dml_tool import splitter
+from dml_app.etree import known_weights, tree_average
+from dml_app.node_data import load_node_data
 
 SEED = 11
 NAMES = ["et1", "et2", "et3", "et4"]

@@ -20,8 +20,8 @@ from tests.support.procs import TOKEN, NodeProc, StubController, free_port
 from tests.support.workflow import run_workflow
 from tests.support.peers import loopback_run
 from controller.fl_run import FlManager
-import net
-from splitter import split
+from dml_app import net
+from dml_tool.splitter import split
 
 SYNC = 5
 TRAINERS = ["n2", "n3", "n4"]

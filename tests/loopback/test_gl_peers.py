@@ -16,11 +16,11 @@ import torch
 from tests.support.procs import TOKEN
 from tests.support.workflow import run_workflow
 from tests.support.peers import loopback_run, tiny_dataset
-import net
-import nns
+from dml_app import net
+from dml_app import nns
 from controller.gl_run import GlManager
-from gl_peer import GlPeer
-from runtime import Runtime
+from dml_app.gl_peer import GlPeer
+from dml_app.runtime import Runtime
 
 SYNC = 4
 PEERS = ["gx1", "gx2", "gx3", "gx4"]

@@ -10,7 +10,7 @@ import threading
 import pytest
 import requests
 
-import net
+from dml_app import net
 from controller import testbed as tbm
 
 

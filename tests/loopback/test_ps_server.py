@@ -16,11 +16,11 @@ import torch
 from flask import Flask, request
 
 from tests.support.procs import TOKEN, NodeProc, StubController, wait_until
-import net
-import nns
-import splitter
-from node_data import load_node_data
-from ps import batch_gradient
+from dml_app import net
+from dml_app import nns
+from dml_tool import splitter
+from dml_app.node_data import load_node_data
+from dml_app.ps import batch_gradient
 
 
 class FakeWorker:

@@ -17,8 +17,8 @@ import torch
 
 from tests.support.workflow import run_workflow
 from tests.support.peers import loopback_run, tiny_dataset
-import net
-import nns
+from dml_app import net
+from dml_app import nns
 from controller.ra_run import RaManager
 
 SEED = 7

@@ -12,7 +12,7 @@ import torch
 
 from tests.support.procs import TOKEN
 from tests.support.peers import ra_node
-import net
+from dml_app import net
 
 HDR = {net.TOKEN_HEADER: TOKEN}
 # EdgeTB's keys only: ry2 sends to ry3; the driver's ring (the order chunks travel) is ry1 -> ry2 -> ry3

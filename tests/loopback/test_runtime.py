@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.support.procs import TOKEN, NodeProc, StubController, wait_until
-import net
-import runtime
-import splitter
-from runtime import ConfigError, Runtime
+from dml_app import net
+from dml_app import runtime
+from dml_tool import splitter
+from dml_app.runtime import ConfigError, Runtime
 
 
 def make_dataset(root: Path, name: str = "mnist-synthetic", parts: int = 4, n: int = 20) -> Path:
@@ -290,7 +290,7 @@ def test_start_hook_runs_in_the_background_once(scratch, keep_torch_threads):
 
 
 def test_part_files_are_never_unpickled(scratch):
-    from node_data import DatasetError, load_node_data
+    from dml_app.node_data import DatasetError, load_node_data
 
     ds = make_dataset(scratch / "ds", parts=2, n=4)
     np.save(ds / "train" / "2_y.npy", np.array([{"x": 1}] * 20, dtype=object), allow_pickle=True)

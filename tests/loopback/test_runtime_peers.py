@@ -12,9 +12,9 @@ from flask import Flask, request
 from werkzeug.exceptions import Conflict
 
 from tests.support.procs import TOKEN, free_port, wait_until
-import net
-from rounds import Rounds
-from runtime import Gather, Reply, Runtime
+from dml_app import net
+from dml_app.rounds import Rounds
+from dml_app.runtime import Gather, Reply, Runtime
 
 
 @pytest.fixture
@@ -174,9 +174,9 @@ def test_a_peer_killed_while_it_read_the_weights_is_dead_not_timeout(rt, peer):
 # must not call that peer missing for its own stall.
 FROZEN_NODE = r'''
 import json, os, sys, threading, time
-import net
-from rounds import Rounds
-from runtime import Gather, Reply, Runtime
+from dml_app import net
+from dml_app.rounds import Rounds
+from dml_app.runtime import Gather, Reply, Runtime
 rt = Runtime("frozen", env={"NET_NODE_NAME": "fz", "DML_PORT": "0", net.TOKEN_ENV: os.environ[net.TOKEN_ENV],
                             "DML_LOG_DIR": sys.argv[3], "DML_DATASET_DIR": sys.argv[3]})
 # 1: a call whose answer comes while this node is frozen past the fan-out's deadline

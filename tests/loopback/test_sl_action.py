@@ -21,9 +21,9 @@ from flask import Flask, Response, jsonify
 
 from tests.support import procs
 from tests.support.procs import TOKEN, NodeProc, StubController, free_port, wait_until
-import net
-import splitter
-from node_data import pack_train_parts, unpack_parts
+from dml_app import net
+from dml_tool import splitter
+from dml_app.node_data import pack_train_parts, unpack_parts
 
 ADMIN = "sl-action-admin-token-0123456789"
 PEER = "sl-action-peer-token-0123456789"

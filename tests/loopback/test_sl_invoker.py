@@ -36,7 +36,7 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 @pytest.fixture(scope="module")
 def dataset(module_scratch):
-    import splitter
+    from dml_tool import splitter
 
     out = module_scratch / "dataset"
     splitter.split(source="mnist-subset", out=str(out), train_parts=8, test_parts=2, partition="iid", seed=2)

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from tests.support.procs import TOKEN, NodeProc, StubController, wait_until
-import net
-import nns
-import splitter
-from node_data import load_node_data
-from ps import MAX_WORKERS, Registry, Rejected
-from ps import batch_gradient
-from ps_server import check_structure
+from dml_app import net
+from dml_app import nns
+from dml_tool import splitter
+from dml_app.node_data import load_node_data
+from dml_app.ps import MAX_WORKERS, Registry, Rejected
+from dml_app.ps import batch_gradient
+from dml_app.ps_server import check_structure
 
 ADMIN = "admin-token-0123456789"          # the testbed's admin token the credentials derive from
 PEER = "peer-token-0123456789"

@@ -38,7 +38,7 @@ class FlManager(Manager):
 
 
 def test_fl_across_netns_docker_and_physical_workers(tmp_path):
-    import splitter
+    from dml_tool import splitter
 
     splitter.split(source="mnist-subset", out=str(tmp_path / "dataset"), train_parts=30, test_parts=10,
                    partition="iid", seed=1)

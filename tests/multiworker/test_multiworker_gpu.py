@@ -10,6 +10,7 @@ import time
 import pytest
 
 
+from controller.deploy import node_body
 from controller.testbed import DefinitionError, Testbed
 from worker import docker_nodes as dn
 from worker import nodes as nb
@@ -48,8 +49,8 @@ def test_gpus_are_checked_against_the_emulator(tmp_path):
 def test_gpu_rides_in_the_node_body_only_when_asked(tmp_path):
     tb = _testbed(tmp_path, "docker", 2, [2, 0])
     tb.assign_addresses()
-    b1 = tb._node_body(tb.emulated["n1"], "c:1", "a:2")
-    b2 = tb._node_body(tb.emulated["n2"], "c:1", "a:2")
+    b1 = node_body(tb.emulated["n1"], "c:1", "a:2")
+    b2 = node_body(tb.emulated["n2"], "c:1", "a:2")
     assert b1["gpu"] == 2 and "gpu" not in b2
     assert nb.NodeSpec.from_dict(b1).gpu == 2 and nb.NodeSpec.from_dict(b2).gpu == 0
 

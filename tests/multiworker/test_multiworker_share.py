@@ -18,6 +18,7 @@ import pytest
 from tests.support import agents as ah
 from tests.support import multihost
 from controller import share
+from controller.deploy import node_body
 from controller.manager import Manager
 from controller.testbed import DeployError, Testbed
 from worker import shares
@@ -159,8 +160,8 @@ def test_local_workers_still_bind_the_folder(tmp_path):
     n = tb.add_emulated_node("n1", "/home/worker/dml_app", ["true"], emulator=emu)
     n.mount_nfs(app, "/home/worker/dml_app")
     said = []
-    assert tb._remote_shares(said.append) is None and said == []
-    body = tb._node_body(n, "c", "a", None)
+    assert tb.deployer.remote_shares(said.append, host_port=tb.host_port, serving=False) is None and said == []
+    body = node_body(n, "c", "a", None)
     assert body["volumes"] == [{"host": str(tmp_path / "app"), "node": "/home/worker/dml_app", "ro": True}]
 
 
@@ -254,11 +255,11 @@ def test_nfs_mode_sends_nfs_volumes_and_exports_to_the_workers(tmp_path, monkeyp
     n.mount_nfs(app, "/home/worker/dml_app")
     monkeypatch.setattr(share, "mode", lambda force=None: ("nfs", "share: over NFS"))
     exported = []
-    monkeypatch.setattr(tb, "_nfs_export", lambda path, client: exported.append((path, client)))
+    monkeypatch.setattr(tb.exports, "export", lambda path, client: exported.append((path, client)))
     said = []
-    remote = tb._remote_shares(said.append)
+    remote = tb.deployer.remote_shares(said.append, host_port=tb.host_port, serving=False)
     assert said == ["share: over NFS"] and exported == [(str(tmp_path / "app"), "10.246.0.11")]
-    body = tb._node_body(n, "c", "a", remote)
+    body = node_body(n, "c", "a", remote)
     assert body["volumes"] == [{"nfs": {"server": "10.246.0.1", "path": str(tmp_path / "app"), "tag": "dml_app"},
                                 "node": "/home/worker/dml_app", "ro": True}]
 

@@ -81,7 +81,7 @@ def wait_state(node: str, want: str, timeout_s: float) -> dict:
 
 @pytest.mark.parametrize("backend", ["netns", pytest.param("docker", marks=dt.need_docker())])
 def test_own_app(tmp_path, backend):
-    import splitter
+    from dml_tool import splitter
 
     splitter.split(source="mnist-subset", out=str(tmp_path / "dataset"), train_parts=40, test_parts=10,
                    partition="iid", seed=1)

@@ -152,7 +152,7 @@ def test_sl_refuses_bad_invoker_settings_and_fails_at_its_rounds_bound(tmp_path)
             conf_path.write_text(json.dumps(conf))
             with pytest.raises(ValueError, match=message):
                 manager.start_training(server)
-            assert manager.started_at is None and manager.invoker is None     # nothing started
+            assert manager.started_at is None and manager.algo.invoker is None     # nothing started
         conf_path.write_text(json.dumps(good))
         said = []
         summary = nw.run_workflow(tb, manager, tmp_path, alg="sl", dataset={server: {

@@ -20,9 +20,10 @@ from tests.support import agents as ah
 from tests.unit.test_controller import manager, make_testbed  # noqa: F401  (manager: a fixture)
 from tests.loopback.test_runtime import configure_trainer, env_dirs, make_dataset, trainer  # noqa: F401  (fixtures)
 
-import net as node_net  # dml_app/net.py as the node apps import it
+from dml_app import net as node_net  # dml_app/net.py as the node apps import it
 from controller import files
-from controller.manager import Manager, heartbeat_fields
+from controller.manager import Manager
+from controller.run import heartbeat_fields
 from dml_app import net
 
 DEEP = "[" * 100_000 + "]" * 100_000            # 100,000 levels: a RecursionError in json.loads
@@ -112,7 +113,11 @@ def test_the_run_scripts_take_a_log_limit(tmp_path):
 
     args = auto.common_args("x").parse_args(["--log-limit-mb", "2"])
     tb = auto.with_log_limit(make_testbed(tmp_path, {}), args.log_limit_mb)
-    assert tb.manager_class.log_limit_bytes == 2 << 20 and Manager.log_limit_bytes == 16 << 20
+    m = tb.manager_class(tb)
+    try:
+        assert m.log_limit_bytes == 2 << 20 and Manager.log_limit_bytes == 16 << 20
+    finally:
+        m.close()
     for bad in ("nan", "0", "-3", "inf"):
         with pytest.raises(SystemExit):
             auto.common_args("x").parse_args(["--log-limit-mb", bad])
@@ -297,7 +302,7 @@ def test_node_bodies_over_their_limit_are_413_and_deep_json_400(trainer):
 
 
 def _lenet():
-    import nns
+    from dml_app import nns
 
     return nns.build_model({"name": "mnist", "input_shape": [1, 28, 28], "num_classes": 10})
 

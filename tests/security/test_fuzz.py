@@ -101,11 +101,11 @@ class FuzzManager(Manager):
     algorithm = "fuzz"
 
 
-def _source_rules(path: str) -> list[str]:
+def _source_rules(*paths: str) -> list[str]:
     """The routes a server's source declares (for test ids; the fixture checks them
-    against the running app's url_map)."""
-    text = (ROOT / path).read_text()
-    return sorted(set(re.findall(r"""\n\s*@app\.(?:route|get|post)\(\s*["'](/[^"']*)["']""", text)))
+    against the running app's url_map): `@app.route(...)` or a blueprint's `@bp.route(...)`."""
+    text = "".join((ROOT / path).read_text() for path in paths)
+    return sorted(set(re.findall(r"""\n\s*@(?:app|bp)\.(?:route|get|post)\(\s*["'](/[^"']*)["']""", text)))
 
 
 def _destructive(target: str, rule: str) -> bool:
@@ -115,7 +115,7 @@ def _destructive(target: str, rule: str) -> bool:
     return rule in (DESTRUCTIVE_CTL if target == "ctl" else DESTRUCTIVE_AGENT)
 
 
-CTL_RULES = _source_rules("controller/manager.py")
+CTL_RULES = _source_rules(*(str(p.relative_to(ROOT)) for p in sorted((ROOT / "controller" / "api").glob("*.py"))))
 AGENT_RULES = _source_rules("worker/agent.py")
 
 

@@ -156,7 +156,7 @@ def test_the_ring_driver_loses_a_trickling_member_at_its_deadline(ra_manager, ba
     node = ra_manager._nodes()["n1"]
     node.ip, node.port = "127.0.0.1", peer.port
     missing: dict[str, str] = {}
-    got, err = ends(lambda: ra_manager._post(["n1"], "/ra/train", lambda n: {"round": 0}, 1.0, missing, 0))
+    got, err = ends(lambda: ra_manager.algo._post(["n1"], "/ra/train", lambda n: {"round": 0}, 1.0, missing, 0))
     assert err is None and got == {} and missing == {"n1": ra_run.TIMEOUT}, (got, err, missing)
 
 
@@ -165,7 +165,7 @@ def test_the_ring_driver_takes_no_endless_answer(ra_manager, bad_peer):
     peer = bad_peer("endless")
     node = ra_manager._nodes()["n1"]
     node.ip, node.port = "127.0.0.1", peer.port
-    _, err = ends(lambda: ra_manager._post(["n1"], "/ra/train", lambda n: {"round": 0}, 60.0, {}, 0))
+    _, err = ends(lambda: ra_manager.algo._post(["n1"], "/ra/train", lambda n: {"round": 0}, 60.0, {}, 0))
     assert isinstance(err, RuntimeError) and "over the limit of 1 MiB" in str(err), err
 
 
@@ -387,9 +387,9 @@ def gl_node(scratch):
     """One gl_peer in-process (no server): (runtime, GlPeer, Flask test client); its conf
     says n2 sends from 10.9.0.2 ("senders", the controller's) and n3 is at 10.9.0.3."""
     import torch
-    from gl_peer import GlPeer
+    from dml_app.gl_peer import GlPeer
     from tests.support.peers import tiny_dataset
-    from runtime import Runtime
+    from dml_app.runtime import Runtime
     from tests.support.procs import TOKEN
 
     threads = torch.get_num_threads()
@@ -411,7 +411,7 @@ def gl_node(scratch):
 
 def test_a_gossip_under_another_peers_name_is_403(gl_node):
     import torch
-    import nns
+    from dml_app import nns
     rt, peer, client, hdr = gl_node
     weights = nns.build_model(rt.data.meta).state_dict()
 

@@ -115,15 +115,16 @@ def test_pids_and_log_size_are_checked_per_node():
                        ("log_mb", 0), ("log_mb", "64")):
         with pytest.raises(nb.NodeError, match=rf"bad node 'bx1': {key} must be an integer in"):
             nb.NodeSpec.from_dict({**base, key: value})
+    from controller.deploy import node_body
     from controller.testbed import Testbed, DefinitionError
 
     tb = Testbed("127.0.0.1", str(ROOT))
     emu = tb.add_emulator("e1", "127.0.0.1", cpu=2, ram=4)
     tb.add_emulated_node("bx2", "/x", ["true"], emulator=emu, pids=64, log_mb=16)
     tb.add_emulated_node("bx3", "/x", ["true"], emulator=emu, pids=8)
-    body = tb._node_body(tb.emulated["bx2"], "c", "a")
+    body = node_body(tb.emulated["bx2"], "c", "a")
     assert (body["pids"], body["log_mb"]) == (64, 16)
-    assert "pids" not in tb._node_body(tb.emulated["bx3"], "c", "a")      # the agent's default
+    assert "pids" not in node_body(tb.emulated["bx3"], "c", "a")      # the agent's default
     with pytest.raises(DefinitionError, match=r"node bx3: pids must be an integer in \[16, 65536\], got 8"):
         tb.validate()
 

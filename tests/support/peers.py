@@ -15,8 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-import net  # dml_app/net.py
-import splitter  # dml_tool/splitter.py
+from dml_app import net  # dml_app/net.py
+from dml_tool import splitter  # dml_tool/splitter.py
 from controller.testbed import Testbed
 from tests.support.procs import ROOT, TOKEN, NodeProc, free_port
 from tests.support.workflow import etb_namespaces, netns_testbed  # noqa: F401
@@ -66,8 +66,8 @@ def ra_node(work: Path, name: str):
     """One ra_peer in-process (no server): (runtime, RaPeer, Flask test client) on a tiny
     dataset in work/ds; closed, and torch's thread count put back, on exit."""
     import torch
-    from ra_peer import RaPeer
-    from runtime import Runtime
+    from dml_app.ra_peer import RaPeer
+    from dml_app.runtime import Runtime
 
     threads = torch.get_num_threads()
     tiny_dataset(work / "ds", num_classes=10)
@@ -115,7 +115,7 @@ def run_tools(work: Path, alg: str, structure: dict, datasets: dict) -> None:
 
 def node_addrs(names: list[str]) -> dict:
     """{name: conf_utils.NodeAddr} at 10.0.0.2, .3, ... port 4444, and node_info.json's form."""
-    import conf_utils as cu
+    from dml_tool import conf_utils as cu
 
     info = {"emulated_node": {n: {"ip": f"10.0.0.{i + 2}", "port": 4444, "emulator": "e"}
                               for i, n in enumerate(names)}}

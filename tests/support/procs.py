@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-import net  # dml_app/net.py, as the node apps import it
+from dml_app import net  # dml_app/net.py, as the node apps import it
 from tests.support import ROOT
 from worker.nodes import NodeSpec, app_env, stop_group  # (stop_group: the one way processes are stopped)
 

@@ -38,7 +38,7 @@ def netns_testbed(tmp: Path, manager_class, roles: dict[str, str], links: dict, 
     the emulator has `emu_ram_gb`; apps started by the embedded agent's `launcher`) with
     `links`; yield (testbed, manager); remove every node and link afterwards, failed or not.
     Skips (tagged) where namespaces cannot be made."""
-    import splitter
+    from dml_tool import splitter
 
     why = ah.missing_requirements()
     if why:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import DML_TOOL
-import conf_utils as cu
-import dataset_conf
-import fl_structure_conf
-import ps_structure_conf
-import sl_structure_conf
+from dml_tool import conf_utils as cu
+from dml_tool import dataset_conf
+from dml_tool import fl_structure_conf
+from dml_tool import ps_structure_conf
+from dml_tool import sl_structure_conf
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 

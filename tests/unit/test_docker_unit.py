@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from controller.deploy import node_body
 from controller.testbed import DefinitionError, Testbed
 from worker import docker_nodes as dn
 from worker import image
@@ -95,7 +96,7 @@ def test_controller_accepts_docker_and_requires_an_image(tmp_path):
 def test_controller_sends_the_nodes_image(tmp_path):
     tb = _testbed(tmp_path, "docker", "edgetb-node:latest")
     tb.assign_addresses()
-    body = tb._node_body(tb.emulated["n1"], "10.245.250.1:3999", "10.245.250.1:4000")
+    body = node_body(tb.emulated["n1"], "10.245.250.1:3999", "10.245.250.1:4000")
     assert body["image"] == "edgetb-node:latest"
     assert nb.NodeSpec.from_dict(body).image == "edgetb-node:latest"
 
@@ -104,16 +105,16 @@ def test_controller_deploy_sends_the_emulator_cpu_and_the_agent_keeps_to_it(tmp_
     # The whole deploy body the controller posts to the agent (the post itself recorded,
     # no agent running), then what the agent makes of its cpu.
     from types import SimpleNamespace
-    from controller import testbed as tbm
+    from controller import agents
     tb = _testbed(tmp_path, "docker", "edgetb-node:latest")
     tb.node_info_path = tmp_path / "node_info.json"
     tb.embedded = (None, SimpleNamespace(port=4000))
     posted = []
 
-    def call_once(method, url, *, json, **kw):       # the one way deploy posts to an agent
-        posted.append((url, json))
-        return SimpleNamespace(json=lambda: {"nodes": {n["name"]: {"links": 0} for n in json["nodes"]}})
-    monkeypatch.setattr(tbm, "call_once", call_once)
+    def deploy(self, body):       # the one way deploy posts to an agent
+        posted.append((f"{self.address}/{self.kind}/deploy", body))
+        return {"nodes": {n["name"]: {"links": 0} for n in body["nodes"]}}
+    monkeypatch.setattr(agents.AgentClient, "deploy", deploy)
     tb.deploy(say=lambda m: None)
     assert len(posted) == 1 and posted[0][0].endswith("/emulated/deploy")
     body = posted[0][1]

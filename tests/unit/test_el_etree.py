@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.support.procs import DML_TOOL
-import conf_utils as cu
-import el_structure_conf as el
-import routes
-from etree import aggregate, known_weights, tree_average
+from dml_tool import conf_utils as cu
+from dml_tool import el_structure_conf as el
+from dml_tool import routes
+from dml_app.etree import aggregate, known_weights, tree_average
 
 ROOT = DML_TOOL.parent
 NODES = ["n1", "n2", "n3", "n4", "n5"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms import fedavg, select_clients, weighted_mean
+from dml_app.algorithms import fedavg, select_clients, weighted_mean
 
 
 def sd(w: list[list[float]], b: list[float]) -> dict[str, torch.Tensor]:

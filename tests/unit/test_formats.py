@@ -21,28 +21,28 @@ import torch
 
 from tests.support.procs import DML_TOOL, ROOT, TOKEN
 from tests.support import agents as ah
-import conf_utils as cu
-import dataset_conf
-import el_structure_conf
-import fl_structure_conf
-import gl_structure_conf
-import net
-import node_data
-import ps_structure_conf
-import ra_structure_conf
-import splitter
+from dml_tool import conf_utils as cu
+from dml_tool import dataset_conf
+from dml_tool import el_structure_conf
+from dml_tool import fl_structure_conf
+from dml_tool import gl_structure_conf
+from dml_app import net
+from dml_app import node_data
+from dml_tool import ps_structure_conf
+from dml_tool import ra_structure_conf
+from dml_tool import splitter
 from controller import results
 from controller.manager import Manager
 from controller.testbed import DefinitionError, Testbed
 from dml_app import formats
-from el_peer import ElPeer
-from fl_aggregator import FlAggregator
-from fl_trainer import FlTrainer
-from gl_peer import GlPeer
-from ps_server import PsServer
-from ps_worker import PsWorker
-from ra_peer import RaPeer
-from runtime import ConfigError, Runtime
+from dml_app.el_peer import ElPeer
+from dml_app.fl_aggregator import FlAggregator
+from dml_app.fl_trainer import FlTrainer
+from dml_app.gl_peer import GlPeer
+from dml_app.ps_server import PsServer
+from dml_app.ps_worker import PsWorker
+from dml_app.ra_peer import RaPeer
+from dml_app.runtime import ConfigError, Runtime
 
 NAMES = ["n1", "n2", "n3", "n4", "n5"]
 TOOLS = {"fl": fl_structure_conf, "gl": gl_structure_conf, "ra": ra_structure_conf,

@@ -9,8 +9,8 @@ import pytest
 
 from tests.support.procs import DML_TOOL, ROOT
 from tests.support.peers import link_dests, node_addrs, shipped_confs
-import conf_utils as cu
-import gl_structure_conf
+from dml_tool import conf_utils as cu
+from dml_tool import gl_structure_conf
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 ADDRS, INFO = node_addrs(NODES)

@@ -6,7 +6,7 @@ import collections
 import pytest
 import torch
 
-from gossip import check_compatible, choose_peer, mix, peer_rng
+from dml_app.gossip import check_compatible, choose_peer, mix, peer_rng
 
 
 def sd(w, b) -> dict[str, torch.Tensor]:

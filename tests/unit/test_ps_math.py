@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.support.procs import DML_TOOL
-import conf_utils as cu
-import nns
-import ps_structure_conf
-from ps import (Finished, ParameterServer, PsConfig, Rejected, average_gradients, batch_gradient,
+from dml_tool import conf_utils as cu
+from dml_app import nns
+from dml_tool import ps_structure_conf
+from dml_app.ps import (Finished, ParameterServer, PsConfig, Rejected, average_gradients, batch_gradient,
                 batches, sgd_step)
 
 META = {"name": "mnist", "input_shape": [1, 28, 28], "num_classes": 10}

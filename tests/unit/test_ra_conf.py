@@ -9,9 +9,9 @@ import pytest
 
 from tests.support.procs import DML_TOOL, ROOT
 from tests.support.peers import link_dests, node_addrs, shipped_confs
-import conf_utils as cu
-import ra_structure_conf
-from ra_peer import check_position
+from dml_tool import conf_utils as cu
+from dml_tool import ra_structure_conf
+from dml_app.ra_peer import check_position
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 ADDRS, INFO = node_addrs(NODES)

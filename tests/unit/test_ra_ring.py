@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ring import (AllReduce, chunk_bounds, flatten, owned_index, recv_index, send_index,
+from dml_app.ring import (AllReduce, chunk_bounds, flatten, owned_index, recv_index, send_index,
                   unflatten)
 
 # Tensors of 21, 7, 44 and 1 elements: 73 in all, a prime, so for every ring size the

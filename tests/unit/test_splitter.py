@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support.procs import DML_TOOL
-from splitter import SplitError, parse_partition, partition_dirichlet, partition_iid, partition_shards, split
+from dml_tool.splitter import SplitError, parse_partition, partition_dirichlet, partition_iid, partition_shards, split
 
 
 def labels(n_per_class: int = 100, classes: int = 10) -> np.ndarray:
@@ -212,8 +212,8 @@ def test_too_many_shards(scratch):
 def test_write_dataset_is_read_by_the_nodes_and_removes_stale_parts(scratch):
     """splitter.write_dataset (the writer split uses) for data from elsewhere: the nodes'
     own loader (dml_app/node_data.py) reads back exactly what was given."""
-    import node_data
-    from splitter import write_dataset
+    from dml_app import node_data
+    from dml_tool.splitter import write_dataset
 
     rng = np.random.default_rng(5)
     x, y = rng.random((9, 1, 28, 28), dtype=np.float32), rng.integers(0, 3, 9)

@@ -2,9 +2,8 @@
 product code has its imports at the top of each file without exceptions."""
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 PRODUCT = ["controller", "worker", "dml_app", "dml_tool", "bench", "testbed_core"]
 
 
