@@ -88,6 +88,8 @@ class Gossip(Algorithm):
             self._senders = senders
         return self._senders
 
+    # No gossip round is owned here: each peer runs its own sync rounds (dml_app/gl_peer.py on
+    # dml_app/rounds.py) and says finished; this only ends the run when all have.
     def on_heartbeat(self, node, state, round_) -> None:
         """When every peer's last heartbeat says it is done, or is silent (stale) or killed,
         confirm and finish (once; a later heartbeat retries)."""

@@ -93,6 +93,9 @@ class _Lost(Exception):
 NOT_INITIALIZED = re.compile(r"not (been )?initiali[sz]ed", re.I)
 
 
+# The one owner of an activation's scheduling, deadline and retries: the action
+# (dml_app/sl_action.py) runs the one activation a /run hands it, so no node round loop
+# (dml_app/rounds.py) is involved.
 class Invoker:
     """Activations on a pool of action containers (see the module's docstring).
 

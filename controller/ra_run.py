@@ -127,6 +127,9 @@ class RingAllReduce(Algorithm):
         return f"{text}; driving {sync} round(s) over the ring {' -> '.join(ring + ring[:1])}"
 
     # ------------------------------------------------------------------ the driver
+    # The one owner of a ring all-reduce round's steps, step deadlines and re-forming: the
+    # nodes (dml_app/ra_peer.py) answer each step's call. A step needs every member at once,
+    # so it is not a node's round loop (dml_app/rounds.py).
     def drive(self, home: list[str], sync: int) -> None:
         """Every round: train all, wait; each all-reduce step on all members, wait; evaluate
         all. A member lost on the way is left out: the ring re-forms without it."""

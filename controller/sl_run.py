@@ -165,6 +165,8 @@ class Serverless(Algorithm):
             if self._stop_driver.wait(0.2):
                 return
 
+    # Invocation rounds are owned here (the actions are stateless; the server's versions are
+    # its own), not by dml_app/rounds.py.
     def _drive(self, invoker: Invoker, root: str, server: str) -> None:
         """Invocation rounds until the server is done; a failure ends the run (finish)."""
         s = self.settings
