@@ -75,8 +75,9 @@ class RingAllReduce(Algorithm):
     def ring_plan(self) -> tuple[list[str], int]:
         """(ring, sync) from the structure confs (ra_structure_conf.py's or EdgeTB's): the ring
         follows each node's next_name, in the order the chunks travel, from the node of rank 0
-        (node_list[0]) or, in confs without "rank", the smallest name. Every node with a conf
-        must be on that one ring, and all must agree on sync (and step_timeout_s)."""
+        (node_list[0]; EdgeTB's "pos" is the same index) or, in confs without either, the
+        smallest name. Every node with a conf must be on that one ring, and all must agree on
+        sync, step_timeout_s and ring_size, which (where given) is the ring's length."""
         confs = {}
         for name in self.run._nodes():
             p = self.run.conf_dir / f"{name}_structure.conf"
@@ -85,12 +86,12 @@ class RingAllReduce(Algorithm):
         if not confs or any("next_name" not in c for c in confs.values()):
             raise FileNotFoundError(f"no ring all-reduce structure confs (with next_name) in {self.run.conf_dir}: "
                                     "run dml_tool/ra_structure_conf.py -s ra_structure.json first")
-        for key in ("sync", "step_timeout_s"):
+        for key in ("sync", "step_timeout_s", "ring_size"):
             values = {json.dumps(c.get(key)) for c in confs.values()}
             if len(values) != 1:
                 raise ValueError(f"the structure confs in {self.run.conf_dir} disagree on {key} "
                                  f"({', '.join(sorted(values))}): run dml_tool/ra_structure_conf.py again")
-        first = [n for n, c in confs.items() if c.get("rank") == 0]
+        first = [n for n, c in confs.items() if c.get("rank", c.get("pos")) == 0]
         ring = [first[0] if len(first) == 1 else min(confs)]
         while True:
             nxt = confs[ring[-1]]["next_name"]
@@ -106,6 +107,10 @@ class RingAllReduce(Algorithm):
             off = sorted(set(confs) - set(ring))
             raise ValueError(f"the next_name of the confs in {self.run.conf_dir} make the ring "
                              f"{' -> '.join(ring + ring[:1])}, which leaves out {', '.join(off)}")
+        size = confs[ring[0]].get("ring_size")
+        if size is not None and size != len(ring):
+            raise ValueError(f"the structure confs in {self.run.conf_dir} say ring_size {size!r}, but their "
+                             f"next_name make a ring of {len(ring)}: run dml_tool/ra_structure_conf.py again")
         step = confs[ring[0]].get("step_timeout_s")
         self.step_cap_s = self.step_timeout_s if step is None else \
             net.number(step, "structure conf 'step_timeout_s'", 0.1, 3600.0)

@@ -124,7 +124,8 @@ def test_the_etree_peer_refuses_confs_off_edgetbs_format(role, change, message):
 
 def test_a_ring_runs_on_edgetbs_confs(scratch):
     """EdgeTB's ra confs for node_list [ea1, ea2, ea3]: each sends to the entry before it.
-    No "rank": the controller follows next_name from the smallest name."""
+    No "rank": the controller follows next_name from the smallest name, or from EdgeTB's
+    pos 0 where the confs carry it."""
     data = tiny_dataset(scratch / "dataset", num_classes=10)
     names = ["ea1", "ea2", "ea3"]
     next_name = {"ea1": "ea3", "ea2": "ea1", "ea3": "ea2"}   # EdgeTB's rule, by hand
@@ -143,6 +144,15 @@ def test_a_ring_runs_on_edgetbs_confs(scratch):
                   for n, d in {**next_name, "ea2": "ea3"}.items()}
         write(broken)
         with pytest.raises(ValueError, match="must make one ring"):
+            manager.algo.ring_plan()
+
+        # EdgeTB's pos (here ea2 first) says where the ring starts; ring_size must be its length
+        with_pos = {n: {"epoch": 1, "sync": 2, "next_name": d, "connect": {d: addr[d]}, "ring_size": 3,
+                        "pos": ["ea2", "ea1", "ea3"].index(n)} for n, d in next_name.items()}
+        write(with_pos)
+        assert manager.algo.ring_plan()[0] == ["ea2", "ea1", "ea3"]
+        write({n: {**c, "ring_size": 4} for n, c in with_pos.items()})
+        with pytest.raises(ValueError, match="say ring_size 4, but their next_name make a ring of 3"):
             manager.algo.ring_plan()
 
         edgetb = {n: {"epoch": 1, "sync": 2, "next_name": d, "connect": {d: addr[d]}} for n, d in next_name.items()}
