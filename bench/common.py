@@ -1,6 +1,6 @@
 """What the benches share: netns nodes built with worker.nodes, EdgeTB's way of installing
 links (one `tc` process per rule, fixed `burst 15k`), iperf3, and cleanup. The tests
-measure links with the same iperf3 functions (tests/agent_helpers.py).
+measure links with the same iperf3 functions (tests/support/agents.py).
 
 Every object gets a random tag in its name, so a bench can run next to the test suite.
 """

@@ -20,7 +20,7 @@ model, then for `sync` rounds:
 After `sync` rounds it stops initiating but still accepts models: each one is merged
 and evaluated (logged with round=sync). Its state is `finished` whenever it has
 initiated all its gossips and has no received model left to merge, which is what the
-controller (GlManager) watches to end the run by itself.
+controller (the Gossip algorithm, controller/gl_run.py) watches to end the run by itself.
 
 Structure conf (gl_structure_conf.py): EdgeTB's {"epoch", "sync", "connect"}, where
 `connect` maps every node this one has a link to (gossip peers or not) to 'ip:port',
@@ -30,7 +30,7 @@ the common initial model and each peer's choices), "lr" (0.05), "wait_s" (5) and
 "gossip_timeout_s" (30: the bound of one send). The rounds are the round loop's
 (rounds.py), the waiting and the failure accounting the runtime's (rt.fan_out, Reply);
 this role keeps its choice of whom to tell. A gossip round has no quorum: one peer
-told is the round; the controller (GlManager) ends the run when every peer is
+told is the round; the controller (the Gossip algorithm) ends the run when every peer is
 `finished`, which is each peer's own say after its `sync` rounds.
 """
 from __future__ import annotations

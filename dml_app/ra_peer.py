@@ -1,5 +1,5 @@
 """Ring all-reduce node: local training, then an all-reduce of the whole model around
-the ring, every step of it driven by the controller (RaManager, controller/ra_run.py).
+the ring, every step of it driven by the controller (RingAllReduce, controller/ra_run.py).
 
 Routes (JSON bodies unless said; a call out of order gets 409 and changes nothing):
   GET  /start        build the initial model (state `ready`, round 0)
@@ -46,7 +46,7 @@ exactness test uses). "step_timeout_s" is the driver's (controller/ra_run.py: th
 deadline of one all-reduce step).
 
 The steps are not run by the round loop (rounds.py): the controller drives them
-(controller/ra_run.py, RaManager.drive, the one owner of the ring's rounds, steps, step
+(controller/ra_run.py, RingAllReduce.drive, the one owner of the ring's rounds, steps, step
 deadlines and re-forming); this node answers each call of a step and keeps the ring
 maths (ring.py).
 """

@@ -39,7 +39,7 @@ Written per node (DIR/<node>_structure.conf, default ROOT/dml_file/conf): the se
 {"role": "server", "serverless": true, "mode": "async", "actions", "steps", "lr",
 "lr_end"?, "momentum", "max_staleness", "eval_every", "seed"?, "invoker": {"pool", "params",
 "data", "rounds", "concurrency", "deadline_s", "retries"}} ("invoker" is read by the
-controller's SlManager at /start, the server ignores it) and each action node
+controller's Serverless algorithm at /start, the server ignores it) and each action node
 {"role": "action", "server", "connect"}. Defaults: -l ROOT/links.json, -n
 ROOT/node_info.json; a relative path is looked up from the current folder, then from
 dml_tool/.
@@ -99,7 +99,7 @@ def invoker_settings(raw: Any, where: str) -> dict[str, Any]:
     """The invoker's settings {"pool", "params", "data", "rounds", "concurrency",
     "deadline_s", "retries"} checked (ConfError naming `where` and the key): what
     build_confs writes under the server conf's "invoker" and what the controller's
-    SlManager reads back at /start (a conf file may have been edited in between)."""
+    the Serverless algorithm reads back at /start (a conf file may have been edited in between)."""
     if not isinstance(raw, dict):
         raise cu.ConfError(f"{where}: expected an object with {', '.join(INVOKER_KEYS)}")
     cu.check_keys(raw, INVOKER_KEYS, where)
