@@ -204,8 +204,8 @@ def test_survivors_reform_the_ring_and_hold_their_exact_mean(faulty_ring, capsys
     # a dead port refuses at once (dead, below); the frozen node cost one step deadline
     # (4 x the slowest step seen + 5 s), below the 20 s cap: the slowest step only grows,
     # so the deadline in force at the end bounds the one f4 was given
-    assert manager.slowest_step is not None and manager.step_deadline() < manager.step_cap_s, \
-        (manager.slowest_step, manager.step_deadline(), manager.step_cap_s)
+    assert manager.algo.slowest_step is not None and manager.algo.step_deadline() < manager.algo.step_cap_s, \
+        (manager.algo.slowest_step, manager.algo.step_deadline(), manager.algo.step_cap_s)
     reformed = [line for line in out.splitlines() if "ring re-formed" in line]
     assert reformed == [
         "controller: round 1: ring re-formed without f3 (dead): f1 -> f2 -> f4 -> f5 -> f1 (attempt 2)",

@@ -51,7 +51,7 @@ def test_data_bundles_are_content_addressed_and_a_node_credential_opens_only_the
     node = m.tb.node_token("c2")
     r = net.call("GET", base + paths[1], token=node, timeout_s=10)
     assert hashlib.sha256(r.content).hexdigest() == paths[1].rsplit("/", 1)[1]
-    import node_data          # dml_app/, on the path (tests/__init__.py)
+    from dml_app import node_data
 
     x, y, meta = node_data.unpack_parts(r.content)
     assert len(x) == len(y) == int(meta["samples"]) > 0 and int(meta["train_start_index"]) == 3
